@@ -1,0 +1,108 @@
+//! The metald test guest and the rules by which tests find their host tools.
+//!
+//! This crate owns the tiny PVH guest in `guest/` (built from source by
+//! `build.rs` with the host's gcc and ld), the names of the kernel
+//! command-line tokens that steer it and of the lines it prints, and the
+//! policy for tests that need KVM or Firecracker: in CI (`CI=true`) a missing
+//! requirement fails the test; elsewhere the test is skipped with the reason
+//! printed. It knows nothing about metald itself.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// The test guest's ELF kernel, built by this crate's build script.
+pub fn kernel_path() -> &'static Path {
+    Path::new(env!("METALD_TESTGUEST_KERNEL"))
+}
+
+/// Kernel command-line tokens understood by the guest.
+pub mod cmdline {
+    /// Print a heartbeat line every N milliseconds.
+    pub fn heartbeat_ms(interval_ms: u64) -> String {
+        format!("testguest.heartbeat_ms={interval_ms}")
+    }
+
+    /// Spin N loop iterations after the ready line (about 100 000 per second here).
+    pub fn burn(iterations: u64) -> String {
+        format!("testguest.burn={iterations}")
+    }
+
+    /// Touch every page of N MiB of guest RAM after the ready line.
+    pub fn mem_mib(mib: u64) -> String {
+        format!("testguest.mem_mib={mib}")
+    }
+
+    /// Reset the VM right after the ready line.
+    pub const RESET: &str = "testguest.reset";
+}
+
+/// Prefixes of the lines the guest prints on its serial console.
+pub mod console {
+    /// Printed once at start, followed by `cmdline="..."`.
+    pub const READY: &str = "TESTGUEST READY";
+    /// Printed at every heartbeat, followed by `n=<count> t_ms=<guest ms>`.
+    pub const HEARTBEAT: &str = "TESTGUEST HEARTBEAT";
+    /// Printed on Ctrl+Alt+Del, just before the guest resets.
+    pub const SHUTDOWN: &str = "TESTGUEST SHUTDOWN";
+    /// Printed when a `testguest.burn` loop has finished.
+    pub const BURN_DONE: &str = "TESTGUEST BURN DONE";
+    /// Printed when `testguest.mem_mib` pages have all been written.
+    pub const MEM_DONE: &str = "TESTGUEST MEM DONE";
+}
+
+/// The workspace this crate was built in.
+pub fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// The environment variable that names a Firecracker binary to use instead
+/// of the one `scripts/install-firecracker.sh` puts in `.tools/bin`.
+pub const FIRECRACKER_ENV: &str = "METALD_FIRECRACKER_BIN";
+
+/// Where the pinned Firecracker binary is, or why it cannot be used.
+pub fn firecracker_binary() -> Result<PathBuf, String> {
+    let path = match std::env::var_os(FIRECRACKER_ENV) {
+        Some(path) => PathBuf::from(path),
+        None => workspace_root().join(".tools/bin/firecracker"),
+    };
+    let metadata = std::fs::metadata(&path).map_err(|error| {
+        format!("no Firecracker binary at {} ({error}); run scripts/install-firecracker.sh or set {FIRECRACKER_ENV}", path.display())
+    })?;
+    if metadata.permissions().mode() & 0o111 == 0 {
+        return Err(format!("{} is not executable", path.display()));
+    }
+    Ok(path)
+}
+
+/// Whether this process can open `/dev/kvm` for reading and writing.
+pub fn kvm_usable() -> Result<(), String> {
+    OpenOptions::new().read(true).write(true).open("/dev/kvm").map(drop).map_err(|error| format!("/dev/kvm cannot be opened ({error})"))
+}
+
+/// Whether this run is CI, where a missing requirement is a failure.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|value| value == "true" || value == "1")
+}
+
+/// Deals with a test requirement that is not met: panics in CI, otherwise
+/// prints why the test is skipped. Returns `None` so callers can `return`.
+pub fn unmet<T>(test: &str, reason: &str) -> Option<T> {
+    if in_ci() {
+        panic!("{test} needs something this CI machine lacks: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+    None
+}
+
+/// The Firecracker binary, when KVM and Firecracker are both usable here.
+pub fn require_firecracker(test: &str) -> Option<PathBuf> {
+    if let Err(reason) = kvm_usable() {
+        return unmet(test, &reason);
+    }
+    match firecracker_binary() {
+        Ok(path) => Some(path),
+        Err(reason) => unmet(test, &reason),
+    }
+}
