@@ -1,0 +1,125 @@
+//! Firecracker's metrics file: every flush appends one JSON line whose
+//! counters are deltas since the previous flush. This sums the lines not
+//! yet read into running totals.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The device counters that metald reports, summed over every flush.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceTotals {
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub net_rx_packets: u64,
+    pub net_tx_packets: u64,
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+    pub block_read_ops: u64,
+    pub block_write_ops: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Flush {
+    #[serde(default)]
+    net: NetCounters,
+    #[serde(default)]
+    block: BlockCounters,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct NetCounters {
+    rx_bytes_count: u64,
+    tx_bytes_count: u64,
+    rx_packets_count: u64,
+    tx_packets_count: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct BlockCounters {
+    read_bytes: u64,
+    write_bytes: u64,
+    read_count: u64,
+    write_count: u64,
+}
+
+/// Reads a metrics file incrementally.
+#[derive(Debug, Default)]
+pub struct MetricsReader {
+    offset: u64,
+    totals: DeviceTotals,
+}
+
+impl MetricsReader {
+    /// Adds every complete line written since the last call and returns the totals.
+    pub fn update(&mut self, path: &Path) -> io::Result<DeviceTotals> {
+        let mut file = match File::open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(self.totals),
+            Err(error) => return Err(error),
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut reader = BufReader::new(file);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = reader.read_line(&mut line)?;
+            if read == 0 || !line.ends_with('\n') {
+                break; // a partial line is finished by the next flush
+            }
+            self.offset += read as u64;
+            match serde_json::from_str::<Flush>(&line) {
+                Ok(flush) => self.add(&flush),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "skipping a metrics line that does not parse"),
+            }
+        }
+        Ok(self.totals)
+    }
+
+    /// Starts over for a new VMM process, whose file starts empty.
+    pub fn restart(&mut self) {
+        self.offset = 0;
+    }
+
+    fn add(&mut self, flush: &Flush) {
+        let totals = &mut self.totals;
+        totals.net_rx_bytes += flush.net.rx_bytes_count;
+        totals.net_tx_bytes += flush.net.tx_bytes_count;
+        totals.net_rx_packets += flush.net.rx_packets_count;
+        totals.net_tx_packets += flush.net.tx_packets_count;
+        totals.block_read_bytes += flush.block.read_bytes;
+        totals.block_write_bytes += flush.block.write_bytes;
+        totals.block_read_ops += flush.block.read_count;
+        totals.block_write_ops += flush.block.write_count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn deltas_of_complete_lines_are_summed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics");
+        let mut file = File::create(&path).unwrap();
+        writeln!(
+            file,
+            r#"{{"utc_timestamp_ms":1,"net":{{"rx_bytes_count":10,"tx_packets_count":1}},"block":{{"write_bytes":4096,"write_count":1}}}}"#
+        )
+        .unwrap();
+        write!(file, r#"{{"net":{{"rx_bytes_count":5"#).unwrap();
+        let mut reader = MetricsReader::default();
+        let totals = reader.update(&path).unwrap();
+        assert_eq!((totals.net_rx_bytes, totals.net_tx_packets, totals.block_write_bytes, totals.block_write_ops), (10, 1, 4096, 1));
+        writeln!(file, r#"}}}}"#).unwrap();
+        let totals = reader.update(&path).unwrap();
+        assert_eq!(totals.net_rx_bytes, 15);
+        assert_eq!(reader.update(&path).unwrap().net_rx_bytes, 15);
+    }
+}

@@ -1,0 +1,93 @@
+//! The Firecracker backend: one `firecracker` process per VM, each with its
+//! own API socket in the VM's folder, configured resource by resource over
+//! that socket and booted with `InstanceStart`.
+//!
+//! What Firecracker cannot do is declared in [`Capabilities`]: it has no
+//! reboot (a guest reset ends the process), no hotplug, and its graceful
+//! shutdown is Ctrl+Alt+Del through its i8042 device.
+
+mod api;
+mod instance;
+mod metrics;
+mod models;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
+use crate::config::MAX_VCPUS;
+use crate::console::ConsoleLog;
+use instance::FirecrackerVm;
+
+pub(crate) const VMM: &str = "firecracker";
+
+/// How to run Firecracker.
+#[derive(Debug, Clone)]
+pub struct FirecrackerConfig {
+    /// The `firecracker` executable; operators install it from Firecracker's releases.
+    pub binary: PathBuf,
+    /// How long a newly launched VMM may take to answer on its socket.
+    pub ready_timeout: Duration,
+    /// How long one API call may take.
+    pub api_timeout: Duration,
+    /// Firecracker's log level: Error, Warning, Info or Debug.
+    pub log_level: String,
+}
+
+impl FirecrackerConfig {
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            ready_timeout: Duration::from_secs(5),
+            api_timeout: Duration::from_secs(10),
+            log_level: "Info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FirecrackerBackend {
+    config: Arc<FirecrackerConfig>,
+}
+
+impl FirecrackerBackend {
+    pub fn new(config: FirecrackerConfig) -> Self {
+        Self { config: Arc::new(config) }
+    }
+
+    pub fn config(&self) -> &FirecrackerConfig {
+        &self.config
+    }
+}
+
+#[async_trait]
+impl VmmBackend for FirecrackerBackend {
+    fn name(&self) -> &'static str {
+        VMM
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            reboot: false,
+            graceful_shutdown: true,
+            pause: true,
+            vmm_exits_on_guest_reset: true,
+            cpu_hotplug: false,
+            memory_hotplug: false,
+            disk_hotplug: false,
+            net_hotplug: false,
+            snapshot: true,
+            separate_rx_tx_rate_limits: true,
+            own_jailer: true,
+            max_vcpus: MAX_VCPUS,
+        }
+    }
+
+    async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError> {
+        let vm = FirecrackerVm::launch(Arc::clone(&self.config), spec, console).await?;
+        Ok(Box::new(vm))
+    }
+}

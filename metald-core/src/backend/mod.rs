@@ -1,0 +1,240 @@
+//! The seam between the manager and a VMM: [`VmmBackend`] launches one VMM
+//! process per VM and hands back a [`VmmInstance`] that drives it.
+//!
+//! The shape serves Firecracker (configured by many PUTs, exits on guest
+//! reset, no reboot) and Cloud Hypervisor (one `vm.create` body, reboots in
+//! place, hotplug) alike; what a backend cannot do it says in
+//! [`Capabilities`] instead of failing late. Backends do not know the state
+//! machine: the manager asks them only for moves the table allows.
+
+pub mod firecracker;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::config::RateLimit;
+use crate::console::{ConsoleError, ConsoleLog};
+use crate::ids::{TenantId, VmId};
+use crate::process::{ProcessError, ProcessExit};
+
+/// What a backend can and cannot do, so callers can decide before asking.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Capabilities {
+    /// The VMM can reboot a running guest itself. Without it the manager
+    /// stops the VMM and boots a fresh one.
+    pub reboot: bool,
+    /// The guest can be asked to shut down (Ctrl+Alt+Del, ACPI power button).
+    pub graceful_shutdown: bool,
+    pub pause: bool,
+    /// A guest reset ends the VMM process instead of rebooting in place.
+    pub vmm_exits_on_guest_reset: bool,
+    pub cpu_hotplug: bool,
+    pub memory_hotplug: bool,
+    pub disk_hotplug: bool,
+    pub net_hotplug: bool,
+    pub snapshot: bool,
+    /// Receive and transmit limits can differ on one network interface.
+    pub separate_rx_tx_rate_limits: bool,
+    /// The VMM ships a jailer of its own (metald uses its own regardless).
+    pub own_jailer: bool,
+    pub max_vcpus: u32,
+}
+
+/// A drive as the VMM should see it: path already confined (and copied
+/// for writable drives).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveSpec {
+    pub id: String,
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub is_root_device: bool,
+    /// `Sync` or `Async`; the backend default when `None`.
+    pub io_engine: Option<String>,
+    /// `Unsafe` or `Writeback`; the backend default when `None`.
+    pub cache_type: Option<String>,
+}
+
+/// A network interface backed by a TAP device that already exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceSpec {
+    pub id: String,
+    pub tap_device: String,
+    pub guest_mac: Option<String>,
+    pub rx_rate_limit: Option<RateLimit>,
+    pub tx_rate_limit: Option<RateLimit>,
+}
+
+/// Everything a backend needs to launch one VM's VMM. The manager has
+/// validated and resolved every part of it.
+#[derive(Debug, Clone)]
+pub struct VmmSpec {
+    pub vm_id: VmId,
+    pub tenant: TenantId,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub smt: bool,
+    pub huge_pages: bool,
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub kernel_args: String,
+    pub drives: Vec<DriveSpec>,
+    pub interfaces: Vec<InterfaceSpec>,
+    /// A folder of this VM's own: the backend keeps its socket, logs and
+    /// console there. The manager creates it and removes it at delete.
+    pub vm_dir: PathBuf,
+}
+
+/// How to stop a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Ask the guest, wait up to the timeout for the VMM to exit, then kill it.
+    Graceful { timeout: Duration },
+    /// Kill the VMM at once.
+    Forced,
+}
+
+/// How a stop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StopOutcome {
+    /// The guest did not go within the timeout and the VMM was killed.
+    pub forced: bool,
+    pub exit: ProcessExit,
+}
+
+/// What the VMM reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VmmInfo {
+    pub vmm: String,
+    pub vmm_version: String,
+    /// The VMM's own word for the VM's state (e.g. Firecracker's "Not started").
+    pub vmm_state: String,
+    pub pid: Option<u32>,
+    pub api_socket: Option<PathBuf>,
+    /// Anything else worth showing, keyed for `backend_info`.
+    pub extra: BTreeMap<String, String>,
+}
+
+/// Usage counters of one VM since its VMM started; all cumulative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct VmmMetrics {
+    /// CPU time of the VMM process (vCPUs plus device emulation).
+    pub cpu_time_ns: u64,
+    /// Resident memory of the VMM process, guest memory included.
+    pub resident_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub net_rx_packets: u64,
+    pub net_tx_packets: u64,
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+    pub block_read_ops: u64,
+    pub block_write_ops: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{vmm} cannot {operation}")]
+    Unsupported { vmm: &'static str, operation: &'static str },
+    #[error("{vmm} does not offer {feature}, which {field} asks for")]
+    FeatureUnavailable { vmm: &'static str, feature: &'static str, field: &'static str },
+    #[error("cannot prepare {what} at {path}")]
+    Prepare {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the API socket path {path} is {len} bytes long; unix sockets take at most {max}")]
+    SocketPathTooLong { path: PathBuf, len: usize, max: usize },
+    #[error("cannot launch the VMM")]
+    Launch(#[source] ProcessError),
+    #[error("{vmm} exited before its API was ready: it {exit}{}", stderr_suffix(.stderr))]
+    DiedBeforeReady { vmm: &'static str, exit: ProcessExit, stderr: String },
+    #[error("{vmm}'s API socket did not answer within {timeout:?}")]
+    NotReady { vmm: &'static str, timeout: Duration },
+    #[error("{vmm} refused {method} {path} ({status}): {fault_message}")]
+    Api { vmm: &'static str, method: &'static str, path: String, status: u16, fault_message: String },
+    #[error("{vmm} API call {method} {path} failed")]
+    Transport {
+        vmm: &'static str,
+        method: &'static str,
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{vmm} API call {method} {path} got no answer within {timeout:?}")]
+    Timeout { vmm: &'static str, method: &'static str, path: String, timeout: Duration },
+    #[error("{vmm} exited while {operation}: it {exit}")]
+    Exited { vmm: &'static str, operation: &'static str, exit: ProcessExit },
+    #[error("the VMM is not running")]
+    NotRunning,
+    #[error("cannot signal the VMM")]
+    Signal(#[source] ProcessError),
+    #[error("cannot capture the console")]
+    Console(#[source] ConsoleError),
+    #[error("cannot read {what} of process {pid}")]
+    ProcessStats {
+        what: &'static str,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.trim().is_empty() { String::new() } else { format!("; its stderr ends with: {}", stderr.trim()) }
+}
+
+/// Launches VMMs of one kind.
+#[async_trait]
+pub trait VmmBackend: Send + Sync + fmt::Debug {
+    /// A short name such as `firecracker`.
+    fn name(&self) -> &'static str;
+
+    fn capabilities(&self) -> Capabilities;
+
+    /// Starts the VMM for `spec` and configures it; the guest does not run
+    /// until [`VmmInstance::boot`]. On error nothing is left running and
+    /// nothing is left in `spec.vm_dir` but what the caller put there.
+    async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError>;
+}
+
+/// One VM's VMM, driven over its API.
+#[async_trait]
+pub trait VmmInstance: Send + Sync + fmt::Debug {
+    /// The VMM process, while one runs.
+    fn pid(&self) -> Option<u32>;
+
+    /// A channel that changes once, when the current VMM process ends. A
+    /// backend that relaunches its VMM (see [`VmmInstance::boot`]) hands out
+    /// a new channel for the new process.
+    fn exits(&self) -> Option<watch::Receiver<Option<ProcessExit>>>;
+
+    /// Starts the guest. When the VMM process has gone (a Firecracker guest
+    /// that was shut down), a new one is launched and configured first.
+    async fn boot(&mut self) -> Result<(), BackendError>;
+
+    async fn pause(&mut self) -> Result<(), BackendError>;
+
+    async fn resume(&mut self) -> Result<(), BackendError>;
+
+    /// Stops the guest; afterwards no VMM process is left.
+    async fn stop(&mut self, mode: StopMode) -> Result<StopOutcome, BackendError>;
+
+    /// Reboots a running guest inside the same VMM, where the backend can.
+    async fn reboot(&mut self) -> Result<(), BackendError>;
+
+    async fn info(&self) -> Result<VmmInfo, BackendError>;
+
+    async fn metrics(&mut self) -> Result<VmmMetrics, BackendError>;
+
+    /// Kills the VMM if it still runs and removes every file the backend
+    /// made. Safe to call more than once.
+    async fn destroy(&mut self) -> Result<(), BackendError>;
+}

@@ -1,0 +1,297 @@
+//! A VM's serial console: captured from the VMM into a file of its own with
+//! a size cap, readable as a tail, and published line by line to whoever
+//! subscribes (tests, demos, a future console stream).
+//!
+//! At the cap, `console.log` is renamed to `console.log.1` (replacing the
+//! previous one) and a fresh `console.log` begins, so the disk holds at most
+//! twice the cap and the newest output is always kept. Nothing here knows
+//! which VMM produced the bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+
+/// Lines longer than this are published in pieces.
+const MAX_LINE_BYTES: usize = 4096;
+const LINE_CHANNEL_CAPACITY: usize = 1024;
+pub const CONSOLE_FILE: &str = "console.log";
+pub const ROTATED_CONSOLE_FILE: &str = "console.log.1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("cannot {action} console file {path}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no console line matched within {0:?}")]
+    Timeout(Duration),
+    #[error("the console ended before a line matched")]
+    Ended,
+}
+
+#[derive(Debug)]
+struct Shared {
+    path: PathBuf,
+    rotated_path: PathBuf,
+    limit_bytes: u64,
+    lines: broadcast::Sender<Arc<str>>,
+    /// True while no capture runs (before the first and after the last byte).
+    idle: watch::Sender<bool>,
+}
+
+/// The console of one VM. Cloning it gives another handle to the same log.
+#[derive(Debug, Clone)]
+pub struct ConsoleLog {
+    shared: Arc<Shared>,
+}
+
+fn file_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ConsoleError + 'a {
+    move |source| ConsoleError::File { action, path: path.to_path_buf(), source }
+}
+
+impl ConsoleLog {
+    /// A console logging into `dir`, keeping at most `limit_bytes` per file.
+    pub fn new(dir: &Path, limit_bytes: u64) -> Self {
+        let (lines, _) = broadcast::channel(LINE_CHANNEL_CAPACITY);
+        let (idle, _) = watch::channel(true);
+        Self {
+            shared: Arc::new(Shared {
+                path: dir.join(CONSOLE_FILE),
+                rotated_path: dir.join(ROTATED_CONSOLE_FILE),
+                limit_bytes: limit_bytes.max(1),
+                lines,
+                idle,
+            }),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Copies everything `source` yields into the log until it ends (the
+    /// VMM closed its side), in a task of its own.
+    pub fn capture<R>(&self, source: R) -> Result<JoinHandle<()>, ConsoleError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let writer = Writer::open(Arc::clone(&self.shared))?;
+        self.shared.idle.send_replace(false);
+        Ok(tokio::spawn(writer.run(source)))
+    }
+
+    /// New lines from now on. A receiver that falls more than 1024 lines
+    /// behind loses the oldest and is told so (`RecvError::Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
+        self.shared.lines.subscribe()
+    }
+
+    /// The last `max_bytes` of output, across the rotated file and the current one.
+    pub fn tail(&self, max_bytes: usize) -> Result<Vec<u8>, ConsoleError> {
+        let current = read_tail(&self.shared.path, max_bytes)?;
+        let wanted_from_rotated = max_bytes.saturating_sub(current.len());
+        if wanted_from_rotated == 0 {
+            return Ok(current);
+        }
+        let mut output = read_tail(&self.shared.rotated_path, wanted_from_rotated)?;
+        output.extend_from_slice(&current);
+        Ok(output)
+    }
+
+    /// Waits for a line that satisfies `matches`, looking first at what is
+    /// already logged, and returns it. Fails as soon as the VMM closes its
+    /// side without having printed such a line.
+    pub async fn wait_for_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> Result<String, ConsoleError> {
+        let mut lines = self.subscribe();
+        let mut idle = self.shared.idle.subscribe();
+        let logged = self.tail(usize::try_from(self.shared.limit_bytes).unwrap_or(usize::MAX))?;
+        if let Some(line) = String::from_utf8_lossy(&logged).lines().find(|line| matches(line)) {
+            return Ok(line.to_owned());
+        }
+        let wait = async {
+            let mut ended = false;
+            loop {
+                tokio::select! {
+                    received = lines.recv() => match received {
+                        Ok(line) if matches(&line) => return Ok(line.to_string()),
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return Err(ConsoleError::Ended),
+                    },
+                    changed = idle.wait_for(|idle| *idle), if !ended => {
+                        ended = changed.is_ok();
+                        if !ended {
+                            return Err(ConsoleError::Ended);
+                        }
+                    },
+                    else => return Err(ConsoleError::Ended),
+                }
+                if ended && lines.is_empty() {
+                    return Err(ConsoleError::Ended);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| ConsoleError::Timeout(timeout))?
+    }
+}
+
+fn read_tail(path: &Path, max_bytes: usize) -> Result<Vec<u8>, ConsoleError> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(error) => return Err(file_error("open", path)(error)),
+    };
+    let length = file.metadata().map_err(file_error("inspect", path))?.len();
+    let start = length.saturating_sub(u64::try_from(max_bytes).unwrap_or(u64::MAX));
+    file.seek(SeekFrom::Start(start)).map_err(file_error("seek in", path))?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(file_error("read", path))?;
+    Ok(bytes)
+}
+
+/// The single writer of a console log.
+struct Writer {
+    shared: Arc<Shared>,
+    file: File,
+    written: u64,
+    partial_line: Vec<u8>,
+}
+
+impl Writer {
+    fn open(shared: Arc<Shared>) -> Result<Self, ConsoleError> {
+        let file = OpenOptions::new().create(true).append(true).open(&shared.path).map_err(file_error("open", &shared.path))?;
+        let written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
+        Ok(Self { shared, file, written, partial_line: Vec::new() })
+    }
+
+    async fn run<R: AsyncRead + Unpin>(mut self, mut source: R) {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            let count = match source.read(&mut buffer).await {
+                Ok(0) => break,
+                Ok(count) => count,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    tracing::warn!(path = %self.shared.path.display(), %error, "console source failed");
+                    break;
+                }
+            };
+            let chunk = &buffer[..count];
+            if let Err(error) = self.append(chunk) {
+                tracing::warn!(path = %self.shared.path.display(), error = %crate::error_chain(&error), "console output dropped");
+            }
+            self.publish_lines(chunk);
+        }
+        if !self.partial_line.is_empty() {
+            let rest = std::mem::take(&mut self.partial_line);
+            self.publish(&rest);
+        }
+        self.shared.idle.send_replace(true);
+    }
+
+    fn append(&mut self, mut chunk: &[u8]) -> Result<(), ConsoleError> {
+        while !chunk.is_empty() {
+            if self.written >= self.shared.limit_bytes {
+                self.rotate()?;
+            }
+            let room = usize::try_from(self.shared.limit_bytes - self.written).unwrap_or(usize::MAX);
+            let (now, later) = chunk.split_at(chunk.len().min(room));
+            self.file.write_all(now).map_err(file_error("write", &self.shared.path))?;
+            self.written += now.len() as u64;
+            chunk = later;
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> Result<(), ConsoleError> {
+        let shared = &self.shared;
+        std::fs::rename(&shared.path, &shared.rotated_path).map_err(file_error("rotate", &shared.path))?;
+        self.file = OpenOptions::new().create(true).append(true).open(&shared.path).map_err(file_error("open", &shared.path))?;
+        self.written = 0;
+        Ok(())
+    }
+
+    fn publish_lines(&mut self, mut chunk: &[u8]) {
+        while let Some(end) = chunk.iter().position(|byte| *byte == b'\n') {
+            self.partial_line.extend_from_slice(&chunk[..end]);
+            let line = std::mem::take(&mut self.partial_line);
+            self.publish(&line);
+            chunk = &chunk[end + 1..];
+        }
+        self.partial_line.extend_from_slice(chunk);
+        while self.partial_line.len() >= MAX_LINE_BYTES {
+            let rest = self.partial_line.split_off(MAX_LINE_BYTES);
+            let line = std::mem::replace(&mut self.partial_line, rest);
+            self.publish(&line);
+        }
+    }
+
+    fn publish(&self, line: &[u8]) {
+        let text = String::from_utf8_lossy(line);
+        let text = text.strip_suffix('\r').unwrap_or(&text);
+        // Nobody listening is fine: the file keeps everything.
+        let _ = self.shared.lines.send(Arc::from(text));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_are_logged_and_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 1024);
+        let mut lines = console.subscribe();
+        let task = console.capture(&b"first\r\nsecond\npartial"[..]).unwrap();
+        task.await.unwrap();
+        assert_eq!(&*lines.recv().await.unwrap(), "first");
+        assert_eq!(&*lines.recv().await.unwrap(), "second");
+        assert_eq!(&*lines.recv().await.unwrap(), "partial");
+        assert_eq!(console.tail(1024).unwrap(), b"first\r\nsecond\npartial");
+        assert_eq!(console.tail(7).unwrap(), b"partial");
+        let line = console.wait_for_line(|line| line.starts_with("sec"), Duration::from_millis(10)).await.unwrap();
+        assert_eq!(line, "second");
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_the_log_rotates_and_keeps_the_newest_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 10);
+        let output: Vec<u8> = (0..35u8).map(|i| b'a' + i % 26).collect();
+        console.capture(io::Cursor::new(output.clone())).unwrap().await.unwrap();
+        let current = std::fs::read(dir.path().join(CONSOLE_FILE)).unwrap();
+        let rotated = std::fs::read(dir.path().join(ROTATED_CONSOLE_FILE)).unwrap();
+        assert_eq!(current, &output[30..]);
+        assert_eq!(rotated, &output[20..30]);
+        assert_eq!(console.tail(100).unwrap(), &output[20..]);
+        assert_eq!(console.tail(8).unwrap(), &output[27..]);
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_line_that_never_comes_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 1024);
+        let (_writer, reader) = tokio::io::duplex(64);
+        let _task = console.capture(reader).unwrap();
+        let error = console.wait_for_line(|line| line == "never", Duration::from_millis(20)).await.unwrap_err();
+        assert!(matches!(error, ConsoleError::Timeout(_)));
+    }
+
+    #[tokio::test]
+    async fn waiting_after_the_vmm_closed_its_side_ends_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 1024);
+        console.capture(&b"only line\n"[..]).unwrap().await.unwrap();
+        let error = console.wait_for_line(|line| line == "never", Duration::from_secs(30)).await.unwrap_err();
+        assert!(matches!(error, ConsoleError::Ended), "{error}");
+    }
+}

@@ -1,0 +1,59 @@
+//! metald-core: the VM and everything needed to run one.
+//!
+//! It owns the identifiers ([`VmId`], [`TenantId`]), the VM's description
+//! ([`VmConfig`]) and its validation, the lifecycle ([`VmState`] and its
+//! transition table), image confinement ([`images`]), the VMM backends
+//! behind one trait ([`backend::VmmBackend`], with Firecracker today),
+//! process supervision ([`process`]), serial console capture ([`console`])
+//! and the [`VmManager`] that ties them together and publishes
+//! [`VmEvent`]s. It depends on no other metald crate: networking and
+//! billing plug into it, never the other way round.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), metald_core::ManagerError> {
+//! use metald_core::{CreateVm, FirecrackerConfig, TenantId, VmConfig, VmManager};
+//!
+//! let manager = VmManager::builder()
+//!     .firecracker(FirecrackerConfig::new("/usr/local/bin/firecracker"))
+//!     .image_root("/var/lib/metald/images")
+//!     .vm_root("/run/metald/vms")
+//!     .build()?;
+//! let mut config = VmConfig::default();
+//! config.cpu.vcpu_count = 1;
+//! config.memory.size_bytes = 128 << 20;
+//! config.boot.kernel_path = "vmlinux".into();
+//! let tenant = TenantId::new("acme").expect("a valid tenant id");
+//! let vm_id = manager.create(CreateVm { vm_id: None, tenant, config }).await?;
+//! manager.boot(&vm_id).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+pub mod config;
+pub mod console;
+pub mod events;
+pub mod ids;
+pub mod images;
+pub mod manager;
+pub mod process;
+pub mod state;
+
+pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
+pub use backend::{Capabilities, VmmBackend, VmmInfo, VmmMetrics};
+pub use config::VmConfig;
+pub use events::{VmEvent, VmEventKind};
+pub use ids::{TenantId, VmId};
+pub use manager::{CreateVm, ManagerError, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmSummary};
+pub use state::VmState;
+
+/// An error and every cause below it on one line, outermost first.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

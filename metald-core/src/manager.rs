@@ -1,0 +1,867 @@
+//! The VM manager: owns every VM on this host by id, drives the backend,
+//! enforces the state machine and publishes [`VmEvent`]s.
+//!
+//! Operations on one VM run one at a time (each VM has its own lock, held
+//! across the backend call); different VMs proceed in parallel. A VMM that
+//! dies is noticed by a watcher task the moment its process ends, and the
+//! VM becomes Failed with the exit recorded. The manager does not know who
+//! calls it (API, CLI, an embedding service) or who listens to its events.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex, RwLock, Weak};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
+
+use crate::backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
+use crate::backend::{
+    BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, VmmBackend, VmmInfo, VmmInstance, VmmMetrics, VmmSpec,
+};
+use crate::config::{ConfigError, Problem, VmConfig};
+use crate::console::{ConsoleError, ConsoleLog};
+use crate::events::{VmEvent, VmEventKind};
+use crate::ids::{TenantId, VmId};
+use crate::images::{self, ImageError, ImageRoot};
+use crate::process::ProcessExit;
+use crate::state::{IllegalTransition, VmState};
+
+/// Default cap of each console file (see [`ConsoleLog`]).
+pub const DEFAULT_CONSOLE_LIMIT_BYTES: u64 = 1 << 20;
+/// Default time a guest gets to shut down before its VMM is killed.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const EVENT_CAPACITY: usize = 4096;
+const DRIVES_DIR: &str = "drives";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("the manager needs {0}")]
+    Incomplete(&'static str),
+    #[error("cannot use {what} {path}")]
+    Setup {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid VM configuration")]
+    InvalidConfig(#[source] ConfigError),
+    #[error("image refused")]
+    Image(#[source] ImageError),
+    #[error("VM {0} does not exist")]
+    NotFound(VmId),
+    #[error("VM {0} already exists")]
+    AlreadyExists(VmId),
+    #[error("VM {vm_id} is {current} and cannot {operation}")]
+    InvalidState {
+        vm_id: VmId,
+        operation: &'static str,
+        current: VmState,
+        #[source]
+        source: IllegalTransition,
+    },
+    #[error("VM {vm_id} is {current}; to {operation} it must be {required}")]
+    WrongState { vm_id: VmId, operation: &'static str, current: VmState, required: &'static str },
+    #[error("the {backend} backend failed to {operation} VM {vm_id}")]
+    Backend {
+        vm_id: VmId,
+        backend: &'static str,
+        operation: &'static str,
+        #[source]
+        source: Box<BackendError>,
+    },
+    #[error("cannot {action} the folder of VM {vm_id} at {path}")]
+    VmDir {
+        vm_id: VmId,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read the console of VM {vm_id}")]
+    Console {
+        vm_id: VmId,
+        #[source]
+        source: ConsoleError,
+    },
+    #[error("deleting VM {vm_id} left work undone: {}", .problems.join("; "))]
+    DeleteIncomplete { vm_id: VmId, problems: Vec<String> },
+}
+
+impl ManagerError {
+    /// The configuration field at fault, for errors caused by the request.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ManagerError::InvalidConfig(error) => Some(&error.field),
+            ManagerError::Image(
+                ImageError::ParentComponent { field, .. }
+                | ImageError::OutsideRoot { field, .. }
+                | ImageError::SymlinkEscape { field, .. }
+                | ImageError::Missing { field, .. }
+                | ImageError::NotAFile { field, .. },
+            ) => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// How a caller wants a VM stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StopOptions {
+    /// Kill the VMM at once instead of asking the guest first.
+    pub force: bool,
+    /// How long the guest may take; the manager's default when `None`.
+    pub timeout: Option<Duration>,
+}
+
+/// A request for a new VM.
+#[derive(Debug, Clone)]
+pub struct CreateVm {
+    /// Generated when `None`.
+    pub vm_id: Option<VmId>,
+    pub tenant: TenantId,
+    pub config: VmConfig,
+}
+
+/// What the manager knows about one VM.
+#[derive(Debug, Clone)]
+pub struct VmInfo {
+    pub vm_id: VmId,
+    pub tenant: TenantId,
+    pub state: VmState,
+    pub config: VmConfig,
+    pub created_at: SystemTime,
+    pub modified_at: SystemTime,
+    /// Why the VM is Failed.
+    pub failure: Option<String>,
+    /// How the last VMM process ended.
+    pub last_exit: Option<ProcessExit>,
+    /// When the guest last booted, while it runs.
+    pub booted_at: Option<SystemTime>,
+    pub vm_dir: PathBuf,
+    pub console_path: PathBuf,
+    /// What the backend says, while a VMM runs.
+    pub vmm: Option<VmmInfo>,
+}
+
+/// The part of [`VmInfo`] that listing needs; readable without waiting for
+/// an operation in progress on the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSummary {
+    pub vm_id: VmId,
+    pub tenant: TenantId,
+    pub state: VmState,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub metadata: std::collections::BTreeMap<String, String>,
+    pub created_at: SystemTime,
+    pub modified_at: SystemTime,
+}
+
+struct VmEntry {
+    state: VmState,
+    config: VmConfig,
+    instance: Box<dyn VmmInstance>,
+    vm_dir: PathBuf,
+    failure: Option<String>,
+    last_exit: Option<ProcessExit>,
+    booted_at: Option<SystemTime>,
+    created_at: SystemTime,
+    modified_at: SystemTime,
+    /// Bumped whenever a new VMM process is watched; a watcher of an older
+    /// process has nothing to say.
+    watch_generation: u64,
+    watched_pid: Option<u32>,
+}
+
+struct VmSlot {
+    vm_id: VmId,
+    tenant: TenantId,
+    console: ConsoleLog,
+    entry: Arc<Mutex<VmEntry>>,
+    summary: StdMutex<VmSummary>,
+}
+
+impl std::fmt::Debug for VmSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmSlot").field("vm_id", &self.vm_id).field("tenant", &self.tenant).finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    backend: Arc<dyn VmmBackend>,
+    images: ImageRoot,
+    vm_root: PathBuf,
+    console_limit_bytes: u64,
+    stop_timeout: Duration,
+    registry: RwLock<Registry>,
+    events: broadcast::Sender<VmEvent>,
+}
+
+/// The VMs by id, and the ids being created (not yet visible).
+#[derive(Default)]
+struct Registry {
+    vms: HashMap<VmId, Arc<VmSlot>>,
+    reserved: std::collections::HashSet<VmId>,
+}
+
+/// Owns and drives every VM of this host. Cheap to clone.
+#[derive(Clone)]
+pub struct VmManager {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for VmManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmManager")
+            .field("backend", &self.inner.backend.name())
+            .field("images", &self.inner.images.path())
+            .field("vm_root", &self.inner.vm_root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Assembles a [`VmManager`].
+#[derive(Debug, Default)]
+pub struct VmManagerBuilder {
+    backend: Option<Arc<dyn VmmBackend>>,
+    image_root: Option<PathBuf>,
+    vm_root: Option<PathBuf>,
+    console_limit_bytes: Option<u64>,
+    stop_timeout: Option<Duration>,
+}
+
+impl VmManagerBuilder {
+    /// Runs VMs with Firecracker.
+    pub fn firecracker(self, config: FirecrackerConfig) -> Self {
+        self.backend(Arc::new(FirecrackerBackend::new(config)))
+    }
+
+    pub fn backend(mut self, backend: Arc<dyn VmmBackend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// The folder every kernel, initrd and drive must come from.
+    pub fn image_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.image_root = Some(path.into());
+        self
+    }
+
+    /// Where each VM gets a folder of its own (socket, logs, console, drive copies).
+    pub fn vm_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.vm_root = Some(path.into());
+        self
+    }
+
+    pub fn console_limit_bytes(mut self, bytes: u64) -> Self {
+        self.console_limit_bytes = Some(bytes);
+        self
+    }
+
+    /// How long a graceful stop waits when the caller gives no timeout.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = Some(timeout);
+        self
+    }
+
+    pub fn build(self) -> Result<VmManager, ManagerError> {
+        let backend = self.backend.ok_or(ManagerError::Incomplete("a VMM backend"))?;
+        let image_root = self.image_root.ok_or(ManagerError::Incomplete("an image root"))?;
+        let images = ImageRoot::new(&image_root).map_err(ManagerError::Image)?;
+        let vm_root = self.vm_root.ok_or(ManagerError::Incomplete("a VM root folder"))?;
+        std::fs::create_dir_all(&vm_root).map_err(|source| ManagerError::Setup {
+            what: "the VM root folder",
+            path: vm_root.clone(),
+            source,
+        })?;
+        let vm_root =
+            vm_root.canonicalize().map_err(|source| ManagerError::Setup { what: "the VM root folder", path: vm_root.clone(), source })?;
+        if vm_root.to_str().is_none() {
+            let source = io::Error::new(io::ErrorKind::InvalidInput, "the path is not UTF-8");
+            return Err(ManagerError::Setup { what: "the VM root folder", path: vm_root, source });
+        }
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Ok(VmManager {
+            inner: Arc::new(Inner {
+                backend,
+                images,
+                vm_root,
+                console_limit_bytes: self.console_limit_bytes.unwrap_or(DEFAULT_CONSOLE_LIMIT_BYTES),
+                stop_timeout: self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+                registry: RwLock::new(Registry::default()),
+                events,
+            }),
+        })
+    }
+}
+
+/// A locked VM: its slot and exclusive access to its entry.
+struct Locked {
+    slot: Arc<VmSlot>,
+    entry: OwnedMutexGuard<VmEntry>,
+}
+
+impl VmManager {
+    pub fn builder() -> VmManagerBuilder {
+        VmManagerBuilder::default()
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.backend.capabilities()
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// Every event from now on. A subscriber more than 4096 events behind
+    /// loses the oldest and is told so (`RecvError::Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Validates the request, confines its images, launches and configures
+    /// the VMM. Nothing is left behind when any step fails.
+    pub async fn create(&self, request: CreateVm) -> Result<VmId, ManagerError> {
+        let CreateVm { vm_id, tenant, config } = request;
+        config.validate().map_err(ManagerError::InvalidConfig)?;
+        self.check_capabilities(&config)?;
+        let resolved = self.resolve_images(&config)?;
+        let vm_id = vm_id.unwrap_or_else(VmId::generate);
+        {
+            let mut registry = write_lock(&self.inner.registry);
+            if registry.vms.contains_key(&vm_id) || !registry.reserved.insert(vm_id.clone()) {
+                return Err(ManagerError::AlreadyExists(vm_id));
+            }
+        }
+        let vm_dir = self.inner.vm_root.join(vm_id.as_str());
+        let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
+        let launched = self.launch(&vm_id, &tenant, &config, resolved, &vm_dir, console.clone()).await;
+        let instance = match launched {
+            Ok(instance) => instance,
+            Err(error) => {
+                remove_vm_dir(&vm_dir);
+                write_lock(&self.inner.registry).reserved.remove(&vm_id);
+                return Err(error);
+            }
+        };
+        let now = SystemTime::now();
+        let entry = VmEntry {
+            state: VmState::Created,
+            config,
+            instance,
+            vm_dir,
+            failure: None,
+            last_exit: None,
+            booted_at: None,
+            created_at: now,
+            modified_at: now,
+            watch_generation: 0,
+            watched_pid: None,
+        };
+        let summary = StdMutex::new(summary_of(&vm_id, &tenant, &entry));
+        let slot = Arc::new(VmSlot { vm_id: vm_id.clone(), tenant: tenant.clone(), console, summary, entry: Arc::new(Mutex::new(entry)) });
+        {
+            let mut entry = slot.entry.lock().await;
+            self.watch_vmm(&slot, &mut entry);
+            let mut registry = write_lock(&self.inner.registry);
+            registry.reserved.remove(&vm_id);
+            registry.vms.insert(vm_id.clone(), Arc::clone(&slot));
+            drop(registry);
+            self.publish(&slot, &entry, VmEventKind::Created);
+        }
+        tracing::info!(%vm_id, %tenant, "VM created");
+        Ok(vm_id)
+    }
+
+    fn check_capabilities(&self, config: &VmConfig) -> Result<(), ManagerError> {
+        let capabilities = self.inner.backend.capabilities();
+        let refuse = |field: &str, reason: &str| {
+            Err(ManagerError::InvalidConfig(ConfigError {
+                field: field.to_owned(),
+                problem: Problem::Inconsistent { reason: format!("{reason}, which the {} backend cannot do", self.inner.backend.name()) },
+            }))
+        };
+        if config.memory.hotplug_enabled && !capabilities.memory_hotplug {
+            return refuse("memory.hotplug_enabled", "asks for memory hotplug");
+        }
+        if config.cpu.max_vcpu_count > config.cpu.vcpu_count && !capabilities.cpu_hotplug {
+            return refuse("cpu.max_vcpu_count", "asks for CPU hotplug");
+        }
+        if config.cpu.vcpu_count > capabilities.max_vcpus {
+            return refuse("cpu.vcpu_count", "asks for more vCPUs than the VMM supports");
+        }
+        for (index, interface) in config.network.iter().enumerate() {
+            if interface.tap_device.is_empty() {
+                return Err(ManagerError::InvalidConfig(ConfigError {
+                    field: format!("network[{index}].tap_device"),
+                    problem: Problem::Inconsistent {
+                        reason: "is required: this manager has no network provider to make a TAP device".into(),
+                    },
+                }));
+            }
+            let asymmetric = interface.rx_rate_limit != interface.tx_rate_limit;
+            if asymmetric && !capabilities.separate_rx_tx_rate_limits {
+                return refuse(&format!("network[{index}].tx_rate_limit"), "differs from rx_rate_limit");
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_images(&self, config: &VmConfig) -> Result<ResolvedImages, ManagerError> {
+        let images = &self.inner.images;
+        let kernel = images.resolve("boot.kernel_path", &config.boot.kernel_path).map_err(ManagerError::Image)?;
+        let initrd = if config.boot.initrd_path.is_empty() {
+            None
+        } else {
+            Some(images.resolve("boot.initrd_path", &config.boot.initrd_path).map_err(ManagerError::Image)?)
+        };
+        let drives = config
+            .storage
+            .iter()
+            .enumerate()
+            .map(|(index, drive)| images.resolve(&format!("storage[{index}].path"), &drive.path).map_err(ManagerError::Image))
+            .collect::<Result<_, _>>()?;
+        Ok(ResolvedImages { kernel, initrd, drives })
+    }
+
+    /// Makes the VM's folder and drive copies, then asks the backend for a VMM.
+    async fn launch(
+        &self,
+        vm_id: &VmId,
+        tenant: &TenantId,
+        config: &VmConfig,
+        images: ResolvedImages,
+        vm_dir: &Path,
+        console: ConsoleLog,
+    ) -> Result<Box<dyn VmmInstance>, ManagerError> {
+        let dir_error = |action: &'static str, path: &Path| {
+            let vm_id = vm_id.clone();
+            let path = path.to_path_buf();
+            move |source| ManagerError::VmDir { vm_id, action, path, source }
+        };
+        std::fs::create_dir(vm_dir).map_err(dir_error("create", vm_dir))?;
+        let mut drives = Vec::with_capacity(config.storage.len());
+        for (drive, source) in config.storage.iter().zip(images.drives) {
+            let path = if drive.read_only {
+                source
+            } else {
+                let copies = vm_dir.join(DRIVES_DIR);
+                std::fs::create_dir_all(&copies).map_err(dir_error("create drive copies in", &copies))?;
+                let copy = copies.join(format!("{}.img", drive.id));
+                images::copy_image(&source, &copy).map_err(ManagerError::Image)?;
+                copy
+            };
+            drives.push(DriveSpec {
+                id: drive.id.clone(),
+                path,
+                read_only: drive.read_only,
+                is_root_device: drive.is_root_device,
+                io_engine: drive.options.get("io_engine").cloned(),
+                cache_type: drive.options.get("cache_type").cloned(),
+            });
+        }
+        let interfaces = config
+            .network
+            .iter()
+            .map(|interface| InterfaceSpec {
+                id: interface.id.clone(),
+                tap_device: interface.tap_device.clone(),
+                guest_mac: (!interface.mac_address.is_empty()).then(|| interface.mac_address.clone()),
+                rx_rate_limit: interface.rx_rate_limit.clone(),
+                tx_rate_limit: interface.tx_rate_limit.clone(),
+            })
+            .collect();
+        let spec = VmmSpec {
+            vm_id: vm_id.clone(),
+            tenant: tenant.clone(),
+            vcpus: config.cpu.vcpu_count,
+            memory_mib: config.memory_mib(),
+            smt: config.cpu.features.get("smt").is_some_and(|value| value == "true"),
+            huge_pages: config.memory.backing.get("huge_pages").is_some_and(|value| value == "2M"),
+            kernel: images.kernel,
+            initrd: images.initrd,
+            kernel_args: config.boot.kernel_args.clone(),
+            drives,
+            interfaces,
+            vm_dir: vm_dir.to_path_buf(),
+        };
+        self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
+    }
+
+    /// Starts the guest (again, after a shutdown).
+    pub async fn boot(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        self.check(&locked, "boot", VmState::Running)?;
+        let result = locked.entry.instance.boot().await;
+        match result {
+            Ok(()) => {
+                locked.entry.booted_at = Some(SystemTime::now());
+                locked.entry.failure = None;
+                self.watch_vmm(&locked.slot, &mut locked.entry);
+                let pid = locked.entry.instance.pid();
+                self.transition(&mut locked, VmState::Running, VmEventKind::Booted { pid });
+                Ok(())
+            }
+            Err(source) => Err(self.fail_operation(&mut locked, "boot", source).await),
+        }
+    }
+
+    pub async fn pause(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        self.check(&locked, "pause", VmState::Paused)?;
+        locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, "pause", source))?;
+        self.transition(&mut locked, VmState::Paused, VmEventKind::Paused);
+        Ok(())
+    }
+
+    pub async fn resume(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        self.check(&locked, "resume", VmState::Running)?;
+        locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, "resume", source))?;
+        self.transition(&mut locked, VmState::Running, VmEventKind::Resumed);
+        Ok(())
+    }
+
+    /// Stops the guest: gracefully first unless forced, killing its VMM
+    /// when the timeout runs out.
+    pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        self.check(&locked, "shut down", VmState::Shutdown)?;
+        self.stop_locked(&mut locked, options).await
+    }
+
+    async fn stop_locked(&self, locked: &mut Locked, options: StopOptions) -> Result<(), ManagerError> {
+        let vm_id = locked.slot.vm_id.clone();
+        let mode = self.stop_mode(options);
+        // A paused guest cannot see Ctrl+Alt+Del; let it run to hear it.
+        if locked.entry.state == VmState::Paused && matches!(mode, StopMode::Graceful { .. }) {
+            locked.entry.instance.resume().await.map_err(|source| self.backend_error(&vm_id, "resume before shutdown", source))?;
+        }
+        let outcome = locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, "shut down", source))?;
+        locked.entry.last_exit = Some(outcome.exit);
+        locked.entry.booted_at = None;
+        let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false };
+        self.transition(locked, VmState::Shutdown, kind);
+        Ok(())
+    }
+
+    fn stop_mode(&self, options: StopOptions) -> StopMode {
+        if options.force { StopMode::Forced } else { StopMode::Graceful { timeout: options.timeout.unwrap_or(self.inner.stop_timeout) } }
+    }
+
+    /// Restarts a running guest: natively where the backend can, otherwise
+    /// by stopping its VMM and booting a fresh one. The VM stays Running.
+    pub async fn reboot(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        if locked.entry.state != VmState::Running {
+            let current = locked.entry.state;
+            return Err(ManagerError::WrongState { vm_id: vm_id.clone(), operation: "reboot", current, required: "Running" });
+        }
+        let result = if self.inner.backend.capabilities().reboot && !options.force {
+            locked.entry.instance.reboot().await
+        } else {
+            let mode = self.stop_mode(options);
+            match locked.entry.instance.stop(mode).await {
+                Ok(outcome) => {
+                    locked.entry.last_exit = Some(outcome.exit);
+                    locked.entry.instance.boot().await
+                }
+                Err(error) => Err(error),
+            }
+        };
+        match result {
+            Ok(()) => {
+                locked.entry.booted_at = Some(SystemTime::now());
+                self.watch_vmm(&locked.slot, &mut locked.entry);
+                let pid = locked.entry.instance.pid();
+                locked.entry.modified_at = SystemTime::now();
+                self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { pid });
+                Ok(())
+            }
+            Err(source) => Err(self.fail_operation(&mut locked, "reboot", source).await),
+        }
+    }
+
+    /// Stops the VM when needed (gracefully unless `force`), then removes
+    /// its VMM, its folder and every copy made for it.
+    pub async fn delete(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        if locked.entry.state.has_live_vmm()
+            && let Err(error) = self.stop_locked(&mut locked, options).await
+        {
+            tracing::warn!(%vm_id, error = %crate::error_chain(&error), "stop before delete failed; killing the VMM");
+        }
+        let mut problems = Vec::new();
+        if let Err(error) = locked.entry.instance.destroy().await {
+            problems.push(crate::error_chain(&error));
+        }
+        match std::fs::remove_dir_all(&locked.entry.vm_dir) {
+            Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                problems.push(format!("removing {}: {error}", locked.entry.vm_dir.display()))
+            }
+            _ => {}
+        }
+        if !problems.is_empty() {
+            let reason = format!("delete incomplete: {}", problems.join("; "));
+            if locked.entry.state.can_transition_to(VmState::Failed) {
+                self.transition(&mut locked, VmState::Failed, VmEventKind::Failed { reason: reason.clone(), exit: None });
+            }
+            locked.entry.failure = Some(reason);
+            return Err(ManagerError::DeleteIncomplete { vm_id: vm_id.clone(), problems });
+        }
+        self.transition(&mut locked, VmState::Deleted, VmEventKind::Deleted);
+        write_lock(&self.inner.registry).vms.remove(vm_id);
+        tracing::info!(%vm_id, "VM deleted");
+        Ok(())
+    }
+
+    /// Everything known about a VM, including what its VMM reports.
+    pub async fn info(&self, vm_id: &VmId) -> Result<VmInfo, ManagerError> {
+        let locked = self.lock(vm_id).await?;
+        let entry = &locked.entry;
+        let vmm = if entry.state.has_live_vmm() {
+            match entry.instance.info().await {
+                Ok(info) => Some(info),
+                Err(error) => {
+                    tracing::warn!(%vm_id, error = %crate::error_chain(&error), "VMM info unavailable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Ok(VmInfo {
+            vm_id: locked.slot.vm_id.clone(),
+            tenant: locked.slot.tenant.clone(),
+            state: entry.state,
+            config: entry.config.clone(),
+            created_at: entry.created_at,
+            modified_at: entry.modified_at,
+            failure: entry.failure.clone(),
+            last_exit: entry.last_exit,
+            booted_at: entry.booted_at,
+            vm_dir: entry.vm_dir.clone(),
+            console_path: locked.slot.console.path().to_path_buf(),
+            vmm,
+        })
+    }
+
+    /// Usage counters of a VM whose VMM runs.
+    pub async fn metrics(&self, vm_id: &VmId) -> Result<VmmMetrics, ManagerError> {
+        let mut locked = self.lock(vm_id).await?;
+        if !locked.entry.state.has_live_vmm() {
+            let current = locked.entry.state;
+            return Err(ManagerError::WrongState {
+                vm_id: vm_id.clone(),
+                operation: "read its metrics",
+                current,
+                required: "Created, Running or Paused",
+            });
+        }
+        locked.entry.instance.metrics().await.map_err(|source| self.backend_error(vm_id, "read metrics of", source))
+    }
+
+    /// The state of one VM, without waiting for an operation in progress.
+    pub fn state(&self, vm_id: &VmId) -> Result<VmState, ManagerError> {
+        self.slot(vm_id).map(|slot| lock_summary(&slot).state)
+    }
+
+    /// Every VM, optionally of one tenant, in id order; never waits for an
+    /// operation in progress.
+    pub fn list(&self, tenant: Option<&TenantId>) -> Vec<VmSummary> {
+        let registry = read_lock(&self.inner.registry);
+        let mut summaries: Vec<VmSummary> = registry
+            .vms
+            .values()
+            .filter(|slot| tenant.is_none_or(|tenant| &slot.tenant == tenant))
+            .map(|slot| lock_summary(slot).clone())
+            .filter(|summary| summary.state != VmState::Deleted)
+            .collect();
+        summaries.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
+        summaries
+    }
+
+    /// The VM's console: its tail, its lines as they come, a wait for a line.
+    /// It stays readable after the guest stops, until the VM is deleted.
+    pub fn console(&self, vm_id: &VmId) -> Result<ConsoleLog, ManagerError> {
+        self.slot(vm_id).map(|slot| slot.console.clone())
+    }
+
+    /// The last `max_bytes` the guest printed.
+    pub fn console_tail(&self, vm_id: &VmId, max_bytes: usize) -> Result<Vec<u8>, ManagerError> {
+        self.console(vm_id)?.tail(max_bytes).map_err(|source| ManagerError::Console { vm_id: vm_id.clone(), source })
+    }
+
+    fn slot(&self, vm_id: &VmId) -> Result<Arc<VmSlot>, ManagerError> {
+        read_lock(&self.inner.registry).vms.get(vm_id).cloned().ok_or_else(|| ManagerError::NotFound(vm_id.clone()))
+    }
+
+    async fn lock(&self, vm_id: &VmId) -> Result<Locked, ManagerError> {
+        let slot = self.slot(vm_id)?;
+        let entry = Arc::clone(&slot.entry).lock_owned().await;
+        if entry.state == VmState::Deleted {
+            return Err(ManagerError::NotFound(vm_id.clone()));
+        }
+        Ok(Locked { slot, entry })
+    }
+
+    fn check(&self, locked: &Locked, operation: &'static str, to: VmState) -> Result<(), ManagerError> {
+        let current = locked.entry.state;
+        current.transition(to).map(drop).map_err(|source| ManagerError::InvalidState {
+            vm_id: locked.slot.vm_id.clone(),
+            operation,
+            current,
+            source,
+        })
+    }
+
+    fn transition(&self, locked: &mut Locked, to: VmState, kind: VmEventKind) {
+        apply_transition(&locked.slot, &mut locked.entry, to);
+        self.publish(&locked.slot, &locked.entry, kind);
+    }
+
+    fn publish(&self, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
+        publish(&self.inner.events, slot, entry, kind);
+    }
+
+    fn backend_error(&self, vm_id: &VmId, operation: &'static str, source: BackendError) -> ManagerError {
+        ManagerError::Backend { vm_id: vm_id.clone(), backend: self.inner.backend.name(), operation, source: Box::new(source) }
+    }
+
+    /// A boot or reboot that failed leaves the VM Failed, with no VMM left.
+    async fn fail_operation(&self, locked: &mut Locked, operation: &'static str, source: BackendError) -> ManagerError {
+        let vm_id = locked.slot.vm_id.clone();
+        let error = self.backend_error(&vm_id, operation, source);
+        let reason = crate::error_chain(&error);
+        match locked.entry.instance.stop(StopMode::Forced).await {
+            Ok(outcome) => locked.entry.last_exit = Some(outcome.exit),
+            Err(BackendError::NotRunning) => {}
+            Err(stop_error) => tracing::error!(%vm_id, error = %crate::error_chain(&stop_error), "cannot stop the VMM of a failed VM"),
+        }
+        locked.entry.failure = Some(reason.clone());
+        locked.entry.booted_at = None;
+        if locked.entry.state.can_transition_to(VmState::Failed) {
+            let exit = locked.entry.last_exit;
+            self.transition(locked, VmState::Failed, VmEventKind::Failed { reason, exit });
+        }
+        error
+    }
+
+    /// Starts a watcher for the VMM process, if it is one not yet watched.
+    fn watch_vmm(&self, slot: &Arc<VmSlot>, entry: &mut VmEntry) {
+        let pid = entry.instance.pid();
+        if pid.is_none() || pid == entry.watched_pid {
+            return;
+        }
+        let Some(mut exits) = entry.instance.exits() else { return };
+        entry.watch_generation += 1;
+        entry.watched_pid = pid;
+        let generation = entry.watch_generation;
+        let inner = Arc::downgrade(&self.inner);
+        let slot = Arc::clone(slot);
+        tokio::spawn(async move {
+            let exit = loop {
+                if let Some(exit) = *exits.borrow_and_update() {
+                    break exit;
+                }
+                if exits.changed().await.is_err() {
+                    return;
+                }
+            };
+            on_vmm_exit(inner, slot, generation, exit).await;
+        });
+    }
+}
+
+/// What a watcher does when a VMM process ends: nothing, if an operation
+/// expected it (the VM is no longer in a state with a live VMM) or a newer
+/// process is watched; otherwise the VM stops (a clean guest reset) or fails.
+async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, exit: ProcessExit) {
+    let Some(inner) = inner.upgrade() else { return };
+    let mut entry = slot.entry.lock().await;
+    if entry.watch_generation != generation || !entry.state.has_live_vmm() {
+        return;
+    }
+    let vm_id = &slot.vm_id;
+    let backend = inner.backend.name();
+    entry.last_exit = Some(exit);
+    entry.booted_at = None;
+    entry.watched_pid = None;
+    // Lets the backend forget the process; it has already been reaped.
+    let _ = entry.instance.stop(StopMode::Forced).await;
+    if exit.is_clean() && entry.state == VmState::Running {
+        tracing::info!(%vm_id, %exit, "guest stopped itself");
+        apply_transition(&slot, &mut entry, VmState::Shutdown);
+        publish(&inner.events, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true });
+    } else {
+        let reason = format!("{backend} {exit} while the VM was {}", entry.state);
+        tracing::warn!(%vm_id, %reason, "VMM died");
+        entry.failure = Some(reason.clone());
+        apply_transition(&slot, &mut entry, VmState::Failed);
+        publish(&inner.events, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit) });
+    }
+}
+
+struct ResolvedImages {
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    drives: Vec<PathBuf>,
+}
+
+fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
+    if let Err(error) = entry.state.transition(to) {
+        // Every caller checked first; a refusal here is a bug worth a loud log.
+        tracing::error!(vm_id = %slot.vm_id, %error, "unchecked state transition");
+    }
+    entry.state = to;
+    entry.modified_at = SystemTime::now();
+    if to != VmState::Failed {
+        entry.failure = None;
+    }
+    *lock_summary(slot) = summary_of(&slot.vm_id, &slot.tenant, entry);
+}
+
+fn publish(events: &broadcast::Sender<VmEvent>, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
+    let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at: SystemTime::now(), state: entry.state, kind };
+    // No subscriber is fine.
+    let _ = events.send(event);
+}
+
+fn summary_of(vm_id: &VmId, tenant: &TenantId, entry: &VmEntry) -> VmSummary {
+    VmSummary {
+        vm_id: vm_id.clone(),
+        tenant: tenant.clone(),
+        state: entry.state,
+        vcpus: entry.config.cpu.vcpu_count,
+        memory_bytes: entry.config.memory.size_bytes,
+        metadata: entry.config.metadata.clone(),
+        created_at: entry.created_at,
+        modified_at: entry.modified_at,
+    }
+}
+
+fn remove_vm_dir(vm_dir: &Path) {
+    match std::fs::remove_dir_all(vm_dir) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            tracing::error!(path = %vm_dir.display(), %error, "cannot remove a VM folder")
+        }
+        _ => {}
+    }
+}
+
+// The std locks below guard plain maps and summaries; no code panics while
+// holding them, so a poisoned lock still holds consistent data.
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn lock_summary(slot: &VmSlot) -> std::sync::MutexGuard<'_, VmSummary> {
+    slot.summary.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

@@ -1,0 +1,296 @@
+//! Supervision of VMM processes through pidfds.
+//!
+//! A [`Supervised`] process is watched by a task that waits for its pidfd to
+//! become readable, so an exit is noticed the moment it happens (no polling),
+//! and reaps it with `waitid(P_PIDFD)`. Signals go through
+//! `pidfd_send_signal`, so a recycled pid can never be hit by mistake. This
+//! module knows nothing about VMMs; it only owns processes.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+/// How a supervised process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessExit {
+    /// It called `exit` with this code.
+    Exited { code: i32 },
+    /// A signal ended it.
+    Killed { signal: i32 },
+}
+
+impl ProcessExit {
+    pub fn is_clean(self) -> bool {
+        self == ProcessExit::Exited { code: 0 }
+    }
+}
+
+impl fmt::Display for ProcessExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ProcessExit::Exited { code } => write!(f, "exited with code {code}"),
+            ProcessExit::Killed { signal } => match Signal::try_from(signal) {
+                Ok(name) => write!(f, "was killed by signal {signal} ({name})"),
+                Err(_) => write!(f, "was killed by signal {signal}"),
+            },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot start {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open a pidfd for process {pid}")]
+    PidfdOpen {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot watch process {pid}'s pidfd")]
+    Watch {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot send {signal} to process {pid}")]
+    Signal {
+        pid: u32,
+        signal: Signal,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A child process whose exit is published the moment it happens.
+#[derive(Debug, Clone)]
+pub struct Supervised {
+    pid: u32,
+    pidfd: Arc<OwnedFd>,
+    exit: watch::Receiver<Option<ProcessExit>>,
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no
+    // memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Reaps the process behind `pidfd`, which must have exited.
+fn reap(pidfd: &OwnedFd) -> io::Result<ProcessExit> {
+    // SAFETY: siginfo_t is plain data; all-zero is a valid value for it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let id = libc::id_t::try_from(pidfd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: waitid writes into `info`, which lives for the whole call; the
+    // pidfd is open because we hold a reference to it.
+    let result = unsafe { libc::waitid(libc::P_PIDFD, id, &mut info, libc::WEXITED) };
+    if result != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid succeeded for WEXITED, so `info` holds a SIGCHLD record
+    // whose si_status field is initialised.
+    let status = unsafe { info.si_status() };
+    Ok(match info.si_code {
+        libc::CLD_EXITED => ProcessExit::Exited { code: status },
+        _ => ProcessExit::Killed { signal: status },
+    })
+}
+
+impl Supervised {
+    /// Starts `command` and begins watching it. Must be called inside a
+    /// Tokio runtime. The child is not reaped by anyone else: this module
+    /// owns its exit.
+    pub fn spawn(command: &mut Command) -> Result<Self, ProcessError> {
+        let program = command.get_program().to_string_lossy().into_owned();
+        let child = command.spawn().map_err(|source| ProcessError::Spawn { program, source })?;
+        // Dropping a std Child neither kills nor reaps it; the pidfd takes over.
+        let pid = child.id();
+        drop(child);
+        Self::watch(pid)
+    }
+
+    /// Watches process `pid`, which must be our own unreaped child.
+    fn watch(pid: u32) -> Result<Self, ProcessError> {
+        let pidfd = Arc::new(pidfd_open(pid).map_err(|source| ProcessError::PidfdOpen { pid, source })?);
+        // SAFETY: the Arc keeps the pidfd open, unchanged, for as long as
+        // the AsyncFd that holds it lives.
+        let readiness = unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) }
+            .map_err(|error| ProcessError::Watch { pid, source: error.into() })?;
+        let (publish, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = match readiness.readable().await {
+                Ok(_) => reap(readiness.get_ref()),
+                Err(error) => Err(error),
+            };
+            match status {
+                Ok(status) => {
+                    tracing::debug!(pid, %status, "supervised process ended");
+                    publish.send_replace(Some(status));
+                }
+                Err(error) => {
+                    // Without a status the exit is still real: report it as
+                    // a kill so that nobody waits forever.
+                    tracing::error!(pid, %error, "cannot reap supervised process");
+                    publish.send_replace(Some(ProcessExit::Killed { signal: libc::SIGKILL }));
+                }
+            }
+        });
+        Ok(Self { pid, pidfd, exit })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The exit, once it happened.
+    pub fn exit_status(&self) -> Option<ProcessExit> {
+        *self.exit.borrow()
+    }
+
+    /// A channel that changes once, when the process ends.
+    pub fn exits(&self) -> watch::Receiver<Option<ProcessExit>> {
+        self.exit.clone()
+    }
+
+    /// Waits until the process has ended and been reaped.
+    pub async fn wait(&self) -> ProcessExit {
+        let mut exit = self.exit.clone();
+        loop {
+            if let Some(status) = *exit.borrow_and_update() {
+                return status;
+            }
+            if exit.changed().await.is_err() {
+                // The watcher task is gone; it always publishes first.
+                return self.exit_status().unwrap_or(ProcessExit::Killed { signal: libc::SIGKILL });
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for the process to end.
+    pub async fn wait_timeout(&self, timeout: Duration) -> Option<ProcessExit> {
+        tokio::time::timeout(timeout, self.wait()).await.ok()
+    }
+
+    /// Sends `signal`; a process that has already ended is not an error.
+    pub fn signal(&self, signal: Signal) -> Result<(), ProcessError> {
+        // SAFETY: pidfd_send_signal reads only its integer arguments; a null
+        // siginfo asks the kernel to fill it in as kill(2) would.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.as_raw_fd(),
+                signal as libc::c_int,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if result == 0 {
+            return Ok(());
+        }
+        let source = io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        Err(ProcessError::Signal { pid: self.pid, signal, source })
+    }
+
+    /// Kills the process with SIGKILL and waits until it is reaped.
+    pub async fn kill(&self) -> Result<ProcessExit, ProcessError> {
+        if let Some(status) = self.exit_status() {
+            return Ok(status);
+        }
+        self.signal(Signal::SIGKILL)?;
+        Ok(self.wait().await)
+    }
+}
+
+/// CPU time (user plus system, all threads) and resident memory of a
+/// running process, read from `/proc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcessUsage {
+    pub cpu_time_ns: u64,
+    pub resident_bytes: u64,
+}
+
+impl ProcessUsage {
+    pub fn read(pid: u32) -> io::Result<Self> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The command name may hold spaces and parentheses: fields start after the last ')'.
+        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| malformed("stat"))?;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
+        let ticks = |index: usize| fields.get(index).and_then(|value| value.parse::<u64>().ok()).ok_or_else(|| malformed("stat"));
+        let cpu_ticks = ticks(11)? + ticks(12)?;
+        let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .and_then(|value| u64::try_from(value).ok())
+            .unwrap_or(100);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let resident_kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(Self { cpu_time_ns: cpu_ticks * (1_000_000_000 / ticks_per_second.max(1)), resident_bytes: resident_kib * 1024 })
+    }
+}
+
+fn malformed(file: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/<pid>/{file} format"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_exit_code_is_reported() {
+        let process = Supervised::spawn(Command::new("sh").args(["-c", "exit 7"])).unwrap();
+        assert_eq!(process.wait().await, ProcessExit::Exited { code: 7 });
+        assert_eq!(process.wait().await.to_string(), "exited with code 7");
+    }
+
+    #[tokio::test]
+    async fn a_kill_is_noticed_and_named() {
+        let process = Supervised::spawn(Command::new("sleep").arg("30")).unwrap();
+        assert_eq!(process.wait_timeout(Duration::from_millis(50)).await, None);
+        let status = process.kill().await.unwrap();
+        assert_eq!(status, ProcessExit::Killed { signal: libc::SIGKILL });
+        assert_eq!(status.to_string(), "was killed by signal 9 (SIGKILL)");
+        // A second kill of a reaped process is harmless.
+        process.signal(Signal::SIGKILL).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_error() {
+        let error = Supervised::spawn(&mut Command::new("/nonexistent/metald-test-binary")).unwrap_err();
+        assert!(matches!(error, ProcessError::Spawn { .. }), "{error}");
+    }
+
+    #[test]
+    fn our_own_usage_can_be_read() {
+        let usage = ProcessUsage::read(std::process::id()).unwrap();
+        assert!(usage.resident_bytes > 0);
+    }
+}

@@ -1,0 +1,137 @@
+//! What the integration tests share: a host sandbox per test with its own
+//! image root and VM root under a unique `metald-test-` folder, a manager on
+//! the real Firecracker, and checks for anything left behind. Dropping the
+//! sandbox kills any VMM it started and removes its folder, also when the
+//! test failed.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use metald_core::config::{MIB, StorageDevice};
+use metald_core::{CreateVm, FirecrackerConfig, TenantId, VmConfig, VmId, VmManager};
+use metald_testguest as testguest;
+
+pub const GUEST_KERNEL: &str = "testguest.elf";
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub images: PathBuf,
+    pub vms: PathBuf,
+    pub manager: VmManager,
+    pub firecracker: PathBuf,
+}
+
+impl Sandbox {
+    /// A sandbox for `test`, or `None` (outside CI) when Firecracker or KVM is missing.
+    pub fn new(test: &str) -> Option<Self> {
+        Self::with(test, |builder| builder)
+    }
+
+    pub fn with(test: &str, customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder) -> Option<Self> {
+        let firecracker = testguest::require_firecracker(test)?;
+        let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().expect("a temporary folder");
+        let images = dir.path().join("images");
+        let vms = dir.path().join("vms");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::copy(testguest::kernel_path(), images.join(GUEST_KERNEL)).unwrap();
+        let builder = VmManager::builder()
+            .firecracker(FirecrackerConfig::new(&firecracker))
+            .image_root(&images)
+            .vm_root(&vms)
+            .stop_timeout(Duration::from_secs(10));
+        let manager = customise(builder).build().expect("a manager");
+        Some(Self { dir, images, vms, manager, firecracker })
+    }
+
+    pub fn tenant() -> TenantId {
+        TenantId::new("test-tenant").unwrap()
+    }
+
+    /// A test-guest VM: one vCPU, 32 MiB, the given command-line tokens.
+    pub fn guest_config(&self, tokens: &[&str]) -> VmConfig {
+        let mut config = VmConfig::default();
+        config.cpu.vcpu_count = 1;
+        config.memory.size_bytes = 32 * MIB;
+        config.boot.kernel_path = GUEST_KERNEL.into();
+        config.boot.kernel_args = tokens.join(" ");
+        config
+    }
+
+    /// Creates an image file of `size` bytes in the image root.
+    pub fn image(&self, name: &str, size: u64) -> String {
+        let file = std::fs::File::create(self.images.join(name)).unwrap();
+        file.set_len(size).unwrap();
+        name.to_owned()
+    }
+
+    pub fn drive(id: &str, path: &str, read_only: bool) -> StorageDevice {
+        StorageDevice { id: id.into(), path: path.into(), read_only, ..StorageDevice::default() }
+    }
+
+    pub async fn create(&self, config: VmConfig) -> VmId {
+        self.manager.create(CreateVm { vm_id: None, tenant: Self::tenant(), config }).await.expect("create")
+    }
+
+    /// Creates and boots a VM and waits for the guest's ready line.
+    pub async fn boot_guest(&self, tokens: &[&str]) -> VmId {
+        let vm_id = self.create(self.guest_config(tokens)).await;
+        self.manager.boot(&vm_id).await.expect("boot");
+        self.wait_for_line(&vm_id, testguest::console::READY).await;
+        vm_id
+    }
+
+    pub async fn wait_for_line(&self, vm_id: &VmId, prefix: &str) -> String {
+        let console = self.manager.console(vm_id).unwrap();
+        match console.wait_for_line(|line| line.starts_with(prefix), BOOT_TIMEOUT).await {
+            Ok(line) => line,
+            Err(error) => {
+                let tail = String::from_utf8_lossy(&console.tail(4096).unwrap_or_default()).into_owned();
+                panic!("VM {vm_id} never printed {prefix:?} ({error}); its console ends with:\n{tail}");
+            }
+        }
+    }
+
+    /// Firecracker processes started from this sandbox that are still alive.
+    pub fn live_vmms(&self) -> Vec<u32> {
+        vmm_processes_under(&self.vms)
+    }
+
+    /// Everything this sandbox's VMs left: live VMMs and files in the VM root.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = self.live_vmms().into_iter().map(|pid| format!("process {pid}")).collect();
+        if let Ok(entries) = std::fs::read_dir(&self.vms) {
+            left.extend(entries.flatten().map(|entry| format!("file {}", entry.path().display())));
+        }
+        left
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for pid in self.live_vmms() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// Live (not zombie) processes whose command line mentions `root`.
+pub fn vmm_processes_under(root: &Path) -> Vec<u32> {
+    let needle = root.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        if cmdline.is_empty() || !String::from_utf8_lossy(&cmdline).contains(&needle) {
+            continue;
+        }
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}

@@ -1,0 +1,191 @@
+//! The VM lifecycle on the real Firecracker and /dev/kvm, with the test guest.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Sandbox;
+use metald_core::events::VmEventKind;
+use metald_core::{StopOptions, VmState};
+use metald_testguest::{cmdline, console};
+use tokio::sync::broadcast::error::TryRecvError;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
+    let Some(sandbox) = Sandbox::new("a_vm_lives_through_boot_pause_resume_shutdown_and_delete") else { return };
+    let mut events = sandbox.manager.subscribe();
+    let writable = sandbox.image("scratch.img", 8 << 20);
+    let shared = sandbox.image("shared.img", 4 << 20);
+    let mut config = sandbox.guest_config(&[&cmdline::heartbeat_ms(100)]);
+    config.storage = vec![Sandbox::drive("scratch", &writable, false), Sandbox::drive("shared", &shared, true)];
+
+    let vm_id = sandbox.create(config).await;
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Created);
+    let vm_dir = sandbox.vms.join(vm_id.as_str());
+    let copy = vm_dir.join("drives/scratch.img");
+    assert!(copy.is_file(), "the writable drive is copied for this VM");
+    assert!(!vm_dir.join("drives/shared.img").exists(), "a read-only drive is shared, not copied");
+
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    let ready = sandbox.wait_for_line(&vm_id, console::READY).await;
+    assert!(ready.contains("testguest.heartbeat_ms=100"), "the ready line carries the command line: {ready}");
+    sandbox.wait_for_line(&vm_id, console::HEARTBEAT).await;
+    let info = sandbox.manager.info(&vm_id).await.unwrap();
+    let vmm = info.vmm.expect("a running VMM reports itself");
+    assert_eq!(vmm.vmm_state, "Running");
+    let pid = vmm.pid.expect("a pid");
+
+    sandbox.manager.pause(&vm_id).await.unwrap();
+    assert_eq!(sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().vmm_state, "Paused");
+    let mut lines = sandbox.manager.console(&vm_id).unwrap().subscribe();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    match lines.try_recv() {
+        Err(TryRecvError::Empty) => {}
+        other => panic!("a paused guest printed {other:?}"),
+    }
+
+    sandbox.manager.resume(&vm_id).await.unwrap();
+    let beat = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await.expect("a heartbeat after resume").unwrap();
+    assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
+
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await.unwrap();
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Shutdown);
+    let console_text = String::from_utf8_lossy(&sandbox.manager.console_tail(&vm_id, 1 << 20).unwrap()).into_owned();
+    assert!(console_text.contains(console::SHUTDOWN), "the guest saw Ctrl+Alt+Del:\n{console_text}");
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the VMM process is gone");
+    assert!(sandbox.live_vmms().is_empty());
+
+    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    assert!(matches!(sandbox.manager.state(&vm_id), Err(metald_core::ManagerError::NotFound(_))));
+    assert!(!vm_dir.exists(), "no run folder, socket or drive copy is left");
+    assert!(!copy.exists());
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        assert_eq!(event.vm_id, vm_id);
+        seen.push(std::mem::discriminant(&event.kind));
+    }
+    let expected = [
+        VmEventKind::Created,
+        VmEventKind::Booted { pid: None },
+        VmEventKind::Paused,
+        VmEventKind::Resumed,
+        VmEventKind::Stopped { exit: None, forced: false, by_guest: false },
+        VmEventKind::Deleted,
+    ];
+    assert_eq!(seen, expected.iter().map(std::mem::discriminant).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason() {
+    let Some(sandbox) = Sandbox::new("a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason") else { return };
+    let vm_id = sandbox.boot_guest(&[&cmdline::heartbeat_ms(100)]).await;
+    let mut events = sandbox.manager.subscribe();
+    let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("the death is noticed").unwrap();
+    match &event.kind {
+        VmEventKind::Failed { reason, exit } => {
+            assert!(reason.contains("killed by signal 9 (SIGKILL)"), "{reason}");
+            assert_eq!(*exit, Some(metald_core::process::ProcessExit::Killed { signal: 9 }));
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let info = sandbox.manager.info(&vm_id).await.unwrap();
+    assert_eq!(info.state, VmState::Failed);
+    assert!(info.failure.unwrap().contains("SIGKILL"));
+
+    let error = sandbox.manager.pause(&vm_id).await.unwrap_err();
+    assert!(error.to_string().contains("is Failed and cannot pause"), "{error}");
+    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_vms_boot_concurrently_and_all_delete_cleanly() {
+    let Some(sandbox) = Sandbox::new("twenty_vms_boot_concurrently_and_all_delete_cleanly") else { return };
+    let sandbox = std::sync::Arc::new(sandbox);
+    let boots = (0..20).map(|_| {
+        let sandbox = std::sync::Arc::clone(&sandbox);
+        tokio::spawn(async move { sandbox.boot_guest(&[]).await })
+    });
+    let mut vm_ids = Vec::new();
+    for boot in boots {
+        vm_ids.push(boot.await.unwrap());
+    }
+    assert_eq!(sandbox.manager.list(None).len(), 20);
+    assert!(sandbox.manager.list(None).iter().all(|vm| vm.state == VmState::Running));
+    assert_eq!(sandbox.live_vmms().len(), 20);
+
+    let deletes = vm_ids.into_iter().map(|vm_id| {
+        let sandbox = std::sync::Arc::clone(&sandbox);
+        tokio::spawn(
+            async move { sandbox.manager.delete(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await },
+        )
+    });
+    for delete in deletes {
+        delete.await.unwrap().unwrap();
+    }
+    assert!(sandbox.manager.list(None).is_empty());
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_resets_itself_is_shut_down_and_boots_again() {
+    let Some(sandbox) = Sandbox::new("a_guest_that_resets_itself_is_shut_down_and_boots_again") else { return };
+    let mut events = sandbox.manager.subscribe();
+    let vm_id = sandbox.create(sandbox.guest_config(&[cmdline::RESET])).await;
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv()).await.expect("the reset is noticed").unwrap();
+        if let VmEventKind::Stopped { by_guest, exit, .. } = event.kind {
+            assert!(by_guest);
+            assert_eq!(exit, Some(metald_core::process::ProcessExit::Exited { code: 0 }));
+            break;
+        }
+    }
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Shutdown);
+    assert!(sandbox.live_vmms().is_empty());
+
+    // Booting again launches a fresh VMM; the guest resets again at once.
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    let console = sandbox.manager.console(&vm_id).unwrap();
+    let text = loop {
+        let text = String::from_utf8_lossy(&console.tail(1 << 16).unwrap()).into_owned();
+        if text.matches(console::READY).count() >= 2 {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(text.matches(console::READY).count(), 2);
+    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_restarts_the_guest_and_keeps_the_vm_running() {
+    let Some(sandbox) = Sandbox::new("reboot_restarts_the_guest_and_keeps_the_vm_running") else { return };
+    let vm_id = sandbox.boot_guest(&[]).await;
+    let first_pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid;
+    let mut lines = sandbox.manager.console(&vm_id).unwrap().subscribe();
+    sandbox.manager.reboot(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await.unwrap();
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Running);
+    let mut saw_shutdown = false;
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.recv()).await.expect("the guest comes back").unwrap();
+        saw_shutdown |= line.starts_with(console::SHUTDOWN);
+        if line.starts_with(console::READY) {
+            break;
+        }
+    }
+    assert!(saw_shutdown, "a graceful reboot asks the guest first");
+    let second_pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid;
+    assert_ne!(first_pid, second_pid, "Firecracker cannot reboot in place: a fresh VMM runs");
+    assert_eq!(sandbox.live_vmms().len(), 1);
+    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
