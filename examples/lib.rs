@@ -1,0 +1,1 @@
+//! Shared by the examples: nothing yet beyond the examples themselves.
