@@ -172,13 +172,21 @@ impl FirecrackerVm {
         let deadline = Instant::now() + self.settings.ready_timeout;
         let socket = self.file(SOCKET_FILE);
         let creations = SocketCreations::watch(&self.spec.vm_dir)?;
-        while !socket.exists() {
-            tokio::select! {
-                ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &self.spec.vm_dir))?,
-                exit = process.wait() => return Err(self.died_before_ready(exit)),
-                () = tokio::time::sleep_until(deadline) => return Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout }),
+        let appeared = async {
+            while !socket.exists() {
+                tokio::select! {
+                    ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &self.spec.vm_dir))?,
+                    exit = process.wait() => return Err(self.died_before_ready(exit)),
+                    () = tokio::time::sleep_until(deadline) => return Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout }),
+                }
             }
+            Ok(())
         }
+        .await;
+        // Closing an inotify instance waits for an RCU grace period (often
+        // more than 10 ms here); let a blocking thread wait for it instead of the boot.
+        tokio::task::spawn_blocking(move || drop(creations));
+        appeared?;
         // The socket is bound and listening within microseconds of appearing;
         // a refused connection in that window is retried at once.
         loop {
