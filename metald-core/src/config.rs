@@ -602,3 +602,308 @@ fn validate_metadata(metadata: &BTreeMap<String, String>) -> Checked {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> VmConfig {
+        let mut config = VmConfig::default();
+        config.cpu.vcpu_count = 2;
+        config.memory.size_bytes = 128 * MIB;
+        config.boot.kernel_path = "vmlinux".into();
+        config.storage = vec![
+            StorageDevice { id: "root".into(), path: "root.img".into(), is_root_device: true, ..Default::default() },
+            StorageDevice { id: "data".into(), path: "data.img".into(), read_only: true, ..Default::default() },
+        ];
+        config.network = vec![NetworkInterface {
+            id: "eth0".into(),
+            mac_address: "02:00:00:00:00:01".into(),
+            tap_device: "tap0".into(),
+            ipv6_config: Some(Ipv6Config { address: "fd00::2".into(), prefix_length: 64, gateway: "fd00::1".into(), ..Default::default() }),
+            rx_rate_limit: Some(RateLimit { bandwidth: 1_000_000, refill_time_ms: 100, burst: 0 }),
+            ..Default::default()
+        }];
+        config
+    }
+
+    /// Applies `change` to a valid config and returns the field and problem refused.
+    fn refused(change: impl FnOnce(&mut VmConfig)) -> (String, Problem) {
+        let mut config = valid();
+        change(&mut config);
+        let error = config.validate().expect_err("the change must be refused");
+        assert!(error.to_string().starts_with(&error.field), "the message names the field first: {error}");
+        (error.field, error.problem)
+    }
+
+    #[test]
+    fn a_complete_config_is_valid() {
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn vcpus_must_be_between_1_and_32() {
+        assert_eq!(refused(|c| c.cpu.vcpu_count = 0), ("cpu.vcpu_count".into(), Problem::OutOfRange { value: 0, min: 1, max: 32 }));
+        assert_eq!(refused(|c| c.cpu.vcpu_count = 33).1, Problem::OutOfRange { value: 33, min: 1, max: 32 });
+        let mut config = valid();
+        config.cpu.vcpu_count = 32;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn max_vcpus_may_not_be_below_vcpus_or_above_32() {
+        assert_eq!(refused(|c| c.cpu.max_vcpu_count = 1).0, "cpu.max_vcpu_count");
+        assert!(matches!(refused(|c| c.cpu.max_vcpu_count = 1).1, Problem::LessThan { other_field: "cpu.vcpu_count", .. }));
+        assert!(matches!(refused(|c| c.cpu.max_vcpu_count = 40).1, Problem::OutOfRange { .. }));
+    }
+
+    #[test]
+    fn a_topology_must_multiply_to_the_vcpu_count() {
+        let topology = |sockets, cores_per_socket, threads_per_core| Some(CpuTopology { sockets, cores_per_socket, threads_per_core });
+        assert_eq!(refused(|c| c.cpu.topology = topology(0, 2, 1)).0, "cpu.topology.sockets");
+        assert_eq!(refused(|c| c.cpu.topology = topology(1, 0, 1)).0, "cpu.topology.cores_per_socket");
+        assert_eq!(refused(|c| c.cpu.topology = topology(1, 1, 0)).0, "cpu.topology.threads_per_core");
+        assert_eq!(refused(|c| c.cpu.topology = topology(2, 2, 1)).0, "cpu.topology");
+        let mut config = valid();
+        config.cpu.topology = topology(1, 1, 2);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn cpu_features_take_only_known_keys_and_values() {
+        let (field, problem) = refused(|c| {
+            c.cpu.features.insert("avx512".into(), "on".into());
+        });
+        assert_eq!((field.as_str(), problem), ("cpu.features", Problem::UnknownKey { key: "avx512".into(), known: vec!["smt"] }));
+        assert_eq!(
+            refused(|c| {
+                c.cpu.features.insert("smt".into(), "yes".into());
+            })
+            .0,
+            "cpu.features[\"smt\"]"
+        );
+    }
+
+    #[test]
+    fn memory_must_be_at_least_16_mib_in_whole_mib() {
+        assert_eq!(refused(|c| c.memory.size_bytes = 0).1, Problem::OutOfRange { value: 0, min: 16 * MIB, max: MAX_MEMORY_BYTES });
+        assert_eq!(refused(|c| c.memory.size_bytes = 15 * MIB).0, "memory.size_bytes");
+        assert_eq!(refused(|c| c.memory.size_bytes = 16 * MIB + 1).1, Problem::NotMultipleOf { value: 16 * MIB + 1, unit: MIB });
+        assert!(matches!(refused(|c| c.memory.size_bytes = 2 * MAX_MEMORY_BYTES).1, Problem::OutOfRange { .. }));
+        let mut config = valid();
+        config.memory.size_bytes = 16 * MIB;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn max_memory_needs_hotplug_and_whole_mib_above_the_size() {
+        assert_eq!(refused(|c| c.memory.max_size_bytes = 64 * MIB).0, "memory.max_size_bytes");
+        assert!(matches!(refused(|c| c.memory.max_size_bytes = 256 * MIB).1, Problem::Inconsistent { .. }));
+        assert!(matches!(
+            refused(|c| {
+                c.memory.hotplug_enabled = true;
+                c.memory.max_size_bytes = 256 * MIB + 7;
+            })
+            .1,
+            Problem::NotMultipleOf { .. }
+        ));
+        let mut config = valid();
+        config.memory.hotplug_enabled = true;
+        config.memory.max_size_bytes = 256 * MIB;
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn memory_backing_takes_only_huge_pages() {
+        assert_eq!(
+            refused(|c| {
+                c.memory.backing.insert("huge_pages".into(), "1G".into());
+            })
+            .0,
+            "memory.backing[\"huge_pages\"]"
+        );
+        assert!(matches!(
+            refused(|c| {
+                c.memory.backing.insert("numa".into(), "0".into());
+            })
+            .1,
+            Problem::UnknownKey { .. }
+        ));
+    }
+
+    #[test]
+    fn the_kernel_is_required_and_paths_are_sane() {
+        assert_eq!(refused(|c| c.boot.kernel_path.clear()), ("boot.kernel_path".into(), Problem::Required));
+        assert_eq!(refused(|c| c.boot.kernel_path = "a\0b".into()).0, "boot.kernel_path");
+        assert_eq!(refused(|c| c.boot.kernel_path = "k".repeat(5000)).1, Problem::TooLong { len: 5000, max: 4096 });
+        assert_eq!(refused(|c| c.boot.initrd_path = "x\0".into()).0, "boot.initrd_path");
+    }
+
+    #[test]
+    fn kernel_args_are_one_bounded_line() {
+        assert_eq!(refused(|c| c.boot.kernel_args = "a".repeat(2049)).1, Problem::TooLong { len: 2049, max: 2048 });
+        assert_eq!(refused(|c| c.boot.kernel_args = "quiet\ninit=/bin/sh".into()).0, "boot.kernel_args");
+        assert!(matches!(
+            refused(|c| {
+                c.boot.boot_options.insert("firmware".into(), "x".into());
+            })
+            .1,
+            Problem::UnknownKey { .. }
+        ));
+    }
+
+    #[test]
+    fn drive_ids_are_required_unique_and_plain() {
+        assert_eq!(refused(|c| c.storage[1].id.clear()), ("storage[1].id".into(), Problem::Required));
+        assert_eq!(refused(|c| c.storage[1].id = "root".into()), ("storage[1].id".into(), Problem::Duplicate { value: "root".into() }));
+        assert_eq!(refused(|c| c.storage[0].id = "disk-1".into()).0, "storage[0].id");
+        assert!(matches!(refused(|c| c.storage[0].id = "d".repeat(65)).1, Problem::TooLong { .. }));
+    }
+
+    #[test]
+    fn only_one_drive_may_be_the_root_device() {
+        assert_eq!(
+            refused(|c| c.storage[1].is_root_device = true),
+            ("storage[1].is_root_device".into(), Problem::SecondRootDevice { first: "root".into() })
+        );
+    }
+
+    #[test]
+    fn drives_need_a_path_a_known_interface_and_known_options() {
+        assert_eq!(refused(|c| c.storage[0].path.clear()), ("storage[0].path".into(), Problem::Required));
+        assert_eq!(refused(|c| c.storage[0].interface_type = "nvme".into()).0, "storage[0].interface_type");
+        assert_eq!(
+            refused(|c| {
+                c.storage[0].options.insert("io_engine".into(), "io_uring".into());
+            })
+            .0,
+            "storage[0].options[\"io_engine\"]"
+        );
+        assert_eq!(
+            refused(
+                |c| c.storage = (0..17).map(|i| StorageDevice { id: format!("d{i}"), path: "x".into(), ..Default::default() }).collect()
+            )
+            .1,
+            Problem::TooMany { count: 17, max: 16 }
+        );
+    }
+
+    #[test]
+    fn interfaces_need_plain_unique_ids_and_unicast_macs() {
+        assert_eq!(refused(|c| c.network[0].id.clear()), ("network[0].id".into(), Problem::Required));
+        assert_eq!(
+            refused(|c| c.network.push(NetworkInterface { id: "eth0".into(), tap_device: "tap1".into(), ..Default::default() })).0,
+            "network[1].id"
+        );
+        assert_eq!(refused(|c| c.network[0].mac_address = "02:00:00:00:00".into()).0, "network[0].mac_address");
+        assert_eq!(refused(|c| c.network[0].mac_address = "zz:00:00:00:00:01".into()).0, "network[0].mac_address");
+        assert!(matches!(
+            refused(|c| c.network[0].mac_address = "03:00:00:00:00:01".into()).1,
+            Problem::Malformed { expected: "a unicast MAC address", .. }
+        ));
+        assert_eq!(
+            refused(|c| c.network.push(NetworkInterface {
+                id: "eth1".into(),
+                mac_address: "02:00:00:00:00:01".into(),
+                ..Default::default()
+            }))
+            .1,
+            Problem::Duplicate { value: "02:00:00:00:00:01".into() }
+        );
+    }
+
+    #[test]
+    fn tap_names_fit_a_linux_interface_name() {
+        assert_eq!(refused(|c| c.network[0].tap_device = "t".repeat(16)).1, Problem::TooLong { len: 16, max: 15 });
+        assert_eq!(refused(|c| c.network[0].tap_device = "tap/0".into()).0, "network[0].tap_device");
+        assert_eq!(refused(|c| c.network[0].interface_type = "e1000".into()).0, "network[0].interface_type");
+        assert!(matches!(
+            refused(|c| {
+                c.network[0].options.insert("mtu".into(), "9000".into());
+            })
+            .1,
+            Problem::UnknownKey { .. }
+        ));
+    }
+
+    #[test]
+    fn addresses_must_parse_in_their_family() {
+        assert_eq!(refused(|c| c.network[0].ipv6_config.as_mut().unwrap().address = "10.0.0.1".into()).0, "network[0].ipv6_config.address");
+        assert_eq!(refused(|c| c.network[0].ipv6_config.as_mut().unwrap().prefix_length = 129).0, "network[0].ipv6_config.prefix_length");
+        assert_eq!(refused(|c| c.network[0].ipv6_config.as_mut().unwrap().gateway = "nope".into()).0, "network[0].ipv6_config.gateway");
+        assert_eq!(
+            refused(|c| c.network[0].ipv6_config.as_mut().unwrap().dns_servers = vec!["::1".into(), "x".into()]).0,
+            "network[0].ipv6_config.dns_servers[1]"
+        );
+        assert_eq!(
+            refused(|c| c.network[0].ipv6_config.as_mut().unwrap().link_local = "1.2.3.4".into()).0,
+            "network[0].ipv6_config.link_local"
+        );
+        let ipv4 =
+            |address: &str, netmask: &str| Some(Ipv4Config { address: address.into(), netmask: netmask.into(), ..Default::default() });
+        assert_eq!(refused(|c| c.network[0].ipv4_config = ipv4("fd00::1", "")).0, "network[0].ipv4_config.address");
+        assert_eq!(refused(|c| c.network[0].ipv4_config = ipv4("10.0.0.2", "255.0.255.0")).0, "network[0].ipv4_config.netmask");
+        assert_eq!(refused(|c| c.network[0].ipv4_config = ipv4("10.0.0.2", "255.255.255.256")).0, "network[0].ipv4_config.netmask");
+        assert_eq!(
+            refused(|c| c.network[0].ipv4_config = Some(Ipv4Config { gateway: "::".into(), ..Default::default() })).0,
+            "network[0].ipv4_config.gateway"
+        );
+        assert_eq!(
+            refused(|c| c.network[0].ipv4_config = Some(Ipv4Config { dns_servers: vec!["a".into()], ..Default::default() })).0,
+            "network[0].ipv4_config.dns_servers[0]"
+        );
+    }
+
+    #[test]
+    fn rate_limits_need_a_refill_time_with_a_bandwidth() {
+        let limit = |bandwidth, refill_time_ms, burst| Some(RateLimit { bandwidth, refill_time_ms, burst });
+        assert_eq!(
+            refused(|c| c.network[0].tx_rate_limit = limit(1000, 0, 0)),
+            ("network[0].tx_rate_limit.refill_time".into(), Problem::Required)
+        );
+        assert_eq!(refused(|c| c.network[0].rx_rate_limit = limit(0, 100, 0)).0, "network[0].rx_rate_limit.bandwidth");
+        assert!(matches!(refused(|c| c.network[0].rx_rate_limit = limit(1, 3_600_001, 0)).1, Problem::OutOfRange { .. }));
+    }
+
+    #[test]
+    fn the_console_is_captured_by_metald_only() {
+        assert_eq!(refused(|c| c.console.output = "/tmp/console.log".into()).0, "console.output");
+        assert_eq!(refused(|c| c.console.input = "/dev/tty".into()).0, "console.input");
+        assert_eq!(refused(|c| c.console.console_type = "virtio".into()).0, "console.console_type");
+    }
+
+    #[test]
+    fn metadata_is_bounded() {
+        assert_eq!(
+            refused(|c| c.metadata = (0..65).map(|i| (format!("k{i}"), String::new())).collect()).1,
+            Problem::TooMany { count: 65, max: 64 }
+        );
+        assert_eq!(
+            refused(|c| {
+                c.metadata.insert(String::new(), "v".into());
+            })
+            .0,
+            "metadata"
+        );
+        assert!(matches!(
+            refused(|c| {
+                c.metadata.insert("k".repeat(129), "v".into());
+            })
+            .1,
+            Problem::TooLong { .. }
+        ));
+        assert!(matches!(
+            refused(|c| {
+                c.metadata.insert("k".into(), "v".repeat(1025));
+            })
+            .1,
+            Problem::TooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_json_fields_are_refused() {
+        let error = serde_json::from_str::<VmConfig>(r#"{"cpu":{"vcpu_count":1,"vcpus":2}}"#).unwrap_err();
+        assert!(error.to_string().contains("unknown field `vcpus`"), "{error}");
+    }
+}
