@@ -189,3 +189,75 @@ async fn reboot_restarts_the_guest_and_keeps_the_vm_running() {
     sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
+
+/// A persistent TAP device in the host namespace, removed on drop.
+struct TestTap(String);
+
+impl TestTap {
+    fn create() -> Option<Self> {
+        let name = format!("mdt{}", &uuid_suffix()[..8]);
+        let status = std::process::Command::new("ip").args(["tuntap", "add", "dev", &name, "mode", "tap"]).status();
+        match status {
+            Ok(status) if status.success() => Some(Self(name)),
+            other => metald_testguest::unmet(
+                "a_vm_attaches_to_an_existing_tap_device",
+                &format!("cannot create a TAP device with ip(8): {other:?}"),
+            ),
+        }
+    }
+}
+
+impl Drop for TestTap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip").args(["link", "del", "dev", &self.0]).status();
+    }
+}
+
+fn uuid_suffix() -> String {
+    let id = metald_core::VmId::generate();
+    id.as_str().trim_start_matches("vm-").to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_attaches_to_an_existing_tap_device() {
+    let Some(sandbox) = Sandbox::new("a_vm_attaches_to_an_existing_tap_device") else { return };
+    let Some(tap) = TestTap::create() else { return };
+    let mut config = sandbox.guest_config(&[]);
+    config.network = vec![metald_core::config::NetworkInterface {
+        id: "eth0".into(),
+        tap_device: tap.0.clone(),
+        mac_address: "02:00:00:00:00:42".into(),
+        rx_rate_limit: Some(metald_core::config::RateLimit { bandwidth: 1 << 20, refill_time_ms: 100, burst: 0 }),
+        tx_rate_limit: Some(metald_core::config::RateLimit { bandwidth: 1 << 20, refill_time_ms: 100, burst: 0 }),
+        ..Default::default()
+    }];
+    let vm_id = sandbox.create(config).await;
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    let ready = sandbox.wait_for_line(&vm_id, console::READY).await;
+    assert!(ready.contains("virtio_mmio.device="), "Firecracker added the net device to the command line: {ready}");
+    let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid.unwrap();
+    let holds_tap = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+        .any(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default().contains(&format!("iff:\t{}", tap.0)));
+    assert!(holds_tap, "Firecracker holds {} open", tap.0);
+    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chatty_console_rotates_at_its_cap() {
+    let Some(sandbox) = Sandbox::with("a_chatty_console_rotates_at_its_cap", |builder| builder.console_limit_bytes(512)) else { return };
+    let vm_id = sandbox.boot_guest(&[&cmdline::heartbeat_ms(20)]).await;
+    let console_log = sandbox.manager.console(&vm_id).unwrap();
+    console_log.wait_for_line(|line| line.starts_with(&format!("{} n=40 ", console::HEARTBEAT)), common::BOOT_TIMEOUT).await.unwrap();
+    let vm_dir = sandbox.vms.join(vm_id.as_str());
+    let current = std::fs::metadata(vm_dir.join("console.log")).unwrap().len();
+    let rotated = std::fs::metadata(vm_dir.join("console.log.1")).unwrap().len();
+    assert!(current <= 512 && rotated == 512, "each file holds at most the cap: {current} and {rotated}");
+    let tail = String::from_utf8(sandbox.manager.console_tail(&vm_id, 1024).unwrap()).unwrap();
+    assert!(tail.contains(&format!("{} n=40 ", console::HEARTBEAT)), "the newest output is kept: {tail}");
+    assert!(!tail.contains(console::READY), "the oldest output is gone");
+    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
