@@ -1,1 +1,184 @@
-//! Helpers shared by the benchmarks.
+//! Helpers shared by the benchmarks: a scratch host with the test guest in
+//! its image root, a manager on the real Firecracker, the raw baseline
+//! (`firecracker --no-api --config-file`), and reporting of medians and
+//! ratios measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use metald_core::config::MIB;
+use metald_core::{CreateVm, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmId, VmManager};
+use metald_testguest::console;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+pub const GUEST_KERNEL: &str = "testguest.elf";
+pub const GUEST_MEMORY_MIB: u64 = 32;
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A scratch folder with an image root and a VM root, and a manager on them.
+#[derive(Debug)]
+pub struct BenchHost {
+    pub dir: tempfile::TempDir,
+    pub firecracker: PathBuf,
+    pub manager: VmManager,
+}
+
+impl BenchHost {
+    /// `None`, with the reason printed, when KVM or Firecracker is missing.
+    pub fn new() -> Option<Self> {
+        if let Err(reason) = metald_testguest::kvm_usable() {
+            eprintln!("benchmark skipped: {reason}");
+            return None;
+        }
+        let firecracker = match metald_testguest::firecracker_binary() {
+            Ok(path) => path,
+            Err(reason) => {
+                eprintln!("benchmark skipped: {reason}");
+                return None;
+            }
+        };
+        let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().ok()?;
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).ok()?;
+        std::fs::copy(metald_testguest::kernel_path(), images.join(GUEST_KERNEL)).ok()?;
+        let manager = VmManager::builder()
+            .firecracker(FirecrackerConfig::new(&firecracker))
+            .image_root(&images)
+            .vm_root(dir.path().join("vms"))
+            .build()
+            .ok()?;
+        Some(Self { dir, firecracker, manager })
+    }
+
+    pub fn guest_config(&self) -> VmConfig {
+        let mut config = VmConfig::default();
+        config.cpu.vcpu_count = 1;
+        config.memory.size_bytes = GUEST_MEMORY_MIB * MIB;
+        config.boot.kernel_path = GUEST_KERNEL.into();
+        config
+    }
+
+    /// Create and boot through the library, until the guest's ready line.
+    /// Returns the time that took and the VM, still running.
+    pub async fn library_boot(&self) -> Result<(Duration, VmId), String> {
+        let started = Instant::now();
+        let tenant = TenantId::new("bench").map_err(|error| error.to_string())?;
+        let vm_id = self
+            .manager
+            .create(CreateVm { vm_id: None, tenant, config: self.guest_config() })
+            .await
+            .map_err(|error| metald_core::error_chain(&error))?;
+        self.manager.boot(&vm_id).await.map_err(|error| metald_core::error_chain(&error))?;
+        let console_log = self.manager.console(&vm_id).map_err(|error| error.to_string())?;
+        console_log.wait_for_line(|line| line.starts_with(console::READY), READY_TIMEOUT).await.map_err(|error| error.to_string())?;
+        Ok((started.elapsed(), vm_id))
+    }
+
+    pub async fn library_delete(&self, vm_id: &VmId) -> Result<(), String> {
+        self.manager.delete(vm_id, StopOptions { force: true, timeout: None }).await.map_err(|error| metald_core::error_chain(&error))
+    }
+
+    /// The whole lifecycle through the library: create, boot, ready line, delete.
+    pub async fn library_lifecycle(&self) -> Result<(), String> {
+        let (_, vm_id) = self.library_boot().await?;
+        self.library_delete(&vm_id).await
+    }
+
+    /// The baseline: `firecracker --no-api --config-file` with the same guest,
+    /// from spawn to the ready line on its stdout. The VMM is killed after.
+    pub async fn raw_boot(&self, index: u64) -> Result<Duration, String> {
+        let config_path = self.raw_config(index)?;
+        let started = Instant::now();
+        let mut child = tokio::process::Command::new(&self.firecracker)
+            .args(["--no-api", "--config-file"])
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|error| format!("spawning firecracker: {error}"))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let wait_ready = async {
+            while let Some(line) = lines.next_line().await.map_err(|error| error.to_string())? {
+                if line.starts_with(console::READY) {
+                    return Ok(started.elapsed());
+                }
+            }
+            Err("firecracker exited before the ready line".to_string())
+        };
+        let result = tokio::time::timeout(READY_TIMEOUT, wait_ready).await.map_err(|_| "no ready line in time".to_string())?;
+        let _ = child.kill().await;
+        let _ = std::fs::remove_file(&config_path);
+        result
+    }
+
+    fn raw_config(&self, index: u64) -> Result<PathBuf, String> {
+        let kernel = self.dir.path().join("images").join(GUEST_KERNEL);
+        let config = serde_json::json!({
+            "boot-source": { "kernel_image_path": kernel, "boot_args": "" },
+            "drives": [],
+            "machine-config": { "vcpu_count": 1, "mem_size_mib": GUEST_MEMORY_MIB, "smt": false }
+        });
+        let path = self.dir.path().join(format!("raw-{index}.json"));
+        std::fs::write(&path, config.to_string()).map_err(|error| error.to_string())?;
+        Ok(path)
+    }
+
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs `once` for each of criterion's `iterations` on `runtime` and sums
+/// the time each run reports (setup and cleanup inside `once` are not counted).
+pub fn timed_iterations<F, Fut>(runtime: &tokio::runtime::Runtime, iterations: u64, mut once: F) -> Duration
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = Duration>,
+{
+    runtime.block_on(async {
+        let mut total = Duration::ZERO;
+        for index in 0..iterations {
+            total += once(index).await;
+        }
+        total
+    })
+}
+
+/// Durations recorded from inside criterion's closures, for reporting our
+/// own medians and ratios once both sides of a comparison have run.
+#[derive(Debug, Default)]
+pub struct Recorder(std::sync::Mutex<Vec<Duration>>);
+
+impl Recorder {
+    pub fn record(&self, took: Duration) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(took);
+    }
+
+    pub fn samples(&self) -> Vec<Duration> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn median(&self) -> Duration {
+        median(&self.samples())
+    }
+}
+
+/// The median of some durations.
+pub fn median(samples: &[Duration]) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    match sorted.len() {
+        0 => Duration::ZERO,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2,
+    }
+}
+
+/// A duration in milliseconds with two decimals.
+pub fn ms(duration: Duration) -> String {
+    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}

@@ -1,0 +1,92 @@
+//! Lifecycle throughput: VMs per second through create, boot, ready line and
+//! delete with four at a time, against raw Firecracker (spawn, ready line,
+//! kill) at the same concurrency, in the same run.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use metald_benches::{BenchHost, Recorder, timed_iterations};
+use tokio::sync::Semaphore;
+
+const CONCURRENCY: usize = 4;
+const VMS_PER_ROUND: usize = 20;
+
+async fn round<F, Fut>(work: F) -> Duration
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(VMS_PER_ROUND);
+    for index in 0..VMS_PER_ROUND {
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
+        let job = work(index);
+        tasks.push(tokio::spawn(async move {
+            let result = job.await;
+            drop(permit);
+            result
+        }));
+    }
+    for task in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("lifecycle failed: {error}"),
+            Err(error) => panic!("lifecycle task failed: {error}"),
+        }
+    }
+    started.elapsed()
+}
+
+fn lifecycle(c: &mut Criterion) {
+    let Some(host) = BenchHost::new() else { return };
+    let host = Arc::new(host);
+    let Ok(runtime) = tokio::runtime::Runtime::new() else { return };
+    let (host, library, raw) = (&host, &Recorder::default(), &Recorder::default());
+
+    let mut group = c.benchmark_group("lifecycle_concurrency_4");
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_millis(500));
+    group.throughput(Throughput::Elements(VMS_PER_ROUND as u64));
+    group.bench_function("raw_firecracker_no_api", |bencher| {
+        bencher.iter_custom(|iterations| {
+            timed_iterations(&runtime, iterations, |_| async move {
+                let took = round(|index| {
+                    let host = Arc::clone(host);
+                    async move { host.raw_boot(index as u64).await.map(drop) }
+                })
+                .await;
+                raw.record(took);
+                took
+            })
+        })
+    });
+    group.bench_function("metald_library", |bencher| {
+        bencher.iter_custom(|iterations| {
+            timed_iterations(&runtime, iterations, |_| async move {
+                let took = round(|_| {
+                    let host = Arc::clone(host);
+                    async move { host.library_lifecycle().await }
+                })
+                .await;
+                library.record(took);
+                took
+            })
+        })
+    });
+    group.finish();
+
+    let rate = |recorder: &Recorder| VMS_PER_ROUND as f64 / recorder.median().as_secs_f64().max(f64::EPSILON);
+    let (raw, library) = (rate(raw), rate(library));
+    println!("\nlifecycle throughput at concurrency {CONCURRENCY}, same run (median of rounds of {VMS_PER_ROUND} VMs):");
+    println!("  firecracker --no-api (spawn, ready line, kill): {raw:.1} VMs/s");
+    println!("  metald library (create, boot, ready line, delete): {library:.1} VMs/s");
+    println!("  ratio metald / raw: {:.2}", library / raw.max(f64::EPSILON));
+}
+
+criterion_group!(benches, lifecycle);
+criterion_main!(benches);
