@@ -261,3 +261,70 @@ async fn a_chatty_console_rotates_at_its_cap() {
     sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_ignores_ctrl_alt_del_is_killed_at_the_timeout_while_other_vms_carry_on() {
+    let Some(sandbox) = Sandbox::new("a_guest_that_ignores_ctrl_alt_del_is_killed_at_the_timeout_while_other_vms_carry_on") else { return };
+    let sandbox = std::sync::Arc::new(sandbox);
+    let stubborn = sandbox.boot_guest(&[cmdline::IGNORE_SHUTDOWN]).await;
+    let other = sandbox.boot_guest(&[]).await;
+    let mut events = sandbox.manager.subscribe();
+
+    let shutdown = {
+        let (sandbox, stubborn) = (std::sync::Arc::clone(&sandbox), stubborn.clone());
+        tokio::spawn(async move {
+            sandbox.manager.shutdown(&stubborn, StopOptions { force: false, timeout: Some(Duration::from_secs(3)) }).await
+        })
+    };
+    sandbox.wait_for_line(&stubborn, console::IGNORED_SHUTDOWN).await;
+
+    // The stubborn VM's lock is held by its shutdown; the other VM is not held up.
+    sandbox.manager.pause(&other).await.unwrap();
+    sandbox.manager.resume(&other).await.unwrap();
+    assert!(!shutdown.is_finished(), "the other VM's operations finished while the shutdown still waited");
+    assert_eq!(sandbox.manager.state(&stubborn).unwrap(), VmState::Running);
+    // An operation on the stubborn VM itself waits for the shutdown to end.
+    let info = sandbox.manager.info(&stubborn).await.unwrap();
+    assert!(shutdown.is_finished());
+    assert_eq!(info.state, VmState::Shutdown);
+    shutdown.await.unwrap().unwrap();
+
+    let stopped = loop {
+        let event = events.recv().await.unwrap();
+        if event.vm_id == stubborn && matches!(event.kind, VmEventKind::Stopped { .. }) {
+            break event.kind;
+        }
+    };
+    assert!(matches!(stopped, VmEventKind::Stopped { forced: true, by_guest: false, .. }), "{stopped:?}");
+    assert_eq!(sandbox.live_vmms().len(), 1, "only the other VM's VMM is left");
+    for vm_id in [stubborn, other] {
+        sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    }
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_guest_uses_real_cpu_and_memory() {
+    let Some(sandbox) = Sandbox::new("a_busy_guest_uses_real_cpu_and_memory") else { return };
+    let before = {
+        let vm_id = sandbox.boot_guest(&[]).await;
+        let idle = sandbox.manager.metrics(&vm_id).await.unwrap();
+        sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+        idle
+    };
+    let vm_id = sandbox.boot_guest(&[&cmdline::burn(3000), &cmdline::mem_mib(24)]).await;
+    let burnt = sandbox.wait_for_line(&vm_id, console::BURN_DONE).await;
+    assert!(burnt.contains("iterations=3000"), "{burnt}");
+    let touched = sandbox.wait_for_line(&vm_id, console::MEM_DONE).await;
+    assert!(touched.contains("mib=24"), "{touched}");
+    let busy = sandbox.manager.metrics(&vm_id).await.unwrap();
+    assert!(
+        busy.resident_bytes >= before.resident_bytes + (20 << 20),
+        "24 MiB touched: {} bytes resident, {} when idle",
+        busy.resident_bytes,
+        before.resident_bytes
+    );
+    assert!(busy.cpu_time_ns > 0);
+    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}

@@ -6,6 +6,7 @@
  *   testguest.burn=N           spin N loop iterations after ready, then report
  *   testguest.mem_mib=N        touch every page of N MiB of RAM after ready
  *   testguest.reset            reset the VM right after the ready line
+ *   testguest.ignore_shutdown  on Ctrl+Alt+Del, say so and keep running
  *
  * It always prints a ready line carrying its command line, and on
  * Ctrl+Alt+Del (keyboard data on the i8042) prints a shutdown line and resets.
@@ -210,6 +211,12 @@ static u64 now_ns(void) {
     return ns;
 }
 
+static u64 length(const char *s) {
+    u64 n = 0;
+    while (s[n]) n++;
+    return n;
+}
+
 static int starts_with(const char *s, const char *prefix) {
     while (*prefix)
         if (*s++ != *prefix++) return 0;
@@ -222,9 +229,7 @@ static u64 token_number(const char *cmdline, const char *key, u64 fallback) {
     while (p && *p) {
         while (*p == ' ') p++;
         if (starts_with(p, key)) {
-            const char *q = p;
-            const char *k = key;
-            while (*k) k++, q++;
+            const char *q = p + length(key);
             if (*q == '=') {
                 u64 value = 0;
                 for (q++; *q >= '0' && *q <= '9'; q++) value = value * 10 + (u64)(*q - '0');
@@ -241,7 +246,7 @@ static int token_present(const char *cmdline, const char *token) {
     while (p && *p) {
         while (*p == ' ') p++;
         if (starts_with(p, token)) {
-            char after = p[__builtin_strlen(token)];
+            char after = p[length(token)];
             if (after == ' ' || after == 0) return 1;
         }
         while (*p && *p != ' ') p++;
@@ -322,14 +327,19 @@ void guest_main(u32 start_info_paddr) {
     u64 mem_mib = token_number(cmdline, "testguest.mem_mib", 0);
     if (mem_mib) touch_memory(info, mem_mib);
 
+    int ignore_shutdown = token_present(cmdline, "testguest.ignore_shutdown");
     u64 heartbeat_ns = token_number(cmdline, "testguest.heartbeat_ms", 0) * 1000000;
     u64 next_heartbeat = now_ns() + heartbeat_ns;
     u64 heartbeats = 0;
     for (;;) {
         __asm__ volatile("hlt");
         if (shutdown_requested()) {
-            put_str("TESTGUEST SHUTDOWN\n");
-            reset_vm();
+            if (ignore_shutdown) {
+                put_str("TESTGUEST IGNORED SHUTDOWN\n");
+            } else {
+                put_str("TESTGUEST SHUTDOWN\n");
+                reset_vm();
+            }
         }
         if (!heartbeat_ns) continue;
         u64 now = now_ns();

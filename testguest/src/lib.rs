@@ -35,6 +35,10 @@ pub mod cmdline {
 
     /// Reset the VM right after the ready line.
     pub const RESET: &str = "testguest.reset";
+
+    /// Ignore Ctrl+Alt+Del (say so on the console and keep running), so a
+    /// graceful stop has to fall back to killing the VMM.
+    pub const IGNORE_SHUTDOWN: &str = "testguest.ignore_shutdown";
 }
 
 /// Prefixes of the lines the guest prints on its serial console.
@@ -45,6 +49,8 @@ pub mod console {
     pub const HEARTBEAT: &str = "TESTGUEST HEARTBEAT";
     /// Printed on Ctrl+Alt+Del, just before the guest resets.
     pub const SHUTDOWN: &str = "TESTGUEST SHUTDOWN";
+    /// Printed on Ctrl+Alt+Del when told to ignore it.
+    pub const IGNORED_SHUTDOWN: &str = "TESTGUEST IGNORED SHUTDOWN";
     /// Printed when a `testguest.burn` loop has finished.
     pub const BURN_DONE: &str = "TESTGUEST BURN DONE";
     /// Printed when `testguest.mem_mib` pages have all been written.
