@@ -44,8 +44,8 @@ struct Shared {
     rotated_path: PathBuf,
     limit_bytes: u64,
     lines: broadcast::Sender<Arc<str>>,
-    /// True while no capture runs (before the first and after the last byte).
-    idle: watch::Sender<bool>,
+    /// How many captures run; none before the first VMM and after the last.
+    captures: watch::Sender<usize>,
 }
 
 /// The console of one VM. Cloning it gives another handle to the same log.
@@ -62,14 +62,14 @@ impl ConsoleLog {
     /// A console logging into `dir`, keeping at most `limit_bytes` per file.
     pub fn new(dir: &Path, limit_bytes: u64) -> Self {
         let (lines, _) = broadcast::channel(LINE_CHANNEL_CAPACITY);
-        let (idle, _) = watch::channel(true);
+        let (captures, _) = watch::channel(0);
         Self {
             shared: Arc::new(Shared {
                 path: dir.join(CONSOLE_FILE),
                 rotated_path: dir.join(ROTATED_CONSOLE_FILE),
                 limit_bytes: limit_bytes.max(1),
                 lines,
-                idle,
+                captures,
             }),
         }
     }
@@ -85,7 +85,7 @@ impl ConsoleLog {
         R: AsyncRead + Unpin + Send + 'static,
     {
         let writer = Writer::open(Arc::clone(&self.shared))?;
-        self.shared.idle.send_replace(false);
+        self.shared.captures.send_modify(|count| *count += 1);
         Ok(tokio::spawn(writer.run(source)))
     }
 
@@ -112,7 +112,7 @@ impl ConsoleLog {
     /// side without having printed such a line.
     pub async fn wait_for_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> Result<String, ConsoleError> {
         let mut lines = self.subscribe();
-        let mut idle = self.shared.idle.subscribe();
+        let mut captures = self.shared.captures.subscribe();
         let logged = self.tail(usize::try_from(self.shared.limit_bytes).unwrap_or(usize::MAX))?;
         if let Some(line) = String::from_utf8_lossy(&logged).lines().find(|line| matches(line)) {
             return Ok(line.to_owned());
@@ -126,7 +126,7 @@ impl ConsoleLog {
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                         Err(broadcast::error::RecvError::Closed) => return Err(ConsoleError::Ended),
                     },
-                    changed = idle.wait_for(|idle| *idle), if !ended => {
+                    changed = captures.wait_for(|count| *count == 0), if !ended => {
                         ended = changed.is_ok();
                         if !ended {
                             return Err(ConsoleError::Ended);
@@ -194,7 +194,7 @@ impl Writer {
             let rest = std::mem::take(&mut self.partial_line);
             self.publish(&rest);
         }
-        self.shared.idle.send_replace(true);
+        self.shared.captures.send_modify(|count| *count = count.saturating_sub(1));
     }
 
     fn append(&mut self, mut chunk: &[u8]) -> Result<(), ConsoleError> {

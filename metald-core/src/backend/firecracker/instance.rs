@@ -16,6 +16,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::api::FirecrackerApi;
@@ -32,6 +33,8 @@ pub const METRICS_FILE: &str = "firecracker.metrics";
 pub const STDERR_FILE: &str = "firecracker.stderr";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
+/// How long a dead VMM's console pipe may take to drain.
+const CAPTURE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of Firecracker's stderr an early death reports.
 const STDERR_TAIL_BYTES: u64 = 2048;
 
@@ -42,6 +45,8 @@ pub struct FirecrackerVm {
     console: ConsoleLog,
     api: FirecrackerApi,
     process: Option<Supervised>,
+    /// The task copying the current (or last) process's console output.
+    capture: Option<JoinHandle<()>>,
     /// Whether `InstanceStart` succeeded for the current process.
     started: bool,
     metrics: MetricsReader,
@@ -87,6 +92,7 @@ impl FirecrackerVm {
             console,
             api,
             process: None,
+            capture: None,
             started: false,
             metrics: MetricsReader::default(),
             finished_usage: ProcessUsage::default(),
@@ -102,6 +108,7 @@ impl FirecrackerVm {
 
     /// Spawns Firecracker, waits for its API and configures it.
     async fn start_process(&mut self) -> Result<(), BackendError> {
+        self.finish_capture().await;
         let process = self.spawn()?;
         let result = async {
             self.wait_until_ready(&process).await?;
@@ -267,6 +274,16 @@ impl FirecrackerVm {
         Ok(())
     }
 
+    /// Waits until the last process's console output is all in the log, so
+    /// two captures never write one file. The pipe ends with the process.
+    async fn finish_capture(&mut self) {
+        if let Some(capture) = self.capture.take()
+            && tokio::time::timeout(CAPTURE_DRAIN_TIMEOUT, capture).await.is_err()
+        {
+            tracing::warn!(vm_id = %self.spec.vm_id, "console capture still open after its VMM ended");
+        }
+    }
+
     /// The process, if it still runs.
     fn running(&self) -> Result<&Supervised, BackendError> {
         match &self.process {
@@ -427,6 +444,7 @@ impl VmmInstance for FirecrackerVm {
             process.kill().await.map_err(BackendError::Signal)?;
         }
         self.retire_process();
+        self.finish_capture().await;
         for name in [SOCKET_FILE, LOG_FILE, METRICS_FILE, STDERR_FILE] {
             let path = self.file(name);
             match std::fs::remove_file(&path) {
