@@ -36,6 +36,8 @@ const DRIVES_DIR: &str = "drives";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
+    #[error("the runtime is shutting down; the operation did not finish")]
+    ShuttingDown,
     #[error("the manager needs {0}")]
     Incomplete(&'static str),
     #[error("cannot use {what} {path}")]
@@ -308,6 +310,52 @@ impl VmManager {
         VmManagerBuilder::default()
     }
 
+    /// Validates the request, confines its images, launches and configures
+    /// the VMM. Nothing is left behind when any step fails.
+    pub async fn create(&self, request: CreateVm) -> Result<VmId, ManagerError> {
+        let manager = self.clone();
+        detached(async move { manager.create_now(request).await }).await
+    }
+
+    /// Starts the guest (again, after a shutdown).
+    pub async fn boot(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let (manager, vm_id) = (self.clone(), vm_id.clone());
+        detached(async move { manager.boot_now(&vm_id).await }).await
+    }
+
+    /// Stops the guest's vCPUs; its memory stays.
+    pub async fn pause(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let (manager, vm_id) = (self.clone(), vm_id.clone());
+        detached(async move { manager.pause_now(&vm_id).await }).await
+    }
+
+    /// Lets a paused guest run again.
+    pub async fn resume(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let (manager, vm_id) = (self.clone(), vm_id.clone());
+        detached(async move { manager.resume_now(&vm_id).await }).await
+    }
+
+    /// Stops the guest: gracefully first unless forced, killing its VMM
+    /// when the timeout runs out.
+    pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+        let (manager, vm_id) = (self.clone(), vm_id.clone());
+        detached(async move { manager.shutdown_now(&vm_id, options).await }).await
+    }
+
+    /// Restarts a running guest: natively where the backend can, otherwise
+    /// by stopping its VMM and booting a fresh one. The VM stays Running.
+    pub async fn reboot(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+        let (manager, vm_id) = (self.clone(), vm_id.clone());
+        detached(async move { manager.reboot_now(&vm_id, options).await }).await
+    }
+
+    /// Stops the VM when needed (gracefully unless `force`), then removes
+    /// its VMM, its folder and every copy made for it.
+    pub async fn delete(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+        let (manager, vm_id) = (self.clone(), vm_id.clone());
+        detached(async move { manager.delete_now(&vm_id, options).await }).await
+    }
+
     pub fn capabilities(&self) -> Capabilities {
         self.inner.backend.capabilities()
     }
@@ -322,9 +370,7 @@ impl VmManager {
         self.inner.events.subscribe()
     }
 
-    /// Validates the request, confines its images, launches and configures
-    /// the VMM. Nothing is left behind when any step fails.
-    pub async fn create(&self, request: CreateVm) -> Result<VmId, ManagerError> {
+    async fn create_now(&self, request: CreateVm) -> Result<VmId, ManagerError> {
         let CreateVm { vm_id, tenant, config } = request;
         config.validate().map_err(ManagerError::InvalidConfig)?;
         self.check_capabilities(&config)?;
@@ -491,8 +537,7 @@ impl VmManager {
         self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
     }
 
-    /// Starts the guest (again, after a shutdown).
-    pub async fn boot(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+    async fn boot_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "boot", VmState::Running)?;
         let result = locked.entry.instance.boot().await;
@@ -509,7 +554,7 @@ impl VmManager {
         }
     }
 
-    pub async fn pause(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+    async fn pause_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "pause", VmState::Paused)?;
         locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, "pause", source))?;
@@ -517,7 +562,7 @@ impl VmManager {
         Ok(())
     }
 
-    pub async fn resume(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+    async fn resume_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "resume", VmState::Running)?;
         locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, "resume", source))?;
@@ -525,9 +570,7 @@ impl VmManager {
         Ok(())
     }
 
-    /// Stops the guest: gracefully first unless forced, killing its VMM
-    /// when the timeout runs out.
-    pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+    async fn shutdown_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "shut down", VmState::Shutdown)?;
         self.stop_locked(&mut locked, options).await
@@ -552,9 +595,7 @@ impl VmManager {
         if options.force { StopMode::Forced } else { StopMode::Graceful { timeout: options.timeout.unwrap_or(self.inner.stop_timeout) } }
     }
 
-    /// Restarts a running guest: natively where the backend can, otherwise
-    /// by stopping its VMM and booting a fresh one. The VM stays Running.
-    pub async fn reboot(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+    async fn reboot_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         if locked.entry.state != VmState::Running {
             let current = locked.entry.state;
@@ -585,9 +626,7 @@ impl VmManager {
         }
     }
 
-    /// Stops the VM when needed (gracefully unless `force`), then removes
-    /// its VMM, its folder and every copy made for it.
-    pub async fn delete(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+    async fn delete_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         if locked.entry.state.has_live_vmm()
             && let Err(error) = self.stop_locked(&mut locked, options).await
@@ -773,6 +812,17 @@ impl VmManager {
             };
             on_vmm_exit(inner, slot, generation, exit).await;
         });
+    }
+}
+
+/// Runs an operation to its end in a task of its own, so that a caller who
+/// stops waiting (a dropped future, a client that hung up) cannot leave a VM
+/// half-created or half-stopped.
+async fn detached<T: Send + 'static>(work: impl Future<Output = Result<T, ManagerError>> + Send + 'static) -> Result<T, ManagerError> {
+    match tokio::spawn(work).await {
+        Ok(result) => result,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(_) => Err(ManagerError::ShuttingDown),
     }
 }
 

@@ -285,8 +285,7 @@ async fn a_guest_that_ignores_ctrl_alt_del_is_killed_at_the_timeout_while_other_
     assert_eq!(sandbox.manager.state(&stubborn).unwrap(), VmState::Running);
     // An operation on the stubborn VM itself waits for the shutdown to end.
     let info = sandbox.manager.info(&stubborn).await.unwrap();
-    assert!(shutdown.is_finished());
-    assert_eq!(info.state, VmState::Shutdown);
+    assert_eq!(info.state, VmState::Shutdown, "info waited for the shutdown holding the VM");
     shutdown.await.unwrap().unwrap();
 
     let stopped = loop {

@@ -180,3 +180,20 @@ async fn operations_the_state_table_forbids_name_the_current_state() {
     assert!(matches!(sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap_err(), ManagerError::NotFound(_)));
     assert_nothing_left(&sandbox);
 }
+
+#[tokio::test]
+async fn a_create_whose_caller_stops_waiting_still_finishes_whole() {
+    let Some(sandbox) = Sandbox::new("a_create_whose_caller_stops_waiting_still_finishes_whole") else { return };
+    let abandoned = tokio::time::timeout(std::time::Duration::from_micros(10), create(&sandbox, sandbox.guest_config(&[]))).await;
+    assert!(abandoned.is_err(), "the caller gave up before the create finished");
+    let vm = loop {
+        if let Some(vm) = sandbox.manager.list(None).pop() {
+            break vm;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+    assert_eq!(vm.state, VmState::Created);
+    assert_eq!(sandbox.live_vmms().len(), 1);
+    sandbox.manager.delete(&vm.vm_id, StopOptions::default()).await.unwrap();
+    assert_nothing_left(&sandbox);
+}
