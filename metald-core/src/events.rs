@@ -4,6 +4,7 @@
 
 use std::time::SystemTime;
 
+use crate::cgroups::Cgroup;
 use crate::ids::{TenantId, VmId};
 use crate::process::ProcessExit;
 use crate::state::VmState;
@@ -22,15 +23,18 @@ pub struct VmEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmEventKind {
     Created,
-    /// The guest started. `pid` is its VMM process.
+    /// The guest started. `pid` is its VMM process, `cgroup` the VMM's
+    /// cgroup when jailed (where metering reads CPU and memory).
     Booted {
         pid: Option<u32>,
+        cgroup: Option<Cgroup>,
     },
     Paused,
     Resumed,
     /// The guest was restarted, natively or by a stop and a fresh boot.
     Rebooted {
         pid: Option<u32>,
+        cgroup: Option<Cgroup>,
     },
     /// The guest stopped: asked to, forced, or on its own (a guest reset).
     Stopped {

@@ -5,13 +5,19 @@
 //! file must still lie inside the root and be a regular file. Writable
 //! drives are copied per VM (a reflink where the filesystem offers one,
 //! otherwise a sparse copy) so that no two VMs ever write the same file.
+//! Every accepted image is opened once, with `openat2(RESOLVE_BENEATH)`
+//! from the root's own descriptor, and from then on used only through that
+//! descriptor: a symlink swapped in after validation changes nothing.
 //! This module does not decide where per-VM copies live; the caller does.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -36,6 +42,15 @@ pub enum ImageError {
     },
     #[error("{field}: {path:?} is not a regular file")]
     NotAFile { field: String, path: String },
+    #[error("{field}: {path:?} changed while it was being opened and now leads outside the image root")]
+    ChangedUnderUs { field: String, path: String },
+    #[error("{field}: cannot open {path:?}")]
+    Open {
+        field: String,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot copy drive image {from} to {to}")]
     Copy {
         from: PathBuf,
@@ -52,6 +67,26 @@ pub struct ImageRoot {
     configured: PathBuf,
     /// With every symlink resolved, for the final containment check.
     canonical: PathBuf,
+    /// The root folder itself, which every open starts from.
+    dir: Arc<OwnedFd>,
+}
+
+/// An accepted image, open for reading. Use the descriptor, not the path:
+/// the path only names it in messages and for an unjailed VMM.
+#[derive(Debug, Clone)]
+pub struct ImageFile {
+    pub path: PathBuf,
+    pub file: Arc<OwnedFd>,
+    pub size: u64,
+    /// Permission bits, to tell whether an unprivileged VMM may read it.
+    pub mode: u32,
+}
+
+impl ImageFile {
+    /// Whether any user may read it (a jailed VMM runs as a user of its own).
+    pub fn world_readable(&self) -> bool {
+        self.mode & 0o004 != 0
+    }
 }
 
 impl ImageRoot {
@@ -62,7 +97,38 @@ impl ImageRoot {
             let source = io::Error::new(io::ErrorKind::NotADirectory, "not a directory");
             return Err(ImageError::Root { path: configured, source });
         }
-        Ok(Self { configured, canonical })
+        let dir = nix::fcntl::open(&canonical, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+            .map_err(|errno| ImageError::Root { path: configured.clone(), source: errno.into() })?;
+        Ok(Self { configured, canonical, dir: Arc::new(dir) })
+    }
+
+    /// Checks `requested` as [`ImageRoot::resolve`] does, then opens it
+    /// beneath the root: the kernel refuses any path that leaves the root
+    /// at the moment of opening, whatever changed since the check.
+    pub fn open(&self, field: &str, requested: &str) -> Result<ImageFile, ImageError> {
+        let path = self.resolve(field, requested)?;
+        let relative = path.strip_prefix(&self.canonical).unwrap_or(&path);
+        let how = OpenHow::new()
+            .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+            .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        let file = match nix::fcntl::openat2(&*self.dir, relative, how) {
+            Ok(file) => file,
+            Err(nix::errno::Errno::EXDEV | nix::errno::Errno::ELOOP) => {
+                return Err(ImageError::ChangedUnderUs { field: field.to_owned(), path: requested.to_owned() });
+            }
+            Err(errno) => return Err(ImageError::Open { field: field.to_owned(), path: requested.to_owned(), source: errno.into() }),
+        };
+        let metadata = File::from(file.try_clone().map_err(|source| ImageError::Open {
+            field: field.to_owned(),
+            path: requested.to_owned(),
+            source,
+        })?)
+        .metadata()
+        .map_err(|source| ImageError::Open { field: field.to_owned(), path: requested.to_owned(), source })?;
+        if !metadata.is_file() {
+            return Err(ImageError::NotAFile { field: field.to_owned(), path: requested.to_owned() });
+        }
+        Ok(ImageFile { path, file: Arc::new(file), size: metadata.len(), mode: metadata.mode() })
     }
 
     pub fn path(&self) -> &Path {
@@ -105,13 +171,23 @@ impl ImageRoot {
 
 nix::ioctl_write_int!(ficlone, 0x94, 9);
 
-/// Copies a resolved image to `destination`, which must not exist yet:
+/// Opens a per-VM copy made by [`copy_image`].
+pub fn open_copy(field: &str, path: &Path) -> Result<ImageFile, ImageError> {
+    let open_error = |source| ImageError::Open { field: field.to_owned(), path: path.display().to_string(), source };
+    let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW).open(path).map_err(open_error)?;
+    let metadata = file.metadata().map_err(open_error)?;
+    Ok(ImageFile { path: path.to_path_buf(), file: Arc::new(file.into()), size: metadata.len(), mode: metadata.mode() })
+}
+
+/// Copies an opened image to `destination`, which must not exist yet:
 /// a reflink when the filesystem can, otherwise a copy that keeps holes.
-pub fn copy_image(source: &Path, destination: &Path) -> Result<(), ImageError> {
+/// The copy is readable and writable by its owner only.
+pub fn copy_image(source: &ImageFile, destination: &Path) -> Result<(), ImageError> {
     let copy_error =
-        |source_error: io::Error| ImageError::Copy { from: source.to_path_buf(), to: destination.to_path_buf(), source: source_error };
-    let input = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(source).map_err(copy_error)?;
-    let output = OpenOptions::new().write(true).create_new(true).open(destination).map_err(copy_error)?;
+        |source_error: io::Error| ImageError::Copy { from: source.path.clone(), to: destination.to_path_buf(), source: source_error };
+    let input = File::from(source.file.try_clone().map_err(copy_error)?);
+    let output =
+        OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_CLOEXEC).open(destination).map_err(copy_error)?;
     let result = reflink(&input, &output).or_else(|_| sparse_copy(&input, &output));
     if let Err(error) = result {
         let _ = std::fs::remove_file(destination);
@@ -158,7 +234,6 @@ fn sparse_copy(input: &File, output: &File) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
-    use std::os::unix::fs::MetadataExt;
 
     fn root_with_kernel() -> (tempfile::TempDir, ImageRoot) {
         let dir = tempfile::tempdir().unwrap();
@@ -212,6 +287,18 @@ mod tests {
     }
 
     #[test]
+    fn an_opened_image_keeps_its_content_when_the_path_is_swapped_afterwards() {
+        let (dir, root) = root_with_kernel();
+        let image = root.open("boot.kernel_path", "kernels/vmlinux").unwrap();
+        std::fs::remove_file(dir.path().join("kernels/vmlinux")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("kernels/vmlinux")).unwrap();
+        let mut content = String::new();
+        io::Read::read_to_string(&mut File::from(image.file.try_clone().unwrap()), &mut content).unwrap();
+        assert_eq!(content, "kernel");
+        assert!(matches!(root.open("boot.kernel_path", "kernels/vmlinux").unwrap_err(), ImageError::SymlinkEscape { .. }));
+    }
+
+    #[test]
     fn folders_and_missing_files_are_refused() {
         let (_dir, root) = root_with_kernel();
         assert!(matches!(root.resolve("f", "kernels").unwrap_err(), ImageError::NotAFile { .. }));
@@ -228,11 +315,14 @@ mod tests {
         file.write_all(b"tail").unwrap();
         drop(file);
         let copy = dir.path().join("copy.img");
-        copy_image(&source, &copy).unwrap();
+        let image = ImageRoot::new(dir.path()).unwrap().open("storage[0].path", "disk.img").unwrap();
+        assert_eq!(image.size, (64 << 20) + 4);
+        copy_image(&image, &copy).unwrap();
         let (original, copied) = (std::fs::read(&source).unwrap(), std::fs::read(&copy).unwrap());
         assert_eq!(original, copied);
         let blocks = std::fs::metadata(&copy).unwrap().blocks();
         assert!(blocks * 512 < 1 << 20, "the copy is not sparse: {blocks} blocks");
-        assert!(matches!(copy_image(&source, &copy).unwrap_err(), ImageError::Copy { .. }), "an existing copy is never overwritten");
+        assert!(matches!(copy_image(&image, &copy).unwrap_err(), ImageError::Copy { .. }), "an existing copy is never overwritten");
+        assert_eq!(std::fs::metadata(&copy).unwrap().mode() & 0o777, 0o600);
     }
 }

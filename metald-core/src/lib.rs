@@ -29,11 +29,14 @@
 //! ```
 
 pub mod backend;
+pub mod cgroups;
 pub mod config;
 pub mod console;
 pub mod events;
 pub mod ids;
 pub mod images;
+pub mod jailer;
+pub mod launch;
 pub mod manager;
 pub mod process;
 pub mod state;

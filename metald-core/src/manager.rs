@@ -23,7 +23,9 @@ use crate::config::{ConfigError, Problem, VmConfig};
 use crate::console::{ConsoleError, ConsoleLog};
 use crate::events::{VmEvent, VmEventKind};
 use crate::ids::{TenantId, VmId};
-use crate::images::{self, ImageError, ImageRoot};
+use crate::images::{self, ImageError, ImageFile, ImageRoot};
+use crate::jailer::{JailError, Jailer, JailerConfig};
+use crate::launch::{Launcher, VmmExit};
 use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
 
@@ -40,6 +42,8 @@ pub enum ManagerError {
     ShuttingDown,
     #[error("the manager needs {0}")]
     Incomplete(&'static str),
+    #[error("cannot set up the jailer")]
+    Jail(#[source] JailError),
     #[error("cannot use {what} {path}")]
     Setup {
         what: &'static str,
@@ -228,6 +232,8 @@ impl std::fmt::Debug for VmManager {
 #[derive(Debug, Default)]
 pub struct VmManagerBuilder {
     backend: Option<Arc<dyn VmmBackend>>,
+    firecracker: Option<FirecrackerConfig>,
+    jail: JailChoice,
     image_root: Option<PathBuf>,
     vm_root: Option<PathBuf>,
     console_limit_bytes: Option<u64>,
@@ -235,13 +241,28 @@ pub struct VmManagerBuilder {
 }
 
 impl VmManagerBuilder {
-    /// Runs VMs with Firecracker.
-    pub fn firecracker(self, config: FirecrackerConfig) -> Self {
-        self.backend(Arc::new(FirecrackerBackend::new(config)))
+    /// Runs VMs with Firecracker, jailed unless [`VmManagerBuilder::unjailed`] says otherwise.
+    pub fn firecracker(mut self, config: FirecrackerConfig) -> Self {
+        self.firecracker = Some(config);
+        self
     }
 
+    /// A backend of the caller's own, which starts its VMMs as it likes.
     pub fn backend(mut self, backend: Arc<dyn VmmBackend>) -> Self {
         self.backend = Some(backend);
+        self
+    }
+
+    /// How VMMs are jailed (the default jail when not called).
+    pub fn jailer(mut self, config: JailerConfig) -> Self {
+        self.jail = JailChoice::Jailed(Box::new(config));
+        self
+    }
+
+    /// Runs VMMs without a jail: no private root, namespaces, cgroup or
+    /// separate user. For development only; every launch says so in the log.
+    pub fn unjailed(mut self) -> Self {
+        self.jail = JailChoice::Unjailed;
         self
     }
 
@@ -269,7 +290,18 @@ impl VmManagerBuilder {
     }
 
     pub fn build(self) -> Result<VmManager, ManagerError> {
-        let backend = self.backend.ok_or(ManagerError::Incomplete("a VMM backend"))?;
+        let backend = match (self.backend, self.firecracker) {
+            (Some(backend), _) => backend,
+            (None, Some(config)) => {
+                let launcher = match self.jail {
+                    JailChoice::Unjailed => Launcher::Unjailed,
+                    JailChoice::Jailed(config) => Launcher::Jailed(Arc::new(Jailer::new(*config).map_err(ManagerError::Jail)?)),
+                    JailChoice::Default => Launcher::Jailed(Arc::new(Jailer::new(JailerConfig::default()).map_err(ManagerError::Jail)?)),
+                };
+                Arc::new(FirecrackerBackend::new(config, launcher))
+            }
+            (None, None) => return Err(ManagerError::Incomplete("a VMM backend")),
+        };
         let image_root = self.image_root.ok_or(ManagerError::Incomplete("an image root"))?;
         let images = ImageRoot::new(&image_root).map_err(ManagerError::Image)?;
         let vm_root = self.vm_root.ok_or(ManagerError::Incomplete("a VM root folder"))?;
@@ -297,6 +329,15 @@ impl VmManagerBuilder {
             }),
         })
     }
+}
+
+/// Whether VMMs run jailed.
+#[derive(Debug, Default)]
+enum JailChoice {
+    #[default]
+    Default,
+    Jailed(Box<JailerConfig>),
+    Unjailed,
 }
 
 /// A locked VM: its slot and exclusive access to its entry.
@@ -458,17 +499,17 @@ impl VmManager {
 
     fn resolve_images(&self, config: &VmConfig) -> Result<ResolvedImages, ManagerError> {
         let images = &self.inner.images;
-        let kernel = images.resolve("boot.kernel_path", &config.boot.kernel_path).map_err(ManagerError::Image)?;
+        let kernel = images.open("boot.kernel_path", &config.boot.kernel_path).map_err(ManagerError::Image)?;
         let initrd = if config.boot.initrd_path.is_empty() {
             None
         } else {
-            Some(images.resolve("boot.initrd_path", &config.boot.initrd_path).map_err(ManagerError::Image)?)
+            Some(images.open("boot.initrd_path", &config.boot.initrd_path).map_err(ManagerError::Image)?)
         };
         let drives = config
             .storage
             .iter()
             .enumerate()
-            .map(|(index, drive)| images.resolve(&format!("storage[{index}].path"), &drive.path).map_err(ManagerError::Image))
+            .map(|(index, drive)| images.open(&format!("storage[{index}].path"), &drive.path).map_err(ManagerError::Image))
             .collect::<Result<_, _>>()?;
         Ok(ResolvedImages { kernel, initrd, drives })
     }
@@ -490,19 +531,19 @@ impl VmManager {
         };
         std::fs::create_dir(vm_dir).map_err(dir_error("create", vm_dir))?;
         let mut drives = Vec::with_capacity(config.storage.len());
-        for (drive, source) in config.storage.iter().zip(images.drives) {
-            let path = if drive.read_only {
+        for (index, (drive, source)) in config.storage.iter().zip(images.drives).enumerate() {
+            let image = if drive.read_only {
                 source
             } else {
                 let copies = vm_dir.join(DRIVES_DIR);
                 std::fs::create_dir_all(&copies).map_err(dir_error("create drive copies in", &copies))?;
                 let copy = copies.join(format!("{}.img", drive.id));
                 images::copy_image(&source, &copy).map_err(ManagerError::Image)?;
-                copy
+                images::open_copy(&format!("storage[{index}].path"), &copy).map_err(ManagerError::Image)?
             };
             drives.push(DriveSpec {
                 id: drive.id.clone(),
-                path,
+                image,
                 read_only: drive.read_only,
                 is_root_device: drive.is_root_device,
                 io_engine: drive.options.get("io_engine").cloned(),
@@ -533,6 +574,7 @@ impl VmManager {
             drives,
             interfaces,
             vm_dir: vm_dir.to_path_buf(),
+            netns: None,
         };
         self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
     }
@@ -546,8 +588,8 @@ impl VmManager {
                 locked.entry.booted_at = Some(SystemTime::now());
                 locked.entry.failure = None;
                 self.watch_vmm(&locked.slot, &mut locked.entry);
-                let pid = locked.entry.instance.pid();
-                self.transition(&mut locked, VmState::Running, VmEventKind::Booted { pid });
+                let (pid, cgroup) = (locked.entry.instance.pid(), locked.entry.instance.cgroup());
+                self.transition(&mut locked, VmState::Running, VmEventKind::Booted { pid, cgroup });
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, "boot", source).await),
@@ -617,9 +659,9 @@ impl VmManager {
             Ok(()) => {
                 locked.entry.booted_at = Some(SystemTime::now());
                 self.watch_vmm(&locked.slot, &mut locked.entry);
-                let pid = locked.entry.instance.pid();
+                let (pid, cgroup) = (locked.entry.instance.pid(), locked.entry.instance.cgroup());
                 locked.entry.modified_at = SystemTime::now();
-                self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { pid });
+                self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { pid, cgroup });
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, "reboot", source).await),
@@ -803,7 +845,7 @@ impl VmManager {
         let slot = Arc::clone(slot);
         tokio::spawn(async move {
             let exit = loop {
-                if let Some(exit) = *exits.borrow_and_update() {
+                if let Some(exit) = exits.borrow_and_update().clone() {
                     break exit;
                 }
                 if exits.changed().await.is_err() {
@@ -829,7 +871,7 @@ async fn detached<T: Send + 'static>(work: impl Future<Output = Result<T, Manage
 /// What a watcher does when a VMM process ends: nothing, if an operation
 /// expected it (the VM is no longer in a state with a live VMM) or a newer
 /// process is watched; otherwise the VM stops (a clean guest reset) or fails.
-async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, exit: ProcessExit) {
+async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm_exit: VmmExit) {
     let Some(inner) = inner.upgrade() else { return };
     let mut entry = slot.entry.lock().await;
     if entry.watch_generation != generation || !entry.state.has_live_vmm() {
@@ -837,6 +879,7 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, exi
     }
     let vm_id = &slot.vm_id;
     let backend = inner.backend.name();
+    let exit = vmm_exit.status;
     entry.last_exit = Some(exit);
     entry.booted_at = None;
     entry.watched_pid = None;
@@ -847,7 +890,7 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, exi
         apply_transition(&slot, &mut entry, VmState::Shutdown);
         publish(&inner.events, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true });
     } else {
-        let reason = format!("{backend} {exit} while the VM was {}", entry.state);
+        let reason = format!("{backend} {vmm_exit} while the VM was {}", entry.state);
         tracing::warn!(%vm_id, %reason, "VMM died");
         entry.failure = Some(reason.clone());
         apply_transition(&slot, &mut entry, VmState::Failed);
@@ -856,9 +899,9 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, exi
 }
 
 struct ResolvedImages {
-    kernel: PathBuf,
-    initrd: Option<PathBuf>,
-    drives: Vec<PathBuf>,
+    kernel: ImageFile,
+    initrd: Option<ImageFile>,
+    drives: Vec<ImageFile>,
 }
 
 fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {

@@ -126,11 +126,12 @@ impl Supervised {
         // Dropping a std Child neither kills nor reaps it; the pidfd takes over.
         let pid = child.id();
         drop(child);
-        Self::watch(pid)
+        Self::watch_child(pid)
     }
 
-    /// Watches process `pid`, which must be our own unreaped child.
-    fn watch(pid: u32) -> Result<Self, ProcessError> {
+    /// Watches process `pid`, which must be our own unreaped child (one
+    /// started by `clone` rather than [`Supervised::spawn`]).
+    pub fn watch_child(pid: u32) -> Result<Self, ProcessError> {
         let pidfd = Arc::new(pidfd_open(pid).map_err(|source| ProcessError::PidfdOpen { pid, source })?);
         // SAFETY: the Arc keeps the pidfd open, unchanged, for as long as
         // the AsyncFd that holds it lives.

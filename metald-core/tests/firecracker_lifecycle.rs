@@ -70,7 +70,7 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
     }
     let expected = [
         VmEventKind::Created,
-        VmEventKind::Booted { pid: None },
+        VmEventKind::Booted { pid: None, cgroup: None },
         VmEventKind::Paused,
         VmEventKind::Resumed,
         VmEventKind::Stopped { exit: None, forced: false, by_guest: false },

@@ -12,15 +12,20 @@ pub mod firecracker;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::cgroups::Cgroup;
 use crate::config::RateLimit;
 use crate::console::{ConsoleError, ConsoleLog};
 use crate::ids::{TenantId, VmId};
+use crate::images::ImageFile;
+use crate::launch::{LaunchError, VmmExit};
 use crate::process::{ProcessError, ProcessExit};
 
 /// What a backend can and cannot do, so callers can decide before asking.
@@ -46,12 +51,12 @@ pub struct Capabilities {
     pub max_vcpus: u32,
 }
 
-/// A drive as the VMM should see it: path already confined (and copied
-/// for writable drives).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A drive as the VMM should see it: opened inside the image root (or, for
+/// a writable drive, the VM's own copy).
+#[derive(Debug, Clone)]
 pub struct DriveSpec {
     pub id: String,
-    pub path: PathBuf,
+    pub image: ImageFile,
     pub read_only: bool,
     pub is_root_device: bool,
     /// `Sync` or `Async`; the backend default when `None`.
@@ -80,14 +85,16 @@ pub struct VmmSpec {
     pub memory_mib: u64,
     pub smt: bool,
     pub huge_pages: bool,
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub kernel: ImageFile,
+    pub initrd: Option<ImageFile>,
     pub kernel_args: String,
     pub drives: Vec<DriveSpec>,
     pub interfaces: Vec<InterfaceSpec>,
     /// A folder of this VM's own: the backend keeps its socket, logs and
     /// console there. The manager creates it and removes it at delete.
     pub vm_dir: PathBuf,
+    /// The VM's network namespace, if the network provider made one.
+    pub netns: Option<Arc<OwnedFd>>,
 }
 
 /// How to stop a guest.
@@ -118,6 +125,8 @@ pub struct VmmInfo {
     pub api_socket: Option<PathBuf>,
     /// Anything else worth showing, keyed for `backend_info`.
     pub extra: BTreeMap<String, String>,
+    /// How long each step of the current VMM's launch took, in order.
+    pub launch_timings: Vec<(&'static str, Duration)>,
 }
 
 /// Usage counters of one VM since its VMM started; all cumulative.
@@ -153,7 +162,7 @@ pub enum BackendError {
     #[error("the API socket path {path} is {len} bytes long; unix sockets take at most {max}")]
     SocketPathTooLong { path: PathBuf, len: usize, max: usize },
     #[error("cannot launch the VMM")]
-    Launch(#[source] ProcessError),
+    Launch(#[source] LaunchError),
     #[error("{vmm} exited before its API was ready: it {exit}{}", stderr_suffix(.stderr))]
     DiedBeforeReady { vmm: &'static str, exit: ProcessExit, stderr: String },
     #[error("{vmm}'s API socket did not answer within {timeout:?}")]
@@ -211,10 +220,13 @@ pub trait VmmInstance: Send + Sync + fmt::Debug {
     /// The VMM process, while one runs.
     fn pid(&self) -> Option<u32>;
 
+    /// The VMM's cgroup, while one runs in a jail.
+    fn cgroup(&self) -> Option<Cgroup>;
+
     /// A channel that changes once, when the current VMM process ends. A
     /// backend that relaunches its VMM (see [`VmmInstance::boot`]) hands out
     /// a new channel for the new process.
-    fn exits(&self) -> Option<watch::Receiver<Option<ProcessExit>>>;
+    fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>>;
 
     /// Starts the guest. When the VMM process has gone (a Firecracker guest
     /// that was shut down), a new one is launched and configured first.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use metald_core::config::{MIB, StorageDevice};
+use metald_core::jailer::JailerConfig;
 use metald_core::{CreateVm, FirecrackerConfig, TenantId, VmConfig, VmId, VmManager};
 use metald_testguest as testguest;
 
@@ -22,6 +23,8 @@ pub struct Sandbox {
     pub vms: PathBuf,
     pub manager: VmManager,
     pub firecracker: PathBuf,
+    /// The jail settings of this sandbox: its own uid window and cgroup parent.
+    pub jail: JailerConfig,
 }
 
 impl Sandbox {
@@ -31,19 +34,34 @@ impl Sandbox {
     }
 
     pub fn with(test: &str, customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder) -> Option<Self> {
+        Self::with_jail(test, |_| {}, customise)
+    }
+
+    /// A sandbox whose jail settings `adjust` changes.
+    pub fn with_jail(
+        test: &str,
+        adjust: impl FnOnce(&mut JailerConfig),
+        customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder,
+    ) -> Option<Self> {
         let firecracker = testguest::require_firecracker(test)?;
         let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().expect("a temporary folder");
         let images = dir.path().join("images");
         let vms = dir.path().join("vms");
         std::fs::create_dir_all(&images).unwrap();
         std::fs::copy(testguest::kernel_path(), images.join(GUEST_KERNEL)).unwrap();
+        let unique = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+        // Sandboxes run side by side: each gets uids and a cgroup parent no other uses.
+        let window = 1_100_000 + (fxhash(&unique) % 10_000) * 64;
+        let mut jail = JailerConfig { uid_range: window..window + 64, cgroup_parent: PathBuf::from(&unique), ..JailerConfig::default() };
+        adjust(&mut jail);
         let builder = VmManager::builder()
             .firecracker(FirecrackerConfig::new(&firecracker))
+            .jailer(jail.clone())
             .image_root(&images)
             .vm_root(&vms)
             .stop_timeout(Duration::from_secs(10));
         let manager = customise(builder).build().expect("a manager");
-        Some(Self { dir, images, vms, manager, firecracker })
+        Some(Self { dir, images, vms, manager, firecracker, jail })
     }
 
     pub fn tenant() -> TenantId {
@@ -96,14 +114,34 @@ impl Sandbox {
 
     /// Firecracker processes started from this sandbox that are still alive.
     pub fn live_vmms(&self) -> Vec<u32> {
-        vmm_processes_under(&self.vms)
+        vmm_processes(&self.vms, &self.jail.cgroup_parent)
     }
 
-    /// Everything this sandbox's VMs left: live VMMs and files in the VM root.
+    /// The cgroup folders this sandbox's VMs may make (one per v1 controller, or one on v2).
+    pub fn cgroup_parents(&self) -> Vec<PathBuf> {
+        let root = &self.jail.cgroup_root;
+        let mut parents: Vec<PathBuf> =
+            ["cpu", "cpuacct", "memory", "pids"].iter().map(|controller| root.join(controller).join(&self.jail.cgroup_parent)).collect();
+        parents.push(root.join(&self.jail.cgroup_parent));
+        parents
+    }
+
+    /// Everything this sandbox's VMs left: live VMMs, files in the VM root,
+    /// mounts under the sandbox, and cgroups.
     pub fn leftovers(&self) -> Vec<String> {
         let mut left: Vec<String> = self.live_vmms().into_iter().map(|pid| format!("process {pid}")).collect();
         if let Ok(entries) = std::fs::read_dir(&self.vms) {
             left.extend(entries.flatten().map(|entry| format!("file {}", entry.path().display())));
+        }
+        let sandbox = self.dir.path().to_string_lossy().into_owned();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        left.extend(mounts.lines().filter(|line| line.contains(&sandbox)).map(|line| format!("mount {line}")));
+        for parent in self.cgroup_parents() {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                left.extend(
+                    entries.flatten().filter(|entry| entry.path().is_dir()).map(|entry| format!("cgroup {}", entry.path().display())),
+                );
+            }
         }
         left
     }
@@ -114,17 +152,38 @@ impl Drop for Sandbox {
         for pid in self.live_vmms() {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
         }
+        // Children first (a failed test may have left some), then the parents.
+        for parent in self.cgroup_parents() {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for entry in entries.flatten().filter(|entry| entry.path().is_dir()) {
+                    for _ in 0..100 {
+                        if std::fs::remove_dir(entry.path()).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
     }
 }
 
-/// Live (not zombie) processes whose command line mentions `root`.
-pub fn vmm_processes_under(root: &Path) -> Vec<u32> {
+fn fxhash(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+}
+
+/// Live (not zombie) processes whose command line mentions `root` (an
+/// unjailed VMM) or whose cgroup path names `cgroup_parent` (a jailed one).
+pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
     let needle = root.to_string_lossy().into_owned();
+    let cgroup_needle = format!("/{}/", cgroup_parent.display());
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        if cmdline.is_empty() || !String::from_utf8_lossy(&cmdline).contains(&needle) {
+        let jailed_here = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroups| cgroups.contains(&cgroup_needle));
+        if cmdline.is_empty() || !(jailed_here || String::from_utf8_lossy(&cmdline).contains(&needle)) {
             continue;
         }
         let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();

@@ -1,12 +1,11 @@
-//! One VM's Firecracker process: launching it, waiting until its API
-//! answers, configuring it, and driving it through the VM's life.
+//! One VM's Firecracker process: launching it (jailed unless the host says
+//! otherwise), waiting until its API answers, configuring it, and driving
+//! it through the VM's life.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,13 +23,20 @@ use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, Logger, MachineConfiguration, Metrics, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
 use crate::backend::{BackendError, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
+use crate::cgroups::Cgroup;
 use crate::console::ConsoleLog;
-use crate::process::{ProcessExit, ProcessUsage, Supervised};
+use crate::images::ImageFile;
+use crate::jailer::JAIL_DIR;
+use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, VmmExit};
+use crate::process::{ProcessExit, ProcessUsage};
 
+pub const PROGRAM: &str = "firecracker";
 pub const SOCKET_FILE: &str = "firecracker.sock";
 pub const LOG_FILE: &str = "firecracker.log";
 pub const METRICS_FILE: &str = "firecracker.metrics";
 pub const STDERR_FILE: &str = "firecracker.stderr";
+const KERNEL: &str = "kernel";
+const INITRD: &str = "initrd";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a dead VMM's console pipe may take to drain.
@@ -41,10 +47,11 @@ const STDERR_TAIL_BYTES: u64 = 2048;
 #[derive(Debug)]
 pub struct FirecrackerVm {
     settings: Arc<FirecrackerConfig>,
+    launcher: Launcher,
     spec: VmmSpec,
     console: ConsoleLog,
-    api: FirecrackerApi,
-    process: Option<Supervised>,
+    /// The current Firecracker process and its API, while one runs.
+    current: Option<Current>,
     /// The task copying the current (or last) process's console output.
     capture: Option<JoinHandle<()>>,
     /// Whether `InstanceStart` succeeded for the current process.
@@ -55,43 +62,53 @@ pub struct FirecrackerVm {
     last_usage: ProcessUsage,
 }
 
+#[derive(Debug)]
+struct Current {
+    launched: Launched,
+    api: FirecrackerApi,
+}
+
 fn prepare<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
     move |source| BackendError::Prepare { what, path: path.to_path_buf(), source }
 }
 
-/// Every path handed to Firecracker was checked to be UTF-8 in `launch`.
-fn path_str(path: &Path) -> &str {
-    path.to_str().unwrap_or_default()
+/// Firecracker's API takes paths as JSON strings, so they must be UTF-8.
+fn utf8(path: &Path) -> Result<String, BackendError> {
+    path.to_str().map(str::to_owned).ok_or_else(|| BackendError::Prepare {
+        what: "a path for Firecracker",
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "Firecracker's API takes only UTF-8 paths"),
+    })
+}
+
+fn drive_name(id: &str) -> String {
+    format!("drives/{id}")
+}
+
+fn exposure(name: String, image: &ImageFile, writable: bool) -> Exposure {
+    Exposure { name, host_path: image.path.clone(), file: Arc::clone(&image.file), writable }
 }
 
 impl FirecrackerVm {
     /// Launches and configures Firecracker for `spec`. On error no process is left.
-    pub async fn launch(settings: Arc<FirecrackerConfig>, spec: VmmSpec, console: ConsoleLog) -> Result<Self, BackendError> {
-        let socket = spec.vm_dir.join(SOCKET_FILE);
+    pub async fn launch(
+        settings: Arc<FirecrackerConfig>,
+        launcher: Launcher,
+        spec: VmmSpec,
+        console: ConsoleLog,
+    ) -> Result<Self, BackendError> {
+        // The longest socket path either launcher may use.
+        let socket = spec.vm_dir.join(JAIL_DIR).join(SOCKET_FILE);
         let socket_len = socket.as_os_str().len();
         if socket_len > MAX_SOCKET_PATH {
             return Err(BackendError::SocketPathTooLong { path: socket, len: socket_len, max: MAX_SOCKET_PATH });
         }
-        let paths = [("the VM folder", &spec.vm_dir), ("the kernel", &spec.kernel)]
-            .into_iter()
-            .chain(spec.initrd.iter().map(|initrd| ("the initrd", initrd)))
-            .chain(spec.drives.iter().map(|drive| ("a drive", &drive.path)));
-        for (what, path) in paths {
-            if path.to_str().is_none() {
-                return Err(BackendError::Prepare {
-                    what,
-                    path: path.clone(),
-                    source: io::Error::new(io::ErrorKind::InvalidInput, "Firecracker's API takes only UTF-8 paths"),
-                });
-            }
-        }
-        let api = FirecrackerApi::new(&socket, settings.api_timeout);
         let mut vm = Self {
             settings,
+            launcher,
             spec,
             console,
-            api,
-            process: None,
+            current: None,
             capture: None,
             started: false,
             metrics: MetricsReader::default(),
@@ -106,83 +123,95 @@ impl FirecrackerVm {
         self.spec.vm_dir.join(name)
     }
 
-    /// Spawns Firecracker, waits for its API and configures it.
+    /// What Firecracker needs, for the launcher to provide.
+    fn plan(&self, stdout: OwnedFd, stderr: OwnedFd) -> Result<LaunchPlan, BackendError> {
+        let spec = &self.spec;
+        let binary = &self.settings.binary;
+        let program_file = File::open(binary).map_err(prepare("the Firecracker binary", binary))?;
+        let program = Exposure { name: PROGRAM.into(), host_path: binary.clone(), file: Arc::new(program_file.into()), writable: false };
+        let mut exposures = vec![exposure(KERNEL.into(), &spec.kernel, false)];
+        exposures.extend(spec.initrd.iter().map(|initrd| exposure(INITRD.into(), initrd, false)));
+        exposures.extend(spec.drives.iter().map(|drive| exposure(drive_name(&drive.id), &drive.image, !drive.read_only)));
+        let mut devices = vec![launch::KVM];
+        if !spec.interfaces.is_empty() {
+            devices.push(launch::TUN);
+        }
+        let largest_writable_bytes = spec.drives.iter().filter(|drive| !drive.read_only).map(|drive| drive.image.size).max().unwrap_or(0);
+        Ok(LaunchPlan {
+            name: spec.vm_id.to_string(),
+            vm_dir: spec.vm_dir.clone(),
+            program,
+            args: vec![
+                Arg::Literal("--api-sock".into()),
+                Arg::PathOf(SOCKET_FILE.into()),
+                Arg::Literal("--id".into()),
+                Arg::Literal(spec.vm_id.to_string()),
+            ],
+            exposures,
+            work_files: vec![LOG_FILE.into(), METRICS_FILE.into()],
+            devices,
+            netns: spec.netns.clone(),
+            resources: Resources { vcpus: spec.vcpus, memory_bytes: spec.memory_mib << 20, largest_writable_bytes },
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Launches Firecracker, waits for its API and configures it.
     async fn start_process(&mut self) -> Result<(), BackendError> {
         self.finish_capture().await;
-        let process = self.spawn()?;
+        let (console_read, console_write) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| prepare("the console pipe", &self.spec.vm_dir)(errno.into()))?;
+        let stderr_path = self.file(STDERR_FILE);
+        let stderr = File::create(&stderr_path).map_err(prepare("Firecracker's stderr file", &stderr_path))?;
+        let plan = self.plan(console_write, stderr.into())?;
+        let mut launched = self.launcher.launch(plan).await.map_err(BackendError::Launch)?;
+        let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), self.settings.api_timeout);
+        let mut timings = Vec::new();
         let result = async {
-            self.wait_until_ready(&process).await?;
-            self.configure().await
+            let source =
+                tokio::net::unix::pipe::Receiver::from_owned_fd(console_read).map_err(prepare("the console pipe", &self.spec.vm_dir))?;
+            self.capture = Some(self.console.capture(source).map_err(BackendError::Console)?);
+            let clock = std::time::Instant::now();
+            self.wait_until_ready(&launched, &api).await?;
+            timings.push(("vmm.api_ready", clock.elapsed()));
+            let clock = std::time::Instant::now();
+            self.configure(&launched.layout, &api).await?;
+            timings.push(("vmm.configure", clock.elapsed()));
+            Ok(())
         }
         .await;
+        launched.timings.extend(timings);
         match result {
             Ok(()) => {
-                self.process = Some(process);
+                self.current = Some(Current { launched, api });
                 self.started = false;
                 self.metrics.restart();
                 Ok(())
             }
             Err(error) => {
-                if let Err(kill_error) = process.kill().await {
+                if let Err(kill_error) = launched.process.kill().await {
                     tracing::error!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&kill_error), "cannot kill a Firecracker that failed to start");
+                }
+                for problem in launched.release() {
+                    tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo a failed launch");
                 }
                 Err(error)
             }
         }
     }
 
-    fn spawn(&mut self) -> Result<Supervised, BackendError> {
-        let socket = self.file(SOCKET_FILE);
-        match std::fs::remove_file(&socket) {
-            Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(prepare("a stale API socket", &socket)(error)),
-            _ => {}
-        }
-        // Firecracker opens these rather than creating them.
-        for name in [LOG_FILE, METRICS_FILE] {
-            let path = self.file(name);
-            File::create(&path).map_err(prepare("a Firecracker output file", &path))?;
-        }
-        let stderr_path = self.file(STDERR_FILE);
-        let stderr = File::create(&stderr_path).map_err(prepare("Firecracker's stderr file", &stderr_path))?;
-        let (console_read, console_write) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| prepare("the console pipe", &self.spec.vm_dir)(errno.into()))?;
-
-        let mut command = Command::new(&self.settings.binary);
-        command
-            .arg("--api-sock")
-            .arg(&socket)
-            .arg("--id")
-            .arg(self.spec.vm_id.as_str())
-            .current_dir(&self.spec.vm_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(console_write))
-            .stderr(Stdio::from(stderr))
-            // Its own process group: a Ctrl+C meant for metald never reaches the VMs.
-            .process_group(0);
-        let process = Supervised::spawn(&mut command).map_err(BackendError::Launch)?;
-        // Our copy of the pipe's write end lives in `command`; once it is
-        // gone, the console sees end-of-file exactly when Firecracker exits.
-        drop(command);
-
-        let console_source =
-            tokio::net::unix::pipe::Receiver::from_owned_fd(console_read).map_err(prepare("the console pipe", &self.spec.vm_dir));
-        let capture = console_source.and_then(|source| self.console.capture(source).map_err(BackendError::Console));
-        if let Err(error) = capture {
-            let _ = process.signal(nix::sys::signal::Signal::SIGKILL);
-            return Err(error);
-        }
-        Ok(process)
-    }
-
     /// Waits, without fixed sleeps, until the API socket exists and answers.
-    async fn wait_until_ready(&self, process: &Supervised) -> Result<(), BackendError> {
+    async fn wait_until_ready(&self, launched: &Launched, api: &FirecrackerApi) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.settings.ready_timeout;
-        let socket = self.file(SOCKET_FILE);
-        let creations = SocketCreations::watch(&self.spec.vm_dir)?;
+        let socket = launched.layout.host(SOCKET_FILE);
+        let folder = socket.parent().unwrap_or(&self.spec.vm_dir).to_path_buf();
+        let process = &launched.process;
+        let creations = SocketCreations::watch(&folder)?;
         let appeared = async {
             while !socket.exists() {
                 tokio::select! {
-                    ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &self.spec.vm_dir))?,
+                    ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &folder))?,
                     exit = process.wait() => return Err(self.died_before_ready(exit)),
                     () = tokio::time::sleep_until(deadline) => return Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout }),
                 }
@@ -197,7 +226,7 @@ impl FirecrackerVm {
         // The socket is bound and listening within microseconds of appearing;
         // a refused connection in that window is retried at once.
         loop {
-            match self.api.instance_info().await {
+            match api.instance_info().await {
                 Ok(_) => return Ok(()),
                 Err(error @ BackendError::Transport { .. }) => {
                     if let Some(exit) = process.exit_status() {
@@ -218,58 +247,49 @@ impl FirecrackerVm {
         BackendError::DiedBeforeReady { vmm: VMM, exit, stderr: read_tail(&self.file(STDERR_FILE), STDERR_TAIL_BYTES) }
     }
 
-    async fn configure(&self) -> Result<(), BackendError> {
+    async fn configure(&self, layout: &Layout, api: &FirecrackerApi) -> Result<(), BackendError> {
         let spec = &self.spec;
-        let log_path = self.file(LOG_FILE);
-        let metrics_path = self.file(METRICS_FILE);
-        self.api
-            .put_logger(&Logger {
-                log_path: path_str(&log_path),
-                level: &self.settings.log_level,
-                show_level: true,
-                show_log_origin: false,
-            })
+        let inside = |name: &str| utf8(&layout.inside(name));
+        api.put_logger(&Logger { log_path: &inside(LOG_FILE)?, level: &self.settings.log_level, show_level: true, show_log_origin: false })
             .await?;
-        self.api.put_metrics(&Metrics { metrics_path: path_str(&metrics_path) }).await?;
-        self.api
-            .put_machine_config(&MachineConfiguration {
-                vcpu_count: spec.vcpus,
-                mem_size_mib: spec.memory_mib,
-                smt: spec.smt,
-                huge_pages: if spec.huge_pages { "2M" } else { "None" },
-            })
-            .await?;
-        let initrd = spec.initrd.as_deref().map(path_str);
-        let boot_args = if spec.kernel_args.is_empty() { None } else { Some(spec.kernel_args.as_str()) };
-        self.api
-            .put_boot_source(&BootSource {
-                kernel_image_path: path_str(&spec.kernel),
-                boot_args: boot_args.unwrap_or_default(),
-                initrd_path: initrd,
-            })
-            .await?;
+        api.put_metrics(&Metrics { metrics_path: &inside(METRICS_FILE)? }).await?;
+        api.put_machine_config(&MachineConfiguration {
+            vcpu_count: spec.vcpus,
+            mem_size_mib: spec.memory_mib,
+            smt: spec.smt,
+            huge_pages: if spec.huge_pages { "2M" } else { "None" },
+        })
+        .await?;
+        let initrd = match &spec.initrd {
+            Some(_) => Some(inside(INITRD)?),
+            None => None,
+        };
+        api.put_boot_source(&BootSource {
+            kernel_image_path: &inside(KERNEL)?,
+            boot_args: &spec.kernel_args,
+            initrd_path: initrd.as_deref(),
+        })
+        .await?;
         for drive in &spec.drives {
-            self.api
-                .put_drive(&Drive {
-                    drive_id: &drive.id,
-                    path_on_host: path_str(&drive.path),
-                    is_root_device: drive.is_root_device,
-                    is_read_only: drive.read_only,
-                    io_engine: drive.io_engine.as_deref(),
-                    cache_type: drive.cache_type.as_deref(),
-                })
-                .await?;
+            api.put_drive(&Drive {
+                drive_id: &drive.id,
+                path_on_host: &inside(&drive_name(&drive.id))?,
+                is_root_device: drive.is_root_device,
+                is_read_only: drive.read_only,
+                io_engine: drive.io_engine.as_deref(),
+                cache_type: drive.cache_type.as_deref(),
+            })
+            .await?;
         }
         for interface in &spec.interfaces {
-            self.api
-                .put_network_interface(&NetworkInterface {
-                    iface_id: &interface.id,
-                    host_dev_name: &interface.tap_device,
-                    guest_mac: interface.guest_mac.as_deref(),
-                    rx_rate_limiter: interface.rx_rate_limit.as_ref().and_then(RateLimiter::from_limit),
-                    tx_rate_limiter: interface.tx_rate_limit.as_ref().and_then(RateLimiter::from_limit),
-                })
-                .await?;
+            api.put_network_interface(&NetworkInterface {
+                iface_id: &interface.id,
+                host_dev_name: &interface.tap_device,
+                guest_mac: interface.guest_mac.as_deref(),
+                rx_rate_limiter: interface.rx_rate_limit.as_ref().and_then(RateLimiter::from_limit),
+                tx_rate_limiter: interface.tx_rate_limit.as_ref().and_then(RateLimiter::from_limit),
+            })
+            .await?;
         }
         Ok(())
     }
@@ -284,39 +304,43 @@ impl FirecrackerVm {
         }
     }
 
-    /// The process, if it still runs.
-    fn running(&self) -> Result<&Supervised, BackendError> {
-        match &self.process {
-            Some(process) => match process.exit_status() {
-                None => Ok(process),
+    /// The current process and its API, if it still runs.
+    fn running(&self) -> Result<&Current, BackendError> {
+        match &self.current {
+            Some(current) => match current.launched.process.exit_status() {
+                None => Ok(current),
                 Some(exit) => Err(BackendError::Exited { vmm: VMM, operation: "being driven", exit }),
             },
             None => Err(BackendError::NotRunning),
         }
     }
 
-    /// Forgets an ended process, keeping what it used.
+    /// Forgets an ended process, keeping what it used, and undoes its jail.
     fn retire_process(&mut self) {
-        if self.process.take().is_some() {
+        if let Some(mut current) = self.current.take() {
             self.finished_usage.cpu_time_ns += self.last_usage.cpu_time_ns;
             self.last_usage = ProcessUsage::default();
+            for problem in current.launched.release() {
+                tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo the jail of an ended VMM");
+            }
         }
         self.started = false;
     }
 
     async fn kill(&mut self) -> Result<ProcessExit, BackendError> {
-        let Some(process) = &self.process else {
+        let Some(current) = &self.current else {
             return Err(BackendError::NotRunning);
         };
-        let exit = process.kill().await.map_err(BackendError::Signal)?;
+        let exit = current.launched.process.kill().await.map_err(BackendError::Signal)?;
         self.retire_process();
         Ok(exit)
     }
 
     async fn graceful_stop(&mut self, timeout: Duration) -> Result<StopOutcome, BackendError> {
-        let process = self.running()?.clone();
+        let current = self.running()?;
+        let process = current.launched.process.clone();
         if self.started {
-            match self.api.action(ActionType::SendCtrlAltDel).await {
+            match current.api.action(ActionType::SendCtrlAltDel).await {
                 Ok(()) => {
                     if let Some(exit) = process.wait_timeout(timeout).await {
                         self.retire_process();
@@ -341,43 +365,45 @@ impl FirecrackerVm {
 #[async_trait]
 impl VmmInstance for FirecrackerVm {
     fn pid(&self) -> Option<u32> {
-        self.running().ok().map(Supervised::pid)
+        self.running().ok().map(|current| current.launched.process.pid())
     }
 
-    fn exits(&self) -> Option<watch::Receiver<Option<ProcessExit>>> {
-        self.process.as_ref().map(Supervised::exits)
+    fn cgroup(&self) -> Option<Cgroup> {
+        self.running().ok().and_then(|current| current.launched.cgroup.clone())
+    }
+
+    fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>> {
+        self.current.as_ref().map(|current| current.launched.exits())
     }
 
     async fn boot(&mut self) -> Result<(), BackendError> {
-        let needs_new_process = match &self.process {
+        let needs_new_process = match &self.current {
             None => true,
-            Some(process) => process.exit_status().is_some() || self.started,
+            Some(current) => current.launched.process.exit_status().is_some() || self.started,
         };
         if needs_new_process {
-            if let Some(process) = &self.process {
-                process.kill().await.map_err(BackendError::Signal)?;
+            if let Some(current) = &self.current {
+                current.launched.process.kill().await.map_err(BackendError::Signal)?;
             }
             self.retire_process();
             self.start_process().await?;
         }
-        self.api.action(ActionType::InstanceStart).await?;
+        self.running()?.api.action(ActionType::InstanceStart).await?;
         self.started = true;
         Ok(())
     }
 
     async fn pause(&mut self) -> Result<(), BackendError> {
-        self.running()?;
-        self.api.set_vm_state(VmStateName::Paused).await
+        self.running()?.api.set_vm_state(VmStateName::Paused).await
     }
 
     async fn resume(&mut self) -> Result<(), BackendError> {
-        self.running()?;
-        self.api.set_vm_state(VmStateName::Resumed).await
+        self.running()?.api.set_vm_state(VmStateName::Resumed).await
     }
 
     async fn stop(&mut self, mode: StopMode) -> Result<StopOutcome, BackendError> {
-        if let Some(process) = &self.process
-            && let Some(exit) = process.exit_status()
+        if let Some(current) = &self.current
+            && let Some(exit) = current.launched.process.exit_status()
         {
             self.retire_process();
             return Ok(StopOutcome { forced: false, exit });
@@ -393,25 +419,37 @@ impl VmmInstance for FirecrackerVm {
     }
 
     async fn info(&self) -> Result<VmmInfo, BackendError> {
-        let mut info = VmmInfo { vmm: VMM.into(), pid: self.pid(), api_socket: Some(self.file(SOCKET_FILE)), ..VmmInfo::default() };
-        if self.running().is_ok() {
-            let instance = self.api.instance_info().await?;
-            info.vmm_version = instance.vmm_version;
-            info.vmm_state = instance.state;
-            info.extra.insert("app_name".into(), instance.app_name);
-            info.extra.insert("instance_id".into(), instance.id);
-        } else {
+        let mut info = VmmInfo { vmm: VMM.into(), ..VmmInfo::default() };
+        let Ok(current) = self.running() else {
             info.vmm_state = "Exited".into();
-            info.api_socket = None;
+            return Ok(info);
+        };
+        let instance = current.api.instance_info().await?;
+        let launched = &current.launched;
+        info.pid = Some(launched.process.pid());
+        info.api_socket = Some(launched.layout.host(SOCKET_FILE));
+        info.vmm_version = instance.vmm_version;
+        info.vmm_state = instance.state;
+        info.extra.insert("app_name".into(), instance.app_name);
+        info.extra.insert("instance_id".into(), instance.id);
+        info.extra.insert("jailed".into(), launched.layout.is_jailed().to_string());
+        info.launch_timings = launched.timings.clone();
+        if let Some((uid, gid)) = launched.identity {
+            info.extra.insert("uid".into(), uid.to_string());
+            info.extra.insert("gid".into(), gid.to_string());
+        }
+        if let Some(cgroup) = &launched.cgroup {
+            let paths: Vec<String> = cgroup.paths().iter().map(|path| path.display().to_string()).collect();
+            info.extra.insert("cgroup".into(), paths.join(","));
         }
         Ok(info)
     }
 
     async fn metrics(&mut self) -> Result<VmmMetrics, BackendError> {
-        if let Ok(process) = self.running() {
-            let pid = process.pid();
+        if let Ok(current) = self.running() {
+            let pid = current.launched.process.pid();
             if self.started {
-                self.api.action(ActionType::FlushMetrics).await?;
+                current.api.action(ActionType::FlushMetrics).await?;
             }
             match ProcessUsage::read(pid) {
                 Ok(usage) => self.last_usage = usage,
@@ -440,8 +478,8 @@ impl VmmInstance for FirecrackerVm {
     }
 
     async fn destroy(&mut self) -> Result<(), BackendError> {
-        if let Some(process) = &self.process {
-            process.kill().await.map_err(BackendError::Signal)?;
+        if let Some(current) = &self.current {
+            current.launched.process.kill().await.map_err(BackendError::Signal)?;
         }
         self.retire_process();
         self.finish_capture().await;

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use crate::config::MAX_VCPUS;
 use crate::console::ConsoleLog;
+use crate::launch::Launcher;
 use instance::FirecrackerVm;
 
 pub(crate) const VMM: &str = "firecracker";
@@ -51,11 +52,13 @@ impl FirecrackerConfig {
 #[derive(Debug, Clone)]
 pub struct FirecrackerBackend {
     config: Arc<FirecrackerConfig>,
+    launcher: Launcher,
 }
 
 impl FirecrackerBackend {
-    pub fn new(config: FirecrackerConfig) -> Self {
-        Self { config: Arc::new(config) }
+    /// A backend whose VMMs `launcher` starts (jailed, or unjailed for development).
+    pub fn new(config: FirecrackerConfig, launcher: Launcher) -> Self {
+        Self { config: Arc::new(config), launcher }
     }
 
     pub fn config(&self) -> &FirecrackerConfig {
@@ -87,7 +90,7 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError> {
-        let vm = FirecrackerVm::launch(Arc::clone(&self.config), spec, console).await?;
+        let vm = FirecrackerVm::launch(Arc::clone(&self.config), self.launcher.clone(), spec, console).await?;
         Ok(Box::new(vm))
     }
 }

@@ -1,0 +1,787 @@
+//! The integrated jailer: every VMM in a root of its own, in new mount, PID,
+//! IPC and UTS namespaces (and the VM's network namespace when it has one),
+//! in a cgroup of its own with CPU, memory and pids limits, under rlimits,
+//! with `no_new_privs`, as an unprivileged user of its own, with no other
+//! file descriptor open. One code path for every VMM: nothing here knows
+//! Firecracker or Cloud Hypervisor; a backend says what its VMM needs in a
+//! [`LaunchPlan`].
+//!
+//! The steps, in order (each is undone if a later one fails):
+//! 1. pick the VM's user (one uid and gid per VM from a range, or a fixed one);
+//! 2. make the jail folder (owned by that user, mode 0700), the mount points
+//!    for every exposed file, the device nodes and the work files;
+//! 3. make the cgroup with its limits;
+//! 4. `clone` a child into new mount, PID, IPC and UTS namespaces;
+//!    the parent puts it into the cgroup before it may go on;
+//! 5. the parent makes a detached bind mount of every exposed file from our
+//!    open descriptor (read-only unless writable, nosuid, nodev); the child
+//!    makes every mount private, bind-mounts the jail folder onto itself,
+//!    attaches each detached mount in it, joins the network namespace, sets its
+//!    hostname, `pivot_root`s into the jail and detaches the old root, sets
+//!    rlimits, drops supplementary groups, gid and uid, sets
+//!    `no_new_privs`, marks every descriptor above 2 close-on-exec, and
+//!    execs the VMM, which becomes PID 1 of its namespace.
+//!
+//! The mounts live only in the VMM's mount namespace: when it exits they
+//! vanish with it, and the host never sees them. The child runs between
+//! `clone` and `exec` in a copy of a multi-threaded process, so it only
+//! makes system calls on data prepared beforehand: no allocation, no locks.
+
+use std::collections::BTreeSet;
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io;
+use std::ops::Range;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use nix::sys::resource::Resource;
+use nix::sys::stat::{Mode, SFlag};
+use nix::unistd::{Gid, Uid};
+use tokio::io::AsyncReadExt;
+
+use crate::cgroups::{Cgroup, CgroupError, CgroupHierarchy, CgroupLimits, CgroupVersion, CpuLimit, DEFAULT_CGROUP_ROOT};
+use crate::launch::{Arg, Exposure, LaunchPlan, Launched, Layout};
+use crate::process::Supervised;
+
+/// The jail folder inside a VM's folder.
+pub const JAIL_DIR: &str = "root";
+const CHILD_STACK_BYTES: usize = 256 * 1024;
+
+/// How VMMs are jailed on this host.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailerConfig {
+    /// Each VM runs as its own uid and gid, picked from this range.
+    pub uid_range: Range<u32>,
+    /// Run every VM as this uid and gid instead of one per VM.
+    pub fixed_identity: Option<(u32, u32)>,
+    /// Where cgroup file systems are mounted.
+    pub cgroup_root: PathBuf,
+    /// The cgroup every VM's cgroup is made under.
+    pub cgroup_parent: PathBuf,
+    /// Force a cgroup version instead of detecting it.
+    pub cgroup_version: Option<CgroupVersion>,
+    pub cpu_period_us: u64,
+    /// Memory a VMM may use beyond its guest's memory.
+    pub memory_overhead_bytes: u64,
+    /// No VMM may use more memory than this, whatever its guest's size.
+    pub memory_cap_bytes: Option<u64>,
+    /// Processes and threads the VMM may have, beyond one per vCPU.
+    pub pids_base: u64,
+    pub max_open_files: u64,
+    /// The least file-size limit; raised to the largest writable drive.
+    pub min_file_size_bytes: u64,
+}
+
+impl Default for JailerConfig {
+    fn default() -> Self {
+        Self {
+            uid_range: 1_000_000..1_065_536,
+            fixed_identity: None,
+            cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
+            cgroup_parent: PathBuf::from("metald"),
+            cgroup_version: None,
+            cpu_period_us: 100_000,
+            memory_overhead_bytes: 64 << 20,
+            memory_cap_bytes: None,
+            pids_base: 32,
+            max_open_files: 4096,
+            min_file_size_bytes: 1 << 30,
+        }
+    }
+}
+
+/// One step of the jail, named in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum JailStep {
+    WaitForParent = 1,
+    PrivateMounts,
+    BindJailRoot,
+    BindFile,
+    JoinNetworkNamespace,
+    SetHostname,
+    PivotRoot,
+    DetachOldRoot,
+    SetRlimits,
+    SetStdio,
+    ResetSignals,
+    DropGroups,
+    SetGid,
+    SetUid,
+    NoNewPrivs,
+    CloseFds,
+    Exec,
+}
+
+impl JailStep {
+    fn from_code(code: u32) -> Option<Self> {
+        use JailStep::*;
+        [
+            WaitForParent,
+            PrivateMounts,
+            BindJailRoot,
+            BindFile,
+            JoinNetworkNamespace,
+            SetHostname,
+            PivotRoot,
+            DetachOldRoot,
+            SetRlimits,
+            SetStdio,
+            ResetSignals,
+            DropGroups,
+            SetGid,
+            SetUid,
+            NoNewPrivs,
+            CloseFds,
+            Exec,
+        ]
+        .into_iter()
+        .find(|step| *step as u32 == code)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("no uid is free in {0:?}")]
+    NoIdentity(Range<u32>),
+    #[error("cannot prepare the jail at {path}")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name} ({path}) is not readable by the VMM's unprivileged user (mode {mode:o}); make it world-readable")]
+    NotReadable { name: String, path: PathBuf, mode: u32 },
+    #[error("{path} is dynamically linked (it asks for {interpreter}); a jail holds no libraries, use a static build")]
+    DynamicProgram { path: PathBuf, interpreter: String },
+    #[error("cannot set up the VMM's cgroup")]
+    Cgroup(#[from] CgroupError),
+    #[error("cannot clone the jailed process")]
+    Clone(#[source] nix::errno::Errno),
+    #[error("the jailed process failed at {step:?}{}", .detail.as_ref().map(|detail| format!(" ({detail})")).unwrap_or_default())]
+    Child {
+        step: JailStep,
+        detail: Option<String>,
+        #[source]
+        source: io::Error,
+    },
+    #[error("lost contact with the jailed process before it started the VMM")]
+    Handshake(#[source] io::Error),
+    #[error("cannot watch the jailed process")]
+    Watch(#[source] crate::process::ProcessError),
+}
+
+fn prepare<'a>(path: &'a Path) -> impl FnOnce(io::Error) -> JailError + 'a {
+    move |source| JailError::Prepare { path: path.to_path_buf(), source }
+}
+
+/// Launches VMMs into jails.
+#[derive(Debug)]
+pub struct Jailer {
+    config: JailerConfig,
+    cgroups: CgroupHierarchy,
+    identities: Arc<Mutex<BTreeSet<u32>>>,
+}
+
+impl Jailer {
+    pub fn new(config: JailerConfig) -> Result<Self, JailError> {
+        let cgroups = match config.cgroup_version {
+            Some(version) => CgroupHierarchy::assume(&config.cgroup_root, &config.cgroup_parent, version),
+            None => CgroupHierarchy::detect(&config.cgroup_root, &config.cgroup_parent)?,
+        };
+        Ok(Self { config, cgroups, identities: Arc::new(Mutex::new(BTreeSet::new())) })
+    }
+
+    pub fn config(&self) -> &JailerConfig {
+        &self.config
+    }
+
+    pub fn cgroup_version(&self) -> CgroupVersion {
+        self.cgroups.version()
+    }
+
+    /// The cgroup limits of a VM of this size.
+    pub fn limits_for(&self, resources: &crate::launch::Resources) -> CgroupLimits {
+        let config = &self.config;
+        let vcpus = u64::from(resources.vcpus.max(1));
+        let mut memory = resources.memory_bytes.saturating_add(config.memory_overhead_bytes);
+        if let Some(cap) = config.memory_cap_bytes {
+            memory = memory.min(cap);
+        }
+        CgroupLimits {
+            cpu: CpuLimit::Quota { quota_us: vcpus * config.cpu_period_us, period_us: config.cpu_period_us },
+            memory_bytes: memory,
+            pids: config.pids_base + vcpus,
+        }
+    }
+
+    fn allocate_identity(&self) -> Result<Identity, JailError> {
+        if let Some((uid, gid)) = self.config.fixed_identity {
+            return Ok(Identity { uid, gid, pool: None });
+        }
+        let mut taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let uid = self
+            .config
+            .uid_range
+            .clone()
+            .find(|uid| !taken.contains(uid))
+            .ok_or_else(|| JailError::NoIdentity(self.config.uid_range.clone()))?;
+        taken.insert(uid);
+        Ok(Identity { uid, gid: uid, pool: Some(Arc::clone(&self.identities)) })
+    }
+
+    /// Launches `plan` in a fresh jail under `plan.vm_dir`.
+    pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, JailError> {
+        check_static(&plan.program.host_path, &plan.program.file)?;
+        for exposure in plan.exposures.iter().filter(|exposure| !exposure.writable) {
+            check_world_readable(&exposure.name, &exposure.host_path, &exposure.file)?;
+        }
+        let identity = self.allocate_identity()?;
+        let root = plan.vm_dir.join(JAIL_DIR);
+        let mut teardown = JailTeardown { root: None, cgroup: None, identity: Some(identity.clone()) };
+        let mut timings = Vec::new();
+        match self.launch_in(&plan, &root, &identity, &mut teardown, &mut timings).await {
+            Ok((process, cgroup)) => {
+                let layout = Layout::jailed(root, &plan.vm_dir, &plan.files());
+                let mut launched = Launched::new(process, layout, Some(cgroup), Some((identity.uid, identity.gid)), Some(teardown));
+                launched.timings = timings;
+                Ok(launched)
+            }
+            Err(error) => {
+                for problem in teardown.run() {
+                    tracing::error!(vm_id = %plan.name, problem, "cannot undo a failed jail");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn launch_in(
+        &self,
+        plan: &LaunchPlan,
+        root: &Path,
+        identity: &Identity,
+        teardown: &mut JailTeardown,
+        timings: &mut Vec<(&'static str, Duration)>,
+    ) -> Result<(Supervised, Cgroup), JailError> {
+        let mut clock = Instant::now();
+        let mut lap = |name: &'static str| {
+            timings.push((name, clock.elapsed()));
+            clock = Instant::now();
+        };
+        let work_files = open_work_files(plan, identity)?;
+        build_jail_folder(plan, &work_files, root, identity, teardown)?;
+        lap("jail.folder");
+        let limits = self.limits_for(&plan.resources);
+        let cgroup = self.cgroups.create(&plan.name, &limits)?;
+        teardown.cgroup = Some(cgroup.clone());
+        lap("jail.cgroup_create");
+
+        // Bind mounts of our descriptors must be made here, as detached
+        // mounts: the child's new mount namespace refuses binds from ours.
+        let exposures: Vec<&Exposure> = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter()).collect();
+        let trees = exposures.iter().map(|exposure| detached_mount(exposure)).collect::<Result<Vec<_>, _>>()?;
+        let child =
+            ChildPlan::new(plan, &exposures, &trees, root, identity, self.file_size_limit(plan), self.config.max_open_files, limits.pids)?;
+        let (sync_read, sync_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
+        let (error_read, error_write) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
+        let mut stack = vec![0u8; CHILD_STACK_BYTES];
+        let child_fds = ChildFds { sync: sync_read.as_raw_fd(), error: error_write.as_raw_fd() };
+        let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+        // SAFETY: the child gets a copy of our memory (no CLONE_VM) and runs
+        // `run_child`, which only reads data prepared above and makes system
+        // calls, then execs or exits; it never returns into our code.
+        let pid = unsafe { nix::sched::clone(Box::new(|| run_child(&child, child_fds)), &mut stack, flags, Some(libc::SIGCHLD)) }
+            .map_err(JailError::Clone)?;
+        let pid = pid.as_raw().unsigned_abs();
+        drop((sync_read, error_write));
+        let process = Supervised::watch_child(pid).map_err(JailError::Watch)?;
+        lap("jail.mounts_and_clone");
+
+        // The child waits for this byte, so it is inside its cgroup before it allocates anything.
+        if let Err(error) = cgroup.add_process(pid) {
+            let _ = process.kill().await;
+            return Err(error.into());
+        }
+        lap("jail.cgroup_join");
+        if let Err(errno) = nix::unistd::write(&sync_write, &[1]) {
+            let _ = process.kill().await;
+            return Err(JailError::Handshake(errno.into()));
+        }
+        drop(sync_write);
+        if let Err(error) = child_outcome(error_read, &child).await {
+            let _ = process.kill().await;
+            return Err(error);
+        }
+        lap("jail.namespaces_to_exec");
+        Ok((process, cgroup))
+    }
+
+    fn file_size_limit(&self, plan: &LaunchPlan) -> u64 {
+        self.config.min_file_size_bytes.max(plan.resources.largest_writable_bytes)
+    }
+}
+
+/// A uid and gid, given back to the pool when dropped out of use.
+#[derive(Debug, Clone)]
+struct Identity {
+    uid: u32,
+    gid: u32,
+    pool: Option<Arc<Mutex<BTreeSet<u32>>>>,
+}
+
+/// What a jail made on the host, to remove once its VMM has gone.
+#[derive(Debug)]
+pub(crate) struct JailTeardown {
+    root: Option<PathBuf>,
+    cgroup: Option<Cgroup>,
+    identity: Option<Identity>,
+}
+
+impl JailTeardown {
+    /// Removes the cgroup and the jail folder and frees the identity; every
+    /// step is tried and each failure reported.
+    pub(crate) fn run(mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(cgroup) = self.cgroup.take()
+            && let Err(error) = cgroup.remove()
+        {
+            problems.push(crate::error_chain(&error));
+        }
+        if let Some(root) = self.root.take() {
+            match fs::remove_dir_all(&root) {
+                Err(error) if error.kind() != io::ErrorKind::NotFound => problems.push(format!("removing {}: {error}", root.display())),
+                _ => {}
+            }
+        }
+        if let Some(Identity { uid, pool: Some(pool), .. }) = self.identity.take() {
+            pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&uid);
+        }
+        problems
+    }
+}
+
+fn check_static(path: &Path, file: &OwnedFd) -> Result<(), JailError> {
+    let mut header = vec![0u8; 4096];
+    let read = nix::sys::uio::pread(file, &mut header, 0).map_err(|errno| prepare(path)(errno.into()))?;
+    header.truncate(read);
+    if let Some(interpreter) = elf_interpreter(file, &header) {
+        return Err(JailError::DynamicProgram { path: path.to_path_buf(), interpreter });
+    }
+    Ok(())
+}
+
+/// The program interpreter an ELF64 file asks for, if any.
+fn elf_interpreter(file: &OwnedFd, header: &[u8]) -> Option<String> {
+    const PT_INTERP: u32 = 3;
+    if header.len() < 64 || &header[..4] != b"\x7fELF" || header[4] != 2 {
+        return None;
+    }
+    let u16_at = |at: usize| header.get(at..at + 2).map(|bytes| u16::from_le_bytes([bytes[0], bytes[1]]));
+    let u32_at =
+        |buffer: &[u8], at: usize| buffer.get(at..at + 4).map(|bytes| u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+    let u64_at = |buffer: &[u8], at: usize| buffer.get(at..at + 8).and_then(|bytes| bytes.try_into().ok()).map(u64::from_le_bytes);
+    let program_headers = usize::try_from(u64_at(header, 32)?).ok()?;
+    let entry_size = usize::from(u16_at(54)?);
+    let count = usize::from(u16_at(56)?);
+    for index in 0..count {
+        let at = program_headers + index * entry_size;
+        let mut entry = [0u8; 56];
+        let read = nix::sys::uio::pread(file, &mut entry, i64::try_from(at).ok()?).ok()?;
+        if read < 56 || u32_at(&entry, 0)? != PT_INTERP {
+            continue;
+        }
+        let offset = i64::try_from(u64_at(&entry, 8)?).ok()?;
+        let size = usize::try_from(u64_at(&entry, 32)?).ok()?.min(4096);
+        let mut name = vec![0u8; size];
+        let read = nix::sys::uio::pread(file, &mut name, offset).ok()?;
+        name.truncate(read);
+        return Some(String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned());
+    }
+    None
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOUNT_ATTR_RDONLY: u64 = 1;
+const MOUNT_ATTR_NOSUID: u64 = 2;
+const MOUNT_ATTR_NODEV: u64 = 4;
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// A bind mount of an open file that belongs to no mount namespace yet,
+/// read-only unless writable, never honouring setuid bits or device nodes.
+fn detached_mount(exposure: &Exposure) -> Result<OwnedFd, JailError> {
+    let failed = |errno: nix::errno::Errno| JailError::Prepare { path: exposure.host_path.clone(), source: errno.into() };
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: open_tree reads our descriptor and a static empty C string and returns a new fd.
+    let tree = unsafe { libc::syscall(libc::SYS_open_tree, exposure.file.as_raw_fd(), c"".as_ptr(), flags) };
+    let tree = i32::try_from(tree).ok().filter(|fd| *fd >= 0).ok_or_else(|| failed(nix::errno::Errno::last()))?;
+    // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+    let tree = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(tree) };
+    let mut attr_set = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV;
+    if !exposure.writable {
+        attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    let attr = MountAttr { attr_set, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    // SAFETY: mount_setattr reads `attr`, which lives across the call, and a static empty C string.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            size_of::<MountAttr>(),
+        )
+    };
+    if result != 0 {
+        return Err(failed(nix::errno::Errno::last()));
+    }
+    Ok(tree)
+}
+
+fn check_world_readable(name: &str, path: &Path, file: &OwnedFd) -> Result<(), JailError> {
+    let stat = nix::sys::stat::fstat(file).map_err(|errno| prepare(path)(errno.into()))?;
+    if stat.st_mode & 0o004 == 0 {
+        return Err(JailError::NotReadable { name: name.to_owned(), path: path.to_path_buf(), mode: stat.st_mode & 0o7777 });
+    }
+    Ok(())
+}
+
+/// Step 2: the jail folder, its mount points, device nodes and work files.
+fn build_jail_folder(
+    plan: &LaunchPlan,
+    work_files: &[Exposure],
+    root: &Path,
+    identity: &Identity,
+    teardown: &mut JailTeardown,
+) -> Result<(), JailError> {
+    let (uid, gid) = (Some(Uid::from_raw(identity.uid)), Some(Gid::from_raw(identity.gid)));
+    fs::DirBuilder::new().mode(0o700).create(root).map_err(prepare(root))?;
+    teardown.root = Some(root.to_path_buf());
+    nix::unistd::chown(root, uid, gid).map_err(|errno| prepare(root)(errno.into()))?;
+
+    let mount_points = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter());
+    for exposure in mount_points {
+        let target = root.join(&exposure.name);
+        make_parents(root, &target)?;
+        fs::OpenOptions::new().write(true).create_new(true).mode(0o400).open(&target).map_err(prepare(&target))?;
+        if exposure.writable {
+            nix::unistd::fchown(&*exposure.file, uid, gid).map_err(|errno| prepare(&exposure.host_path)(errno.into()))?;
+        }
+    }
+    for device in &plan.devices {
+        let node = root.join(device.name);
+        make_parents(root, &node)?;
+        nix::sys::stat::mknod(&node, SFlag::S_IFCHR, Mode::from_bits_truncate(0o600), nix::sys::stat::makedev(device.major, device.minor))
+            .map_err(|errno| prepare(&node)(errno.into()))?;
+        nix::unistd::chown(&node, uid, gid).map_err(|errno| prepare(&node)(errno.into()))?;
+    }
+    Ok(())
+}
+
+/// Work files live in the VM's folder, outside the jail, so they outlive
+/// it; each starts empty, belongs to the VMM's user, and is mounted in.
+fn open_work_files(plan: &LaunchPlan, identity: &Identity) -> Result<Vec<Exposure>, JailError> {
+    let (uid, gid) = (Some(Uid::from_raw(identity.uid)), Some(Gid::from_raw(identity.gid)));
+    let mut files = Vec::with_capacity(plan.work_files.len());
+    for name in &plan.work_files {
+        let path = plan.vm_dir.join(name);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(prepare(&path))?;
+        nix::unistd::fchown(&file, uid, gid).map_err(|errno| prepare(&path)(errno.into()))?;
+        files.push(Exposure { name: name.clone(), host_path: path, file: Arc::new(file.into()), writable: true });
+    }
+    Ok(files)
+}
+
+/// Folders between the jail root and `path`, owned by root and searchable by all.
+fn make_parents(root: &Path, path: &Path) -> Result<(), JailError> {
+    if let Some(parent) = path.parent()
+        && parent != root
+    {
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(prepare(parent))?;
+    }
+    Ok(())
+}
+
+/// Descriptors the child uses to talk to us.
+#[derive(Debug, Clone, Copy)]
+struct ChildFds {
+    sync: RawFd,
+    error: RawFd,
+}
+
+/// Everything the child needs, prepared before `clone` so it never allocates.
+struct ChildPlan {
+    root: CString,
+    /// A detached mount of each exposed file and where it goes.
+    binds: Vec<(RawFd, CString)>,
+    netns: Option<Arc<OwnedFd>>,
+    hostname: Vec<u8>,
+    rlimits: [(Resource, u64); 3],
+    stdin: OwnedFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    uid: u32,
+    gid: u32,
+    program: CString,
+    _args: Vec<CString>,
+    argv: Vec<*const libc::c_char>,
+    envp: [*const libc::c_char; 1],
+}
+
+// SAFETY: the raw pointers in `argv` point into `_args`, owned by the same
+// value and never moved or changed after construction.
+unsafe impl Send for ChildPlan {}
+// SAFETY: as above; the plan is only read.
+unsafe impl Sync for ChildPlan {}
+
+fn c_string(bytes: &[u8], path: &Path) -> Result<CString, JailError> {
+    CString::new(bytes).map_err(|_| JailError::Prepare {
+        path: path.to_path_buf(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"),
+    })
+}
+
+impl ChildPlan {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        plan: &LaunchPlan,
+        exposures: &[&Exposure],
+        trees: &[OwnedFd],
+        root: &Path,
+        identity: &Identity,
+        file_size: u64,
+        open_files: u64,
+        processes: u64,
+    ) -> Result<Self, JailError> {
+        let layout = Layout::jailed(root.to_path_buf(), &plan.vm_dir, &plan.files());
+        let mut binds = Vec::new();
+        for (exposure, tree) in exposures.iter().zip(trees) {
+            let target = root.join(&exposure.name);
+            binds.push((tree.as_raw_fd(), c_string(target.as_os_str().as_bytes(), &target)?));
+        }
+        let program_inside = layout.inside(&plan.program.name);
+        let program = c_string(program_inside.as_os_str().as_bytes(), &program_inside)?;
+        let mut args = vec![program.clone()];
+        for arg in &plan.args {
+            let text = match arg {
+                Arg::Literal(text) => text.clone().into_bytes(),
+                Arg::PathOf(name) => layout.inside(name).into_os_string().into_vec(),
+            };
+            args.push(c_string(&text, root)?);
+        }
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|arg| arg.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let stdin = fs::File::open("/dev/null").map_err(prepare(Path::new("/dev/null")))?.into();
+        Ok(Self {
+            root: c_string(root.as_os_str().as_bytes(), root)?,
+            binds,
+            netns: plan.netns.clone(),
+            hostname: plan.name.as_bytes().to_vec(),
+            rlimits: [(Resource::RLIMIT_NOFILE, open_files), (Resource::RLIMIT_FSIZE, file_size), (Resource::RLIMIT_NPROC, processes)],
+            stdin,
+            stdout: plan.stdout.as_raw_fd(),
+            stderr: plan.stderr.as_raw_fd(),
+            uid: identity.uid,
+            gid: identity.gid,
+            program,
+            _args: args,
+            argv,
+            envp: [std::ptr::null()],
+        })
+    }
+}
+
+/// Reports a failed step to the parent and ends the child.
+fn child_failed(fds: ChildFds, step: JailStep, errno: i32, index: u32) -> isize {
+    let mut report = [0u8; 12];
+    report[..4].copy_from_slice(&(step as u32).to_le_bytes());
+    report[4..8].copy_from_slice(&errno.to_le_bytes());
+    report[8..].copy_from_slice(&index.to_le_bytes());
+    // SAFETY: writes 12 bytes from a live stack buffer to our own pipe.
+    unsafe { libc::write(fds.error, report.as_ptr().cast(), report.len()) };
+    127
+}
+
+/// The child between `clone` and `exec`. System calls only.
+fn run_child(plan: &ChildPlan, fds: ChildFds) -> isize {
+    let fail = |step: JailStep, errno: nix::errno::Errno| child_failed(fds, step, errno as i32, 0);
+
+    let mut go = [0u8; 1];
+    // SAFETY: reads one byte into a live stack buffer from our own pipe.
+    if unsafe { libc::read(fds.sync, go.as_mut_ptr().cast(), 1) } != 1 {
+        return fail(JailStep::WaitForParent, nix::errno::Errno::last());
+    }
+    let none: Option<&std::ffi::CStr> = None;
+    if let Err(errno) = nix::mount::mount(none, c"/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none) {
+        return fail(JailStep::PrivateMounts, errno);
+    }
+    if let Err(errno) = nix::mount::mount(Some(plan.root.as_c_str()), plan.root.as_c_str(), none, MsFlags::MS_BIND, none) {
+        return fail(JailStep::BindJailRoot, errno);
+    }
+    for (index, (tree, target)) in plan.binds.iter().enumerate() {
+        // SAFETY: attaches a detached mount we own at a path held by `plan`;
+        // the empty path is a static C string.
+        let moved =
+            unsafe { libc::syscall(libc::SYS_move_mount, *tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) };
+        if moved != 0 {
+            return child_failed(fds, JailStep::BindFile, nix::errno::Errno::last() as i32, u32::try_from(index).unwrap_or(u32::MAX));
+        }
+    }
+    if let Some(netns) = &plan.netns
+        && let Err(errno) = nix::sched::setns(&**netns, CloneFlags::CLONE_NEWNET)
+    {
+        return fail(JailStep::JoinNetworkNamespace, errno);
+    }
+    if let Err(errno) = nix::unistd::sethostname(OsStr::from_bytes(&plan.hostname)) {
+        return fail(JailStep::SetHostname, errno);
+    }
+    if let Err(errno) = nix::unistd::chdir(plan.root.as_c_str()).and_then(|()| nix::unistd::pivot_root(c".", c".")) {
+        return fail(JailStep::PivotRoot, errno);
+    }
+    if let Err(errno) = nix::mount::umount2(c".", MntFlags::MNT_DETACH).and_then(|()| nix::unistd::chdir(c"/")) {
+        return fail(JailStep::DetachOldRoot, errno);
+    }
+    for (resource, limit) in plan.rlimits {
+        if let Err(errno) = nix::sys::resource::setrlimit(resource, limit, limit) {
+            return fail(JailStep::SetRlimits, errno);
+        }
+    }
+    for (from, to) in [(plan.stdin.as_raw_fd(), 0), (plan.stdout, 1), (plan.stderr, 2)] {
+        // SAFETY: dup2 on descriptors we own; no memory is involved.
+        if unsafe { libc::dup2(from, to) } < 0 {
+            return fail(JailStep::SetStdio, nix::errno::Errno::last());
+        }
+    }
+    // Rust ignores SIGPIPE and an ignored signal would stay ignored across exec.
+    // SAFETY: resets one disposition to its default and clears the mask; no handler code runs.
+    let reset = unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR
+            || libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0
+    };
+    if reset {
+        return fail(JailStep::ResetSignals, nix::errno::Errno::last());
+    }
+    // Credentials change through raw system calls: glibc's wrappers would try
+    // to reach the parent's other threads, which do not exist in this copy.
+    // SAFETY: setgroups with an empty list reads no memory.
+    if unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) } != 0 {
+        return fail(JailStep::DropGroups, nix::errno::Errno::last());
+    }
+    // SAFETY: integer arguments only.
+    if unsafe { libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid) } != 0 {
+        return fail(JailStep::SetGid, nix::errno::Errno::last());
+    }
+    // SAFETY: integer arguments only.
+    if unsafe { libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid) } != 0 {
+        return fail(JailStep::SetUid, nix::errno::Errno::last());
+    }
+    if let Err(errno) = nix::sys::prctl::set_no_new_privs() {
+        return fail(JailStep::NoNewPrivs, errno);
+    }
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: marks descriptors close-on-exec; integer arguments only.
+    if unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) } != 0 {
+        return fail(JailStep::CloseFds, nix::errno::Errno::last());
+    }
+    // SAFETY: argv and envp are NULL-terminated arrays of pointers into
+    // C strings owned by `plan`, which outlives this call.
+    unsafe { libc::execve(plan.program.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
+    fail(JailStep::Exec, nix::errno::Errno::last())
+}
+
+/// Waits for the child to exec (its error pipe closes without a word) or
+/// to report the step that failed.
+async fn child_outcome(error_read: OwnedFd, plan: &ChildPlan) -> Result<(), JailError> {
+    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(error_read).map_err(JailError::Handshake)?;
+    let mut report = Vec::with_capacity(12);
+    pipe.read_to_end(&mut report).await.map_err(JailError::Handshake)?;
+    if report.is_empty() {
+        return Ok(());
+    }
+    let word = |at: usize| report.get(at..at + 4).and_then(|bytes| bytes.try_into().ok()).map(u32::from_le_bytes);
+    let step = word(0)
+        .and_then(JailStep::from_code)
+        .ok_or_else(|| JailError::Handshake(io::Error::new(io::ErrorKind::InvalidData, "garbled report")))?;
+    let errno = word(4).map(|value| value as i32).unwrap_or(0);
+    let index = word(8).and_then(|value| usize::try_from(value).ok()).unwrap_or(0);
+    let detail = match step {
+        JailStep::BindFile => plan.binds.get(index).map(|(_, target)| target.to_string_lossy().into_owned()),
+        JailStep::Exec => Some(plan.program.to_string_lossy().into_owned()),
+        _ => None,
+    };
+    Err(JailError::Child { step, detail, source: io::Error::from_raw_os_error(errno) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_follow_the_vm_size_and_the_cap() {
+        let jailer = Jailer {
+            config: JailerConfig::default(),
+            cgroups: CgroupHierarchy::assume("/nonexistent", "metald", CgroupVersion::V2),
+            identities: Default::default(),
+        };
+        let resources = crate::launch::Resources { vcpus: 2, memory_bytes: 512 << 20, largest_writable_bytes: 0 };
+        let limits = jailer.limits_for(&resources);
+        assert_eq!(limits.cpu, CpuLimit::Quota { quota_us: 200_000, period_us: 100_000 });
+        assert_eq!(limits.memory_bytes, (512 + 64) << 20);
+        assert_eq!(limits.pids, 34);
+        let capped = Jailer { config: JailerConfig { memory_cap_bytes: Some(100 << 20), ..JailerConfig::default() }, ..jailer };
+        assert_eq!(capped.limits_for(&resources).memory_bytes, 100 << 20);
+    }
+
+    #[test]
+    fn identities_are_unique_and_return_to_the_pool() {
+        let jailer = Jailer {
+            config: JailerConfig { uid_range: 5000..5002, ..JailerConfig::default() },
+            cgroups: CgroupHierarchy::assume("/nonexistent", "metald", CgroupVersion::V2),
+            identities: Default::default(),
+        };
+        let first = jailer.allocate_identity().unwrap();
+        let second = jailer.allocate_identity().unwrap();
+        assert_eq!((first.uid, second.uid), (5000, 5001));
+        assert!(matches!(jailer.allocate_identity(), Err(JailError::NoIdentity(_))));
+        JailTeardown { root: None, cgroup: None, identity: Some(first) }.run();
+        assert_eq!(jailer.allocate_identity().unwrap().uid, 5000);
+    }
+
+    #[test]
+    fn a_dynamically_linked_program_is_named_as_such() {
+        let file: OwnedFd = fs::File::open("/bin/sh").unwrap().into();
+        let error = check_static(Path::new("/bin/sh"), &file).unwrap_err();
+        assert!(matches!(error, JailError::DynamicProgram { ref interpreter, .. } if interpreter.contains("ld-linux")), "{error}");
+        let guest: OwnedFd = fs::File::open(metald_testguest::kernel_path()).unwrap().into();
+        check_static(metald_testguest::kernel_path(), &guest).unwrap();
+    }
+}

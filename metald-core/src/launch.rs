@@ -1,0 +1,315 @@
+//! How a VMM process is started: jailed (the default) or, for development,
+//! directly on the host. A backend describes what its VMM needs in a
+//! [`LaunchPlan`] without knowing which; the [`Launcher`] decides, and the
+//! returned [`Layout`] tells the backend which path the VMM sees for each
+//! file and which path the host uses for it.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cgroups::Cgroup;
+use crate::jailer::{JailError, Jailer};
+use crate::process::{ProcessError, ProcessExit, Supervised};
+use tokio::sync::watch;
+
+/// A file the VMM must be able to open, already opened by us.
+#[derive(Debug, Clone)]
+pub struct Exposure {
+    /// Where the VMM finds it, relative to its root (`kernel`, `drives/root.img`).
+    pub name: String,
+    /// Its path on the host, for messages and for an unjailed VMM.
+    pub host_path: PathBuf,
+    pub file: Arc<OwnedFd>,
+    /// Writable exposures are per-VM files; the jail hands them to the VMM's user.
+    pub writable: bool,
+}
+
+/// A device node the VMM needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Device {
+    /// Path inside the VMM's root, e.g. `dev/kvm`.
+    pub name: &'static str,
+    pub major: u64,
+    pub minor: u64,
+}
+
+pub const KVM: Device = Device { name: "dev/kvm", major: 10, minor: 232 };
+pub const TUN: Device = Device { name: "dev/net/tun", major: 10, minor: 200 };
+pub const URANDOM: Device = Device { name: "dev/urandom", major: 1, minor: 9 };
+
+/// A command-line argument: literal, or the path the VMM sees for a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arg {
+    Literal(String),
+    /// A file in the VMM's root (an exposure, a work file, or one it creates).
+    PathOf(String),
+}
+
+/// The resources a VM is sized for; the jail derives its limits from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// The largest file the VMM writes (a writable drive), so the file-size
+    /// limit never cuts a drive short.
+    pub largest_writable_bytes: u64,
+}
+
+/// Everything a VMM needs to start, said independently of the jail.
+#[derive(Debug)]
+pub struct LaunchPlan {
+    /// The VM's id: hostname and cgroup name in a jail.
+    pub name: String,
+    /// The VM's own folder on the host.
+    pub vm_dir: PathBuf,
+    /// The VMM executable, opened. It must be statically linked: a jail holds no libraries.
+    pub program: Exposure,
+    pub args: Vec<Arg>,
+    pub exposures: Vec<Exposure>,
+    /// Files the VMM writes into (log, metrics): created empty and handed to its user.
+    pub work_files: Vec<String>,
+    pub devices: Vec<Device>,
+    /// The network namespace to run in; joined before the VMM opens any TAP.
+    pub netns: Option<Arc<OwnedFd>>,
+    pub resources: Resources,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// Where each file of a launched VMM is, seen from inside and from the host.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The host folder the VMM sees as `/` when jailed; the VM's folder otherwise.
+    root: PathBuf,
+    jailed: bool,
+    /// Files that live elsewhere on the host: exposures and work files.
+    placed: BTreeMap<String, PathBuf>,
+}
+
+impl Layout {
+    /// `root` is the jail folder; exposures and work files are mounted into it.
+    pub fn jailed(root: PathBuf, vm_dir: &Path, plan_files: &PlanFiles<'_>) -> Self {
+        Self { root, jailed: true, placed: plan_files.placed(vm_dir) }
+    }
+
+    /// Everything at its own host path; other files in the VM's folder.
+    pub fn unjailed(vm_dir: PathBuf, plan_files: &PlanFiles<'_>) -> Self {
+        let placed = plan_files.placed(&vm_dir);
+        Self { root: vm_dir, jailed: false, placed }
+    }
+
+    /// The path the VMM uses for `name`.
+    pub fn inside(&self, name: &str) -> PathBuf {
+        if self.jailed { Path::new("/").join(name) } else { self.host(name) }
+    }
+
+    /// The path metald uses for `name`.
+    pub fn host(&self, name: &str) -> PathBuf {
+        self.placed.get(name).cloned().unwrap_or_else(|| self.root.join(name))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn is_jailed(&self) -> bool {
+        self.jailed
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot jail the VMM")]
+    Jail(#[from] JailError),
+    #[error("cannot start the VMM")]
+    Process(#[from] ProcessError),
+    #[error("cannot prepare {path} for the VMM")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The files of a plan that live outside the VMM's root.
+#[derive(Debug)]
+pub struct PlanFiles<'a> {
+    pub exposures: &'a [Exposure],
+    pub work_files: &'a [String],
+}
+
+impl PlanFiles<'_> {
+    fn placed(&self, vm_dir: &Path) -> BTreeMap<String, PathBuf> {
+        let exposures = self.exposures.iter().map(|exposure| (exposure.name.clone(), exposure.host_path.clone()));
+        let work_files = self.work_files.iter().map(|name| (name.clone(), vm_dir.join(name)));
+        exposures.chain(work_files).collect()
+    }
+}
+
+impl LaunchPlan {
+    pub fn files(&self) -> PlanFiles<'_> {
+        PlanFiles { exposures: &self.exposures, work_files: &self.work_files }
+    }
+}
+
+/// How a VMM process ended, and why when the launcher can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmExit {
+    pub status: ProcessExit,
+    /// A cause beyond the status, e.g. the out-of-memory killer at the cgroup's limit.
+    pub cause: Option<String>,
+}
+
+impl std::fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.cause {
+            Some(cause) => write!(f, "{} ({cause})", self.status),
+            None => write!(f, "{}", self.status),
+        }
+    }
+}
+
+/// A started VMM and what was made for it.
+#[derive(Debug)]
+pub struct Launched {
+    pub process: Supervised,
+    pub layout: Layout,
+    /// The VMM's cgroup, when jailed.
+    pub cgroup: Option<Cgroup>,
+    /// The uid and gid the VMM runs as, when jailed.
+    pub identity: Option<(u32, u32)>,
+    exit: watch::Receiver<Option<VmmExit>>,
+    /// Undoes the jail once the process is gone.
+    teardown: Option<crate::jailer::JailTeardown>,
+    /// How long each step of the launch took, in order.
+    pub timings: Vec<(&'static str, Duration)>,
+}
+
+impl Launched {
+    pub(crate) fn new(
+        process: Supervised,
+        layout: Layout,
+        cgroup: Option<Cgroup>,
+        identity: Option<(u32, u32)>,
+        teardown: Option<crate::jailer::JailTeardown>,
+    ) -> Self {
+        let (publish, exit) = watch::channel(None);
+        let (watched, counted) = (process.clone(), cgroup.clone());
+        let oom_kills_before = cgroup.as_ref().and_then(|cgroup| cgroup.oom_kills().ok()).unwrap_or(0);
+        tokio::spawn(async move {
+            let status = watched.wait().await;
+            let cause = counted.and_then(|cgroup| out_of_memory_cause(&cgroup, oom_kills_before));
+            publish.send_replace(Some(VmmExit { status, cause }));
+        });
+        Self { process, layout, cgroup, identity, exit, teardown, timings: Vec::new() }
+    }
+
+    /// A channel that changes once, when the VMM has ended.
+    pub fn exits(&self) -> watch::Receiver<Option<VmmExit>> {
+        self.exit.clone()
+    }
+
+    /// Removes what the launch made (cgroup, jail folder, identity). The
+    /// process must have ended; every step is tried and the errors kept.
+    pub fn release(&mut self) -> Vec<String> {
+        match self.teardown.take() {
+            Some(teardown) => teardown.run(),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// Starts VMMs jailed or, for development only, unjailed.
+#[derive(Debug, Clone)]
+pub enum Launcher {
+    Jailed(Arc<Jailer>),
+    Unjailed,
+}
+
+impl Launcher {
+    pub fn is_jailed(&self) -> bool {
+        matches!(self, Launcher::Jailed(_))
+    }
+
+    pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError> {
+        match self {
+            Launcher::Jailed(jailer) => Ok(jailer.launch(plan).await?),
+            Launcher::Unjailed => launch_unjailed(plan),
+        }
+    }
+}
+
+/// Says so when the kernel's out-of-memory killer struck in the cgroup.
+fn out_of_memory_cause(cgroup: &Cgroup, kills_before: u64) -> Option<String> {
+    let kills = cgroup.oom_kills().ok()?;
+    (kills > kills_before).then(|| match cgroup.memory_limit() {
+        Ok(limit) => format!("out of memory: the kernel killed it at its cgroup's limit of {limit} bytes"),
+        Err(_) => "out of memory: the kernel killed it at its cgroup's limit".to_owned(),
+    })
+}
+
+fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
+    tracing::warn!(
+        vm_id = %plan.name,
+        "VMM runs UNJAILED: no private root, no namespaces, no cgroup limits, no separate user. For development only."
+    );
+    let layout = Layout::unjailed(plan.vm_dir.clone(), &plan.files());
+    for name in &plan.work_files {
+        let path = layout.host(name);
+        std::fs::File::create(&path).map_err(|source| LaunchError::Prepare { path: path.clone(), source })?;
+    }
+    let mut command = Command::new(&plan.program.host_path);
+    for arg in &plan.args {
+        match arg {
+            Arg::Literal(text) => command.arg(text),
+            Arg::PathOf(name) => command.arg(layout.inside(name)),
+        };
+    }
+    command
+        .current_dir(&plan.vm_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(plan.stdout))
+        .stderr(Stdio::from(plan.stderr))
+        // Its own process group: a Ctrl+C meant for metald never reaches the VMs.
+        .process_group(0);
+    let started = std::time::Instant::now();
+    let process = Supervised::spawn(&mut command)?;
+    let mut launched = Launched::new(process, layout, None, None, None);
+    launched.timings.push(("spawn", started.elapsed()));
+    Ok(launched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel() -> Vec<Exposure> {
+        let file = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        vec![Exposure { name: "kernel".into(), host_path: PathBuf::from("/images/vmlinux"), file, writable: false }]
+    }
+
+    #[test]
+    fn a_jailed_vmm_sees_everything_under_its_root() {
+        let (exposures, work_files) = (kernel(), vec!["vmm.log".to_owned()]);
+        let files = PlanFiles { exposures: &exposures, work_files: &work_files };
+        let layout = Layout::jailed(PathBuf::from("/vms/vm-1/root"), Path::new("/vms/vm-1"), &files);
+        assert_eq!(layout.inside("kernel"), PathBuf::from("/kernel"));
+        assert_eq!(layout.inside("vmm.log"), PathBuf::from("/vmm.log"));
+        assert_eq!(layout.host("vmm.log"), PathBuf::from("/vms/vm-1/vmm.log"), "work files outlive the jail");
+        assert_eq!(layout.host("api.sock"), PathBuf::from("/vms/vm-1/root/api.sock"));
+    }
+
+    #[test]
+    fn an_unjailed_vmm_uses_host_paths() {
+        let (exposures, work_files) = (kernel(), vec!["vmm.log".to_owned()]);
+        let layout = Layout::unjailed(PathBuf::from("/vms/vm-1"), &PlanFiles { exposures: &exposures, work_files: &work_files });
+        assert_eq!(layout.inside("kernel"), PathBuf::from("/images/vmlinux"));
+        assert_eq!(layout.inside("vmm.log"), PathBuf::from("/vms/vm-1/vmm.log"));
+        assert_eq!(layout.inside("api.sock"), PathBuf::from("/vms/vm-1/api.sock"));
+    }
+}
