@@ -61,12 +61,18 @@ fn file_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error
 impl ConsoleLog {
     /// A console logging into `dir`, keeping at most `limit_bytes` per file.
     pub fn new(dir: &Path, limit_bytes: u64) -> Self {
+        Self::named(dir, CONSOLE_FILE, limit_bytes)
+    }
+
+    /// A log of any byte stream (a VMM's stderr, say) in `dir/file_name`,
+    /// rotated the same way to `file_name.1`.
+    pub fn named(dir: &Path, file_name: &str, limit_bytes: u64) -> Self {
         let (lines, _) = broadcast::channel(LINE_CHANNEL_CAPACITY);
         let (captures, _) = watch::channel(0);
         Self {
             shared: Arc::new(Shared {
-                path: dir.join(CONSOLE_FILE),
-                rotated_path: dir.join(ROTATED_CONSOLE_FILE),
+                path: dir.join(file_name),
+                rotated_path: dir.join(format!("{file_name}.1")),
                 limit_bytes: limit_bytes.max(1),
                 lines,
                 captures,

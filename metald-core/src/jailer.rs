@@ -162,6 +162,8 @@ pub enum JailError {
     NotReadable { name: String, path: PathBuf, mode: u32 },
     #[error("{path} is dynamically linked (it asks for {interpreter}); a jail holds no libraries, use a static build")]
     DynamicProgram { path: PathBuf, interpreter: String },
+    #[error("{name} ({path}) was removed or replaced while the VMM was being started; nothing was exposed, try again")]
+    ExposureGone { name: String, path: PathBuf },
     #[error("cannot set up the VMM's cgroup")]
     Cgroup(#[from] CgroupError),
     #[error("cannot clone the jailed process")]
@@ -430,6 +432,9 @@ struct MountAttr {
 /// read-only unless writable, never honouring setuid bits or device nodes.
 fn detached_mount(exposure: &Exposure) -> Result<OwnedFd, JailError> {
     let failed = |errno: nix::errno::Errno| JailError::Prepare { path: exposure.host_path.clone(), source: errno.into() };
+    if nix::sys::stat::fstat(&*exposure.file).map_err(failed)?.st_nlink == 0 {
+        return Err(JailError::ExposureGone { name: exposure.name.clone(), path: exposure.host_path.clone() });
+    }
     let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
     // SAFETY: open_tree reads our descriptor and a static empty C string and returns a new fd.
     let tree = unsafe { libc::syscall(libc::SYS_open_tree, exposure.file.as_raw_fd(), c"".as_ptr(), flags) };
@@ -541,6 +546,8 @@ struct ChildPlan {
     root: CString,
     /// A detached mount of each exposed file and where it goes.
     binds: Vec<(RawFd, CString)>,
+    /// Each bind's name in the jail and path on the host, for errors.
+    bind_names: Vec<(String, PathBuf)>,
     netns: Option<Arc<OwnedFd>>,
     hostname: Vec<u8>,
     rlimits: [(Resource, u64); 3],
@@ -586,6 +593,7 @@ impl ChildPlan {
             let target = root.join(&exposure.name);
             binds.push((tree.as_raw_fd(), c_string(target.as_os_str().as_bytes(), &target)?));
         }
+        let bind_names = exposures.iter().map(|exposure| (exposure.name.clone(), exposure.host_path.clone())).collect();
         let program_inside = layout.inside(&plan.program.name);
         let program = c_string(program_inside.as_os_str().as_bytes(), &program_inside)?;
         let mut args = vec![program.clone()];
@@ -602,6 +610,7 @@ impl ChildPlan {
         Ok(Self {
             root: c_string(root.as_os_str().as_bytes(), root)?,
             binds,
+            bind_names,
             netns: plan.netns.clone(),
             hostname: plan.name.as_bytes().to_vec(),
             rlimits: [(Resource::RLIMIT_NOFILE, open_files), (Resource::RLIMIT_FSIZE, file_size), (Resource::RLIMIT_NPROC, processes)],
@@ -733,6 +742,13 @@ async fn child_outcome(error_read: OwnedFd, plan: &ChildPlan) -> Result<(), Jail
         .ok_or_else(|| JailError::Handshake(io::Error::new(io::ErrorKind::InvalidData, "garbled report")))?;
     let errno = word(4).map(|value| value as i32).unwrap_or(0);
     let index = word(8).and_then(|value| usize::try_from(value).ok()).unwrap_or(0);
+    if step == JailStep::BindFile
+        && errno == libc::ENOENT
+        && let Some((name, path)) = plan.bind_names.get(index)
+    {
+        // An unlinked file cannot be mounted: it was replaced after we opened it.
+        return Err(JailError::ExposureGone { name: name.clone(), path: path.clone() });
+    }
     let detail = match step {
         JailStep::BindFile => plan.binds.get(index).map(|(_, target)| target.to_string_lossy().into_owned()),
         JailStep::Exec => Some(plan.program.to_string_lossy().into_owned()),

@@ -42,7 +42,9 @@ const MAX_SOCKET_PATH: usize = 107;
 /// How long a dead VMM's console pipe may take to drain.
 const CAPTURE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of Firecracker's stderr an early death reports.
-const STDERR_TAIL_BYTES: u64 = 2048;
+const STDERR_TAIL_BYTES: usize = 2048;
+/// Firecracker's stderr is kept up to this size (twice, with the rotated file).
+const STDERR_LIMIT_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug)]
 pub struct FirecrackerVm {
@@ -52,8 +54,10 @@ pub struct FirecrackerVm {
     console: ConsoleLog,
     /// The current Firecracker process and its API, while one runs.
     current: Option<Current>,
-    /// The task copying the current (or last) process's console output.
-    capture: Option<JoinHandle<()>>,
+    /// Firecracker's own stderr (panics, early errors), kept beside the console.
+    stderr_log: ConsoleLog,
+    /// The tasks copying the current (or last) process's console and stderr.
+    captures: Vec<JoinHandle<()>>,
     /// Whether `InstanceStart` succeeded for the current process.
     started: bool,
     metrics: MetricsReader,
@@ -103,13 +107,15 @@ impl FirecrackerVm {
         if socket_len > MAX_SOCKET_PATH {
             return Err(BackendError::SocketPathTooLong { path: socket, len: socket_len, max: MAX_SOCKET_PATH });
         }
+        let spec_dir = spec.vm_dir.clone();
         let mut vm = Self {
             settings,
             launcher,
             spec,
             console,
             current: None,
-            capture: None,
+            stderr_log: ConsoleLog::named(&spec_dir, STDERR_FILE, STDERR_LIMIT_BYTES),
+            captures: Vec::new(),
             started: false,
             metrics: MetricsReader::default(),
             finished_usage: ProcessUsage::default(),
@@ -159,19 +165,23 @@ impl FirecrackerVm {
 
     /// Launches Firecracker, waits for its API and configures it.
     async fn start_process(&mut self) -> Result<(), BackendError> {
-        self.finish_capture().await;
-        let (console_read, console_write) =
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|errno| prepare("the console pipe", &self.spec.vm_dir)(errno.into()))?;
-        let stderr_path = self.file(STDERR_FILE);
-        let stderr = File::create(&stderr_path).map_err(prepare("Firecracker's stderr file", &stderr_path))?;
-        let plan = self.plan(console_write, stderr.into())?;
+        self.finish_captures().await;
+        let pipe = || {
+            nix::unistd::pipe2(OFlag::O_CLOEXEC)
+                .map_err(|errno| prepare("a pipe for Firecracker's output", &self.spec.vm_dir)(errno.into()))
+        };
+        let (console_read, console_write) = pipe()?;
+        let (stderr_read, stderr_write) = pipe()?;
+        let plan = self.plan(console_write, stderr_write)?;
         let mut launched = self.launcher.launch(plan).await.map_err(BackendError::Launch)?;
         let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), self.settings.api_timeout);
         let mut timings = Vec::new();
         let result = async {
-            let source =
-                tokio::net::unix::pipe::Receiver::from_owned_fd(console_read).map_err(prepare("the console pipe", &self.spec.vm_dir))?;
-            self.capture = Some(self.console.capture(source).map_err(BackendError::Console)?);
+            for (read_end, log) in [(console_read, self.console.clone()), (stderr_read, self.stderr_log.clone())] {
+                let source = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)
+                    .map_err(prepare("a pipe for Firecracker's output", &self.spec.vm_dir))?;
+                self.captures.push(log.capture(source).map_err(BackendError::Console)?);
+            }
             let clock = std::time::Instant::now();
             self.wait_until_ready(&launched, &api).await?;
             timings.push(("vmm.api_ready", clock.elapsed()));
@@ -212,7 +222,7 @@ impl FirecrackerVm {
             while !socket.exists() {
                 tokio::select! {
                     ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &folder))?,
-                    exit = process.wait() => return Err(self.died_before_ready(exit)),
+                    exit = process.wait() => return Err(self.died_before_ready(exit).await),
                     () = tokio::time::sleep_until(deadline) => return Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout }),
                 }
             }
@@ -230,7 +240,7 @@ impl FirecrackerVm {
                 Ok(_) => return Ok(()),
                 Err(error @ BackendError::Transport { .. }) => {
                     if let Some(exit) = process.exit_status() {
-                        return Err(self.died_before_ready(exit));
+                        return Err(self.died_before_ready(exit).await);
                     }
                     if Instant::now() >= deadline {
                         tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Firecracker API never answered");
@@ -243,8 +253,12 @@ impl FirecrackerVm {
         }
     }
 
-    fn died_before_ready(&self, exit: ProcessExit) -> BackendError {
-        BackendError::DiedBeforeReady { vmm: VMM, exit, stderr: read_tail(&self.file(STDERR_FILE), STDERR_TAIL_BYTES) }
+    /// What to say when Firecracker died before its API answered: its last
+    /// words on stderr, once the pipe has drained.
+    async fn died_before_ready(&self, exit: ProcessExit) -> BackendError {
+        let _ = self.stderr_log.wait_for_line(|_| false, CAPTURE_DRAIN_TIMEOUT).await;
+        let stderr = self.stderr_log.tail(STDERR_TAIL_BYTES).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+        BackendError::DiedBeforeReady { vmm: VMM, exit, stderr }
     }
 
     async fn configure(&self, layout: &Layout, api: &FirecrackerApi) -> Result<(), BackendError> {
@@ -294,13 +308,13 @@ impl FirecrackerVm {
         Ok(())
     }
 
-    /// Waits until the last process's console output is all in the log, so
-    /// two captures never write one file. The pipe ends with the process.
-    async fn finish_capture(&mut self) {
-        if let Some(capture) = self.capture.take()
-            && tokio::time::timeout(CAPTURE_DRAIN_TIMEOUT, capture).await.is_err()
-        {
-            tracing::warn!(vm_id = %self.spec.vm_id, "console capture still open after its VMM ended");
+    /// Waits until the last process's output is all in its logs, so two
+    /// captures never write one file. The pipes end with the process.
+    async fn finish_captures(&mut self) {
+        for capture in std::mem::take(&mut self.captures) {
+            if tokio::time::timeout(CAPTURE_DRAIN_TIMEOUT, capture).await.is_err() {
+                tracing::warn!(vm_id = %self.spec.vm_id, "output capture still open after its VMM ended");
+            }
         }
     }
 
@@ -482,8 +496,9 @@ impl VmmInstance for FirecrackerVm {
             current.launched.process.kill().await.map_err(BackendError::Signal)?;
         }
         self.retire_process();
-        self.finish_capture().await;
-        for name in [SOCKET_FILE, LOG_FILE, METRICS_FILE, STDERR_FILE] {
+        self.finish_captures().await;
+        let rotated_stderr = format!("{STDERR_FILE}.1");
+        for name in [SOCKET_FILE, LOG_FILE, METRICS_FILE, STDERR_FILE, &rotated_stderr] {
             let path = self.file(name);
             match std::fs::remove_file(&path) {
                 Err(error) if error.kind() != io::ErrorKind::NotFound => {
@@ -535,16 +550,4 @@ impl SocketCreations {
             }
         }
     }
-}
-
-fn read_tail(path: &Path, max_bytes: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = File::open(path) else {
-        return String::new();
-    };
-    let length = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
-    let _ = file.seek(SeekFrom::Start(length.saturating_sub(max_bytes)));
-    let mut text = String::new();
-    let _ = file.take(max_bytes).read_to_string(&mut text);
-    text
 }
