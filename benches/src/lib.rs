@@ -25,8 +25,14 @@ pub struct BenchHost {
 }
 
 impl BenchHost {
-    /// `None`, with the reason printed, when KVM or Firecracker is missing.
+    /// A host whose VMMs are jailed (the default); `None`, with the reason
+    /// printed, when KVM or Firecracker is missing.
     pub fn new() -> Option<Self> {
+        Self::with(|builder| builder)
+    }
+
+    /// A host whose manager `customise` adjusts (for example `.unjailed()`).
+    pub fn with(customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder) -> Option<Self> {
         if let Err(reason) = metald_testguest::kvm_usable() {
             eprintln!("benchmark skipped: {reason}");
             return None;
@@ -42,12 +48,15 @@ impl BenchHost {
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images).ok()?;
         std::fs::copy(metald_testguest::kernel_path(), images.join(GUEST_KERNEL)).ok()?;
-        let manager = VmManager::builder()
-            .firecracker(FirecrackerConfig::new(&firecracker))
-            .image_root(&images)
-            .vm_root(dir.path().join("vms"))
-            .build()
-            .ok()?;
+        let builder =
+            VmManager::builder().firecracker(FirecrackerConfig::new(&firecracker)).image_root(&images).vm_root(dir.path().join("vms"));
+        let manager = match customise(builder).build() {
+            Ok(manager) => manager,
+            Err(error) => {
+                eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
+                return None;
+            }
+        };
         Some(Self { dir, firecracker, manager })
     }
 
@@ -73,6 +82,14 @@ impl BenchHost {
         let console_log = self.manager.console(&vm_id).map_err(|error| error.to_string())?;
         console_log.wait_for_line(|line| line.starts_with(console::READY), READY_TIMEOUT).await.map_err(|error| error.to_string())?;
         Ok((started.elapsed(), vm_id))
+    }
+
+    /// How long each step of a VM's VMM launch took.
+    pub async fn launch_timings(&self, vm_id: &VmId) -> Vec<(&'static str, Duration)> {
+        match self.manager.info(vm_id).await {
+            Ok(info) => info.vmm.map(|vmm| vmm.launch_timings).unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
     }
 
     pub async fn library_delete(&self, vm_id: &VmId) -> Result<(), String> {
