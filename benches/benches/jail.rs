@@ -27,11 +27,12 @@ fn jail(c: &mut Criterion) {
             bencher.iter_custom(|iterations| {
                 timed_iterations(&runtime, iterations, |_| async move {
                     let (took, vm_id) = host.library_boot().await.unwrap_or_else(|error| panic!("{name} boot: {error}"));
-                    if let Ok(mut steps) = steps.lock()
-                        && name == "jailed"
-                    {
-                        for (step, duration) in host.launch_timings(&vm_id).await {
-                            steps.entry(step).or_default().push(duration);
+                    if name == "jailed" {
+                        let timings = host.launch_timings(&vm_id).await;
+                        if let Ok(mut steps) = steps.lock() {
+                            for (step, duration) in timings {
+                                steps.entry(step).or_default().push(duration);
+                            }
                         }
                     }
                     host.library_delete(&vm_id).await.unwrap_or_else(|error| panic!("delete: {error}"));
