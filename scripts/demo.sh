@@ -7,5 +7,6 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+"$root/scripts/install-packages.sh"
 "$root/scripts/install-firecracker.sh"
 cargo run --release --locked -p metald-examples --example boot_demo

@@ -7,6 +7,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
+if [ "$(id -u)" -ne 0 ]; then
+  echo "scripts/test.sh runs as root: the tests create namespaces, cgroups, device nodes and TAP devices" >&2
+  exit 1
+fi
+"$root/scripts/install-packages.sh"
 "$root/scripts/install-firecracker.sh"
 
 cargo fmt --all -- --check

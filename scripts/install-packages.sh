@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests and the demo need, when missing:
+# gcc and binutils build the test guest; iproute2 (ip) makes the test's TAP
+# devices and network namespaces.
+set -euo pipefail
+
+needed=()
+command -v gcc >/dev/null 2>&1 || needed+=(gcc)
+command -v ld >/dev/null 2>&1 || needed+=(binutils)
+command -v ip >/dev/null 2>&1 || needed+=(iproute2)
+
+if [ "${#needed[@]}" -gt 0 ]; then
+  echo "Installing ${needed[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${needed[@]}"
+fi
