@@ -225,9 +225,12 @@ impl Jailer {
         }
     }
 
-    fn allocate_identity(&self) -> Result<Identity, JailError> {
+    /// A uid and gid for one VM, held until the lease is dropped. A VM
+    /// keeps one lease for its whole life, so its TAP devices and files
+    /// belong to the same user across every VMM it runs.
+    pub fn lease_identity(&self) -> Result<IdentityLease, JailError> {
         if let Some((uid, gid)) = self.config.fixed_identity {
-            return Ok(Identity { uid, gid, pool: None });
+            return Ok(IdentityLease { uid, gid, pool: None });
         }
         let mut taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let uid = self
@@ -237,7 +240,7 @@ impl Jailer {
             .find(|uid| !taken.contains(uid))
             .ok_or_else(|| JailError::NoIdentity(self.config.uid_range.clone()))?;
         taken.insert(uid);
-        Ok(Identity { uid, gid: uid, pool: Some(Arc::clone(&self.identities)) })
+        Ok(IdentityLease { uid, gid: uid, pool: Some(Arc::clone(&self.identities)) })
     }
 
     /// Launches `plan` in a fresh jail under `plan.vm_dir`.
@@ -246,9 +249,12 @@ impl Jailer {
         for exposure in plan.exposures.iter().filter(|exposure| !exposure.writable) {
             check_world_readable(&exposure.name, &exposure.host_path, &exposure.file)?;
         }
-        let identity = self.allocate_identity()?;
+        let identity = match &plan.identity {
+            Some(lease) => Arc::clone(lease),
+            None => Arc::new(self.lease_identity()?),
+        };
         let root = plan.vm_dir.join(JAIL_DIR);
-        let mut teardown = JailTeardown { root: None, cgroup: None, identity: Some(identity.clone()) };
+        let mut teardown = JailTeardown { root: None, cgroup: None, identity: Some(Arc::clone(&identity)) };
         let mut timings = Vec::new();
         match self.launch_in(&plan, &root, &identity, &mut teardown, &mut timings).await {
             Ok((process, cgroup)) => {
@@ -334,20 +340,41 @@ impl Jailer {
     }
 }
 
-/// A uid and gid, given back to the pool when dropped out of use.
-#[derive(Debug, Clone)]
-struct Identity {
+/// A uid and gid, given back to the pool when the lease is dropped.
+#[derive(Debug)]
+pub struct IdentityLease {
     uid: u32,
     gid: u32,
     pool: Option<Arc<Mutex<BTreeSet<u32>>>>,
 }
+
+impl IdentityLease {
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    pub fn gid(&self) -> u32 {
+        self.gid
+    }
+}
+
+impl Drop for IdentityLease {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.uid);
+        }
+    }
+}
+
+type Identity = IdentityLease;
 
 /// What a jail made on the host, to remove once its VMM has gone.
 #[derive(Debug)]
 pub(crate) struct JailTeardown {
     root: Option<PathBuf>,
     cgroup: Option<Cgroup>,
-    identity: Option<Identity>,
+    /// Dropped last: the uid goes back to the pool once no one holds it.
+    identity: Option<Arc<IdentityLease>>,
 }
 
 impl JailTeardown {
@@ -366,9 +393,7 @@ impl JailTeardown {
                 _ => {}
             }
         }
-        if let Some(Identity { uid, pool: Some(pool), .. }) = self.identity.take() {
-            pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&uid);
-        }
+        drop(self.identity.take());
         problems
     }
 }
@@ -784,12 +809,15 @@ mod tests {
             cgroups: CgroupHierarchy::assume("/nonexistent", "metald", CgroupVersion::V2),
             identities: Default::default(),
         };
-        let first = jailer.allocate_identity().unwrap();
-        let second = jailer.allocate_identity().unwrap();
+        let first = Arc::new(jailer.lease_identity().unwrap());
+        let second = jailer.lease_identity().unwrap();
         assert_eq!((first.uid, second.uid), (5000, 5001));
-        assert!(matches!(jailer.allocate_identity(), Err(JailError::NoIdentity(_))));
+        assert!(matches!(jailer.lease_identity(), Err(JailError::NoIdentity(_))));
+        let kept = Arc::clone(&first);
         JailTeardown { root: None, cgroup: None, identity: Some(first) }.run();
-        assert_eq!(jailer.allocate_identity().unwrap().uid, 5000);
+        assert!(matches!(jailer.lease_identity(), Err(JailError::NoIdentity(_))), "a lease still held is not given back");
+        drop(kept);
+        assert_eq!(jailer.lease_identity().unwrap().uid, 5000);
     }
 
     #[test]

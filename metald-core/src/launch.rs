@@ -77,6 +77,8 @@ pub struct LaunchPlan {
     /// The network namespace to run in; joined before the VMM opens any TAP.
     pub netns: Option<Arc<OwnedFd>>,
     pub resources: Resources,
+    /// The user to run as, leased for the VM's life; one is leased per launch when absent.
+    pub identity: Option<Arc<crate::jailer::IdentityLease>>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -234,6 +236,14 @@ pub enum Launcher {
 impl Launcher {
     pub fn is_jailed(&self) -> bool {
         matches!(self, Launcher::Jailed(_))
+    }
+
+    /// The user a VM's VMMs will run as, leased for the VM's life (none unjailed).
+    pub fn lease_identity(&self) -> Result<Option<Arc<crate::jailer::IdentityLease>>, LaunchError> {
+        match self {
+            Launcher::Jailed(jailer) => Ok(Some(Arc::new(jailer.lease_identity()?))),
+            Launcher::Unjailed => Ok(None),
+        }
     }
 
     pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError> {

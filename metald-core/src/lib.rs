@@ -4,7 +4,9 @@
 //! ([`VmConfig`]) and its validation, the lifecycle ([`VmState`] and its
 //! transition table), image confinement ([`images`]), the VMM backends
 //! behind one trait ([`backend::VmmBackend`], with Firecracker today),
-//! process supervision ([`process`]), serial console capture ([`console`])
+//! the integrated jailer ([`jailer`], [`cgroups`], [`launch`]), the network
+//! port ([`network`], implemented by `metald-net`), process supervision
+//! ([`process`]), serial console capture ([`console`])
 //! and the [`VmManager`] that ties them together and publishes
 //! [`VmEvent`]s. It depends on no other metald crate: networking and
 //! billing plug into it, never the other way round.
@@ -38,6 +40,7 @@ pub mod images;
 pub mod jailer;
 pub mod launch;
 pub mod manager;
+pub mod network;
 pub mod process;
 pub mod state;
 

@@ -24,8 +24,9 @@ use crate::console::{ConsoleError, ConsoleLog};
 use crate::events::{VmEvent, VmEventKind};
 use crate::ids::{TenantId, VmId};
 use crate::images::{self, ImageError, ImageFile, ImageRoot};
-use crate::jailer::{JailError, Jailer, JailerConfig};
+use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
 use crate::launch::{Launcher, VmmExit};
+use crate::network::{AttachRequest, NetworkAttachment, NetworkError, NetworkProvider};
 use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
 
@@ -55,6 +56,8 @@ pub enum ManagerError {
     InvalidConfig(#[source] ConfigError),
     #[error("image refused")]
     Image(#[source] ImageError),
+    #[error("network refused or failed")]
+    Network(#[source] NetworkError),
     #[error("VM {0} does not exist")]
     NotFound(VmId),
     #[error("VM {0} already exists")]
@@ -107,6 +110,7 @@ impl ManagerError {
                 | ImageError::Missing { field, .. }
                 | ImageError::NotAFile { field, .. },
             ) => Some(field),
+            ManagerError::Network(NetworkError::Refused { field, .. }) => Some(field),
             _ => None,
         }
     }
@@ -149,6 +153,8 @@ pub struct VmInfo {
     pub console_path: PathBuf,
     /// What the backend says, while a VMM runs.
     pub vmm: Option<VmmInfo>,
+    /// What the network provider made for the VM.
+    pub network: Option<NetworkAttachment>,
 }
 
 /// The part of [`VmInfo`] that listing needs; readable without waiting for
@@ -169,6 +175,10 @@ struct VmEntry {
     state: VmState,
     config: VmConfig,
     instance: Box<dyn VmmInstance>,
+    /// The user the VM's VMMs run as, for the VM's whole life.
+    identity: Option<Arc<IdentityLease>>,
+    /// What the network provider made for the VM.
+    network: Option<NetworkAttachment>,
     vm_dir: PathBuf,
     failure: Option<String>,
     last_exit: Option<ProcessExit>,
@@ -201,6 +211,7 @@ struct Inner {
     vm_root: PathBuf,
     console_limit_bytes: u64,
     stop_timeout: Duration,
+    network: Option<Arc<dyn NetworkProvider>>,
     registry: RwLock<Registry>,
     events: broadcast::Sender<VmEvent>,
 }
@@ -234,6 +245,7 @@ pub struct VmManagerBuilder {
     backend: Option<Arc<dyn VmmBackend>>,
     firecracker: Option<FirecrackerConfig>,
     jail: JailChoice,
+    network: Option<Arc<dyn NetworkProvider>>,
     image_root: Option<PathBuf>,
     vm_root: Option<PathBuf>,
     console_limit_bytes: Option<u64>,
@@ -250,6 +262,13 @@ impl VmManagerBuilder {
     /// A backend of the caller's own, which starts its VMMs as it likes.
     pub fn backend(mut self, backend: Arc<dyn VmmBackend>) -> Self {
         self.backend = Some(backend);
+        self
+    }
+
+    /// Who makes VMs' networks (namespaces, TAP devices, addresses, firewall).
+    /// Without one, every interface must name an existing TAP device.
+    pub fn network(mut self, provider: Arc<dyn NetworkProvider>) -> Self {
+        self.network = Some(provider);
         self
     }
 
@@ -324,6 +343,7 @@ impl VmManagerBuilder {
                 vm_root,
                 console_limit_bytes: self.console_limit_bytes.unwrap_or(DEFAULT_CONSOLE_LIMIT_BYTES),
                 stop_timeout: self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
+                network: self.network,
                 registry: RwLock::new(Registry::default()),
                 events,
             }),
@@ -425,9 +445,9 @@ impl VmManager {
         }
         let vm_dir = self.inner.vm_root.join(vm_id.as_str());
         let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
-        let launched = self.launch(&vm_id, &tenant, &config, resolved, &vm_dir, console.clone()).await;
-        let instance = match launched {
-            Ok(instance) => instance,
+        let prepared = self.prepare(&vm_id, &tenant, &config, resolved, &vm_dir, console.clone()).await;
+        let (instance, identity, network) = match prepared {
+            Ok(prepared) => prepared,
             Err(error) => {
                 remove_vm_dir(&vm_dir);
                 write_lock(&self.inner.registry).reserved.remove(&vm_id);
@@ -439,6 +459,8 @@ impl VmManager {
             state: VmState::Created,
             config,
             instance,
+            identity,
+            network,
             vm_dir,
             failure: None,
             last_exit: None,
@@ -481,12 +503,15 @@ impl VmManager {
             return refuse("cpu.vcpu_count", "asks for more vCPUs than the VMM supports");
         }
         for (index, interface) in config.network.iter().enumerate() {
-            if interface.tap_device.is_empty() {
+            let tap_problem = match (&self.inner.network, interface.tap_device.is_empty()) {
+                (None, true) => Some("is required: this manager has no network provider to make a TAP device"),
+                (Some(_), false) => Some("must be empty: the network provider makes and names the TAP device"),
+                _ => None,
+            };
+            if let Some(reason) = tap_problem {
                 return Err(ManagerError::InvalidConfig(ConfigError {
                     field: format!("network[{index}].tap_device"),
-                    problem: Problem::Inconsistent {
-                        reason: "is required: this manager has no network provider to make a TAP device".into(),
-                    },
+                    problem: Problem::Inconsistent { reason: reason.into() },
                 }));
             }
             let asymmetric = interface.rx_rate_limit != interface.tx_rate_limit;
@@ -514,7 +539,42 @@ impl VmManager {
         Ok(ResolvedImages { kernel, initrd, drives })
     }
 
+    /// Leases the VM's user, attaches its network, then launches its VMM.
+    /// Whatever was done is undone when a later step fails.
+    async fn prepare(
+        &self,
+        vm_id: &VmId,
+        tenant: &TenantId,
+        config: &VmConfig,
+        images: ResolvedImages,
+        vm_dir: &Path,
+        console: ConsoleLog,
+    ) -> Result<Prepared, ManagerError> {
+        let identity = self.inner.backend.lease_identity().map_err(|source| self.backend_error(vm_id, "create", source))?;
+        let network = match &self.inner.network {
+            Some(provider) if !config.network.is_empty() => {
+                let owner = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
+                let request = AttachRequest { vm_id, tenant, interfaces: &config.network, owner };
+                Some(provider.attach(request).await.map_err(ManagerError::Network)?)
+            }
+            _ => None,
+        };
+        match self.launch(vm_id, tenant, config, images, vm_dir, console, identity.clone(), network.as_ref()).await {
+            Ok(instance) => Ok((instance, identity, network)),
+            Err(error) => {
+                if network.is_some()
+                    && let Some(provider) = &self.inner.network
+                    && let Err(detach_error) = provider.detach(vm_id).await
+                {
+                    tracing::error!(%vm_id, error = %crate::error_chain(&detach_error), "cannot undo the network of a VM that failed to start");
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// Makes the VM's folder and drive copies, then asks the backend for a VMM.
+    #[allow(clippy::too_many_arguments)]
     async fn launch(
         &self,
         vm_id: &VmId,
@@ -523,6 +583,8 @@ impl VmManager {
         images: ResolvedImages,
         vm_dir: &Path,
         console: ConsoleLog,
+        identity: Option<Arc<IdentityLease>>,
+        network: Option<&NetworkAttachment>,
     ) -> Result<Box<dyn VmmInstance>, ManagerError> {
         let dir_error = |action: &'static str, path: &Path| {
             let vm_id = vm_id.clone();
@@ -553,14 +615,28 @@ impl VmManager {
         let interfaces = config
             .network
             .iter()
-            .map(|interface| InterfaceSpec {
-                id: interface.id.clone(),
-                tap_device: interface.tap_device.clone(),
-                guest_mac: (!interface.mac_address.is_empty()).then(|| interface.mac_address.clone()),
-                rx_rate_limit: interface.rx_rate_limit.clone(),
-                tx_rate_limit: interface.tx_rate_limit.clone(),
+            .map(|interface| {
+                let attached = network.and_then(|network| network.interfaces.iter().find(|attached| attached.id == interface.id));
+                let (tap_device, guest_mac) = match attached {
+                    Some(attached) => (attached.tap_device.clone(), Some(attached.mac_address.clone())),
+                    None => (interface.tap_device.clone(), (!interface.mac_address.is_empty()).then(|| interface.mac_address.clone())),
+                };
+                InterfaceSpec {
+                    id: interface.id.clone(),
+                    tap_device,
+                    guest_mac,
+                    rx_rate_limit: interface.rx_rate_limit.clone(),
+                    tx_rate_limit: interface.tx_rate_limit.clone(),
+                }
             })
             .collect();
+        let mut kernel_args = config.boot.kernel_args.clone();
+        for token in network.iter().flat_map(|network| network.kernel_args.iter()) {
+            if !kernel_args.is_empty() {
+                kernel_args.push(' ');
+            }
+            kernel_args.push_str(token);
+        }
         let spec = VmmSpec {
             vm_id: vm_id.clone(),
             tenant: tenant.clone(),
@@ -570,11 +646,12 @@ impl VmManager {
             huge_pages: config.memory.backing.get("huge_pages").is_some_and(|value| value == "2M"),
             kernel: images.kernel,
             initrd: images.initrd,
-            kernel_args: config.boot.kernel_args.clone(),
+            kernel_args,
             drives,
             interfaces,
             vm_dir: vm_dir.to_path_buf(),
-            netns: None,
+            netns: network.and_then(|network| network.netns.clone()),
+            identity,
         };
         self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
     }
@@ -685,6 +762,14 @@ impl VmManager {
             }
             _ => {}
         }
+        if locked.entry.network.is_some()
+            && let Some(provider) = &self.inner.network
+        {
+            match provider.detach(vm_id).await {
+                Ok(()) => locked.entry.network = None,
+                Err(error) => problems.push(crate::error_chain(&error)),
+            }
+        }
         if !problems.is_empty() {
             let reason = format!("delete incomplete: {}", problems.join("; "));
             if locked.entry.state.can_transition_to(VmState::Failed) {
@@ -693,6 +778,7 @@ impl VmManager {
             locked.entry.failure = Some(reason);
             return Err(ManagerError::DeleteIncomplete { vm_id: vm_id.clone(), problems });
         }
+        locked.entry.identity = None;
         self.transition(&mut locked, VmState::Deleted, VmEventKind::Deleted);
         write_lock(&self.inner.registry).vms.remove(vm_id);
         tracing::info!(%vm_id, "VM deleted");
@@ -727,6 +813,7 @@ impl VmManager {
             vm_dir: entry.vm_dir.clone(),
             console_path: locked.slot.console.path().to_path_buf(),
             vmm,
+            network: entry.network.clone(),
         })
     }
 
@@ -897,6 +984,9 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         publish(&inner.events, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit) });
     }
 }
+
+/// A launched VMM, its user's lease and its network.
+type Prepared = (Box<dyn VmmInstance>, Option<Arc<IdentityLease>>, Option<NetworkAttachment>);
 
 struct ResolvedImages {
     kernel: ImageFile,

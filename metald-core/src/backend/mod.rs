@@ -25,6 +25,7 @@ use crate::config::RateLimit;
 use crate::console::{ConsoleError, ConsoleLog};
 use crate::ids::{TenantId, VmId};
 use crate::images::ImageFile;
+use crate::jailer::IdentityLease;
 use crate::launch::{LaunchError, VmmExit};
 use crate::process::{ProcessError, ProcessExit};
 
@@ -95,6 +96,8 @@ pub struct VmmSpec {
     pub vm_dir: PathBuf,
     /// The VM's network namespace, if the network provider made one.
     pub netns: Option<Arc<OwnedFd>>,
+    /// The user the VM's VMMs run as, leased for the VM's life (jailed backends).
+    pub identity: Option<Arc<IdentityLease>>,
 }
 
 /// How to stop a guest.
@@ -207,6 +210,10 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     fn name(&self) -> &'static str;
 
     fn capabilities(&self) -> Capabilities;
+
+    /// The user a new VM's VMMs will run as, for its whole life; `None`
+    /// when the backend does not run VMMs as a user of their own.
+    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, BackendError>;
 
     /// Starts the VMM for `spec` and configures it; the guest does not run
     /// until [`VmmInstance::boot`]. On error nothing is left running and

@@ -158,6 +158,7 @@ impl FirecrackerVm {
             devices,
             netns: spec.netns.clone(),
             resources: Resources { vcpus: spec.vcpus, memory_bytes: spec.memory_mib << 20, largest_writable_bytes },
+            identity: spec.identity.clone(),
             stdout,
             stderr,
         })

@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use crate::config::MAX_VCPUS;
 use crate::console::ConsoleLog;
+use crate::jailer::IdentityLease;
 use crate::launch::Launcher;
 use instance::FirecrackerVm;
 
@@ -87,6 +88,10 @@ impl VmmBackend for FirecrackerBackend {
             own_jailer: true,
             max_vcpus: MAX_VCPUS,
         }
+    }
+
+    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, BackendError> {
+        self.launcher.lease_identity().map_err(BackendError::Launch)
     }
 
     async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError> {

@@ -1,0 +1,91 @@
+//! The network port: what the manager asks of a network provider, and what
+//! it gets back. `metald-net` implements it; without a provider, each
+//! interface must name a TAP device that already exists.
+//!
+//! A provider prepares, before the VMM starts, everything a VM's interfaces
+//! need: a network namespace for the VMM to join, TAP devices inside it
+//! owned by the VMM's user, addresses, routes and firewall rules; and it
+//! says what the guest must be told. It undoes all of that on detach.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::config::NetworkInterface;
+use crate::ids::{TenantId, VmId};
+
+/// What to attach.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachRequest<'a> {
+    pub vm_id: &'a VmId,
+    pub tenant: &'a TenantId,
+    pub interfaces: &'a [NetworkInterface],
+    /// The uid and gid the VMM runs as; its TAP devices must be theirs.
+    pub owner: Option<(u32, u32)>,
+}
+
+/// An address given to one interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assignment<A> {
+    pub address: A,
+    pub prefix_len: u8,
+    pub gateway: A,
+}
+
+/// One interface as attached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedInterface {
+    /// The interface id from the VM's configuration.
+    pub id: String,
+    /// The TAP device the VMM opens, inside the VM's namespace.
+    pub tap_device: String,
+    pub mac_address: String,
+    pub ipv6: Option<Assignment<Ipv6Addr>>,
+    pub ipv4: Option<Assignment<Ipv4Addr>>,
+    pub dns_servers: Vec<IpAddr>,
+    /// The host's end of the VM's link, for operators.
+    pub host_link: String,
+}
+
+/// Everything a provider made for one VM.
+#[derive(Debug, Clone)]
+pub struct NetworkAttachment {
+    /// The namespace the VMM must run in, open.
+    pub netns: Option<Arc<OwnedFd>>,
+    /// Its name (under `/run/netns` unless the provider says otherwise).
+    pub netns_name: Option<String>,
+    pub interfaces: Vec<AttachedInterface>,
+    /// Kernel command-line tokens that tell the guest its network.
+    pub kernel_args: Vec<String>,
+}
+
+/// Why a provider could not attach or detach.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The request asks for something this provider refuses (a field path is given).
+    #[error("{field}: {reason}")]
+    Refused { field: String, reason: String },
+    #[error("cannot attach the network of VM {vm_id}")]
+    Attach {
+        vm_id: VmId,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("detaching the network of VM {vm_id} left work undone: {}", .problems.join("; "))]
+    Detach { vm_id: VmId, problems: Vec<String> },
+}
+
+/// Attaches VMs to the network.
+#[async_trait]
+pub trait NetworkProvider: Send + Sync + fmt::Debug {
+    /// Prepares the VM's networking. On error nothing of it is left.
+    async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError>;
+
+    /// Removes everything `attach` made for the VM and frees its addresses.
+    /// Keeps going when a step fails and reports every failure. Detaching a
+    /// VM that has nothing attached is not an error.
+    async fn detach(&self, vm_id: &VmId) -> Result<(), NetworkError>;
+}
