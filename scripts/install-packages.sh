@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need, when missing:
-# gcc and binutils build the test guest; iproute2 (ip) makes the test's TAP
-# devices and network namespaces.
+# gcc and binutils build the test guest; iproute2 (ip) makes the tests' TAP
+# devices and network namespaces; nftables (nft) applies metald's firewall.
 set -euo pipefail
 
 needed=()
 command -v gcc >/dev/null 2>&1 || needed+=(gcc)
 command -v ld >/dev/null 2>&1 || needed+=(binutils)
 command -v ip >/dev/null 2>&1 || needed+=(iproute2)
+command -v nft >/dev/null 2>&1 || needed+=(nftables)
 
 if [ "${#needed[@]}" -gt 0 ]; then
   echo "Installing ${needed[*]}"

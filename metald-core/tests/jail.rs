@@ -357,7 +357,7 @@ fn firecracker_plan(sandbox: &Sandbox, vm_dir: &Path, netns: Option<Arc<std::os:
         work_files: vec!["vmm.log".into()],
         devices: vec![launch::KVM, launch::TUN],
         netns,
-                resources: Resources { vcpus: 1, memory_bytes: 32 * MIB, largest_writable_bytes: 0 },
+        resources: Resources { vcpus: 1, memory_bytes: 32 * MIB, largest_writable_bytes: 0 },
         identity: None,
         stdout,
         stderr,

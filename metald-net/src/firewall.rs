@@ -1,0 +1,384 @@
+//! The one nftables table metald owns (`bridge metald` by default), and the
+//! only one it touches. Every frame a VM sends, every frame forwarded from
+//! one VM's port to another's, and every frame the host sends to a VM pass
+//! through it:
+//!
+//! - `prerouting` sends each frame from a VM port to that VM's own chain
+//!   (`vm_<port>`, through the `from_vm` verdict map): it must carry the VM's
+//!   MAC and one of its addresses (or a link-local or unspecified source for
+//!   neighbour discovery), may not be a router advertisement, redirect,
+//!   router renumbering or DHCP(v6) server message, and its ICMPv6 is
+//!   rate-limited;
+//! - `forward` drops frames from one VM port to another unless the tenant
+//!   lets its VMs reach each other (`open_ports`);
+//! - `output` sends each frame the host routes to a VM port to its tenant's
+//!   chain (`tenant_<slot>`, through the `to_vm` map), which drops it when it
+//!   comes from another tenant's prefix, or from the tenant's own VMs when
+//!   the tenant keeps them apart.
+//!
+//! The JSON is written here with serde_json: nft's JSON API is the protocol,
+//! and the `nftables` crate cannot express the verdict maps this relies on.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde_json::{Value, json};
+
+/// ICMPv6 packets a VM may send per second (after a burst), to keep one VM
+/// from flooding its neighbours' and the host's neighbour caches.
+pub const ICMPV6_RATE_PER_SECOND: u32 = 200;
+const ICMPV6_BURST: u32 = 100;
+const FAMILY: &str = "bridge";
+/// nft's `filter` priority in the bridge family. A forward chain at
+/// priority 0 was seen not to run on this host's kernel; -200 does.
+const FILTER_PRIORITY: i32 = -200;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("cannot run {program}")]
+    Spawn {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nft refused the change ({status}): {stderr}")]
+    Refused { status: String, stderr: String },
+}
+
+/// One VM port's filter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRules {
+    /// The host end of the VM's link.
+    pub port: String,
+    pub mac: String,
+    pub ipv6: Ipv6Addr,
+    pub ipv4: Option<Ipv4Addr>,
+    pub tenant_slot: u64,
+}
+
+/// What a tenant's chain checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantRules {
+    pub slot: u64,
+    pub prefix6: Ipv6Net,
+    pub gateway6: Ipv6Addr,
+    pub ipv4: Option<(Ipv4Net, Ipv4Addr)>,
+    /// Whether the tenant's VMs may reach one another.
+    pub open: bool,
+}
+
+/// Applies changes to metald's table with `nft`, in the host's namespace.
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    program: PathBuf,
+    table: String,
+    namespace: Option<Arc<OwnedFd>>,
+    host_prefix6: Ipv6Net,
+    ipv4_pool: Option<Ipv4Net>,
+}
+
+fn matches(left: Value, op: &str, right: Value) -> Value {
+    json!({"match": {"op": op, "left": left, "right": right}})
+}
+
+fn meta(key: &str) -> Value {
+    json!({"meta": {"key": key}})
+}
+
+fn payload(protocol: &str, field: &str) -> Value {
+    json!({"payload": {"protocol": protocol, "field": field}})
+}
+
+fn prefix(address: impl ToString, len: u8) -> Value {
+    json!({"prefix": {"addr": address.to_string(), "len": len}})
+}
+
+fn drop() -> Value {
+    json!({"drop": null})
+}
+
+fn accept() -> Value {
+    json!({"accept": null})
+}
+
+pub fn vm_chain(port: &str) -> String {
+    format!("vm_{port}")
+}
+
+pub fn tenant_chain(slot: u64) -> String {
+    format!("tenant_{slot}")
+}
+
+impl Firewall {
+    pub fn new(
+        program: impl Into<PathBuf>,
+        table: impl Into<String>,
+        namespace: Option<Arc<OwnedFd>>,
+        host_prefix6: Ipv6Net,
+        ipv4_pool: Option<Ipv4Net>,
+    ) -> Self {
+        Self { program: program.into(), table: table.into(), namespace, host_prefix6, ipv4_pool }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    fn object(&self, kind: &str, mut body: Value) -> Value {
+        if let Some(fields) = body.as_object_mut() {
+            fields.insert("family".into(), json!(FAMILY));
+            fields.insert("table".into(), json!(self.table));
+        }
+        json!({ kind: body })
+    }
+
+    fn rule(&self, chain: &str, expr: Vec<Value>) -> Value {
+        json!({"add": self.object("rule", json!({"chain": chain, "expr": expr}))})
+    }
+
+    fn chain(&self, name: &str) -> Value {
+        json!({"add": self.object("chain", json!({"name": name}))})
+    }
+
+    fn flush_chain(&self, name: &str) -> Value {
+        json!({"flush": self.object("chain", json!({"name": name}))})
+    }
+
+    fn element(&self, verb: &str, set: &str, elements: Vec<Value>) -> Value {
+        json!({ verb: self.object("element", json!({"name": set, "elem": elements})) })
+    }
+
+    /// Makes the table, its sets, maps and base chains, and (re)writes the
+    /// base chains' rules. Per-VM and per-tenant chains are left alone, so
+    /// this is safe while VMs run (after a daemon restart, say).
+    pub fn ensure(&self) -> Result<(), FirewallError> {
+        let table = json!({"add": {"table": {"family": FAMILY, "name": self.table}}});
+        let mut batch = vec![table];
+        for (name, map) in [("from_vm", "verdict"), ("to_vm", "verdict")] {
+            batch.push(json!({"add": self.object("map", json!({"name": name, "type": "ifname", "map": map}))}));
+        }
+        for name in ["vm_ports", "open_ports"] {
+            batch.push(json!({"add": self.object("set", json!({"name": name, "type": "ifname"}))}));
+        }
+        for (name, hook, priority) in
+            [("prerouting", "prerouting", FILTER_PRIORITY), ("forward", "forward", FILTER_PRIORITY), ("output", "output", FILTER_PRIORITY)]
+        {
+            batch.push(json!({"add": self.object("chain", json!({"name": name, "type": "filter", "hook": hook, "prio": priority, "policy": "accept"}))}));
+            batch.push(self.flush_chain(name));
+        }
+        batch.push(self.rule("prerouting", vec![json!({"vmap": {"key": meta("iifname"), "data": "@from_vm"}})]));
+        batch.push(self.rule(
+            "forward",
+            vec![
+                matches(meta("iifname"), "==", json!("@vm_ports")),
+                matches(meta("oifname"), "==", json!("@vm_ports")),
+                matches(meta("iifname"), "!=", json!("@open_ports")),
+                drop(),
+            ],
+        ));
+        batch.push(self.rule("output", vec![json!({"vmap": {"key": meta("oifname"), "data": "@to_vm"}})]));
+        self.apply(batch)
+    }
+
+    /// The chain every frame from this VM port goes through.
+    fn port_chain_rules(&self, port: &PortRules) -> Vec<Value> {
+        let chain = vm_chain(&port.port);
+        let mut types = vec![json!("ip6")];
+        if port.ipv4.is_some() {
+            types.extend([json!("ip"), json!("arp")]);
+        }
+        let mut rules = vec![
+            self.chain(&chain),
+            self.flush_chain(&chain),
+            self.rule(&chain, vec![matches(payload("ether", "saddr"), "!=", json!(port.mac)), drop()]),
+            self.rule(&chain, vec![matches(payload("ether", "type"), "!=", json!({"set": types})), drop()]),
+            self.rule(
+                &chain,
+                vec![
+                    matches(payload("icmpv6", "type"), "==", json!({"set": ["nd-router-advert", "nd-redirect", "router-renumbering"]})),
+                    drop(),
+                ],
+            ),
+            self.rule(&chain, vec![matches(payload("udp", "sport"), "==", json!({"set": [547, 67]})), drop()]),
+            self.rule(
+                &chain,
+                vec![
+                    matches(meta("l4proto"), "==", json!("ipv6-icmp")),
+                    json!({"limit": {"rate": ICMPV6_RATE_PER_SECOND, "burst": ICMPV6_BURST, "per": "second", "inv": true}}),
+                    drop(),
+                ],
+            ),
+            self.rule(
+                &chain,
+                vec![matches(payload("ip6", "saddr"), "==", json!({"set": [port.ipv6.to_string(), "::", prefix("fe80::", 10)]})), accept()],
+            ),
+        ];
+        if let Some(ipv4) = port.ipv4 {
+            rules.push(self.rule(&chain, vec![matches(payload("ip", "saddr"), "==", json!(ipv4.to_string())), accept()]));
+            rules.push(self.rule(
+                &chain,
+                vec![
+                    matches(payload("arp", "saddr ether"), "==", json!(port.mac)),
+                    matches(payload("arp", "saddr ip"), "==", json!(ipv4.to_string())),
+                    accept(),
+                ],
+            ));
+        }
+        rules.push(self.rule(&chain, vec![drop()]));
+        rules
+    }
+
+    /// The chain every frame the host sends to one of the tenant's ports goes through.
+    fn tenant_chain_rules(&self, tenant: &TenantRules) -> Vec<Value> {
+        let chain = tenant_chain(tenant.slot);
+        let saddr6 = || payload("ip6", "saddr");
+        let host = prefix(self.host_prefix6.trunc().addr(), self.host_prefix6.prefix_len());
+        let own = prefix(tenant.prefix6.addr(), 64);
+        let mut rules = vec![
+            self.chain(&chain),
+            self.flush_chain(&chain),
+            // Another tenant's VM, routed through the host.
+            self.rule(&chain, vec![matches(saddr6(), "==", host), matches(saddr6(), "!=", own.clone()), drop()]),
+        ];
+        if !tenant.open {
+            // One of the tenant's own VMs, hairpinned through the gateway.
+            rules.push(
+                self.rule(&chain, vec![matches(saddr6(), "==", own), matches(saddr6(), "!=", json!(tenant.gateway6.to_string())), drop()]),
+            );
+        }
+        if let (Some(pool), Some((subnet, gateway4))) = (self.ipv4_pool, tenant.ipv4) {
+            let saddr4 = || payload("ip", "saddr");
+            let own4 = prefix(subnet.addr(), subnet.prefix_len());
+            rules.push(self.rule(
+                &chain,
+                vec![
+                    matches(saddr4(), "==", prefix(pool.trunc().addr(), pool.prefix_len())),
+                    matches(saddr4(), "!=", own4.clone()),
+                    drop(),
+                ],
+            ));
+            if !tenant.open {
+                rules.push(
+                    self.rule(&chain, vec![matches(saddr4(), "==", own4), matches(saddr4(), "!=", json!(gateway4.to_string())), drop()]),
+                );
+            }
+        }
+        rules
+    }
+
+    /// Adds (or rewrites) a VM port's filter and its tenant's chain.
+    pub fn add_port(&self, port: &PortRules, tenant: &TenantRules) -> Result<(), FirewallError> {
+        let mut batch = self.tenant_chain_rules(tenant);
+        batch.extend(self.port_chain_rules(port));
+        let name = json!(port.port);
+        batch.push(self.element("add", "from_vm", vec![json!([name, {"jump": {"target": vm_chain(&port.port)}}])]));
+        batch.push(self.element("add", "to_vm", vec![json!([name, {"jump": {"target": tenant_chain(tenant.slot)}}])]));
+        batch.push(self.element("add", "vm_ports", vec![name.clone()]));
+        if tenant.open {
+            batch.push(self.element("add", "open_ports", vec![name]));
+        }
+        self.apply(batch)
+    }
+
+    /// Removes a VM port's filter; its tenant's chain too when `last_of_tenant`.
+    /// Each piece is removed on its own, so one that is already gone does not
+    /// stop the others; every other failure is reported.
+    pub fn remove_port(&self, port: &str, tenant_slot: u64, last_of_tenant: bool) -> Vec<String> {
+        let name = json!(port);
+        let mut steps = vec![
+            self.element("delete", "from_vm", vec![name.clone()]),
+            self.element("delete", "to_vm", vec![name.clone()]),
+            self.element("delete", "vm_ports", vec![name.clone()]),
+            self.element("delete", "open_ports", vec![name]),
+            json!({"delete": self.object("chain", json!({"name": vm_chain(port)}))}),
+        ];
+        if last_of_tenant {
+            steps.push(json!({"delete": self.object("chain", json!({"name": tenant_chain(tenant_slot)}))}));
+        }
+        // The common case: everything is there and goes in one transaction.
+        if self.apply(steps.clone()).is_ok() {
+            return Vec::new();
+        }
+        steps
+            .into_iter()
+            .filter_map(|step| match self.apply(vec![step]) {
+                Ok(()) => None,
+                Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file or directory") => None,
+                Err(error) => Some(error.to_string()),
+            })
+            .collect()
+    }
+
+    /// Lets a tenant's VMs reach one another, or keeps them apart.
+    pub fn set_tenant_open(&self, tenant: &TenantRules, ports: &[String]) -> Result<(), FirewallError> {
+        let mut batch = self.tenant_chain_rules(tenant);
+        if !ports.is_empty() {
+            let elements: Vec<Value> = ports.iter().map(|port| json!(port)).collect();
+            // Adding first makes the delete safe for ports that were not in the set.
+            batch.push(self.element("add", "open_ports", elements.clone()));
+            if !tenant.open {
+                batch.push(self.element("delete", "open_ports", elements));
+            }
+        }
+        self.apply(batch)
+    }
+
+    /// The chains of the table now (for checks and operators).
+    pub fn chains(&self) -> Result<Vec<String>, FirewallError> {
+        let listing = self.run(&["-j", "list", "table", FAMILY, &self.table], None)?;
+        let parsed: Value = serde_json::from_str(&listing).unwrap_or(Value::Null);
+        let objects = parsed.get("nftables").and_then(Value::as_array).cloned().unwrap_or_default();
+        Ok(objects.iter().filter_map(|object| object.get("chain")?.get("name")?.as_str().map(str::to_owned)).collect())
+    }
+
+    /// Removes the whole table (tests; an operator retiring metald).
+    pub fn delete_table(&self) -> Result<(), FirewallError> {
+        self.apply(vec![json!({"delete": {"table": {"family": FAMILY, "name": self.table}}})])
+    }
+
+    fn apply(&self, commands: Vec<Value>) -> Result<(), FirewallError> {
+        let document = json!({"nftables": commands}).to_string();
+        self.run(&["-j", "-f", "-"], Some(&document)).map(|_| ())
+    }
+
+    /// Runs nft in the host's namespace; returns its output.
+    fn run(&self, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
+        let mut command = Command::new(&self.program);
+        command
+            .args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(namespace) = &self.namespace {
+            let fd = namespace.as_raw_fd();
+            // SAFETY: runs in the forked child before exec and only calls
+            // setns(2), which is async-signal-safe; the fd stays open until exec.
+            unsafe {
+                command.pre_exec(move || {
+                    // SAFETY: `fd` is a namespace descriptor kept open by the parent.
+                    let borrowed = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    nix::sched::setns(borrowed, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                });
+            }
+        }
+        let spawn_error = |source| FirewallError::Spawn { program: self.program.clone(), source };
+        let mut child = command.spawn().map_err(spawn_error)?;
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
+        }
+        let output = child.wait_with_output().map_err(spawn_error)?;
+        if !output.status.success() {
+            return Err(FirewallError::Refused {
+                status: output.status.to_string(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}

@@ -1,0 +1,403 @@
+//! The network provider: for each VM, a namespace of its own holding, per
+//! interface, a TAP device (owned by the VMM's user) bridged to the inner
+//! end of a veth pair; the outer end joins its tenant's bridge on the host,
+//! where the tenant's gateway lives. It implements the core's port.
+//!
+//! ```text
+//!  guest ── tap0 ─┐ br0 ┌─ eth0 ═══ veth ═══ mdv<n> ─┐ mdt<slot> (gateway ::1, fe80::1) ── host routing
+//!                 └─────┘                            │
+//!          VM's network namespace                    └── other VMs of the tenant
+//! ```
+//!
+//! Attach undoes itself on failure; detach keeps going when a step fails
+//! and reports every failure.
+
+use std::net::IpAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use ipnet::{Ipv4Net, Ipv6Net};
+use metald_core::config::{NetworkInterface, NetworkMode, parse_mac};
+use metald_core::network::{Assignment, AttachRequest, AttachedInterface, NetworkAttachment, NetworkError, NetworkProvider};
+use metald_core::{TenantId, VmId};
+use tokio::sync::Mutex;
+
+use crate::addresses::{AddressBook, AddressError, AddressPlan, Allocation, default_host_prefix};
+use crate::firewall::{Firewall, FirewallError, PortRules, TenantRules};
+use crate::netlink::{Netlink, NetlinkError};
+use crate::netns::{DEFAULT_NETNS_DIR, NetnsDir, NetnsError, write_sysctl};
+use crate::tap::{self, TapError};
+
+/// How the host's VM network is laid out.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The prefix cut into one /64 per tenant (a /48 to a /63). Default: a
+    /// ULA /48 derived from `/etc/machine-id`.
+    pub host_prefix: Option<Ipv6Net>,
+    /// Dual stack: a pool cut into one subnet of `ipv4_tenant_prefix_len` per tenant.
+    pub ipv4_pool: Option<Ipv4Net>,
+    pub ipv4_tenant_prefix_len: u8,
+    /// Where the address book (SQLite) is kept.
+    pub state_dir: PathBuf,
+    /// The namespace that plays "host" (bridges, routes, firewall); ours when `None`.
+    pub host_netns: Option<PathBuf>,
+    /// Where named namespaces live.
+    pub netns_dir: PathBuf,
+    /// VM namespaces are named `<netns_prefix><vm id>`.
+    pub netns_prefix: String,
+    /// Host links are `<link_prefix>v<n>`, tenant bridges `<link_prefix>t<slot>`.
+    pub link_prefix: String,
+    pub mtu: u32,
+    /// Resolvers the guests are told about.
+    pub dns_servers: Vec<IpAddr>,
+    /// The `nft` program.
+    pub nft: PathBuf,
+    /// The nftables table metald owns (family bridge).
+    pub table: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            host_prefix: None,
+            ipv4_pool: None,
+            ipv4_tenant_prefix_len: 24,
+            state_dir: PathBuf::from("/var/lib/metald/network"),
+            host_netns: None,
+            netns_dir: PathBuf::from(DEFAULT_NETNS_DIR),
+            netns_prefix: "metald-".into(),
+            link_prefix: "md".into(),
+            mtu: 1500,
+            dns_servers: Vec::new(),
+            nft: PathBuf::from("nft"),
+            table: "metald".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("cannot read the machine id for the default host prefix")]
+    MachineId(#[source] std::io::Error),
+    #[error("cannot prepare the state folder {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Addresses(#[from] AddressError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Namespace(#[from] NetnsError),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
+/// IPv6-first networking for VMs; see the module docs for the layout.
+#[derive(Debug)]
+pub struct Ipv6Network {
+    config: NetworkConfig,
+    book: AddressBook,
+    host_namespace: Option<Arc<OwnedFd>>,
+    host: Netlink,
+    namespaces: NetnsDir,
+    firewall: Firewall,
+    /// Tenant bridges are made and removed one at a time.
+    tenants: Mutex<()>,
+}
+
+/// The names of one interface's pieces.
+struct Links {
+    host: String,
+    inner: String,
+    bridge: String,
+    tap: String,
+}
+
+impl Ipv6Network {
+    /// Opens the address book, prepares the host side (forwarding, the
+    /// firewall table) and returns the provider.
+    pub async fn new(config: NetworkConfig) -> Result<Self, ProviderError> {
+        let host_prefix = match config.host_prefix {
+            Some(prefix) => prefix,
+            None => default_host_prefix(&std::fs::read_to_string("/etc/machine-id").map_err(ProviderError::MachineId)?),
+        };
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| ProviderError::StateDir { path: config.state_dir.clone(), source })?;
+        let ipv4 = config.ipv4_pool.map(|pool| (pool, config.ipv4_tenant_prefix_len));
+        let book = AddressBook::open(config.state_dir.join("addresses.db"), AddressPlan { host_prefix, ipv4 })?;
+        let host_namespace = match &config.host_netns {
+            Some(path) => Some(Arc::new(OwnedFd::from(std::fs::File::open(path).map_err(|source| NetnsError::Io {
+                action: "open",
+                path: path.clone(),
+                source,
+            })?))),
+            None => None,
+        };
+        let host = Netlink::connect(host_namespace.as_ref().map(|fd| fd.as_fd()))?;
+        let firewall = Firewall::new(&config.nft, &config.table, host_namespace.clone(), host_prefix, config.ipv4_pool);
+        let provider =
+            Self { namespaces: NetnsDir::new(&config.netns_dir), config, book, host_namespace, host, firewall, tenants: Mutex::new(()) };
+        provider.host_sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        if provider.config.ipv4_pool.is_some() {
+            provider.host_sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        provider.firewall.ensure()?;
+        Ok(provider)
+    }
+
+    pub fn addresses(&self) -> &AddressBook {
+        &self.book
+    }
+
+    pub fn firewall(&self) -> &Firewall {
+        &self.firewall
+    }
+
+    /// The name of a VM's namespace.
+    pub fn namespace_name(&self, vm_id: &VmId) -> String {
+        format!("{}{}", self.config.netns_prefix, vm_id)
+    }
+
+    /// A VM's namespace, open (tests use it to play the guest on a TAP).
+    pub fn open_namespace(&self, vm_id: &VmId) -> Result<OwnedFd, ProviderError> {
+        Ok(self.namespaces.open(&self.namespace_name(vm_id))?)
+    }
+
+    pub fn tenant_bridge(&self, slot: u64) -> String {
+        format!("{}t{slot:x}", self.config.link_prefix)
+    }
+
+    fn links(&self, allocation: &Allocation, position: usize) -> Links {
+        Links {
+            host: format!("{}v{:x}", self.config.link_prefix, allocation.link_number),
+            inner: format!("eth{position}"),
+            bridge: format!("br{position}"),
+            tap: format!("tap{position}"),
+        }
+    }
+
+    fn host_sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
+        match &self.host_namespace {
+            Some(namespace) => write_sysctl(namespace.as_fd(), key, value),
+            None => {
+                let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+                std::fs::write(&path, value).map_err(|source| NetnsError::Io { action: "write sysctl in", path, source })
+            }
+        }
+    }
+
+    fn tenant_rules(&self, allocation: &Allocation, open: bool) -> TenantRules {
+        TenantRules {
+            slot: allocation.tenant_slot,
+            prefix6: allocation.tenant_prefix,
+            gateway6: allocation.gateway6,
+            ipv4: allocation.ipv4.map(|(_, subnet, gateway)| (subnet, gateway)),
+            open,
+        }
+    }
+
+    /// Lets a tenant's VMs reach one another (`true`) or keeps them apart (the default).
+    pub async fn set_intra_tenant(&self, tenant: &TenantId, allowed: bool) -> Result<(), ProviderError> {
+        let _tenants = self.tenants.lock().await;
+        self.book.set_intra_tenant(tenant, allowed)?;
+        let allocations = self.book.allocations_of_tenant(tenant)?;
+        if let Some(first) = allocations.first() {
+            let ports: Vec<String> = allocations.iter().map(|allocation| self.links(allocation, 0).host).collect();
+            self.firewall.set_tenant_open(&self.tenant_rules(first, allowed), &ports)?;
+        }
+        Ok(())
+    }
+
+    /// The tenant's bridge with its gateway addresses, made with its first VM.
+    async fn ensure_tenant_bridge(&self, allocation: &Allocation) -> Result<String, ProviderError> {
+        let bridge = self.tenant_bridge(allocation.tenant_slot);
+        if self.host.index(&bridge).await?.is_some() {
+            return Ok(bridge);
+        }
+        self.host.add_bridge(&bridge, self.config.mtu).await?;
+        self.host_sysctl(&format!("net.ipv6.conf.{bridge}.accept_ra"), "0")?;
+        self.host.add_address6(&bridge, allocation.gateway6, 64).await?;
+        self.host.add_address6(&bridge, "fe80::1".parse().unwrap_or(std::net::Ipv6Addr::LOCALHOST), 64).await?;
+        if let Some((_, subnet, gateway)) = allocation.ipv4 {
+            self.host.add_address4(&bridge, gateway, subnet.prefix_len()).await?;
+        }
+        self.host.up(&bridge, self.config.mtu).await?;
+        Ok(bridge)
+    }
+
+    async fn attach_interface(
+        &self,
+        namespace: &OwnedFd,
+        inside: &Netlink,
+        allocation: &Allocation,
+        position: usize,
+        owner: Option<(u32, u32)>,
+        open: bool,
+    ) -> Result<(), ProviderError> {
+        let links = self.links(allocation, position);
+        let bridge = {
+            let _tenants = self.tenants.lock().await;
+            self.ensure_tenant_bridge(allocation).await?
+        };
+        // A leftover of a crashed attempt would make the creation fail.
+        self.host.delete(&links.host).await?;
+        self.host.add_veth(&links.host, &links.inner, namespace).await?;
+        inside.add_bridge(&links.bridge, self.config.mtu).await?;
+        tap::create(namespace, &links.tap, owner)?;
+        for link in [&links.inner, &links.tap] {
+            inside.set_master(link, &links.bridge).await?;
+        }
+        for link in [&links.bridge, &links.inner, &links.tap] {
+            inside.up(link, self.config.mtu).await?;
+        }
+        // A bridge port needs no address of its own.
+        self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
+        self.host.set_master(&links.host, &bridge).await?;
+        self.host.up(&links.host, self.config.mtu).await?;
+        let port = PortRules {
+            port: links.host.clone(),
+            mac: allocation.mac_string(),
+            ipv6: allocation.ipv6,
+            ipv4: allocation.ipv4.map(|(address, _, _)| address),
+            tenant_slot: allocation.tenant_slot,
+        };
+        self.firewall.add_port(&port, &self.tenant_rules(allocation, open))?;
+        Ok(())
+    }
+
+    async fn attach_all(&self, request: &AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
+        let failed = |source: ProviderError| NetworkError::Attach { vm_id: request.vm_id.clone(), source: Box::new(source) };
+        let mut allocations = Vec::with_capacity(request.interfaces.len());
+        for (index, interface) in request.interfaces.iter().enumerate() {
+            check_interface(index, interface, self.config.ipv4_pool.is_some())?;
+            let mac = if interface.mac_address.is_empty() { None } else { parse_mac(&interface.mac_address) };
+            allocations.push(self.book.allocate(request.vm_id, &interface.id, request.tenant, mac).map_err(|error| failed(error.into()))?);
+        }
+        let open = self.book.intra_tenant(request.tenant).map_err(|error| failed(error.into()))?;
+        let name = self.namespace_name(request.vm_id);
+        let namespace = self.namespaces.create(&name).map_err(|error| failed(error.into()))?;
+        // The VM's namespace needs no IPv6 of its own: its links only bridge frames.
+        for key in ["net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"] {
+            write_sysctl(&namespace, key, "1").map_err(|error| failed(error.into()))?;
+        }
+        let inside = Netlink::connect(Some(namespace.as_fd())).map_err(|error| failed(error.into()))?;
+        let mut interfaces = Vec::with_capacity(allocations.len());
+        for (position, allocation) in allocations.iter().enumerate() {
+            self.attach_interface(&namespace, &inside, allocation, position, request.owner, open).await.map_err(failed)?;
+            interfaces.push(AttachedInterface {
+                id: allocation.interface.clone(),
+                tap_device: self.links(allocation, position).tap,
+                mac_address: allocation.mac_string(),
+                ipv6: Some(Assignment { address: allocation.ipv6, prefix_len: 64, gateway: allocation.gateway6 }),
+                ipv4: allocation.ipv4.map(|(address, subnet, gateway)| Assignment { address, prefix_len: subnet.prefix_len(), gateway }),
+                dns_servers: self.config.dns_servers.clone(),
+                host_link: self.links(allocation, position).host,
+            });
+        }
+        let kernel_args = guest_kernel_args(&interfaces, &self.config.dns_servers, self.config.mtu);
+        Ok(NetworkAttachment { netns: Some(Arc::new(namespace)), netns_name: Some(name), interfaces, kernel_args })
+    }
+}
+
+/// What the provider refuses in an interface request: addresses are its to give.
+fn check_interface(index: usize, interface: &NetworkInterface, dual_stack: bool) -> Result<(), NetworkError> {
+    let refuse =
+        |field: &str, reason: &str| Err(NetworkError::Refused { field: format!("network[{index}].{field}"), reason: reason.to_owned() });
+    if interface.ipv6_config.as_ref().is_some_and(|config| !config.address.is_empty()) {
+        return refuse("ipv6_config.address", "must be empty: the network provider assigns addresses");
+    }
+    if interface.ipv4_config.as_ref().is_some_and(|config| !config.address.is_empty()) {
+        return refuse("ipv4_config.address", "must be empty: the network provider assigns addresses");
+    }
+    if interface.mode == NetworkMode::Ipv4Only {
+        return refuse("mode", "IPv4-only interfaces are not offered: every interface has IPv6");
+    }
+    if interface.mode == NetworkMode::DualStack && !dual_stack {
+        return refuse("mode", "dual stack needs an IPv4 pool in the network configuration");
+    }
+    Ok(())
+}
+
+/// The kernel command-line tokens that tell the guest its network (see
+/// docs/architecture/networking/ipv6.md for each key).
+pub fn guest_kernel_args(interfaces: &[AttachedInterface], dns: &[IpAddr], mtu: u32) -> Vec<String> {
+    let mut args = Vec::new();
+    for interface in interfaces {
+        let id = &interface.id;
+        args.push(format!("metald.{id}.mac={}", interface.mac_address));
+        if let Some(ipv6) = interface.ipv6 {
+            args.push(format!("metald.{id}.ipv6={}/{}", ipv6.address, ipv6.prefix_len));
+            args.push(format!("metald.{id}.gateway6={}", ipv6.gateway));
+        }
+        if let Some(ipv4) = interface.ipv4 {
+            args.push(format!("metald.{id}.ipv4={}/{}", ipv4.address, ipv4.prefix_len));
+            args.push(format!("metald.{id}.gateway4={}", ipv4.gateway));
+        }
+    }
+    if !interfaces.is_empty() {
+        args.push(format!("metald.mtu={mtu}"));
+        if !dns.is_empty() {
+            args.push(format!("metald.dns={}", dns.iter().map(IpAddr::to_string).collect::<Vec<_>>().join(",")));
+        }
+    }
+    args
+}
+
+#[async_trait]
+impl NetworkProvider for Ipv6Network {
+    async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
+        match self.attach_all(&request).await {
+            Ok(attachment) => Ok(attachment),
+            Err(error) => {
+                if let Err(undo) = self.detach(request.vm_id).await {
+                    tracing::error!(vm_id = %request.vm_id, error = %metald_core::error_chain(&undo), "cannot undo a failed network attach");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn detach(&self, vm_id: &VmId) -> Result<(), NetworkError> {
+        let mut problems = Vec::new();
+        let allocations = match self.book.allocations_of(vm_id) {
+            Ok(allocations) => allocations,
+            Err(error) => {
+                problems.push(metald_core::error_chain(&error));
+                Vec::new()
+            }
+        };
+        let _tenants = self.tenants.lock().await;
+        for (position, allocation) in allocations.iter().enumerate() {
+            let links = self.links(allocation, position);
+            let others = self
+                .book
+                .allocations_of_tenant(&allocation.tenant)
+                .map(|all| all.iter().filter(|other| other.vm_id != *vm_id).count())
+                .unwrap_or(1);
+            problems.extend(self.firewall.remove_port(&links.host, allocation.tenant_slot, others == 0));
+            if let Err(error) = self.host.delete(&links.host).await {
+                problems.push(metald_core::error_chain(&error));
+            }
+            if others == 0
+                && let Err(error) = self.host.delete(&self.tenant_bridge(allocation.tenant_slot)).await
+            {
+                problems.push(metald_core::error_chain(&error));
+            }
+        }
+        // Deleting the namespace takes its TAP devices and bridges with it.
+        if let Err(error) = self.namespaces.delete(&self.namespace_name(vm_id)) {
+            problems.push(metald_core::error_chain(&error));
+        }
+        if let Err(error) = self.book.release(vm_id) {
+            problems.push(metald_core::error_chain(&error));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(NetworkError::Detach { vm_id: vm_id.clone(), problems }) }
+    }
+}
