@@ -1,14 +1,13 @@
 //! The one nftables table metald owns (`bridge metald` by default), and the
-//! only one it touches. Every frame a VM sends, every frame forwarded from
-//! one VM's port to another's, and every frame the host sends to a VM pass
-//! through it:
+//! only one it touches. Its rules are fixed; a VM adds only set and map
+//! elements (and a tenant one chain), so applying a change costs the same
+//! with 1 VM or 1000.
 //!
-//! - `prerouting` sends each frame from a VM port to that VM's own chain
-//!   (`vm_<port>`, through the `from_vm` verdict map): it must carry the VM's
-//!   MAC and one of its addresses (or a link-local or unspecified source for
-//!   neighbour discovery), may not be a router advertisement, redirect,
-//!   router renumbering or DHCP(v6) server message, and its ICMPv6 is
-//!   rate-limited;
+//! - `prerouting` checks every frame from a VM port: the VM's MAC
+//!   (`port_macs`), no router advertisement, redirect, router renumbering or
+//!   DHCP(v6) server message, ICMPv6 rate-limited per port (`icmp6_rate`),
+//!   and a source address of the port (`port_ipv6`, `port_ipv4`,
+//!   `port_arp`), link-local or unspecified;
 //! - `forward` drops frames from one VM port to another unless the tenant
 //!   lets its VMs reach each other (`open_ports`);
 //! - `output` sends each frame the host routes to a VM port to its tenant's
@@ -107,10 +106,6 @@ fn accept() -> Value {
     json!({"accept": null})
 }
 
-pub fn vm_chain(port: &str) -> String {
-    format!("vm_{port}")
-}
-
 pub fn tenant_chain(slot: u64) -> String {
     format!("tenant_{slot}")
 }
@@ -155,24 +150,62 @@ impl Firewall {
     }
 
     /// Makes the table, its sets, maps and base chains, and (re)writes the
-    /// base chains' rules. Per-VM and per-tenant chains are left alone, so
+    /// base chains' rules. Elements and tenant chains are left alone, so
     /// this is safe while VMs run (after a daemon restart, say).
     pub fn ensure(&self) -> Result<(), FirewallError> {
+        // Sets already there (after a restart) are kept as they are, elements included.
+        let existing = self.set_names();
         let table = json!({"add": {"table": {"family": FAMILY, "name": self.table}}});
         let mut batch = vec![table];
-        for (name, map) in [("from_vm", "verdict"), ("to_vm", "verdict")] {
-            batch.push(json!({"add": self.object("map", json!({"name": name, "type": "ifname", "map": map}))}));
+        if !existing.iter().any(|name| name == "to_vm") {
+            batch.push(json!({"add": self.object("map", json!({"name": "to_vm", "type": "ifname", "map": "verdict"}))}));
         }
-        for name in ["vm_ports", "open_ports"] {
-            batch.push(json!({"add": self.object("set", json!({"name": name, "type": "ifname"}))}));
+        let sets: [(&str, Value); 6] = [
+            ("vm_ports", json!("ifname")),
+            ("open_ports", json!("ifname")),
+            ("port_macs", json!(["ifname", "ether_addr"])),
+            ("port_ipv6", json!(["ifname", "ipv6_addr"])),
+            ("port_ipv4", json!(["ifname", "ipv4_addr"])),
+            ("port_arp", json!(["ifname", "ether_addr", "ipv4_addr"])),
+        ];
+        for (name, kind) in sets.into_iter().filter(|(name, _)| !existing.iter().any(|existing| existing == name)) {
+            batch.push(json!({"add": self.object("set", json!({"name": name, "type": kind}))}));
         }
-        for (name, hook, priority) in
-            [("prerouting", "prerouting", FILTER_PRIORITY), ("forward", "forward", FILTER_PRIORITY), ("output", "output", FILTER_PRIORITY)]
-        {
-            batch.push(json!({"add": self.object("chain", json!({"name": name, "type": "filter", "hook": hook, "prio": priority, "policy": "accept"}))}));
+        if !existing.iter().any(|name| name == "icmp6_rate") {
+            batch.push(json!({"add": self.object("set", json!({"name": "icmp6_rate", "type": "ifname", "flags": ["timeout"], "timeout": 60, "size": 65536}))}));
+        }
+        for (name, hook) in [("prerouting", "prerouting"), ("forward", "forward"), ("output", "output")] {
+            batch.push(json!({"add": self.object("chain", json!({"name": name, "type": "filter", "hook": hook, "prio": FILTER_PRIORITY, "policy": "accept"}))}));
             batch.push(self.flush_chain(name));
         }
-        batch.push(self.rule("prerouting", vec![json!({"vmap": {"key": meta("iifname"), "data": "@from_vm"}})]));
+        let iifname = || meta("iifname");
+        let concat = |fields: Vec<Value>| json!({"concat": fields});
+        let from_vm = [
+            vec![matches(iifname(), "!=", json!("@vm_ports")), accept()],
+            vec![matches(concat(vec![iifname(), payload("ether", "saddr")]), "!=", json!("@port_macs")), drop()],
+            vec![matches(payload("ether", "type"), "!=", json!({"set": ["ip6", "ip", "arp"]})), drop()],
+            vec![
+                matches(payload("icmpv6", "type"), "==", json!({"set": ["nd-router-advert", "nd-redirect", "router-renumbering"]})),
+                drop(),
+            ],
+            vec![matches(payload("udp", "sport"), "==", json!({"set": [547, 67]})), drop()],
+            vec![
+                matches(meta("l4proto"), "==", json!("ipv6-icmp")),
+                json!({"set": {"op": "update", "elem": iifname(), "set": "@icmp6_rate", "stmt": [{"limit": {"rate": ICMPV6_RATE_PER_SECOND, "burst": ICMPV6_BURST, "per": "second", "inv": true}}]}}),
+                drop(),
+            ],
+            vec![matches(payload("ip6", "saddr"), "==", json!({"set": ["::", prefix("fe80::", 10)]})), accept()],
+            vec![matches(concat(vec![iifname(), payload("ip6", "saddr")]), "==", json!("@port_ipv6")), accept()],
+            vec![matches(concat(vec![iifname(), payload("ip", "saddr")]), "==", json!("@port_ipv4")), accept()],
+            vec![
+                matches(concat(vec![iifname(), payload("arp", "saddr ether"), payload("arp", "saddr ip")]), "==", json!("@port_arp")),
+                accept(),
+            ],
+            vec![drop()],
+        ];
+        for expr in from_vm {
+            batch.push(self.rule("prerouting", expr));
+        }
         batch.push(self.rule(
             "forward",
             vec![
@@ -184,54 +217,6 @@ impl Firewall {
         ));
         batch.push(self.rule("output", vec![json!({"vmap": {"key": meta("oifname"), "data": "@to_vm"}})]));
         self.apply(batch)
-    }
-
-    /// The chain every frame from this VM port goes through.
-    fn port_chain_rules(&self, port: &PortRules) -> Vec<Value> {
-        let chain = vm_chain(&port.port);
-        let mut types = vec![json!("ip6")];
-        if port.ipv4.is_some() {
-            types.extend([json!("ip"), json!("arp")]);
-        }
-        let mut rules = vec![
-            self.chain(&chain),
-            self.flush_chain(&chain),
-            self.rule(&chain, vec![matches(payload("ether", "saddr"), "!=", json!(port.mac)), drop()]),
-            self.rule(&chain, vec![matches(payload("ether", "type"), "!=", json!({"set": types})), drop()]),
-            self.rule(
-                &chain,
-                vec![
-                    matches(payload("icmpv6", "type"), "==", json!({"set": ["nd-router-advert", "nd-redirect", "router-renumbering"]})),
-                    drop(),
-                ],
-            ),
-            self.rule(&chain, vec![matches(payload("udp", "sport"), "==", json!({"set": [547, 67]})), drop()]),
-            self.rule(
-                &chain,
-                vec![
-                    matches(meta("l4proto"), "==", json!("ipv6-icmp")),
-                    json!({"limit": {"rate": ICMPV6_RATE_PER_SECOND, "burst": ICMPV6_BURST, "per": "second", "inv": true}}),
-                    drop(),
-                ],
-            ),
-            self.rule(
-                &chain,
-                vec![matches(payload("ip6", "saddr"), "==", json!({"set": [port.ipv6.to_string(), "::", prefix("fe80::", 10)]})), accept()],
-            ),
-        ];
-        if let Some(ipv4) = port.ipv4 {
-            rules.push(self.rule(&chain, vec![matches(payload("ip", "saddr"), "==", json!(ipv4.to_string())), accept()]));
-            rules.push(self.rule(
-                &chain,
-                vec![
-                    matches(payload("arp", "saddr ether"), "==", json!(port.mac)),
-                    matches(payload("arp", "saddr ip"), "==", json!(ipv4.to_string())),
-                    accept(),
-                ],
-            ));
-        }
-        rules.push(self.rule(&chain, vec![drop()]));
-        rules
     }
 
     /// The chain every frame the host sends to one of the tenant's ports goes through.
@@ -272,36 +257,45 @@ impl Firewall {
         rules
     }
 
-    /// Adds (or rewrites) a VM port's filter and its tenant's chain.
+    /// The elements that describe one VM port, set by set.
+    fn port_elements(&self, port: &PortRules, open: bool) -> Vec<(&'static str, Value)> {
+        let name = json!(port.port);
+        let mut elements = vec![
+            ("vm_ports", name.clone()),
+            ("port_macs", json!({"concat": [name, port.mac]})),
+            ("port_ipv6", json!({"concat": [name, port.ipv6.to_string()]})),
+            ("to_vm", json!([name, {"jump": {"target": tenant_chain(port.tenant_slot)}}])),
+        ];
+        if let Some(ipv4) = port.ipv4 {
+            elements.push(("port_ipv4", json!({"concat": [name, ipv4.to_string()]})));
+            elements.push(("port_arp", json!({"concat": [name, port.mac, ipv4.to_string()]})));
+        }
+        if open {
+            elements.push(("open_ports", name));
+        }
+        elements
+    }
+
+    /// Adds a VM port's elements, and (re)writes its tenant's chain, which
+    /// costs a handful of rules whatever the number of VMs.
     pub fn add_port(&self, port: &PortRules, tenant: &TenantRules) -> Result<(), FirewallError> {
         let mut batch = self.tenant_chain_rules(tenant);
-        batch.extend(self.port_chain_rules(port));
-        let name = json!(port.port);
-        batch.push(self.element("add", "from_vm", vec![json!([name, {"jump": {"target": vm_chain(&port.port)}}])]));
-        batch.push(self.element("add", "to_vm", vec![json!([name, {"jump": {"target": tenant_chain(tenant.slot)}}])]));
-        batch.push(self.element("add", "vm_ports", vec![name.clone()]));
-        if tenant.open {
-            batch.push(self.element("add", "open_ports", vec![name]));
+        for (set, element) in self.port_elements(port, tenant.open) {
+            batch.push(self.element("add", set, vec![element]));
         }
         self.apply(batch)
     }
 
-    /// Removes a VM port's filter; its tenant's chain too when `last_of_tenant`.
-    /// Each piece is removed on its own, so one that is already gone does not
-    /// stop the others; every other failure is reported.
-    pub fn remove_port(&self, port: &str, tenant_slot: u64, last_of_tenant: bool) -> Vec<String> {
-        let name = json!(port);
-        let mut steps = vec![
-            self.element("delete", "from_vm", vec![name.clone()]),
-            self.element("delete", "to_vm", vec![name.clone()]),
-            self.element("delete", "vm_ports", vec![name.clone()]),
-            self.element("delete", "open_ports", vec![name]),
-            json!({"delete": self.object("chain", json!({"name": vm_chain(port)}))}),
-        ];
+    /// Removes a VM port's elements; its tenant's chain too when `last_of_tenant`.
+    /// When the transaction is refused (a piece already gone), each piece is
+    /// removed on its own, so one missing piece does not keep the others;
+    /// every other failure is reported.
+    pub fn remove_port(&self, port: &PortRules, open: bool, last_of_tenant: bool) -> Vec<String> {
+        let mut steps: Vec<Value> =
+            self.port_elements(port, open).into_iter().map(|(set, element)| self.element("delete", set, vec![element])).collect();
         if last_of_tenant {
-            steps.push(json!({"delete": self.object("chain", json!({"name": tenant_chain(tenant_slot)}))}));
+            steps.push(json!({"delete": self.object("chain", json!({"name": tenant_chain(port.tenant_slot)}))}));
         }
-        // The common case: everything is there and goes in one transaction.
         if self.apply(steps.clone()).is_ok() {
             return Vec::new();
         }
@@ -331,10 +325,22 @@ impl Firewall {
 
     /// The chains of the table now (for checks and operators).
     pub fn chains(&self) -> Result<Vec<String>, FirewallError> {
+        self.names_of(&["chain"])
+    }
+
+    /// The sets and maps of the table, none when it does not exist yet.
+    fn set_names(&self) -> Vec<String> {
+        self.names_of(&["set", "map"]).unwrap_or_default()
+    }
+
+    fn names_of(&self, kinds: &[&str]) -> Result<Vec<String>, FirewallError> {
         let listing = self.run(&["-j", "list", "table", FAMILY, &self.table], None)?;
         let parsed: Value = serde_json::from_str(&listing).unwrap_or(Value::Null);
         let objects = parsed.get("nftables").and_then(Value::as_array).cloned().unwrap_or_default();
-        Ok(objects.iter().filter_map(|object| object.get("chain")?.get("name")?.as_str().map(str::to_owned)).collect())
+        Ok(objects
+            .iter()
+            .filter_map(|object| kinds.iter().find_map(|kind| object.get(*kind)?.get("name")?.as_str().map(str::to_owned)))
+            .collect())
     }
 
     /// Removes the whole table (tests; an operator retiring metald).

@@ -193,6 +193,16 @@ impl Ipv6Network {
         }
     }
 
+    fn port_rules(&self, allocation: &Allocation, position: usize) -> PortRules {
+        PortRules {
+            port: self.links(allocation, position).host,
+            mac: allocation.mac_string(),
+            ipv6: allocation.ipv6,
+            ipv4: allocation.ipv4.map(|(address, _, _)| address),
+            tenant_slot: allocation.tenant_slot,
+        }
+    }
+
     fn tenant_rules(&self, allocation: &Allocation, open: bool) -> TenantRules {
         TenantRules {
             slot: allocation.tenant_slot,
@@ -261,14 +271,7 @@ impl Ipv6Network {
         self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
         self.host.set_master(&links.host, &bridge).await?;
         self.host.up(&links.host, self.config.mtu).await?;
-        let port = PortRules {
-            port: links.host.clone(),
-            mac: allocation.mac_string(),
-            ipv6: allocation.ipv6,
-            ipv4: allocation.ipv4.map(|(address, _, _)| address),
-            tenant_slot: allocation.tenant_slot,
-        };
-        self.firewall.add_port(&port, &self.tenant_rules(allocation, open))?;
+        self.firewall.add_port(&self.port_rules(allocation, position), &self.tenant_rules(allocation, open))?;
         Ok(())
     }
 
@@ -381,7 +384,8 @@ impl NetworkProvider for Ipv6Network {
                 .allocations_of_tenant(&allocation.tenant)
                 .map(|all| all.iter().filter(|other| other.vm_id != *vm_id).count())
                 .unwrap_or(1);
-            problems.extend(self.firewall.remove_port(&links.host, allocation.tenant_slot, others == 0));
+            let open = self.book.intra_tenant(&allocation.tenant).unwrap_or(false);
+            problems.extend(self.firewall.remove_port(&self.port_rules(allocation, position), open, others == 0));
             if let Err(error) = self.host.delete(&links.host).await {
                 problems.push(metald_core::error_chain(&error));
             }

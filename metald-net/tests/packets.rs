@@ -116,3 +116,22 @@ async fn a_router_advertisement_from_a_vm_is_dropped() {
     guest_a.send(&echo_request(guest_a.mac, [0x33, 0x33, 0, 0, 0, 1], source, ALL_NODES));
     assert!(guest_b.receive(ARRIVES, |frame| frame.icmpv6_type() == Some(128)).is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_flooding_icmpv6_is_held_to_its_rate() {
+    let Some(sandbox) = NetSandbox::new("a_vm_flooding_icmpv6_is_held_to_its_rate").await else { return };
+    sandbox.provider.set_intra_tenant(&TenantId::new("acme").unwrap(), true).await.unwrap();
+    let (a, b) = (sandbox.attach("vm-a", "acme").await, sandbox.attach("vm-b", "acme").await);
+    let (guest_a, guest_b) = (sandbox.guest("vm-a", &a), sandbox.guest("vm-b", &b));
+    let sent = 1000;
+    let frame = echo_request(guest_a.mac, guest_b.mac, guest_a.address, guest_b.address);
+    for _ in 0..sent {
+        guest_a.send(&frame);
+    }
+    let mut received = 0;
+    while guest_b.receive(Duration::from_millis(300), |frame| frame.icmpv6_type() == Some(128)).is_some() {
+        received += 1;
+    }
+    assert!(received > 0, "some get through");
+    assert!(received < sent / 2, "{received} of {sent} flooded echo requests got through the per-VM limit");
+}

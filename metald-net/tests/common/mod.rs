@@ -25,7 +25,7 @@ pub struct NetSandbox {
     pub prefix: String,
     pub namespaces: NetnsDir,
     pub host_name: String,
-    pub provider: Ipv6Network,
+    pub provider: std::sync::Arc<Ipv6Network>,
 }
 
 impl NetSandbox {
@@ -54,7 +54,7 @@ impl NetSandbox {
             ..NetworkConfig::default()
         };
         adjust(&mut config);
-        let provider = Ipv6Network::new(config).await.unwrap();
+        let provider = std::sync::Arc::new(Ipv6Network::new(config).await.unwrap());
         Some(Self { state, prefix, namespaces, host_name, provider })
     }
 
