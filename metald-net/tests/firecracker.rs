@@ -76,7 +76,7 @@ async fn a_jailed_vm_gets_its_tap_in_its_namespace_and_firecracker_attaches_to_i
     assert!(holds_tap, "Firecracker has the TAP open");
 
     manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
-    assert_eq!(network.namespaces_left(), [network.host_name.clone()], "the VM's namespace is gone");
+    assert_eq!(network.namespaces_left(), std::slice::from_ref(&network.host_name), "the VM's namespace is gone");
     assert_eq!(network.host_ip(&["-o", "link"]).lines().count(), 1, "only lo is left on the host side");
     for controller in ["cpu", "cpuacct", "memory", "pids"] {
         let _ = std::fs::remove_dir(PathBuf::from("/sys/fs/cgroup").join(controller).join(&cgroup_parent));

@@ -62,7 +62,7 @@ async fn teardown_leaves_no_namespace_link_route_address_or_rule() {
         .unwrap();
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(!listing.contains("mdv") && !listing.contains("jump tenant") && !listing.contains("02:6d"), "no element is left:\n{listing}");
-    assert_eq!(sandbox.namespaces_left(), [sandbox.host_name.clone()]);
+    assert_eq!(sandbox.namespaces_left(), std::slice::from_ref(&sandbox.host_name));
     for vm in ["vm-a", "vm-b", "vm-c"] {
         assert!(sandbox.provider.addresses().allocations_of(&VmId::new(vm).unwrap()).unwrap().is_empty());
     }
@@ -85,7 +85,7 @@ async fn a_teardown_step_that_fails_does_not_stop_the_others_and_is_reported() {
     let NetworkError::Detach { problems, .. } = error else { panic!("expected a detach report") };
     assert!(!problems.is_empty() && problems.iter().all(|problem| problem.contains("injected failure")), "{problems:?}");
     // Everything else went: namespace, links, addresses.
-    assert_eq!(sandbox.namespaces_left(), [sandbox.host_name.clone()]);
+    assert_eq!(sandbox.namespaces_left(), std::slice::from_ref(&sandbox.host_name));
     assert_eq!(host_state(&sandbox).0, ["lo"]);
     assert!(sandbox.provider.addresses().allocations_of(&VmId::new("vm-a").unwrap()).unwrap().is_empty());
 }
@@ -145,7 +145,7 @@ async fn addresses_are_the_providers_to_give() {
     let dual = NetworkInterface { mode: NetworkMode::DualStack, ..eth0() };
     let error = sandbox.try_attach("vm-a", "acme", &[dual]).await.unwrap_err();
     assert!(matches!(&error, NetworkError::Refused { field, .. } if field == "network[0].mode"), "no IPv4 pool is configured: {error}");
-    assert_eq!(sandbox.namespaces_left(), [sandbox.host_name.clone()]);
+    assert_eq!(sandbox.namespaces_left(), std::slice::from_ref(&sandbox.host_name));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
