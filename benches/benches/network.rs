@@ -122,6 +122,9 @@ fn network(c: &mut Criterion) {
         host
     });
 
+        // A VM that stays, so the measured VMs join a tenant that exists (the
+    // common case); a tenant's first and last VM are measured on their own below.
+    runtime.block_on(setup(&bench, "vm-resident", "acme"));
     let (ours_up, ours_down, bare_up, bare_down) = (Recorder::default(), Recorder::default(), Recorder::default(), Recorder::default());
     let mut group = c.benchmark_group("vm_network_setup_and_teardown");
     group
@@ -182,11 +185,21 @@ fn network(c: &mut Criterion) {
     report("setup, metald provider", &ours_up);
     report("teardown, bare netlink", &bare_down);
     report("teardown, metald provider", &ours_down);
-    println!(
+        println!(
         "  ratio metald / bare: setup {:.2}, teardown {:.2}",
         ours_up.median().as_secs_f64() / bare_up.median().as_secs_f64().max(f64::EPSILON),
         ours_down.median().as_secs_f64() / bare_down.median().as_secs_f64().max(f64::EPSILON)
     );
+    let (first_up, last_down) = (Recorder::default(), Recorder::default());
+    runtime.block_on(async {
+        for index in 0..20 {
+            let (vm, tenant) = (format!("vm-lone-{index}"), format!("lone-{index}"));
+            first_up.record(setup(&bench, &vm, &tenant).await);
+            last_down.record(teardown(&bench, &vm).await);
+        }
+    });
+    report("setup, a tenant's first VM", &first_up);
+    report("teardown, a tenant's last VM", &last_down);
 
     // Filling one host: 1000 VMs over 10 tenants, never torn down in between.
     let fill: Vec<Duration> = runtime.block_on(async {

@@ -20,14 +20,15 @@
 
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::{Value, json};
+
+use crate::netns::run_in;
 
 /// ICMPv6 packets a VM may send per second (after a burst), to keep one VM
 /// from flooding its neighbours' and the host's neighbour caches.
@@ -276,13 +277,19 @@ impl Firewall {
         elements
     }
 
-    /// Adds a VM port's elements, and (re)writes its tenant's chain, which
-    /// costs a handful of rules whatever the number of VMs.
-    pub fn add_port(&self, port: &PortRules, tenant: &TenantRules) -> Result<(), FirewallError> {
-        let mut batch = self.tenant_chain_rules(tenant);
-        for (set, element) in self.port_elements(port, tenant.open) {
-            batch.push(self.element("add", set, vec![element]));
+        /// Adds a VM port's elements; writes its tenant's chain too with the
+    /// tenant's first port (rewriting a chain waits for an RCU grace period,
+    /// so it is not done for every VM), or when the chain is missing.
+    pub fn add_port(&self, port: &PortRules, tenant: &TenantRules, first_of_tenant: bool) -> Result<(), FirewallError> {
+        let elements: Vec<Value> = self.port_elements(port, tenant.open).into_iter().map(|(set, element)| self.element("add", set, vec![element])).collect();
+        if !first_of_tenant {
+            match self.apply(elements.clone()) {
+                Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file or directory") => {}
+                other => return other,
+            }
         }
+        let mut batch = self.tenant_chain_rules(tenant);
+        batch.extend(elements);
         self.apply(batch)
     }
 
@@ -353,28 +360,20 @@ impl Firewall {
         self.run(&["-j", "-f", "-"], Some(&document)).map(|_| ())
     }
 
-    /// Runs nft in the host's namespace; returns its output.
+        /// Runs nft in the host's namespace; returns its output.
     fn run(&self, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
         let mut command = Command::new(&self.program);
-        command
-            .args(args)
-            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(namespace) = &self.namespace {
-            let fd = namespace.as_raw_fd();
-            // SAFETY: runs in the forked child before exec and only calls
-            // setns(2), which is async-signal-safe; the fd stays open until exec.
-            unsafe {
-                command.pre_exec(move || {
-                    // SAFETY: `fd` is a namespace descriptor kept open by the parent.
-                    let borrowed = std::os::fd::BorrowedFd::borrow_raw(fd);
-                    nix::sched::setns(borrowed, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-                });
-            }
-        }
+        command.args(args).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
         let spawn_error = |source| FirewallError::Spawn { program: self.program.clone(), source };
-        let mut child = command.spawn().map_err(spawn_error)?;
+        // A child starts in its parent thread's namespace; spawning from a
+        // thread that joined the host's keeps the fast posix_spawn path.
+        let mut child = match &self.namespace {
+            Some(namespace) => run_in(namespace, || command.spawn())
+                .map_err(|error| spawn_error(std::io::Error::other(error)))?
+                .map_err(|errno| spawn_error(errno.into()))?
+                .map_err(spawn_error)?,
+            None => command.spawn().map_err(spawn_error)?,
+        };
         if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
             stdin.write_all(input.as_bytes()).map_err(spawn_error)?;
         }

@@ -225,11 +225,12 @@ impl Ipv6Network {
         Ok(())
     }
 
-    /// The tenant's bridge with its gateway addresses, made with its first VM.
-    async fn ensure_tenant_bridge(&self, allocation: &Allocation) -> Result<String, ProviderError> {
+    /// The tenant's bridge with its gateway addresses, made with its first
+    /// VM; says whether it was made now.
+    async fn ensure_tenant_bridge(&self, allocation: &Allocation) -> Result<(String, bool), ProviderError> {
         let bridge = self.tenant_bridge(allocation.tenant_slot);
         if self.host.index(&bridge).await?.is_some() {
-            return Ok(bridge);
+            return Ok((bridge, false));
         }
         self.host.add_bridge(&bridge, self.config.mtu).await?;
         self.host_sysctl(&format!("net.ipv6.conf.{bridge}.accept_ra"), "0")?;
@@ -239,7 +240,7 @@ impl Ipv6Network {
             self.host.add_address4(&bridge, gateway, subnet.prefix_len()).await?;
         }
         self.host.up(&bridge, self.config.mtu).await?;
-        Ok(bridge)
+        Ok((bridge, true))
     }
 
     async fn attach_interface(
@@ -252,7 +253,7 @@ impl Ipv6Network {
         open: bool,
     ) -> Result<(), ProviderError> {
         let links = self.links(allocation, position);
-        let bridge = {
+        let (bridge, new_tenant) = {
             let _tenants = self.tenants.lock().await;
             self.ensure_tenant_bridge(allocation).await?
         };
@@ -271,7 +272,7 @@ impl Ipv6Network {
         self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
         self.host.set_master(&links.host, &bridge).await?;
         self.host.up(&links.host, self.config.mtu).await?;
-        self.firewall.add_port(&self.port_rules(allocation, position), &self.tenant_rules(allocation, open))?;
+        self.firewall.add_port(&self.port_rules(allocation, position), &self.tenant_rules(allocation, open), new_tenant)?;
         Ok(())
     }
 
