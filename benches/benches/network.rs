@@ -122,7 +122,7 @@ fn network(c: &mut Criterion) {
         host
     });
 
-        // A VM that stays, so the measured VMs join a tenant that exists (the
+    // A VM that stays, so the measured VMs join a tenant that exists (the
     // common case); a tenant's first and last VM are measured on their own below.
     runtime.block_on(setup(&bench, "vm-resident", "acme"));
     let (ours_up, ours_down, bare_up, bare_down) = (Recorder::default(), Recorder::default(), Recorder::default(), Recorder::default());
@@ -185,7 +185,7 @@ fn network(c: &mut Criterion) {
     report("setup, metald provider", &ours_up);
     report("teardown, bare netlink", &bare_down);
     report("teardown, metald provider", &ours_down);
-        println!(
+    println!(
         "  ratio metald / bare: setup {:.2}, teardown {:.2}",
         ours_up.median().as_secs_f64() / bare_up.median().as_secs_f64().max(f64::EPSILON),
         ours_down.median().as_secs_f64() / bare_down.median().as_secs_f64().max(f64::EPSILON)

@@ -277,11 +277,12 @@ impl Firewall {
         elements
     }
 
-        /// Adds a VM port's elements; writes its tenant's chain too with the
+    /// Adds a VM port's elements; writes its tenant's chain too with the
     /// tenant's first port (rewriting a chain waits for an RCU grace period,
     /// so it is not done for every VM), or when the chain is missing.
     pub fn add_port(&self, port: &PortRules, tenant: &TenantRules, first_of_tenant: bool) -> Result<(), FirewallError> {
-        let elements: Vec<Value> = self.port_elements(port, tenant.open).into_iter().map(|(set, element)| self.element("add", set, vec![element])).collect();
+        let elements: Vec<Value> =
+            self.port_elements(port, tenant.open).into_iter().map(|(set, element)| self.element("add", set, vec![element])).collect();
         if !first_of_tenant {
             match self.apply(elements.clone()) {
                 Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file or directory") => {}
@@ -360,10 +361,14 @@ impl Firewall {
         self.run(&["-j", "-f", "-"], Some(&document)).map(|_| ())
     }
 
-        /// Runs nft in the host's namespace; returns its output.
+    /// Runs nft in the host's namespace; returns its output.
     fn run(&self, args: &[&str], input: Option<&str>) -> Result<String, FirewallError> {
         let mut command = Command::new(&self.program);
-        command.args(args).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() }).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command
+            .args(args)
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let spawn_error = |source| FirewallError::Spawn { program: self.program.clone(), source };
         // A child starts in its parent thread's namespace; spawning from a
         // thread that joined the host's keeps the fast posix_spawn path.

@@ -30,6 +30,9 @@ use crate::netlink::{Netlink, NetlinkError};
 use crate::netns::{DEFAULT_NETNS_DIR, NetnsDir, NetnsError, write_sysctl};
 use crate::tap::{self, TapError};
 
+/// Every tenant's gateway also answers here, as routers on a link usually do.
+pub const GATEWAY_LINK_LOCAL: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
 /// How the host's VM network is laid out.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -174,9 +177,14 @@ impl Ipv6Network {
         format!("{}t{slot:x}", self.config.link_prefix)
     }
 
+    /// The host end of an interface's link, named by its host-wide number.
+    fn host_link(&self, allocation: &Allocation) -> String {
+        format!("{}v{:x}", self.config.link_prefix, allocation.link_number)
+    }
+
     fn links(&self, allocation: &Allocation, position: usize) -> Links {
         Links {
-            host: format!("{}v{:x}", self.config.link_prefix, allocation.link_number),
+            host: self.host_link(allocation),
             inner: format!("eth{position}"),
             bridge: format!("br{position}"),
             tap: format!("tap{position}"),
@@ -193,9 +201,9 @@ impl Ipv6Network {
         }
     }
 
-    fn port_rules(&self, allocation: &Allocation, position: usize) -> PortRules {
+    fn port_rules(&self, allocation: &Allocation) -> PortRules {
         PortRules {
-            port: self.links(allocation, position).host,
+            port: self.host_link(allocation),
             mac: allocation.mac_string(),
             ipv6: allocation.ipv6,
             ipv4: allocation.ipv4.map(|(address, _, _)| address),
@@ -219,7 +227,7 @@ impl Ipv6Network {
         self.book.set_intra_tenant(tenant, allowed)?;
         let allocations = self.book.allocations_of_tenant(tenant)?;
         if let Some(first) = allocations.first() {
-            let ports: Vec<String> = allocations.iter().map(|allocation| self.links(allocation, 0).host).collect();
+            let ports: Vec<String> = allocations.iter().map(|allocation| self.host_link(allocation)).collect();
             self.firewall.set_tenant_open(&self.tenant_rules(first, allowed), &ports)?;
         }
         Ok(())
@@ -235,7 +243,7 @@ impl Ipv6Network {
         self.host.add_bridge(&bridge, self.config.mtu).await?;
         self.host_sysctl(&format!("net.ipv6.conf.{bridge}.accept_ra"), "0")?;
         self.host.add_address6(&bridge, allocation.gateway6, 64).await?;
-        self.host.add_address6(&bridge, "fe80::1".parse().unwrap_or(std::net::Ipv6Addr::LOCALHOST), 64).await?;
+        self.host.add_address6(&bridge, GATEWAY_LINK_LOCAL, 64).await?;
         if let Some((_, subnet, gateway)) = allocation.ipv4 {
             self.host.add_address4(&bridge, gateway, subnet.prefix_len()).await?;
         }
@@ -272,7 +280,7 @@ impl Ipv6Network {
         self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
         self.host.set_master(&links.host, &bridge).await?;
         self.host.up(&links.host, self.config.mtu).await?;
-        self.firewall.add_port(&self.port_rules(allocation, position), &self.tenant_rules(allocation, open), new_tenant)?;
+        self.firewall.add_port(&self.port_rules(allocation), &self.tenant_rules(allocation, open), new_tenant)?;
         Ok(())
     }
 
@@ -386,7 +394,7 @@ impl NetworkProvider for Ipv6Network {
                 .map(|all| all.iter().filter(|other| other.vm_id != *vm_id).count())
                 .unwrap_or(1);
             let open = self.book.intra_tenant(&allocation.tenant).unwrap_or(false);
-            problems.extend(self.firewall.remove_port(&self.port_rules(allocation, position), open, others == 0));
+            problems.extend(self.firewall.remove_port(&self.port_rules(allocation), open, others == 0));
             if let Err(error) = self.host.delete(&links.host).await {
                 problems.push(metald_core::error_chain(&error));
             }
