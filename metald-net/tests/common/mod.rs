@@ -85,6 +85,11 @@ impl NetSandbox {
         let namespace = self.provider.open_namespace(&VmId::new(vm).unwrap()).unwrap();
         let interface = &attachment.interfaces[0];
         let fd = metald_net::tap::open_as_guest(&namespace, &interface.tap_device).unwrap();
+        // Opening the TAP gives it carrier; the kernel turns that into a
+        // forwarding bridge port a little later (linkwatch), and frames sent
+        // before then are dropped. A VMM opens its TAP long before the guest talks.
+        let namespace_name = self.provider.namespace_name(&VmId::new(vm).unwrap());
+        wait_until_forwarding(&namespace_name, &interface.tap_device);
         let ipv6 = interface.ipv6.unwrap();
         Guest { fd, mac: metald_core::config::parse_mac(&interface.mac_address).unwrap(), address: ipv6.address, gateway: ipv6.gateway }
     }
@@ -114,6 +119,20 @@ impl Drop for NetSandbox {
         for name in self.namespaces_left() {
             let _ = self.namespaces.delete(&name);
         }
+    }
+}
+
+/// Waits (up to 10 s) until `link` in `namespace` is a forwarding bridge port.
+pub fn wait_until_forwarding(namespace: &str, link: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = std::process::Command::new("ip").args(["-n", namespace, "-d", "link", "show", link]).output().unwrap();
+        let details = String::from_utf8_lossy(&output.stdout);
+        if details.contains("LOWER_UP") && details.contains("bridge_slave state forwarding") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{link} in {namespace} never started forwarding:\n{details}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
