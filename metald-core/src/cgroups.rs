@@ -189,6 +189,14 @@ fn detect_version(root: &Path) -> Result<CgroupVersion, CgroupError> {
     if missing.is_empty() { Ok(CgroupVersion::V1) } else { Err(unavailable(format!("neither cgroup2 nor the v1 controllers {missing:?}"))) }
 }
 
+/// What a cgroup counted, read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CgroupUsage {
+    pub cpu_ns: u64,
+    /// The peak since the last peak reading, where the cgroup version can tell.
+    pub memory_peak_bytes: Option<u64>,
+}
+
 /// One VMM's cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cgroup {
@@ -306,12 +314,40 @@ impl Cgroup {
         Ok(self.read("pids", "pids.max")?.trim().parse().ok())
     }
 
+    /// Memory the cgroup uses now, in bytes.
+    pub fn memory_current(&self) -> Result<u64, CgroupError> {
+        let file = match self.version {
+            CgroupVersion::V1 => "memory.usage_in_bytes",
+            CgroupVersion::V2 => "memory.current",
+        };
+        Ok(self.read("memory", file)?.trim().parse().unwrap_or(0))
+    }
+
+    /// The most memory the cgroup used since the last call, which starts
+    /// the next period (v1 resets `memory.max_usage_in_bytes`; on v2, whose
+    /// `memory.peak` cannot be reset everywhere, `None`).
+    pub fn memory_peak_since_last(&self) -> Result<Option<u64>, CgroupError> {
+        match self.version {
+            CgroupVersion::V1 => {
+                let peak = self.read("memory", "memory.max_usage_in_bytes")?.trim().parse().unwrap_or(0);
+                self.write("memory", "memory.max_usage_in_bytes", "0")?;
+                Ok(Some(peak))
+            }
+            CgroupVersion::V2 => Ok(None),
+        }
+    }
+
     /// CPU time used by everything that ran in the cgroup, in nanoseconds.
     pub fn cpu_usage_ns(&self) -> Result<u64, CgroupError> {
         match self.version {
             CgroupVersion::V1 => Ok(self.read("cpuacct", "cpuacct.usage")?.trim().parse().unwrap_or(0)),
             CgroupVersion::V2 => Ok(keyed_value(&self.read("cpu", "cpu.stat")?, "usage_usec").unwrap_or(0) * 1000),
         }
+    }
+
+    /// CPU time and memory peak now.
+    pub fn usage(&self) -> Result<CgroupUsage, CgroupError> {
+        Ok(CgroupUsage { cpu_ns: self.cpu_usage_ns()?, memory_peak_bytes: self.memory_peak_since_last()? })
     }
 
     /// Removes the cgroup. It must hold no process; every folder is tried.

@@ -4,7 +4,7 @@
 
 use std::time::SystemTime;
 
-use crate::cgroups::Cgroup;
+use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::ids::{TenantId, VmId};
 use crate::process::ProcessExit;
 use crate::state::VmState;
@@ -23,29 +23,42 @@ pub struct VmEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmEventKind {
     Created,
-    /// The guest started. `pid` is its VMM process, `cgroup` the VMM's
-    /// cgroup when jailed (where metering reads CPU and memory).
-    Booted {
-        pid: Option<u32>,
-        cgroup: Option<Cgroup>,
-    },
+    /// The guest started.
+    Booted(RunningVmm),
     Paused,
     Resumed,
-    /// The guest was restarted, natively or by a stop and a fresh boot.
+    /// The guest was restarted, natively or by a stop and a fresh boot;
+    /// `ended` is what the previous VMM's cgroup counted last, when it ended.
     Rebooted {
-        pid: Option<u32>,
-        cgroup: Option<Cgroup>,
+        running: RunningVmm,
+        ended: Option<CgroupUsage>,
     },
     /// The guest stopped: asked to, forced, or on its own (a guest reset).
+    /// `usage` is what the VMM's cgroup counted just before it was removed.
     Stopped {
         exit: Option<ProcessExit>,
         forced: bool,
         by_guest: bool,
+        usage: Option<CgroupUsage>,
     },
     /// The VMM died or an operation broke it.
     Failed {
         reason: String,
         exit: Option<ProcessExit>,
+        usage: Option<CgroupUsage>,
     },
     Deleted,
+}
+
+/// What a running VM's VMM is made of, for those who measure it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningVmm {
+    /// The VMM process.
+    pub pid: Option<u32>,
+    /// The VMM's cgroup when jailed: where its CPU and memory are counted.
+    pub cgroup: Option<Cgroup>,
+    /// The VM's TAP devices, as named inside the VMM's network namespace.
+    pub taps: Vec<String>,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
 }

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cgroups::Cgroup;
+use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::jailer::{JailError, Jailer};
 use crate::process::{ProcessError, ProcessExit, Supervised};
 use tokio::sync::watch;
@@ -190,6 +190,8 @@ pub struct Launched {
     teardown: Option<crate::jailer::JailTeardown>,
     /// How long each step of the launch took, in order.
     pub timings: Vec<(&'static str, Duration)>,
+    /// What the cgroup counted last, read just before release removed it.
+    pub ended_usage: Option<CgroupUsage>,
 }
 
 impl Launched {
@@ -208,7 +210,7 @@ impl Launched {
             let cause = counted.and_then(|cgroup| out_of_memory_cause(&cgroup, oom_kills_before));
             publish.send_replace(Some(VmmExit { status, cause }));
         });
-        Self { process, layout, cgroup, identity, exit, teardown, timings: Vec::new() }
+        Self { process, layout, cgroup, identity, exit, teardown, timings: Vec::new(), ended_usage: None }
     }
 
     /// A channel that changes once, when the VMM has ended.
@@ -219,6 +221,9 @@ impl Launched {
     /// Removes what the launch made (cgroup, jail folder, identity). The
     /// process must have ended; every step is tried and the errors kept.
     pub fn release(&mut self) -> Vec<String> {
+        if self.teardown.is_some() {
+            self.ended_usage = self.cgroup.as_ref().and_then(|cgroup| cgroup.usage().ok());
+        }
         match self.teardown.take() {
             Some(teardown) => teardown.run(),
             None => Vec::new(),

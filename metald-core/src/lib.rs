@@ -45,7 +45,7 @@ pub mod process;
 pub mod state;
 
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
-pub use backend::{Capabilities, VmmBackend, VmmInfo, VmmMetrics};
+pub use backend::{Capabilities, DeviceCounters, VmmBackend, VmmInfo, VmmMetrics};
 pub use config::VmConfig;
 pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};

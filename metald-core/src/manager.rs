@@ -21,7 +21,7 @@ use crate::backend::{
 };
 use crate::config::{ConfigError, Problem, VmConfig};
 use crate::console::{ConsoleError, ConsoleLog};
-use crate::events::{VmEvent, VmEventKind};
+use crate::events::{RunningVmm, VmEvent, VmEventKind};
 use crate::ids::{TenantId, VmId};
 use crate::images::{self, ImageError, ImageFile, ImageRoot};
 use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
@@ -665,8 +665,8 @@ impl VmManager {
                 locked.entry.booted_at = Some(SystemTime::now());
                 locked.entry.failure = None;
                 self.watch_vmm(&locked.slot, &mut locked.entry);
-                let (pid, cgroup) = (locked.entry.instance.pid(), locked.entry.instance.cgroup());
-                self.transition(&mut locked, VmState::Running, VmEventKind::Booted { pid, cgroup });
+                let running = running_vmm(&locked.entry);
+                self.transition(&mut locked, VmState::Running, VmEventKind::Booted(running));
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, "boot", source).await),
@@ -705,7 +705,8 @@ impl VmManager {
         let outcome = locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, "shut down", source))?;
         locked.entry.last_exit = Some(outcome.exit);
         locked.entry.booted_at = None;
-        let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false };
+        let usage = locked.entry.instance.take_ended_usage();
+        let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false, usage };
         self.transition(locked, VmState::Shutdown, kind);
         Ok(())
     }
@@ -736,9 +737,10 @@ impl VmManager {
             Ok(()) => {
                 locked.entry.booted_at = Some(SystemTime::now());
                 self.watch_vmm(&locked.slot, &mut locked.entry);
-                let (pid, cgroup) = (locked.entry.instance.pid(), locked.entry.instance.cgroup());
+                let ended = locked.entry.instance.take_ended_usage();
+                let running = running_vmm(&locked.entry);
                 locked.entry.modified_at = SystemTime::now();
-                self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { pid, cgroup });
+                self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { running, ended });
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, "reboot", source).await),
@@ -773,7 +775,7 @@ impl VmManager {
         if !problems.is_empty() {
             let reason = format!("delete incomplete: {}", problems.join("; "));
             if locked.entry.state.can_transition_to(VmState::Failed) {
-                self.transition(&mut locked, VmState::Failed, VmEventKind::Failed { reason: reason.clone(), exit: None });
+                self.transition(&mut locked, VmState::Failed, VmEventKind::Failed { reason: reason.clone(), exit: None, usage: None });
             }
             locked.entry.failure = Some(reason);
             return Err(ManagerError::DeleteIncomplete { vm_id: vm_id.clone(), problems });
@@ -913,7 +915,8 @@ impl VmManager {
         locked.entry.booted_at = None;
         if locked.entry.state.can_transition_to(VmState::Failed) {
             let exit = locked.entry.last_exit;
-            self.transition(locked, VmState::Failed, VmEventKind::Failed { reason, exit });
+            let usage = locked.entry.instance.take_ended_usage();
+            self.transition(locked, VmState::Failed, VmEventKind::Failed { reason, exit, usage });
         }
         error
     }
@@ -975,13 +978,15 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
     if exit.is_clean() && entry.state == VmState::Running {
         tracing::info!(%vm_id, %exit, "guest stopped itself");
         apply_transition(&slot, &mut entry, VmState::Shutdown);
-        publish(&inner.events, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true });
+        let usage = entry.instance.take_ended_usage();
+        publish(&inner.events, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage });
     } else {
         let reason = format!("{backend} {vmm_exit} while the VM was {}", entry.state);
         tracing::warn!(%vm_id, %reason, "VMM died");
         entry.failure = Some(reason.clone());
         apply_transition(&slot, &mut entry, VmState::Failed);
-        publish(&inner.events, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit) });
+        let usage = entry.instance.take_ended_usage();
+        publish(&inner.events, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit), usage });
     }
 }
 
@@ -992,6 +997,21 @@ struct ResolvedImages {
     kernel: ImageFile,
     initrd: Option<ImageFile>,
     drives: Vec<ImageFile>,
+}
+
+/// The VMM a VM runs on now, as events describe it.
+fn running_vmm(entry: &VmEntry) -> RunningVmm {
+    let taps = match &entry.network {
+        Some(network) => network.interfaces.iter().map(|interface| interface.tap_device.clone()).collect(),
+        None => entry.config.network.iter().map(|interface| interface.tap_device.clone()).collect(),
+    };
+    RunningVmm {
+        pid: entry.instance.pid(),
+        cgroup: entry.instance.cgroup(),
+        taps,
+        vcpus: entry.config.cpu.vcpu_count,
+        memory_bytes: entry.config.memory.size_bytes,
+    }
 }
 
 fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {

@@ -70,10 +70,10 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
     }
     let expected = [
         VmEventKind::Created,
-        VmEventKind::Booted { pid: None, cgroup: None },
+        VmEventKind::Booted(metald_core::events::RunningVmm { pid: None, cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 0 }),
         VmEventKind::Paused,
         VmEventKind::Resumed,
-        VmEventKind::Stopped { exit: None, forced: false, by_guest: false },
+        VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None },
         VmEventKind::Deleted,
     ];
     assert_eq!(seen, expected.iter().map(std::mem::discriminant).collect::<Vec<_>>());
@@ -89,7 +89,7 @@ async fn a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason() {
 
     let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("the death is noticed").unwrap();
     match &event.kind {
-        VmEventKind::Failed { reason, exit } => {
+        VmEventKind::Failed { reason, exit, .. } => {
             assert!(reason.contains("killed by signal 9 (SIGKILL)"), "{reason}");
             assert_eq!(*exit, Some(metald_core::process::ProcessExit::Killed { signal: 9 }));
         }

@@ -159,7 +159,7 @@ async fn a_guest_that_writes_past_its_memory_limit_is_killed_and_its_vm_fails_sa
     sandbox.manager.boot(&vm_id).await.unwrap();
     let reason = loop {
         let event = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.expect("the VMM dies").unwrap();
-        if let VmEventKind::Failed { reason, exit } = event.kind {
+        if let VmEventKind::Failed { reason, exit, .. } = event.kind {
             assert_eq!(exit, Some(metald_core::process::ProcessExit::Killed { signal: 9 }));
             break reason;
         }

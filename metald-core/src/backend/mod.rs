@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use crate::cgroups::Cgroup;
+use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::config::RateLimit;
 use crate::console::{ConsoleError, ConsoleLog};
 use crate::ids::{TenantId, VmId};
@@ -139,6 +139,12 @@ pub struct VmmMetrics {
     pub cpu_time_ns: u64,
     /// Resident memory of the VMM process, guest memory included.
     pub resident_bytes: u64,
+    pub devices: DeviceCounters,
+}
+
+/// A VM's network and block I/O as its VMM counts it, from the guest's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct DeviceCounters {
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
     pub net_rx_packets: u64,
@@ -147,6 +153,22 @@ pub struct VmmMetrics {
     pub block_write_bytes: u64,
     pub block_read_ops: u64,
     pub block_write_ops: u64,
+}
+
+impl DeviceCounters {
+    /// What was counted since `earlier`; a counter that went back (a restarted VMM) counts as zero.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            net_rx_bytes: self.net_rx_bytes.saturating_sub(earlier.net_rx_bytes),
+            net_tx_bytes: self.net_tx_bytes.saturating_sub(earlier.net_tx_bytes),
+            net_rx_packets: self.net_rx_packets.saturating_sub(earlier.net_rx_packets),
+            net_tx_packets: self.net_tx_packets.saturating_sub(earlier.net_tx_packets),
+            block_read_bytes: self.block_read_bytes.saturating_sub(earlier.block_read_bytes),
+            block_write_bytes: self.block_write_bytes.saturating_sub(earlier.block_write_bytes),
+            block_read_ops: self.block_read_ops.saturating_sub(earlier.block_read_ops),
+            block_write_ops: self.block_write_ops.saturating_sub(earlier.block_write_ops),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +251,10 @@ pub trait VmmInstance: Send + Sync + fmt::Debug {
 
     /// The VMM's cgroup, while one runs in a jail.
     fn cgroup(&self) -> Option<Cgroup>;
+
+    /// What the last ended VMM's cgroup counted just before it was removed,
+    /// handed out once.
+    fn take_ended_usage(&mut self) -> Option<CgroupUsage>;
 
     /// A channel that changes once, when the current VMM process ends. A
     /// backend that relaunches its VMM (see [`VmmInstance::boot`]) hands out

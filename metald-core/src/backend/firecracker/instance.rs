@@ -23,7 +23,7 @@ use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, Logger, MachineConfiguration, Metrics, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
 use crate::backend::{BackendError, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
-use crate::cgroups::Cgroup;
+use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::ConsoleLog;
 use crate::images::ImageFile;
 use crate::jailer::JAIL_DIR;
@@ -63,6 +63,8 @@ pub struct FirecrackerVm {
     metrics: MetricsReader,
     /// Usage of earlier processes of this VM, so totals never go backwards.
     finished_usage: ProcessUsage,
+    /// The last ended process's cgroup counters, not yet handed out.
+    ended_usage: Option<CgroupUsage>,
     last_usage: ProcessUsage,
 }
 
@@ -119,6 +121,7 @@ impl FirecrackerVm {
             started: false,
             metrics: MetricsReader::default(),
             finished_usage: ProcessUsage::default(),
+            ended_usage: None,
             last_usage: ProcessUsage::default(),
         };
         vm.start_process().await?;
@@ -338,6 +341,7 @@ impl FirecrackerVm {
             for problem in current.launched.release() {
                 tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo the jail of an ended VMM");
             }
+            self.ended_usage = current.launched.ended_usage;
         }
         self.started = false;
     }
@@ -385,6 +389,10 @@ impl VmmInstance for FirecrackerVm {
 
     fn cgroup(&self) -> Option<Cgroup> {
         self.running().ok().and_then(|current| current.launched.cgroup.clone())
+    }
+
+    fn take_ended_usage(&mut self) -> Option<CgroupUsage> {
+        self.ended_usage.take()
     }
 
     fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>> {
@@ -478,18 +486,7 @@ impl VmmInstance for FirecrackerVm {
         let path = self.file(METRICS_FILE);
         let devices = self.metrics.update(&path).map_err(prepare("Firecracker's metrics", &path))?;
         let resident_bytes = if self.running().is_ok() { self.last_usage.resident_bytes } else { 0 };
-        Ok(VmmMetrics {
-            cpu_time_ns: self.finished_usage.cpu_time_ns + self.last_usage.cpu_time_ns,
-            resident_bytes,
-            net_rx_bytes: devices.net_rx_bytes,
-            net_tx_bytes: devices.net_tx_bytes,
-            net_rx_packets: devices.net_rx_packets,
-            net_tx_packets: devices.net_tx_packets,
-            block_read_bytes: devices.block_read_bytes,
-            block_write_bytes: devices.block_write_bytes,
-            block_read_ops: devices.block_read_ops,
-            block_write_ops: devices.block_write_ops,
-        })
+        Ok(VmmMetrics { cpu_time_ns: self.finished_usage.cpu_time_ns + self.last_usage.cpu_time_ns, resident_bytes, devices })
     }
 
     async fn destroy(&mut self) -> Result<(), BackendError> {

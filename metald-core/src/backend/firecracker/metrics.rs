@@ -8,18 +8,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-/// The device counters that metald reports, summed over every flush.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DeviceTotals {
-    pub net_rx_bytes: u64,
-    pub net_tx_bytes: u64,
-    pub net_rx_packets: u64,
-    pub net_tx_packets: u64,
-    pub block_read_bytes: u64,
-    pub block_write_bytes: u64,
-    pub block_read_ops: u64,
-    pub block_write_ops: u64,
-}
+use crate::backend::DeviceCounters;
 
 #[derive(Debug, Default, Deserialize)]
 struct Flush {
@@ -51,12 +40,12 @@ struct BlockCounters {
 #[derive(Debug, Default)]
 pub struct MetricsReader {
     offset: u64,
-    totals: DeviceTotals,
+    totals: DeviceCounters,
 }
 
 impl MetricsReader {
     /// Adds every complete line written since the last call and returns the totals.
-    pub fn update(&mut self, path: &Path) -> io::Result<DeviceTotals> {
+    pub fn update(&mut self, path: &Path) -> io::Result<DeviceCounters> {
         let mut file = match File::open(path) {
             Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(self.totals),
