@@ -1,8 +1,21 @@
-//! metald-billing: what VMs cost, measured and delivered exactly once.
+//! metald-billing: what VMs use, measured and delivered exactly once.
 //!
-//! It will own the 100 ms meter (cgroup CPU and memory, TAP counters, block
-//! I/O) that subscribes to the core's VM events, interval usage records
-//! with per-VM sequence numbers, the durable spool, the `BillingSink` trait
-//! with ClickHouse, JSON Lines and billing-service sinks, and the
-//! ClickHouse schema. It depends on `metald-core` only. Nothing is
-//! implemented yet.
+//! It owns the meter (every 100 ms, per running VM: cgroup CPU and memory,
+//! TAP counters, block I/O) that subscribes to the core's VM events, the
+//! interval [`UsageRecord`] with its per-VM sequence number, the durable
+//! [`Spool`] every record passes through, the delivery loop, the
+//! [`BillingSink`] trait with its JSON Lines, ClickHouse and billing-service
+//! implementations, the ClickHouse schema and its migrations, and the
+//! billing service's logic. It depends on `metald-core` only.
+
+pub mod clickhouse;
+pub mod delivery;
+pub mod meter;
+pub mod record;
+pub mod sink;
+pub mod source;
+pub mod spool;
+
+pub use record::{Counters, UsageRecord, saturating_u64, unix_millis};
+pub use sink::{BillingSink, Delivered, JsonLinesSink, SinkError};
+pub use spool::{MeterPosition, Spool, SpoolDepth, SpoolError};

@@ -1,0 +1,384 @@
+//! ClickHouse: the schema metald writes to (versioned migrations applied at
+//! start, idempotent), the sink that writes usage records there exactly
+//! once, and the queries a finance team would run.
+//!
+//! Exactly once: a record's identity is (tenant, VM, sequence). The sink
+//! looks up which of a batch's identities the table already has and
+//! inserts only the others, in one INSERT; the raw table is a
+//! ReplacingMergeTree keyed by that identity, so even a duplicate that got
+//! past the lookup collapses on merge and every query over it reads with
+//! FINAL. The rollups are fed by materialized views from what is inserted,
+//! so they count each interval once because no interval is inserted twice.
+//! The lookup is safe with one writer per VM at a time, which the spool's
+//! in-order delivery and the billing service's per-host lock give.
+//!
+//! Everything here works on ClickHouse 18.16 and on current ClickHouse:
+//! millisecond times are UInt64, and extras such as TTL are applied only
+//! where the server supports them.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use clickhouse::Client;
+use serde::{Deserialize, Serialize};
+
+use crate::record::UsageRecord;
+use crate::sink::{BillingSink, Delivered, SinkError};
+
+/// The raw table.
+pub const USAGE_TABLE: &str = "usage_intervals";
+
+/// One migration: statements run in order, each idempotent.
+struct Migration {
+    version: u32,
+    description: &'static str,
+    /// The oldest server (major, minor) it runs on; older ones skip it and try again at the next start.
+    requires: (u32, u32),
+    statements: fn(&str) -> Vec<String>,
+}
+
+fn rollup(db: &str, name: &str, bucket: &str, bucket_column: &str, with_vm: bool) -> Vec<String> {
+    let vm_column = if with_vm { "vm_id String," } else { "" };
+    let vm_key = if with_vm { "vm_id, " } else { "" };
+    let vm_select = if with_vm { "vm_id," } else { "" };
+    let partition = if bucket_column == "hour" { "toYYYYMM(hour)" } else { "toYYYYMM(day)" };
+    let bucket_type = if bucket_column == "hour" { "DateTime('UTC')" } else { "Date" };
+    vec![
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{name} (
+                {bucket_column} {bucket_type}, tenant_id String, {vm_column}
+                intervals UInt64, duration_ms UInt64, cpu_ns UInt64, vcpu_ms UInt64, memory_mib_ms UInt64,
+                net_rx_bytes UInt64, net_tx_bytes UInt64, net_rx_packets UInt64, net_tx_packets UInt64,
+                block_read_bytes UInt64, block_write_bytes UInt64, block_read_ops UInt64, block_write_ops UInt64
+            ) ENGINE = SummingMergeTree() PARTITION BY {partition} ORDER BY (tenant_id, {vm_key}{bucket_column})"
+        ),
+        format!(
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS
+             SELECT {bucket} AS {bucket_column}, tenant_id, {vm_select}
+                count() AS intervals, sum(end_ms - start_ms) AS duration_ms, sum(cpu_ns) AS cpu_ns,
+                sum(vcpus * (end_ms - start_ms)) AS vcpu_ms, sum(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)) AS memory_mib_ms,
+                sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes, sum(net_rx_packets) AS net_rx_packets, sum(net_tx_packets) AS net_tx_packets,
+                sum(block_read_bytes) AS block_read_bytes, sum(block_write_bytes) AS block_write_bytes, sum(block_read_ops) AS block_read_ops, sum(block_write_ops) AS block_write_ops
+             FROM {db}.{USAGE_TABLE}
+             GROUP BY {bucket_column}, tenant_id{}",
+            if with_vm { ", vm_id" } else { "" }
+        ),
+    ]
+}
+
+const HOUR: &str = "toStartOfHour(toDateTime(intDiv(start_ms, 1000), 'UTC'))";
+const DAY: &str = "toDate(toDateTime(intDiv(start_ms, 1000), 'UTC'))";
+
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "raw usage intervals",
+        requires: (18, 16),
+        statements: |db| {
+            vec![format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{USAGE_TABLE} (
+                    tenant_id String, vm_id String, sequence UInt64, start_ms UInt64, end_ms UInt64,
+                    cpu_ns UInt64, memory_bytes UInt64, memory_peak_bytes UInt64,
+                    net_rx_bytes UInt64, net_tx_bytes UInt64, net_rx_packets UInt64, net_tx_packets UInt64,
+                    block_read_bytes UInt64, block_write_bytes UInt64, block_read_ops UInt64, block_write_ops UInt64,
+                    vcpus UInt32, memory_limit_bytes UInt64, missed_ticks UInt32, paused UInt8, final_record UInt8,
+                    host_id String, inserted_at DateTime('UTC') DEFAULT now()
+                ) ENGINE = ReplacingMergeTree()
+                PARTITION BY toYYYYMM(toDateTime(intDiv(start_ms, 1000), 'UTC'))
+                ORDER BY (tenant_id, vm_id, sequence)"
+            )]
+        },
+    },
+    Migration {
+        version: 2,
+        description: "hourly and daily rollups per tenant and per VM",
+        requires: (18, 16),
+        statements: |db| {
+            let mut statements = rollup(db, "usage_hourly_vm", HOUR, "hour", true);
+            statements.extend(rollup(db, "usage_hourly_tenant", HOUR, "hour", false));
+            statements.extend(rollup(db, "usage_daily_vm", DAY, "day", true));
+            statements.extend(rollup(db, "usage_daily_tenant", DAY, "day", false));
+            statements
+        },
+    },
+    Migration {
+        version: 3,
+        description: "host heartbeats and reported gaps",
+        requires: (18, 16),
+        statements: |db| {
+            vec![
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {db}.host_heartbeats (
+                        host_id String, sent_at_ms UInt64, spool_records UInt64, spool_bytes UInt64,
+                        received_at DateTime('UTC') DEFAULT now()
+                    ) ENGINE = MergeTree() PARTITION BY toYYYYMM(received_at) ORDER BY (host_id, sent_at_ms)"
+                ),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {db}.usage_gaps (
+                        host_id String, tenant_id String, vm_id String, from_ms UInt64, to_ms UInt64, reason String,
+                        reported_at DateTime('UTC') DEFAULT now()
+                    ) ENGINE = MergeTree() PARTITION BY toYYYYMM(reported_at) ORDER BY (tenant_id, vm_id, from_ms)"
+                ),
+            ]
+        },
+    },
+    Migration {
+        version: 4,
+        description: "compress millisecond columns (servers with column codecs)",
+        requires: (20, 1),
+        statements: |db| {
+            ["start_ms", "end_ms"]
+                .iter()
+                .map(|column| format!("ALTER TABLE {db}.{USAGE_TABLE} MODIFY COLUMN {column} UInt64 CODEC(DoubleDelta, ZSTD)"))
+                .collect()
+        },
+    },
+];
+
+/// A raw row, as ClickHouse stores it.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub tenant_id: String,
+    pub vm_id: String,
+    pub sequence: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub cpu_ns: u64,
+    pub memory_bytes: u64,
+    pub memory_peak_bytes: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub net_rx_packets: u64,
+    pub net_tx_packets: u64,
+    pub block_read_bytes: u64,
+    pub block_write_bytes: u64,
+    pub block_read_ops: u64,
+    pub block_write_ops: u64,
+    pub vcpus: u32,
+    pub memory_limit_bytes: u64,
+    pub missed_ticks: u32,
+    pub paused: u8,
+    pub final_record: u8,
+    pub host_id: String,
+}
+
+impl UsageRow {
+    pub fn from_record(record: &UsageRecord, host_id: &str) -> Self {
+        Self {
+            tenant_id: record.tenant_id.to_string(),
+            vm_id: record.vm_id.to_string(),
+            sequence: record.sequence,
+            start_ms: record.start_ms,
+            end_ms: record.end_ms,
+            cpu_ns: record.usage.cpu_ns,
+            memory_bytes: record.usage.memory_bytes,
+            memory_peak_bytes: record.usage.memory_peak_bytes,
+            net_rx_bytes: record.usage.devices.net_rx_bytes,
+            net_tx_bytes: record.usage.devices.net_tx_bytes,
+            net_rx_packets: record.usage.devices.net_rx_packets,
+            net_tx_packets: record.usage.devices.net_tx_packets,
+            block_read_bytes: record.usage.devices.block_read_bytes,
+            block_write_bytes: record.usage.devices.block_write_bytes,
+            block_read_ops: record.usage.devices.block_read_ops,
+            block_write_ops: record.usage.devices.block_write_ops,
+            vcpus: record.vcpus,
+            memory_limit_bytes: record.memory_limit_bytes,
+            missed_ticks: record.missed_ticks,
+            paused: u8::from(record.paused),
+            final_record: u8::from(record.final_record),
+            host_id: host_id.to_owned(),
+        }
+    }
+}
+
+/// Writes usage records to ClickHouse, exactly once.
+#[derive(Clone)]
+pub struct ClickHouseSink {
+    client: Client,
+    database: String,
+    host_id: String,
+}
+
+impl std::fmt::Debug for ClickHouseSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseSink").field("database", &self.database).field("host_id", &self.host_id).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct Identity {
+    vm_id: String,
+    sequence: u64,
+}
+
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct VersionRow {
+    version: u32,
+}
+
+impl ClickHouseSink {
+    /// A sink writing to `database` at `url` (`http://host:8123`), on behalf of `host_id`.
+    pub fn new(url: &str, database: &str, host_id: &str) -> Self {
+        // Row validation needs server features 18.16 lacks.
+        let client = Client::default().with_url(url).with_validation(false);
+        Self { client, database: database.to_owned(), host_id: host_id.to_owned() }
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// The server's (major, minor) version.
+    pub async fn server_version(&self) -> Result<(u32, u32), SinkError> {
+        let text = self.client.query("SELECT version()").fetch_one::<String>().await.map_err(SinkError::ClickHouse)?;
+        let mut parts = text.split('.').map(|part| part.parse::<u32>().unwrap_or(0));
+        Ok((parts.next().unwrap_or(0), parts.next().unwrap_or(0)))
+    }
+
+    /// Applies every migration this server supports and has not seen;
+    /// returns the versions applied now. Safe to run at every start.
+    pub async fn migrate(&self) -> Result<Vec<u32>, SinkError> {
+        let db = &self.database;
+        let run = |sql: String| async move { self.client.query(&sql).execute().await.map_err(SinkError::ClickHouse) };
+        run(format!("CREATE DATABASE IF NOT EXISTS {db}")).await?;
+        run(format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String, applied_at DateTime('UTC') DEFAULT now()) ENGINE = MergeTree() ORDER BY version"
+        ))
+        .await?;
+        let done: HashSet<u32> = self
+            .client
+            .query(&format!("SELECT DISTINCT version FROM {db}.schema_migrations"))
+            .fetch_all::<VersionRow>()
+            .await
+            .map_err(SinkError::ClickHouse)?
+            .into_iter()
+            .map(|row| row.version)
+            .collect();
+        let server = self.server_version().await?;
+        let mut applied = Vec::new();
+        for migration in MIGRATIONS.iter().filter(|migration| !done.contains(&migration.version)) {
+            if server < migration.requires {
+                tracing::info!(version = migration.version, ?server, "ClickHouse migration skipped: the server is too old for it");
+                continue;
+            }
+            for statement in (migration.statements)(db) {
+                run(statement).await?;
+            }
+            self.client
+                .query(&format!("INSERT INTO {db}.schema_migrations (version, description) VALUES (?, ?)"))
+                .bind(migration.version)
+                .bind(migration.description)
+                .execute()
+                .await
+                .map_err(SinkError::ClickHouse)?;
+            applied.push(migration.version);
+        }
+        Ok(applied)
+    }
+
+    /// The identities of `batch` the table already has.
+    async fn existing(&self, batch: &[UsageRecord]) -> Result<HashSet<(String, u64)>, SinkError> {
+        let mut ranges: HashMap<(String, String), (u64, u64)> = HashMap::new();
+        for record in batch {
+            let range =
+                ranges.entry((record.tenant_id.to_string(), record.vm_id.to_string())).or_insert((record.sequence, record.sequence));
+            range.0 = range.0.min(record.sequence);
+            range.1 = range.1.max(record.sequence);
+        }
+        let mut existing = HashSet::new();
+        for ((tenant, vm), (low, high)) in ranges {
+            let found = self
+                .client
+                .query(&format!(
+                    "SELECT vm_id, sequence FROM {}.{USAGE_TABLE} WHERE tenant_id = ? AND vm_id = ? AND sequence >= ? AND sequence <= ?",
+                    self.database
+                ))
+                .bind(tenant)
+                .bind(vm)
+                .bind(low)
+                .bind(high)
+                .fetch_all::<Identity>()
+                .await
+                .map_err(SinkError::ClickHouse)?;
+            existing.extend(found.into_iter().map(|identity| (identity.vm_id, identity.sequence)));
+        }
+        Ok(existing)
+    }
+
+    /// Inserts the records of `batch` the table does not have yet.
+    pub async fn insert_new(&self, batch: &[UsageRecord], host_id: &str) -> Result<Delivered, SinkError> {
+        let mut seen = self.existing(batch).await?;
+        let mut delivered = Delivered::default();
+        let mut insert =
+            self.client.insert::<UsageRow>(&format!("{}.{USAGE_TABLE}", self.database)).await.map_err(SinkError::ClickHouse)?;
+        for record in batch {
+            if !seen.insert((record.vm_id.to_string(), record.sequence)) {
+                delivered.duplicates += 1;
+                continue;
+            }
+            insert.write(&UsageRow::from_record(record, host_id)).await.map_err(SinkError::ClickHouse)?;
+            delivered.accepted += 1;
+        }
+        insert.end().await.map_err(SinkError::ClickHouse)?;
+        Ok(delivered)
+    }
+}
+
+#[async_trait]
+impl BillingSink for ClickHouseSink {
+    fn name(&self) -> &'static str {
+        "clickhouse"
+    }
+
+    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError> {
+        self.insert_new(batch, &self.host_id).await
+    }
+}
+
+/// Totals of one tenant over a span, as billing reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clickhouse::Row)]
+pub struct TenantTotals {
+    pub intervals: u64,
+    pub cpu_ns: u64,
+    pub vcpu_ms: u64,
+    pub memory_mib_ms: u64,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+}
+
+/// The queries shipped with metald; each counts every interval once.
+pub mod queries {
+    /// A tenant's usage between two instants, from the raw table (FINAL
+    /// collapses any duplicate that got in).
+    pub fn tenant_totals_raw(db: &str) -> String {
+        format!(
+            "SELECT count() AS intervals, sum(cpu_ns) AS cpu_ns, sum(vcpus * (end_ms - start_ms)) AS vcpu_ms,
+                    sum(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)) AS memory_mib_ms,
+                    sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes
+             FROM {db}.usage_intervals FINAL WHERE tenant_id = ? AND start_ms >= ? AND start_ms < ?"
+        )
+    }
+
+    /// A tenant's usage over whole hours, from the hourly rollup (summed
+    /// again because a SummingMergeTree merges in the background).
+    pub fn tenant_totals_hourly(db: &str) -> String {
+        format!(
+            "SELECT sum(intervals) AS intervals, sum(cpu_ns) AS cpu_ns, sum(vcpu_ms) AS vcpu_ms, sum(memory_mib_ms) AS memory_mib_ms,
+                    sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes
+             FROM {db}.usage_hourly_tenant WHERE tenant_id = ? AND hour >= toDateTime(intDiv(?, 1000), 'UTC') AND hour < toDateTime(intDiv(?, 1000), 'UTC')"
+        )
+    }
+
+    /// The same from the daily per-VM rollup, all VMs of the tenant.
+    pub fn tenant_totals_daily_vm(db: &str) -> String {
+        format!(
+            "SELECT sum(intervals) AS intervals, sum(cpu_ns) AS cpu_ns, sum(vcpu_ms) AS vcpu_ms, sum(memory_mib_ms) AS memory_mib_ms,
+                    sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes
+             FROM {db}.usage_daily_vm WHERE tenant_id = ? AND day >= toDate(toDateTime(intDiv(?, 1000), 'UTC')) AND day < toDate(toDateTime(intDiv(?, 1000), 'UTC'))"
+        )
+    }
+}

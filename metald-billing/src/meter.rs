@@ -1,0 +1,417 @@
+//! The meter: from boot to stop, every running VM is sampled every 100 ms
+//! on a monotonic schedule that never drifts (tick k is due at start + k ×
+//! period, whatever happened before). A tick that comes too late is counted
+//! as missed in the record that covers it; nothing is hidden and nothing is
+//! lost, the interval is just longer.
+//!
+//! Each sample becomes a [`UsageRecord`] with the deltas since the VM's
+//! previous record, handed to the [`Spool`] together with the meter's
+//! position for that VM, in one transaction. A record not taken (a full
+//! spool) leaves the position where it was, so the next record covers both
+//! intervals. A paused VM's records charge no CPU; a stopped VM gets one
+//! final record (its CPU read from its cgroup just before the cgroup went)
+//! and no more. Sequence numbers continue across boots of the same VM and
+//! across restarts of the meter, from the positions kept in the spool.
+//!
+//! The meter learns of VMs from the core's events and knows nothing else
+//! about the manager; it runs on a thread of its own, since its work is
+//! file reads and a SQLite commit per tick.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use metald_core::cgroups::CgroupUsage;
+use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
+use metald_core::{DeviceCounters, TenantId, VmId, VmManager};
+use tokio::sync::broadcast;
+
+use crate::record::{Counters, UsageRecord};
+use crate::source::{CounterSource, MeterTarget};
+use crate::spool::{MeterPosition, Spool, SpoolError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeterError {
+    #[error("cannot read the meter's positions")]
+    Spool(#[from] SpoolError),
+    #[error("cannot start the meter's thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// How often, and how block counters are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterConfig {
+    pub period: Duration,
+    /// Block counters come from the VMM (a metrics flush), every this many
+    /// ticks; 0 turns them off.
+    pub block_every: u32,
+}
+
+impl Default for MeterConfig {
+    fn default() -> Self {
+        Self { period: Duration::from_millis(100), block_every: 10 }
+    }
+}
+
+/// Cumulative block I/O of a VM over its life.
+/// Where block counters come from (the VMM's own accounting).
+#[async_trait]
+pub trait BlockSource: Send + Sync + std::fmt::Debug {
+    async fn block_totals(&self, vm_id: &VmId) -> Option<DeviceCounters>;
+}
+
+#[async_trait]
+impl BlockSource for VmManager {
+    async fn block_totals(&self, vm_id: &VmId) -> Option<DeviceCounters> {
+        self.metrics(vm_id).await.ok().map(|metrics| metrics.devices)
+    }
+}
+
+/// What the meter has done, for metrics and tests.
+#[derive(Debug, Default)]
+pub struct MeterStats {
+    pub ticks: AtomicU64,
+    pub missed_ticks: AtomicU64,
+    /// How late the last tick ran, in nanoseconds.
+    pub last_lag_ns: AtomicU64,
+    pub records: AtomicU64,
+    pub metered_vms: AtomicU64,
+    pub spool_full: AtomicU64,
+    pub read_failures: AtomicU64,
+}
+
+/// The running meter; stops (after one last tick) when dropped or stopped.
+#[derive(Debug)]
+pub struct MeterHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<MeterStats>,
+}
+
+impl MeterHandle {
+    pub fn stop(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for MeterHandle {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// One metered VM.
+#[derive(Debug)]
+struct Metered {
+    tenant: TenantId,
+    target: MeterTarget,
+    vcpus: u32,
+    memory_limit_bytes: u64,
+    next_sequence: u64,
+    start_ms: u64,
+    baseline: Counters,
+    block_baseline: Option<DeviceCounters>,
+    block_latest: Option<DeviceCounters>,
+    last_counters: Counters,
+    paused: bool,
+    missed: u32,
+    /// The VM stopped; its final record is still to be taken.
+    ending: Option<Option<CgroupUsage>>,
+}
+
+struct MeterLoop {
+    spool: Arc<Spool>,
+    source: Arc<dyn CounterSource>,
+    blocks: Option<Arc<dyn BlockSource>>,
+    runtime: Option<tokio::runtime::Handle>,
+    config: MeterConfig,
+    events: broadcast::Receiver<VmEvent>,
+    stats: Arc<MeterStats>,
+    vms: HashMap<VmId, Metered>,
+    positions: HashMap<String, MeterPosition>,
+    tick: u64,
+}
+
+/// Starts metering on a thread of its own. `blocks` and `runtime` are
+/// needed for block counters (`config.block_every > 0`).
+pub fn start(
+    events: broadcast::Receiver<VmEvent>,
+    spool: Arc<Spool>,
+    source: Arc<dyn CounterSource>,
+    blocks: Option<Arc<dyn BlockSource>>,
+    runtime: Option<tokio::runtime::Handle>,
+    config: MeterConfig,
+) -> Result<MeterHandle, MeterError> {
+    let positions = spool.positions()?.into_iter().map(|position| (position.vm_id.clone(), position)).collect();
+    let stats = Arc::new(MeterStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut meter =
+        MeterLoop { spool, source, blocks, runtime, config, events, stats: Arc::clone(&stats), vms: HashMap::new(), positions, tick: 0 };
+    let stopping = Arc::clone(&stop);
+    let thread = std::thread::Builder::new().name("metald-meter".into()).spawn(move || meter.run(&stopping)).map_err(MeterError::Thread)?;
+    Ok(MeterHandle { stop, thread: Some(thread), stats })
+}
+
+impl MeterLoop {
+    fn run(&mut self, stop: &AtomicBool) {
+        let period = self.config.period;
+        let epoch = Instant::now();
+        let mut due: u64 = 1;
+        loop {
+            let deadline = epoch + period * u32::try_from(due).unwrap_or(u32::MAX);
+            let now = Instant::now();
+            if deadline > now {
+                std::thread::sleep(deadline - now);
+            }
+            let late = Instant::now().saturating_duration_since(deadline);
+            // Ticks whose time passed while this one ran late are missed, not replayed.
+            let skipped = crate::record::saturating_u64(late.as_nanos() / period.as_nanos().max(1));
+            self.stats.last_lag_ns.store(crate::record::saturating_u64(late.as_nanos()), Ordering::Relaxed);
+            if skipped > 0 {
+                self.stats.missed_ticks.fetch_add(skipped, Ordering::Relaxed);
+                for vm in self.vms.values_mut() {
+                    vm.missed = vm.missed.saturating_add(u32::try_from(skipped).unwrap_or(u32::MAX));
+                }
+            }
+            due += 1 + skipped;
+            let stopping = stop.load(Ordering::Relaxed);
+            self.apply_events();
+            self.sample();
+            self.stats.ticks.fetch_add(1, Ordering::Relaxed);
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    fn apply_events(&mut self) {
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => self.apply(event),
+                Err(broadcast::error::TryRecvError::Lagged(missed)) => {
+                    tracing::error!(missed, "the meter fell behind the VM events; some VMs may be metered late or not at all");
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn apply(&mut self, event: VmEvent) {
+        match event.kind {
+            VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running),
+            VmEventKind::Rebooted { running, ended } => {
+                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
+                    // The old VMM's last counters close its time; the new one starts from zero.
+                    if let Some(usage) = ended {
+                        vm.last_counters.cpu_ns = usage.cpu_ns;
+                    }
+                    let record = finish_record(&event.vm_id, vm, vm.last_counters, crate::record::unix_millis(), false);
+                    self.take_one(&event.vm_id, record);
+                }
+                self.begin(event.vm_id, event.tenant, running);
+            }
+            VmEventKind::Paused => {
+                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
+                    vm.paused = true;
+                }
+            }
+            VmEventKind::Resumed => {
+                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
+                    vm.paused = false;
+                }
+            }
+            VmEventKind::Stopped { usage, .. } | VmEventKind::Failed { usage, .. } => {
+                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
+                    vm.ending = Some(usage);
+                }
+            }
+            VmEventKind::Deleted => {
+                self.vms.remove(&event.vm_id);
+                self.positions.remove(event.vm_id.as_str());
+                if let Err(error) = self.spool.forget(event.vm_id.as_str()) {
+                    tracing::warn!(vm_id = %event.vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
+                }
+            }
+            VmEventKind::Created => {}
+        }
+        self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Starts metering a VM, continuing its sequence (and, for the same VMM
+    /// process after a restart of the meter, its counters) from the spool.
+    fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm) {
+        let target = MeterTarget { pid: running.pid, cgroup: running.cgroup, taps: running.taps };
+        let now = crate::record::unix_millis();
+        let position = self.positions.get(vm_id.as_str());
+        let (next_sequence, start_ms, baseline) = match position {
+            Some(position) if position.pid.is_some() && position.pid == target.pid => {
+                (position.last_sequence + 1, position.last_end_ms, position.counters)
+            }
+            Some(position) => (position.last_sequence + 1, now, self.source.read(&target).unwrap_or_default()),
+            None => (1, now, self.source.read(&target).unwrap_or_default()),
+        };
+        let metered = Metered {
+            tenant,
+            target,
+            vcpus: running.vcpus,
+            memory_limit_bytes: running.memory_bytes,
+            next_sequence,
+            start_ms,
+            baseline,
+            block_baseline: None,
+            block_latest: None,
+            last_counters: baseline,
+            paused: false,
+            missed: 0,
+            ending: None,
+        };
+        self.vms.insert(vm_id, metered);
+    }
+
+    /// Takes a record outside the tick (a reboot's last record of the old VMM).
+    fn take_one(&mut self, vm_id: &VmId, record: UsageRecord) {
+        let position = position_of(vm_id, self.vms.get(vm_id), &record);
+        match self.spool.take(std::slice::from_ref(&record), std::slice::from_ref(&position)) {
+            Ok(()) => {
+                self.stats.records.fetch_add(1, Ordering::Relaxed);
+                self.positions.insert(position.vm_id.clone(), position);
+            }
+            Err(error) => tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "a reboot's last usage record was not taken"),
+        }
+    }
+
+    fn read_blocks(&mut self) {
+        let (Some(blocks), Some(runtime)) = (&self.blocks, &self.runtime) else { return };
+        if self.config.block_every == 0 || !self.tick.is_multiple_of(u64::from(self.config.block_every)) {
+            return;
+        }
+        for (vm_id, vm) in self.vms.iter_mut().filter(|(_, vm)| vm.ending.is_none()) {
+            if let Some(totals) = runtime.block_on(blocks.block_totals(vm_id)) {
+                if vm.block_baseline.is_none() {
+                    vm.block_baseline = Some(totals);
+                }
+                vm.block_latest = Some(totals);
+            }
+        }
+    }
+
+    fn sample(&mut self) {
+        self.tick += 1;
+        self.read_blocks();
+        let now = crate::record::unix_millis();
+        let mut records = Vec::with_capacity(self.vms.len());
+        for (vm_id, vm) in &mut self.vms {
+            let ending = vm.ending.is_some();
+            let counters = match &vm.ending {
+                Some(usage) => {
+                    // The VMM is gone: its cgroup's last word for CPU, the last reading for the rest.
+                    let mut last = vm.last_counters;
+                    if let Some(usage) = usage {
+                        last.cpu_ns = usage.cpu_ns.max(last.cpu_ns);
+                    }
+                    last
+                }
+                None => match self.source.read(&vm.target) {
+                    Ok(counters) => counters,
+                    Err(error) => {
+                        self.stats.read_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%vm_id, %error, "cannot read a VM's counters this tick");
+                        vm.missed = vm.missed.saturating_add(1);
+                        continue;
+                    }
+                },
+            };
+            vm.last_counters = counters;
+            records.push(finish_record(vm_id, vm, counters, now, ending));
+        }
+        if records.is_empty() {
+            return;
+        }
+        let positions: Vec<MeterPosition> =
+            records.iter().map(|record| position_of(&record.vm_id, self.vms.get(&record.vm_id), record)).collect();
+        match self.spool.take(&records, &positions) {
+            Ok(()) => {
+                self.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+                for (record, position) in records.iter().zip(positions) {
+                    if let Some(vm) = self.vms.get_mut(&record.vm_id) {
+                        advance(vm, record);
+                    }
+                    self.positions.insert(position.vm_id.clone(), position);
+                    if record.final_record {
+                        self.vms.remove(&record.vm_id);
+                    }
+                }
+            }
+            Err(error) => {
+                if matches!(error, SpoolError::Full { .. }) {
+                    self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(error = %metald_core::error_chain(&error), "usage records not taken this tick; the next records will cover this time");
+            }
+        }
+        self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The record from a VM's last position to `counters` at `now`.
+fn finish_record(vm_id: &VmId, vm: &Metered, counters: Counters, now: u64, final_record: bool) -> UsageRecord {
+    let network = counters.devices.since(&vm.baseline.devices);
+    let block = match (vm.block_baseline, vm.block_latest) {
+        (Some(base), Some(latest)) => latest.since(&base),
+        _ => DeviceCounters::default(),
+    };
+    UsageRecord {
+        tenant_id: vm.tenant.clone(),
+        vm_id: vm_id.clone(),
+        sequence: vm.next_sequence,
+        start_ms: vm.start_ms,
+        end_ms: now.max(vm.start_ms),
+        usage: Counters {
+            cpu_ns: if vm.paused { 0 } else { counters.cpu_ns.saturating_sub(vm.baseline.cpu_ns) },
+            memory_bytes: counters.memory_bytes,
+            memory_peak_bytes: counters.memory_peak_bytes.max(counters.memory_bytes),
+            devices: DeviceCounters {
+                block_read_bytes: block.block_read_bytes,
+                block_write_bytes: block.block_write_bytes,
+                block_read_ops: block.block_read_ops,
+                block_write_ops: block.block_write_ops,
+                ..network
+            },
+        },
+        vcpus: vm.vcpus,
+        memory_limit_bytes: vm.memory_limit_bytes,
+        missed_ticks: vm.missed,
+        paused: vm.paused,
+        final_record,
+    }
+}
+
+/// Moves a VM's position past a taken record.
+fn advance(vm: &mut Metered, record: &UsageRecord) {
+    vm.next_sequence = record.sequence + 1;
+    vm.start_ms = record.end_ms;
+    vm.baseline = vm.last_counters;
+    vm.block_baseline = vm.block_latest.or(vm.block_baseline);
+    vm.missed = 0;
+}
+
+fn position_of(vm_id: &VmId, vm: Option<&Metered>, record: &UsageRecord) -> MeterPosition {
+    MeterPosition {
+        tenant_id: record.tenant_id.to_string(),
+        vm_id: vm_id.to_string(),
+        last_sequence: record.sequence,
+        last_end_ms: record.end_ms,
+        counters: vm.map(|vm| vm.last_counters).unwrap_or_default(),
+        pid: vm.and_then(|vm| vm.target.pid),
+    }
+}

@@ -1,0 +1,140 @@
+//! Where usage records go: the [`BillingSink`] trait, and the JSON Lines
+//! file sink that embedded users get by default. A sink takes a batch and
+//! answers only once the batch is durable at its destination; a record it
+//! already has (same VM and sequence) is acknowledged again, never counted
+//! twice.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+
+use crate::record::UsageRecord;
+
+/// What a sink did with a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Delivered {
+    pub accepted: usize,
+    /// Records it already had, acknowledged without being stored again.
+    pub duplicates: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot write usage to {path}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("ClickHouse refused or failed")]
+    ClickHouse(#[source] clickhouse::error::Error),
+    #[error("the billing service refused or failed: {0}")]
+    Service(String),
+    #[error("the destination is unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// A destination for usage records.
+#[async_trait]
+pub trait BillingSink: Send + Sync + std::fmt::Debug {
+    fn name(&self) -> &'static str;
+
+    /// Makes `batch` durable at the destination, in order.
+    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError>;
+}
+
+/// Appends records as JSON lines to a file, fsyncing each batch. The last
+/// sequence per VM is read from the file at open, so a replayed record is
+/// recognised and not written twice.
+#[derive(Debug)]
+pub struct JsonLinesSink {
+    path: PathBuf,
+    state: Mutex<JsonLinesState>,
+}
+
+#[derive(Debug)]
+struct JsonLinesState {
+    file: File,
+    last_sequence: HashMap<String, u64>,
+}
+
+impl JsonLinesSink {
+    pub fn open(path: impl Into<PathBuf>) -> Result<Self, SinkError> {
+        let path = path.into();
+        let file_error = |source| SinkError::File { path: path.clone(), source };
+        let mut last_sequence = HashMap::new();
+        if let Ok(existing) = File::open(&path) {
+            for line in BufReader::new(existing).lines() {
+                let line = line.map_err(file_error)?;
+                // A torn last line (power loss mid-write) is not a record.
+                if let Ok(record) = serde_json::from_str::<UsageRecord>(&line) {
+                    let last = last_sequence.entry(record.vm_id.to_string()).or_insert(0);
+                    *last = (*last).max(record.sequence);
+                }
+            }
+        }
+        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(file_error)?;
+        Ok(Self { path, state: Mutex::new(JsonLinesState { file, last_sequence }) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+#[async_trait]
+impl BillingSink for JsonLinesSink {
+    fn name(&self) -> &'static str {
+        "jsonl"
+    }
+
+    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError> {
+        let mut state = self.state.lock().await;
+        let mut text = String::new();
+        let mut delivered = Delivered::default();
+        let mut newest: HashMap<String, u64> = HashMap::new();
+        for record in batch {
+            let vm = record.vm_id.to_string();
+            let last = newest.get(&vm).or_else(|| state.last_sequence.get(&vm)).copied().unwrap_or(0);
+            if record.sequence <= last {
+                delivered.duplicates += 1;
+                continue;
+            }
+            let line = serde_json::to_string(record).map_err(|error| SinkError::File { path: self.path.clone(), source: error.into() })?;
+            text.push_str(&line);
+            text.push('\n');
+            newest.insert(vm, record.sequence);
+            delivered.accepted += 1;
+        }
+        let file_error = |source| SinkError::File { path: self.path.clone(), source };
+        state.file.write_all(text.as_bytes()).map_err(file_error)?;
+        state.file.sync_data().map_err(file_error)?;
+        state.last_sequence.extend(newest);
+        Ok(delivered)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::tests::record;
+
+    #[tokio::test]
+    async fn a_replayed_record_is_acknowledged_and_not_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let sink = JsonLinesSink::open(&path).unwrap();
+        let batch = [record("vm-a", 1), record("vm-a", 2), record("vm-b", 1)];
+        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered { accepted: 3, duplicates: 0 });
+        drop(sink);
+        let reopened = JsonLinesSink::open(&path).unwrap();
+        let again = [record("vm-a", 2), record("vm-a", 3)];
+        assert_eq!(reopened.deliver(&again).await.unwrap(), Delivered { accepted: 1, duplicates: 1 });
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert_eq!(lines, 4);
+    }
+}
