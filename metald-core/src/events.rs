@@ -25,8 +25,14 @@ pub enum VmEventKind {
     Created,
     /// The guest started.
     Booted(RunningVmm),
-    Paused,
-    Resumed,
+    /// The guest's vCPUs stopped; `usage` is what its cgroup counted once they had.
+    Paused {
+        usage: Option<CgroupUsage>,
+    },
+    /// The guest runs again; `usage` is what its cgroup counted just before.
+    Resumed {
+        usage: Option<CgroupUsage>,
+    },
     /// The guest was restarted, natively or by a stop and a fresh boot;
     /// `ended` is what the previous VMM's cgroup counted last, when it ended.
     Rebooted {

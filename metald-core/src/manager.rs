@@ -19,6 +19,7 @@ use crate::backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 use crate::backend::{
     BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, VmmBackend, VmmInfo, VmmInstance, VmmMetrics, VmmSpec,
 };
+use crate::cgroups::CgroupUsage;
 use crate::config::{ConfigError, Problem, VmConfig};
 use crate::console::{ConsoleError, ConsoleLog};
 use crate::events::{RunningVmm, VmEvent, VmEventKind};
@@ -677,15 +678,17 @@ impl VmManager {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "pause", VmState::Paused)?;
         locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, "pause", source))?;
-        self.transition(&mut locked, VmState::Paused, VmEventKind::Paused);
+        let usage = cgroup_usage(&locked.entry);
+        self.transition(&mut locked, VmState::Paused, VmEventKind::Paused { usage });
         Ok(())
     }
 
     async fn resume_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "resume", VmState::Running)?;
+        let usage = cgroup_usage(&locked.entry);
         locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, "resume", source))?;
-        self.transition(&mut locked, VmState::Running, VmEventKind::Resumed);
+        self.transition(&mut locked, VmState::Running, VmEventKind::Resumed { usage });
         Ok(())
     }
 
@@ -997,6 +1000,16 @@ struct ResolvedImages {
     kernel: ImageFile,
     initrd: Option<ImageFile>,
     drives: Vec<ImageFile>,
+}
+
+/// What the VM's cgroup has counted so far, where it has one, for the
+/// events that split its time into running and paused.
+fn cgroup_usage(entry: &VmEntry) -> Option<CgroupUsage> {
+    let cgroup = entry.instance.cgroup()?;
+    cgroup
+        .usage()
+        .map_err(|error| tracing::warn!(error = %crate::error_chain(&error), "cannot read a VM's cgroup usage at a pause or resume"))
+        .ok()
 }
 
 /// The VMM a VM runs on now, as events describe it.

@@ -71,8 +71,8 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
     let expected = [
         VmEventKind::Created,
         VmEventKind::Booted(metald_core::events::RunningVmm { pid: None, cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 0 }),
-        VmEventKind::Paused,
-        VmEventKind::Resumed,
+        VmEventKind::Paused { usage: None },
+        VmEventKind::Resumed { usage: None },
         VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None },
         VmEventKind::Deleted,
     ];
