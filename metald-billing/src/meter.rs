@@ -126,7 +126,19 @@ struct Metered {
     paused: bool,
     missed: u32,
     /// The VM stopped; its final record is still to be taken.
-    ending: Option<Option<CgroupUsage>>,
+    ending: Option<Ending>,
+}
+
+/// How a stopped VM's last interval ends.
+#[derive(Debug, Clone, Copy)]
+struct Ending {
+    /// What its cgroup counted just before it was removed.
+    usage: Option<CgroupUsage>,
+    at_ms: u64,
+}
+
+fn unix_millis_of(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH).map(|since| crate::record::saturating_u64(since.as_millis())).unwrap_or(0)
 }
 
 struct MeterLoop {
@@ -207,32 +219,30 @@ impl MeterLoop {
     }
 
     fn apply(&mut self, event: VmEvent) {
+        let at_ms = unix_millis_of(event.at);
         match event.kind {
-            VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running),
+            VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
             VmEventKind::Rebooted { running, ended } => {
-                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
-                    // The old VMM's last counters close its time; the new one starts from zero.
-                    if let Some(usage) = ended {
-                        vm.last_counters.cpu_ns = usage.cpu_ns;
-                    }
-                    let record = finish_record(&event.vm_id, vm, vm.last_counters, crate::record::unix_millis(), false);
-                    self.take_one(&event.vm_id, record);
-                }
-                self.begin(event.vm_id, event.tenant, running);
+                // The old VMM's last counters close its time; the new one starts from zero.
+                self.close_interval(&event.vm_id, ended.as_ref(), at_ms);
+                self.begin(event.vm_id, event.tenant, running, at_ms);
             }
-            VmEventKind::Paused => {
+            VmEventKind::Paused { usage } => {
+                // What ran up to the pause is charged; the paused time that follows is not.
+                self.close_interval(&event.vm_id, usage.as_ref(), at_ms);
                 if let Some(vm) = self.vms.get_mut(&event.vm_id) {
                     vm.paused = true;
                 }
             }
-            VmEventKind::Resumed => {
+            VmEventKind::Resumed { usage } => {
+                self.close_interval(&event.vm_id, usage.as_ref(), at_ms);
                 if let Some(vm) = self.vms.get_mut(&event.vm_id) {
                     vm.paused = false;
                 }
             }
             VmEventKind::Stopped { usage, .. } | VmEventKind::Failed { usage, .. } => {
                 if let Some(vm) = self.vms.get_mut(&event.vm_id) {
-                    vm.ending = Some(usage);
+                    vm.ending = Some(Ending { usage, at_ms });
                 }
             }
             VmEventKind::Deleted => {
@@ -247,18 +257,19 @@ impl MeterLoop {
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
     }
 
-    /// Starts metering a VM, continuing its sequence (and, for the same VMM
-    /// process after a restart of the meter, its counters) from the spool.
-    fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm) {
+    /// Starts metering a VM from the moment it booted. A fresh VMM's
+    /// counters start at zero, so everything its cgroup counts is charged,
+    /// its own start included; the same VMM after a restart of the meter
+    /// continues from the position kept in the spool.
+    fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm, at_ms: u64) {
         let target = MeterTarget { pid: running.pid, cgroup: running.cgroup, taps: running.taps };
-        let now = crate::record::unix_millis();
         let position = self.positions.get(vm_id.as_str());
         let (next_sequence, start_ms, baseline) = match position {
             Some(position) if position.pid.is_some() && position.pid == target.pid => {
                 (position.last_sequence + 1, position.last_end_ms, position.counters)
             }
-            Some(position) => (position.last_sequence + 1, now, self.source.read(&target).unwrap_or_default()),
-            None => (1, now, self.source.read(&target).unwrap_or_default()),
+            Some(position) => (position.last_sequence + 1, at_ms.max(position.last_end_ms), Counters::default()),
+            None => (1, at_ms, Counters::default()),
         };
         let metered = Metered {
             tenant,
@@ -278,15 +289,40 @@ impl MeterLoop {
         self.vms.insert(vm_id, metered);
     }
 
-    /// Takes a record outside the tick (a reboot's last record of the old VMM).
+    /// Takes a record for a VM up to an event (a pause, a resume, a reboot),
+    /// with the CPU its cgroup counted then, or read now where it has none.
+    fn close_interval(&mut self, vm_id: &VmId, usage: Option<&CgroupUsage>, at_ms: u64) {
+        let Some(vm) = self.vms.get_mut(vm_id) else { return };
+        match usage {
+            Some(usage) => vm.last_counters.cpu_ns = usage.cpu_ns.max(vm.last_counters.cpu_ns),
+            None => {
+                if let Ok(counters) = self.source.read(&vm.target) {
+                    vm.last_counters = counters;
+                }
+            }
+        }
+        let record = finish_record(vm_id, vm, vm.last_counters, at_ms, false);
+        self.take_one(vm_id, record);
+    }
+
+    /// Takes a record outside the tick. One not taken (a full spool) is
+    /// covered by the VM's next record, which then cannot tell paused time apart.
     fn take_one(&mut self, vm_id: &VmId, record: UsageRecord) {
         let position = position_of(vm_id, self.vms.get(vm_id), &record);
         match self.spool.take(std::slice::from_ref(&record), std::slice::from_ref(&position)) {
             Ok(()) => {
                 self.stats.records.fetch_add(1, Ordering::Relaxed);
+                if let Some(vm) = self.vms.get_mut(vm_id) {
+                    advance(vm, &record);
+                }
                 self.positions.insert(position.vm_id.clone(), position);
             }
-            Err(error) => tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "a reboot's last usage record was not taken"),
+            Err(error) => {
+                if matches!(error, SpoolError::Full { .. }) {
+                    self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "a usage record was not taken; the VM's next record covers its time");
+            }
         }
     }
 
@@ -312,13 +348,15 @@ impl MeterLoop {
         let mut records = Vec::with_capacity(self.vms.len());
         for (vm_id, vm) in &mut self.vms {
             let ending = vm.ending.is_some();
+            let mut end_ms = now;
             let counters = match &vm.ending {
-                Some(usage) => {
+                Some(ending) => {
                     // The VMM is gone: its cgroup's last word for CPU, the last reading for the rest.
                     let mut last = vm.last_counters;
-                    if let Some(usage) = usage {
+                    if let Some(usage) = ending.usage {
                         last.cpu_ns = usage.cpu_ns.max(last.cpu_ns);
                     }
+                    end_ms = ending.at_ms;
                     last
                 }
                 None => match self.source.read(&vm.target) {
@@ -332,7 +370,7 @@ impl MeterLoop {
                 },
             };
             vm.last_counters = counters;
-            records.push(finish_record(vm_id, vm, counters, now, ending));
+            records.push(finish_record(vm_id, vm, counters, end_ms, ending));
         }
         if records.is_empty() {
             return;
