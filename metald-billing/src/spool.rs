@@ -70,8 +70,17 @@ impl SpoolDepth {
 pub struct Spool {
     path: PathBuf,
     quota_bytes: u64,
-    connection: Mutex<Connection>,
+    store: Mutex<Store>,
     taken: tokio::sync::Notify,
+}
+
+/// The database and what it holds, counted as records come and go so that
+/// taking a tick's records never scans the spool.
+#[derive(Debug)]
+struct Store {
+    connection: Connection,
+    records: u64,
+    bytes: u64,
 }
 
 const SCHEMA: &str = "
@@ -100,7 +109,11 @@ impl Spool {
         connection.pragma_update(None, "synchronous", "FULL").map_err(store)?;
         connection.busy_timeout(Duration::from_secs(5)).map_err(store)?;
         connection.execute_batch(SCHEMA).map_err(store)?;
-        Ok(Self { path, quota_bytes, connection: Mutex::new(connection), taken: tokio::sync::Notify::new() })
+        let (records, bytes): (i64, i64) = connection
+            .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(store)?;
+        let (records, bytes) = (u64::try_from(records).unwrap_or(0), u64::try_from(bytes).unwrap_or(0));
+        Ok(Self { path, quota_bytes, store: Mutex::new(Store { connection, records, bytes }), taken: tokio::sync::Notify::new() })
     }
 
     pub fn path(&self) -> &Path {
@@ -111,8 +124,8 @@ impl Spool {
         |source| SpoolError::Store { path: self.path.clone(), source }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Takes `records` and moves the meter's `positions`, all or nothing.
@@ -120,21 +133,25 @@ impl Spool {
         let bodies: Vec<String> =
             records.iter().map(|record| serde_json::to_string(record).map_err(SpoolError::Corrupt)).collect::<Result<_, _>>()?;
         let incoming: u64 = bodies.iter().map(|body| body.len() as u64).sum();
-        let mut connection = self.lock();
-        let used: i64 = connection.query_row("SELECT COALESCE(SUM(size), 0) FROM records", [], |row| row.get(0)).map_err(self.store())?;
-        let used = used.max(0) as u64;
-        if incoming > 0 && used + incoming > self.quota_bytes {
-            return Err(SpoolError::Full { used, quota: self.quota_bytes });
+        let mut store = self.lock();
+        if incoming > 0 && store.bytes + incoming > self.quota_bytes {
+            return Err(SpoolError::Full { used: store.bytes, quota: self.quota_bytes });
         }
-        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(self.store())?;
-        let taken_ms = crate::record::unix_millis() as i64;
+        let transaction = store.connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(self.store())?;
+        let taken_ms = i64::try_from(crate::record::unix_millis()).unwrap_or(i64::MAX);
+        let (mut added_records, mut added_bytes) = (0, 0);
         for (record, body) in records.iter().zip(&bodies) {
-            transaction
+            let inserted = transaction
                 .execute(
                     "INSERT OR IGNORE INTO records (vm_id, sequence, taken_ms, size, body) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![record.vm_id.as_str(), record.sequence as i64, taken_ms, body.len() as i64, body],
+                    params![record.vm_id.as_str(), i64::try_from(record.sequence).unwrap_or(i64::MAX), taken_ms, body.len() as i64, body],
                 )
                 .map_err(self.store())?;
+            // A record taken twice is ignored, and counted once.
+            if inserted > 0 {
+                added_records += 1;
+                added_bytes += body.len() as u64;
+            }
         }
         for position in positions {
             let body = serde_json::to_string(position).map_err(SpoolError::Corrupt)?;
@@ -146,7 +163,9 @@ impl Spool {
                 .map_err(self.store())?;
         }
         transaction.commit().map_err(self.store())?;
-        drop(connection);
+        store.records += added_records;
+        store.bytes += added_bytes;
+        drop(store);
         if !records.is_empty() {
             self.taken.notify_one();
         }
@@ -155,14 +174,14 @@ impl Spool {
 
     /// Forgets the meter's position for a VM that will not be metered again.
     pub fn forget(&self, vm_id: &str) -> Result<(), SpoolError> {
-        self.lock().execute("DELETE FROM positions WHERE vm_id = ?1", params![vm_id]).map_err(self.store())?;
+        self.lock().connection.execute("DELETE FROM positions WHERE vm_id = ?1", params![vm_id]).map_err(self.store())?;
         Ok(())
     }
 
     /// Where the meter stood for every VM, for a restarted meter.
     pub fn positions(&self) -> Result<Vec<MeterPosition>, SpoolError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare("SELECT body FROM positions").map_err(self.store())?;
+        let store = self.lock();
+        let mut statement = store.connection.prepare("SELECT body FROM positions").map_err(self.store())?;
         let bodies: Vec<String> =
             statement.query_map([], |row| row.get(0)).map_err(self.store())?.collect::<Result<_, _>>().map_err(self.store())?;
         bodies.iter().map(|body| serde_json::from_str(body).map_err(SpoolError::Corrupt)).collect()
@@ -171,10 +190,10 @@ impl Spool {
     /// Up to `limit` records not yet acknowledged, oldest first, with the
     /// id to acknowledge them by.
     pub fn pending(&self, limit: usize) -> Result<(Vec<UsageRecord>, Option<i64>), SpoolError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare("SELECT id, body FROM records ORDER BY id LIMIT ?1").map_err(self.store())?;
+        let store = self.lock();
+        let mut statement = store.connection.prepare("SELECT id, body FROM records ORDER BY id LIMIT ?1").map_err(self.store())?;
         let rows: Vec<(i64, String)> = statement
-            .query_map(params![limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))
+            .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |row| Ok((row.get(0)?, row.get(1)?)))
             .map_err(self.store())?
             .collect::<Result<_, _>>()
             .map_err(self.store())?;
@@ -185,23 +204,35 @@ impl Spool {
 
     /// When the oldest pending record was taken (Unix ms).
     pub fn oldest_taken_ms(&self) -> Result<Option<u64>, SpoolError> {
-        let taken: Option<i64> =
-            self.lock().query_row("SELECT MIN(taken_ms) FROM records", [], |row| row.get(0)).optional().map_err(self.store())?.flatten();
-        Ok(taken.map(|taken| taken.max(0) as u64))
+        // Records are numbered in the order they were taken.
+        let taken: Option<i64> = self
+            .lock()
+            .connection
+            .query_row("SELECT taken_ms FROM records ORDER BY id LIMIT 1", [], |row| row.get(0))
+            .optional()
+            .map_err(self.store())?;
+        Ok(taken.map(|taken| u64::try_from(taken).unwrap_or(0)))
     }
 
     /// Drops every record up to and including `id`: the sink has them.
     pub fn acknowledge(&self, id: i64) -> Result<(), SpoolError> {
-        self.lock().execute("DELETE FROM records WHERE id <= ?1", params![id]).map_err(self.store())?;
+        let mut store = self.lock();
+        let transaction = store.connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(self.store())?;
+        let (records, bytes): (i64, i64) = transaction
+            .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records WHERE id <= ?1", params![id], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .map_err(self.store())?;
+        transaction.execute("DELETE FROM records WHERE id <= ?1", params![id]).map_err(self.store())?;
+        transaction.commit().map_err(self.store())?;
+        store.records = store.records.saturating_sub(u64::try_from(records).unwrap_or(0));
+        store.bytes = store.bytes.saturating_sub(u64::try_from(bytes).unwrap_or(0));
         Ok(())
     }
 
     pub fn depth(&self) -> Result<SpoolDepth, SpoolError> {
-        let (records, bytes): (i64, i64) = self
-            .lock()
-            .query_row("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM records", [], |row| Ok((row.get(0)?, row.get(1)?)))
-            .map_err(self.store())?;
-        Ok(SpoolDepth { records: records.max(0) as u64, bytes: bytes.max(0) as u64, quota_bytes: self.quota_bytes })
+        let store = self.lock();
+        Ok(SpoolDepth { records: store.records, bytes: store.bytes, quota_bytes: self.quota_bytes })
     }
 
     /// Resolves when records were taken since the last call (or at once if some were).
