@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and the demo need, when missing:
 # gcc and binutils build the test guest; iproute2 (ip) makes the tests' TAP
-# devices and network namespaces; nftables (nft) applies metald's firewall.
+# devices and network namespaces; nftables (nft) applies metald's firewall;
+# clickhouse-server is the real ClickHouse the billing tests start on loopback
+# (the package does not start it; each test runs its own).
 set -euo pipefail
 
 needed=()
@@ -9,6 +11,7 @@ command -v gcc >/dev/null 2>&1 || needed+=(gcc)
 command -v ld >/dev/null 2>&1 || needed+=(binutils)
 command -v ip >/dev/null 2>&1 || needed+=(iproute2)
 command -v nft >/dev/null 2>&1 || needed+=(nftables)
+[ -x /usr/sbin/clickhouse-server ] || needed+=(clickhouse-server clickhouse-client)
 
 if [ "${#needed[@]}" -gt 0 ]; then
   echo "Installing ${needed[*]}"

@@ -6,6 +6,11 @@
 //! policy for tests that need KVM or Firecracker: in CI (`CI=true`) a missing
 //! requirement fails the test; elsewhere the test is skipped with the reason
 //! printed. It knows nothing about metald itself.
+//!
+//! It also starts the real servers tests write to: [`clickhouse`] runs a
+//! ClickHouse server of the test's own on loopback.
+
+pub mod clickhouse;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::PermissionsExt;
