@@ -28,6 +28,10 @@ use crate::sink::{BillingSink, Delivered, SinkError};
 /// The raw table.
 pub const USAGE_TABLE: &str = "usage_intervals";
 
+/// VMs per identity lookup: keeps the query well under ClickHouse's
+/// default `max_query_size` of 256 KiB.
+const LOOKUP_VMS: usize = 500;
+
 /// One migration: statements run in order, each idempotent.
 struct Migration {
     version: u32,
@@ -55,8 +59,8 @@ fn rollup(db: &str, name: &str, bucket: &str, bucket_column: &str, with_vm: bool
         format!(
             "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS
              SELECT {bucket} AS {bucket_column}, tenant_id, {vm_select}
-                count() AS intervals, sum(end_ms - start_ms) AS duration_ms, sum(cpu_ns) AS cpu_ns,
-                sum(vcpus * (end_ms - start_ms)) AS vcpu_ms, sum(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)) AS memory_mib_ms,
+                count() AS intervals, sum(toUInt64(end_ms - start_ms)) AS duration_ms, sum(cpu_ns) AS cpu_ns,
+                sum(toUInt64(vcpus * (end_ms - start_ms))) AS vcpu_ms, sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms))) AS memory_mib_ms,
                 sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes, sum(net_rx_packets) AS net_rx_packets, sum(net_tx_packets) AS net_tx_packets,
                 sum(block_read_bytes) AS block_read_bytes, sum(block_write_bytes) AS block_write_bytes, sum(block_read_ops) AS block_read_ops, sum(block_write_ops) AS block_write_ops
              FROM {db}.{USAGE_TABLE}
@@ -280,30 +284,33 @@ impl ClickHouseSink {
         Ok(applied)
     }
 
-    /// The identities of `batch` the table already has.
+    /// The identities of `batch` the table already has: one query per
+    /// `LOOKUP_VMS` VMs, each VM narrowed to the sequence range it has in
+    /// the batch so that the primary key does the work.
     async fn existing(&self, batch: &[UsageRecord]) -> Result<HashSet<(String, u64)>, SinkError> {
-        let mut ranges: HashMap<(String, String), (u64, u64)> = HashMap::new();
+        let mut ranges: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
         for record in batch {
-            let range =
-                ranges.entry((record.tenant_id.to_string(), record.vm_id.to_string())).or_insert((record.sequence, record.sequence));
+            let range = ranges.entry((record.tenant_id.as_str(), record.vm_id.as_str())).or_insert((record.sequence, record.sequence));
             range.0 = range.0.min(record.sequence);
             range.1 = range.1.max(record.sequence);
         }
+        let ranges: Vec<_> = ranges.into_iter().collect();
         let mut existing = HashSet::new();
-        for ((tenant, vm), (low, high)) in ranges {
-            let found = self
-                .client
-                .query(&format!(
-                    "SELECT vm_id, sequence FROM {}.{USAGE_TABLE} WHERE tenant_id = ? AND vm_id = ? AND sequence >= ? AND sequence <= ?",
-                    self.database
-                ))
-                .bind(tenant)
-                .bind(vm)
-                .bind(low)
-                .bind(high)
-                .fetch_all::<Identity>()
-                .await
-                .map_err(SinkError::ClickHouse)?;
+        for chunk in ranges.chunks(LOOKUP_VMS) {
+            let tenants: HashSet<&str> = chunk.iter().map(|((tenant, _), _)| *tenant).collect();
+            let conditions = vec!["(tenant_id = ? AND vm_id = ? AND sequence >= ? AND sequence <= ?)"; chunk.len()].join(" OR ");
+            let tenant_list = vec!["?"; tenants.len()].join(", ");
+            let mut query = self.client.query(&format!(
+                "SELECT vm_id, sequence FROM {}.{USAGE_TABLE} WHERE tenant_id IN ({tenant_list}) AND ({conditions})",
+                self.database
+            ));
+            for tenant in tenants {
+                query = query.bind(tenant);
+            }
+            for ((tenant, vm), (low, high)) in chunk {
+                query = query.bind(*tenant).bind(*vm).bind(*low).bind(*high);
+            }
+            let found = query.fetch_all::<Identity>().await.map_err(SinkError::ClickHouse)?;
             existing.extend(found.into_iter().map(|identity| (identity.vm_id, identity.sequence)));
         }
         Ok(existing)
@@ -313,8 +320,9 @@ impl ClickHouseSink {
     pub async fn insert_new(&self, batch: &[UsageRecord], host_id: &str) -> Result<Delivered, SinkError> {
         let mut seen = self.existing(batch).await?;
         let mut delivered = Delivered::default();
+        // The crate quotes an insert's table as one name, so the database goes in the client.
         let mut insert =
-            self.client.insert::<UsageRow>(&format!("{}.{USAGE_TABLE}", self.database)).await.map_err(SinkError::ClickHouse)?;
+            self.client.clone().with_database(&self.database).insert::<UsageRow>(USAGE_TABLE).await.map_err(SinkError::ClickHouse)?;
         for record in batch {
             if !seen.insert((record.vm_id.to_string(), record.sequence)) {
                 delivered.duplicates += 1;
@@ -356,8 +364,8 @@ pub mod queries {
     /// collapses any duplicate that got in).
     pub fn tenant_totals_raw(db: &str) -> String {
         format!(
-            "SELECT count() AS intervals, sum(cpu_ns) AS cpu_ns, sum(vcpus * (end_ms - start_ms)) AS vcpu_ms,
-                    sum(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)) AS memory_mib_ms,
+            "SELECT count() AS intervals, sum(cpu_ns) AS cpu_ns, sum(toUInt64(vcpus * (end_ms - start_ms))) AS vcpu_ms,
+                    sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms))) AS memory_mib_ms,
                     sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes
              FROM {db}.usage_intervals FINAL WHERE tenant_id = ? AND start_ms >= ? AND start_ms < ?"
         )

@@ -1,0 +1,103 @@
+//! The ClickHouse schema and sink against a real ClickHouse server started
+//! by the test on loopback: migrations are idempotent, and a record
+//! delivered twice is counted once by the raw table, every rollup and every
+//! shipped query.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{DATABASE, EPOCH_MS, clickhouse, raw_rows, record};
+use metald_billing::BillingSink;
+use metald_billing::clickhouse::{TenantTotals, queries};
+
+#[tokio::test]
+async fn migrations_run_once_and_a_second_start_changes_nothing() {
+    let Some((_server, sink)) = clickhouse("migrations_run_once_and_a_second_start_changes_nothing").await else { return };
+    // The helper migrated once already: a second start applies nothing.
+    assert_eq!(sink.migrate().await.unwrap(), Vec::<u32>::new());
+    let versions = sink
+        .client()
+        .query(&format!("SELECT version, count() FROM {DATABASE}.schema_migrations GROUP BY version ORDER BY version"))
+        .fetch_all::<(u32, u64)>()
+        .await
+        .unwrap();
+    assert!(versions.iter().all(|(_, count)| *count == 1), "a migration was recorded twice: {versions:?}");
+    let (major, minor) = sink.server_version().await.unwrap();
+    let expected: Vec<u32> = if (major, minor) >= (20, 1) { vec![1, 2, 3, 4] } else { vec![1, 2, 3] };
+    assert_eq!(versions.iter().map(|(version, _)| *version).collect::<Vec<_>>(), expected);
+    let tables = sink
+        .client()
+        .query(&format!("SELECT name FROM system.tables WHERE database = '{DATABASE}' ORDER BY name"))
+        .fetch_all::<String>()
+        .await
+        .unwrap();
+    for table in [
+        "usage_intervals",
+        "usage_hourly_vm",
+        "usage_hourly_tenant",
+        "usage_daily_vm",
+        "usage_daily_tenant",
+        "host_heartbeats",
+        "usage_gaps",
+    ] {
+        assert!(tables.iter().any(|name| name == table), "{table} is missing from {tables:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_or_overlapping_batch_is_counted_once_by_every_table_and_query() {
+    let Some((_server, sink)) = clickhouse("a_replayed_or_overlapping_batch_is_counted_once_by_every_table_and_query").await else {
+        return;
+    };
+    let vms = ["vm-a", "vm-b", "vm-c"];
+    // 2 hours of 100 ms intervals would be 72 000 records per VM; crossing one
+    // hour boundary is what matters, so records are spread 36 s apart.
+    let spread = |mut record: metald_billing::UsageRecord| {
+        record.start_ms = EPOCH_MS + (record.sequence - 1) * 36_000;
+        record.end_ms = record.start_ms + 100;
+        record
+    };
+    let first: Vec<_> =
+        vms.iter().flat_map(|vm| (1..=150).map(move |sequence| spread(record("acme", vm, sequence, sequence * 1_000)))).collect();
+    let overlapping: Vec<_> =
+        vms.iter().flat_map(|vm| (100..=200).map(move |sequence| spread(record("acme", vm, sequence, sequence * 1_000)))).collect();
+
+    let delivered = sink.deliver(&first).await.unwrap();
+    assert_eq!((delivered.accepted, delivered.duplicates), (450, 0));
+    let replayed = sink.deliver(&first).await.unwrap();
+    assert_eq!((replayed.accepted, replayed.duplicates), (0, 450));
+    let delivered = sink.deliver(&overlapping).await.unwrap();
+    assert_eq!((delivered.accepted, delivered.duplicates), (150, 153));
+
+    let expected_cpu: u64 = 3 * (1..=200u64).map(|sequence| sequence * 1_000).sum::<u64>();
+    assert_eq!(raw_rows(&sink).await, (600, 600, expected_cpu), "(rows, identities, cpu_ns) of the raw table");
+
+    let (from, to) = (EPOCH_MS, EPOCH_MS + 86_400_000);
+    let mut totals = Vec::new();
+    for sql in [queries::tenant_totals_raw(DATABASE), queries::tenant_totals_hourly(DATABASE), queries::tenant_totals_daily_vm(DATABASE)] {
+        let found = sink.client().query(&sql).bind("acme").bind(from).bind(to).fetch_one::<TenantTotals>().await.unwrap();
+        totals.push(found);
+    }
+    let expected = TenantTotals {
+        intervals: 600,
+        cpu_ns: expected_cpu,
+        vcpu_ms: 600 * 100,
+        memory_mib_ms: 600 * 64 * 100,
+        net_rx_bytes: 0,
+        net_tx_bytes: 0,
+    };
+    assert_eq!(totals, vec![expected; 3], "raw, hourly and daily-per-VM totals");
+
+    // Both hourly rollups split the same intervals over the same hours.
+    let per_hour = |table: &str| {
+        format!(
+            "SELECT toUInt64(hour), sum(intervals), sum(cpu_ns) FROM {DATABASE}.{table} WHERE tenant_id = 'acme' GROUP BY hour ORDER BY hour"
+        )
+    };
+    let by_vm = sink.client().query(&per_hour("usage_hourly_vm")).fetch_all::<(u64, u64, u64)>().await.unwrap();
+    let by_tenant = sink.client().query(&per_hour("usage_hourly_tenant")).fetch_all::<(u64, u64, u64)>().await.unwrap();
+    assert_eq!(by_vm, by_tenant);
+    assert_eq!(by_vm.len(), 2, "200 records 36 s apart span two hours: {by_vm:?}");
+    assert_eq!(by_vm.iter().map(|(_, intervals, _)| intervals).sum::<u64>(), 600);
+}
