@@ -11,11 +11,13 @@
 pub mod clickhouse;
 pub mod delivery;
 pub mod meter;
+pub mod pipeline;
 pub mod record;
 pub mod sink;
 pub mod source;
 pub mod spool;
 
+pub use pipeline::{Billing, BillingConfig};
 pub use record::{Counters, UsageRecord, saturating_u64, unix_millis};
 pub use sink::{BillingSink, Delivered, JsonLinesSink, SinkError};
 pub use spool::{MeterPosition, Spool, SpoolDepth, SpoolError};

@@ -39,6 +39,8 @@ pub enum MeterError {
     Spool(#[from] SpoolError),
     #[error("cannot start the meter's thread")]
     Thread(#[source] std::io::Error),
+    #[error("billing must start inside a Tokio runtime: delivery is a task and block counters are read through one")]
+    NoRuntime,
 }
 
 /// How often, and how block counters are read.

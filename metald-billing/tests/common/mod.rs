@@ -52,3 +52,54 @@ pub async fn raw_rows(sink: &ClickHouseSink) -> (u64, u64, u64) {
         .await
         .unwrap()
 }
+
+/// What the tests look at in one raw row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, clickhouse::Row)]
+pub struct RowView {
+    pub sequence: u64,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub cpu_ns: u64,
+    pub paused: u8,
+    pub final_record: u8,
+}
+
+/// Every raw row of `vm`, duplicates included, in sequence order.
+pub async fn vm_rows(sink: &ClickHouseSink, vm: &str) -> Vec<RowView> {
+    sink.client()
+        .query(&format!(
+            "SELECT sequence, start_ms, end_ms, cpu_ns, paused, final_record FROM {DATABASE}.{} WHERE vm_id = ? ORDER BY sequence",
+            metald_billing::clickhouse::USAGE_TABLE
+        ))
+        .bind(vm)
+        .fetch_all::<RowView>()
+        .await
+        .unwrap()
+}
+
+/// Panics unless `rows` are sequences 1..=n, each once, each interval
+/// starting where the previous one ended, with exactly one final record, last.
+pub fn assert_complete(vm: &str, rows: &[RowView]) {
+    assert!(!rows.is_empty(), "{vm} has no rows");
+    for (index, row) in rows.iter().enumerate() {
+        assert_eq!(row.sequence, index as u64 + 1, "{vm}: rows are not 1..=n, each once: {:?}", &rows[index.saturating_sub(2)..]);
+        if index > 0 {
+            assert_eq!(row.start_ms, rows[index - 1].end_ms, "{vm}: a gap or an overlap before sequence {}", row.sequence);
+        }
+    }
+    let finals: Vec<u64> = rows.iter().filter(|row| row.final_record == 1).map(|row| row.sequence).collect();
+    assert_eq!(finals, vec![rows.len() as u64], "{vm}: one final record, the last one");
+}
+
+/// Waits until `check` holds, up to `limit`.
+pub async fn wait_until<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,193 @@
+//! The meter on real jailed Firecracker VMs running the test guest, with
+//! the real spool and real sinks: what a VM's cgroup counted is what
+//! ClickHouse holds, a ClickHouse outage loses and doubles nothing, paused
+//! time costs no CPU, and a stopped VM gets one final record.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+#[path = "../../metald-core/tests/common/mod.rs"]
+mod sandbox;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{RowView, assert_complete, vm_rows, wait_until};
+use metald_billing::clickhouse::ClickHouseSink;
+use metald_billing::delivery::DeliveryPolicy;
+use metald_billing::{Billing, BillingConfig, JsonLinesSink, Spool, UsageRecord};
+use metald_core::events::{VmEvent, VmEventKind};
+use metald_core::{StopOptions, VmId};
+use metald_testguest::{cmdline, console};
+use sandbox::Sandbox;
+use tokio::sync::broadcast;
+
+const SPOOL_QUOTA: u64 = 64 << 20;
+
+/// Batches close fast, so rows are queryable soon after their tick.
+fn quick_delivery() -> BillingConfig {
+    BillingConfig {
+        delivery: DeliveryPolicy { max_batch: 500, max_age: Duration::from_millis(200), ..DeliveryPolicy::default() },
+        ..BillingConfig::default()
+    }
+}
+
+/// What the VM's cgroup counted last, from its Stopped event.
+async fn stopped_cpu_ns(events: &mut broadcast::Receiver<VmEvent>, vm_id: &VmId) -> u64 {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv()).await.expect("a Stopped event").unwrap();
+        if &event.vm_id == vm_id
+            && let VmEventKind::Stopped { usage, .. } = event.kind
+        {
+            return usage.expect("a jailed VM's cgroup usage").cpu_ns;
+        }
+    }
+}
+
+async fn final_row_arrived(sink: &ClickHouseSink, vm: &str) -> bool {
+    vm_rows(sink, vm).await.iter().any(|row| row.final_record == 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burning_vms_cpu_in_clickhouse_equals_what_its_cgroup_counted() {
+    let test = "a_burning_vms_cpu_in_clickhouse_equals_what_its_cgroup_counted";
+    let Some(sandbox) = Sandbox::new(test) else { return };
+    let Some((_server, sink)) = common::clickhouse(test).await else { return };
+    let spool = Arc::new(Spool::open(sandbox.dir.path().join("spool.db"), SPOOL_QUOTA).unwrap());
+    let mut events = sandbox.manager.subscribe();
+    let billing = Billing::for_manager(&sandbox.manager, spool, Arc::new(sink.clone()), quick_delivery()).unwrap();
+
+    // About 1.5 s of guest CPU.
+    let vm_id = sandbox.boot_guest(&[&cmdline::burn(150_000)]).await;
+    sandbox.wait_for_line(&vm_id, console::BURN_DONE).await;
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    let cgroup_cpu_ns = stopped_cpu_ns(&mut events, &vm_id).await;
+    wait_until("the final row in ClickHouse", Duration::from_secs(20), || final_row_arrived(&sink, vm_id.as_str())).await;
+    billing.stop().await;
+
+    let rows = vm_rows(&sink, vm_id.as_str()).await;
+    assert_complete(vm_id.as_str(), &rows);
+    let charged_ns: u64 = rows.iter().map(|row| row.cpu_ns).sum();
+    eprintln!("{} intervals; charged {charged_ns} ns; the cgroup counted {cgroup_cpu_ns} ns", rows.len());
+    assert!(cgroup_cpu_ns > 1_000_000_000, "the guest burned only {cgroup_cpu_ns} ns of CPU");
+    // One interval of one vCPU is the most the two may differ by.
+    assert!(
+        charged_ns.abs_diff(cgroup_cpu_ns) <= 100_000_000,
+        "ClickHouse holds {charged_ns} ns of CPU, the cgroup counted {cgroup_cpu_ns} ns"
+    );
+    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    assert_eq!(sandbox.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_then_none() {
+    let test = "a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_then_none";
+    let Some(sandbox) = Sandbox::new(test) else { return };
+    let spool = Arc::new(Spool::open(sandbox.dir.path().join("spool.db"), SPOOL_QUOTA).unwrap());
+    let usage_file = sandbox.dir.path().join("usage.jsonl");
+    let sink = Arc::new(JsonLinesSink::open(&usage_file).unwrap());
+    let billing = Billing::for_manager(&sandbox.manager, spool, sink, quick_delivery()).unwrap();
+
+    // Busy for far longer than the test runs.
+    let vm_id = sandbox.boot_guest(&[&cmdline::burn(10_000_000)]).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sandbox.manager.pause(&vm_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    sandbox.manager.resume(&vm_id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    let records = || {
+        let text = std::fs::read_to_string(&usage_file).unwrap_or_default();
+        text.lines()
+            .map(|line| serde_json::from_str::<UsageRecord>(line).unwrap())
+            .filter(|record| record.vm_id == vm_id)
+            .collect::<Vec<_>>()
+    };
+    wait_until("the final record", Duration::from_secs(10), || {
+        let done = records().iter().any(|record| record.final_record);
+        async move { done }
+    })
+    .await;
+    // Nothing follows the final record, however long the meter keeps going.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    billing.stop().await;
+
+    let records = records();
+    let rows: Vec<RowView> = records
+        .iter()
+        .map(|record| RowView {
+            sequence: record.sequence,
+            start_ms: record.start_ms,
+            end_ms: record.end_ms,
+            cpu_ns: record.usage.cpu_ns,
+            paused: u8::from(record.paused),
+            final_record: u8::from(record.final_record),
+        })
+        .collect();
+    assert_complete(vm_id.as_str(), &rows);
+    let paused: Vec<&UsageRecord> = records.iter().filter(|record| record.paused).collect();
+    let paused_ms: u64 = paused.iter().map(|record| record.duration_ms()).sum();
+    assert!(paused_ms.abs_diff(800) <= 100, "paused records cover {paused_ms} ms of an 800 ms pause");
+    assert!(paused.iter().all(|record| record.usage.cpu_ns == 0), "a paused record charged CPU: {paused:?}");
+    // Running, the guest spins: every whole running interval is charged most of its length.
+    let running: Vec<&UsageRecord> = records.iter().filter(|record| !record.paused && record.duration_ms() >= 90).collect();
+    assert!(running.len() >= 8, "only {} whole running intervals", running.len());
+    for record in running {
+        assert!(
+            record.usage.cpu_ns >= record.duration_ms() * 500_000,
+            "a running interval of {} ms charged only {} ns: {record:?}",
+            record.duration_ms(),
+            record.usage.cpu_ns
+        );
+    }
+    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    assert_eq!(sandbox.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clickhouse_down_for_ten_seconds_loses_and_doubles_nothing() {
+    let test = "clickhouse_down_for_ten_seconds_loses_and_doubles_nothing";
+    let Some(sandbox) = Sandbox::new(test) else { return };
+    let Some((mut server, sink)) = common::clickhouse(test).await else { return };
+    let spool = Arc::new(Spool::open(sandbox.dir.path().join("spool.db"), SPOOL_QUOTA).unwrap());
+    let billing = Billing::for_manager(&sandbox.manager, Arc::clone(&spool), Arc::new(sink.clone()), quick_delivery()).unwrap();
+
+    let first = sandbox.boot_guest(&[&cmdline::heartbeat_ms(50)]).await;
+    let second = sandbox.boot_guest(&[&cmdline::burn(10_000_000)]).await;
+    wait_until("rows in ClickHouse", Duration::from_secs(10), || async { !vm_rows(&sink, first.as_str()).await.is_empty() }).await;
+
+    server.stop();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let waiting = spool.depth().unwrap();
+    assert!(waiting.records >= 150, "only {} records waited in the spool during the outage", waiting.records);
+    server.restart().unwrap();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for vm_id in [&first, &second] {
+        sandbox.manager.shutdown(vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    }
+    for vm_id in [&first, &second] {
+        wait_until("the final row in ClickHouse", Duration::from_secs(30), || final_row_arrived(&sink, vm_id.as_str())).await;
+    }
+    let failures = billing.delivery_stats().failures.load(std::sync::atomic::Ordering::Relaxed);
+    billing.stop().await;
+    assert!(failures > 0, "delivery never failed, so ClickHouse was never really down");
+    assert_eq!(spool.depth().unwrap().records, 0, "records were left in the spool");
+
+    for vm_id in [&first, &second] {
+        let rows = vm_rows(&sink, vm_id.as_str()).await;
+        assert_complete(vm_id.as_str(), &rows);
+        let span_ms = rows.last().unwrap().end_ms - rows[0].start_ms;
+        assert!(span_ms >= 11_000, "{vm_id}'s rows cover only {span_ms} ms");
+    }
+    let (rows, identities, _) = common::raw_rows(&sink).await;
+    assert_eq!(rows, identities, "a record arrived twice");
+    // The rollups count what the raw table holds, once.
+    let hourly: u64 =
+        sink.client().query(&format!("SELECT sum(intervals) FROM {}.usage_hourly_vm", common::DATABASE)).fetch_one::<u64>().await.unwrap();
+    assert_eq!(hourly, rows);
+    for vm_id in [&first, &second] {
+        sandbox.manager.delete(vm_id, StopOptions::default()).await.unwrap();
+    }
+    assert_eq!(sandbox.leftovers(), Vec::<String>::new());
+}
