@@ -6,11 +6,18 @@
 //! looks up which of a batch's identities the table already has and
 //! inserts only the others, in one INSERT; the raw table is a
 //! ReplacingMergeTree keyed by that identity, so even a duplicate that got
-//! past the lookup collapses on merge and every query over it reads with
-//! FINAL. The rollups are fed by materialized views from what is inserted,
-//! so they count each interval once because no interval is inserted twice.
-//! The lookup is safe with one writer per VM at a time, which the spool's
-//! in-order delivery and the billing service's per-host lock give.
+//! past the lookup collapses on merge, and the raw queries read with FINAL.
+//! The rollups (hourly and daily, per VM) are fed by materialized views
+//! from what is inserted, so they count each interval once because no
+//! interval is inserted twice. One gap remains in ClickHouse itself: an
+//! insert can die after its raw part is written and before every view has
+//! run. The host then sends the batch again, the lookup finds the records,
+//! and the sink brings those VMs' rollup buckets up to the raw table
+//! before answering. The per-tenant rollups are views that sum the per-VM
+//! ones, so that repair reaches them too, without racing other hosts'
+//! inserts for the same tenant. The lookup and the repair are safe with
+//! one writer per VM at a time, which the spool's in-order delivery and
+//! the billing service's per-host lock give.
 //!
 //! Everything here works on ClickHouse 18.16 and on current ClickHouse:
 //! millisecond times are UInt64, and extras such as TTL are applied only
@@ -22,7 +29,7 @@ use async_trait::async_trait;
 use clickhouse::Client;
 use serde::{Deserialize, Serialize};
 
-use crate::record::UsageRecord;
+use crate::record::{HostHeartbeat, UsageGap, UsageRecord};
 use crate::sink::{BillingSink, Delivered, SinkError};
 
 /// The raw table.
@@ -41,37 +48,110 @@ struct Migration {
     statements: fn(&str) -> Vec<String>,
 }
 
-fn rollup(db: &str, name: &str, bucket: &str, bucket_column: &str, with_vm: bool) -> Vec<String> {
-    let vm_column = if with_vm { "vm_id String," } else { "" };
-    let vm_key = if with_vm { "vm_id, " } else { "" };
-    let vm_select = if with_vm { "vm_id," } else { "" };
-    let partition = if bucket_column == "hour" { "toYYYYMM(hour)" } else { "toYYYYMM(day)" };
-    let bucket_type = if bucket_column == "hour" { "DateTime('UTC')" } else { "Date" };
-    vec![
-        format!(
-            "CREATE TABLE IF NOT EXISTS {db}.{name} (
-                {bucket_column} {bucket_type}, tenant_id String, {vm_column}
-                intervals UInt64, duration_ms UInt64, cpu_ns UInt64, vcpu_ms UInt64, memory_mib_ms UInt64,
-                net_rx_bytes UInt64, net_tx_bytes UInt64, net_rx_packets UInt64, net_tx_packets UInt64,
-                block_read_bytes UInt64, block_write_bytes UInt64, block_read_ops UInt64, block_write_ops UInt64
-            ) ENGINE = SummingMergeTree() PARTITION BY {partition} ORDER BY (tenant_id, {vm_key}{bucket_column})"
-        ),
-        format!(
-            "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{name}_mv TO {db}.{name} AS
-             SELECT {bucket} AS {bucket_column}, tenant_id, {vm_select}
-                count() AS intervals, sum(toUInt64(end_ms - start_ms)) AS duration_ms, sum(cpu_ns) AS cpu_ns,
-                sum(toUInt64(vcpus * (end_ms - start_ms))) AS vcpu_ms, sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms))) AS memory_mib_ms,
-                sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes, sum(net_rx_packets) AS net_rx_packets, sum(net_tx_packets) AS net_tx_packets,
-                sum(block_read_bytes) AS block_read_bytes, sum(block_write_bytes) AS block_write_bytes, sum(block_read_ops) AS block_read_ops, sum(block_write_ops) AS block_write_ops
-             FROM {db}.{USAGE_TABLE}
-             GROUP BY {bucket_column}, tenant_id{}",
-            if with_vm { ", vm_id" } else { "" }
-        ),
-    ]
+/// What every rollup sums, and how from a raw row.
+const MEASURES: &[(&str, &str)] = &[
+    ("intervals", "count()"),
+    ("duration_ms", "sum(toUInt64(end_ms - start_ms))"),
+    ("cpu_ns", "sum(cpu_ns)"),
+    ("vcpu_ms", "sum(toUInt64(vcpus * (end_ms - start_ms)))"),
+    ("memory_mib_ms", "sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)))"),
+    ("net_rx_bytes", "sum(net_rx_bytes)"),
+    ("net_tx_bytes", "sum(net_tx_bytes)"),
+    ("net_rx_packets", "sum(net_rx_packets)"),
+    ("net_tx_packets", "sum(net_tx_packets)"),
+    ("block_read_bytes", "sum(block_read_bytes)"),
+    ("block_write_bytes", "sum(block_write_bytes)"),
+    ("block_read_ops", "sum(block_read_ops)"),
+    ("block_write_ops", "sum(block_write_ops)"),
+];
+
+/// A per-VM rollup table: `bucket` (hour or day) of `start_ms`.
+#[derive(Debug, Clone, Copy)]
+struct Rollup {
+    table: &'static str,
+    /// The tenant-level view over it.
+    tenant_view: &'static str,
+    bucket: &'static str,
+    bucket_type: &'static str,
+    /// The bucket of a raw row.
+    expression: &'static str,
+    bucket_ms: u64,
 }
 
-const HOUR: &str = "toStartOfHour(toDateTime(intDiv(start_ms, 1000), 'UTC'))";
-const DAY: &str = "toDate(toDateTime(intDiv(start_ms, 1000), 'UTC'))";
+const ROLLUPS: [Rollup; 2] = [
+    Rollup {
+        table: "usage_hourly_vm",
+        tenant_view: "usage_hourly_tenant",
+        bucket: "hour",
+        bucket_type: "DateTime('UTC')",
+        expression: "toStartOfHour(toDateTime(intDiv(start_ms, 1000), 'UTC'))",
+        bucket_ms: 3_600_000,
+    },
+    Rollup {
+        table: "usage_daily_vm",
+        tenant_view: "usage_daily_tenant",
+        bucket: "day",
+        bucket_type: "Date",
+        expression: "toDate(toDateTime(intDiv(start_ms, 1000), 'UTC'))",
+        bucket_ms: 86_400_000,
+    },
+];
+
+impl Rollup {
+    fn create(&self, db: &str) -> Vec<String> {
+        let Rollup { table, tenant_view, bucket, bucket_type, expression, .. } = self;
+        let columns: Vec<String> = MEASURES.iter().map(|(name, _)| format!("{name} UInt64")).collect();
+        let sums: Vec<String> = MEASURES.iter().map(|(name, sum)| format!("{sum} AS {name}")).collect();
+        let resums: Vec<String> = MEASURES.iter().map(|(name, _)| format!("sum({name}) AS {name}")).collect();
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{table} ({bucket} {bucket_type}, tenant_id String, vm_id String, {})
+                 ENGINE = SummingMergeTree() PARTITION BY toYYYYMM({bucket}) ORDER BY (tenant_id, {bucket}, vm_id)",
+                columns.join(", ")
+            ),
+            format!(
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.{table}_mv TO {db}.{table} AS
+                 SELECT {expression} AS {bucket}, tenant_id, vm_id, {} FROM {db}.{USAGE_TABLE} GROUP BY {bucket}, tenant_id, vm_id",
+                sums.join(", ")
+            ),
+            format!(
+                "CREATE VIEW IF NOT EXISTS {db}.{tenant_view} AS
+                 SELECT {bucket}, tenant_id, {} FROM {db}.{table} GROUP BY {bucket}, tenant_id",
+                resums.join(", ")
+            ),
+        ]
+    }
+
+    /// Adds to this rollup what the raw table holds for one VM's buckets
+    /// from `from_ms` to `to_ms` and the rollup lacks: the rows of an insert
+    /// whose materialized views did not all run (the server died between
+    /// writing the raw part and pushing it to the views). One writer per VM
+    /// makes the comparison safe.
+    fn reconcile(&self, db: &str) -> String {
+        let Rollup { table, bucket, expression, .. } = self;
+        let raw: Vec<String> = MEASURES.iter().map(|(name, sum)| format!("{sum} AS raw_{name}")).collect();
+        let rolled: Vec<String> = MEASURES.iter().map(|(name, _)| format!("sum({name}) AS rolled_{name}")).collect();
+        let deltas: Vec<String> = MEASURES.iter().map(|(name, _)| format!("raw_{name} - rolled_{name}")).collect();
+        let names: Vec<&str> = MEASURES.iter().map(|(name, _)| *name).collect();
+        format!(
+            "INSERT INTO {db}.{table} ({bucket}, tenant_id, vm_id, {names})
+             SELECT {bucket}, tenant_id, vm_id, {deltas} FROM (
+                 SELECT {expression} AS {bucket}, tenant_id, vm_id, {raw} FROM {db}.{USAGE_TABLE} FINAL
+                 WHERE tenant_id = ? AND vm_id = ? AND start_ms >= ? AND start_ms < ? GROUP BY {bucket}, tenant_id, vm_id
+             ) ANY LEFT JOIN (
+                 SELECT {bucket}, tenant_id, vm_id, {rolled} FROM {db}.{table}
+                 WHERE tenant_id = ? AND vm_id = ? AND {bucket} >= {expression_from} AND {bucket} < {expression_to} GROUP BY {bucket}, tenant_id, vm_id
+             ) USING ({bucket}, tenant_id, vm_id)
+             WHERE raw_intervals > rolled_intervals",
+            names = names.join(", "),
+            deltas = deltas.join(", "),
+            raw = raw.join(", "),
+            rolled = rolled.join(", "),
+            expression_from = expression.replace("start_ms", "toUInt64(?)"),
+            expression_to = expression.replace("start_ms", "toUInt64(?)"),
+        )
+    }
+}
 
 const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -95,15 +175,9 @@ const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 2,
-        description: "hourly and daily rollups per tenant and per VM",
+        description: "hourly and daily rollups per VM, and per tenant over them",
         requires: (18, 16),
-        statements: |db| {
-            let mut statements = rollup(db, "usage_hourly_vm", HOUR, "hour", true);
-            statements.extend(rollup(db, "usage_hourly_tenant", HOUR, "hour", false));
-            statements.extend(rollup(db, "usage_daily_vm", DAY, "day", true));
-            statements.extend(rollup(db, "usage_daily_tenant", DAY, "day", false));
-            statements
-        },
+        statements: |db| ROLLUPS.iter().flat_map(|rollup| rollup.create(db)).collect(),
     },
     Migration {
         version: 3,
@@ -121,7 +195,7 @@ const MIGRATIONS: &[Migration] = &[
                     "CREATE TABLE IF NOT EXISTS {db}.usage_gaps (
                         host_id String, tenant_id String, vm_id String, from_ms UInt64, to_ms UInt64, reason String,
                         reported_at DateTime('UTC') DEFAULT now()
-                    ) ENGINE = MergeTree() PARTITION BY toYYYYMM(reported_at) ORDER BY (tenant_id, vm_id, from_ms)"
+                    ) ENGINE = ReplacingMergeTree() PARTITION BY toYYYYMM(reported_at) ORDER BY (tenant_id, vm_id, from_ms)"
                 ),
             ]
         },
@@ -207,6 +281,24 @@ impl std::fmt::Debug for ClickHouseSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClickHouseSink").field("database", &self.database).field("host_id", &self.host_id).finish_non_exhaustive()
     }
+}
+
+#[derive(Debug, Serialize, clickhouse::Row)]
+struct GapRow {
+    host_id: String,
+    tenant_id: String,
+    vm_id: String,
+    from_ms: u64,
+    to_ms: u64,
+    reason: String,
+}
+
+#[derive(Debug, Serialize, clickhouse::Row)]
+struct HeartbeatRow {
+    host_id: String,
+    sent_at_ms: u64,
+    spool_records: u64,
+    spool_bytes: u64,
 }
 
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -316,9 +408,67 @@ impl ClickHouseSink {
         Ok(existing)
     }
 
+    /// Records a gap `host_id` reported (a replay collapses on merge: same VM and start).
+    pub async fn insert_gap(&self, gap: &UsageGap, host_id: &str) -> Result<(), SinkError> {
+        let row = GapRow {
+            host_id: host_id.to_owned(),
+            tenant_id: gap.tenant_id.to_string(),
+            vm_id: gap.vm_id.to_string(),
+            from_ms: gap.from_ms,
+            to_ms: gap.to_ms,
+            reason: gap.reason.clone(),
+        };
+        self.insert_one("usage_gaps", &row).await
+    }
+
+    pub async fn insert_heartbeat(&self, heartbeat: &HostHeartbeat, host_id: &str) -> Result<(), SinkError> {
+        let row = HeartbeatRow {
+            host_id: host_id.to_owned(),
+            sent_at_ms: heartbeat.sent_at_ms,
+            spool_records: heartbeat.spool_records,
+            spool_bytes: heartbeat.spool_bytes,
+        };
+        self.insert_one("host_heartbeats", &row).await
+    }
+
+    async fn insert_one<T>(&self, table: &str, row: &T) -> Result<(), SinkError>
+    where
+        T: clickhouse::Row + Serialize + Send + Sync + 'static,
+        for<'a> T: clickhouse::RowWrite<Value<'a> = T>,
+    {
+        let mut insert = self.client.clone().with_database(&self.database).insert::<T>(table).await.map_err(SinkError::ClickHouse)?;
+        insert.write(row).await.map_err(SinkError::ClickHouse)?;
+        insert.end().await.map_err(SinkError::ClickHouse)
+    }
+
+    /// A batch came again with records the raw table has: the insert that
+    /// stored them may have died before its materialized views ran, so the
+    /// per-VM rollups of those VMs' buckets are brought up to the raw table.
+    async fn reconcile_rollups(&self, batch: &[UsageRecord], stored: &HashSet<(String, u64)>) -> Result<(), SinkError> {
+        let mut spans: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
+        for record in batch.iter().filter(|record| stored.contains(&(record.vm_id.to_string(), record.sequence))) {
+            let span = spans.entry((record.tenant_id.as_str(), record.vm_id.as_str())).or_insert((record.start_ms, record.start_ms));
+            span.0 = span.0.min(record.start_ms);
+            span.1 = span.1.max(record.start_ms);
+        }
+        for rollup in &ROLLUPS {
+            let sql = rollup.reconcile(&self.database);
+            for ((tenant, vm), (first_ms, last_ms)) in &spans {
+                let from_ms = first_ms - first_ms % rollup.bucket_ms;
+                let to_ms = last_ms - last_ms % rollup.bucket_ms + rollup.bucket_ms;
+                let query = self.client.query(&sql).bind(*tenant).bind(*vm).bind(from_ms).bind(to_ms);
+                query.bind(*tenant).bind(*vm).bind(from_ms).bind(to_ms).execute().await.map_err(SinkError::ClickHouse)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Inserts the records of `batch` the table does not have yet.
     pub async fn insert_new(&self, batch: &[UsageRecord], host_id: &str) -> Result<Delivered, SinkError> {
         let mut seen = self.existing(batch).await?;
+        if !seen.is_empty() {
+            self.reconcile_rollups(batch, &seen).await?;
+        }
         let mut delivered = Delivered::default();
         // The crate quotes an insert's table as one name, so the database goes in the client.
         let mut insert =
@@ -344,6 +494,14 @@ impl BillingSink for ClickHouseSink {
 
     async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError> {
         self.insert_new(batch, &self.host_id).await
+    }
+
+    async fn report_gap(&self, gap: &UsageGap) -> Result<(), SinkError> {
+        self.insert_gap(gap, &self.host_id).await
+    }
+
+    async fn heartbeat(&self, heartbeat: &HostHeartbeat) -> Result<(), SinkError> {
+        self.insert_heartbeat(heartbeat, &self.host_id).await
     }
 }
 

@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::record::HostHeartbeat;
 use crate::sink::BillingSink;
 use crate::spool::Spool;
 
@@ -21,6 +22,8 @@ pub struct DeliveryPolicy {
     pub max_age: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How often the sink hears that this host is alive.
+    pub heartbeat_every: Duration,
 }
 
 impl Default for DeliveryPolicy {
@@ -30,6 +33,7 @@ impl Default for DeliveryPolicy {
             max_age: Duration::from_secs(1),
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
+            heartbeat_every: Duration::from_secs(10),
         }
     }
 }
@@ -51,12 +55,21 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = policy.min_backoff;
+    let mut next_heartbeat = Instant::now();
     loop {
         let stopping = *stop.borrow();
-        if !stopping {
-            wait_for_a_batch(&spool, &policy, &mut stop).await;
+        if Instant::now() >= next_heartbeat {
+            send_heartbeat(&spool, sink.as_ref()).await;
+            next_heartbeat = Instant::now() + policy.heartbeat_every;
         }
-        match deliver_once(&spool, sink.as_ref(), policy.max_batch, &stats).await {
+        if !stopping {
+            wait_for_a_batch(&spool, &policy, &mut stop, next_heartbeat).await;
+        }
+        let delivered = match deliver_once(&spool, sink.as_ref(), policy.max_batch, &stats).await {
+            Ok(delivered) => deliver_gaps(&spool, sink.as_ref()).await.map(|()| delivered),
+            Err(error) => Err(error),
+        };
+        match delivered {
             Ok(0) if stopping => return,
             Ok(_) => backoff = policy.min_backoff,
             Err(error) => {
@@ -75,8 +88,30 @@ pub async fn run(
     }
 }
 
-/// Waits until a full batch waits, the oldest record is old enough, or stop.
-async fn wait_for_a_batch(spool: &Spool, policy: &DeliveryPolicy, stop: &mut watch::Receiver<bool>) {
+async fn send_heartbeat(spool: &Spool, sink: &dyn BillingSink) {
+    let depth = spool.depth().unwrap_or_default();
+    let heartbeat = HostHeartbeat {
+        sent_at_ms: crate::record::unix_millis(),
+        spool_records: depth.records,
+        spool_bytes: depth.bytes,
+        spool_quota_bytes: depth.quota_bytes,
+    };
+    if let Err(error) = sink.heartbeat(&heartbeat).await {
+        tracing::debug!(sink = sink.name(), error = %metald_core::error_chain(&error), "heartbeat not delivered");
+    }
+}
+
+async fn deliver_gaps(spool: &Spool, sink: &dyn BillingSink) -> Result<(), String> {
+    for (id, gap) in spool.pending_gaps().map_err(|error| metald_core::error_chain(&error))? {
+        sink.report_gap(&gap).await.map_err(|error| metald_core::error_chain(&error))?;
+        spool.drop_gap(id).map_err(|error| metald_core::error_chain(&error))?;
+    }
+    Ok(())
+}
+
+/// Waits until a full batch waits, the oldest record is old enough, a
+/// heartbeat is due, or stop.
+async fn wait_for_a_batch(spool: &Spool, policy: &DeliveryPolicy, stop: &mut watch::Receiver<bool>, heartbeat_due: Instant) {
     loop {
         let depth = spool.depth().map(|depth| depth.records).unwrap_or(0);
         if usize::try_from(depth).unwrap_or(usize::MAX) >= policy.max_batch {
@@ -92,9 +127,13 @@ async fn wait_for_a_batch(spool: &Spool, policy: &DeliveryPolicy, stop: &mut wat
             }
             _ => policy.max_age,
         };
+        let heartbeat_left = heartbeat_due.saturating_duration_since(Instant::now());
+        if heartbeat_left.is_zero() {
+            return;
+        }
         tokio::select! {
             () = spool.taken() => {}
-            () = tokio::time::sleep(age_left) => {}
+            () = tokio::time::sleep(age_left.min(heartbeat_left)) => {}
             _ = stop.changed() => return,
         }
     }

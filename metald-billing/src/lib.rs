@@ -12,12 +12,14 @@ pub mod clickhouse;
 pub mod delivery;
 pub mod meter;
 pub mod pipeline;
+pub mod proto;
 pub mod record;
+pub mod service;
 pub mod sink;
 pub mod source;
 pub mod spool;
 
 pub use pipeline::{Billing, BillingConfig};
-pub use record::{Counters, UsageRecord, saturating_u64, unix_millis};
+pub use record::{Counters, HostHeartbeat, UsageGap, UsageRecord, saturating_u64, unix_millis};
 pub use sink::{BillingSink, Delivered, JsonLinesSink, SinkError};
 pub use spool::{MeterPosition, Spool, SpoolDepth, SpoolError};

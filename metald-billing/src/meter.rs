@@ -29,7 +29,7 @@ use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
 use metald_core::{DeviceCounters, TenantId, VmId, VmManager};
 use tokio::sync::broadcast;
 
-use crate::record::{Counters, UsageRecord};
+use crate::record::{Counters, UsageGap, UsageRecord};
 use crate::source::{CounterSource, MeterTarget};
 use crate::spool::{MeterPosition, Spool, SpoolError};
 
@@ -227,6 +227,9 @@ impl MeterLoop {
             VmEventKind::Rebooted { running, ended } => {
                 // The old VMM's last counters close its time; the new one starts from zero.
                 self.close_interval(&event.vm_id, ended.as_ref(), at_ms);
+                if let Some(position) = self.positions.get_mut(event.vm_id.as_str()) {
+                    position.closed = true;
+                }
                 self.begin(event.vm_id, event.tenant, running, at_ms);
             }
             VmEventKind::Paused { usage } => {
@@ -266,6 +269,19 @@ impl MeterLoop {
     fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm, at_ms: u64) {
         let target = MeterTarget { pid: running.pid, cgroup: running.cgroup, taps: running.taps };
         let position = self.positions.get(vm_id.as_str());
+        if let Some(position) = position.filter(|position| !position.closed && position.pid != target.pid) {
+            // The VM's previous VMM ended while no meter watched: its usage since its last record is unknown.
+            let gap = UsageGap {
+                tenant_id: tenant.clone(),
+                vm_id: vm_id.clone(),
+                from_ms: position.last_end_ms,
+                to_ms: at_ms.max(position.last_end_ms),
+                reason: "the VM's previous VMM ended while metald was not metering it; its last usage is unknown".into(),
+            };
+            if let Err(error) = self.spool.add_gap(&gap) {
+                tracing::error!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a usage gap");
+            }
+        }
         let (next_sequence, start_ms, baseline) = match position {
             Some(position) if position.pid.is_some() && position.pid == target.pid => {
                 (position.last_sequence + 1, position.last_end_ms, position.counters)
@@ -453,5 +469,6 @@ fn position_of(vm_id: &VmId, vm: Option<&Metered>, record: &UsageRecord) -> Mete
         last_end_ms: record.end_ms,
         counters: vm.map(|vm| vm.last_counters).unwrap_or_default(),
         pid: vm.and_then(|vm| vm.target.pid),
+        closed: record.final_record,
     }
 }

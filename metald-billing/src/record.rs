@@ -52,6 +52,26 @@ pub struct UsageRecord {
     pub final_record: bool,
 }
 
+/// A span of a VM's time that has no usage records, and why: the host
+/// says so rather than leave finance to guess.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageGap {
+    pub tenant_id: TenantId,
+    pub vm_id: VmId,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub reason: String,
+}
+
+/// A host's sign of life, with how much usage it still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HostHeartbeat {
+    pub sent_at_ms: u64,
+    pub spool_records: u64,
+    pub spool_bytes: u64,
+    pub spool_quota_bytes: u64,
+}
+
 impl UsageRecord {
     /// The interval's length in milliseconds.
     pub fn duration_ms(&self) -> u64 {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use crate::record::UsageRecord;
+use crate::record::{HostHeartbeat, UsageGap, UsageRecord};
 
 /// What a sink did with a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,10 +32,8 @@ pub enum SinkError {
     },
     #[error("ClickHouse refused or failed")]
     ClickHouse(#[source] clickhouse::error::Error),
-    #[error("the billing service refused or failed: {0}")]
-    Service(String),
-    #[error("the destination is unreachable: {0}")]
-    Unreachable(String),
+    #[error("the billing service refused or failed")]
+    Service(#[source] connectrpc::ConnectError),
 }
 
 /// A destination for usage records.
@@ -45,11 +43,21 @@ pub trait BillingSink: Send + Sync + std::fmt::Debug {
 
     /// Makes `batch` durable at the destination, in order.
     async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError>;
+
+    /// Records a span of a VM's time that has no usage records.
+    async fn report_gap(&self, gap: &UsageGap) -> Result<(), SinkError>;
+
+    /// Tells the destination this host is alive; destinations without a
+    /// notion of hosts ignore it.
+    async fn heartbeat(&self, _heartbeat: &HostHeartbeat) -> Result<(), SinkError> {
+        Ok(())
+    }
 }
 
 /// Appends records as JSON lines to a file, fsyncing each batch. The last
 /// sequence per VM is read from the file at open, so a replayed record is
-/// recognised and not written twice.
+/// recognised and not written twice. Gaps go to a file beside it, with
+/// `.gaps` added to its name.
 #[derive(Debug)]
 pub struct JsonLinesSink {
     path: PathBuf,
@@ -115,6 +123,19 @@ impl BillingSink for JsonLinesSink {
         state.file.sync_data().map_err(file_error)?;
         state.last_sequence.extend(newest);
         Ok(delivered)
+    }
+
+    async fn report_gap(&self, gap: &UsageGap) -> Result<(), SinkError> {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".gaps");
+        let path = PathBuf::from(name);
+        let file_error = |source| SinkError::File { path: path.clone(), source };
+        let mut line = serde_json::to_string(gap).map_err(|error| file_error(error.into()))?;
+        line.push('\n');
+        let _serialised = self.state.lock().await;
+        let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(file_error)?;
+        file.write_all(line.as_bytes()).map_err(file_error)?;
+        file.sync_data().map_err(file_error)
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
-use crate::record::{Counters, UsageRecord};
+use crate::record::{Counters, UsageGap, UsageRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -49,6 +49,9 @@ pub struct MeterPosition {
     pub counters: Counters,
     /// The VMM process those counters belong to (a new process starts from zero).
     pub pid: Option<u32>,
+    /// The last record was the VM's final one: nothing is owed until it boots again.
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// How full the spool is.
@@ -95,6 +98,10 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE TABLE IF NOT EXISTS positions (
     vm_id TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gaps (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     body TEXT NOT NULL
 );
 ";
@@ -169,6 +176,31 @@ impl Spool {
         if !records.is_empty() {
             self.taken.notify_one();
         }
+        Ok(())
+    }
+
+    /// Keeps a gap until a sink has it.
+    pub fn add_gap(&self, gap: &UsageGap) -> Result<(), SpoolError> {
+        let body = serde_json::to_string(gap).map_err(SpoolError::Corrupt)?;
+        self.lock().connection.execute("INSERT INTO gaps (body) VALUES (?1)", params![body]).map_err(self.store())?;
+        self.taken.notify_one();
+        Ok(())
+    }
+
+    /// Gaps not yet delivered, oldest first, with the id to drop them by.
+    pub fn pending_gaps(&self) -> Result<Vec<(i64, UsageGap)>, SpoolError> {
+        let store = self.lock();
+        let mut statement = store.connection.prepare("SELECT id, body FROM gaps ORDER BY id LIMIT 100").map_err(self.store())?;
+        let rows: Vec<(i64, String)> = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .map_err(self.store())?
+            .collect::<Result<_, _>>()
+            .map_err(self.store())?;
+        rows.into_iter().map(|(id, body)| Ok((id, serde_json::from_str(&body).map_err(SpoolError::Corrupt)?))).collect()
+    }
+
+    pub fn drop_gap(&self, id: i64) -> Result<(), SpoolError> {
+        self.lock().connection.execute("DELETE FROM gaps WHERE id = ?1", params![id]).map_err(self.store())?;
         Ok(())
     }
 
@@ -293,6 +325,7 @@ pub(crate) mod tests {
             last_end_ms: 700,
             counters: Counters { cpu_ns: 42, ..Counters::default() },
             pid: Some(9),
+            closed: false,
         };
         Spool::open(&path, 1 << 20).unwrap().take(&[record("vm-a", 7)], std::slice::from_ref(&position)).unwrap();
         let reopened = Spool::open(&path, 1 << 20).unwrap();

@@ -101,3 +101,35 @@ async fn a_replayed_or_overlapping_batch_is_counted_once_by_every_table_and_quer
     assert_eq!(by_vm.len(), 2, "200 records 36 s apart span two hours: {by_vm:?}");
     assert_eq!(by_vm.iter().map(|(_, intervals, _)| intervals).sum::<u64>(), 600);
 }
+
+#[tokio::test]
+async fn a_replay_after_an_insert_whose_views_did_not_run_completes_the_rollups_once() {
+    let Some((_server, sink)) = clickhouse("a_replay_after_an_insert_whose_views_did_not_run_completes_the_rollups_once").await else {
+        return;
+    };
+    let execute = |sql: String| {
+        let client = sink.client().clone();
+        async move { client.query(&sql).execute().await.unwrap() }
+    };
+    let batch: Vec<_> = (1..=100).map(|sequence| record("acme", "vm-r", sequence, 7_000)).collect();
+    // As if the server died between writing the raw part and pushing it to the hourly view.
+    execute(format!("DETACH TABLE {DATABASE}.usage_hourly_vm_mv")).await;
+    sink.deliver(&batch[..60]).await.unwrap();
+    execute(format!("ATTACH TABLE {DATABASE}.usage_hourly_vm_mv")).await;
+
+    let replayed = sink.deliver(&batch).await.unwrap();
+    assert_eq!((replayed.accepted, replayed.duplicates), (40, 60));
+    // A second replay finds nothing missing and adds nothing.
+    sink.deliver(&batch).await.unwrap();
+
+    for table in ["usage_hourly_vm", "usage_daily_vm", "usage_hourly_tenant", "usage_daily_tenant"] {
+        let (intervals, cpu_ns) = sink
+            .client()
+            .query(&format!("SELECT sum(intervals), sum(cpu_ns) FROM {DATABASE}.{table} WHERE tenant_id = 'acme'"))
+            .fetch_one::<(u64, u64)>()
+            .await
+            .unwrap();
+        assert_eq!((intervals, cpu_ns), (100, 700_000), "{table}");
+    }
+    assert_eq!(raw_rows(&sink).await, (100, 100, 700_000));
+}

@@ -182,10 +182,12 @@ async fn clickhouse_down_for_ten_seconds_loses_and_doubles_nothing() {
     }
     let (rows, identities, _) = common::raw_rows(&sink).await;
     assert_eq!(rows, identities, "a record arrived twice");
-    // The rollups count what the raw table holds, once.
-    let hourly: u64 =
-        sink.client().query(&format!("SELECT sum(intervals) FROM {}.usage_hourly_vm", common::DATABASE)).fetch_one::<u64>().await.unwrap();
-    assert_eq!(hourly, rows);
+    // Every rollup counts what the raw table holds, once.
+    for table in ["usage_hourly_vm", "usage_daily_vm", "usage_hourly_tenant", "usage_daily_tenant"] {
+        let intervals: u64 =
+            sink.client().query(&format!("SELECT sum(intervals) FROM {}.{table}", common::DATABASE)).fetch_one::<u64>().await.unwrap();
+        assert_eq!(intervals, rows, "{table}");
+    }
     for vm_id in [&first, &second] {
         sandbox.manager.delete(vm_id, StopOptions::default()).await.unwrap();
     }
