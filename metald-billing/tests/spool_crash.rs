@@ -161,3 +161,43 @@ async fn spool_holder_is_killed_three_times_and_nothing_is_lost_or_doubled() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_vmm_changed_while_nothing_metered_it_gets_a_reported_gap() {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path().join("spool.db"), 1 << 20).unwrap());
+    // Where an earlier meter left VM 1: its VMM (pid 7) was metered up to 1 000 ms and not stopped.
+    let position = metald_billing::MeterPosition {
+        tenant_id: "crash-tenant".into(),
+        vm_id: vm(1).to_string(),
+        last_sequence: 3,
+        last_end_ms: 1_000,
+        counters: Counters::default(),
+        pid: Some(7),
+        closed: false,
+    };
+    spool.take(&[], &[position]).unwrap();
+    let usage_file = dir.path().join("usage.jsonl");
+    let sink = Arc::new(metald_billing::JsonLinesSink::open(&usage_file).unwrap());
+    let (events, receiver) = tokio::sync::broadcast::channel(16);
+    let source = Arc::new(HalfBusy { booted_ms: 0 });
+    let config = BillingConfig {
+        delivery: DeliveryPolicy { max_age: Duration::from_millis(50), ..DeliveryPolicy::default() },
+        ..BillingConfig::default()
+    };
+    let billing = Billing::start(receiver, Arc::clone(&spool), source, None, sink, config).unwrap();
+    let booted = UNIX_EPOCH + Duration::from_millis(5_000);
+    let running = RunningVmm { pid: Some(8), cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 128 << 20 };
+    events.send(event(1, booted, VmEventKind::Booted(running))).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    billing.stop().await;
+
+    let gaps = std::fs::read_to_string(dir.path().join("usage.jsonl.gaps")).unwrap();
+    let gaps: Vec<metald_billing::UsageGap> = gaps.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!((gaps[0].vm_id.clone(), gaps[0].from_ms, gaps[0].to_ms), (vm(1), 1_000, 5_000));
+    // The new VMM's records continue the VM's sequence.
+    let usage = std::fs::read_to_string(&usage_file).unwrap();
+    let first: metald_billing::UsageRecord = serde_json::from_str(usage.lines().next().unwrap()).unwrap();
+    assert_eq!((first.sequence, first.start_ms), (4, 5_000));
+}
