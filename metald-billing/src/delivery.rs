@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::record::HostHeartbeat;
-use crate::sink::BillingSink;
+use crate::sink::{Batch, BillingSink};
 use crate::spool::Spool;
 
 /// When a batch goes out.
@@ -141,11 +141,15 @@ async fn wait_for_a_batch(spool: &Spool, policy: &DeliveryPolicy, stop: &mut wat
 
 /// Delivers one batch; returns how many records left the spool.
 pub async fn deliver_once(spool: &Spool, sink: &dyn BillingSink, max_batch: usize, stats: &DeliveryStats) -> Result<usize, String> {
-    let (batch, last) = spool.pending(max_batch).map_err(|error| metald_core::error_chain(&error))?;
-    let Some(last) = last else { return Ok(0) };
-    let delivered = sink.deliver(&batch).await.map_err(|error| metald_core::error_chain(&error))?;
-    spool.acknowledge(last).map_err(|error| metald_core::error_chain(&error))?;
+    let pending = spool.pending(max_batch).map_err(|error| metald_core::error_chain(&error))?;
+    if pending.records.is_empty() {
+        return Ok(0);
+    }
+    spool.mark_sent(&pending).map_err(|error| metald_core::error_chain(&error))?;
+    let batch = Batch { records: &pending.records, resent: pending.resent };
+    let delivered = sink.deliver(batch).await.map_err(|error| metald_core::error_chain(&error))?;
+    spool.acknowledge(&pending).map_err(|error| metald_core::error_chain(&error))?;
     stats.delivered.fetch_add(delivered.accepted as u64, Ordering::Relaxed);
     stats.duplicates.fetch_add(delivered.duplicates as u64, Ordering::Relaxed);
-    Ok(batch.len())
+    Ok(pending.records.len())
 }

@@ -21,5 +21,5 @@ pub mod spool;
 
 pub use pipeline::{Billing, BillingConfig};
 pub use record::{Counters, HostHeartbeat, UsageGap, UsageRecord, saturating_u64, unix_millis};
-pub use sink::{BillingSink, Delivered, JsonLinesSink, SinkError};
-pub use spool::{MeterPosition, Spool, SpoolDepth, SpoolError};
+pub use sink::{Batch, BillingSink, Delivered, JsonLinesSink, SinkError};
+pub use spool::{MeterPosition, Pending, Spool, SpoolDepth, SpoolError};

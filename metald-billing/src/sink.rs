@@ -36,13 +36,36 @@ pub enum SinkError {
     Service(#[source] connectrpc::ConnectError),
 }
 
+/// Records on their way to a sink, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub records: &'a [UsageRecord],
+    /// Some of them went out before and the answer was lost: the
+    /// destination may hold them already and has to check. A batch that
+    /// never went out needs no check.
+    pub resent: bool,
+}
+
+impl<'a> Batch<'a> {
+    /// Records that never went out.
+    pub fn first(records: &'a [UsageRecord]) -> Self {
+        Self { records, resent: false }
+    }
+
+    /// Records that may be at the destination already.
+    pub fn resent(records: &'a [UsageRecord]) -> Self {
+        Self { records, resent: true }
+    }
+}
+
 /// A destination for usage records.
 #[async_trait]
 pub trait BillingSink: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
-    /// Makes `batch` durable at the destination, in order.
-    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError>;
+    /// Makes `batch` durable at the destination, in order; records it
+    /// already has are acknowledged and not stored again.
+    async fn deliver(&self, batch: Batch<'_>) -> Result<Delivered, SinkError>;
 
     /// Records a span of a VM's time that has no usage records.
     async fn report_gap(&self, gap: &UsageGap) -> Result<(), SinkError>;
@@ -100,12 +123,13 @@ impl BillingSink for JsonLinesSink {
         "jsonl"
     }
 
-    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError> {
+    async fn deliver(&self, batch: Batch<'_>) -> Result<Delivered, SinkError> {
+        // The last sequence per VM is in memory: checking costs nothing, resent or not.
         let mut state = self.state.lock().await;
         let mut text = String::new();
         let mut delivered = Delivered::default();
         let mut newest: HashMap<String, u64> = HashMap::new();
-        for record in batch {
+        for record in batch.records {
             let vm = record.vm_id.to_string();
             let last = newest.get(&vm).or_else(|| state.last_sequence.get(&vm)).copied().unwrap_or(0);
             if record.sequence <= last {
@@ -150,11 +174,11 @@ mod tests {
         let path = dir.path().join("usage.jsonl");
         let sink = JsonLinesSink::open(&path).unwrap();
         let batch = [record("vm-a", 1), record("vm-a", 2), record("vm-b", 1)];
-        assert_eq!(sink.deliver(&batch).await.unwrap(), Delivered { accepted: 3, duplicates: 0 });
+        assert_eq!(sink.deliver(Batch::first(&batch)).await.unwrap(), Delivered { accepted: 3, duplicates: 0 });
         drop(sink);
         let reopened = JsonLinesSink::open(&path).unwrap();
         let again = [record("vm-a", 2), record("vm-a", 3)];
-        assert_eq!(reopened.deliver(&again).await.unwrap(), Delivered { accepted: 1, duplicates: 1 });
+        assert_eq!(reopened.deliver(Batch::resent(&again)).await.unwrap(), Delivered { accepted: 1, duplicates: 1 });
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert_eq!(lines, 4);
     }
