@@ -23,21 +23,23 @@
 //! millisecond times are UInt64, and extras such as TTL are applied only
 //! where the server supports them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use async_trait::async_trait;
 use clickhouse::Client;
 use serde::{Deserialize, Serialize};
 
 use crate::record::{HostHeartbeat, UsageGap, UsageRecord};
-use crate::sink::{BillingSink, Delivered, SinkError};
+use crate::sink::{Batch, BillingSink, Delivered, SinkError};
 
 /// The raw table.
 pub const USAGE_TABLE: &str = "usage_intervals";
 
-/// VMs per identity lookup: keeps the query well under ClickHouse's
-/// default `max_query_size` of 256 KiB.
-const LOOKUP_VMS: usize = 500;
+/// VMs per rollup repair query, to stay under `max_query_size`.
+const RECONCILE_VMS: usize = 1_000;
+
+/// The most query text one identity lookup sends.
+const LOOKUP_QUERY_BYTES: usize = 200 * 1024;
 
 /// One migration: statements run in order, each idempotent.
 struct Migration {
@@ -122,25 +124,28 @@ impl Rollup {
         ]
     }
 
-    /// Adds to this rollup what the raw table holds for one VM's buckets
+    /// Adds to this rollup what the raw table holds for `vms`' buckets
     /// from `from_ms` to `to_ms` and the rollup lacks: the rows of an insert
     /// whose materialized views did not all run (the server died between
     /// writing the raw part and pushing it to the views). One writer per VM
-    /// makes the comparison safe.
-    fn reconcile(&self, db: &str) -> String {
+    /// makes the comparison safe. Binds: the (tenant, VM) pairs, the span,
+    /// the pairs again, the span again.
+    fn reconcile(&self, db: &str, vms: usize) -> String {
         let Rollup { table, bucket, expression, .. } = self;
         let raw: Vec<String> = MEASURES.iter().map(|(name, sum)| format!("{sum} AS raw_{name}")).collect();
         let rolled: Vec<String> = MEASURES.iter().map(|(name, _)| format!("sum({name}) AS rolled_{name}")).collect();
         let deltas: Vec<String> = MEASURES.iter().map(|(name, _)| format!("raw_{name} - rolled_{name}")).collect();
         let names: Vec<&str> = MEASURES.iter().map(|(name, _)| *name).collect();
+        let pairs = vec!["(?, ?)"; vms].join(", ");
         format!(
             "INSERT INTO {db}.{table} ({bucket}, tenant_id, vm_id, {names})
              SELECT {bucket}, tenant_id, vm_id, {deltas} FROM (
-                 SELECT {expression} AS {bucket}, tenant_id, vm_id, {raw} FROM {db}.{USAGE_TABLE} FINAL
-                 WHERE tenant_id = ? AND vm_id = ? AND start_ms >= ? AND start_ms < ? GROUP BY {bucket}, tenant_id, vm_id
+                 SELECT {expression} AS {bucket}, tenant_id, vm_id, {raw} FROM {db}.{USAGE_TABLE}
+                 WHERE (tenant_id, vm_id) IN ({pairs}) AND start_ms >= ? AND start_ms < ? GROUP BY {bucket}, tenant_id, vm_id
              ) ANY LEFT JOIN (
                  SELECT {bucket}, tenant_id, vm_id, {rolled} FROM {db}.{table}
-                 WHERE tenant_id = ? AND vm_id = ? AND {bucket} >= {expression_from} AND {bucket} < {expression_to} GROUP BY {bucket}, tenant_id, vm_id
+                 WHERE (tenant_id, vm_id) IN ({pairs}) AND {bucket} >= {expression_from} AND {bucket} < {expression_to}
+                 GROUP BY {bucket}, tenant_id, vm_id
              ) USING ({bucket}, tenant_id, vm_id)
              WHERE raw_intervals > rolled_intervals",
             names = names.join(", "),
@@ -376,31 +381,31 @@ impl ClickHouseSink {
         Ok(applied)
     }
 
-    /// The identities of `batch` the table already has: one query per
-    /// `LOOKUP_VMS` VMs, each VM narrowed to the sequence range it has in
-    /// the batch so that the primary key does the work.
+    /// The identities of `batch` the table already has: the whole identity
+    /// tuple against the primary key, in queries kept under ClickHouse's
+    /// default `max_query_size` of 256 KiB.
     async fn existing(&self, batch: &[UsageRecord]) -> Result<HashSet<(String, u64)>, SinkError> {
-        let mut ranges: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
-        for record in batch {
-            let range = ranges.entry((record.tenant_id.as_str(), record.vm_id.as_str())).or_insert((record.sequence, record.sequence));
-            range.0 = range.0.min(record.sequence);
-            range.1 = range.1.max(record.sequence);
-        }
-        let ranges: Vec<_> = ranges.into_iter().collect();
         let mut existing = HashSet::new();
-        for chunk in ranges.chunks(LOOKUP_VMS) {
-            let tenants: HashSet<&str> = chunk.iter().map(|((tenant, _), _)| *tenant).collect();
-            let conditions = vec!["(tenant_id = ? AND vm_id = ? AND sequence >= ? AND sequence <= ?)"; chunk.len()].join(" OR ");
-            let tenant_list = vec!["?"; tenants.len()].join(", ");
+        let mut rest = batch;
+        while !rest.is_empty() {
+            let mut text_bytes = 0;
+            let count = rest
+                .iter()
+                .take_while(|record| {
+                    text_bytes += record.tenant_id.as_str().len() + record.vm_id.as_str().len() + 32;
+                    text_bytes < LOOKUP_QUERY_BYTES
+                })
+                .count()
+                .max(1);
+            let (chunk, later) = rest.split_at(count.min(rest.len()));
+            rest = later;
+            let tuples = vec!["(?, ?, ?)"; chunk.len()].join(", ");
             let mut query = self.client.query(&format!(
-                "SELECT vm_id, sequence FROM {}.{USAGE_TABLE} WHERE tenant_id IN ({tenant_list}) AND ({conditions})",
+                "SELECT vm_id, sequence FROM {}.{USAGE_TABLE} WHERE (tenant_id, vm_id, sequence) IN ({tuples})",
                 self.database
             ));
-            for tenant in tenants {
-                query = query.bind(tenant);
-            }
-            for ((tenant, vm), (low, high)) in chunk {
-                query = query.bind(*tenant).bind(*vm).bind(*low).bind(*high);
+            for record in chunk {
+                query = query.bind(record.tenant_id.as_str()).bind(record.vm_id.as_str()).bind(record.sequence);
             }
             let found = query.fetch_all::<Identity>().await.map_err(SinkError::ClickHouse)?;
             existing.extend(found.into_iter().map(|identity| (identity.vm_id, identity.sequence)));
@@ -445,35 +450,42 @@ impl ClickHouseSink {
     /// stored them may have died before its materialized views ran, so the
     /// per-VM rollups of those VMs' buckets are brought up to the raw table.
     async fn reconcile_rollups(&self, batch: &[UsageRecord], stored: &HashSet<(String, u64)>) -> Result<(), SinkError> {
-        let mut spans: HashMap<(&str, &str), (u64, u64)> = HashMap::new();
+        let mut vms: HashSet<(&str, &str)> = HashSet::new();
+        let (mut first_ms, mut last_ms) = (u64::MAX, 0);
         for record in batch.iter().filter(|record| stored.contains(&(record.vm_id.to_string(), record.sequence))) {
-            let span = spans.entry((record.tenant_id.as_str(), record.vm_id.as_str())).or_insert((record.start_ms, record.start_ms));
-            span.0 = span.0.min(record.start_ms);
-            span.1 = span.1.max(record.start_ms);
+            vms.insert((record.tenant_id.as_str(), record.vm_id.as_str()));
+            first_ms = first_ms.min(record.start_ms);
+            last_ms = last_ms.max(record.start_ms);
         }
-        for rollup in &ROLLUPS {
-            let sql = rollup.reconcile(&self.database);
-            for ((tenant, vm), (first_ms, last_ms)) in &spans {
+        let vms: Vec<(&str, &str)> = vms.into_iter().collect();
+        for chunk in vms.chunks(RECONCILE_VMS) {
+            for rollup in &ROLLUPS {
                 let from_ms = first_ms - first_ms % rollup.bucket_ms;
                 let to_ms = last_ms - last_ms % rollup.bucket_ms + rollup.bucket_ms;
-                let query = self.client.query(&sql).bind(*tenant).bind(*vm).bind(from_ms).bind(to_ms);
-                query.bind(*tenant).bind(*vm).bind(from_ms).bind(to_ms).execute().await.map_err(SinkError::ClickHouse)?;
+                let mut query = self.client.query(&rollup.reconcile(&self.database, chunk.len()));
+                for _ in 0..2 {
+                    for (tenant, vm) in chunk {
+                        query = query.bind(*tenant).bind(*vm);
+                    }
+                    query = query.bind(from_ms).bind(to_ms);
+                }
+                query.execute().await.map_err(SinkError::ClickHouse)?;
             }
         }
         Ok(())
     }
 
     /// Inserts the records of `batch` the table does not have yet.
-    pub async fn insert_new(&self, batch: &[UsageRecord], host_id: &str) -> Result<Delivered, SinkError> {
-        let mut seen = self.existing(batch).await?;
+    pub async fn insert_new(&self, batch: Batch<'_>, host_id: &str) -> Result<Delivered, SinkError> {
+        let mut seen = if batch.resent { self.existing(batch.records).await? } else { HashSet::new() };
         if !seen.is_empty() {
-            self.reconcile_rollups(batch, &seen).await?;
+            self.reconcile_rollups(batch.records, &seen).await?;
         }
         let mut delivered = Delivered::default();
         // The crate quotes an insert's table as one name, so the database goes in the client.
         let mut insert =
             self.client.clone().with_database(&self.database).insert::<UsageRow>(USAGE_TABLE).await.map_err(SinkError::ClickHouse)?;
-        for record in batch {
+        for record in batch.records {
             if !seen.insert((record.vm_id.to_string(), record.sequence)) {
                 delivered.duplicates += 1;
                 continue;
@@ -492,7 +504,7 @@ impl BillingSink for ClickHouseSink {
         "clickhouse"
     }
 
-    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError> {
+    async fn deliver(&self, batch: Batch<'_>) -> Result<Delivered, SinkError> {
         self.insert_new(batch, &self.host_id).await
     }
 

@@ -22,7 +22,7 @@ use crate::clickhouse::ClickHouseSink;
 use crate::proto::billing::v1 as wire;
 use crate::proto::billing::v1::__buffa::view::UsageRecordView;
 use crate::record::{Counters, HostHeartbeat, UsageGap, UsageRecord};
-use crate::sink::{BillingSink, Delivered, SinkError};
+use crate::sink::{Batch, BillingSink, Delivered, SinkError};
 use metald_core::DeviceCounters;
 
 /// The most records the service takes in one batch, unless configured.
@@ -153,11 +153,12 @@ impl BillingSink for ServiceSink {
         "billing-service"
     }
 
-    async fn deliver(&self, batch: &[UsageRecord]) -> Result<Delivered, SinkError> {
+    async fn deliver(&self, batch: Batch<'_>) -> Result<Delivered, SinkError> {
         let request = wire::SubmitUsageRequest {
             host_id: self.host_id.clone(),
-            batch_id: batch_id(batch),
-            records: batch.iter().map(record_to_wire).collect(),
+            batch_id: batch_id(batch.records),
+            records: batch.records.iter().map(record_to_wire).collect(),
+            resent: batch.resent,
             ..Default::default()
         };
         let response = self.client.submit_usage(request).await.map_err(SinkError::Service)?;
@@ -270,7 +271,8 @@ impl wire::BillingService for BillingService {
         self.check_ready()?;
         let host_lock = self.host_lock(request.host_id);
         let _one_at_a_time = host_lock.lock().await;
-        let delivered = self.sink.insert_new(&records, request.host_id).await.map_err(|error| unavailable(&error))?;
+        let batch = Batch { records: &records, resent: request.resent };
+        let delivered = self.sink.insert_new(batch, request.host_id).await.map_err(|error| unavailable(&error))?;
         tracing::debug!(
             host_id = request.host_id,
             batch_id = request.batch_id,

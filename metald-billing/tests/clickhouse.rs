@@ -8,8 +8,8 @@
 mod common;
 
 use common::{DATABASE, EPOCH_MS, clickhouse, raw_rows, record};
-use metald_billing::BillingSink;
 use metald_billing::clickhouse::{TenantTotals, queries};
+use metald_billing::{Batch, BillingSink};
 
 #[tokio::test]
 async fn migrations_run_once_and_a_second_start_changes_nothing() {
@@ -63,11 +63,11 @@ async fn a_replayed_or_overlapping_batch_is_counted_once_by_every_table_and_quer
     let overlapping: Vec<_> =
         vms.iter().flat_map(|vm| (100..=200).map(move |sequence| spread(record("acme", vm, sequence, sequence * 1_000)))).collect();
 
-    let delivered = sink.deliver(&first).await.unwrap();
+    let delivered = sink.deliver(Batch::first(&first)).await.unwrap();
     assert_eq!((delivered.accepted, delivered.duplicates), (450, 0));
-    let replayed = sink.deliver(&first).await.unwrap();
+    let replayed = sink.deliver(Batch::resent(&first)).await.unwrap();
     assert_eq!((replayed.accepted, replayed.duplicates), (0, 450));
-    let delivered = sink.deliver(&overlapping).await.unwrap();
+    let delivered = sink.deliver(Batch::resent(&overlapping)).await.unwrap();
     assert_eq!((delivered.accepted, delivered.duplicates), (150, 153));
 
     let expected_cpu: u64 = 3 * (1..=200u64).map(|sequence| sequence * 1_000).sum::<u64>();
@@ -114,13 +114,13 @@ async fn a_replay_after_an_insert_whose_views_did_not_run_completes_the_rollups_
     let batch: Vec<_> = (1..=100).map(|sequence| record("acme", "vm-r", sequence, 7_000)).collect();
     // As if the server died between writing the raw part and pushing it to the hourly view.
     execute(format!("DETACH TABLE {DATABASE}.usage_hourly_vm_mv")).await;
-    sink.deliver(&batch[..60]).await.unwrap();
+    sink.deliver(Batch::first(&batch[..60])).await.unwrap();
     execute(format!("ATTACH TABLE {DATABASE}.usage_hourly_vm_mv")).await;
 
-    let replayed = sink.deliver(&batch).await.unwrap();
+    let replayed = sink.deliver(Batch::resent(&batch)).await.unwrap();
     assert_eq!((replayed.accepted, replayed.duplicates), (40, 60));
     // A second replay finds nothing missing and adds nothing.
-    sink.deliver(&batch).await.unwrap();
+    sink.deliver(Batch::resent(&batch)).await.unwrap();
 
     for table in ["usage_hourly_vm", "usage_daily_vm", "usage_hourly_tenant", "usage_daily_tenant"] {
         let (intervals, cpu_ns) = sink

@@ -17,7 +17,7 @@ use metald_billing::clickhouse::ClickHouseSink;
 use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::proto::billing::v1 as wire;
 use metald_billing::service::{ServiceSink, record_to_wire};
-use metald_billing::{BillingSink, Counters, HostHeartbeat, UsageGap, UsageRecord};
+use metald_billing::{Batch, BillingSink, Counters, HostHeartbeat, UsageGap, UsageRecord};
 use metald_core::{TenantId, VmId};
 use metald_testguest::clickhouse::{ClickHouseServer, require_clickhouse};
 
@@ -120,12 +120,12 @@ async fn batches_heartbeats_and_gaps_land_once_and_a_replay_is_only_acknowledged
     let reader = ClickHouseSink::new(&clickhouse.url(), DATABASE, "reader");
 
     let first = batch("vm-a", 1..=300);
-    let delivered = service.deliver(&first).await.unwrap();
+    let delivered = service.deliver(Batch::first(&first)).await.unwrap();
     assert_eq!((delivered.accepted, delivered.duplicates), (300, 0));
-    let replayed = service.deliver(&first).await.unwrap();
+    let replayed = service.deliver(Batch::resent(&first)).await.unwrap();
     assert_eq!((replayed.accepted, replayed.duplicates), (0, 300));
     let overlapping = batch("vm-a", 250..=400);
-    let delivered = service.deliver(&overlapping).await.unwrap();
+    let delivered = service.deliver(Batch::resent(&overlapping)).await.unwrap();
     assert_eq!((delivered.accepted, delivered.duplicates), (100, 51));
     assert_eq!(count(&reader, "SELECT count() FROM {db}.usage_intervals").await, 400);
     assert_eq!(count(&reader, "SELECT uniqExact(vm_id, sequence) FROM {db}.usage_intervals").await, 400);
@@ -197,7 +197,7 @@ async fn malformed_and_oversized_batches_are_refused_clearly_and_billaged_stays_
     }
 
     // Nothing refused was stored, and good batches still go through.
-    let delivered = service.deliver(&good).await.unwrap();
+    let delivered = service.deliver(Batch::first(&good)).await.unwrap();
     assert_eq!((delivered.accepted, delivered.duplicates), (3, 0));
     let reader = ClickHouseSink::new(&clickhouse.url(), DATABASE, "reader");
     assert_eq!(count(&reader, "SELECT count() FROM {db}.usage_intervals").await, 3);
