@@ -1006,9 +1006,11 @@ struct ResolvedImages {
 /// events that split its time into running and paused.
 fn cgroup_usage(entry: &VmEntry) -> Option<CgroupUsage> {
     let cgroup = entry.instance.cgroup()?;
+    // CPU only: reading the memory peak would reset it under the meter.
     cgroup
-        .usage()
-        .map_err(|error| tracing::warn!(error = %crate::error_chain(&error), "cannot read a VM's cgroup usage at a pause or resume"))
+        .cpu_usage_ns()
+        .map(|cpu_ns| CgroupUsage { cpu_ns, memory_peak_bytes: None })
+        .map_err(|error| tracing::warn!(error = %crate::error_chain(&error), "cannot read a VM's cgroup CPU at a pause or resume"))
         .ok()
 }
 
