@@ -559,4 +559,53 @@ pub mod queries {
              FROM {db}.usage_daily_vm WHERE tenant_id = ? AND day >= toDate(toDateTime(intDiv(?, 1000), 'UTC')) AND day < toDate(toDateTime(intDiv(?, 1000), 'UTC'))"
         )
     }
+
+    /// A tenant's invoice lines per calendar month (UTC) from the daily
+    /// per-VM rollup: CPU seconds, vCPU hours and GiB hours allocated,
+    /// network and block gigabytes. Binds: tenant, from and to (Unix ms,
+    /// whole days).
+    pub fn tenant_monthly_invoice(db: &str) -> String {
+        format!(
+            "SELECT toStartOfMonth(day) AS month, sum(intervals) AS intervals,
+                    sum(cpu_ns) / 1e9 AS cpu_seconds,
+                    sum(vcpu_ms) / 3.6e6 AS vcpu_hours,
+                    sum(memory_mib_ms) / 1024 / 3.6e6 AS memory_gib_hours,
+                    (sum(net_rx_bytes) + sum(net_tx_bytes)) / 1e9 AS network_gb,
+                    (sum(block_read_bytes) + sum(block_write_bytes)) / 1e9 AS block_gb
+             FROM {db}.usage_daily_vm
+             WHERE tenant_id = ? AND day >= toDate(toDateTime(intDiv(?, 1000), 'UTC')) AND day < toDate(toDateTime(intDiv(?, 1000), 'UTC'))
+             GROUP BY month ORDER BY month"
+        )
+    }
+
+    /// Each VM of a tenant, hour by hour, from the hourly per-VM rollup.
+    /// Binds: tenant, from, to (Unix ms, whole hours).
+    pub fn vm_usage_by_hour(db: &str) -> String {
+        format!(
+            "SELECT vm_id, toUInt64(hour) AS hour_unix, sum(intervals) AS intervals, sum(cpu_ns) AS cpu_ns, sum(vcpu_ms) AS vcpu_ms,
+                    sum(memory_mib_ms) AS memory_mib_ms
+             FROM {db}.usage_hourly_vm
+             WHERE tenant_id = ? AND hour >= toDateTime(intDiv(?, 1000), 'UTC') AND hour < toDateTime(intDiv(?, 1000), 'UTC')
+             GROUP BY vm_id, hour ORDER BY vm_id, hour"
+        )
+    }
+
+    /// Spans of a tenant's VMs that hosts could not meter, which an invoice
+    /// should mention rather than hide. Binds: tenant, from, to (Unix ms).
+    pub fn tenant_gaps(db: &str) -> String {
+        format!(
+            "SELECT vm_id, from_ms, to_ms, reason, host_id FROM {db}.usage_gaps FINAL
+             WHERE tenant_id = ? AND to_ms > ? AND from_ms < ? ORDER BY vm_id, from_ms"
+        )
+    }
+
+    /// Every host's last heartbeat and what its spool still held: a host
+    /// whose heartbeat is old, or whose spool grows, is holding usage back.
+    pub fn host_freshness(db: &str) -> String {
+        format!(
+            "SELECT host_id, max(sent_at_ms) AS last_heartbeat_ms, argMax(spool_records, sent_at_ms) AS spool_records,
+                    argMax(spool_bytes, sent_at_ms) AS spool_bytes
+             FROM {db}.host_heartbeats GROUP BY host_id ORDER BY host_id"
+        )
+    }
 }

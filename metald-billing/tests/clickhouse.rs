@@ -9,7 +9,8 @@ mod common;
 
 use common::{DATABASE, EPOCH_MS, clickhouse, raw_rows, record};
 use metald_billing::clickhouse::{TenantTotals, queries};
-use metald_billing::{Batch, BillingSink};
+use metald_billing::{Batch, BillingSink, HostHeartbeat, UsageGap};
+use metald_core::{TenantId, VmId};
 
 #[tokio::test]
 async fn migrations_run_once_and_a_second_start_changes_nothing() {
@@ -100,6 +101,60 @@ async fn a_replayed_or_overlapping_batch_is_counted_once_by_every_table_and_quer
     assert_eq!(by_vm, by_tenant);
     assert_eq!(by_vm.len(), 2, "200 records 36 s apart span two hours: {by_vm:?}");
     assert_eq!(by_vm.iter().map(|(_, intervals, _)| intervals).sum::<u64>(), 600);
+
+    // The finance queries count the same intervals once.
+    let invoice = sink
+        .client()
+        .query(&queries::tenant_monthly_invoice(DATABASE))
+        .bind("acme")
+        .bind(from)
+        .bind(to)
+        .fetch_all::<(u16, u64, f64, f64, f64, f64, f64)>()
+        .await
+        .unwrap();
+    assert_eq!(invoice.len(), 1, "{invoice:?}");
+    assert_eq!(invoice[0].1, 600);
+    assert!((invoice[0].2 - expected_cpu as f64 / 1e9).abs() < 1e-9, "{invoice:?}");
+    let hours = sink
+        .client()
+        .query(&queries::vm_usage_by_hour(DATABASE))
+        .bind("acme")
+        .bind(from)
+        .bind(to)
+        .fetch_all::<(String, u64, u64, u64, u64, u64)>()
+        .await
+        .unwrap();
+    assert_eq!(hours.len(), 6, "three VMs over two hours: {hours:?}");
+    assert!(hours.iter().all(|(_, _, intervals, ..)| *intervals == 100), "{hours:?}");
+}
+
+#[tokio::test]
+async fn a_gap_or_heartbeat_sent_twice_is_reported_once() {
+    let Some((_server, sink)) = clickhouse("a_gap_or_heartbeat_sent_twice_is_reported_once").await else { return };
+    let gap = UsageGap {
+        tenant_id: TenantId::new("acme").unwrap(),
+        vm_id: VmId::new("vm-g").unwrap(),
+        from_ms: EPOCH_MS,
+        to_ms: EPOCH_MS + 5_000,
+        reason: "test".into(),
+    };
+    sink.report_gap(&gap).await.unwrap();
+    sink.report_gap(&gap).await.unwrap();
+    let gaps = sink
+        .client()
+        .query(&queries::tenant_gaps(DATABASE))
+        .bind("acme")
+        .bind(EPOCH_MS)
+        .bind(EPOCH_MS + 86_400_000)
+        .fetch_all::<(String, u64, u64, String, String)>()
+        .await
+        .unwrap();
+    assert_eq!(gaps, vec![("vm-g".into(), EPOCH_MS, EPOCH_MS + 5_000, "test".into(), "host-test".into())]);
+    for (sent_at_ms, spool_records) in [(1_000, 7), (2_000, 3)] {
+        sink.heartbeat(&HostHeartbeat { sent_at_ms, spool_records, spool_bytes: 100, spool_quota_bytes: 1 << 20 }).await.unwrap();
+    }
+    let hosts = sink.client().query(&queries::host_freshness(DATABASE)).fetch_all::<(String, u64, u64, u64)>().await.unwrap();
+    assert_eq!(hosts, vec![("host-test".into(), 2_000, 3, 100)]);
 }
 
 #[tokio::test]
