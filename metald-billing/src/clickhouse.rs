@@ -128,7 +128,8 @@ impl Rollup {
     /// from `from_ms` to `to_ms` and the rollup lacks: the rows of an insert
     /// whose materialized views did not all run (the server died between
     /// writing the raw part and pushing it to the views). One writer per VM
-    /// makes the comparison safe. Binds: the (tenant, VM) pairs, the span,
+    /// makes the comparison safe. The subqueries are named because current
+    /// ClickHouse requires it of a join. Binds: the (tenant, VM) pairs, the span,
     /// the pairs again, the span again.
     fn reconcile(&self, db: &str, vms: usize) -> String {
         let Rollup { table, bucket, expression, .. } = self;
@@ -142,11 +143,11 @@ impl Rollup {
              SELECT {bucket}, tenant_id, vm_id, {deltas} FROM (
                  SELECT {expression} AS {bucket}, tenant_id, vm_id, {raw} FROM {db}.{USAGE_TABLE}
                  WHERE (tenant_id, vm_id) IN ({pairs}) AND start_ms >= ? AND start_ms < ? GROUP BY {bucket}, tenant_id, vm_id
-             ) ANY LEFT JOIN (
+             ) AS raw ANY LEFT JOIN (
                  SELECT {bucket}, tenant_id, vm_id, {rolled} FROM {db}.{table}
                  WHERE (tenant_id, vm_id) IN ({pairs}) AND {bucket} >= {expression_from} AND {bucket} < {expression_to}
                  GROUP BY {bucket}, tenant_id, vm_id
-             ) USING ({bucket}, tenant_id, vm_id)
+             ) AS rolled USING ({bucket}, tenant_id, vm_id)
              WHERE raw_intervals > rolled_intervals",
             names = names.join(", "),
             deltas = deltas.join(", "),
@@ -217,6 +218,29 @@ const MIGRATIONS: &[Migration] = &[
         },
     },
 ];
+
+/// Every statement the migrations run on a server of version `server`
+/// (major, minor), in order, with the migration each belongs to: what
+/// `migrate` applies, for operators who review or apply a schema by hand.
+/// Migration 0 stands for the database and the migrations' own table.
+pub fn schema_statements(db: &str, server: (u32, u32)) -> Vec<(u32, String)> {
+    let bookkeeping = bookkeeping_statements(db).into_iter().map(|statement| (0, statement));
+    let migrations = MIGRATIONS
+        .iter()
+        .filter(|migration| server >= migration.requires)
+        .flat_map(|migration| (migration.statements)(db).into_iter().map(move |statement| (migration.version, statement)));
+    bookkeeping.chain(migrations).collect()
+}
+
+/// The database and the table that records which migrations ran.
+fn bookkeeping_statements(db: &str) -> Vec<String> {
+    vec![
+        format!("CREATE DATABASE IF NOT EXISTS {db}"),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String, applied_at DateTime('UTC') DEFAULT now()) ENGINE = MergeTree() ORDER BY version"
+        ),
+    ]
+}
 
 /// A raw row, as ClickHouse stores it.
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
@@ -345,11 +369,9 @@ impl ClickHouseSink {
     pub async fn migrate(&self) -> Result<Vec<u32>, SinkError> {
         let db = &self.database;
         let run = |sql: String| async move { self.client.query(&sql).execute().await.map_err(SinkError::ClickHouse) };
-        run(format!("CREATE DATABASE IF NOT EXISTS {db}")).await?;
-        run(format!(
-            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, description String, applied_at DateTime('UTC') DEFAULT now()) ENGINE = MergeTree() ORDER BY version"
-        ))
-        .await?;
+        for statement in bookkeeping_statements(db) {
+            run(statement).await?;
+        }
         let done: HashSet<u32> = self
             .client
             .query(&format!("SELECT DISTINCT version FROM {db}.schema_migrations"))

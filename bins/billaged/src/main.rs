@@ -33,6 +33,10 @@ struct Args {
     /// The largest request body, in bytes, before decoding.
     #[arg(long, env = "BILLAGED_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     max_body_bytes: usize,
+    /// Print the schema's statements for a server of this version (for
+    /// example 24.8) and exit, without connecting to anything.
+    #[arg(long, value_name = "MAJOR.MINOR")]
+    print_schema: Option<String>,
 }
 
 #[tokio::main]
@@ -44,6 +48,17 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.database.bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'_') || args.database.is_empty() {
         anyhow::bail!("--database {:?}: use letters, digits and '_' only", args.database);
+    }
+    if let Some(version) = &args.print_schema {
+        let parse = |part: Option<&str>| part.and_then(|part| part.parse::<u32>().ok());
+        let mut parts = version.split('.');
+        let (Some(major), Some(minor)) = (parse(parts.next()), parse(parts.next())) else {
+            anyhow::bail!("--print-schema {version:?}: give the server's version as MAJOR.MINOR, for example 24.8");
+        };
+        for (migration, statement) in metald_billing::clickhouse::schema_statements(&args.database, (major, minor)) {
+            println!("-- migration {migration}\n{statement};\n");
+        }
+        return Ok(());
     }
     let sink = ClickHouseSink::new(&args.clickhouse_url, &args.database, "billaged");
     let (ready, is_ready) = tokio::sync::watch::channel(false);
