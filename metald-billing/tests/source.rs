@@ -1,0 +1,167 @@
+//! What the meter reads and when: network counters come from the VM's
+//! interface as its VMM's network namespace sees it, turned to the guest's
+//! side; and a tick that comes late is recorded as missed, in a longer
+//! interval, with nothing lost.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use metald_billing::delivery::DeliveryPolicy;
+use metald_billing::meter::MeterConfig;
+use metald_billing::source::{CounterSource, MeterTarget, SystemCounters};
+use metald_billing::{Billing, BillingConfig, Counters, JsonLinesSink, Spool, UsageRecord};
+use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
+use metald_core::{TenantId, VmId, VmState};
+
+/// Two network namespaces joined by a veth pair: `tap0` in the VMM's
+/// namespace stands in for the VM's TAP (both are counted by the same
+/// `/proc/<pid>/net/dev`), its peer in the other plays the guest.
+struct Namespaces {
+    vmm: String,
+    guest: String,
+    holder: Child,
+}
+
+impl Namespaces {
+    fn new() -> Option<Self> {
+        let test = "network_counters_come_from_the_vms_interface_in_its_namespace_turned_to_the_guests_side";
+        if !nix::unistd::geteuid().is_root() {
+            return metald_testguest::unmet(test, "network namespaces need root");
+        }
+        let id = std::process::id();
+        let (vmm, guest) = (format!("metald-test-{id}-vmm"), format!("metald-test-{id}-guest"));
+        let mut namespaces = Self { vmm: vmm.clone(), guest: guest.clone(), holder: Command::new("true").spawn().ok()? };
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip").args(args).status().unwrap_or_else(|error| panic!("ip {args:?}: {error}"));
+            assert!(status.success(), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", &vmm]);
+        ip(&["netns", "add", &guest]);
+        ip(&["-n", &vmm, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", &guest]);
+        ip(&["-n", &vmm, "addr", "add", "10.99.0.1/24", "dev", "tap0"]);
+        ip(&["-n", &guest, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+        ip(&["-n", &vmm, "link", "set", "tap0", "up"]);
+        ip(&["-n", &guest, "link", "set", "eth0", "up"]);
+        // A process in the VMM's namespace, as the VMM would be.
+        namespaces.holder = Command::new("ip").args(["netns", "exec", &vmm, "sleep", "60"]).stdout(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        Some(namespaces)
+    }
+
+    /// Runs `work` on a thread inside namespace `name`.
+    fn run_in<R: Send + 'static>(name: &str, work: impl FnOnce() -> R + Send + 'static) -> R {
+        let file = std::fs::File::open(format!("/run/netns/{name}")).unwrap();
+        std::thread::spawn(move || {
+            nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            work()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        for name in [&self.vmm, &self.guest] {
+            let _ = Command::new("ip").args(["netns", "delete", name]).status();
+        }
+    }
+}
+
+#[test]
+fn network_counters_come_from_the_vms_interface_in_its_namespace_turned_to_the_guests_side() {
+    let Some(namespaces) = Namespaces::new() else { return };
+    let target = MeterTarget { pid: Some(namespaces.holder.id()), cgroup: None, taps: vec!["tap0".into()] };
+    let before = SystemCounters.read(&target).unwrap();
+
+    // The "guest" sends 20 datagrams of 1000 bytes; the host side answers each with 100.
+    let echo = Namespaces::run_in(&namespaces.vmm, || UdpSocket::bind((Ipv4Addr::new(10, 99, 0, 1), 7)).unwrap());
+    let echoing = std::thread::spawn(move || {
+        let mut buffer = [0u8; 2048];
+        for _ in 0..20 {
+            let (size, from) = echo.recv_from(&mut buffer).unwrap();
+            // Short answers, so that the two directions cannot be mistaken for each other.
+            echo.send_to(&buffer[..size.min(100)], from).unwrap();
+        }
+    });
+    Namespaces::run_in(&namespaces.guest, || {
+        let socket = UdpSocket::bind((Ipv4Addr::new(10, 99, 0, 2), 0)).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buffer = [0u8; 2048];
+        for _ in 0..20 {
+            socket.send_to(&[7u8; 1000], SocketAddr::from((Ipv4Addr::new(10, 99, 0, 1), 7))).unwrap();
+            socket.recv_from(&mut buffer).unwrap();
+        }
+    });
+    echoing.join().unwrap();
+
+    let after = SystemCounters.read(&target).unwrap();
+    let used = after.devices.since(&before.devices);
+    eprintln!("guest side: {used:?}");
+    // 1000 bytes of payload are 1042 on the wire, 100 are 142; ARP adds a packet or two each way.
+    assert!((20..=24).contains(&used.net_tx_packets), "what the guest sent: {used:?}");
+    assert!((20 * 1042..20 * 1042 + 200).contains(&used.net_tx_bytes), "what the guest sent: {used:?}");
+    assert!((20..=24).contains(&used.net_rx_packets), "what the guest received: {used:?}");
+    assert!((20 * 142..20 * 142 + 200).contains(&used.net_rx_bytes), "what the guest received: {used:?}");
+}
+
+/// A counter source whose third read takes 350 ms, as a stalled host would.
+#[derive(Debug, Default)]
+struct StallsOnce {
+    reads: AtomicU32,
+}
+
+impl CounterSource for StallsOnce {
+    fn read(&self, _target: &MeterTarget) -> std::io::Result<Counters> {
+        if self.reads.fetch_add(1, Ordering::Relaxed) == 2 {
+            std::thread::sleep(Duration::from_millis(350));
+        }
+        Ok(Counters { cpu_ns: metald_billing::unix_millis() * 1_000, ..Counters::default() })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_tick_is_recorded_as_missed_in_a_longer_interval_and_nothing_is_lost() {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path().join("spool.db"), 1 << 20).unwrap());
+    let usage_file = dir.path().join("usage.jsonl");
+    let sink = Arc::new(JsonLinesSink::open(&usage_file).unwrap());
+    let (events, receiver) = tokio::sync::broadcast::channel(16);
+    let config = BillingConfig {
+        meter: MeterConfig { period: Duration::from_millis(100), block_every: 0 },
+        delivery: DeliveryPolicy { max_age: Duration::from_millis(50), ..DeliveryPolicy::default() },
+    };
+    let billing = Billing::start(receiver, spool, Arc::new(StallsOnce::default()), None, sink, config).unwrap();
+    let vm_id = VmId::new("vm-late").unwrap();
+    let running = RunningVmm { pid: Some(1), cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 1 << 27 };
+    let booted = VmEvent {
+        vm_id: vm_id.clone(),
+        tenant: TenantId::new("acme").unwrap(),
+        at: SystemTime::now(),
+        state: VmState::Running,
+        kind: VmEventKind::Booted(running),
+    };
+    events.send(booted).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let missed = billing.meter_stats().missed_ticks.load(Ordering::Relaxed);
+    billing.stop().await;
+
+    let records: Vec<UsageRecord> =
+        std::fs::read_to_string(&usage_file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert!(missed >= 2, "the meter counted {missed} missed ticks for a 350 ms stall");
+    let late: Vec<&UsageRecord> = records.iter().filter(|record| record.missed_ticks > 0).collect();
+    assert_eq!(late.len(), 1, "one record covers the stall: {records:?}");
+    assert!(late[0].missed_ticks >= 2 && late[0].duration_ms() >= 300, "{:?}", late[0]);
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].sequence, pair[0].sequence + 1);
+        assert_eq!(pair[1].start_ms, pair[0].end_ms, "a gap in time around {:?}", pair[1]);
+    }
+}
