@@ -2,10 +2,10 @@
 //! counters are deltas since the previous flush. This sums the lines not
 //! yet read into running totals.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Seek, SeekFrom};
 use std::path::Path;
 
+use nix::fcntl::{FallocateFlags, fallocate};
 use serde::Deserialize;
 
 use crate::backend::DeviceCounters;
@@ -40,13 +40,19 @@ struct BlockCounters {
 #[derive(Debug, Default)]
 pub struct MetricsReader {
     offset: u64,
+    /// Bytes from the start already given back to the file system.
+    punched: u64,
     totals: DeviceCounters,
 }
+
+/// Holes are punched in whole file-system blocks.
+const HOLE_ALIGNMENT: u64 = 4096;
 
 impl MetricsReader {
     /// Adds every complete line written since the last call and returns the totals.
     pub fn update(&mut self, path: &Path) -> io::Result<DeviceCounters> {
-        let mut file = match File::open(path) {
+        // Write access only to give consumed lines' blocks back (below).
+        let mut file = match std::fs::OpenOptions::new().read(true).write(true).open(path) {
             Ok(file) => file,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(self.totals),
             Err(error) => return Err(error),
@@ -66,12 +72,25 @@ impl MetricsReader {
                 Err(error) => tracing::warn!(path = %path.display(), %error, "skipping a metrics line that does not parse"),
             }
         }
+        // Firecracker appends a line at every flush and never truncates; a VM
+        // metered with a flush a second would grow its file by megabytes an
+        // hour. Punching out what was read frees the disk and keeps the offsets.
+        let consumed = self.offset - self.offset % HOLE_ALIGNMENT;
+        if consumed > self.punched {
+            let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            let length = i64::try_from(consumed).unwrap_or(i64::MAX);
+            match fallocate(reader.get_ref(), mode, 0, length) {
+                Ok(()) => self.punched = consumed,
+                Err(error) => tracing::debug!(path = %path.display(), %error, "cannot give a metrics file's read lines back"),
+            }
+        }
         Ok(self.totals)
     }
 
     /// Starts over for a new VMM process, whose file starts empty.
     pub fn restart(&mut self) {
         self.offset = 0;
+        self.punched = 0;
     }
 
     fn add(&mut self, flush: &Flush) {
@@ -90,6 +109,7 @@ impl MetricsReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File;
     use std::io::Write;
 
     #[test]
@@ -110,5 +130,25 @@ mod tests {
         let totals = reader.update(&path).unwrap();
         assert_eq!(totals.net_rx_bytes, 15);
         assert_eq!(reader.update(&path).unwrap().net_rx_bytes, 15);
+    }
+
+    #[test]
+    fn lines_read_give_their_disk_space_back_and_later_lines_still_count() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics");
+        let mut file = File::create(&path).unwrap();
+        let line = format!("{{\"net\":{{\"rx_bytes_count\":1}},\"padding\":\"{}\"}}\n", "x".repeat(1000));
+        for _ in 0..100 {
+            file.write_all(line.as_bytes()).unwrap();
+        }
+        file.sync_all().unwrap();
+        let mut reader = MetricsReader::default();
+        assert_eq!(reader.update(&path).unwrap().net_rx_bytes, 100);
+        let metadata = std::fs::metadata(&path).unwrap();
+        assert_eq!(metadata.len(), 100 * line.len() as u64, "the size stays, so the writer's offset stays valid");
+        assert!(metadata.blocks() * 512 < 8192, "{} bytes still allocated", metadata.blocks() * 512);
+        file.write_all(line.as_bytes()).unwrap();
+        assert_eq!(reader.update(&path).unwrap().net_rx_bytes, 101);
     }
 }
