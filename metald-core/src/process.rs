@@ -26,6 +26,9 @@ pub enum ProcessExit {
     Exited { code: i32 },
     /// A signal ended it.
     Killed { signal: i32 },
+    /// It ended, but not as our child (it was adopted after a restart of
+    /// metald), so its status went to its parent.
+    Unknown,
 }
 
 impl ProcessExit {
@@ -42,6 +45,7 @@ impl fmt::Display for ProcessExit {
                 Ok(name) => write!(f, "was killed by signal {signal} ({name})"),
                 Err(_) => write!(f, "was killed by signal {signal}"),
             },
+            ProcessExit::Unknown => write!(f, "ended (its exit status went to its parent, not to metald)"),
         }
     }
 }
@@ -62,6 +66,14 @@ pub enum ProcessError {
     },
     #[error("cannot watch process {pid}'s pidfd")]
     Watch {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("process {pid} is not the one that was started (it started at tick {found}, not {expected})")]
+    NotTheSame { pid: u32, expected: u64, found: u64 },
+    #[error("process {pid} is gone")]
+    Gone {
         pid: u32,
         #[source]
         source: io::Error,
@@ -155,6 +167,32 @@ impl Supervised {
                     publish.send_replace(Some(ProcessExit::Killed { signal: libc::SIGKILL }));
                 }
             }
+        });
+        Ok(Self { pid, pidfd, exit })
+    }
+
+    /// Watches process `pid`, which is not our child (it outlived an
+    /// earlier metald), after proving that it is the process that was
+    /// started at `start_time` (see [`start_time`]): a pid alone may have
+    /// been given to another process since. Its exit is noticed as soon as
+    /// it happens; its status is [`ProcessExit::Unknown`].
+    pub fn adopt(pid: u32, expected_start_time: u64) -> Result<Self, ProcessError> {
+        let pidfd = pidfd_open(pid).map_err(|source| ProcessError::Gone { pid, source })?;
+        // Checked after the pidfd exists: from here on it names this process even if the pid is reused.
+        let found = start_time(pid).map_err(|source| ProcessError::Gone { pid, source })?;
+        if found != expected_start_time {
+            return Err(ProcessError::NotTheSame { pid, expected: expected_start_time, found });
+        }
+        let pidfd = Arc::new(pidfd);
+        // SAFETY: the Arc keeps the pidfd open, unchanged, for as long as
+        // the AsyncFd that holds it lives.
+        let readiness = unsafe { AsyncFd::register_with_interest(Arc::clone(&pidfd), Interest::READABLE) }
+            .map_err(|error| ProcessError::Watch { pid, source: error.into() })?;
+        let (publish, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let _ = readiness.readable().await;
+            tracing::debug!(pid, "adopted process ended");
+            publish.send_replace(Some(ProcessExit::Unknown));
         });
         Ok(Self { pid, pidfd, exit })
     }
@@ -257,6 +295,16 @@ impl ProcessUsage {
     }
 }
 
+/// When process `pid` started, in clock ticks since boot (field 22 of
+/// `/proc/<pid>/stat`): with the pid, what names one process for the life
+/// of the host.
+pub fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| malformed("stat"))?;
+    // `after_name` starts at field 3.
+    after_name.split_whitespace().nth(19).and_then(|value| value.parse().ok()).ok_or_else(|| malformed("stat"))
+}
+
 fn malformed(file: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/<pid>/{file} format"))
 }
@@ -287,6 +335,19 @@ mod tests {
     async fn a_missing_program_is_a_spawn_error() {
         let error = Supervised::spawn(&mut Command::new("/nonexistent/metald-test-binary")).unwrap_err();
         assert!(matches!(error, ProcessError::Spawn { .. }), "{error}");
+    }
+
+    #[tokio::test]
+    async fn an_adopted_process_is_checked_and_its_end_is_noticed() {
+        let process = Supervised::spawn(Command::new("sleep").arg("30")).unwrap();
+        let started = start_time(process.pid()).unwrap();
+        let wrong = Supervised::adopt(process.pid(), started + 1).unwrap_err();
+        assert!(matches!(wrong, ProcessError::NotTheSame { .. }), "{wrong}");
+        let adopted = Supervised::adopt(process.pid(), started).unwrap();
+        assert_eq!(adopted.exit_status(), None);
+        adopted.signal(Signal::SIGKILL).unwrap();
+        assert_eq!(adopted.wait_timeout(Duration::from_secs(5)).await, Some(ProcessExit::Unknown));
+        assert_eq!(process.wait().await, ProcessExit::Killed { signal: libc::SIGKILL });
     }
 
     #[test]
