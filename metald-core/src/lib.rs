@@ -43,13 +43,14 @@ pub mod manager;
 pub mod network;
 pub mod process;
 pub mod state;
+pub mod store;
 
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 pub use backend::{Capabilities, DeviceCounters, VmmBackend, VmmInfo, VmmMetrics};
 pub use config::VmConfig;
 pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};
-pub use manager::{CreateVm, ManagerError, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmSummary};
+pub use manager::{CreateVm, ManagerError, Recovery, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmSummary};
 pub use state::VmState;
 
 /// An error and every cause below it on one line, outermost first.
