@@ -198,7 +198,7 @@ pub struct CgroupUsage {
 }
 
 /// One VMM's cgroup.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Cgroup {
     version: CgroupVersion,
     /// One folder on v2; one per controller (cpu, cpuacct, memory, pids) on v1.

@@ -152,6 +152,8 @@ impl JailStep {
 pub enum JailError {
     #[error("no uid is free in {0:?}")]
     NoIdentity(Range<u32>),
+    #[error("uid {0} is already leased to another VM")]
+    IdentityTaken(u32),
     #[error("cannot prepare the jail at {path}")]
     Prepare {
         path: PathBuf,
@@ -241,6 +243,20 @@ impl Jailer {
             .ok_or_else(|| JailError::NoIdentity(self.config.uid_range.clone()))?;
         taken.insert(uid);
         Ok(IdentityLease { uid, gid: uid, pool: Some(Arc::clone(&self.identities)) })
+    }
+
+    /// Leases a given uid and gid again, for a VM whose VMM outlived an
+    /// earlier metald: it must not be handed to another VM. A uid outside
+    /// the pool (the configuration changed since) cannot collide and is not tracked.
+    pub fn reserve_identity(&self, uid: u32, gid: u32) -> Result<IdentityLease, JailError> {
+        if self.config.fixed_identity.is_some() || !self.config.uid_range.contains(&uid) {
+            return Ok(IdentityLease { uid, gid, pool: None });
+        }
+        let mut taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !taken.insert(uid) {
+            return Err(JailError::IdentityTaken(uid));
+        }
+        Ok(IdentityLease { uid, gid, pool: Some(Arc::clone(&self.identities)) })
     }
 
     /// Launches `plan` in a fresh jail under `plan.vm_dir`.
@@ -378,6 +394,11 @@ pub(crate) struct JailTeardown {
 }
 
 impl JailTeardown {
+    /// What an adopted VMM's jail left on the host: its folder and cgroup.
+    pub(crate) fn adopted(root: PathBuf, cgroup: Option<Cgroup>, identity: Option<Arc<IdentityLease>>) -> Self {
+        Self { root: Some(root), cgroup, identity }
+    }
+
     /// Removes the cgroup and the jail folder and frees the identity; every
     /// step is tried and each failure reported.
     pub(crate) fn run(mut self) -> Vec<String> {

@@ -84,7 +84,7 @@ pub struct LaunchPlan {
 }
 
 /// Where each file of a launched VMM is, seen from inside and from the host.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Layout {
     /// The host folder the VMM sees as `/` when jailed; the VM's folder otherwise.
     root: PathBuf,
@@ -180,6 +180,9 @@ impl std::fmt::Display for VmmExit {
 #[derive(Debug)]
 pub struct Launched {
     pub process: Supervised,
+    /// When the process started (see [`crate::process::start_time`]): with
+    /// its pid, what proves it is the same process after a restart.
+    pub start_time: Option<u64>,
     pub layout: Layout,
     /// The VMM's cgroup, when jailed.
     pub cgroup: Option<Cgroup>,
@@ -210,7 +213,33 @@ impl Launched {
             let cause = counted.and_then(|cgroup| out_of_memory_cause(&cgroup, oom_kills_before));
             publish.send_replace(Some(VmmExit { status, cause }));
         });
-        Self { process, layout, cgroup, identity, exit, teardown, timings: Vec::new(), ended_usage: None }
+        let start_time = crate::process::start_time(process.pid()).ok();
+        Self { process, start_time, layout, cgroup, identity, exit, teardown, timings: Vec::new(), ended_usage: None }
+    }
+
+    /// Takes over a VMM that an earlier metald launched and that still
+    /// runs, once it is proven to be the same process.
+    pub fn adopt(
+        pid: u32,
+        start_time: u64,
+        layout: Layout,
+        cgroup: Option<Cgroup>,
+        identity: Option<Arc<crate::jailer::IdentityLease>>,
+    ) -> Result<Self, ProcessError> {
+        let process = Supervised::adopt(pid, start_time)?;
+        let ids = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
+        let teardown =
+            layout.is_jailed().then(|| crate::jailer::JailTeardown::adopted(layout.root().to_path_buf(), cgroup.clone(), identity));
+        Ok(Self::new(process, layout, cgroup, ids, teardown))
+    }
+
+    /// Removes what the jail of a VMM that ended while no metald watched it
+    /// left behind (its cgroup and jail folder).
+    pub fn clean_up_after(layout: &Layout, cgroup: Option<Cgroup>) -> Vec<String> {
+        if !layout.is_jailed() {
+            return Vec::new();
+        }
+        crate::jailer::JailTeardown::adopted(layout.root().to_path_buf(), cgroup, None).run()
     }
 
     /// A channel that changes once, when the VMM has ended.
@@ -247,6 +276,14 @@ impl Launcher {
     pub fn lease_identity(&self) -> Result<Option<Arc<crate::jailer::IdentityLease>>, LaunchError> {
         match self {
             Launcher::Jailed(jailer) => Ok(Some(Arc::new(jailer.lease_identity()?))),
+            Launcher::Unjailed => Ok(None),
+        }
+    }
+
+    /// Leases a VM's known uid and gid again after a restart (none unjailed).
+    pub fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<crate::jailer::IdentityLease>>, LaunchError> {
+        match self {
+            Launcher::Jailed(jailer) => Ok(Some(Arc::new(jailer.reserve_identity(uid, gid)?))),
             Launcher::Unjailed => Ok(None),
         }
     }

@@ -212,6 +212,12 @@ pub enum BackendError {
     Signal(#[source] ProcessError),
     #[error("cannot capture the console")]
     Console(#[source] ConsoleError),
+    #[error("cannot take over the VMM process")]
+    Adopt(#[source] ProcessError),
+    #[error("the description of the running VMM cannot be read")]
+    Ticket(#[source] serde_json::Error),
+    #[error("the process on the VM's API socket is {vmm} instance {found}, not {expected}")]
+    NotTheSameVmm { vmm: &'static str, expected: String, found: String },
     #[error("cannot read {what} of process {pid}")]
     ProcessStats {
         what: &'static str,
@@ -241,6 +247,21 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     /// until [`VmmInstance::boot`]. On error nothing is left running and
     /// nothing is left in `spec.vm_dir` but what the caller put there.
     async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError>;
+
+    /// Leases a known VM's user again after a restart of metald.
+    fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError>;
+
+    /// A VM with no VMM now (it was shut down or failed while metald was
+    /// away); its next [`VmmInstance::boot`] launches one.
+    fn dormant(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance>;
+
+    /// Takes over the VMM that `ticket` (from [`VmmInstance::ticket`])
+    /// describes, once it is proven to be the same process and still runs.
+    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &serde_json::Value) -> Result<Box<dyn VmmInstance>, BackendError>;
+
+    /// Removes what a VMM that ended while nobody watched it left on the
+    /// host (cgroup, jail folder); returns what could not be removed.
+    fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String>;
 }
 
 /// One VM's VMM, driven over its API.
@@ -251,6 +272,11 @@ pub trait VmmInstance: Send + Sync + fmt::Debug {
 
     /// The VMM's cgroup, while one runs in a jail.
     fn cgroup(&self) -> Option<Cgroup>;
+
+    /// What a later metald needs to find the running VMM again and prove
+    /// it is the same process (see [`VmmBackend::reattach`]); `None` when no
+    /// VMM runs.
+    fn ticket(&self) -> Option<serde_json::Value>;
 
     /// What the last ended VMM's cgroup counted just before it was removed,
     /// handed out once.

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nix::fcntl::OFlag;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -35,6 +34,11 @@ pub const SOCKET_FILE: &str = "firecracker.sock";
 pub const LOG_FILE: &str = "firecracker.log";
 pub const METRICS_FILE: &str = "firecracker.metrics";
 pub const STDERR_FILE: &str = "firecracker.stderr";
+/// The named pipes Firecracker writes its serial console and its stderr
+/// into. Named, not anonymous: a metald that restarts opens them again and
+/// goes on reading from the same process.
+pub const CONSOLE_FIFO: &str = "console.fifo";
+pub const STDERR_FIFO: &str = "firecracker.stderr.fifo";
 const KERNEL: &str = "kernel";
 const INITRD: &str = "initrd";
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -74,6 +78,37 @@ struct Current {
     api: FirecrackerApi,
 }
 
+/// What finds a running Firecracker again (see [`VmmInstance::ticket`]).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Ticket {
+    pid: u32,
+    start_time: u64,
+    layout: Layout,
+    cgroup: Option<Cgroup>,
+}
+
+/// Makes a fresh named pipe at `path` and opens both ends: ours for
+/// reading, and the one the VMM writes to.
+fn fifo(path: &Path) -> io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR)?;
+    let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
+    // A reader exists, so opening for writing does not block.
+    let writer = std::fs::OpenOptions::new().write(true).open(path)?;
+    Ok((reader, writer.into()))
+}
+
+/// Removes what a Firecracker that ended unobserved left on the host.
+pub(super) fn clean_up_after(ticket: &serde_json::Value) -> Vec<String> {
+    match serde_json::from_value::<Ticket>(ticket.clone()) {
+        Ok(ticket) => Launched::clean_up_after(&ticket.layout, ticket.cgroup),
+        Err(error) => vec![format!("the description of the ended VMM cannot be read: {error}")],
+    }
+}
+
 fn prepare<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
     move |source| BackendError::Prepare { what, path: path.to_path_buf(), source }
 }
@@ -109,22 +144,57 @@ impl FirecrackerVm {
         if socket_len > MAX_SOCKET_PATH {
             return Err(BackendError::SocketPathTooLong { path: socket, len: socket_len, max: MAX_SOCKET_PATH });
         }
-        let spec_dir = spec.vm_dir.clone();
-        let mut vm = Self {
+        let mut vm = Self::dormant(settings, launcher, spec, console);
+        vm.start_process().await?;
+        Ok(vm)
+    }
+
+    /// A VM with no Firecracker running; its next boot launches one.
+    pub fn dormant(settings: Arc<FirecrackerConfig>, launcher: Launcher, spec: VmmSpec, console: ConsoleLog) -> Self {
+        let stderr_log = ConsoleLog::named(&spec.vm_dir, STDERR_FILE, STDERR_LIMIT_BYTES);
+        Self {
             settings,
             launcher,
             spec,
             console,
             current: None,
-            stderr_log: ConsoleLog::named(&spec_dir, STDERR_FILE, STDERR_LIMIT_BYTES),
+            stderr_log,
             captures: Vec::new(),
             started: false,
             metrics: MetricsReader::default(),
             finished_usage: ProcessUsage::default(),
             ended_usage: None,
             last_usage: ProcessUsage::default(),
-        };
-        vm.start_process().await?;
+        }
+    }
+
+    /// Takes over the Firecracker that `ticket` describes: the same process
+    /// (pid and start time), answering on the VM's socket as this VM.
+    pub async fn reattach(
+        settings: Arc<FirecrackerConfig>,
+        launcher: Launcher,
+        spec: VmmSpec,
+        console: ConsoleLog,
+        ticket: &serde_json::Value,
+    ) -> Result<Self, BackendError> {
+        let ticket: Ticket = serde_json::from_value(ticket.clone()).map_err(BackendError::Ticket)?;
+        let mut vm = Self::dormant(settings, launcher, spec, console);
+        let launched = Launched::adopt(ticket.pid, ticket.start_time, ticket.layout, ticket.cgroup, vm.spec.identity.clone())
+            .map_err(BackendError::Adopt)?;
+        let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), vm.settings.api_timeout);
+        let instance = api.instance_info().await?;
+        if instance.id != vm.spec.vm_id.as_str() {
+            return Err(BackendError::NotTheSameVmm { vmm: VMM, expected: vm.spec.vm_id.to_string(), found: instance.id });
+        }
+        for (name, log) in [(CONSOLE_FIFO, vm.console.clone()), (STDERR_FIFO, vm.stderr_log.clone())] {
+            let path = vm.file(name);
+            let reader =
+                tokio::net::unix::pipe::OpenOptions::new().open_receiver(&path).map_err(prepare("a Firecracker output pipe", &path))?;
+            vm.captures.push(log.capture(reader).map_err(BackendError::Console)?);
+        }
+        vm.started = instance.state != "Not started";
+        vm.metrics.skip_to_end(&vm.file(METRICS_FILE));
+        vm.current = Some(Current { launched, api });
         Ok(vm)
     }
 
@@ -170,20 +240,18 @@ impl FirecrackerVm {
     /// Launches Firecracker, waits for its API and configures it.
     async fn start_process(&mut self) -> Result<(), BackendError> {
         self.finish_captures().await;
-        let pipe = || {
-            nix::unistd::pipe2(OFlag::O_CLOEXEC)
-                .map_err(|errno| prepare("a pipe for Firecracker's output", &self.spec.vm_dir)(errno.into()))
+        let pipe = |name: &str| {
+            let path = self.file(name);
+            fifo(&path).map_err(prepare("a pipe for Firecracker's output", &path))
         };
-        let (console_read, console_write) = pipe()?;
-        let (stderr_read, stderr_write) = pipe()?;
+        let (console_read, console_write) = pipe(CONSOLE_FIFO)?;
+        let (stderr_read, stderr_write) = pipe(STDERR_FIFO)?;
         let plan = self.plan(console_write, stderr_write)?;
         let mut launched = self.launcher.launch(plan).await.map_err(BackendError::Launch)?;
         let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), self.settings.api_timeout);
         let mut timings = Vec::new();
         let result = async {
-            for (read_end, log) in [(console_read, self.console.clone()), (stderr_read, self.stderr_log.clone())] {
-                let source = tokio::net::unix::pipe::Receiver::from_owned_fd(read_end)
-                    .map_err(prepare("a pipe for Firecracker's output", &self.spec.vm_dir))?;
+            for (source, log) in [(console_read, self.console.clone()), (stderr_read, self.stderr_log.clone())] {
                 self.captures.push(log.capture(source).map_err(BackendError::Console)?);
             }
             let clock = std::time::Instant::now();
@@ -391,6 +459,17 @@ impl VmmInstance for FirecrackerVm {
         self.running().ok().and_then(|current| current.launched.cgroup.clone())
     }
 
+    fn ticket(&self) -> Option<serde_json::Value> {
+        let launched = &self.running().ok()?.launched;
+        let ticket = Ticket {
+            pid: launched.process.pid(),
+            start_time: launched.start_time?,
+            layout: launched.layout.clone(),
+            cgroup: launched.cgroup.clone(),
+        };
+        serde_json::to_value(ticket).ok()
+    }
+
     fn take_ended_usage(&mut self) -> Option<CgroupUsage> {
         self.ended_usage.take()
     }
@@ -496,7 +575,7 @@ impl VmmInstance for FirecrackerVm {
         self.retire_process();
         self.finish_captures().await;
         let rotated_stderr = format!("{STDERR_FILE}.1");
-        for name in [SOCKET_FILE, LOG_FILE, METRICS_FILE, STDERR_FILE, &rotated_stderr] {
+        for name in [SOCKET_FILE, LOG_FILE, METRICS_FILE, STDERR_FILE, &rotated_stderr, CONSOLE_FIFO, STDERR_FIFO] {
             let path = self.file(name);
             match std::fs::remove_file(&path) {
                 Err(error) if error.kind() != io::ErrorKind::NotFound => {

@@ -98,4 +98,21 @@ impl VmmBackend for FirecrackerBackend {
         let vm = FirecrackerVm::launch(Arc::clone(&self.config), self.launcher.clone(), spec, console).await?;
         Ok(Box::new(vm))
     }
+
+    fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
+        self.launcher.reserve_identity(uid, gid).map_err(BackendError::Launch)
+    }
+
+    fn dormant(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
+        Box::new(FirecrackerVm::dormant(Arc::clone(&self.config), self.launcher.clone(), spec, console))
+    }
+
+    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &serde_json::Value) -> Result<Box<dyn VmmInstance>, BackendError> {
+        let vm = FirecrackerVm::reattach(Arc::clone(&self.config), self.launcher.clone(), spec, console, ticket).await?;
+        Ok(Box::new(vm))
+    }
+
+    fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String> {
+        instance::clean_up_after(ticket)
+    }
 }
