@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use metald_core::cgroups::CgroupUsage;
 use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
-use metald_core::{DeviceCounters, TenantId, VmId, VmManager};
+use metald_core::{DeviceCounters, TenantId, VmId, VmManager, VmState};
 use tokio::sync::broadcast;
 
 use crate::record::{Counters, UsageGap, UsageRecord};
@@ -224,6 +224,16 @@ impl MeterLoop {
         let at_ms = unix_millis_of(event.at);
         match event.kind {
             VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
+            VmEventKind::Reattached(running) => {
+                // Taken over after a restart of metald: the same VMM continues
+                // from the spool's position for it; only a running or paused VM is metered.
+                if matches!(event.state, VmState::Running | VmState::Paused) {
+                    self.begin(event.vm_id.clone(), event.tenant, running, at_ms);
+                    if let Some(vm) = self.vms.get_mut(&event.vm_id) {
+                        vm.paused = event.state == VmState::Paused;
+                    }
+                }
+            }
             VmEventKind::Rebooted { running, ended } => {
                 // The old VMM's last counters close its time; the new one starts from zero.
                 self.close_interval(&event.vm_id, ended.as_ref(), at_ms);

@@ -54,6 +54,9 @@ pub enum VmEventKind {
         usage: Option<CgroupUsage>,
     },
     Deleted,
+    /// The VM's VMM outlived an earlier metald and was taken over after a
+    /// restart; the VM keeps its state (in the event) and its VMM.
+    Reattached(RunningVmm),
 }
 
 /// What a running VM's VMM is made of, for those who measure it.

@@ -30,6 +30,7 @@ use crate::launch::{Launcher, VmmExit};
 use crate::network::{AttachRequest, NetworkAttachment, NetworkError, NetworkProvider};
 use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
+use crate::store::{StoreError, VmRecord, VmStore};
 
 /// Default cap of each console file (see [`ConsoleLog`]).
 pub const DEFAULT_CONSOLE_LIMIT_BYTES: u64 = 1 << 20;
@@ -97,6 +98,8 @@ pub enum ManagerError {
     },
     #[error("deleting VM {vm_id} left work undone: {}", .problems.join("; "))]
     DeleteIncomplete { vm_id: VmId, problems: Vec<String> },
+    #[error("cannot read the VM store")]
+    Store(#[source] StoreError),
 }
 
 impl ManagerError {
@@ -170,6 +173,8 @@ pub struct VmSummary {
     pub metadata: std::collections::BTreeMap<String, String>,
     pub created_at: SystemTime,
     pub modified_at: SystemTime,
+    /// Why the VM is Failed.
+    pub failure: Option<String>,
 }
 
 struct VmEntry {
@@ -213,6 +218,7 @@ struct Inner {
     console_limit_bytes: u64,
     stop_timeout: Duration,
     network: Option<Arc<dyn NetworkProvider>>,
+    store: Option<Arc<dyn VmStore>>,
     registry: RwLock<Registry>,
     events: broadcast::Sender<VmEvent>,
 }
@@ -251,9 +257,17 @@ pub struct VmManagerBuilder {
     vm_root: Option<PathBuf>,
     console_limit_bytes: Option<u64>,
     stop_timeout: Option<Duration>,
+    store: Option<Arc<dyn VmStore>>,
 }
 
 impl VmManagerBuilder {
+    /// Where VM records are kept, so that VMs outlive this process (see
+    /// [`VmManager::recover`]). Without one, VMs are known only in memory.
+    pub fn store(mut self, store: Arc<dyn VmStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
     /// Runs VMs with Firecracker, jailed unless [`VmManagerBuilder::unjailed`] says otherwise.
     pub fn firecracker(mut self, config: FirecrackerConfig) -> Self {
         self.firecracker = Some(config);
@@ -345,6 +359,7 @@ impl VmManagerBuilder {
                 console_limit_bytes: self.console_limit_bytes.unwrap_or(DEFAULT_CONSOLE_LIMIT_BYTES),
                 stop_timeout: self.stop_timeout.unwrap_or(DEFAULT_STOP_TIMEOUT),
                 network: self.network,
+                store: self.store,
                 registry: RwLock::new(Registry::default()),
                 events,
             }),
@@ -587,21 +602,47 @@ impl VmManager {
         identity: Option<Arc<IdentityLease>>,
         network: Option<&NetworkAttachment>,
     ) -> Result<Box<dyn VmmInstance>, ManagerError> {
+        std::fs::create_dir(vm_dir).map_err(|source| ManagerError::VmDir {
+            vm_id: vm_id.clone(),
+            action: "create",
+            path: vm_dir.to_path_buf(),
+            source,
+        })?;
+        let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network, DriveCopies::Make)?;
+        self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
+    }
+
+    /// What the backend needs to run the VM: its resolved images, its
+    /// drives (copies of the writable ones, made now or found from before),
+    /// its interfaces and kernel command line.
+    #[allow(clippy::too_many_arguments)]
+    fn build_spec(
+        &self,
+        vm_id: &VmId,
+        tenant: &TenantId,
+        config: &VmConfig,
+        images: ResolvedImages,
+        vm_dir: &Path,
+        identity: Option<Arc<IdentityLease>>,
+        network: Option<&NetworkAttachment>,
+        copies: DriveCopies,
+    ) -> Result<VmmSpec, ManagerError> {
         let dir_error = |action: &'static str, path: &Path| {
             let vm_id = vm_id.clone();
             let path = path.to_path_buf();
             move |source| ManagerError::VmDir { vm_id, action, path, source }
         };
-        std::fs::create_dir(vm_dir).map_err(dir_error("create", vm_dir))?;
         let mut drives = Vec::with_capacity(config.storage.len());
         for (index, (drive, source)) in config.storage.iter().zip(images.drives).enumerate() {
             let image = if drive.read_only {
                 source
             } else {
-                let copies = vm_dir.join(DRIVES_DIR);
-                std::fs::create_dir_all(&copies).map_err(dir_error("create drive copies in", &copies))?;
-                let copy = copies.join(format!("{}.img", drive.id));
-                images::copy_image(&source, &copy).map_err(ManagerError::Image)?;
+                let copy = vm_dir.join(DRIVES_DIR).join(format!("{}.img", drive.id));
+                if copies == DriveCopies::Make {
+                    let folder = vm_dir.join(DRIVES_DIR);
+                    std::fs::create_dir_all(&folder).map_err(dir_error("create drive copies in", &folder))?;
+                    images::copy_image(&source, &copy).map_err(ManagerError::Image)?;
+                }
                 images::open_copy(&format!("storage[{index}].path"), &copy).map_err(ManagerError::Image)?
             };
             drives.push(DriveSpec {
@@ -638,7 +679,7 @@ impl VmManager {
             }
             kernel_args.push_str(token);
         }
-        let spec = VmmSpec {
+        Ok(VmmSpec {
             vm_id: vm_id.clone(),
             tenant: tenant.clone(),
             vcpus: config.cpu.vcpu_count,
@@ -653,8 +694,7 @@ impl VmManager {
             vm_dir: vm_dir.to_path_buf(),
             netns: network.and_then(|network| network.netns.clone()),
             identity,
-        };
-        self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
+        })
     }
 
     async fn boot_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
@@ -790,6 +830,141 @@ impl VmManager {
         Ok(())
     }
 
+    /// Finds the VMs of an earlier run in the store: takes over each VMM
+    /// that still runs and is provably the same process (the VM keeps its
+    /// state and a `Reattached` event says so), marks Failed each VM whose
+    /// VMM is gone (cleaning up what its jail left), and keeps stopped VMs
+    /// ready to boot. Call once, before serving; a VM already known is skipped.
+    pub async fn recover(&self) -> Result<Recovery, ManagerError> {
+        let Some(store) = self.inner.store.clone() else { return Ok(Recovery::default()) };
+        let records = store.load_all().map_err(ManagerError::Store)?;
+        let mut recovery = Recovery::default();
+        for record in records {
+            if read_lock(&self.inner.registry).vms.contains_key(&record.vm_id) {
+                continue;
+            }
+            let vm_id = record.vm_id.clone();
+            match self.recover_one(record).await {
+                Ok(Recovered::Reattached) => recovery.reattached.push(vm_id),
+                Ok(Recovered::Lost(reason)) => recovery.lost.push((vm_id, reason)),
+                Ok(Recovered::Stopped) => recovery.stopped.push(vm_id),
+                Err(error) => {
+                    let reason = crate::error_chain(&error);
+                    tracing::error!(%vm_id, %reason, "cannot recover a stored VM");
+                    recovery.lost.push((vm_id, reason));
+                }
+            }
+        }
+        tracing::info!(
+            reattached = recovery.reattached.len(),
+            lost = recovery.lost.len(),
+            stopped = recovery.stopped.len(),
+            "VMs of the earlier run recovered"
+        );
+        Ok(recovery)
+    }
+
+    async fn recover_one(&self, record: VmRecord) -> Result<Recovered, ManagerError> {
+        let VmRecord { vm_id, tenant, config, mut state, .. } = record.clone();
+        let vm_dir = self.inner.vm_root.join(vm_id.as_str());
+        let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
+        let identity = match record.identity {
+            Some((uid, gid)) => {
+                self.inner.backend.reserve_identity(uid, gid).map_err(|source| self.backend_error(&vm_id, "recover", source))?
+            }
+            None => None,
+        };
+        let network = match (record.network, &self.inner.network) {
+            (Some(attachment), Some(provider)) => match provider.reopen(&vm_id, attachment.clone()).await {
+                Ok(reopened) => Some(reopened),
+                Err(error) => {
+                    tracing::warn!(%vm_id, error = %crate::error_chain(&error), "cannot reopen a recovered VM's network namespace");
+                    Some(attachment)
+                }
+            },
+            (attachment, _) => attachment,
+        };
+        let spec = |identity: Option<Arc<IdentityLease>>| {
+            let images = self.resolve_images(&config)?;
+            self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref(), DriveCopies::Reuse)
+        };
+        let mut failure = record.failure.clone();
+        let mut outcome = Recovered::Stopped;
+        let live = state.has_live_vmm();
+        let instance = match (&record.vmm, live) {
+            (Some(ticket), true) => {
+                let reattached = match spec(identity.clone()) {
+                    Ok(spec) => self
+                        .inner
+                        .backend
+                        .reattach(spec, console.clone(), ticket)
+                        .await
+                        .map_err(|source| self.backend_error(&vm_id, "reattach to", source)),
+                    Err(error) => Err(error),
+                };
+                match reattached {
+                    Ok(instance) => {
+                        outcome = Recovered::Reattached;
+                        instance
+                    }
+                    Err(error) => {
+                        for problem in self.inner.backend.clean_up(ticket) {
+                            tracing::warn!(%vm_id, problem, "cannot clean up after a VMM that ended while metald was away");
+                        }
+                        let reason = format!("its VMM was gone when metald started again: {}", crate::error_chain(&error));
+                        outcome = Recovered::Lost(reason.clone());
+                        failure = Some(reason);
+                        state = VmState::Failed;
+                        self.inner.backend.dormant(spec(identity.clone())?, console.clone())
+                    }
+                }
+            }
+            (_, true) => {
+                let reason = "its VMM was not recorded before metald stopped".to_owned();
+                outcome = Recovered::Lost(reason.clone());
+                failure = Some(reason);
+                state = VmState::Failed;
+                self.inner.backend.dormant(spec(identity.clone())?, console.clone())
+            }
+            (_, false) => self.inner.backend.dormant(spec(identity.clone())?, console.clone()),
+        };
+        let booted_at = record.booted_at_ms.map(from_unix_millis).filter(|_| matches!(outcome, Recovered::Reattached));
+        let entry = VmEntry {
+            state,
+            config: config.clone(),
+            instance,
+            identity,
+            network,
+            vm_dir,
+            failure: failure.clone(),
+            last_exit: record.last_exit,
+            booted_at,
+            created_at: from_unix_millis(record.created_at_ms),
+            modified_at: if state == record.state { from_unix_millis(record.modified_at_ms) } else { SystemTime::now() },
+            watch_generation: 0,
+            watched_pid: None,
+        };
+        let summary = StdMutex::new(summary_of(&vm_id, &tenant, &entry));
+        let slot = Arc::new(VmSlot { vm_id: vm_id.clone(), tenant: tenant.clone(), console, summary, entry: Arc::new(Mutex::new(entry)) });
+        let mut entry = slot.entry.lock().await;
+        self.watch_vmm(&slot, &mut entry);
+        write_lock(&self.inner.registry).vms.insert(vm_id.clone(), Arc::clone(&slot));
+        match &outcome {
+            Recovered::Reattached => {
+                let running = running_vmm(&entry);
+                self.publish(&slot, &entry, VmEventKind::Reattached(running));
+                tracing::info!(%vm_id, state = %entry.state, "VMM taken over from the earlier run");
+            }
+            Recovered::Lost(reason) => {
+                let reason = reason.clone();
+                tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
+                self.publish(&slot, &entry, VmEventKind::Failed { reason, exit: None, usage: None });
+            }
+            Recovered::Stopped => {}
+        }
+        Ok(outcome)
+    }
+
     /// Everything known about a VM, including what its VMM reports.
     pub async fn info(&self, vm_id: &VmId) -> Result<VmInfo, ManagerError> {
         let locked = self.lock(vm_id).await?;
@@ -897,7 +1072,7 @@ impl VmManager {
     }
 
     fn publish(&self, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
-        publish(&self.inner.events, slot, entry, kind);
+        publish(&self.inner, slot, entry, kind);
     }
 
     fn backend_error(&self, vm_id: &VmId, operation: &'static str, source: BackendError) -> ManagerError {
@@ -982,15 +1157,39 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         tracing::info!(%vm_id, %exit, "guest stopped itself");
         apply_transition(&slot, &mut entry, VmState::Shutdown);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner.events, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage });
+        publish(&inner, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage });
     } else {
         let reason = format!("{backend} {vmm_exit} while the VM was {}", entry.state);
         tracing::warn!(%vm_id, %reason, "VMM died");
         entry.failure = Some(reason.clone());
         apply_transition(&slot, &mut entry, VmState::Failed);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner.events, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit), usage });
+        publish(&inner, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit), usage });
     }
+}
+
+/// What [`VmManager::recover`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// VMs whose VMM still ran and was taken over.
+    pub reattached: Vec<VmId>,
+    /// VMs whose VMM was gone, now Failed, and why.
+    pub lost: Vec<(VmId, String)>,
+    /// VMs that were stopped or failed already, ready to boot again.
+    pub stopped: Vec<VmId>,
+}
+
+enum Recovered {
+    Reattached,
+    Lost(String),
+    Stopped,
+}
+
+/// Whether a VM's writable drives are copied now or were copied before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DriveCopies {
+    Make,
+    Reuse,
 }
 
 /// A launched VMM, its user's lease and its network.
@@ -1042,10 +1241,43 @@ fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
     *lock_summary(slot) = summary_of(&slot.vm_id, &slot.tenant, entry);
 }
 
-fn publish(events: &broadcast::Sender<VmEvent>, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
+/// Tells subscribers, after writing the VM's record: every change is
+/// published, so every change is stored.
+fn publish(inner: &Inner, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
+    if let Some(store) = &inner.store {
+        let stored = if matches!(kind, VmEventKind::Deleted) { store.remove(&slot.vm_id) } else { store.save(&record_of(slot, entry)) };
+        if let Err(error) = stored {
+            tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot store the VM's record; a restart may not find it as it is");
+        }
+    }
     let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at: SystemTime::now(), state: entry.state, kind };
     // No subscriber is fine.
-    let _ = events.send(event);
+    let _ = inner.events.send(event);
+}
+
+fn unix_millis(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
+}
+
+fn from_unix_millis(ms: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn record_of(slot: &VmSlot, entry: &VmEntry) -> VmRecord {
+    VmRecord {
+        vm_id: slot.vm_id.clone(),
+        tenant: slot.tenant.clone(),
+        config: entry.config.clone(),
+        state: entry.state,
+        created_at_ms: unix_millis(entry.created_at),
+        modified_at_ms: unix_millis(entry.modified_at),
+        failure: entry.failure.clone(),
+        last_exit: entry.last_exit,
+        booted_at_ms: entry.booted_at.map(unix_millis),
+        network: entry.network.clone(),
+        identity: entry.identity.as_ref().map(|lease| (lease.uid(), lease.gid())),
+        vmm: entry.instance.ticket(),
+    }
 }
 
 fn summary_of(vm_id: &VmId, tenant: &TenantId, entry: &VmEntry) -> VmSummary {
@@ -1058,6 +1290,7 @@ fn summary_of(vm_id: &VmId, tenant: &TenantId, entry: &VmEntry) -> VmSummary {
         metadata: entry.config.metadata.clone(),
         created_at: entry.created_at,
         modified_at: entry.modified_at,
+        failure: entry.failure.clone(),
     }
 }
 

@@ -28,7 +28,7 @@ pub struct AttachRequest<'a> {
 }
 
 /// An address given to one interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Assignment<A> {
     pub address: A,
     pub prefix_len: u8,
@@ -36,7 +36,7 @@ pub struct Assignment<A> {
 }
 
 /// One interface as attached.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttachedInterface {
     /// The interface id from the VM's configuration.
     pub id: String,
@@ -50,10 +50,12 @@ pub struct AttachedInterface {
     pub host_link: String,
 }
 
-/// Everything a provider made for one VM.
-#[derive(Debug, Clone)]
+/// Everything a provider made for one VM. Stored with the VM, all but the
+/// open namespace, which [`NetworkProvider::reopen`] opens again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NetworkAttachment {
     /// The namespace the VMM must run in, open.
+    #[serde(skip)]
     pub netns: Option<Arc<OwnedFd>>,
     /// Its name (under `/run/netns` unless the provider says otherwise).
     pub netns_name: Option<String>,
@@ -88,4 +90,11 @@ pub trait NetworkProvider: Send + Sync + fmt::Debug {
     /// Keeps going when a step fails and reports every failure. Detaching a
     /// VM that has nothing attached is not an error.
     async fn detach(&self, vm_id: &VmId) -> Result<(), NetworkError>;
+
+    /// Opens again what a stored attachment refers to (its namespace), for
+    /// a VM found after a restart of metald.
+    async fn reopen(&self, vm_id: &VmId, attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {
+        let _ = vm_id;
+        Ok(attachment)
+    }
 }
