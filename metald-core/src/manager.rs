@@ -205,6 +205,13 @@ struct VmSlot {
     summary: StdMutex<VmSummary>,
 }
 
+impl VmSlot {
+    fn new(vm_id: VmId, tenant: TenantId, console: ConsoleLog, entry: VmEntry) -> Arc<Self> {
+        let summary = StdMutex::new(summary_of(&vm_id, &tenant, &entry));
+        Arc::new(Self { vm_id, tenant, console, summary, entry: Arc::new(Mutex::new(entry)) })
+    }
+}
+
 impl std::fmt::Debug for VmSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmSlot").field("vm_id", &self.vm_id).field("tenant", &self.tenant).finish_non_exhaustive()
@@ -486,8 +493,7 @@ impl VmManager {
             watch_generation: 0,
             watched_pid: None,
         };
-        let summary = StdMutex::new(summary_of(&vm_id, &tenant, &entry));
-        let slot = Arc::new(VmSlot { vm_id: vm_id.clone(), tenant: tenant.clone(), console, summary, entry: Arc::new(Mutex::new(entry)) });
+        let slot = VmSlot::new(vm_id.clone(), tenant.clone(), console, entry);
         {
             let mut entry = slot.entry.lock().await;
             self.watch_vmm(&slot, &mut entry);
@@ -944,8 +950,7 @@ impl VmManager {
             watch_generation: 0,
             watched_pid: None,
         };
-        let summary = StdMutex::new(summary_of(&vm_id, &tenant, &entry));
-        let slot = Arc::new(VmSlot { vm_id: vm_id.clone(), tenant: tenant.clone(), console, summary, entry: Arc::new(Mutex::new(entry)) });
+        let slot = VmSlot::new(vm_id.clone(), tenant.clone(), console, entry);
         let mut entry = slot.entry.lock().await;
         self.watch_vmm(&slot, &mut entry);
         write_lock(&self.inner.registry).vms.insert(vm_id.clone(), Arc::clone(&slot));
