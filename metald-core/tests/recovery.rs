@@ -116,6 +116,11 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
         assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
         let info = manager.info(&first.running).await.unwrap();
         assert_eq!(info.vmm.unwrap().vmm_state, "Running");
+        // Its exit status goes to its old parent; Firecracker's log tells a clean shutdown anyway.
+        manager.shutdown(&first.running, StopOptions::default()).await.unwrap();
+        let stopped = manager.info(&first.running).await.unwrap();
+        assert_eq!(stopped.state, VmState::Shutdown);
+        assert_eq!(stopped.last_exit, Some(metald_core::process::ProcessExit::Exited { code: 0 }));
 
         // The paused one resumes; the stopped one boots a fresh VMM; the created one boots.
         assert_eq!(manager.state(&first.paused).unwrap(), VmState::Paused);

@@ -76,6 +76,24 @@ pub struct FirecrackerVm {
 struct Current {
     launched: Launched,
     api: FirecrackerApi,
+    /// For an adopted process, its exits as its log tells them (see [`exit_from_log`]).
+    exits: Option<watch::Receiver<Option<VmmExit>>>,
+}
+
+/// Firecracker's own word on how it ended: the last `exit_code=` its log
+/// holds. An adopted process's status goes to its parent, not to us; this
+/// tells a guest that shut itself down from a crash.
+fn exit_from_log(path: &Path) -> Option<ProcessExit> {
+    const TAIL_BYTES: u64 = 16 * 1024;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path).ok()?;
+    let length = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(length.saturating_sub(TAIL_BYTES))).ok()?;
+    let mut tail = Vec::new();
+    file.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let code = text.lines().rev().find_map(|line| line.rsplit_once("exit_code=").map(|(_, code)| code.trim().to_owned()))?;
+    code.parse().ok().map(|code| ProcessExit::Exited { code })
 }
 
 /// What finds a running Firecracker again (see [`VmmInstance::ticket`]).
@@ -194,7 +212,21 @@ impl FirecrackerVm {
         }
         vm.started = instance.state != "Not started";
         vm.metrics.skip_to_end(&vm.file(METRICS_FILE));
-        vm.current = Some(Current { launched, api });
+        let (publish, exits) = watch::channel(None);
+        let (mut raw, log) = (launched.exits(), vm.file(LOG_FILE));
+        tokio::spawn(async move {
+            let exit = loop {
+                if let Some(exit) = raw.borrow_and_update().clone() {
+                    break exit;
+                }
+                if raw.changed().await.is_err() {
+                    return;
+                }
+            };
+            let status = if exit.status == ProcessExit::Unknown { exit_from_log(&log).unwrap_or(exit.status) } else { exit.status };
+            publish.send_replace(Some(VmmExit { status, cause: exit.cause }));
+        });
+        vm.current = Some(Current { launched, api, exits: Some(exits) });
         Ok(vm)
     }
 
@@ -266,7 +298,7 @@ impl FirecrackerVm {
         launched.timings.extend(timings);
         match result {
             Ok(()) => {
-                self.current = Some(Current { launched, api });
+                self.current = Some(Current { launched, api, exits: None });
                 self.started = false;
                 self.metrics.restart();
                 Ok(())
@@ -420,7 +452,17 @@ impl FirecrackerVm {
         };
         let exit = current.launched.process.kill().await.map_err(BackendError::Signal)?;
         self.retire_process();
-        Ok(exit)
+        // An adopted process we killed: the kill, unless it had already said how it ended.
+        Ok(self.known_exit(exit).unwrap_or(ProcessExit::Killed { signal: libc::SIGKILL }))
+    }
+
+    /// An exit as we know it: for an adopted process, from its log when it left a word there.
+    fn known_exit(&self, exit: ProcessExit) -> Option<ProcessExit> {
+        if exit == ProcessExit::Unknown { exit_from_log(&self.file(LOG_FILE)) } else { Some(exit) }
+    }
+
+    fn refined(&self, exit: ProcessExit) -> ProcessExit {
+        self.known_exit(exit).unwrap_or(exit)
     }
 
     async fn graceful_stop(&mut self, timeout: Duration) -> Result<StopOutcome, BackendError> {
@@ -431,14 +473,14 @@ impl FirecrackerVm {
                 Ok(()) => {
                     if let Some(exit) = process.wait_timeout(timeout).await {
                         self.retire_process();
-                        return Ok(StopOutcome { forced: false, exit });
+                        return Ok(StopOutcome { forced: false, exit: self.refined(exit) });
                     }
                     tracing::info!(vm_id = %self.spec.vm_id, ?timeout, "guest did not stop in time; killing its VMM");
                 }
                 Err(error) => {
                     if let Some(exit) = process.exit_status() {
                         self.retire_process();
-                        return Ok(StopOutcome { forced: false, exit });
+                        return Ok(StopOutcome { forced: false, exit: self.refined(exit) });
                     }
                     tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Ctrl+Alt+Del refused; killing the VMM");
                 }
@@ -475,7 +517,7 @@ impl VmmInstance for FirecrackerVm {
     }
 
     fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>> {
-        self.current.as_ref().map(|current| current.launched.exits())
+        self.current.as_ref().map(|current| current.exits.clone().unwrap_or_else(|| current.launched.exits()))
     }
 
     async fn boot(&mut self) -> Result<(), BackendError> {
@@ -508,7 +550,7 @@ impl VmmInstance for FirecrackerVm {
             && let Some(exit) = current.launched.process.exit_status()
         {
             self.retire_process();
-            return Ok(StopOutcome { forced: false, exit });
+            return Ok(StopOutcome { forced: false, exit: self.refined(exit) });
         }
         match mode {
             StopMode::Graceful { timeout } => self.graceful_stop(timeout).await,
