@@ -110,7 +110,8 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
         let kernel_object = text.starts_with("pipe:") || text.starts_with("socket:") || text.starts_with("anon_inode:");
         // Its console and stderr: named pipes in the VM's folder, opened for it
         // write-only; root's, mode 0600, so it cannot open them again itself.
-        let output_pipe = ["console.fifo", "firecracker.stderr.fifo"].iter().any(|name| target == sandbox.vms.join(vm_id.as_str()).join(name));
+        let output_pipe =
+            ["console.fifo", "firecracker.stderr.fifo"].iter().any(|name| target == sandbox.vms.join(vm_id.as_str()).join(name));
         if output_pipe {
             use std::os::unix::fs::{FileTypeExt, MetadataExt};
             let metadata = std::fs::metadata(&target).unwrap();
