@@ -22,3 +22,6 @@ pub mod proto;
 
 pub use convert::WireError;
 pub use errors::{manager_error_to_connect, wire_error_to_connect};
+
+#[cfg(test)]
+mod wire_compatibility;
