@@ -1,7 +1,7 @@
 //! Manager and request errors as ConnectRPC errors.
 //!
 //! What the caller got wrong is told in full, naming the field
-//! (`invalid_argument`, "storage[1].path: ..."), the VM (`not_found`,
+//! (`invalid_argument`, `"storage[1].path: ..."`), the VM (`not_found`,
 //! `already_exists`) or the VM's state (`failed_precondition`). What went
 //! wrong on the host is told only in general terms: `unavailable` when the
 //! VM's VMM is dead or does not answer (a later call may succeed),
