@@ -44,7 +44,8 @@ pub fn manager_error_to_connect(error: &ManagerError) -> ConnectError {
         | ManagerError::Jail(_)
         | ManagerError::Setup { .. }
         | ManagerError::VmDir { .. }
-        | ManagerError::Console { .. } => internal(error),
+        | ManagerError::Console { .. }
+        | ManagerError::Store(_) => internal(error),
     }
 }
 
@@ -117,7 +118,10 @@ fn backend_error_to_connect(error: &ManagerError, vm_id: &VmId, backend: &str, o
         | BackendError::Api { .. }
         | BackendError::Signal(_)
         | BackendError::Console(_)
-        | BackendError::ProcessStats { .. } => internal(error),
+        | BackendError::ProcessStats { .. }
+        | BackendError::Adopt(_)
+        | BackendError::Ticket(_)
+        | BackendError::NotTheSameVmm { .. } => internal(error),
     }
 }
 

@@ -31,6 +31,7 @@ pub fn event_kind_name(kind: &VmEventKind) -> &'static str {
         VmEventKind::Stopped { .. } => "stopped",
         VmEventKind::Failed { .. } => "failed",
         VmEventKind::Deleted => "deleted",
+        VmEventKind::Reattached(_) => "reattached",
     }
 }
 
@@ -44,6 +45,7 @@ fn event_reason(kind: &VmEventKind) -> String {
         | VmEventKind::Paused { .. }
         | VmEventKind::Resumed { .. }
         | VmEventKind::Rebooted { .. }
+        | VmEventKind::Reattached(_)
         | VmEventKind::Deleted => String::new(),
     }
 }

@@ -42,10 +42,8 @@ pub fn vm_info_to_wire(info: &metald_core::VmInfo, metrics: Option<wire::VmMetri
     }
 }
 
-/// One entry of `ListVms`. The core summary does not carry why a VM
-/// failed, so the caller passes it (`None` when the VM is not Failed or
-/// the reason is not at hand).
-pub fn vm_summary_to_wire(summary: &metald_core::VmSummary, failure_reason: Option<&str>) -> wire::VmInfo {
+/// One entry of `ListVms`, with why the VM failed when it did.
+pub fn vm_summary_to_wire(summary: &metald_core::VmSummary) -> wire::VmInfo {
     wire::VmInfo {
         vm_id: summary.vm_id.to_string(),
         state: state_to_wire(summary.state).into(),
@@ -55,7 +53,7 @@ pub fn vm_summary_to_wire(summary: &metald_core::VmSummary, failure_reason: Opti
         modified_timestamp: unix_ms(summary.modified_at),
         metadata: summary.metadata.iter().map(|(key, value)| (key.clone(), value.clone())).collect(),
         customer_id: summary.tenant.to_string(),
-        failure_reason: failure_reason.unwrap_or_default().to_owned(),
+        failure_reason: summary.failure.clone().unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -379,14 +377,16 @@ mod tests {
             metadata: BTreeMap::from([("team".to_string(), "db".to_string())]),
             created_at: at(10),
             modified_at: at(20),
+            failure: None,
         };
-        let entry = vm_summary_to_wire(&summary, None);
+        let entry = vm_summary_to_wire(&summary);
         assert_eq!((entry.vm_id.as_str(), entry.customer_id.as_str()), ("vm-2", "acme"));
         assert_eq!(entry.state, wire::VmState::VM_STATE_PAUSED);
         assert_eq!((entry.vcpu_count, entry.memory_size_bytes), (4, 1 << 30));
         assert_eq!((entry.created_timestamp, entry.modified_timestamp), (10, 20));
         assert_eq!(entry.metadata["team"], "db");
         assert_eq!(entry.failure_reason, "");
-        assert_eq!(vm_summary_to_wire(&summary, Some("it broke")).failure_reason, "it broke");
+        let failed = metald_core::VmSummary { state: VmState::Failed, failure: Some("it broke".into()), ..summary };
+        assert_eq!(vm_summary_to_wire(&failed).failure_reason, "it broke");
     }
 }
