@@ -66,11 +66,11 @@ impl Billing {
         &self.spool
     }
 
-    pub fn meter_stats(&self) -> &MeterStats {
+    pub fn meter_stats(&self) -> &Arc<MeterStats> {
         &self.meter_stats
     }
 
-    pub fn delivery_stats(&self) -> &DeliveryStats {
+    pub fn delivery_stats(&self) -> &Arc<DeliveryStats> {
         &self.delivery_stats
     }
 

@@ -398,46 +398,65 @@ impl VmManager {
     /// the VMM. Nothing is left behind when any step fails.
     pub async fn create(&self, request: CreateVm) -> Result<VmId, ManagerError> {
         let manager = self.clone();
-        detached(async move { manager.create_now(request).await }).await
+        let span = tracing::info_span!(
+            "vm.create",
+            vm_id = request.vm_id.as_ref().map(VmId::as_str),
+            tenant = %request.tenant,
+            vmm = self.inner.backend.name()
+        );
+        detached(span, async move { manager.create_now(request).await }).await
     }
 
     /// Starts the guest (again, after a shutdown).
     pub async fn boot(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(async move { manager.boot_now(&vm_id).await }).await
+        detached(self.operation_span("vm.boot", &vm_id), async move { manager.boot_now(&vm_id).await }).await
     }
 
     /// Stops the guest's vCPUs; its memory stays.
     pub async fn pause(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(async move { manager.pause_now(&vm_id).await }).await
+        detached(self.operation_span("vm.pause", &vm_id), async move { manager.pause_now(&vm_id).await }).await
     }
 
     /// Lets a paused guest run again.
     pub async fn resume(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(async move { manager.resume_now(&vm_id).await }).await
+        detached(self.operation_span("vm.resume", &vm_id), async move { manager.resume_now(&vm_id).await }).await
     }
 
     /// Stops the guest: gracefully first unless forced, killing its VMM
     /// when the timeout runs out.
     pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(async move { manager.shutdown_now(&vm_id, options).await }).await
+        detached(self.operation_span("vm.shutdown", &vm_id), async move { manager.shutdown_now(&vm_id, options).await }).await
     }
 
     /// Restarts a running guest: natively where the backend can, otherwise
     /// by stopping its VMM and booting a fresh one. The VM stays Running.
     pub async fn reboot(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(async move { manager.reboot_now(&vm_id, options).await }).await
+        detached(self.operation_span("vm.reboot", &vm_id), async move { manager.reboot_now(&vm_id, options).await }).await
     }
 
     /// Stops the VM when needed (gracefully unless `force`), then removes
     /// its VMM, its folder and every copy made for it.
     pub async fn delete(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(async move { manager.delete_now(&vm_id, options).await }).await
+        detached(self.operation_span("vm.delete", &vm_id), async move { manager.delete_now(&vm_id, options).await }).await
+    }
+
+    /// The span an operation on one VM runs in, with the VM and its tenant,
+    /// under the caller's span (an API call's, for the daemon).
+    fn operation_span(&self, name: &'static str, vm_id: &VmId) -> tracing::Span {
+        let tenant = self.slot(vm_id).map(|slot| slot.tenant.to_string()).unwrap_or_default();
+        tracing::info_span!(
+            "vm.operation",
+            otel.name = name,
+            vm_id = %vm_id,
+            tenant = %tenant,
+            vmm = self.inner.backend.name()
+        )
     }
 
     pub fn capabilities(&self) -> Capabilities {
@@ -1022,6 +1041,13 @@ impl VmManager {
         self.slot(vm_id).map(|slot| lock_summary(&slot).state)
     }
 
+    /// One VM's summary (its tenant, state, size), without waiting for an
+    /// operation in progress.
+    pub fn summary(&self, vm_id: &VmId) -> Result<VmSummary, ManagerError> {
+        let summary = self.slot(vm_id).map(|slot| lock_summary(&slot).clone())?;
+        if summary.state == VmState::Deleted { Err(ManagerError::NotFound(vm_id.clone())) } else { Ok(summary) }
+    }
+
     /// Every VM, optionally of one tenant, in id order; never waits for an
     /// operation in progress.
     pub fn list(&self, tenant: Option<&TenantId>) -> Vec<VmSummary> {
@@ -1133,8 +1159,11 @@ impl VmManager {
 /// Runs an operation to its end in a task of its own, so that a caller who
 /// stops waiting (a dropped future, a client that hung up) cannot leave a VM
 /// half-created or half-stopped.
-async fn detached<T: Send + 'static>(work: impl Future<Output = Result<T, ManagerError>> + Send + 'static) -> Result<T, ManagerError> {
-    match tokio::spawn(work).await {
+async fn detached<T: Send + 'static>(
+    span: tracing::Span,
+    work: impl Future<Output = Result<T, ManagerError>> + Send + 'static,
+) -> Result<T, ManagerError> {
+    match tokio::spawn(tracing::Instrument::instrument(work, span)).await {
         Ok(result) => result,
         Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
         Err(_) => Err(ManagerError::ShuttingDown),

@@ -1,0 +1,263 @@
+//! Who is calling. Standalone, a caller shows a bearer token, which maps
+//! to a tenant through the SHA-256 hashes in the configuration (tokens are
+//! never stored). Behind a gateway, the gateway vouches for the tenant
+//! with an HMAC-SHA256 signature over the tenant, the time and the
+//! procedure, made with a secret only it and this host know; metald takes
+//! a tenant from a gateway header only when that signature holds and is
+//! fresh.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hmac::{Hmac, Mac};
+use http::HeaderMap;
+use metald_core::TenantId;
+use sha2::{Digest, Sha256};
+
+/// The tenant the gateway vouches for.
+pub const GATEWAY_TENANT_HEADER: &str = "x-metald-tenant";
+/// When the gateway signed, in Unix seconds.
+pub const GATEWAY_TIMESTAMP_HEADER: &str = "x-metald-gateway-timestamp";
+/// Hex HMAC-SHA256 of [`gateway_message`] under the shared secret.
+pub const GATEWAY_SIGNATURE_HEADER: &str = "x-metald-gateway-signature";
+
+/// The authenticated caller, put into each request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub tenant: TenantId,
+    pub via_gateway: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials: send `authorization: Bearer <token>`")]
+    Missing,
+    #[error("the authorization header is not `Bearer <token>`")]
+    Malformed,
+    #[error("the bearer token is not known to this host")]
+    UnknownToken,
+    #[error("this host does not take calls through a gateway")]
+    GatewayNotAccepted,
+    #[error("the gateway headers are incomplete: {0} is missing")]
+    GatewayHeaderMissing(&'static str),
+    #[error("the gateway's tenant {0:?} is not a tenant id")]
+    GatewayTenant(String),
+    #[error("the gateway's signature does not verify")]
+    BadSignature,
+    #[error("the gateway's signature is {age_seconds} s away from this host's clock; at most {max_seconds} s are accepted")]
+    Stale { age_seconds: u64, max_seconds: u64 },
+}
+
+impl AuthError {
+    /// Unauthenticated when no credential holds; PermissionDenied when the
+    /// call came the gateway way to a host that does not take it.
+    pub fn to_connect(&self) -> connectrpc::ConnectError {
+        match self {
+            AuthError::GatewayNotAccepted => connectrpc::ConnectError::permission_denied(self.to_string()),
+            _ => connectrpc::ConnectError::unauthenticated(self.to_string()),
+        }
+    }
+}
+
+/// The secret a gateway signs with, and how much clock difference is tolerated.
+#[derive(Clone)]
+pub struct GatewayTrust {
+    secret: Vec<u8>,
+    max_skew: Duration,
+}
+
+impl std::fmt::Debug for GatewayTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayTrust").field("max_skew", &self.max_skew).finish_non_exhaustive()
+    }
+}
+
+impl GatewayTrust {
+    pub fn new(secret: Vec<u8>, max_skew: Duration) -> Self {
+        Self { secret, max_skew }
+    }
+
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC takes keys of any length, so this never fails.
+        match Hmac::<Sha256>::new_from_slice(&self.secret) {
+            Ok(mac) => mac,
+            Err(_) => unreachable!("HMAC accepts keys of every length"),
+        }
+    }
+
+    /// The signature a gateway sends for `tenant` calling `procedure` at `unix_seconds`.
+    #[cfg(test)]
+    pub fn sign(&self, tenant: &str, unix_seconds: u64, procedure: &str) -> String {
+        let mut mac = self.mac();
+        mac.update(gateway_message(tenant, unix_seconds, procedure).as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn verify(&self, tenant: &str, unix_seconds: u64, procedure: &str, signature_hex: &str) -> bool {
+        let Ok(signature) = hex::decode(signature_hex) else { return false };
+        let mut mac = self.mac();
+        mac.update(gateway_message(tenant, unix_seconds, procedure).as_bytes());
+        // verify_slice compares in constant time.
+        mac.verify_slice(&signature).is_ok()
+    }
+}
+
+/// What a gateway signs: a version, the tenant, the time and the procedure
+/// path (`/vmprovisioner.v1.VmService/CreateVm`), one per line, so a
+/// signature for one call cannot be reused for another method or tenant.
+pub fn gateway_message(tenant: &str, unix_seconds: u64, procedure: &str) -> String {
+    format!("metald-gateway-v1\n{tenant}\n{unix_seconds}\n{procedure}")
+}
+
+/// Maps credentials to tenants.
+#[derive(Debug, Default)]
+pub struct Authenticator {
+    /// SHA-256 of each token → its tenant.
+    tokens: HashMap<[u8; 32], TenantId>,
+    gateway: Option<GatewayTrust>,
+}
+
+impl Authenticator {
+    pub fn new(tokens: HashMap<[u8; 32], TenantId>, gateway: Option<GatewayTrust>) -> Self {
+        Self { tokens, gateway }
+    }
+
+    /// The caller of `procedure`, from the request headers.
+    pub fn authenticate(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
+        if headers.contains_key(GATEWAY_TENANT_HEADER) {
+            return self.vouched_by_gateway(headers, procedure, now);
+        }
+        let value = headers.get(http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+        let token = token.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+            return Err(AuthError::Malformed);
+        }
+        // Looking up the token's hash, not the token, means the map's
+        // comparisons reveal nothing usable about any stored token.
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let tenant = self.tokens.get(&hash).ok_or(AuthError::UnknownToken)?;
+        Ok(Caller { tenant: tenant.clone(), via_gateway: false })
+    }
+
+    fn vouched_by_gateway(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
+        let trust = self.gateway.as_ref().ok_or(AuthError::GatewayNotAccepted)?;
+        let header =
+            |name: &'static str| headers.get(name).and_then(|value| value.to_str().ok()).ok_or(AuthError::GatewayHeaderMissing(name));
+        let tenant = header(GATEWAY_TENANT_HEADER)?;
+        let timestamp = header(GATEWAY_TIMESTAMP_HEADER)?;
+        let signature = header(GATEWAY_SIGNATURE_HEADER)?;
+        let signed_at: u64 = timestamp.parse().map_err(|_| AuthError::BadSignature)?;
+        if !trust.verify(tenant, signed_at, procedure, signature) {
+            return Err(AuthError::BadSignature);
+        }
+        let now = now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
+        let age_seconds = now.abs_diff(signed_at);
+        if age_seconds > trust.max_skew.as_secs() {
+            return Err(AuthError::Stale { age_seconds, max_seconds: trust.max_skew.as_secs() });
+        }
+        let tenant = TenantId::new(tenant).map_err(|_| AuthError::GatewayTenant(tenant.to_owned()))?;
+        Ok(Caller { tenant, via_gateway: true })
+    }
+}
+
+/// A new random token (256 bits, hex) and its SHA-256, as `metald token` prints them.
+pub fn new_token() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let token = format!("mdt_{}", hex::encode(bytes));
+    let hash = hex::encode(Sha256::digest(token.as_bytes()));
+    (token, hash)
+}
+
+/// The hash a token is stored as.
+#[cfg(test)]
+pub fn token_hash(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    const PROCEDURE: &str = "/vmprovisioner.v1.VmService/ListVms";
+
+    fn acme() -> TenantId {
+        TenantId::new("acme").unwrap()
+    }
+
+    fn authenticator(gateway: Option<GatewayTrust>) -> Authenticator {
+        Authenticator::new(HashMap::from([(token_hash("secret-token"), acme())]), gateway)
+    }
+
+    fn headers(pairs: &[(&'static str, String)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(seconds)
+    }
+
+    #[test]
+    fn a_known_bearer_token_is_its_tenant_and_anything_else_is_refused() {
+        let auth = authenticator(None);
+        let caller = auth.authenticate(&headers(&[("authorization", "Bearer secret-token".into())]), PROCEDURE, at(0)).unwrap();
+        assert_eq!(caller, Caller { tenant: acme(), via_gateway: false });
+        let refused = |value: Option<&str>| {
+            let pairs: Vec<_> = value.map(|value| ("authorization", value.to_owned())).into_iter().collect();
+            auth.authenticate(&headers(&pairs), PROCEDURE, at(0)).unwrap_err()
+        };
+        assert_eq!(refused(None), AuthError::Missing);
+        assert_eq!(refused(Some("Bearer other")), AuthError::UnknownToken);
+        assert_eq!(refused(Some("Basic c2VjcmV0")), AuthError::Malformed);
+        assert_eq!(refused(Some("Bearer ")), AuthError::Malformed);
+        assert_eq!(refused(None).to_connect().code, connectrpc::ErrorCode::Unauthenticated);
+    }
+
+    #[test]
+    fn a_gateway_signature_is_checked_for_tenant_procedure_and_age() {
+        let trust = GatewayTrust::new(b"0123456789abcdef0123456789abcdef".to_vec(), Duration::from_secs(60));
+        let auth = authenticator(Some(trust.clone()));
+        let signed = |tenant: &str, at_seconds: u64, procedure: &str| {
+            headers(&[
+                (GATEWAY_TENANT_HEADER, tenant.to_owned()),
+                (GATEWAY_TIMESTAMP_HEADER, at_seconds.to_string()),
+                (GATEWAY_SIGNATURE_HEADER, trust.sign(tenant, at_seconds, procedure)),
+            ])
+        };
+        let caller = auth.authenticate(&signed("globex", 1000, PROCEDURE), PROCEDURE, at(1030)).unwrap();
+        assert_eq!((caller.tenant.as_str(), caller.via_gateway), ("globex", true));
+        let other_method = auth.authenticate(&signed("globex", 1000, "/vmprovisioner.v1.VmService/DeleteVm"), PROCEDURE, at(1000));
+        assert_eq!(other_method.unwrap_err(), AuthError::BadSignature);
+        let mut swapped = signed("globex", 1000, PROCEDURE);
+        swapped.insert(GATEWAY_TENANT_HEADER, HeaderValue::from_static("acme"));
+        assert_eq!(auth.authenticate(&swapped, PROCEDURE, at(1000)).unwrap_err(), AuthError::BadSignature);
+        let stale = auth.authenticate(&signed("globex", 1000, PROCEDURE), PROCEDURE, at(1061)).unwrap_err();
+        assert_eq!(stale, AuthError::Stale { age_seconds: 61, max_seconds: 60 });
+        let forged = GatewayTrust::new(b"another secret of enough length!".to_vec(), Duration::from_secs(60));
+        let mut forged_headers = signed("globex", 1000, PROCEDURE);
+        forged_headers.insert(GATEWAY_SIGNATURE_HEADER, HeaderValue::from_str(&forged.sign("globex", 1000, PROCEDURE)).unwrap());
+        assert_eq!(auth.authenticate(&forged_headers, PROCEDURE, at(1000)).unwrap_err(), AuthError::BadSignature);
+    }
+
+    #[test]
+    fn gateway_headers_to_a_host_without_a_gateway_are_denied() {
+        let auth = authenticator(None);
+        let error = auth.authenticate(&headers(&[(GATEWAY_TENANT_HEADER, "acme".into())]), PROCEDURE, at(0)).unwrap_err();
+        assert_eq!(error, AuthError::GatewayNotAccepted);
+        assert_eq!(error.to_connect().code, connectrpc::ErrorCode::PermissionDenied);
+    }
+
+    #[test]
+    fn new_tokens_are_unique_and_hash_as_stored() {
+        let (token, hash) = new_token();
+        assert_ne!(token, new_token().0);
+        assert_eq!(hex::encode(token_hash(&token)), hash);
+    }
+}

@@ -1,0 +1,351 @@
+//! The daemon's settings: defaults, then a TOML file, then `METALD_*`
+//! environment variables (nested keys joined by `__`, for example
+//! `METALD_BILLING__SINK=clickhouse`), then command-line flags. Every key
+//! is documented in `docs/api/configuration.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Everything the daemon can be told.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the API (and `/health`, `/ready`, `/metrics`) listens.
+    pub listen: SocketAddr,
+    /// The daemon's own state: the VM store, the VMs' folders, the spool,
+    /// the address book, the usage file.
+    pub data_dir: PathBuf,
+    /// Every kernel, initrd and drive must come from here.
+    pub image_root: PathBuf,
+    /// The `firecracker` executable.
+    pub firecracker: PathBuf,
+    /// How long a graceful shutdown of a guest may take, in seconds.
+    pub stop_timeout_seconds: u64,
+    pub api: ApiSettings,
+    pub jailer: JailerSettings,
+    pub network: NetworkSettings,
+    pub billing: BillingSettings,
+    pub auth: AuthSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: PathBuf::from("/var/lib/metald"),
+            image_root: PathBuf::from("/var/lib/metald/images"),
+            firecracker: PathBuf::from("/usr/local/bin/firecracker"),
+            stop_timeout_seconds: 30,
+            api: ApiSettings::default(),
+            jailer: JailerSettings::default(),
+            network: NetworkSettings::default(),
+            billing: BillingSettings::default(),
+            auth: AuthSettings::default(),
+            telemetry: TelemetrySettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    /// The largest request body, in bytes; a larger one is refused before it is read.
+    pub max_body_bytes: usize,
+    /// The most a console request returns, in bytes.
+    pub max_console_bytes: usize,
+    /// How many VMs a page of `ListVms` holds when the caller does not say.
+    pub default_page_size: usize,
+    /// The most a caller may ask for in one page.
+    pub max_page_size: usize,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self { max_body_bytes: 1 << 20, max_console_bytes: 1 << 20, default_page_size: 100, max_page_size: 1000 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailerSettings {
+    /// Jail every VMM (own user, namespaces, cgroup, pivot_root). Off is for development only.
+    pub enabled: bool,
+    /// The first uid (and gid) VMMs run as; each VM gets its own.
+    pub uid_start: u32,
+    /// How many uids, so how many VMs at most.
+    pub uid_count: u32,
+    /// The cgroup folder (under each controller) that holds the VMMs' cgroups.
+    pub cgroup_parent: PathBuf,
+}
+
+impl Default for JailerSettings {
+    fn default() -> Self {
+        Self { enabled: true, uid_start: 900_000, uid_count: 10_000, cgroup_parent: PathBuf::from("metald") }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// `true` or `false`; unset means on when running as root.
+    pub enabled: Option<bool>,
+    /// The IPv6 prefix (/48 to /63) cut into one /64 per tenant; a ULA /48
+    /// from the machine id when unset.
+    pub ipv6_prefix: Option<String>,
+    /// An IPv4 pool for dual stack, cut into one /24 per tenant.
+    pub ipv4_pool: Option<String>,
+    /// Resolvers the guests are told about.
+    pub dns_servers: Vec<String>,
+    /// A network namespace to use as the host side (bridges, routes,
+    /// firewall) instead of the daemon's own: for tests and for hosts that
+    /// keep VM traffic in a namespace of its own.
+    pub host_netns: Option<PathBuf>,
+    /// VM namespaces are `<netns_prefix><vm id>`.
+    pub netns_prefix: String,
+    /// Host links are `<link_prefix>v<n>`, tenant bridges `<link_prefix>t<n>`.
+    pub link_prefix: String,
+    /// The nftables table the daemon owns.
+    pub nft_table: String,
+    pub mtu: u32,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            ipv6_prefix: None,
+            ipv4_pool: None,
+            dns_servers: Vec::new(),
+            host_netns: None,
+            netns_prefix: "metald-".into(),
+            link_prefix: "md".into(),
+            nft_table: "metald".into(),
+            mtu: 1500,
+        }
+    }
+}
+
+/// Where usage goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// JSON lines in `billing.file` (the default: needs nothing else).
+    File,
+    /// Straight into ClickHouse.
+    Clickhouse,
+    /// To billaged over `billing.v1`.
+    Service,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BillingSettings {
+    /// Meter the VMs at all.
+    pub enabled: bool,
+    pub sink: SinkKind,
+    /// For `file`; `<data_dir>/usage.jsonl` when unset.
+    pub file: Option<PathBuf>,
+    pub clickhouse_url: String,
+    pub clickhouse_database: String,
+    /// For `service`: billaged's URL.
+    pub service_url: String,
+    /// This host's name in usage rows; the machine's hostname when unset.
+    pub host_id: Option<String>,
+    /// The spool's disk quota, in bytes.
+    pub spool_quota_bytes: u64,
+    /// A batch goes out when it holds this many records…
+    pub max_batch: usize,
+    /// …or its oldest record is this old, in milliseconds.
+    pub max_batch_age_ms: u64,
+}
+
+impl Default for BillingSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            sink: SinkKind::File,
+            file: None,
+            clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_database: "metald".into(),
+            service_url: "http://127.0.0.1:7080".into(),
+            host_id: None,
+            spool_quota_bytes: 10 << 30,
+            max_batch: 10_000,
+            max_batch_age_ms: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Tenants that call with a bearer token.
+    pub tenants: Vec<TenantSettings>,
+    /// Calls forwarded by a gateway, which vouches for the tenant.
+    pub gateway: Option<GatewaySettings>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    pub id: String,
+    /// SHA-256 of the tenant's bearer token, in hex (`metald token` makes a
+    /// token and prints both). Tokens are never stored.
+    pub token_sha256: String,
+    #[serde(default)]
+    pub quota: Quota,
+}
+
+/// What one tenant may hold at once; `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Quota {
+    pub max_vms: Option<u64>,
+    pub max_vcpus: Option<u64>,
+    pub max_memory_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    /// A file holding the secret the gateway signs with (at least 32 bytes).
+    pub secret_file: PathBuf,
+    /// How old a signature may be, in seconds.
+    #[serde(default = "default_max_skew")]
+    pub max_skew_seconds: u64,
+    /// Quotas for tenants that only come through the gateway.
+    #[serde(default)]
+    pub default_quota: Quota,
+}
+
+fn default_max_skew() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetrySettings {
+    /// Where to export traces over OTLP/HTTP (for example
+    /// `http://127.0.0.1:4318/v1/traces`); none when unset.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
+    /// The log filter (`RUST_LOG` syntax), for example `info,metald=debug`.
+    pub log: String,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self { otlp_endpoint: None, service_name: "metald".into(), log: "info".into() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration")]
+    Invalid(#[source] Box<figment::Error>),
+    #[error("{key}: {problem}")]
+    Value { key: &'static str, problem: String },
+}
+
+impl Settings {
+    /// Defaults, then `file` (when given), then `METALD_*` variables, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("METALD_").split("__")).merge(overrides);
+        let settings: Settings = figment.extract().map_err(|error| ConfigError::Invalid(Box::new(error)))?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let value = |key, problem: &str| Err(ConfigError::Value { key, problem: problem.to_owned() });
+        if self.jailer.uid_count == 0 {
+            return value("jailer.uid_count", "must be at least 1");
+        }
+        if self.jailer.uid_start.checked_add(self.jailer.uid_count).is_none() {
+            return value("jailer.uid_count", "runs past the last uid");
+        }
+        if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
+            return value("api.default_page_size", "must be between 1 and api.max_page_size");
+        }
+        for (index, tenant) in self.auth.tenants.iter().enumerate() {
+            if metald_core::TenantId::new(&tenant.id).is_err() {
+                return Err(ConfigError::Value {
+                    key: "auth.tenants",
+                    problem: format!("[{index}].id {:?} is not a tenant id", tenant.id),
+                });
+            }
+            if hex::decode(&tenant.token_sha256).map(|hash| hash.len()) != Ok(32) {
+                return Err(ConfigError::Value {
+                    key: "auth.tenants",
+                    problem: format!("[{index}].token_sha256 must be 64 hex digits (the SHA-256 of the token)"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn stop_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stop_timeout_seconds)
+    }
+
+    pub fn usage_file(&self) -> PathBuf {
+        self.billing.file.clone().unwrap_or_else(|| self.data_dir.join("usage.jsonl"))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's own error type
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_then_the_environment_then_flags_win_in_that_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "metald.toml",
+                r#"
+                    listen = "127.0.0.1:9000"
+                    data_dir = "/srv/metald"
+                    [billing]
+                    sink = "clickhouse"
+                    [[auth.tenants]]
+                    id = "acme"
+                    token_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+                    quota = { max_vms = 3 }
+                "#,
+            )?;
+            jail.set_env("METALD_DATA_DIR", "/srv/other");
+            jail.set_env("METALD_BILLING__MAX_BATCH", "5");
+            let flags = Figment::new().merge(Serialized::default("listen", "127.0.0.1:9001"));
+            let settings = Settings::load(Some(Path::new("metald.toml")), flags).map_err(|error| error.to_string())?;
+            assert_eq!(settings.listen, SocketAddr::from(([127, 0, 0, 1], 9001)));
+            assert_eq!(settings.data_dir, PathBuf::from("/srv/other"));
+            assert_eq!(settings.billing.sink, SinkKind::Clickhouse);
+            assert_eq!(settings.billing.max_batch, 5);
+            assert_eq!(settings.auth.tenants[0].quota.max_vms, Some(3));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_or_a_bad_hash_is_refused_by_name() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("a.toml", "lisen = \"127.0.0.1:1\"")?;
+            let error = Settings::load(Some(Path::new("a.toml")), Figment::new()).unwrap_err();
+            assert!(format!("{:?}", error).contains("lisen"), "{error:?}");
+            jail.create_file("b.toml", "[[auth.tenants]]\nid = \"acme\"\ntoken_sha256 = \"abc\"")?;
+            let error = Settings::load(Some(Path::new("b.toml")), Figment::new()).unwrap_err();
+            assert!(error.to_string().contains("token_sha256"), "{error}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,158 @@
+//! One port for everything: the API (Connect with JSON or binary
+//! protobuf, gRPC and gRPC-Web, over HTTP/1.1 and h2c), `/health`,
+//! `/ready` and `/metrics`. Every API call passes one interceptor that
+//! authenticates it, opens its span and times it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use connectrpc::interceptor::{StreamRequest, StreamResponse, UnaryRequest, UnaryResponse};
+use connectrpc::{ConnectError, ConnectRpcService, Interceptor, Limits, Next, NextStream, PayloadStream, Router};
+use metald_api::proto::vmprovisioner::v1::VmServiceExt;
+use tracing::Instrument;
+
+use crate::auth::Authenticator;
+use crate::metrics::Metrics;
+use crate::service::VmApi;
+
+/// Whether the daemon takes calls: false until recovery is done and again once it stops.
+#[derive(Debug, Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+}
+
+/// Authentication, a span and a latency figure for every call.
+#[derive(Debug)]
+struct CallGate {
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+}
+
+/// The method's name from `/vmprovisioner.v1.VmService/CreateVm`.
+fn method_of(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn code_of<T>(result: &Result<T, ConnectError>) -> String {
+    match result {
+        Ok(_) => "ok".to_owned(),
+        Err(error) => error.code.as_str().to_owned(),
+    }
+}
+
+impl CallGate {
+    fn span(&self, path: &str) -> tracing::Span {
+        tracing::info_span!(
+            "rpc",
+            otel.name = path,
+            otel.kind = "server",
+            rpc.system = "connect_rpc",
+            rpc.method = method_of(path),
+            tenant = tracing::field::Empty,
+            vm_id = tracing::field::Empty,
+            code = tracing::field::Empty,
+        )
+    }
+
+    fn admit(&self, ctx: &mut connectrpc::RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError> {
+        let caller = self.auth.authenticate(ctx.headers(), path, SystemTime::now()).map_err(|error| {
+            tracing::info!(parent: span, %error, "call refused");
+            error.to_connect()
+        })?;
+        span.record("tenant", caller.tenant.as_str());
+        ctx.extensions_mut().insert(caller);
+        Ok(())
+    }
+
+    fn finish<T>(&self, path: &str, span: &tracing::Span, started: Instant, result: &Result<T, ConnectError>) {
+        let code = code_of(result);
+        span.record("code", code.as_str());
+        if let Err(error) = result {
+            tracing::info!(parent: span, code = error.code.as_str(), message = error.message.as_deref().unwrap_or(""), "call failed");
+        }
+        self.metrics.observe_rpc(method_of(path), &code, started.elapsed());
+    }
+}
+
+#[connectrpc::async_trait]
+impl Interceptor for CallGate {
+    async fn intercept_unary(&self, mut request: UnaryRequest, next: Next<'_>) -> Result<UnaryResponse, ConnectError> {
+        let started = Instant::now();
+        let path = request.ctx.path().unwrap_or("unknown").to_owned();
+        let span = self.span(&path);
+        let result = match self.admit(&mut request.ctx, &path, &span) {
+            Ok(()) => next.run(request).instrument(span.clone()).await,
+            Err(error) => Err(error),
+        };
+        self.finish(&path, &span, started, &result);
+        result
+    }
+
+    async fn intercept_streaming(
+        &self,
+        mut request: StreamRequest,
+        inbound: PayloadStream,
+        next: NextStream<'_>,
+    ) -> Result<StreamResponse, ConnectError> {
+        let started = Instant::now();
+        let path = request.ctx.path().unwrap_or("unknown").to_owned();
+        let span = self.span(&path);
+        // For a stream the figure is the time to open it; how long it then
+        // stays open is the caller's choice, not a latency.
+        let result = match self.admit(&mut request.ctx, &path, &span) {
+            Ok(()) => next.run(request, inbound).instrument(span.clone()).await,
+            Err(error) => Err(error),
+        };
+        self.finish(&path, &span, started, &result);
+        result
+    }
+}
+
+/// The whole HTTP application.
+pub fn app(api: VmApi, auth: Arc<Authenticator>, metrics: Arc<Metrics>, readiness: Arc<Readiness>, max_body_bytes: usize) -> axum::Router {
+    let router = Arc::new(api).register(Router::new());
+    let limits = Limits::default().with_max_request_body_size(max_body_bytes).with_max_message_size(max_body_bytes);
+    let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(CallGate { auth, metrics: Arc::clone(&metrics) });
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(render_metrics))
+        .with_state(HttpState { metrics, readiness })
+        .fallback_service(connect)
+}
+
+/// The process is up and serving HTTP.
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+/// VMs are recovered and calls are taken.
+async fn ready(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.readiness.get() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+}
+
+async fn render_metrics(State(state): State<HttpState>) -> axum::response::Response {
+    match state.metrics.render() {
+        Ok(text) => ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be rendered\n").into_response(),
+    }
+}

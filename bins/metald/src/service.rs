@@ -1,0 +1,355 @@
+//! `vmprovisioner.v1.VmService` for one host: every call acts for the
+//! authenticated tenant, on that tenant's VMs only. Another tenant's VM
+//! answers exactly as a VM that does not exist, so a caller learns nothing
+//! about VMs that are not its own.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult, ServiceStream};
+use metald_api::convert::event::event_to_wire;
+use metald_api::convert::info::{metrics_to_wire, uptime, vm_info_to_wire, vm_summary_to_wire};
+use metald_api::convert::non_negative_i32;
+use metald_api::convert::request::{
+    console_max_bytes_from_wire, create_vm_from_wire, optional_vm_id_from_wire, stop_options_from_wire, vm_id_from_wire,
+};
+use metald_api::convert::state::{state_filter_from_wire, state_to_wire};
+use metald_api::proto::vmprovisioner::v1 as wire;
+use metald_api::{manager_error_to_connect, wire_error_to_connect};
+use metald_core::manager::ManagerError;
+use metald_core::{VmId, VmManager, VmState};
+use tokio::sync::{broadcast, watch};
+
+use crate::auth::Caller;
+use crate::config::ApiSettings;
+use crate::metrics::Metrics;
+use crate::quota::{Quotas, Usage};
+
+/// The last CPU reading of a VM, for the CPU percent of the next `GetVmInfo`.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    cpu_time_ns: u64,
+}
+
+#[derive(Debug)]
+pub struct VmApi {
+    manager: VmManager,
+    quotas: Quotas,
+    metrics: std::sync::Arc<Metrics>,
+    api: ApiSettings,
+    cpu_samples: Mutex<HashMap<VmId, CpuSample>>,
+    /// Turns true when the daemon stops: open watch streams end.
+    stopping: watch::Receiver<bool>,
+}
+
+impl VmApi {
+    pub fn new(
+        manager: VmManager,
+        quotas: Quotas,
+        metrics: std::sync::Arc<Metrics>,
+        api: ApiSettings,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        Self { manager, quotas, metrics, api, cpu_samples: Mutex::default(), stopping }
+    }
+
+    /// A manager error for the caller, counting the backend's failures.
+    fn fail(&self, error: &ManagerError) -> ConnectError {
+        if let ManagerError::Backend { operation, .. } = error {
+            self.metrics.backend_error(operation);
+        }
+        manager_error_to_connect(error)
+    }
+
+    /// The caller's VM named in `field`, or NotFound, whether the VM is
+    /// missing or another tenant's: the two answers are the same.
+    fn own_vm(&self, caller: &Caller, field: &str, value: &str) -> Result<VmId, ConnectError> {
+        let vm_id = vm_id_from_wire(field, value).map_err(|error| wire_error_to_connect(&error))?;
+        tracing::Span::current().record("vm_id", vm_id.as_str());
+        match self.manager.summary(&vm_id) {
+            Ok(summary) if summary.tenant == caller.tenant => Ok(vm_id),
+            Ok(_) | Err(ManagerError::NotFound(_)) => Err(manager_error_to_connect(&ManagerError::NotFound(vm_id))),
+            Err(error) => Err(self.fail(&error)),
+        }
+    }
+
+    fn state_now(&self, vm_id: &VmId) -> wire::VmState {
+        self.manager.state(vm_id).map_or(wire::VmState::VM_STATE_UNSPECIFIED, state_to_wire)
+    }
+
+    /// CPU percent (100 = one host CPU) since the caller's previous look at
+    /// this VM, or since boot on the first look.
+    fn cpu_percent(&self, vm_id: &VmId, cpu_time_ns: u64, since_boot: std::time::Duration) -> f64 {
+        let now = Instant::now();
+        let mut samples = self.cpu_samples.lock().unwrap_or_else(PoisonError::into_inner);
+        let previous = samples.insert(vm_id.clone(), CpuSample { at: now, cpu_time_ns });
+        let (cpu_ns, wall) = match previous {
+            Some(sample) if cpu_time_ns >= sample.cpu_time_ns && now > sample.at => {
+                (cpu_time_ns - sample.cpu_time_ns, now.duration_since(sample.at))
+            }
+            _ => (cpu_time_ns, since_boot),
+        };
+        if wall.is_zero() { 0.0 } else { cpu_ns as f64 / wall.as_nanos() as f64 * 100.0 }
+    }
+
+    fn forget_samples(&self, vm_id: &VmId) {
+        self.cpu_samples.lock().unwrap_or_else(PoisonError::into_inner).remove(vm_id);
+    }
+}
+
+/// The authenticated caller, which the interceptor put into the request.
+fn caller(ctx: &RequestContext) -> Result<Caller, ConnectError> {
+    ctx.extensions().get::<Caller>().cloned().ok_or_else(|| ConnectError::unauthenticated("the call carries no authenticated tenant"))
+}
+
+#[allow(refining_impl_trait)]
+impl wire::VmService for VmApi {
+    async fn create_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::CreateVmRequest>,
+    ) -> ServiceResult<wire::CreateVmResponse> {
+        let caller = caller(&ctx)?;
+        let message = request.to_owned_message();
+        let create = create_vm_from_wire(&message, caller.tenant.clone()).map_err(|error| wire_error_to_connect(&error))?;
+        if let Some(vm_id) = &create.vm_id {
+            tracing::Span::current().record("vm_id", vm_id.as_str());
+        }
+        let asked = Usage { vms: 1, vcpus: create.config.cpu.vcpu_count.into(), memory_bytes: create.config.memory.size_bytes };
+        let _admission = self
+            .quotas
+            .admit(&self.manager, &caller.tenant, asked)
+            .map_err(|exceeded| ConnectError::resource_exhausted(exceeded.to_string()))?;
+        let vm_id = self.manager.create(create).await.map_err(|error| self.fail(&error))?;
+        tracing::Span::current().record("vm_id", vm_id.as_str());
+        let state = self.state_now(&vm_id);
+        Response::ok(wire::CreateVmResponse { vm_id: vm_id.to_string(), state: state.into(), ..Default::default() })
+    }
+
+    async fn delete_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::DeleteVmRequest>,
+    ) -> ServiceResult<wire::DeleteVmResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let options = stop_options_from_wire(request.force, 0).map_err(|error| wire_error_to_connect(&error))?;
+        self.manager.delete(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        self.forget_samples(&vm_id);
+        Response::ok(wire::DeleteVmResponse { success: true, ..Default::default() })
+    }
+
+    async fn boot_vm(&self, ctx: RequestContext, request: ServiceRequest<'_, wire::BootVmRequest>) -> ServiceResult<wire::BootVmResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        self.manager.boot(&vm_id).await.map_err(|error| self.fail(&error))?;
+        self.forget_samples(&vm_id);
+        Response::ok(wire::BootVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+    }
+
+    async fn shutdown_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::ShutdownVmRequest>,
+    ) -> ServiceResult<wire::ShutdownVmResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let options = stop_options_from_wire(request.force, request.timeout_seconds).map_err(|error| wire_error_to_connect(&error))?;
+        self.manager.shutdown(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        Response::ok(wire::ShutdownVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+    }
+
+    async fn pause_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::PauseVmRequest>,
+    ) -> ServiceResult<wire::PauseVmResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        self.manager.pause(&vm_id).await.map_err(|error| self.fail(&error))?;
+        Response::ok(wire::PauseVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+    }
+
+    async fn resume_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::ResumeVmRequest>,
+    ) -> ServiceResult<wire::ResumeVmResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        self.manager.resume(&vm_id).await.map_err(|error| self.fail(&error))?;
+        Response::ok(wire::ResumeVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+    }
+
+    async fn reboot_vm(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::RebootVmRequest>,
+    ) -> ServiceResult<wire::RebootVmResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let options = stop_options_from_wire(request.force, 0).map_err(|error| wire_error_to_connect(&error))?;
+        self.manager.reboot(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        self.forget_samples(&vm_id);
+        Response::ok(wire::RebootVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+    }
+
+    async fn get_vm_info(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::GetVmInfoRequest>,
+    ) -> ServiceResult<wire::GetVmInfoResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let info = self.manager.info(&vm_id).await.map_err(|error| self.fail(&error))?;
+        let metrics = if matches!(info.state, VmState::Running | VmState::Paused) {
+            match self.manager.metrics(&vm_id).await {
+                Ok(metrics) => {
+                    let since_boot = uptime(info.booted_at, SystemTime::now());
+                    let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns, since_boot);
+                    Some(metrics_to_wire(&metrics, since_boot, percent))
+                }
+                // The VM changed state in between, or its VMM did not
+                // answer: the info is still worth answering without figures.
+                Err(error) => {
+                    tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "metrics unavailable");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        Response::ok(vm_info_to_wire(&info, metrics))
+    }
+
+    async fn list_vms(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::ListVmsRequest>,
+    ) -> ServiceResult<wire::ListVmsResponse> {
+        let caller = caller(&ctx)?;
+        let message = request.to_owned_message();
+        let states = state_filter_from_wire(&message.state_filter).map_err(|error| wire_error_to_connect(&error))?;
+        let asked = non_negative_i32("page_size", message.page_size).map_err(|error| wire_error_to_connect(&error))?;
+        let page_size = match usize::try_from(asked) {
+            Ok(0) | Err(_) => self.api.default_page_size,
+            // More than the host gives in one page is trimmed, not refused.
+            Ok(asked) => asked.min(self.api.max_page_size),
+        };
+        let after = page_token_from_wire(&message.page_token)?;
+        let matching: Vec<_> =
+            self.manager.list(Some(&caller.tenant)).into_iter().filter(|vm| states.is_empty() || states.contains(&vm.state)).collect();
+        let total_count = i32::try_from(matching.len()).unwrap_or(i32::MAX);
+        let mut page: Vec<_> =
+            matching.into_iter().filter(|vm| after.as_ref().is_none_or(|after| vm.vm_id > *after)).take(page_size + 1).collect();
+        let next_page_token = if page.len() > page_size {
+            page.truncate(page_size);
+            page.last().map(|vm| page_token_to_wire(&vm.vm_id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Response::ok(wire::ListVmsResponse {
+            vms: page.iter().map(vm_summary_to_wire).collect(),
+            next_page_token,
+            total_count,
+            ..Default::default()
+        })
+    }
+
+    async fn get_console(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::GetConsoleRequest>,
+    ) -> ServiceResult<wire::GetConsoleResponse> {
+        let caller = caller(&ctx)?;
+        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let max_bytes = console_max_bytes_from_wire(request.max_bytes).map_err(|error| wire_error_to_connect(&error))?;
+        let data = self.manager.console_tail(&vm_id, max_bytes).map_err(|error| self.fail(&error))?;
+        Response::ok(wire::GetConsoleResponse { vm_id: vm_id.to_string(), data, ..Default::default() })
+    }
+
+    async fn watch_vms(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::WatchVmsRequest>,
+    ) -> ServiceResult<ServiceStream<wire::VmEvent>> {
+        let caller = caller(&ctx)?;
+        let only = optional_vm_id_from_wire("vm_id", request.vm_id).map_err(|error| wire_error_to_connect(&error))?;
+        // Subscribe before the ownership check so nothing between the two is missed.
+        let events = self.manager.subscribe();
+        if let Some(vm_id) = &only {
+            self.own_vm(&caller, "vm_id", vm_id.as_str())?;
+        }
+        let watch = Watch { events, stopping: self.stopping.clone(), tenant: caller.tenant, only };
+        Ok(Response::stream(futures::stream::unfold(watch, Watch::next)))
+    }
+}
+
+/// One `WatchVms` stream.
+struct Watch {
+    events: broadcast::Receiver<metald_core::VmEvent>,
+    stopping: watch::Receiver<bool>,
+    tenant: metald_core::TenantId,
+    only: Option<VmId>,
+}
+
+impl Watch {
+    async fn next(mut self) -> Option<(Result<wire::VmEvent, ConnectError>, Self)> {
+        loop {
+            if *self.stopping.borrow() {
+                return None;
+            }
+            let received = tokio::select! {
+                received = self.events.recv() => received,
+                _ = self.stopping.changed() => return None,
+            };
+            match received {
+                Ok(event) if event.tenant == self.tenant && self.only.as_ref().is_none_or(|vm_id| &event.vm_id == vm_id) => {
+                    return Some((Ok(event_to_wire(&event)), self));
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    let error = ConnectError::aborted(format!(
+                        "the watch fell {missed} events behind and was ended; reconnect and read ListVms for the current states"
+                    ));
+                    self.only = None;
+                    return Some((Err(error), Watch { stopping: watch::channel(true).1, ..self }));
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// Page tokens are the last VM id of the previous page, in hex so that
+/// callers treat them as opaque.
+fn page_token_to_wire(last: &VmId) -> String {
+    hex::encode(last.as_str())
+}
+
+fn page_token_from_wire(token: &str) -> Result<Option<VmId>, ConnectError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let refused = || ConnectError::invalid_argument("page_token: not a token this server gave out");
+    let bytes = hex::decode(token).map_err(|_| refused())?;
+    let text = String::from_utf8(bytes).map_err(|_| refused())?;
+    VmId::new(text).map(Some).map_err(|_| refused())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_round_trip_and_foreign_ones_are_refused() {
+        let vm_id = VmId::new("vm-42").unwrap();
+        assert_eq!(page_token_from_wire(&page_token_to_wire(&vm_id)).unwrap(), Some(vm_id));
+        assert_eq!(page_token_from_wire("").unwrap(), None);
+        let error = page_token_from_wire("not-hex").unwrap_err();
+        assert_eq!(error.code, connectrpc::ErrorCode::InvalidArgument);
+        assert!(error.message.unwrap_or_default().starts_with("page_token:"));
+    }
+}

@@ -1,0 +1,56 @@
+//! Logs to stderr, and traces over OTLP/HTTP when an endpoint is
+//! configured: every API call is a span (method, tenant, VM, result code),
+//! and every VM operation under it is a child span with the VM and tenant.
+
+use anyhow::Context;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::TelemetrySettings;
+
+/// Flushes traces when the daemon ends.
+#[derive(Debug)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(error) = provider.shutdown()
+        {
+            eprintln!("metald: traces not flushed: {error}");
+        }
+    }
+}
+
+pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_new(&settings.log).with_context(|| format!("telemetry.log: {:?} is not a log filter", settings.log))?;
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    let Some(endpoint) = &settings.otlp_endpoint else {
+        tracing_subscriber::registry().with(logs).try_init().context("cannot install the log subscriber")?;
+        return Ok(Telemetry { provider: None });
+    };
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(endpoint)
+        .build()
+        .with_context(|| format!("telemetry.otlp_endpoint: cannot export to {endpoint}"))?;
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name(settings.service_name.clone()).build())
+        .build();
+    let tracer = provider.tracer("metald");
+    // Spans of the daemon and the library crates, at info and above, go
+    // out whatever the log filter says.
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(EnvFilter::new("info,h2=off,hyper=off,reqwest=off,opentelemetry=off"));
+    tracing_subscriber::registry().with(logs).with(traces).try_init().context("cannot install the log subscriber")?;
+    Ok(Telemetry { provider: Some(provider) })
+}

@@ -1,0 +1,225 @@
+//! From settings to a running daemon: the store, the network, the jail,
+//! the manager, billing, recovery of the previous run's VMs, then the
+//! server until SIGTERM.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use metald_billing::clickhouse::ClickHouseSink;
+use metald_billing::delivery::DeliveryPolicy;
+use metald_billing::service::ServiceSink;
+use metald_billing::{Billing, BillingConfig, BillingSink, JsonLinesSink, Spool};
+use metald_core::jailer::JailerConfig;
+use metald_core::network::NetworkProvider;
+use metald_core::store::{SqliteVmStore, VmStore};
+use metald_core::{FirecrackerConfig, TenantId, VmManager};
+use tokio::sync::watch;
+
+use crate::auth::{Authenticator, GatewayTrust};
+use crate::config::{BillingSettings, NetworkSettings, Settings, SinkKind};
+use crate::metrics::{BillingFigures, Metrics};
+use crate::quota::Quotas;
+use crate::server::Readiness;
+use crate::service::VmApi;
+
+fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let data_dir = &settings.data_dir;
+    std::fs::create_dir_all(data_dir).with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+    let store = Arc::new(SqliteVmStore::open(data_dir.join("vms.db")).context("cannot open the VM store")?);
+    let network = network_provider(&settings.network, data_dir).await?;
+    let mut builder = VmManager::builder()
+        .firecracker(FirecrackerConfig::new(&settings.firecracker))
+        .image_root(&settings.image_root)
+        .vm_root(data_dir.join("vms"))
+        .stop_timeout(settings.stop_timeout())
+        .store(store as Arc<dyn VmStore>);
+    if settings.jailer.enabled {
+        if !running_as_root() {
+            bail!(
+                "the jailer needs root (it makes namespaces, cgroups and mounts and switches users); run metald as root, or set jailer.enabled = false for development only"
+            );
+        }
+        let jailer = &settings.jailer;
+        let end = jailer.uid_start.saturating_add(jailer.uid_count);
+        builder = builder.jailer(JailerConfig {
+            uid_range: jailer.uid_start..end,
+            cgroup_parent: jailer.cgroup_parent.clone(),
+            ..JailerConfig::default()
+        });
+    } else {
+        builder = builder.unjailed();
+    }
+    if let Some(network) = network {
+        builder = builder.network(network);
+    }
+    let manager = builder.build().context("cannot set up the VM manager")?;
+
+    // Billing listens before recovery, so the VMs taken over are metered
+    // on from where the spool says they were.
+    let billing = match settings.billing.enabled {
+        true => Some(start_billing(&settings.billing, &settings, &manager).await?),
+        false => None,
+    };
+    let recovery = manager.recover().await.context("cannot take over the VMs of the previous run")?;
+    tracing::info!(
+        reattached = recovery.reattached.len(),
+        lost = recovery.lost.len(),
+        stopped = recovery.stopped.len(),
+        "VMs of the previous run reconciled"
+    );
+    for (vm_id, reason) in &recovery.lost {
+        tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
+    }
+
+    let figures = billing.as_ref().map(|billing| BillingFigures {
+        spool: Arc::clone(billing.spool()),
+        meter: Arc::clone(billing.meter_stats()),
+        delivery: Arc::clone(billing.delivery_stats()),
+    });
+    let metrics = Arc::new(Metrics::new(manager.clone(), figures));
+    let (auth, quotas) = tenants(&settings)?;
+    let (stop, stopping) = watch::channel(false);
+    let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping);
+    let readiness = Arc::new(Readiness::default());
+    let app = crate::server::app(api, Arc::new(auth), metrics, Arc::clone(&readiness), settings.api.max_body_bytes);
+
+    let listener =
+        tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listen: cannot listen on {}", settings.listen))?;
+    let address = listener.local_addr().context("cannot read the listening address")?;
+    readiness.set(true);
+    tracing::info!(%address, backend = manager.backend_name(), "metald serving");
+    let shutdown = {
+        let readiness = Arc::clone(&readiness);
+        async move {
+            wait_for_stop_signal().await;
+            tracing::info!("stopping: no new calls; calls in flight finish; VMs keep running");
+            readiness.set(false);
+            let _ = stop.send(true);
+        }
+    };
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("the server stopped")?;
+    if let Some(billing) = billing {
+        billing.stop().await;
+    }
+    tracing::info!("metald stopped; its VMs run on and the next start takes them over");
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for SIGTERM or SIGINT; stop metald with SIGKILL (its VMs keep running)");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+}
+
+/// The network provider, when networking is on.
+async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow::Result<Option<Arc<dyn NetworkProvider>>> {
+    let enabled = match settings.enabled {
+        Some(enabled) => enabled,
+        None if running_as_root() => true,
+        None => {
+            tracing::warn!(
+                "networking is off: metald does not run as root, which network namespaces, TAP devices and nftables need; \
+                 VMs with network interfaces are refused (set network.enabled = false to silence this)"
+            );
+            false
+        }
+    };
+    if !enabled {
+        return Ok(None);
+    }
+    if !running_as_root() {
+        bail!("network.enabled = true needs root (network namespaces, TAP devices, nftables)");
+    }
+    // metald-net reads its own configuration (and refuses bad prefixes by name).
+    let config = serde_json::json!({
+        "host_prefix": settings.ipv6_prefix,
+        "ipv4_pool": settings.ipv4_pool,
+        "state_dir": data_dir.join("network"),
+        "host_netns": settings.host_netns,
+        "netns_prefix": settings.netns_prefix,
+        "link_prefix": settings.link_prefix,
+        "mtu": settings.mtu,
+        "dns_servers": settings.dns_servers,
+        "table": settings.nft_table,
+    });
+    let config: metald_net::provider::NetworkConfig =
+        serde_json::from_value(config).context("network: the settings are not a valid network layout")?;
+    let provider = metald_net::provider::Ipv6Network::new(config).await.context("cannot set up VM networking")?;
+    Ok(Some(Arc::new(provider)))
+}
+
+async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: &VmManager) -> anyhow::Result<Billing> {
+    let host_id = match &billing.host_id {
+        Some(host_id) => host_id.clone(),
+        None => nix::unistd::gethostname().context("cannot read the hostname for billing.host_id")?.to_string_lossy().into_owned(),
+    };
+    let sink: Arc<dyn BillingSink> = match billing.sink {
+        SinkKind::File => {
+            let path = settings.usage_file();
+            Arc::new(JsonLinesSink::open(&path).with_context(|| format!("billing.file: cannot open {}", path.display()))?)
+        }
+        SinkKind::Clickhouse => {
+            let sink = ClickHouseSink::new(&billing.clickhouse_url, &billing.clickhouse_database, &host_id);
+            // Migrations run at start; if ClickHouse is down they run on
+            // the first delivery instead, and the spool holds the usage.
+            if let Err(error) = sink.migrate().await {
+                tracing::warn!(error = %metald_core::error_chain(&error), "ClickHouse schema not applied yet; usage waits in the spool");
+            }
+            Arc::new(sink)
+        }
+        SinkKind::Service => Arc::new(ServiceSink::new(&billing.service_url, &host_id).context("billing.service_url")?),
+    };
+    let spool =
+        Arc::new(Spool::open(settings.data_dir.join("spool.db"), billing.spool_quota_bytes).context("cannot open the billing spool")?);
+    let config = BillingConfig {
+        delivery: DeliveryPolicy {
+            max_batch: billing.max_batch,
+            max_age: Duration::from_millis(billing.max_batch_age_ms),
+            ..DeliveryPolicy::default()
+        },
+        ..BillingConfig::default()
+    };
+    Billing::for_manager(manager, spool, sink, config).context("cannot start billing")
+}
+
+/// Who may call, and how much each tenant may hold.
+fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
+    let mut tokens = HashMap::new();
+    let mut limits = HashMap::new();
+    for tenant in &settings.auth.tenants {
+        let id = TenantId::new(&tenant.id).map_err(|error| anyhow::anyhow!("auth.tenants: {:?}: {error}", tenant.id))?;
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(&tenant.token_sha256, &mut hash).with_context(|| format!("auth.tenants: {:?}: token_sha256", tenant.id))?;
+        tokens.insert(hash, id.clone());
+        limits.insert(id, tenant.quota);
+    }
+    let (gateway, default_quota) = match &settings.auth.gateway {
+        Some(gateway) => {
+            let secret = std::fs::read(&gateway.secret_file)
+                .with_context(|| format!("auth.gateway.secret_file: cannot read {}", gateway.secret_file.display()))?;
+            let secret = secret.trim_ascii().to_vec();
+            if secret.len() < 32 {
+                bail!("auth.gateway.secret_file: the secret must be at least 32 bytes");
+            }
+            (Some(GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds))), gateway.default_quota)
+        }
+        None => (None, crate::config::Quota::default()),
+    };
+    if tokens.is_empty() && gateway.is_none() {
+        tracing::warn!("no tenants are configured (auth.tenants) and no gateway (auth.gateway): every call will be refused");
+    }
+    Ok((Authenticator::new(tokens, gateway), Quotas::new(limits, default_quota)))
+}
