@@ -138,6 +138,22 @@ pub fn app(api: VmApi, auth: Arc<Authenticator>, metrics: Arc<Metrics>, readines
         .route("/metrics", get(render_metrics))
         .with_state(HttpState { metrics, readiness })
         .fallback_service(connect)
+        .layer(axum::middleware::map_response(explain_unsupported_media_type))
+}
+
+/// The Connect protocol answers a content type it does not take with a
+/// bare 415; a caller deserves to hear which ones it does take.
+async fn explain_unsupported_media_type(response: axum::response::Response) -> axum::response::Response {
+    if response.status() != StatusCode::UNSUPPORTED_MEDIA_TYPE {
+        return response;
+    }
+    let message = "unsupported content type: send application/json or application/proto (Connect), \
+                   application/connect+json or application/connect+proto (Connect streams), \
+                   application/grpc or application/grpc-web\n";
+    let (mut parts, _) = response.into_parts();
+    parts.headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    axum::response::Response::from_parts(parts, axum::body::Body::from(message))
 }
 
 /// The process is up and serving HTTP.

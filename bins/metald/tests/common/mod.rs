@@ -1,0 +1,445 @@
+//! A real metald for each test: the binary this package builds, started
+//! on a free loopback port with a data folder, image root, uid window,
+//! cgroup parent and (when asked) network namespaces of its own, all under
+//! a unique `metald-test-` name. Dropping it kills the daemon and every
+//! VMM it started and removes what they made, also when the test failed.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use connectrpc::Protocol;
+use connectrpc::client::{ClientConfig, HttpClient};
+use metald_api::proto::vmprovisioner::v1 as wire;
+use sha2::Digest;
+
+pub use metald_testguest as testguest;
+
+pub const GUEST_KERNEL: &str = "testguest.elf";
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
+pub type Client = wire::VmServiceClient<HttpClient>;
+
+/// How a client talks to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    ConnectJson,
+    ConnectProto,
+    Grpc,
+    GrpcWeb,
+}
+
+/// One tenant of the test daemon: its id, token and TOML quota line.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub id: &'static str,
+    pub token: String,
+    pub quota: &'static str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HostOptions {
+    pub tenants: Vec<(&'static str, &'static str)>,
+    pub network: bool,
+    pub billing: bool,
+    pub max_body_bytes: Option<usize>,
+    pub uid_count: Option<u32>,
+    /// Take calls from a gateway signing with [`GATEWAY_SECRET`].
+    pub gateway: bool,
+}
+
+pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
+
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub name: String,
+    pub config_path: PathBuf,
+    pub port: u16,
+    pub tenants: Vec<TestTenant>,
+    child: Option<Child>,
+    starts: u32,
+    pub cgroup_parent: String,
+    /// The prefix of this test's network namespaces, and its host namespace's name.
+    pub netns_prefix: Option<String>,
+}
+
+fn fxhash(text: &str) -> u32 {
+    text.bytes().fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+}
+
+impl Host {
+    /// A running daemon for `test`, or `None` (outside CI) when Firecracker or KVM is missing.
+    pub fn start(test: &str, options: HostOptions) -> Option<Self> {
+        let firecracker = testguest::require_firecracker(test)?;
+        if !nix::unistd::geteuid().is_root() {
+            return testguest::unmet(test, "the daemon tests run metald with its jailer, which needs root");
+        }
+        let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+        let name = dir.path().file_name().unwrap().to_string_lossy().into_owned();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::copy(testguest::kernel_path(), images.join(GUEST_KERNEL)).unwrap();
+        let uid_count = options.uid_count.unwrap_or(256);
+        let uid_start = 1_300_000 + (fxhash(&name) % 2_000) * 512;
+        let tenants: Vec<TestTenant> = if options.tenants.is_empty() { vec![("acme", "{}")] } else { options.tenants.clone() }
+            .into_iter()
+            .map(|(id, quota)| TestTenant { id, token: format!("test-token-{id}-{}", metald_core::VmId::generate()), quota })
+            .collect();
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nimage_root = {:?}\nfirecracker = {:?}\nstop_timeout_seconds = 10\n\
+             [telemetry]\nlog = \"info,metald=debug\"\n[jailer]\nuid_start = {uid_start}\nuid_count = {uid_count}\ncgroup_parent = {name:?}\n",
+            dir.path().join("data"),
+            images,
+            firecracker,
+        );
+        if let Some(bytes) = options.max_body_bytes {
+            toml.push_str(&format!("[api]\nmax_body_bytes = {bytes}\n"));
+        }
+        toml.push_str(&format!("[billing]\nenabled = {}\nmax_batch_age_ms = 200\n", options.billing));
+        let mut netns_prefix = None;
+        if options.network {
+            let prefix = format!("metald-test-{:08x}-", fxhash(&name));
+            let host_netns = format!("{prefix}host");
+            let status = Command::new("ip").args(["netns", "add", &host_netns]).status().unwrap();
+            assert!(status.success(), "ip netns add {host_netns}");
+            toml.push_str(&format!(
+                "[network]\nenabled = true\nipv6_prefix = \"fd6d:7465:7374::/48\"\nhost_netns = \"/run/netns/{host_netns}\"\n\
+                 netns_prefix = {prefix:?}\nlink_prefix = \"t{:04x}\"\nnft_table = \"mdt{:08x}\"\n",
+                fxhash(&name) % 0xffff,
+                fxhash(&name),
+            ));
+            netns_prefix = Some(prefix);
+        } else {
+            toml.push_str("[network]\nenabled = false\n");
+        }
+        for tenant in &tenants {
+            let hash = hex::encode(sha2::Sha256::digest(tenant.token.as_bytes()));
+            toml.push_str(&format!("[[auth.tenants]]\nid = {:?}\ntoken_sha256 = {hash:?}\nquota = {}\n", tenant.id, tenant.quota));
+        }
+        if options.gateway {
+            let secret_file = dir.path().join("gateway.secret");
+            std::fs::write(&secret_file, GATEWAY_SECRET).unwrap();
+            toml.push_str(&format!("[auth.gateway]\nsecret_file = {secret_file:?}\ndefault_quota = {{ max_vms = 1 }}\n"));
+        }
+        let config_path = dir.path().join("metald.toml");
+        std::fs::write(&config_path, toml).unwrap();
+        let mut host =
+            Host { dir, name: name.clone(), config_path, port: 0, tenants, child: None, starts: 0, cgroup_parent: name, netns_prefix };
+        host.launch();
+        Some(host)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self, start: u32) -> PathBuf {
+        self.dir.path().join(format!("metald.{start}.log"))
+    }
+
+    /// Starts the daemon (again) and waits until it is ready. The first
+    /// start picks a free port; later starts keep it.
+    pub fn launch(&mut self) {
+        assert!(self.child.is_none(), "the daemon runs already");
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
+        let port = if self.port == 0 { free_port() } else { self.port };
+        let child = Command::new(env!("CARGO_BIN_EXE_metald"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.port = port;
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("metald exited with {status} before it was ready; its log:\n{}", self.log());
+            }
+            if http_get(self.port, "/ready").is_some_and(|(status, _)| status == 200) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "metald not ready after 30 s; its log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log of the current (or last) run.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and the exit status once the daemon is gone.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("a running daemon");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        child.wait().unwrap()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|child| child.try_wait().unwrap().is_none())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn token(&self, tenant: &str) -> &str {
+        &self.tenants.iter().find(|t| t.id == tenant).unwrap_or_else(|| panic!("no test tenant {tenant}")).token
+    }
+
+    /// A generated client acting as `tenant`.
+    pub fn client(&self, tenant: &str, wire_format: Wire) -> Client {
+        self.client_with_token(Some(self.token(tenant)), wire_format)
+    }
+
+    pub fn client_with_token(&self, token: Option<&str>, wire_format: Wire) -> Client {
+        let uri: http::Uri = self.url().parse().unwrap();
+        let mut config = ClientConfig::new(uri).with_default_timeout(Duration::from_secs(60));
+        config = match wire_format {
+            Wire::ConnectJson => config.with_protocol(Protocol::Connect).json(),
+            Wire::ConnectProto => config.with_protocol(Protocol::Connect).proto(),
+            Wire::Grpc => config.with_protocol(Protocol::Grpc).proto(),
+            Wire::GrpcWeb => config.with_protocol(Protocol::GrpcWeb).proto(),
+        };
+        if let Some(token) = token {
+            config = config.with_default_header("authorization", format!("Bearer {token}"));
+        }
+        let transport = match wire_format {
+            Wire::Grpc => HttpClient::plaintext_http2_only(),
+            _ => HttpClient::plaintext(),
+        };
+        wire::VmServiceClient::new(transport, config)
+    }
+
+    /// Live VMM processes of this test (by their cgroup, or their path for unjailed ones).
+    pub fn live_vmms(&self) -> Vec<u32> {
+        vmm_processes(&self.data_dir(), &self.cgroup_parent)
+    }
+
+    fn cgroup_parents(&self) -> Vec<PathBuf> {
+        let root = Path::new("/sys/fs/cgroup");
+        let mut parents: Vec<PathBuf> =
+            ["cpu", "cpuacct", "memory", "pids"].iter().map(|controller| root.join(controller).join(&self.cgroup_parent)).collect();
+        parents.push(root.join(&self.cgroup_parent));
+        parents
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        let Some(prefix) = &self.netns_prefix else { return Vec::new() };
+        std::fs::read_dir("/run/netns")
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                    .filter(|name| name.starts_with(prefix))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Everything the test's VMs left on the host: VMMs, VM folders,
+    /// mounts, cgroups and network namespaces (the test's host namespace aside).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = self.live_vmms().into_iter().map(|pid| format!("process {pid}")).collect();
+        if let Ok(entries) = std::fs::read_dir(self.data_dir().join("vms")) {
+            left.extend(entries.flatten().map(|entry| format!("file {}", entry.path().display())));
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        left.extend(mounts.lines().filter(|line| line.contains(&self.name)).map(|line| format!("mount {line}")));
+        for parent in self.cgroup_parents() {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                left.extend(entries.flatten().filter(|e| e.path().is_dir()).map(|e| format!("cgroup {}", e.path().display())));
+            }
+        }
+        let host_netns = self.netns_prefix.as_ref().map(|prefix| format!("{prefix}host"));
+        left.extend(self.namespaces().into_iter().filter(|name| Some(name) != host_netns.as_ref()).map(|name| format!("netns {name}")));
+        left
+    }
+
+    /// Usage records the file sink holds, in file order.
+    pub fn usage_records(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.data_dir().join("usage.jsonl")).unwrap_or_default();
+        text.lines().filter(|line| !line.trim().is_empty()).map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill();
+        for pid in self.live_vmms() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+        }
+        for parent in self.cgroup_parents() {
+            if let Ok(entries) = std::fs::read_dir(&parent) {
+                for entry in entries.flatten().filter(|entry| entry.path().is_dir()) {
+                    for _ in 0..200 {
+                        if std::fs::remove_dir(entry.path()).is_ok() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(&parent);
+        }
+        for name in self.namespaces() {
+            let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+        }
+        if std::thread::panicking() {
+            let _ = writeln!(std::io::stderr(), "metald's last log ({}):\n{}", self.name, self.log());
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    http_request(port, "GET", path, &[], b"")
+}
+
+/// A raw HTTP/1.1 request, for what a generated client would never send.
+pub fn http_request(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<(u16, String)> {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).ok()?;
+    // A server may answer and close before reading all of a body it refuses.
+    let _ = stream.write_all(body);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    Some((status, body))
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut payload = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        payload.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    payload
+}
+
+/// A test-guest VM: one vCPU, 32 MiB, the given command-line tokens.
+pub fn guest_config(tokens: &[&str]) -> wire::VmConfig {
+    wire::VmConfig {
+        cpu: buffa::MessageField::some(wire::CpuConfig { vcpu_count: 1, ..Default::default() }),
+        memory: buffa::MessageField::some(wire::MemoryConfig { size_bytes: 32 << 20, ..Default::default() }),
+        boot: buffa::MessageField::some(wire::BootConfig {
+            kernel_path: GUEST_KERNEL.into(),
+            kernel_args: tokens.join(" "),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn create_request(config: wire::VmConfig) -> wire::CreateVmRequest {
+    wire::CreateVmRequest { config: buffa::MessageField::some(config), ..Default::default() }
+}
+
+/// Polls the VM's console through the API until a line starts with `prefix`.
+pub async fn wait_for_console(client: &Client, vm_id: &str, prefix: &str) -> String {
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let response = client
+            .get_console(wire::GetConsoleRequest { vm_id: vm_id.into(), ..Default::default() })
+            .await
+            .expect("GetConsole")
+            .into_owned();
+        let text = String::from_utf8_lossy(&response.data).into_owned();
+        if let Some(line) = text.lines().find(|line| line.starts_with(prefix)) {
+            return line.to_owned();
+        }
+        assert!(Instant::now() < deadline, "VM {vm_id} never printed {prefix:?}; its console:\n{text}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Creates and boots a test guest and waits for its ready line; its id.
+pub async fn boot_guest(client: &Client, tokens: &[&str]) -> String {
+    let created = client.create_vm(create_request(guest_config(tokens))).await.expect("CreateVm").into_owned();
+    client.boot_vm(wire::BootVmRequest { vm_id: created.vm_id.clone(), ..Default::default() }).await.expect("BootVm");
+    wait_for_console(client, &created.vm_id, testguest::console::READY).await;
+    created.vm_id
+}
+
+pub async fn state_of(client: &Client, vm_id: &str) -> wire::VmState {
+    let info =
+        client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.expect("GetVmInfo").into_owned();
+    info.state.as_known().expect("a known state")
+}
+
+/// Live (not zombie) processes whose command line mentions `root` (an
+/// unjailed VMM) or whose cgroup path names `cgroup_parent` (a jailed one).
+pub fn vmm_processes(root: &Path, cgroup_parent: &str) -> Vec<u32> {
+    let needle = root.to_string_lossy().into_owned();
+    let cgroup_needle = format!("/{cgroup_parent}/");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let jailed_here = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroups| cgroups.contains(&cgroup_needle));
+        let command = String::from_utf8_lossy(&cmdline);
+        if cmdline.is_empty() || !(jailed_here || command.contains(&needle)) {
+            continue;
+        }
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Counts by key, for readable assertion messages.
+pub fn tally<'a>(items: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for item in items {
+        *counts.entry(item.to_owned()).or_default() += 1;
+    }
+    counts
+}
