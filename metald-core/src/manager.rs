@@ -724,7 +724,8 @@ impl VmManager {
 
     async fn boot_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
-        self.check(&locked, "boot", VmState::Running)?;
+        // The table lets Paused become Running too, but that is a resume.
+        self.require(&locked, "boot", &[VmState::Created, VmState::Shutdown], "Created or Shutdown")?;
         let result = locked.entry.instance.boot().await;
         match result {
             Ok(()) => {
@@ -750,7 +751,8 @@ impl VmManager {
 
     async fn resume_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
-        self.check(&locked, "resume", VmState::Running)?;
+        // The table lets Created and Shutdown become Running too, but that is a boot.
+        self.require(&locked, "resume", &[VmState::Paused], "Paused")?;
         let usage = cgroup_usage(&locked.entry);
         locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, "resume", source))?;
         self.transition(&mut locked, VmState::Running, VmEventKind::Resumed { usage });
@@ -785,10 +787,7 @@ impl VmManager {
 
     async fn reboot_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
-        if locked.entry.state != VmState::Running {
-            let current = locked.entry.state;
-            return Err(ManagerError::WrongState { vm_id: vm_id.clone(), operation: "reboot", current, required: "Running" });
-        }
+        self.require(&locked, "reboot", &[VmState::Running], "Running")?;
         let result = if self.inner.backend.capabilities().reboot && !options.force {
             locked.entry.instance.reboot().await
         } else {
@@ -1095,6 +1094,17 @@ impl VmManager {
             current,
             source,
         })
+    }
+
+    /// The operation needs the VM in one of `states`, not merely in one
+    /// from which the target state is reachable.
+    fn require(&self, locked: &Locked, operation: &'static str, states: &[VmState], required: &'static str) -> Result<(), ManagerError> {
+        let current = locked.entry.state;
+        if states.contains(&current) {
+            Ok(())
+        } else {
+            Err(ManagerError::WrongState { vm_id: locked.slot.vm_id.clone(), operation, current, required })
+        }
     }
 
     fn transition(&self, locked: &mut Locked, to: VmState, kind: VmEventKind) {

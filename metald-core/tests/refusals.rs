@@ -174,6 +174,18 @@ async fn operations_the_state_table_forbids_name_the_current_state() {
     assert_eq!(metald_core::error_chain(&error), format!("VM {vm_id} is Created and cannot pause: a VM cannot go from Created to Paused"));
     let error = sandbox.manager.reboot(&vm_id, StopOptions::default()).await.unwrap_err();
     assert!(matches!(error, ManagerError::WrongState { current: VmState::Created, required: "Running", .. }), "{error}");
+    // Created may become Running, but by a boot: a resume is refused
+    // before the VMM is asked, and a boot of a paused VM likewise.
+    let error = sandbox.manager.resume(&vm_id).await.unwrap_err();
+    assert!(matches!(error, ManagerError::WrongState { current: VmState::Created, required: "Paused", .. }), "{error}");
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.pause(&vm_id).await.unwrap();
+    let error = sandbox.manager.boot(&vm_id).await.unwrap_err();
+    assert_eq!(error.to_string(), format!("VM {vm_id} is Paused; to boot it must be Created or Shutdown"));
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Paused, "the refused boot changed nothing");
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    let error = sandbox.manager.resume(&vm_id).await.unwrap_err();
+    assert!(matches!(error, ManagerError::WrongState { current: VmState::Shutdown, .. }), "{error}");
     let missing = VmId::new("no-such-vm").unwrap();
     assert!(matches!(sandbox.manager.boot(&missing).await.unwrap_err(), ManagerError::NotFound(_)));
     sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
