@@ -61,6 +61,11 @@ fn the_whole_lifecycle_over_connect_json_and_grpc() {
             let again = client.pause_vm(wire::PauseVmRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap_err();
             assert_eq!(again.code, ErrorCode::FailedPrecondition);
             assert!(again.message.as_deref().unwrap_or("").contains("is Paused"), "{again:?}");
+            // Booting a paused VM is refused (it is a resume), and the VM stays as it was.
+            let boot_paused = client.boot_vm(wire::BootVmRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap_err();
+            assert_eq!(boot_paused.code, ErrorCode::FailedPrecondition);
+            assert!(boot_paused.message.as_deref().unwrap_or("").contains("is Paused"), "{boot_paused:?}");
+            assert_eq!(state_of(&client, &vm_id).await, VmState::VM_STATE_PAUSED);
             let resumed = client.resume_vm(wire::ResumeVmRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap().into_owned();
             assert_eq!(resumed.state.as_known(), Some(VmState::VM_STATE_RUNNING));
 

@@ -90,7 +90,7 @@ impl Host {
             .collect();
         let mut toml = format!(
             "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nimage_root = {:?}\nfirecracker = {:?}\nstop_timeout_seconds = 10\n\
-             [telemetry]\nlog = \"info,metald=debug\"\n[jailer]\nuid_start = {uid_start}\nuid_count = {uid_count}\ncgroup_parent = {name:?}\n",
+             [telemetry]\nlog = \"info,metald=debug,metald_core=debug\"\n[jailer]\nuid_start = {uid_start}\nuid_count = {uid_count}\ncgroup_parent = {name:?}\n",
             dir.path().join("data"),
             images,
             firecracker,

@@ -1,0 +1,201 @@
+//! VMs outlive the daemon: SIGKILL or SIGTERM leave them running, and the
+//! next start takes them over (the same processes), answers for them,
+//! meters them on without losing or repeating a record, and marks Failed
+//! the ones that died meanwhile.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{Host, HostOptions, Wire, boot_guest, state_of, wait_for_console};
+use metald_api::proto::vmprovisioner::v1 as wire;
+use metald_api::proto::vmprovisioner::v1::VmState;
+use metald_testguest::{cmdline, console};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+}
+
+async fn vmm_pid(client: &common::Client, vm_id: &str) -> u32 {
+    let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.unwrap().into_owned();
+    info.backend_info["pid"].parse().unwrap()
+}
+
+/// Per VM, its usage records in sequence order: (sequence, start_ms, end_ms, final).
+fn records_by_vm(host: &Host) -> BTreeMap<String, Vec<(u64, u64, u64, bool)>> {
+    let mut by_vm: BTreeMap<String, Vec<(u64, u64, u64, bool)>> = BTreeMap::new();
+    for record in host.usage_records() {
+        let entry = (
+            record["sequence"].as_u64().unwrap(),
+            record["start_ms"].as_u64().unwrap(),
+            record["end_ms"].as_u64().unwrap(),
+            record["final_record"].as_bool().unwrap(),
+        );
+        by_vm.entry(record["vm_id"].as_str().unwrap().to_owned()).or_default().push(entry);
+    }
+    by_vm
+}
+
+/// Waits until every VM in `vm_ids` has a record that ends after `after_ms`.
+fn wait_for_records_after(host: &Host, vm_ids: &[String], after_ms: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let by_vm = records_by_vm(host);
+        let behind: Vec<&String> =
+            vm_ids.iter().filter(|vm_id| !by_vm.get(*vm_id).is_some_and(|records| records.iter().any(|r| r.2 > after_ms))).collect();
+        if behind.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no usage records after {after_ms} for {behind:?}; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[test]
+fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
+    let test = "vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on";
+    let Some(mut host) = Host::start(test, HostOptions { billing: true, ..HostOptions::default() }) else { return };
+    let runtime = runtime();
+    let (running, doomed, pids) = runtime.block_on(async {
+        let client = host.client("acme", Wire::Grpc);
+        let mut running = Vec::new();
+        for _ in 0..5 {
+            running.push(boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await);
+        }
+        let doomed = boot_guest(&client, &[]).await;
+        let mut pids = BTreeMap::new();
+        for vm_id in running.iter().chain([&doomed]) {
+            pids.insert(vm_id.clone(), vmm_pid(&client, vm_id).await);
+        }
+        (running, doomed, pids)
+    });
+    wait_for_records_after(&host, &running, now_ms());
+
+    host.kill();
+    assert!(pids.values().all(|pid| alive(*pid)), "every VMM outlived metald");
+    let doomed_pid = pids[&doomed];
+    kill(Pid::from_raw(doomed_pid as i32), Signal::SIGKILL).unwrap();
+    // The VMs run on, unwatched and unmetered, for a while.
+    std::thread::sleep(Duration::from_millis(700));
+    let restarted_at = now_ms();
+    host.launch();
+
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectJson);
+        let list = client.list_vms(wire::ListVmsRequest::default()).await.unwrap().into_owned();
+        let states: BTreeMap<String, VmState> = list.vms.iter().map(|vm| (vm.vm_id.clone(), vm.state.as_known().unwrap())).collect();
+        for vm_id in &running {
+            assert_eq!(states[vm_id], VmState::VM_STATE_RUNNING, "{states:?}");
+            assert_eq!(vmm_pid(&client, vm_id).await, pids[vm_id], "the same VMM process, taken over");
+        }
+        assert_eq!(states[&doomed], VmState::VM_STATE_FAILED, "{states:?}");
+        let failed = list.vms.iter().find(|vm| vm.vm_id == doomed).unwrap();
+        assert!(!failed.failure_reason.is_empty(), "{failed:?}");
+
+        // They answer: the console flows again, and one pauses and resumes.
+        let before = client
+            .get_console(wire::GetConsoleRequest { vm_id: running[0].clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned()
+            .data
+            .len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while client
+            .get_console(wire::GetConsoleRequest { vm_id: running[0].clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned()
+            .data
+            .len()
+            == before
+        {
+            assert!(Instant::now() < deadline, "no heartbeat on the console after the takeover");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        client.pause_vm(wire::PauseVmRequest { vm_id: running[1].clone(), ..Default::default() }).await.unwrap();
+        client.resume_vm(wire::ResumeVmRequest { vm_id: running[1].clone(), ..Default::default() }).await.unwrap();
+        assert_eq!(state_of(&client, &running[1]).await, VmState::VM_STATE_RUNNING);
+        wait_for_console(&client, &running[1], console::HEARTBEAT).await;
+    });
+
+    // Still metered: records after the restart, and per VM one unbroken
+    // chain with no record missing or repeated and no time uncovered.
+    wait_for_records_after(&host, &running, restarted_at + 300);
+    let by_vm = records_by_vm(&host);
+    for vm_id in &running {
+        let records = &by_vm[vm_id];
+        let sequences: Vec<u64> = records.iter().map(|r| r.0).collect();
+        assert_eq!(sequences, (1..=records.len() as u64).collect::<Vec<_>>(), "{vm_id}: sequences");
+        for pair in records.windows(2) {
+            assert_eq!(pair[1].1, pair[0].2, "{vm_id}: record {} starts where {} ended", pair[1].0, pair[0].0);
+        }
+        assert!(records.iter().any(|r| r.1 < restarted_at && r.2 > restarted_at), "{vm_id}: one record spans the daemon's absence");
+    }
+
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        for vm_id in running.iter().chain([&doomed]) {
+            client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
+    let test = "sigterm_lets_calls_in_flight_finish_and_leaves_vms_running";
+    let Some(mut host) = Host::start(test, HostOptions::default()) else { return };
+    let runtime = runtime();
+    let (keeper, keeper_pid) = runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectJson);
+        let keeper = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
+        let stubborn = boot_guest(&client, &[cmdline::IGNORE_SHUTDOWN]).await;
+        let keeper_pid = vmm_pid(&client, &keeper).await;
+        // A graceful shutdown the guest ignores takes its whole timeout.
+        let slow = {
+            let client = host.client("acme", Wire::ConnectJson);
+            let stubborn = stubborn.clone();
+            tokio::spawn(async move {
+                client.shutdown_vm(wire::ShutdownVmRequest { vm_id: stubborn, timeout_seconds: 2, ..Default::default() }).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let daemon = Pid::from_raw(host.pid() as i32);
+        kill(daemon, Signal::SIGTERM).unwrap();
+        let answer = slow.await.unwrap().expect("the call in flight finished").into_owned();
+        assert_eq!(answer.state.as_known(), Some(VmState::VM_STATE_SHUTDOWN));
+        (keeper, keeper_pid)
+    });
+    let status = host.terminate();
+    assert!(status.success(), "metald exits cleanly on SIGTERM: {status}");
+    assert!(alive(keeper_pid), "the running VM outlived metald");
+    assert!(host.log().contains("VMs keep running"), "{}", host.log());
+
+    host.launch();
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::Grpc);
+        assert_eq!(state_of(&client, &keeper).await, VmState::VM_STATE_RUNNING);
+        assert_eq!(vmm_pid(&client, &keeper).await, keeper_pid);
+        let list = client.list_vms(wire::ListVmsRequest::default()).await.unwrap().into_owned();
+        for vm in &list.vms {
+            client.delete_vm(wire::DeleteVmRequest { vm_id: vm.vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
