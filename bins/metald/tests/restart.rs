@@ -63,7 +63,7 @@ fn wait_for_records_after(host: &Host, vm_ids: &[String], after_ms: u64) {
 }
 
 fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    metald_billing::unix_millis()
 }
 
 #[test]
