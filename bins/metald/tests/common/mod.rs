@@ -1,4 +1,4 @@
-//! A real metald for each test: the binary this package builds, started
+//! A real metald for each test: the binary `bins/metald` builds, started
 //! on a free loopback port with a data folder, image root, uid window,
 //! cgroup parent and (when asked) network namespaces of its own, all under
 //! a unique `metald-test-` name. Dropping it kills the daemon and every
@@ -74,6 +74,9 @@ impl Host {
     /// A running daemon for `test`, or `None` (outside CI) when Firecracker or KVM is missing.
     pub fn start(test: &str, options: HostOptions) -> Option<Self> {
         let firecracker = testguest::require_firecracker(test)?;
+        if !metald_binary().exists() {
+            return testguest::unmet(test, "the metald binary is not built (cargo build -p metald)");
+        }
         if !nix::unistd::geteuid().is_root() {
             return testguest::unmet(test, "the daemon tests run metald with its jailer, which needs root");
         }
@@ -147,7 +150,7 @@ impl Host {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
         let port = if self.port == 0 { free_port() } else { self.port };
-        let child = Command::new(env!("CARGO_BIN_EXE_metald"))
+        let child = Command::new(metald_binary())
             .arg("--config")
             .arg(&self.config_path)
             .arg("--listen")
@@ -313,6 +316,19 @@ impl Drop for Host {
         }
         if std::thread::panicking() {
             let _ = writeln!(std::io::stderr(), "metald's last log ({}):\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// The daemon: this package's binary for metald's own tests; for other
+/// packages' tests (metalctl's), the one the same build put beside them.
+pub fn metald_binary() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_metald") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let test = std::env::current_exe().unwrap();
+            // target/<profile>/deps/<test> → target/<profile>/metald
+            test.parent().and_then(Path::parent).map(|profile| profile.join("metald")).unwrap()
         }
     }
 }

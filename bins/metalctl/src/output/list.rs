@@ -1,0 +1,70 @@
+//! The `list` table: one row per VM.
+
+use metald_api::proto::vmprovisioner::v1::ListVmsResponse;
+
+use super::values::{format_bytes, format_time, state_name};
+use super::{plain_table, render};
+
+/// VM ID, STATE, VCPUS, MEMORY, CREATED, FAILURE for each VM, in the
+/// host's order (by id).
+pub fn list_table(response: &ListVmsResponse) -> String {
+    let mut table = plain_table();
+    table.set_header(["VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "FAILURE"]);
+    for vm in &response.vms {
+        table.add_row([
+            vm.vm_id.clone(),
+            state_name(vm.state),
+            vm.vcpu_count.to_string(),
+            format_bytes(vm.memory_size_bytes),
+            format_time(vm.created_timestamp),
+            one_line(&vm.failure_reason),
+        ]);
+    }
+    render(&mut table)
+}
+
+/// A failure reason can span lines; a table row cannot.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use metald_api::proto::vmprovisioner::v1::{VmInfo, VmState};
+
+    use super::*;
+
+    fn vm(id: &str, state: VmState, vcpus: i32, memory: i64, failure: &str) -> VmInfo {
+        VmInfo {
+            vm_id: id.into(),
+            state: state.into(),
+            vcpu_count: vcpus,
+            memory_size_bytes: memory,
+            created_timestamp: 1_714_564_800_000,
+            failure_reason: failure.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_vm_is_a_row_under_the_header() {
+        let response = ListVmsResponse {
+            vms: vec![
+                vm("vm-a", VmState::VM_STATE_RUNNING, 2, 512 << 20, ""),
+                vm("vm-b", VmState::VM_STATE_FAILED, 1, 1 << 30, "the VMM exited with code 1\nwhile booting"),
+            ],
+            total_count: 2,
+            ..Default::default()
+        };
+        let expected = "\
+VM ID  STATE    VCPUS  MEMORY   CREATED               FAILURE
+vm-a   running  2      512 MiB  2024-05-01T12:00:00Z
+vm-b   failed   1      1 GiB    2024-05-01T12:00:00Z  the VMM exited with code 1 while booting";
+        assert_eq!(list_table(&response), expected);
+    }
+
+    #[test]
+    fn no_vms_is_just_the_header() {
+        assert_eq!(list_table(&ListVmsResponse::default()), "VM ID  STATE  VCPUS  MEMORY  CREATED  FAILURE");
+    }
+}

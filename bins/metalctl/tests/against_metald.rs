@@ -1,0 +1,122 @@
+//! metalctl against a real metald (jailer on, Firecracker on /dev/kvm):
+//! every command, the table and JSON outputs, and the exit codes a script
+//! relies on.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../../metald/tests/common/mod.rs"]
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Host, HostOptions};
+
+struct Ctl<'a> {
+    host: &'a Host,
+    token: String,
+}
+
+impl Ctl<'_> {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_metalctl"));
+        command.args(args).env("METALD_ENDPOINT", self.host.url()).env("METALD_TOKEN", &self.token).env_remove("METALD_JSON");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    /// stdout of a command that must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(output.status.success(), "metalctl {args:?}: {:?}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// The exit code and stderr of a command that must fail.
+    fn fails(&self, args: &[&str]) -> (i32, String) {
+        let output = self.run(args);
+        assert!(!output.status.success(), "metalctl {args:?} should fail: {}", String::from_utf8_lossy(&output.stdout));
+        (output.status.code().unwrap(), String::from_utf8(output.stderr).unwrap())
+    }
+}
+
+#[test]
+fn every_command_against_a_daemon_with_meaningful_exit_codes() {
+    let test = "every_command_against_a_daemon_with_meaningful_exit_codes";
+    let Some(host) = Host::start(test, HostOptions::default()) else { return };
+    let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
+
+    let heartbeat = metald_testguest::cmdline::heartbeat_ms(100);
+    let vm_id = ctl
+        .ok(&[
+            "create",
+            "--vcpus",
+            "1",
+            "--memory",
+            "32MiB",
+            "--kernel",
+            common::GUEST_KERNEL,
+            "--cmdline",
+            &heartbeat,
+            "--metadata",
+            "team=db",
+            "--boot",
+        ])
+        .trim()
+        .to_owned();
+    assert!(vm_id.starts_with("vm-"), "{vm_id}");
+
+    let deadline = Instant::now() + common::BOOT_TIMEOUT;
+    while !ctl.ok(&["console", &vm_id]).contains(metald_testguest::console::READY) {
+        assert!(Instant::now() < deadline, "no ready line through metalctl console");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let table = ctl.ok(&["list"]);
+    assert!(table.contains(&vm_id) && table.to_lowercase().contains("running"), "{table}");
+    let listed: serde_json::Value = serde_json::from_str(&ctl.ok(&["--json", "list"])).unwrap();
+    assert_eq!(listed["vms"][0]["vmId"], vm_id.as_str(), "{listed}");
+    assert_eq!(listed["vms"][0]["state"], "VM_STATE_RUNNING", "{listed}");
+    let info = ctl.ok(&["info", &vm_id]);
+    assert!(info.contains("firecracker") && info.contains("team"), "{info}");
+    let info: serde_json::Value = serde_json::from_str(&ctl.ok(&["info", &vm_id, "--json"])).unwrap();
+    assert_eq!(info["customerId"], "acme", "{info}");
+
+    let watch = ctl.command(&["--json", "watch", &vm_id]).stdout(Stdio::piped()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    ctl.ok(&["pause", &vm_id]);
+    let (code, message) = ctl.fails(&["pause", &vm_id]);
+    assert_eq!(code, 4, "pausing a paused VM is a conflict: {message}");
+    assert!(message.starts_with("error: failed_precondition:") && message.contains("Paused"), "{message}");
+    ctl.ok(&["resume", &vm_id]);
+    ctl.ok(&["--protocol", "grpc", "reboot", &vm_id]);
+    ctl.ok(&["shutdown", &vm_id, "--timeout", "10"]);
+    ctl.ok(&["boot", &vm_id]);
+    ctl.ok(&["delete", &vm_id, "--force"]);
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(watch.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let watched = watch.wait_with_output().unwrap();
+    assert!(watched.status.success(), "watch ends cleanly on Ctrl-C: {:?}", watched.status);
+    let kinds: Vec<String> = String::from_utf8(watched.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["paused", "resumed", "rebooted", "stopped", "booted", "stopped", "deleted"]);
+
+    let (code, _) = ctl.fails(&["info", &vm_id]);
+    assert_eq!(code, 3, "a deleted VM is not found");
+    let (code, message) = ctl.fails(&["create", "--vcpus", "99", "--memory", "32MiB", "--kernel", common::GUEST_KERNEL]);
+    assert!(code == 5 && message.contains("cpu.vcpu_count"), "{code} {message}");
+    let (code, _) = ctl.fails(&["create", "--memory", "lots", "--kernel", common::GUEST_KERNEL]);
+    assert_eq!(code, 2, "a flag metalctl cannot read is a usage error");
+    let stranger = Ctl { host: &host, token: "not-a-token".into() };
+    let (code, message) = stranger.fails(&["list"]);
+    assert!(code == 6 && message.contains("unauthenticated"), "{code} {message}");
+    let (code, message) = ctl.fails(&["--endpoint", "http://127.0.0.1:9", "list"]);
+    assert_eq!(code, 8, "an unreachable host: {message}");
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
