@@ -25,6 +25,9 @@ pub struct Settings {
     pub firecracker: PathBuf,
     /// How long a graceful shutdown of a guest may take, in seconds.
     pub stop_timeout_seconds: u64,
+    /// How long one call to a VMM's own API may take, in seconds; a VMM
+    /// that does not answer in time makes the operation `unavailable`.
+    pub vmm_api_timeout_seconds: u64,
     pub api: ApiSettings,
     pub jailer: JailerSettings,
     pub network: NetworkSettings,
@@ -41,6 +44,7 @@ impl Default for Settings {
             image_root: PathBuf::from("/var/lib/metald/images"),
             firecracker: PathBuf::from("/usr/local/bin/firecracker"),
             stop_timeout_seconds: 30,
+            vmm_api_timeout_seconds: 10,
             api: ApiSettings::default(),
             jailer: JailerSettings::default(),
             network: NetworkSettings::default(),
@@ -272,6 +276,9 @@ impl Settings {
         }
         if self.jailer.uid_start.checked_add(self.jailer.uid_count).is_none() {
             return value("jailer.uid_count", "runs past the last uid");
+        }
+        if self.vmm_api_timeout_seconds == 0 {
+            return value("vmm_api_timeout_seconds", "must be at least 1");
         }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return value("api.default_page_size", "must be between 1 and api.max_page_size");

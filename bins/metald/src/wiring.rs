@@ -34,8 +34,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
     let store = Arc::new(SqliteVmStore::open(data_dir.join("vms.db")).context("cannot open the VM store")?);
     let network = network_provider(&settings.network, data_dir).await?;
+    let firecracker = FirecrackerConfig {
+        api_timeout: Duration::from_secs(settings.vmm_api_timeout_seconds),
+        ..FirecrackerConfig::new(&settings.firecracker)
+    };
     let mut builder = VmManager::builder()
-        .firecracker(FirecrackerConfig::new(&settings.firecracker))
+        .firecracker(firecracker)
         .image_root(&settings.image_root)
         .vm_root(data_dir.join("vms"))
         .stop_timeout(settings.stop_timeout())

@@ -289,3 +289,35 @@ fn bad_requests_get_clear_errors_and_leave_the_daemon_unharmed() {
     assert_eq!(common::http_get(host.port, "/health").map(|(status, _)| status), Some(200));
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn a_silent_vmm_is_unavailable_and_a_taken_id_already_exists() {
+    let test = "a_silent_vmm_is_unavailable_and_a_taken_id_already_exists";
+    let Some(host) = Host::start(test, HostOptions { vmm_api_timeout_seconds: Some(2), ..HostOptions::default() }) else { return };
+    runtime().block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let vm_id = common::boot_guest(&client, &[]).await;
+        let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap().into_owned();
+        let vmm = nix::unistd::Pid::from_raw(info.backend_info["pid"].parse().unwrap());
+        // A VMM that stops answering (here: stopped by a signal) makes the call unavailable, not internal.
+        nix::sys::signal::kill(vmm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+        let silent = client.pause_vm(wire::PauseVmRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap_err();
+        nix::sys::signal::kill(vmm, nix::sys::signal::Signal::SIGCONT).unwrap();
+        assert_eq!(silent.code, ErrorCode::Unavailable, "{silent:?}");
+        assert!(silent.message.as_deref().unwrap_or("").contains("did not answer"), "{silent:?}");
+        assert_eq!(state_of(&client, &vm_id).await, VmState::VM_STATE_RUNNING, "a later call may succeed");
+        client.pause_vm(wire::PauseVmRequest { vm_id: id(&vm_id), ..Default::default() }).await.expect("the VMM answers again");
+        let metrics = common::http_get(host.port, "/metrics").unwrap().1;
+        assert!(metrics.contains("metald_backend_errors_total{operation=\"pause\"} 1"), "{metrics}");
+        assert!(metrics.contains("metald_rpc_duration_seconds_count{method=\"PauseVm\",code=\"unavailable\"} 1"), "{metrics}");
+
+        let named = wire::CreateVmRequest { vm_id: "vm-named-once".into(), ..create_request(guest_config(&[])) };
+        client.create_vm(named.clone()).await.unwrap();
+        let (code, message) = code_and_message(client.create_vm(named).await.unwrap_err());
+        assert_eq!((code, message.as_str()), (ErrorCode::AlreadyExists, "VM vm-named-once already exists"));
+        for vm_id in [vm_id, "vm-named-once".to_owned()] {
+            client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}

@@ -148,6 +148,17 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
         assert!(records.iter().any(|r| r.1 < restarted_at && r.2 > restarted_at), "{vm_id}: one record spans the daemon's absence");
     }
 
+    let metrics = common::http_get(host.port, "/metrics").unwrap().1;
+    for family in [
+        "metald_vms{state=\"running\"} 5",
+        "metald_vms{state=\"failed\"} 1",
+        "metald_billing_spool_records ",
+        "metald_billing_meter_lag_seconds ",
+        "metald_billing_metered_vms 5",
+    ] {
+        assert!(metrics.contains(family), "{family} in:\n{metrics}");
+    }
+
     runtime.block_on(async {
         let client = host.client("acme", Wire::ConnectProto);
         for vm_id in running.iter().chain([&doomed]) {

@@ -47,6 +47,9 @@ pub struct HostOptions {
     pub billing: bool,
     pub max_body_bytes: Option<usize>,
     pub uid_count: Option<u32>,
+    pub vmm_api_timeout_seconds: Option<u64>,
+    /// Export traces over OTLP/HTTP to this URL.
+    pub otlp_endpoint: Option<String>,
     /// Take calls from a gateway signing with [`GATEWAY_SECRET`].
     pub gateway: bool,
 }
@@ -92,12 +95,16 @@ impl Host {
             .map(|(id, quota)| TestTenant { id, token: format!("test-token-{id}-{}", metald_core::VmId::generate()), quota })
             .collect();
         let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nimage_root = {:?}\nfirecracker = {:?}\nstop_timeout_seconds = 10\n\
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nimage_root = {:?}\nfirecracker = {:?}\nstop_timeout_seconds = 10\nvmm_api_timeout_seconds = {}\n\
              [telemetry]\nlog = \"info,metald=debug,metald_core=debug\"\n[jailer]\nuid_start = {uid_start}\nuid_count = {uid_count}\ncgroup_parent = {name:?}\n",
             dir.path().join("data"),
             images,
             firecracker,
+            options.vmm_api_timeout_seconds.unwrap_or(10),
         );
+        if let Some(endpoint) = &options.otlp_endpoint {
+            toml = toml.replacen("[telemetry]\n", &format!("[telemetry]\notlp_endpoint = {endpoint:?}\n"), 1);
+        }
         if let Some(bytes) = options.max_body_bytes {
             toml.push_str(&format!("[api]\nmax_body_bytes = {bytes}\n"));
         }

@@ -1,0 +1,110 @@
+//! What metald does with nothing configured, and how it says what it
+//! cannot do: the embedded defaults, the jailer's need for root, and
+//! networking turned off with a clear message when not root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const NOBODY: u32 = 65534;
+
+fn without_metald_env(command: &mut Command) -> &mut Command {
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("METALD_")) {
+        command.env_remove(key);
+    }
+    command
+}
+
+#[test]
+fn the_embedded_defaults_need_nothing_else() {
+    let output = without_metald_env(&mut Command::new(common::metald_binary())).arg("print-config").output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let settings: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(settings["data_dir"], "/var/lib/metald");
+    assert_eq!(settings["listen"], "127.0.0.1:7070");
+    assert_eq!(settings["jailer"]["enabled"], true, "jailed by default");
+    assert_eq!(settings["network"]["enabled"], serde_json::Value::Null, "networking follows root");
+    assert_eq!(settings["billing"]["sink"], "file", "usage goes to a file in the data folder");
+    let flagged = without_metald_env(&mut Command::new(common::metald_binary()))
+        .args(["--data-dir", "/srv/elsewhere", "print-config"])
+        .env("METALD_BILLING__SINK", "clickhouse")
+        .output()
+        .unwrap();
+    let settings: serde_json::Value = serde_json::from_slice(&flagged.stdout).unwrap();
+    assert_eq!((settings["data_dir"].as_str(), settings["billing"]["sink"].as_str()), (Some("/srv/elsewhere"), Some("clickhouse")));
+    let refused =
+        without_metald_env(&mut Command::new(common::metald_binary())).arg("print-config").env("METALD_LISEN", "x").output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("lisen"),
+        "an unknown key is named: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+/// A folder and a copy of metald that the unprivileged user can reach, wherever the checkout lives.
+fn unprivileged_setup() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let binary = dir.path().join("metald");
+    std::fs::copy(common::metald_binary(), &binary).unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for folder in ["data", "images"] {
+        std::fs::create_dir(dir.path().join(folder)).unwrap();
+        nix::unistd::chown(&dir.path().join(folder), Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
+    }
+    (dir, binary)
+}
+
+#[test]
+fn without_root_the_jailer_refuses_to_start_and_networking_stays_off_with_a_reason() {
+    let test = "without_root_the_jailer_refuses_to_start_and_networking_stays_off_with_a_reason";
+    if !nix::unistd::geteuid().is_root() {
+        let _: Option<()> = common::testguest::unmet(test, "this test switches to an unprivileged user, which needs root");
+        return;
+    }
+    let (dir, binary) = unprivileged_setup();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let run = |jailer: bool| {
+        let mut command = Command::new(&binary);
+        without_metald_env(&mut command)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .arg("--image-root")
+            .arg(dir.path().join("images"))
+            .env("METALD_JAILER__ENABLED", jailer.to_string())
+            .env("METALD_BILLING__ENABLED", "false")
+            .env("NO_COLOR", "1")
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    };
+    let refused = run(true).output().unwrap();
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("the jailer needs root"), "{message}");
+
+    let log_path = dir.path().join("unjailed.log");
+    let mut daemon = run(false).stderr(std::fs::File::create(&log_path).unwrap()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::http_get(port, "/ready").map(|(status, _)| status) != Some(200) {
+        assert!(daemon.try_wait().unwrap().is_none(), "metald exited: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(daemon.wait().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("networking is off: metald does not run as root"), "{log}");
+    assert!(log.contains("no tenants are configured"), "every call is refused, and it says so: {log}");
+    assert!(dir.path().join("data/vms.db").exists(), "the VM store is SQLite in the data folder");
+}
