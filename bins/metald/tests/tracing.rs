@@ -14,8 +14,11 @@ use std::sync::{Arc, Mutex};
 
 use common::{Host, HostOptions, Wire};
 
+/// Each post: its request line and content type, and its body.
+type Posts = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// Accepts OTLP/HTTP posts and keeps their bodies.
-fn otlp_receiver() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+fn otlp_receiver() -> (String, Posts) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/v1/traces", listener.local_addr().unwrap());
     let received = Arc::new(Mutex::new(Vec::new()));
