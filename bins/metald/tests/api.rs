@@ -47,6 +47,10 @@ fn the_whole_lifecycle_over_connect_json_and_grpc() {
             assert_eq!(booted.state.as_known(), Some(VmState::VM_STATE_RUNNING));
             let ready = wait_for_console(&client, &vm_id, metald_testguest::console::READY).await;
             assert!(ready.contains("metald."), "the guest is told its network on the command line: {ready}");
+            let console =
+                client.get_console(wire::GetConsoleRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap().into_owned();
+            let console = String::from_utf8_lossy(&console.data).into_owned();
+            assert!(!console.contains("Firecracker") && !console.contains("API"), "only the guest's output: {console}");
             wait_for_console(&client, &vm_id, metald_testguest::console::HEARTBEAT).await;
 
             let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: id(&vm_id), ..Default::default() }).await.unwrap().into_owned();

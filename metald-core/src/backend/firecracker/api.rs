@@ -99,14 +99,6 @@ impl FirecrackerApi {
         self.get("/").await
     }
 
-    pub async fn put_logger(&self, body: &super::models::Logger<'_>) -> Result<(), BackendError> {
-        self.put("/logger", body).await
-    }
-
-    pub async fn put_metrics(&self, body: &super::models::Metrics<'_>) -> Result<(), BackendError> {
-        self.put("/metrics", body).await
-    }
-
     pub async fn put_machine_config(&self, body: &super::models::MachineConfiguration) -> Result<(), BackendError> {
         self.put("/machine-config", body).await
     }

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::api::FirecrackerApi;
 use super::metrics::MetricsReader;
-use super::models::{ActionType, BootSource, Drive, Logger, MachineConfiguration, Metrics, NetworkInterface, RateLimiter, VmStateName};
+use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
 use crate::backend::{BackendError, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
@@ -257,6 +257,16 @@ impl FirecrackerVm {
                 Arg::PathOf(SOCKET_FILE.into()),
                 Arg::Literal("--id".into()),
                 Arg::Literal(spec.vm_id.to_string()),
+                // Logger and metrics from the first instruction: configured
+                // later over the API, Firecracker's own start-up lines would
+                // go to stdout, which is the guest's console.
+                Arg::Literal("--log-path".into()),
+                Arg::PathOf(LOG_FILE.into()),
+                Arg::Literal("--level".into()),
+                Arg::Literal(self.settings.log_level.clone()),
+                Arg::Literal("--show-level".into()),
+                Arg::Literal("--metrics-path".into()),
+                Arg::PathOf(METRICS_FILE.into()),
             ],
             exposures,
             work_files: vec![LOG_FILE.into(), METRICS_FILE.into()],
@@ -358,19 +368,22 @@ impl FirecrackerVm {
     }
 
     /// What to say when Firecracker died before its API answered: its last
-    /// words on stderr, once the pipe has drained.
+    /// words on stderr, once the pipe has drained, and in its log, where
+    /// it reports its own errors.
     async fn died_before_ready(&self, exit: ProcessExit) -> BackendError {
         let _ = self.stderr_log.wait_for_line(|_| false, CAPTURE_DRAIN_TIMEOUT).await;
-        let stderr = self.stderr_log.tail(STDERR_TAIL_BYTES).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+        let mut stderr =
+            self.stderr_log.tail(STDERR_TAIL_BYTES).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+        if let Ok(log) = std::fs::read(self.file(LOG_FILE)) {
+            let start = log.len().saturating_sub(STDERR_TAIL_BYTES);
+            stderr.push_str(&String::from_utf8_lossy(&log[start..]));
+        }
         BackendError::DiedBeforeReady { vmm: VMM, exit, stderr }
     }
 
     async fn configure(&self, layout: &Layout, api: &FirecrackerApi) -> Result<(), BackendError> {
         let spec = &self.spec;
         let inside = |name: &str| utf8(&layout.inside(name));
-        api.put_logger(&Logger { log_path: &inside(LOG_FILE)?, level: &self.settings.log_level, show_level: true, show_log_origin: false })
-            .await?;
-        api.put_metrics(&Metrics { metrics_path: &inside(METRICS_FILE)? }).await?;
         api.put_machine_config(&MachineConfiguration {
             vcpu_count: spec.vcpus,
             mem_size_mib: spec.memory_mib,

@@ -7,19 +7,6 @@ use serde::{Deserialize, Serialize};
 use crate::config::RateLimit;
 
 #[derive(Debug, Serialize)]
-pub struct Logger<'a> {
-    pub log_path: &'a str,
-    pub level: &'a str,
-    pub show_level: bool,
-    pub show_log_origin: bool,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Metrics<'a> {
-    pub metrics_path: &'a str,
-}
-
-#[derive(Debug, Serialize)]
 pub struct MachineConfiguration {
     pub vcpu_count: u32,
     pub mem_size_mib: u64,
