@@ -315,6 +315,18 @@ fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
         let path = layout.host(name);
         std::fs::File::create(&path).map_err(|source| LaunchError::Prepare { path: path.clone(), source })?;
     }
+    // A socket the VMM makes itself (its API socket) may be left by the
+    // VM's previous VMM; a jail starts empty, this folder does not.
+    for arg in &plan.args {
+        if let Arg::PathOf(name) = arg
+            && !plan.work_files.contains(name)
+        {
+            let path = layout.host(name);
+            if std::fs::symlink_metadata(&path).is_ok_and(|metadata| std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type())) {
+                std::fs::remove_file(&path).map_err(|source| LaunchError::Prepare { path: path.clone(), source })?;
+            }
+        }
+    }
     let mut command = Command::new(&plan.program.host_path);
     for arg in &plan.args {
         match arg {

@@ -320,6 +320,12 @@ async fn unjailed_mode_still_runs_vms_for_development() {
     assert_eq!(vmm.extra["jailed"], "false");
     assert!(!vmm.extra.contains_key("cgroup"));
     assert_eq!(field(&status(vmm.pid.unwrap()), "Uid:").split_whitespace().next(), Some("0"), "it runs as we do");
+    // A second VMM in the same folder, after the first left its API socket behind.
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.reboot(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.wait_for_line(&vm_id, console::READY).await;
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Running);
     sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
