@@ -15,6 +15,8 @@ use connectrpc::ConnectError;
 use metald_core::VmId;
 use metald_core::backend::BackendError;
 use metald_core::images::ImageError;
+use metald_core::jailer::JailError;
+use metald_core::launch::LaunchError;
 use metald_core::manager::ManagerError;
 use metald_core::network::NetworkError;
 
@@ -112,6 +114,12 @@ fn backend_error_to_connect(error: &ManagerError, vm_id: &VmId, backend: &str, o
             log_host_error(error);
             ConnectError::unavailable(format!("the VMM of VM {vm_id} did not answer when asked to {operation} it"))
         }
+        // Every VMM runs as its own user; when the host's range of them is
+        // used up, the host is full, which is a capacity answer, not a fault.
+        BackendError::Launch(LaunchError::Jail(JailError::NoIdentity(_))) => {
+            log_host_error(error);
+            ConnectError::resource_exhausted("this host runs as many VMs as it can; delete one, or create it on another host")
+        }
         BackendError::Prepare { .. }
         | BackendError::SocketPathTooLong { .. }
         | BackendError::Launch(_)
@@ -166,6 +174,14 @@ mod tests {
     fn assert_generic_internal((code, message): (ErrorCode, String)) {
         assert_eq!(code, ErrorCode::Internal);
         assert_eq!(message, "the host could not complete the operation; its log has the details");
+    }
+
+    #[test]
+    fn a_host_out_of_vmm_users_is_full_not_broken() {
+        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::NoIdentity(900_000..900_010))));
+        let (code, message) = seen(full);
+        assert_eq!(code, ErrorCode::ResourceExhausted);
+        assert!(!message.contains("900"), "{message}");
     }
 
     #[test]
