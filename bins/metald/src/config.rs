@@ -60,8 +60,6 @@ impl Default for Settings {
 pub struct ApiSettings {
     /// The largest request body, in bytes; a larger one is refused before it is read.
     pub max_body_bytes: usize,
-    /// The most a console request returns, in bytes.
-    pub max_console_bytes: usize,
     /// How many VMs a page of `ListVms` holds when the caller does not say.
     pub default_page_size: usize,
     /// The most a caller may ask for in one page.
@@ -70,7 +68,7 @@ pub struct ApiSettings {
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, max_console_bytes: 1 << 20, default_page_size: 100, max_page_size: 1000 }
+        Self { max_body_bytes: 1 << 20, default_page_size: 100, max_page_size: 1000 }
     }
 }
 
@@ -256,6 +254,33 @@ pub enum ConfigError {
     Value { key: &'static str, problem: String },
 }
 
+/// The top-level keys of [`Settings`]. Only `METALD_*` variables under
+/// them are settings: others of that prefix (`METALD_CONFIG`, metalctl's
+/// `METALD_ENDPOINT` and `METALD_TOKEN`, …) belong to someone else.
+const SETTING_KEYS: [&str; 12] = [
+    "listen",
+    "data_dir",
+    "image_root",
+    "firecracker",
+    "stop_timeout_seconds",
+    "vmm_api_timeout_seconds",
+    "api",
+    "jailer",
+    "network",
+    "billing",
+    "auth",
+    "telemetry",
+];
+
+fn settings_from_env() -> Env {
+    Env::prefixed("METALD_")
+        .filter(|key| {
+            let top = key.as_str().split("__").next().unwrap_or_default();
+            SETTING_KEYS.iter().any(|setting| setting.eq_ignore_ascii_case(top))
+        })
+        .split("__")
+}
+
 impl Settings {
     /// Defaults, then `file` (when given), then `METALD_*` variables, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
@@ -263,7 +288,7 @@ impl Settings {
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment = figment.merge(Env::prefixed("METALD_").split("__")).merge(overrides);
+        figment = figment.merge(settings_from_env()).merge(overrides);
         let settings: Settings = figment.extract().map_err(|error| ConfigError::Invalid(Box::new(error)))?;
         settings.check()?;
         Ok(settings)
@@ -315,6 +340,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_top_level_setting_is_read_from_the_environment() {
+        let settings = serde_json::to_value(Settings::default()).unwrap();
+        let mut keys: Vec<&str> = settings.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut known = SETTING_KEYS.to_vec();
+        keys.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(keys, known);
+    }
+
+    #[test]
     fn a_file_then_the_environment_then_flags_win_in_that_order() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
@@ -332,6 +367,9 @@ mod tests {
             )?;
             jail.set_env("METALD_DATA_DIR", "/srv/other");
             jail.set_env("METALD_BILLING__MAX_BATCH", "5");
+            // Not settings: the file's own variable, and metalctl's.
+            jail.set_env("METALD_CONFIG", "metald.toml");
+            jail.set_env("METALD_ENDPOINT", "http://127.0.0.1:1");
             let flags = Figment::new().merge(Serialized::default("listen", "127.0.0.1:9001"));
             let settings = Settings::load(Some(Path::new("metald.toml")), flags).map_err(|error| error.to_string())?;
             assert_eq!(settings.listen, SocketAddr::from(([127, 0, 0, 1], 9001)));

@@ -16,6 +16,7 @@ mod service;
 mod telemetry;
 mod wiring;
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -108,7 +109,8 @@ fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::load(args.config.as_deref(), args.overrides()).map_err(|error| anyhow::anyhow!(error_report(&error)))?;
     if let Some(Command::PrintConfig) = &args.command {
-        println!("{}", serde_json::to_string_pretty(&settings)?);
+        // A closed pipe (`metald print-config | head`) is not an error.
+        let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&settings)?);
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;

@@ -4,7 +4,7 @@
 //! authenticates it, opens its span and times it.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Instant, SystemTime};
 
 use axum::extract::State;
@@ -20,17 +20,38 @@ use crate::auth::Authenticator;
 use crate::metrics::Metrics;
 use crate::service::VmApi;
 
-/// Whether the daemon takes calls: false until recovery is done and again once it stops.
+/// Whether the daemon takes calls: not while it takes over the VMs of
+/// its previous run, and not once it stops.
 #[derive(Debug, Default)]
-pub struct Readiness(AtomicBool);
+pub struct Readiness(AtomicU8);
+
+const STARTING: u8 = 0;
+const READY: u8 = 1;
+const STOPPING: u8 = 2;
 
 impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+    /// Starting becomes ready; a daemon already stopping stays so. True if now ready.
+    pub fn ready(&self) -> bool {
+        let _ = self.0.compare_exchange(STARTING, READY, Ordering::SeqCst, Ordering::SeqCst);
+        self.is_ready()
     }
 
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+    pub fn stopping(&self) {
+        self.0.store(STOPPING, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == READY
+    }
+
+    fn refusal(&self) -> Option<ConnectError> {
+        match self.0.load(Ordering::SeqCst) {
+            STARTING => {
+                Some(ConnectError::unavailable("metald is starting: it is taking over the VMs of its previous run; try again shortly"))
+            }
+            STOPPING => Some(ConnectError::unavailable("metald is stopping; try again when it is back")),
+            _ => None,
+        }
     }
 }
 
@@ -45,6 +66,7 @@ struct HttpState {
 struct CallGate {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
 }
 
 /// The method's name from `/vmprovisioner.v1.VmService/CreateVm`.
@@ -74,6 +96,9 @@ impl CallGate {
     }
 
     fn admit(&self, ctx: &mut connectrpc::RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError> {
+        if let Some(refusal) = self.readiness.refusal() {
+            return Err(refusal);
+        }
         let caller = self.auth.authenticate(ctx.headers(), path, SystemTime::now()).map_err(|error| {
             tracing::info!(parent: span, %error, "call refused");
             error.to_connect()
@@ -131,7 +156,11 @@ impl Interceptor for CallGate {
 pub fn app(api: VmApi, auth: Arc<Authenticator>, metrics: Arc<Metrics>, readiness: Arc<Readiness>, max_body_bytes: usize) -> axum::Router {
     let router = Arc::new(api).register(Router::new());
     let limits = Limits::default().with_max_request_body_size(max_body_bytes).with_max_message_size(max_body_bytes);
-    let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(CallGate { auth, metrics: Arc::clone(&metrics) });
+    let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(CallGate {
+        auth,
+        metrics: Arc::clone(&metrics),
+        readiness: Arc::clone(&readiness),
+    });
     axum::Router::new()
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -163,7 +192,7 @@ async fn health() -> &'static str {
 
 /// VMs are recovered and calls are taken.
 async fn ready(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.readiness.get() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+    if state.readiness.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }
 
 async fn render_metrics(State(state): State<HttpState>) -> axum::response::Response {

@@ -1,7 +1,12 @@
 //! `vmprovisioner.v1.VmService` for one host: every call acts for the
 //! authenticated tenant, on that tenant's VMs only. Another tenant's VM
-//! answers exactly as a VM that does not exist, so a caller learns nothing
-//! about VMs that are not its own.
+//! answers exactly as a VM that does not exist. One thing is shared: VM
+//! ids are unique on a host, so a create naming an id another tenant
+//! holds is refused as `already_exists` (use generated ids, which are
+//! unguessable, to reveal nothing).
+//!
+//! Why a VM failed is told to its tenant with the host's own paths
+//! replaced by `<host>`; the log keeps them.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
@@ -18,7 +23,7 @@ use metald_api::convert::state::{state_filter_from_wire, state_to_wire};
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::{manager_error_to_connect, wire_error_to_connect};
 use metald_core::manager::ManagerError;
-use metald_core::{VmId, VmManager, VmState};
+use metald_core::{VmId, VmManager};
 use tokio::sync::{broadcast, watch};
 
 use crate::auth::Caller;
@@ -42,6 +47,34 @@ pub struct VmApi {
     cpu_samples: Mutex<HashMap<VmId, CpuSample>>,
     /// Turns true when the daemon stops: open watch streams end.
     stopping: watch::Receiver<bool>,
+    redactor: Redactor,
+}
+
+/// Replaces the host's folders in text meant for tenants.
+#[derive(Debug, Clone, Default)]
+pub struct Redactor {
+    paths: Vec<String>,
+}
+
+impl Redactor {
+    /// Hides each of `paths`, as given and as the file system resolves them.
+    pub fn new(paths: &[&std::path::Path]) -> Self {
+        let mut hidden: Vec<String> = paths
+            .iter()
+            .flat_map(|path| [Some(path.to_path_buf()), path.canonicalize().ok()])
+            .flatten()
+            .filter_map(|path| path.to_str().map(str::to_owned))
+            .filter(|path| path.len() > 1)
+            .collect();
+        // Longest first, so a folder inside another is replaced whole.
+        hidden.sort_by_key(|path| std::cmp::Reverse(path.len()));
+        hidden.dedup();
+        Self { paths: hidden }
+    }
+
+    pub fn redact(&self, text: &str) -> String {
+        self.paths.iter().fold(text.to_owned(), |text, path| text.replace(path.as_str(), "<host>"))
+    }
 }
 
 impl VmApi {
@@ -52,7 +85,11 @@ impl VmApi {
         api: ApiSettings,
         stopping: watch::Receiver<bool>,
     ) -> Self {
-        Self { manager, quotas, metrics, api, cpu_samples: Mutex::default(), stopping }
+        Self { manager, quotas, metrics, api, cpu_samples: Mutex::default(), stopping, redactor: Redactor::default() }
+    }
+
+    pub fn with_redactor(self, redactor: Redactor) -> Self {
+        Self { redactor, ..self }
     }
 
     /// A manager error for the caller, counting the backend's failures.
@@ -79,8 +116,8 @@ impl VmApi {
         self.manager.state(vm_id).map_or(wire::VmState::VM_STATE_UNSPECIFIED, state_to_wire)
     }
 
-    /// CPU percent (100 = one host CPU) since the caller's previous look at
-    /// this VM, or since boot on the first look.
+    /// CPU percent (100 = one host CPU) since the previous `GetVmInfo` of
+    /// this VM (by any caller), or since boot for the first one.
     fn cpu_percent(&self, vm_id: &VmId, cpu_time_ns: u64, since_boot: std::time::Duration) -> f64 {
         let now = Instant::now();
         let mut samples = self.cpu_samples.lock().unwrap_or_else(PoisonError::into_inner);
@@ -117,6 +154,8 @@ impl wire::VmService for VmApi {
         if let Some(vm_id) = &create.vm_id {
             tracing::Span::current().record("vm_id", vm_id.as_str());
         }
+        // An invalid request is told so before any quota is counted.
+        create.config.validate().map_err(|error| manager_error_to_connect(&ManagerError::InvalidConfig(error)))?;
         let asked = Usage { vms: 1, vcpus: create.config.cpu.vcpu_count.into(), memory_bytes: create.config.memory.size_bytes };
         let _admission = self
             .quotas
@@ -204,7 +243,7 @@ impl wire::VmService for VmApi {
         let caller = caller(&ctx)?;
         let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let info = self.manager.info(&vm_id).await.map_err(|error| self.fail(&error))?;
-        let metrics = if matches!(info.state, VmState::Running | VmState::Paused) {
+        let metrics = if info.state.has_live_vmm() {
             match self.manager.metrics(&vm_id).await {
                 Ok(metrics) => {
                     let since_boot = uptime(info.booted_at, SystemTime::now());
@@ -221,7 +260,11 @@ impl wire::VmService for VmApi {
         } else {
             None
         };
-        Response::ok(vm_info_to_wire(&info, metrics))
+        let mut answer = vm_info_to_wire(&info, metrics);
+        answer.failure_reason = self.redactor.redact(&answer.failure_reason);
+        // The host's cgroup layout is the operator's business.
+        answer.backend_info.remove("cgroup");
+        Response::ok(answer)
     }
 
     async fn list_vms(
@@ -251,7 +294,14 @@ impl wire::VmService for VmApi {
             String::new()
         };
         Response::ok(wire::ListVmsResponse {
-            vms: page.iter().map(vm_summary_to_wire).collect(),
+            vms: page
+                .iter()
+                .map(|vm| {
+                    let mut entry = vm_summary_to_wire(vm);
+                    entry.failure_reason = self.redactor.redact(&entry.failure_reason);
+                    entry
+                })
+                .collect(),
             next_page_token,
             total_count,
             ..Default::default()
@@ -282,7 +332,7 @@ impl wire::VmService for VmApi {
         if let Some(vm_id) = &only {
             self.own_vm(&caller, "vm_id", vm_id.as_str())?;
         }
-        let watch = Watch { events, stopping: self.stopping.clone(), tenant: caller.tenant, only };
+        let watch = Watch { events, stopping: self.stopping.clone(), tenant: caller.tenant, only, redactor: self.redactor.clone() };
         Ok(Response::stream(futures::stream::unfold(watch, Watch::next)))
     }
 }
@@ -293,6 +343,7 @@ struct Watch {
     stopping: watch::Receiver<bool>,
     tenant: metald_core::TenantId,
     only: Option<VmId>,
+    redactor: Redactor,
 }
 
 impl Watch {
@@ -307,7 +358,9 @@ impl Watch {
             };
             match received {
                 Ok(event) if event.tenant == self.tenant && self.only.as_ref().is_none_or(|vm_id| &event.vm_id == vm_id) => {
-                    return Some((Ok(event_to_wire(&event)), self));
+                    let mut wire_event = event_to_wire(&event);
+                    wire_event.reason = self.redactor.redact(&wire_event.reason);
+                    return Some((Ok(wire_event), self));
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -342,6 +395,15 @@ fn page_token_from_wire(token: &str) -> Result<Option<VmId>, ConnectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_folders_are_hidden_from_tenants() {
+        let redactor = Redactor::new(&[std::path::Path::new("/srv/metald"), std::path::Path::new("/srv/metald/images")]);
+        assert_eq!(
+            redactor.redact("cannot open /srv/metald/images/k.elf or /srv/metald/vms/vm-1/firecracker.sock"),
+            "cannot open <host>/k.elf or <host>/vms/vm-1/firecracker.sock"
+        );
+    }
 
     #[test]
     fn page_tokens_round_trip_and_foreign_ones_are_refused() {

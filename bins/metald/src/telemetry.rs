@@ -31,7 +31,9 @@ impl Telemetry {
 
 pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(&settings.log).with_context(|| format!("telemetry.log: {:?} is not a log filter", settings.log))?;
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter);
+    // Colours only on a terminal: journald and log files get plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour).with_filter(filter);
     let Some(endpoint) = &settings.otlp_endpoint else {
         tracing_subscriber::registry().with(logs).try_init().context("cannot install the log subscriber")?;
         return Ok(Telemetry { provider: None });

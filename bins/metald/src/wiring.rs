@@ -3,6 +3,7 @@
 //! server until SIGTERM.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +24,16 @@ use crate::config::{BillingSettings, NetworkSettings, Settings, SinkKind};
 use crate::metrics::{BillingFigures, Metrics};
 use crate::quota::Quotas;
 use crate::server::Readiness;
-use crate::service::VmApi;
+use crate::service::{Redactor, VmApi};
 
 fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    // What can be checked before anything is touched is checked first.
+    check_firecracker(&settings.firecracker)?;
+    let (auth, quotas) = tenants(&settings)?;
     let data_dir = &settings.data_dir;
     std::fs::create_dir_all(data_dir).with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
     let store = Arc::new(SqliteVmStore::open(data_dir.join("vms.db")).context("cannot open the VM store")?);
@@ -71,6 +75,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         true => Some(start_billing(&settings.billing, &settings, &manager).await?),
         false => None,
     };
+    let figures = billing.as_ref().map(|billing| BillingFigures {
+        spool: Arc::clone(billing.spool()),
+        meter: Arc::clone(billing.meter_stats()),
+        delivery: Arc::clone(billing.delivery_stats()),
+    });
+    let metrics = Arc::new(Metrics::new(manager.clone(), figures));
+    let (stop, stopping) = watch::channel(false);
+    let redactor = Redactor::new(&[&settings.data_dir, &settings.image_root, &settings.firecracker]);
+    let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping).with_redactor(redactor);
+    let readiness = Arc::new(Readiness::default());
+    let app = crate::server::app(api, Arc::new(auth), metrics, Arc::clone(&readiness), settings.api.max_body_bytes);
+
+    // Listening starts before the takeover, so probes see /health answer
+    // and /ready say 503 (API calls: unavailable) until it is done.
+    let listener =
+        tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listen: cannot listen on {}", settings.listen))?;
+    let address = listener.local_addr().context("cannot read the listening address")?;
+    tracing::info!(%address, backend = manager.backend_name(), "metald listening; taking over the VMs of the previous run");
+    let shutdown = {
+        let readiness = Arc::clone(&readiness);
+        async move {
+            wait_for_stop_signal().await;
+            tracing::info!("stopping: no new calls; calls in flight finish; VMs keep running");
+            readiness.stopping();
+            let _ = stop.send(true);
+        }
+    };
+    let server = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future());
+
     let recovery = manager.recover().await.context("cannot take over the VMs of the previous run")?;
     tracing::info!(
         reattached = recovery.reattached.len(),
@@ -81,38 +114,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for (vm_id, reason) in &recovery.lost {
         tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
     }
-
-    let figures = billing.as_ref().map(|billing| BillingFigures {
-        spool: Arc::clone(billing.spool()),
-        meter: Arc::clone(billing.meter_stats()),
-        delivery: Arc::clone(billing.delivery_stats()),
-    });
-    let metrics = Arc::new(Metrics::new(manager.clone(), figures));
-    let (auth, quotas) = tenants(&settings)?;
-    let (stop, stopping) = watch::channel(false);
-    let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping);
-    let readiness = Arc::new(Readiness::default());
-    let app = crate::server::app(api, Arc::new(auth), metrics, Arc::clone(&readiness), settings.api.max_body_bytes);
-
-    let listener =
-        tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listen: cannot listen on {}", settings.listen))?;
-    let address = listener.local_addr().context("cannot read the listening address")?;
-    readiness.set(true);
-    tracing::info!(%address, backend = manager.backend_name(), "metald serving");
-    let shutdown = {
-        let readiness = Arc::clone(&readiness);
-        async move {
-            wait_for_stop_signal().await;
-            tracing::info!("stopping: no new calls; calls in flight finish; VMs keep running");
-            readiness.set(false);
-            let _ = stop.send(true);
-        }
-    };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await.context("the server stopped")?;
+    if readiness.ready() {
+        tracing::info!(%address, "metald serving");
+    }
+    server.await.context("the server task ended abnormally")?.context("the server stopped")?;
     if let Some(billing) = billing {
         billing.stop().await;
     }
     tracing::info!("metald stopped; its VMs run on and the next start takes them over");
+    Ok(())
+}
+
+/// The Firecracker binary must be there and executable; otherwise the
+/// first create would be the one to find out.
+fn check_firecracker(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path).with_context(|| format!("firecracker: cannot use {}", path.display()))?;
+    if !metadata.is_file() || metadata.permissions().mode() & 0o111 == 0 {
+        bail!("firecracker: {} is not an executable file", path.display());
+    }
     Ok(())
 }
 

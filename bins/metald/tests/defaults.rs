@@ -37,14 +37,22 @@ fn the_embedded_defaults_need_nothing_else() {
         .unwrap();
     let settings: serde_json::Value = serde_json::from_slice(&flagged.stdout).unwrap();
     assert_eq!((settings["data_dir"].as_str(), settings["billing"]["sink"].as_str()), (Some("/srv/elsewhere"), Some("clickhouse")));
-    let refused =
-        without_metald_env(&mut Command::new(common::metald_binary())).arg("print-config").env("METALD_LISEN", "x").output().unwrap();
+    let refused = without_metald_env(&mut Command::new(common::metald_binary()))
+        .arg("print-config")
+        .env("METALD_BILLING__SINKK", "x")
+        .output()
+        .unwrap();
     assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("lisen"),
-        "an unknown key is named: {}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("sinkk"), "an unknown key is named: {message}");
+    // Variables of the same prefix that are not settings belong to others (metalctl, the service unit).
+    let others = without_metald_env(&mut Command::new(common::metald_binary()))
+        .arg("print-config")
+        .env("METALD_ENDPOINT", "http://127.0.0.1:1")
+        .env("METALD_TOKEN", "x")
+        .output()
+        .unwrap();
+    assert!(others.status.success(), "{}", String::from_utf8_lossy(&others.stderr));
 }
 
 /// A folder and a copy of metald that the unprivileged user can reach, wherever the checkout lives.
@@ -78,6 +86,8 @@ fn without_root_the_jailer_refuses_to_start_and_networking_stays_off_with_a_reas
             .arg(dir.path().join("data"))
             .arg("--image-root")
             .arg(dir.path().join("images"))
+            // Executable is all the start checks; no VM is made here.
+            .args(["--firecracker", "/bin/true"])
             .env("METALD_JAILER__ENABLED", jailer.to_string())
             .env("METALD_BILLING__ENABLED", "false")
             .env("NO_COLOR", "1")
