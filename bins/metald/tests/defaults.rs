@@ -118,3 +118,17 @@ fn without_root_the_jailer_refuses_to_start_and_networking_stays_off_with_a_reas
     assert!(log.contains("no tenants are configured"), "every call is refused, and it says so: {log}");
     assert!(dir.path().join("data/vms.db").exists(), "the VM store is SQLite in the data folder");
 }
+
+#[test]
+fn a_new_token_is_printed_with_the_hash_to_configure_and_only_the_hash_is_kept() {
+    let output = Command::new(common::metald_binary()).args(["token", "--tenant", "acme"]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout).unwrap();
+    let token = text.lines().find_map(|line| line.strip_prefix("token: ")).expect("the token").trim().to_owned();
+    let hash = text.lines().find_map(|line| line.strip_prefix("token_sha256 = ")).expect("the settings line").trim_matches('"').to_owned();
+    assert!(token.len() >= 64, "a long random token: {token}");
+    assert_eq!(hash, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes())));
+    assert!(text.contains("id = \"acme\""), "{text}");
+    let refused = Command::new(common::metald_binary()).args(["token", "--tenant", "../x"]).output().unwrap();
+    assert!(!refused.status.success());
+}
