@@ -7,7 +7,6 @@
 //! VM becomes Failed with the exit recorded. The manager does not know who
 //! calls it (API, CLI, an embedding service) or who listens to its events.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex, RwLock, Weak};
@@ -161,6 +160,16 @@ pub struct VmInfo {
     pub network: Option<NetworkAttachment>,
 }
 
+/// A page of [`VmManager::list_page`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VmPage {
+    pub vms: Vec<VmSummary>,
+    /// How many VMs match, on every page.
+    pub total: usize,
+    /// More match after this page.
+    pub more: bool,
+}
+
 /// The part of [`VmInfo`] that listing needs; readable without waiting for
 /// an operation in progress on the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,7 +242,8 @@ struct Inner {
 /// The VMs by id, and the ids being created (not yet visible).
 #[derive(Default)]
 struct Registry {
-    vms: HashMap<VmId, Arc<VmSlot>>,
+    /// In id order, so a list is read in order and a page starts where the last ended.
+    vms: std::collections::BTreeMap<VmId, Arc<VmSlot>>,
     reserved: std::collections::HashSet<VmId>,
 }
 
@@ -1051,15 +1061,38 @@ impl VmManager {
     /// operation in progress.
     pub fn list(&self, tenant: Option<&TenantId>) -> Vec<VmSummary> {
         let registry = read_lock(&self.inner.registry);
-        let mut summaries: Vec<VmSummary> = registry
+        registry
             .vms
             .values()
             .filter(|slot| tenant.is_none_or(|tenant| &slot.tenant == tenant))
             .map(|slot| lock_summary(slot).clone())
             .filter(|summary| summary.state != VmState::Deleted)
-            .collect();
-        summaries.sort_by(|a, b| a.vm_id.cmp(&b.vm_id));
-        summaries
+            .collect()
+    }
+
+    /// One page of a tenant's VMs in id order: those after `after`, in one
+    /// of `states` (any state when empty), at most `limit` of them. Only
+    /// the page is copied; the rest is counted. Never waits for an
+    /// operation in progress.
+    pub fn list_page(&self, tenant: &TenantId, states: &[VmState], after: Option<&VmId>, limit: usize) -> VmPage {
+        let registry = read_lock(&self.inner.registry);
+        let mut page = VmPage::default();
+        for (vm_id, slot) in registry.vms.iter().filter(|(_, slot)| &slot.tenant == tenant) {
+            let summary = lock_summary(slot);
+            if summary.state == VmState::Deleted || !(states.is_empty() || states.contains(&summary.state)) {
+                continue;
+            }
+            page.total += 1;
+            if after.is_some_and(|after| vm_id <= after) {
+                continue;
+            }
+            if page.vms.len() < limit {
+                page.vms.push(summary.clone());
+            } else {
+                page.more = true;
+            }
+        }
+        page
     }
 
     /// The VM's console: its tail, its lines as they come, a wait for a line.

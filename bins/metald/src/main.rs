@@ -33,7 +33,8 @@ use crate::config::Settings;
     version,
     about = "Runs microVMs for many tenants behind the vmprovisioner.v1 API",
     after_help = "Settings come from built-in defaults, then the TOML file (--config), then METALD_* \
-                  environment variables (nested keys joined by `__`, e.g. METALD_BILLING__SINK=clickhouse), \
+                  environment variables named after a setting (nested keys joined by `__`, e.g. \
+                  METALD_BILLING__SINK=clickhouse; other METALD_* variables are not settings and are left alone), \
                   then these flags. Every setting is described in docs/api/configuration.md."
 )]
 struct Args {

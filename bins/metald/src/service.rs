@@ -282,19 +282,15 @@ impl wire::VmService for VmApi {
             Ok(asked) => asked.min(self.api.max_page_size),
         };
         let after = page_token_from_wire(&message.page_token)?;
-        let matching: Vec<_> =
-            self.manager.list(Some(&caller.tenant)).into_iter().filter(|vm| states.is_empty() || states.contains(&vm.state)).collect();
-        let total_count = i32::try_from(matching.len()).unwrap_or(i32::MAX);
-        let mut page: Vec<_> =
-            matching.into_iter().filter(|vm| after.as_ref().is_none_or(|after| vm.vm_id > *after)).take(page_size + 1).collect();
-        let next_page_token = if page.len() > page_size {
-            page.truncate(page_size);
-            page.last().map(|vm| page_token_to_wire(&vm.vm_id)).unwrap_or_default()
-        } else {
-            String::new()
+        let page = self.manager.list_page(&caller.tenant, &states, after.as_ref(), page_size);
+        let next_page_token = match (page.more, page.vms.last()) {
+            (true, Some(last)) => page_token_to_wire(&last.vm_id),
+            _ => String::new(),
         };
+        let total_count = i32::try_from(page.total).unwrap_or(i32::MAX);
         Response::ok(wire::ListVmsResponse {
             vms: page
+                .vms
                 .iter()
                 .map(|vm| {
                     let mut entry = vm_summary_to_wire(vm);

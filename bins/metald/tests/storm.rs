@@ -57,6 +57,32 @@ fn a_storm_of_100_vms_from_8_clients_leaves_consistent_states_and_nothing_behind
         assert_eq!(list.total_count as usize, VMS);
         assert!(list.vms.iter().all(|vm| vm.state.as_known() == Some(VmState::VM_STATE_RUNNING)), "all running");
         assert_eq!(host.live_vmms().len(), VMS, "one VMM per VM");
+        // Pages of 7 walk every VM once, in id order, each page telling the total.
+        let (mut walked, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = client
+                .list_vms(wire::ListVmsRequest { page_size: 7, page_token: token.clone(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_owned();
+            assert_eq!(page.total_count as usize, VMS);
+            assert!(page.vms.len() <= 7);
+            walked.extend(page.vms.iter().map(|vm| vm.vm_id.clone()));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        let mut sorted = walked.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!((walked.len(), &walked), (VMS, &sorted), "every VM once, in order");
+        let paused_only = client
+            .list_vms(wire::ListVmsRequest { state_filter: vec![VmState::VM_STATE_PAUSED.into()], ..Default::default() })
+            .await
+            .unwrap()
+            .into_owned();
+        assert_eq!((paused_only.total_count, paused_only.vms.len()), (0, 0));
 
         // Phase 2: each client takes its VMs through pause, resume and a
         // stop, while poking a neighbour's VMs with the same calls.
