@@ -33,17 +33,7 @@ impl BenchHost {
 
     /// A host whose manager `customise` adjusts (for example `.unjailed()`).
     pub fn with(customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder) -> Option<Self> {
-        if let Err(reason) = metald_testguest::kvm_usable() {
-            eprintln!("benchmark skipped: {reason}");
-            return None;
-        }
-        let firecracker = match metald_testguest::firecracker_binary() {
-            Ok(path) => path,
-            Err(reason) => {
-                eprintln!("benchmark skipped: {reason}");
-                return None;
-            }
-        };
+        let firecracker = firecracker_on_kvm()?;
         let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().ok()?;
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images).ok()?;
@@ -198,4 +188,20 @@ pub fn median(samples: &[Duration]) -> Duration {
 /// A duration in milliseconds with two decimals.
 pub fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// The Firecracker binary, when it and KVM are usable; otherwise `None`,
+/// after saying why the benchmark is skipped.
+pub fn firecracker_on_kvm() -> Option<PathBuf> {
+    if let Err(reason) = metald_testguest::kvm_usable() {
+        eprintln!("benchmark skipped: {reason}");
+        return None;
+    }
+    match metald_testguest::firecracker_binary() {
+        Ok(path) => Some(path),
+        Err(reason) => {
+            eprintln!("benchmark skipped: {reason}");
+            None
+        }
+    }
 }
