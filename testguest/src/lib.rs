@@ -117,3 +117,26 @@ pub fn require_firecracker(test: &str) -> Option<PathBuf> {
         Err(reason) => unmet(test, &reason),
     }
 }
+
+/// Live (not zombie) processes whose command line mentions `root` (an
+/// unjailed VMM started there) or whose cgroup path names `cgroup_parent`
+/// (a jailed one): what a test's VMs may have left running.
+pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
+    let needle = root.to_string_lossy().into_owned();
+    let cgroup_needle = format!("/{}/", cgroup_parent.display());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let jailed_here = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroups| cgroups.contains(&cgroup_needle));
+        if cmdline.is_empty() || !(jailed_here || String::from_utf8_lossy(&cmdline).contains(&needle)) {
+            continue;
+        }
+        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}

@@ -6,7 +6,7 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use metald_core::config::{MIB, StorageDevice};
@@ -114,7 +114,7 @@ impl Sandbox {
 
     /// Firecracker processes started from this sandbox that are still alive.
     pub fn live_vmms(&self) -> Vec<u32> {
-        vmm_processes(&self.vms, &self.jail.cgroup_parent)
+        testguest::vmm_processes(&self.vms, &self.jail.cgroup_parent)
     }
 
     /// The cgroup folders this sandbox's VMs may make (one per v1 controller, or one on v2).
@@ -171,26 +171,4 @@ impl Drop for Sandbox {
 
 fn fxhash(text: &str) -> u32 {
     text.bytes().fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
-}
-
-/// Live (not zombie) processes whose command line mentions `root` (an
-/// unjailed VMM) or whose cgroup path names `cgroup_parent` (a jailed one).
-pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
-    let needle = root.to_string_lossy().into_owned();
-    let cgroup_needle = format!("/{}/", cgroup_parent.display());
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let jailed_here = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroups| cgroups.contains(&cgroup_needle));
-        if cmdline.is_empty() || !(jailed_here || String::from_utf8_lossy(&cmdline).contains(&needle)) {
-            continue;
-        }
-        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if !zombie {
-            pids.push(pid);
-        }
-    }
-    pids
 }

@@ -249,7 +249,7 @@ impl Host {
 
     /// Live VMM processes of this test (by their cgroup, or their path for unjailed ones).
     pub fn live_vmms(&self) -> Vec<u32> {
-        vmm_processes(&self.data_dir(), &self.cgroup_parent)
+        testguest::vmm_processes(&self.data_dir(), Path::new(&self.cgroup_parent))
     }
 
     fn cgroup_parents(&self) -> Vec<PathBuf> {
@@ -434,29 +434,6 @@ pub async fn state_of(client: &Client, vm_id: &str) -> wire::VmState {
     let info =
         client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.expect("GetVmInfo").into_owned();
     info.state.as_known().expect("a known state")
-}
-
-/// Live (not zombie) processes whose command line mentions `root` (an
-/// unjailed VMM) or whose cgroup path names `cgroup_parent` (a jailed one).
-pub fn vmm_processes(root: &Path, cgroup_parent: &str) -> Vec<u32> {
-    let needle = root.to_string_lossy().into_owned();
-    let cgroup_needle = format!("/{cgroup_parent}/");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let jailed_here = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroups| cgroups.contains(&cgroup_needle));
-        let command = String::from_utf8_lossy(&cmdline);
-        if cmdline.is_empty() || !(jailed_here || command.contains(&needle)) {
-            continue;
-        }
-        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if !zombie {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// Counts by key, for readable assertion messages.
