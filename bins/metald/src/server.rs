@@ -31,12 +31,12 @@ const STOPPING: u8 = 2;
 
 impl Readiness {
     /// Starting becomes ready; a daemon already stopping stays so. True if now ready.
-    pub fn ready(&self) -> bool {
+    pub fn mark_ready(&self) -> bool {
         let _ = self.0.compare_exchange(STARTING, READY, Ordering::SeqCst, Ordering::SeqCst);
         self.is_ready()
     }
 
-    pub fn stopping(&self) {
+    pub fn mark_stopping(&self) {
         self.0.store(STOPPING, Ordering::SeqCst);
     }
 
@@ -74,10 +74,10 @@ fn method_of(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-fn code_of<T>(result: &Result<T, ConnectError>) -> String {
+fn code_of<T>(result: &Result<T, ConnectError>) -> &'static str {
     match result {
-        Ok(_) => "ok".to_owned(),
-        Err(error) => error.code.as_str().to_owned(),
+        Ok(_) => "ok",
+        Err(error) => error.code.as_str(),
     }
 }
 
@@ -110,11 +110,11 @@ impl CallGate {
 
     fn finish<T>(&self, path: &str, span: &tracing::Span, started: Instant, result: &Result<T, ConnectError>) {
         let code = code_of(result);
-        span.record("code", code.as_str());
+        span.record("code", code);
         if let Err(error) = result {
             tracing::info!(parent: span, code = error.code.as_str(), message = error.message.as_deref().unwrap_or(""), "call failed");
         }
-        self.metrics.observe_rpc(method_of(path), &code, started.elapsed());
+        self.metrics.observe_rpc(method_of(path), code, started.elapsed());
     }
 }
 

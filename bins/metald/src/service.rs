@@ -328,7 +328,8 @@ impl wire::VmService for VmApi {
         if let Some(vm_id) = &only {
             self.own_vm(&caller, "vm_id", vm_id.as_str())?;
         }
-        let watch = Watch { events, stopping: self.stopping.clone(), tenant: caller.tenant, only, redactor: self.redactor.clone() };
+        let watch =
+            Watch { events, stopping: self.stopping.clone(), tenant: caller.tenant, only, redactor: self.redactor.clone(), ended: false };
         Ok(Response::stream(futures::stream::unfold(watch, Watch::next)))
     }
 }
@@ -340,12 +341,14 @@ struct Watch {
     tenant: metald_core::TenantId,
     only: Option<VmId>,
     redactor: Redactor,
+    /// The stream told the caller why it ends; nothing follows.
+    ended: bool,
 }
 
 impl Watch {
     async fn next(mut self) -> Option<(Result<wire::VmEvent, ConnectError>, Self)> {
         loop {
-            if *self.stopping.borrow() {
+            if self.ended || *self.stopping.borrow() {
                 return None;
             }
             let received = tokio::select! {
@@ -363,8 +366,8 @@ impl Watch {
                     let error = ConnectError::aborted(format!(
                         "the watch fell {missed} events behind and was ended; reconnect and read ListVms for the current states"
                     ));
-                    self.only = None;
-                    return Some((Err(error), Watch { stopping: watch::channel(true).1, ..self }));
+                    self.ended = true;
+                    return Some((Err(error), self));
                 }
                 Err(broadcast::error::RecvError::Closed) => return None,
             }

@@ -98,7 +98,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         async move {
             wait_for_stop_signal().await;
             tracing::info!("stopping: no new calls; calls in flight finish; VMs keep running");
-            readiness.stopping();
+            readiness.mark_stopping();
             let _ = stop.send(true);
         }
     };
@@ -121,7 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for (vm_id, reason) in &recovery.lost {
         tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
     }
-    if readiness.ready() {
+    if readiness.mark_ready() {
         tracing::info!(%address, "metald serving");
     }
     server.await.context("the server task ended abnormally")?.context("the server stopped")?;
