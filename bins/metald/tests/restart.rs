@@ -186,7 +186,8 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
                 client.shutdown_vm(wire::ShutdownVmRequest { vm_id: stubborn, timeout_seconds: 2, ..Default::default() }).await
             })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The guest saying it ignored the request proves the call is inside metald.
+        wait_for_console(&client, &stubborn, console::IGNORED_SHUTDOWN).await;
         let daemon = Pid::from_raw(host.pid() as i32);
         kill(daemon, Signal::SIGTERM).unwrap();
         let answer = slow.await.unwrap().expect("the call in flight finished").into_owned();
