@@ -132,11 +132,19 @@ pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
         if cmdline.is_empty() || !(jailed_here || String::from_utf8_lossy(&cmdline).contains(&needle)) {
             continue;
         }
-        let state = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if !zombie {
+        if !is_zombie(pid) {
             pids.push(pid);
         }
     }
     pids
+}
+
+/// The process exists and has not ended (a zombie has ended; only its parent's wait is missing).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::metadata(format!("/proc/{pid}")).is_ok() && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }

@@ -21,12 +21,6 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-fn alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
-}
-
 async fn vmm_pid(client: &common::Client, vm_id: &str) -> u32 {
     let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.unwrap().into_owned();
     info.backend_info["pid"].parse().unwrap()
@@ -87,7 +81,7 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
     wait_for_records_after(&host, &running, now_ms());
 
     host.kill();
-    assert!(pids.values().all(|pid| alive(*pid)), "every VMM outlived metald");
+    assert!(pids.values().all(|pid| metald_testguest::process_alive(*pid)), "every VMM outlived metald");
     let doomed_pid = pids[&doomed];
     kill(Pid::from_raw(doomed_pid as i32), Signal::SIGKILL).unwrap();
     // The VMs run on, unwatched and unmetered, for a while.
@@ -196,7 +190,7 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
     });
     let status = host.terminate();
     assert!(status.success(), "metald exits cleanly on SIGTERM: {status}");
-    assert!(alive(keeper_pid), "the running VM outlived metald");
+    assert!(metald_testguest::process_alive(keeper_pid), "the running VM outlived metald");
     assert!(host.log().contains("VMs keep running"), "{}", host.log());
 
     host.launch();
