@@ -150,16 +150,27 @@ async fn a_late_tick_is_recorded_as_missed_in_a_longer_interval_and_nothing_is_l
         kind: VmEventKind::Booted(running),
     };
     events.send(booted).unwrap();
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
-    let missed = billing.meter_stats().missed_ticks.load(Ordering::Relaxed);
+    let stats = Arc::clone(billing.meter_stats());
+    // The stall happens on the third read; a few ticks after it, the meter is stopped.
+    let started = std::time::Instant::now();
+    while stats.ticks.load(Ordering::Relaxed) < 8 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the meter never ticked eight times");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     billing.stop().await;
+    let missed = stats.missed_ticks.load(Ordering::Relaxed);
 
     let records: Vec<UsageRecord> =
         std::fs::read_to_string(&usage_file).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect();
     assert!(missed >= 2, "the meter counted {missed} missed ticks for a 350 ms stall");
-    let late: Vec<&UsageRecord> = records.iter().filter(|record| record.missed_ticks > 0).collect();
-    assert_eq!(late.len(), 1, "one record covers the stall: {records:?}");
-    assert!(late[0].missed_ticks >= 2 && late[0].duration_ms() >= 300, "{:?}", late[0]);
+    // A busy host may make other ticks late too, some perhaps before the VM was metered; every
+    // missed tick a record shows was counted, and one record covers the stall.
+    let recorded: u64 = records.iter().map(|record| u64::from(record.missed_ticks)).sum();
+    assert!(recorded <= missed, "records show {recorded} missed ticks, the meter counted {missed}: {records:?}");
+    assert!(
+        records.iter().any(|record| record.missed_ticks >= 2 && record.duration_ms() >= 300),
+        "no record covers the stall: {records:?}"
+    );
     for pair in records.windows(2) {
         assert_eq!(pair[1].sequence, pair[0].sequence + 1);
         assert_eq!(pair[1].start_ms, pair[0].end_ms, "a gap in time around {:?}", pair[1]);

@@ -233,19 +233,35 @@ async fn a_hosts_billing_pipeline_can_deliver_through_billaged() {
     };
     let running = metald_core::events::RunningVmm { pid: Some(1), cgroup: None, taps: Vec::new(), vcpus: 2, memory_bytes: 256 << 20 };
     events.send(event(metald_core::VmEventKind::Booted(running))).unwrap();
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // How fast rows come depends on what else the host runs; the test waits for
+    // several batches and heartbeats to have gone through billaged, however long that takes.
+    let reader = ClickHouseSink::new(&clickhouse.url(), DATABASE, "reader");
+    let rows_sql = "SELECT count() FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'";
+    let heartbeats_sql = "SELECT count() FROM {db}.host_heartbeats WHERE host_id = 'host-c'";
+    wait_until("five rows through billaged", || async { count(&reader, rows_sql).await >= 5 }).await;
+    wait_until("two heartbeats through billaged", || async { count(&reader, heartbeats_sql).await >= 2 }).await;
     events.send(event(metald_core::VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None })).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stopping takes the final record on the meter's last tick and delivers it.
     billing.stop().await;
 
     assert_eq!(spool.depth().unwrap().records, 0);
-    let reader = ClickHouseSink::new(&clickhouse.url(), DATABASE, "reader");
-    let rows = count(&reader, "SELECT count() FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'").await;
+    let rows = count(&reader, rows_sql).await;
     let last = count(&reader, "SELECT max(sequence) FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'").await;
     let finals = count(&reader, "SELECT countIf(final_record = 1) FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'").await;
-    assert!(rows >= 5, "only {rows} rows for 700 ms of metering");
-    assert_eq!((rows, finals), (last, 1));
-    assert!(count(&reader, "SELECT count() FROM {db}.host_heartbeats WHERE host_id = 'host-c'").await >= 2);
+    assert_eq!((rows, finals), (last, 1), "each interval once, and one final record");
+}
+
+/// Polls `check` until it holds; a test that waits longer than a minute has failed.
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A VM whose counters never move: this test is about the path, not the figures.

@@ -85,8 +85,11 @@ fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     let info: serde_json::Value = serde_json::from_str(&ctl.ok(&["info", &vm_id, "--json"])).unwrap();
     assert_eq!(info["customerId"], "acme", "{info}");
 
-    let watch = ctl.command(&["--json", "watch", &vm_id]).stdout(Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut watch = ctl.command(&["--json", "watch", &vm_id]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let watching = lines_of(watch.stderr.take().unwrap());
+    let said = watching.recv_timeout(Duration::from_secs(60)).unwrap();
+    assert!(said.starts_with("metalctl: watching "), "{said}");
+    let watched = lines_of(watch.stdout.take().unwrap());
     ctl.ok(&["pause", &vm_id]);
     let (code, message) = ctl.fails(&["pause", &vm_id]);
     assert_eq!(code, 4, "pausing a paused VM is a conflict: {message}");
@@ -96,16 +99,15 @@ fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     ctl.ok(&["shutdown", &vm_id, "--timeout", "10"]);
     ctl.ok(&["boot", &vm_id]);
     ctl.ok(&["delete", &vm_id, "--force"]);
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(watch.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
-    let watched = watch.wait_with_output().unwrap();
-    assert!(watched.status.success(), "watch ends cleanly on Ctrl-C: {:?}", watched.status);
-    let kinds: Vec<String> = String::from_utf8(watched.stdout)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"].as_str().unwrap().to_owned())
-        .collect();
+    let mut kinds = Vec::new();
+    while kinds.last().is_none_or(|kind| kind != "deleted") {
+        let line = watched.recv_timeout(Duration::from_secs(60)).expect("watch printed no deleted event");
+        kinds.push(serde_json::from_str::<serde_json::Value>(&line).unwrap()["kind"].as_str().unwrap().to_owned());
+    }
     assert_eq!(kinds, ["paused", "resumed", "rebooted", "stopped", "booted", "stopped", "deleted"]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(watch.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = watch.wait().unwrap();
+    assert!(status.success(), "watch ends cleanly on Ctrl-C: {status:?}");
 
     let (code, _) = ctl.fails(&["info", &vm_id]);
     assert_eq!(code, 3, "a deleted VM is not found");
@@ -119,4 +121,18 @@ fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     let (code, message) = ctl.fails(&["--endpoint", "http://127.0.0.1:9", "list"]);
     assert_eq!(code, 8, "an unreachable host: {message}");
     assert_eq!(host.leftovers(), Vec::<String>::new());
+}
+
+/// The lines a child writes to a pipe, as they come, read on a thread of their own
+/// so that a test can wait for one with a deadline.
+fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
 }

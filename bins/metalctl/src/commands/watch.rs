@@ -21,6 +21,9 @@ pub async fn watch(api: &Api, out: &mut Printer, args: &WatchArgs) -> Result<(),
         result = &mut stop => return result,
         stream = api.vms().watch_vms_with_options(request, api.stream()) => stream?,
     };
+    // The host subscribes before it answers, so from here on no event is missed;
+    // a script can wait for this line before it acts.
+    eprintln!("metalctl: watching {} (Ctrl-C to stop)", args.vm_id.as_deref().unwrap_or("all your VMs"));
     loop {
         let message = tokio::select! {
             result = &mut stop => return result,
