@@ -97,15 +97,21 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
     tokio::time::sleep(Duration::from_millis(800)).await;
     sandbox.manager.resume(&vm_id).await.unwrap();
     let pause_bound_ms = u64::try_from(around_pause.elapsed().as_millis()).unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     let records = || {
         let text = std::fs::read_to_string(&usage_file).unwrap_or_default();
-        text.lines()
+        metald_testguest::finished_lines(&text)
             .map(|line| serde_json::from_str::<UsageRecord>(line).unwrap())
             .filter(|record| record.vm_id == vm_id)
             .collect::<Vec<_>>()
     };
+    // Running again for at least a few whole intervals, however busy the host is.
+    wait_until("whole running intervals after the pause", Duration::from_secs(60), || {
+        let records = records();
+        let after = records.iter().rposition(|record| record.paused).map_or(0, |last| records.len() - last - 1);
+        async move { after >= 3 }
+    })
+    .await;
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     wait_until("the final record", Duration::from_secs(10), || {
         let done = records().iter().any(|record| record.final_record);
         async move { done }

@@ -7,6 +7,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -43,6 +44,10 @@ impl Namespaces {
         };
         ip(&["netns", "add", &vmm]);
         ip(&["netns", "add", &guest]);
+        // No IPv6 on these links: its neighbour discovery would add packets the test does not send.
+        for name in [&vmm, &guest] {
+            ip(&["netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
+        }
         ip(&["-n", &vmm, "link", "add", "tap0", "type", "veth", "peer", "name", "eth0", "netns", &guest]);
         ip(&["-n", &vmm, "addr", "add", "10.99.0.1/24", "dev", "tap0"]);
         ip(&["-n", &guest, "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
@@ -50,7 +55,13 @@ impl Namespaces {
         ip(&["-n", &guest, "link", "set", "eth0", "up"]);
         // A process in the VMM's namespace, as the VMM would be.
         namespaces.holder = Command::new("ip").args(["netns", "exec", &vmm, "sleep", "60"]).stdout(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(100));
+        let wanted = std::fs::metadata(format!("/run/netns/{vmm}")).unwrap().ino();
+        let holder_namespace = format!("/proc/{}/ns/net", namespaces.holder.id());
+        let started = std::time::Instant::now();
+        while std::fs::metadata(&holder_namespace).map(|namespace| namespace.ino()).ok() != Some(wanted) {
+            assert!(started.elapsed() < Duration::from_secs(30), "the holder never entered {vmm}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         Some(namespaces)
     }
 

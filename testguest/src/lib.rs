@@ -139,6 +139,12 @@ pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
     pids
 }
 
+/// The lines of a file another process is still appending to that it has
+/// finished writing: a last line without its newline may be half a record.
+pub fn finished_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.split_inclusive('\n').filter_map(|line| line.strip_suffix('\n')).filter(|line| !line.trim().is_empty())
+}
+
 /// The process exists and has not ended (a zombie has ended; only its parent's wait is missing).
 pub fn process_alive(pid: u32) -> bool {
     std::fs::metadata(format!("/proc/{pid}")).is_ok() && !is_zombie(pid)

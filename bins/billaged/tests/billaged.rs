@@ -102,13 +102,7 @@ async fn count(sink: &ClickHouseSink, sql: &str) -> u64 {
 
 /// Waits until billaged has migrated the schema and takes batches.
 async fn ready(service: &ServiceSink) {
-    for _ in 0..200 {
-        if service.heartbeat(&HostHeartbeat::default()).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("billaged never became ready");
+    wait_until("billaged to take heartbeats", || async { service.heartbeat(&HostHeartbeat::default()).await.is_ok() }).await;
 }
 
 #[tokio::test]

@@ -297,7 +297,7 @@ fn bad_requests_get_clear_errors_and_leave_the_daemon_unharmed() {
 #[test]
 fn a_silent_vmm_is_unavailable_and_a_taken_id_already_exists() {
     let test = "a_silent_vmm_is_unavailable_and_a_taken_id_already_exists";
-    let Some(host) = Host::start(test, HostOptions { vmm_api_timeout_seconds: Some(2), ..HostOptions::default() }) else { return };
+    let Some(host) = Host::start(test, HostOptions { vmm_api_timeout_seconds: Some(5), ..HostOptions::default() }) else { return };
     runtime().block_on(async {
         let client = host.client("acme", Wire::ConnectProto);
         let vm_id = common::boot_guest(&client, &[]).await;

@@ -112,6 +112,21 @@ impl Sandbox {
         }
     }
 
+    /// Follows `lines` until nothing has come for a while and returns the last
+    /// line: once a guest is paused, what it printed before may still be on its
+    /// way through the console reader, more so on a busy host.
+    pub async fn last_line_once_quiet(lines: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<str>>) -> Option<std::sync::Arc<str>> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut last = None;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(500), lines.recv()).await {
+                Ok(Ok(line)) => last = Some(line),
+                Ok(Err(RecvError::Lagged(_))) => {}
+                Ok(Err(RecvError::Closed)) | Err(_) => return last,
+            }
+        }
+    }
+
     /// Firecracker processes started from this sandbox that are still alive.
     pub fn live_vmms(&self) -> Vec<u32> {
         testguest::vmm_processes(&self.vms, &self.jail.cgroup_parent)

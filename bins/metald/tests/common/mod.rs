@@ -295,7 +295,7 @@ impl Host {
     /// Usage records the file sink holds, in file order.
     pub fn usage_records(&self) -> Vec<serde_json::Value> {
         let text = std::fs::read_to_string(self.data_dir().join("usage.jsonl")).unwrap_or_default();
-        text.lines().filter(|line| !line.trim().is_empty()).map(|line| serde_json::from_str(line).unwrap()).collect()
+        testguest::finished_lines(&text).map(|line| serde_json::from_str(line).unwrap()).collect()
     }
 }
 
