@@ -48,7 +48,7 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
     }
 
     sandbox.manager.resume(&vm_id).await.unwrap();
-    let beat = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await.expect("a heartbeat after resume").unwrap();
+    let beat = tokio::time::timeout(Duration::from_secs(20), lines.recv()).await.expect("a heartbeat after resume").unwrap();
     assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
 
     sandbox.manager.shutdown(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await.unwrap();
@@ -88,7 +88,7 @@ async fn a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason() {
     let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid.unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
 
-    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("the death is noticed").unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(20), events.recv()).await.expect("the death is noticed").unwrap();
     match &event.kind {
         VmEventKind::Failed { reason, exit, .. } => {
             assert!(reason.contains("killed by signal 9 (SIGKILL)"), "{reason}");

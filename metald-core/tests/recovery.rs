@@ -112,7 +112,7 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
         assert_eq!(manager.state(&first.running).unwrap(), VmState::Running);
         let console = manager.console(&first.running).unwrap();
         let mut lines = console.subscribe();
-        let beat = tokio::time::timeout(Duration::from_secs(5), lines.recv()).await.expect("a heartbeat after the takeover").unwrap();
+        let beat = tokio::time::timeout(Duration::from_secs(20), lines.recv()).await.expect("a heartbeat after the takeover").unwrap();
         assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
         let info = manager.info(&first.running).await.unwrap();
         assert_eq!(info.vmm.unwrap().vmm_state, "Running");
@@ -127,7 +127,7 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
         manager.resume(&first.paused).await.unwrap();
         let paused_console = manager.console(&first.paused).unwrap();
         let mut paused_lines = paused_console.subscribe();
-        let beat = tokio::time::timeout(Duration::from_secs(5), paused_lines.recv()).await.expect("a heartbeat after resume").unwrap();
+        let beat = tokio::time::timeout(Duration::from_secs(20), paused_lines.recv()).await.expect("a heartbeat after resume").unwrap();
         assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
         assert_eq!(manager.state(&first.stopped).unwrap(), VmState::Shutdown);
         manager.boot(&first.stopped).await.unwrap();

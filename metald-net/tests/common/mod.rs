@@ -179,7 +179,7 @@ impl Guest {
     pub fn resolve_gateway(&self) -> [u8; 6] {
         self.send(&neighbor_solicitation(self.mac, self.address, self.gateway));
         let advert = self
-            .receive(Duration::from_secs(3), |frame| frame.icmpv6_type() == Some(136) && frame.destination() == Some(self.address))
+            .receive(Duration::from_secs(20), |frame| frame.icmpv6_type() == Some(136) && frame.destination() == Some(self.address))
             .expect("the gateway answers neighbour discovery");
         advert.source_mac()
     }
