@@ -17,7 +17,7 @@ use metald_core::backend::BackendError;
 use metald_core::images::ImageError;
 use metald_core::jailer::JailError;
 use metald_core::launch::LaunchError;
-use metald_core::manager::ManagerError;
+use metald_core::manager::{BackendOperation, ManagerError};
 use metald_core::network::NetworkError;
 
 use crate::convert::WireError;
@@ -36,7 +36,7 @@ pub fn manager_error_to_connect(error: &ManagerError) -> ConnectError {
         ManagerError::WrongState { vm_id, operation, current, required } => {
             ConnectError::failed_precondition(format!("VM {vm_id} is {current}; to {operation} it must be {required}"))
         }
-        ManagerError::Backend { vm_id, backend, operation, source } => backend_error_to_connect(error, vm_id, backend, operation, source),
+        ManagerError::Backend { vm_id, backend, operation, source } => backend_error_to_connect(error, vm_id, backend, *operation, source),
         ManagerError::ShuttingDown => ConnectError::unavailable("the host is shutting down; the operation did not finish"),
         ManagerError::DeleteIncomplete { vm_id, problems: _ } => {
             log_host_error(error);
@@ -94,7 +94,13 @@ fn network_error_to_connect(error: &ManagerError, network: &NetworkError) -> Con
 /// A dead or silent VMM is `unavailable`; what the backend cannot do is
 /// `unimplemented`, or `invalid_argument` naming the field that asked for
 /// it; the rest is `internal`.
-fn backend_error_to_connect(error: &ManagerError, vm_id: &VmId, backend: &str, operation: &str, source: &BackendError) -> ConnectError {
+fn backend_error_to_connect(
+    error: &ManagerError,
+    vm_id: &VmId,
+    backend: &str,
+    operation: BackendOperation,
+    source: &BackendError,
+) -> ConnectError {
     match source {
         BackendError::Unsupported { vmm: _, operation: what } => {
             ConnectError::unimplemented(format!("the {backend} backend of this host cannot {what}"))
@@ -168,7 +174,7 @@ mod tests {
     }
 
     fn backend(source: BackendError) -> ManagerError {
-        ManagerError::Backend { vm_id: vm(), backend: "firecracker", operation: "boot", source: Box::new(source) }
+        ManagerError::Backend { vm_id: vm(), backend: "firecracker", operation: BackendOperation::Boot, source: Box::new(source) }
     }
 
     fn assert_generic_internal((code, message): (ErrorCode, String)) {

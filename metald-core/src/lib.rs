@@ -50,7 +50,9 @@ pub use backend::{Capabilities, DeviceCounters, VmmBackend, VmmInfo, VmmMetrics}
 pub use config::VmConfig;
 pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};
-pub use manager::{CreateVm, ManagerError, Recovery, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmPage, VmSummary};
+pub use manager::{
+    BackendOperation, CreateVm, ManagerError, Recovery, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmPage, VmSummary,
+};
 pub use state::VmState;
 
 /// An error and every cause below it on one line, outermost first.

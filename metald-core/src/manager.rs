@@ -77,7 +77,7 @@ pub enum ManagerError {
     Backend {
         vm_id: VmId,
         backend: &'static str,
-        operation: &'static str,
+        operation: BackendOperation,
         #[source]
         source: Box<BackendError>,
     },
@@ -116,6 +116,59 @@ impl ManagerError {
             ManagerError::Network(NetworkError::Refused { field, .. }) => Some(field),
             _ => None,
         }
+    }
+}
+
+/// What the manager asked of the backend. It reads as a verb in messages
+/// ("failed to shut down VM web-1"); [`BackendOperation::label`] is its
+/// stable name for metrics and logs that are queried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendOperation {
+    Create,
+    Boot,
+    Reboot,
+    Pause,
+    Resume,
+    Shutdown,
+    /// A graceful stop of a paused VM resumes it first, so that its guest can act on the request.
+    ResumeBeforeShutdown,
+    Recover,
+    Reattach,
+    ReadMetrics,
+}
+
+impl BackendOperation {
+    /// Lower-case, no spaces: `create`, `boot`, `reboot`, `pause`, `resume`,
+    /// `shutdown`, `resume_before_shutdown`, `recover`, `reattach`, `read_metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Boot => "boot",
+            Self::Reboot => "reboot",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Shutdown => "shutdown",
+            Self::ResumeBeforeShutdown => "resume_before_shutdown",
+            Self::Recover => "recover",
+            Self::Reattach => "reattach",
+            Self::ReadMetrics => "read_metrics",
+        }
+    }
+
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Shutdown => "shut down",
+            Self::ResumeBeforeShutdown => "resume before shutdown",
+            Self::Reattach => "reattach to",
+            Self::ReadMetrics => "read metrics of",
+            other => other.label(),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendOperation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.verb())
     }
 }
 
@@ -601,7 +654,7 @@ impl VmManager {
         vm_dir: &Path,
         console: ConsoleLog,
     ) -> Result<Prepared, ManagerError> {
-        let identity = self.inner.backend.lease_identity().map_err(|source| self.backend_error(vm_id, "create", source))?;
+        let identity = self.inner.backend.lease_identity().map_err(|source| self.backend_error(vm_id, BackendOperation::Create, source))?;
         let network = match &self.inner.network {
             Some(provider) if !config.network.is_empty() => {
                 let owner = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
@@ -644,7 +697,7 @@ impl VmManager {
             source,
         })?;
         let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network, DriveCopies::Make)?;
-        self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, "create", source))
+        self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, BackendOperation::Create, source))
     }
 
     /// What the backend needs to run the VM: its resolved images, its
@@ -746,14 +799,14 @@ impl VmManager {
                 self.transition(&mut locked, VmState::Running, VmEventKind::Booted(running));
                 Ok(())
             }
-            Err(source) => Err(self.fail_operation(&mut locked, "boot", source).await),
+            Err(source) => Err(self.fail_operation(&mut locked, BackendOperation::Boot, source).await),
         }
     }
 
     async fn pause_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "pause", VmState::Paused)?;
-        locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, "pause", source))?;
+        locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Pause, source))?;
         let usage = cgroup_usage(&locked.entry);
         self.transition(&mut locked, VmState::Paused, VmEventKind::Paused { usage });
         Ok(())
@@ -764,7 +817,7 @@ impl VmManager {
         // The table lets Created and Shutdown become Running too, but that is a boot.
         self.require(&locked, "resume", &[VmState::Paused], "Paused")?;
         let usage = cgroup_usage(&locked.entry);
-        locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, "resume", source))?;
+        locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Resume, source))?;
         self.transition(&mut locked, VmState::Running, VmEventKind::Resumed { usage });
         Ok(())
     }
@@ -780,9 +833,15 @@ impl VmManager {
         let mode = self.stop_mode(options);
         // A paused guest cannot see Ctrl+Alt+Del; let it run to hear it.
         if locked.entry.state == VmState::Paused && matches!(mode, StopMode::Graceful { .. }) {
-            locked.entry.instance.resume().await.map_err(|source| self.backend_error(&vm_id, "resume before shutdown", source))?;
+            locked
+                .entry
+                .instance
+                .resume()
+                .await
+                .map_err(|source| self.backend_error(&vm_id, BackendOperation::ResumeBeforeShutdown, source))?;
         }
-        let outcome = locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, "shut down", source))?;
+        let outcome =
+            locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, BackendOperation::Shutdown, source))?;
         locked.entry.last_exit = Some(outcome.exit);
         locked.entry.booted_at = None;
         let usage = locked.entry.instance.take_ended_usage();
@@ -820,7 +879,7 @@ impl VmManager {
                 self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { running, ended });
                 Ok(())
             }
-            Err(source) => Err(self.fail_operation(&mut locked, "reboot", source).await),
+            Err(source) => Err(self.fail_operation(&mut locked, BackendOperation::Reboot, source).await),
         }
     }
 
@@ -903,9 +962,11 @@ impl VmManager {
         let vm_dir = self.inner.vm_root.join(vm_id.as_str());
         let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
         let identity = match record.identity {
-            Some((uid, gid)) => {
-                self.inner.backend.reserve_identity(uid, gid).map_err(|source| self.backend_error(&vm_id, "recover", source))?
-            }
+            Some((uid, gid)) => self
+                .inner
+                .backend
+                .reserve_identity(uid, gid)
+                .map_err(|source| self.backend_error(&vm_id, BackendOperation::Recover, source))?,
             None => None,
         };
         let network = match (record.network, &self.inner.network) {
@@ -933,7 +994,7 @@ impl VmManager {
                         .backend
                         .reattach(spec, console.clone(), ticket)
                         .await
-                        .map_err(|source| self.backend_error(&vm_id, "reattach to", source)),
+                        .map_err(|source| self.backend_error(&vm_id, BackendOperation::Reattach, source)),
                     Err(error) => Err(error),
                 };
                 match reattached {
@@ -1042,7 +1103,7 @@ impl VmManager {
                 required: "Created, Running or Paused",
             });
         }
-        locked.entry.instance.metrics().await.map_err(|source| self.backend_error(vm_id, "read metrics of", source))
+        locked.entry.instance.metrics().await.map_err(|source| self.backend_error(vm_id, BackendOperation::ReadMetrics, source))
     }
 
     /// The state of one VM, without waiting for an operation in progress.
@@ -1149,12 +1210,12 @@ impl VmManager {
         publish(&self.inner, slot, entry, kind);
     }
 
-    fn backend_error(&self, vm_id: &VmId, operation: &'static str, source: BackendError) -> ManagerError {
+    fn backend_error(&self, vm_id: &VmId, operation: BackendOperation, source: BackendError) -> ManagerError {
         ManagerError::Backend { vm_id: vm_id.clone(), backend: self.inner.backend.name(), operation, source: Box::new(source) }
     }
 
     /// A boot or reboot that failed leaves the VM Failed, with no VMM left.
-    async fn fail_operation(&self, locked: &mut Locked, operation: &'static str, source: BackendError) -> ManagerError {
+    async fn fail_operation(&self, locked: &mut Locked, operation: BackendOperation, source: BackendError) -> ManagerError {
         let vm_id = locked.slot.vm_id.clone();
         let error = self.backend_error(&vm_id, operation, source);
         let reason = crate::error_chain(&error);
@@ -1392,4 +1453,34 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 fn lock_summary(slot: &VmSlot) -> std::sync::MutexGuard<'_, VmSummary> {
     slot.summary.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BackendOperation;
+
+    #[test]
+    fn a_backend_operation_reads_as_a_verb_and_labels_as_one_word() {
+        let all = [
+            BackendOperation::Create,
+            BackendOperation::Boot,
+            BackendOperation::Reboot,
+            BackendOperation::Pause,
+            BackendOperation::Resume,
+            BackendOperation::Shutdown,
+            BackendOperation::ResumeBeforeShutdown,
+            BackendOperation::Recover,
+            BackendOperation::Reattach,
+            BackendOperation::ReadMetrics,
+        ];
+        for operation in all {
+            let label = operation.label();
+            assert!(label.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "{label}");
+        }
+        let labels: std::collections::HashSet<&str> = all.iter().map(|operation| operation.label()).collect();
+        assert_eq!(labels.len(), all.len(), "labels are distinct");
+        assert_eq!(BackendOperation::Shutdown.to_string(), "shut down");
+        assert_eq!(BackendOperation::ReadMetrics.to_string(), "read metrics of");
+        assert_eq!(BackendOperation::Pause.to_string(), "pause");
+    }
 }

@@ -113,7 +113,9 @@ async fn a_kernel_firecracker_cannot_load_fails_the_boot_with_firecrackers_messa
     let vm_id = create(&sandbox, config).await.unwrap();
 
     let error = sandbox.manager.boot(&vm_id).await.unwrap_err();
-    let ManagerError::Backend { source, operation: "boot", .. } = &error else { panic!("expected a backend error, got {error}") };
+    let ManagerError::Backend { source, operation: metald_core::BackendOperation::Boot, .. } = &error else {
+        panic!("expected a backend error, got {error}")
+    };
     match source.as_ref() {
         BackendError::Api { status, fault_message, path, .. } => {
             assert_eq!(*status, 400);
@@ -139,7 +141,9 @@ async fn a_refusal_while_configuring_firecracker_leaves_nothing() {
     config.cpu.features.insert("smt".into(), "true".into());
     let error = create(&sandbox, config).await.unwrap_err();
     let chain = metald_core::error_chain(&error);
-    let ManagerError::Backend { source, operation: "create", .. } = &error else { panic!("expected a backend error, got {chain}") };
+    let ManagerError::Backend { source, operation: metald_core::BackendOperation::Create, .. } = &error else {
+        panic!("expected a backend error, got {chain}")
+    };
     match source.as_ref() {
         BackendError::Api { path, status, fault_message, .. } => {
             assert_eq!((path.as_str(), *status), ("/machine-config", 400));

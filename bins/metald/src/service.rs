@@ -94,10 +94,14 @@ impl VmApi {
 
     /// A manager error for the caller, counting the backend's failures.
     fn fail(&self, error: &ManagerError) -> ConnectError {
-        if let ManagerError::Backend { operation, .. } = error {
-            self.metrics.backend_error(operation);
-        }
+        self.count_backend_error(error);
         manager_error_to_connect(error)
+    }
+
+    fn count_backend_error(&self, error: &ManagerError) {
+        if let ManagerError::Backend { operation, .. } = error {
+            self.metrics.backend_error(operation.label());
+        }
     }
 
     /// The caller's VM named in `field`, or NotFound, whether the VM is
@@ -253,6 +257,7 @@ impl wire::VmService for VmApi {
                 // The VM changed state in between, or its VMM did not
                 // answer: the info is still worth answering without figures.
                 Err(error) => {
+                    self.count_backend_error(&error);
                     tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "metrics unavailable");
                     None
                 }
