@@ -12,12 +12,13 @@ mod sandbox;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{RowView, assert_complete, vm_rows, wait_until};
+use common::{RowView, assert_complete, vm_rows};
 use metald_billing::clickhouse::ClickHouseSink;
 use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::{Billing, BillingConfig, JsonLinesSink, Spool, UsageRecord};
 use metald_core::events::{VmEvent, VmEventKind};
 use metald_core::{StopOptions, VmId};
+use metald_testguest::wait_until;
 use metald_testguest::{cmdline, console};
 use sandbox::Sandbox;
 use tokio::sync::broadcast;

@@ -163,11 +163,7 @@ async fn a_late_tick_is_recorded_as_missed_in_a_longer_interval_and_nothing_is_l
     events.send(booted).unwrap();
     let stats = Arc::clone(billing.meter_stats());
     // The stall happens on the third read; a few ticks after it, the meter is stopped.
-    let started = std::time::Instant::now();
-    while stats.ticks.load(Ordering::Relaxed) < 8 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the meter never ticked eight times");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    metald_testguest::wait_until("eight meter ticks", Duration::from_secs(60), || async { stats.ticks.load(Ordering::Relaxed) >= 8 }).await;
     billing.stop().await;
     let missed = stats.missed_ticks.load(Ordering::Relaxed);
 

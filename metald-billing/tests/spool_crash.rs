@@ -190,7 +190,7 @@ async fn a_vm_whose_vmm_changed_while_nothing_metered_it_gets_a_reported_gap() {
     let running = RunningVmm { pid: Some(8), cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 128 << 20 };
     events.send(event(1, booted, VmEventKind::Booted(running))).unwrap();
     let usage_file_has_records = || async { std::fs::read_to_string(&usage_file).is_ok_and(|usage| !usage.is_empty()) };
-    common::wait_until("the new VMM's first record", Duration::from_secs(60), usage_file_has_records).await;
+    metald_testguest::wait_until("the new VMM's first record", Duration::from_secs(60), usage_file_has_records).await;
     billing.stop().await;
 
     let gaps = std::fs::read_to_string(dir.path().join("usage.jsonl.gaps")).unwrap();

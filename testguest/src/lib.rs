@@ -15,6 +15,7 @@ pub mod clickhouse;
 use std::fs::OpenOptions;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// The test guest's ELF kernel, built by this crate's build script.
 pub fn kernel_path() -> &'static Path {
@@ -137,6 +138,20 @@ pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// Polls `check` every 50 ms until it holds; a test that waits longer than
+/// `limit` has failed. The limit only bounds a failure, so make it generous.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The lines of a file another process is still appending to that it has

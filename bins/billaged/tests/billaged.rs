@@ -20,10 +20,13 @@ use metald_billing::service::{ServiceSink, record_to_wire};
 use metald_billing::{Batch, BillingSink, Counters, HostHeartbeat, UsageGap, UsageRecord};
 use metald_core::{TenantId, VmId};
 use metald_testguest::clickhouse::{ClickHouseServer, require_clickhouse};
+use metald_testguest::wait_until;
 
 const DATABASE: &str = "billing";
 const MAX_RECORDS: usize = 1_000;
 const MAX_BODY: usize = 256 * 1024;
+/// How long a test waits for what must come on a busy host before it fails.
+const WAIT_LIMIT: Duration = Duration::from_secs(60);
 
 struct Billaged {
     process: Child,
@@ -102,7 +105,7 @@ async fn count(sink: &ClickHouseSink, sql: &str) -> u64 {
 
 /// Waits until billaged has migrated the schema and takes batches.
 async fn ready(service: &ServiceSink) {
-    wait_until("billaged to take heartbeats", || async { service.heartbeat(&HostHeartbeat::default()).await.is_ok() }).await;
+    wait_until("billaged to take heartbeats", WAIT_LIMIT, || async { service.heartbeat(&HostHeartbeat::default()).await.is_ok() }).await;
 }
 
 #[tokio::test]
@@ -232,8 +235,8 @@ async fn a_hosts_billing_pipeline_can_deliver_through_billaged() {
     let reader = ClickHouseSink::new(&clickhouse.url(), DATABASE, "reader");
     let rows_sql = "SELECT count() FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'";
     let heartbeats_sql = "SELECT count() FROM {db}.host_heartbeats WHERE host_id = 'host-c'";
-    wait_until("five rows through billaged", || async { count(&reader, rows_sql).await >= 5 }).await;
-    wait_until("two heartbeats through billaged", || async { count(&reader, heartbeats_sql).await >= 2 }).await;
+    wait_until("five rows through billaged", WAIT_LIMIT, || async { count(&reader, rows_sql).await >= 5 }).await;
+    wait_until("two heartbeats through billaged", WAIT_LIMIT, || async { count(&reader, heartbeats_sql).await >= 2 }).await;
     events.send(event(metald_core::VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None })).unwrap();
     // Stopping takes the final record on the meter's last tick and delivers it.
     billing.stop().await;
@@ -243,19 +246,6 @@ async fn a_hosts_billing_pipeline_can_deliver_through_billaged() {
     let last = count(&reader, "SELECT max(sequence) FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'").await;
     let finals = count(&reader, "SELECT countIf(final_record = 1) FROM {db}.usage_intervals WHERE vm_id = 'vm-through-billaged'").await;
     assert_eq!((rows, finals), (last, 1), "each interval once, and one final record");
-}
-
-/// Polls `check` until it holds; a test that waits longer than a minute has failed.
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = std::time::Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// A VM whose counters never move: this test is about the path, not the figures.

@@ -90,16 +90,3 @@ pub fn assert_complete(vm: &str, rows: &[RowView]) {
     let finals: Vec<u64> = rows.iter().filter(|row| row.final_record == 1).map(|row| row.sequence).collect();
     assert_eq!(finals, vec![rows.len() as u64], "{vm}: one final record, the last one");
 }
-
-/// Waits until `check` holds, up to `limit`.
-pub async fn wait_until<F, Fut>(what: &str, limit: std::time::Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = std::time::Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}

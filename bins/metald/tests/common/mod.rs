@@ -414,7 +414,7 @@ pub async fn wait_for_console(client: &Client, vm_id: &str, prefix: &str) -> Str
             .into_owned();
         let text = String::from_utf8_lossy(&response.data).into_owned();
         // Only a whole line: the guest may be halfway through writing it.
-        if let Some(line) = text.split_inclusive('\n').find(|line| line.starts_with(prefix) && line.ends_with('\n')) {
+        if let Some(line) = testguest::finished_lines(&text).find(|line| line.starts_with(prefix)) {
             return line.trim_end().to_owned();
         }
         assert!(Instant::now() < deadline, "VM {vm_id} never printed {prefix:?}; its console:\n{text}");
