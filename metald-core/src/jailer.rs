@@ -187,6 +187,16 @@ fn prepare<'a>(path: &'a Path) -> impl FnOnce(io::Error) -> JailError + 'a {
     move |source| JailError::Prepare { path: path.to_path_buf(), source }
 }
 
+/// Each VMM gets a cgroup of its own, never one an earlier VMM of the same
+/// VM had: the cgroup's CPU counter is what billing charges, so a reading
+/// taken around a reboot must belong to exactly one VMM.
+fn cgroup_name(vm: &str) -> String {
+    static LAUNCHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let launch = LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|since| since.as_nanos()).unwrap_or(0);
+    format!("{vm}.{started:x}{launch:x}")
+}
+
 /// Launches VMMs into jails.
 #[derive(Debug)]
 pub struct Jailer {
@@ -305,7 +315,7 @@ impl Jailer {
         build_jail_folder(plan, &work_files, root, identity, teardown)?;
         lap("jail.folder");
         let limits = self.limits_for(&plan.resources);
-        let cgroup = self.cgroups.create(&plan.name, &limits)?;
+        let cgroup = self.cgroups.create(&cgroup_name(&plan.name), &limits)?;
         teardown.cgroup = Some(cgroup.clone());
         lap("jail.cgroup_create");
 
