@@ -8,6 +8,7 @@
 //! implementations, the ClickHouse schema and its migrations, and the
 //! billing service's logic. It depends on `metald-core` only.
 
+mod block_reads;
 pub mod clickhouse;
 pub mod delivery;
 pub mod meter;

@@ -23,11 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use metald_core::cgroups::CgroupUsage;
 use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
-use metald_core::{DeviceCounters, TenantId, VmId, VmManager, VmState};
+use metald_core::{DeviceCounters, TenantId, VmId, VmState};
 use tokio::sync::broadcast;
+
+use crate::block_reads::BlockReads;
+pub use crate::block_reads::BlockSource;
 
 use crate::record::{Counters, UsageGap, UsageRecord};
 use crate::source::{CounterSource, MeterTarget};
@@ -58,22 +60,8 @@ impl Default for MeterConfig {
     }
 }
 
-/// Cumulative block I/O of a VM over its life.
-/// Where block counters come from (the VMM's own accounting).
-#[async_trait]
-pub trait BlockSource: Send + Sync + std::fmt::Debug {
-    async fn block_totals(&self, vm_id: &VmId) -> Option<DeviceCounters>;
-}
-
-#[async_trait]
-impl BlockSource for VmManager {
-    async fn block_totals(&self, vm_id: &VmId) -> Option<DeviceCounters> {
-        self.metrics(vm_id).await.ok().map(|metrics| metrics.devices)
-    }
-}
-
 /// What the meter has done, for metrics and tests.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MeterStats {
     pub ticks: AtomicU64,
     pub missed_ticks: AtomicU64,
@@ -83,6 +71,43 @@ pub struct MeterStats {
     pub metered_vms: AtomicU64,
     pub spool_full: AtomicU64,
     pub read_failures: AtomicU64,
+    /// The meter's clock: tick k is due at `epoch + k × period`.
+    epoch: Instant,
+    /// When the tick being worked on was due, in nanoseconds since `epoch`;
+    /// `IDLE` while the meter waits for its next tick.
+    working_on_due_ns: AtomicU64,
+}
+
+const IDLE: u64 = u64::MAX;
+
+impl Default for MeterStats {
+    fn default() -> Self {
+        Self {
+            ticks: AtomicU64::default(),
+            missed_ticks: AtomicU64::default(),
+            last_lag_ns: AtomicU64::default(),
+            records: AtomicU64::default(),
+            metered_vms: AtomicU64::default(),
+            spool_full: AtomicU64::default(),
+            read_failures: AtomicU64::default(),
+            epoch: Instant::now(),
+            working_on_due_ns: AtomicU64::new(IDLE),
+        }
+    }
+}
+
+impl MeterStats {
+    /// How far behind its schedule the meter is now: the lateness of its
+    /// last tick, or, while a tick is still being worked on, how long ago
+    /// that tick was due. A meter stuck inside a tick shows here at once,
+    /// not only when the tick is over.
+    pub fn lag(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_lag_ns.load(Ordering::Relaxed));
+        match self.working_on_due_ns.load(Ordering::Relaxed) {
+            IDLE => last,
+            due_ns => self.epoch.elapsed().saturating_sub(Duration::from_nanos(due_ns)).max(last),
+        }
+    }
 }
 
 /// The running meter; stops (after one last tick) when dropped or stopped.
@@ -146,8 +171,7 @@ fn unix_millis_of(at: std::time::SystemTime) -> u64 {
 struct MeterLoop {
     spool: Arc<Spool>,
     source: Arc<dyn CounterSource>,
-    blocks: Option<Arc<dyn BlockSource>>,
-    runtime: Option<tokio::runtime::Handle>,
+    blocks: BlockReads,
     config: MeterConfig,
     events: broadcast::Receiver<VmEvent>,
     stats: Arc<MeterStats>,
@@ -169,8 +193,8 @@ pub fn start(
     let positions = spool.positions()?.into_iter().map(|position| (position.vm_id.clone(), position)).collect();
     let stats = Arc::new(MeterStats::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut meter =
-        MeterLoop { spool, source, blocks, runtime, config, events, stats: Arc::clone(&stats), vms: HashMap::new(), positions, tick: 0 };
+    let blocks = BlockReads::new(blocks, runtime);
+    let mut meter = MeterLoop { spool, source, blocks, config, events, stats: Arc::clone(&stats), vms: HashMap::new(), positions, tick: 0 };
     let stopping = Arc::clone(&stop);
     let thread = std::thread::Builder::new().name("metald-meter".into()).spawn(move || meter.run(&stopping)).map_err(MeterError::Thread)?;
     Ok(MeterHandle { stop, thread: Some(thread), stats })
@@ -179,29 +203,22 @@ pub fn start(
 impl MeterLoop {
     fn run(&mut self, stop: &AtomicBool) {
         let period = self.config.period;
-        let epoch = Instant::now();
+        let epoch = self.stats.epoch;
         let mut due: u64 = 1;
         loop {
-            let deadline = epoch + period * u32::try_from(due).unwrap_or(u32::MAX);
+            let due_after_epoch = period * u32::try_from(due).unwrap_or(u32::MAX);
+            let deadline = epoch + due_after_epoch;
             let now = Instant::now();
             if deadline > now {
                 std::thread::sleep(deadline - now);
             }
-            let late = Instant::now().saturating_duration_since(deadline);
-            // Ticks whose time passed while this one ran late are missed, not replayed.
-            let skipped = crate::record::saturating_u64(late.as_nanos() / period.as_nanos().max(1));
-            self.stats.last_lag_ns.store(crate::record::saturating_u64(late.as_nanos()), Ordering::Relaxed);
-            if skipped > 0 {
-                self.stats.missed_ticks.fetch_add(skipped, Ordering::Relaxed);
-                for vm in self.vms.values_mut() {
-                    vm.missed = vm.missed.saturating_add(u32::try_from(skipped).unwrap_or(u32::MAX));
-                }
-            }
-            due += 1 + skipped;
+            self.stats.working_on_due_ns.store(crate::record::saturating_u64(due_after_epoch.as_nanos()), Ordering::Relaxed);
             let stopping = stop.load(Ordering::Relaxed);
             self.apply_events();
-            self.sample();
+            let skipped = self.sample(deadline);
+            due += 1 + skipped;
             self.stats.ticks.fetch_add(1, Ordering::Relaxed);
+            self.stats.working_on_due_ns.store(IDLE, Ordering::Relaxed);
             if stopping {
                 return;
             }
@@ -256,12 +273,20 @@ impl MeterLoop {
                 }
             }
             VmEventKind::Stopped { usage, .. } | VmEventKind::Failed { usage, .. } => {
+                // Taken with the tick's other records, unless an event about the VM comes first.
                 if let Some(vm) = self.vms.get_mut(&event.vm_id) {
                     vm.ending = Some(Ending { usage, at_ms });
                 }
             }
             VmEventKind::Deleted => {
+                // A VMM killed at the delete without a stop of its own still
+                // gets its final record, from its last reading.
+                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
+                    vm.ending.get_or_insert(Ending { usage: None, at_ms });
+                }
+                self.end_now(&event.vm_id);
                 self.vms.remove(&event.vm_id);
+                self.blocks.forget(&event.vm_id);
                 self.positions.remove(event.vm_id.as_str());
                 if let Err(error) = self.spool.forget(event.vm_id.as_str()) {
                     tracing::warn!(vm_id = %event.vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
@@ -277,6 +302,7 @@ impl MeterLoop {
     /// its own start included; the same VMM after a restart of the meter
     /// continues from the position kept in the spool.
     fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm, at_ms: u64) {
+        self.end_now(&vm_id);
         let target = MeterTarget { pid: running.pid, cgroup: running.cgroup, taps: running.taps };
         let position = self.positions.get(vm_id.as_str());
         if let Some(position) = position.filter(|position| !position.closed && position.pid != target.pid) {
@@ -317,6 +343,16 @@ impl MeterLoop {
         self.vms.insert(vm_id, metered);
     }
 
+    /// Takes a stopped VM's final record now, before an event right behind
+    /// the stop (a delete, the next boot) replaces the VM; a stop is mostly
+    /// closed with the tick's other records instead, in one commit.
+    fn end_now(&mut self, vm_id: &VmId) {
+        let Some(vm) = self.vms.get_mut(vm_id) else { return };
+        let Some(ending) = vm.ending else { return };
+        let record = final_record(vm_id, vm, ending);
+        self.take_one(vm_id, record);
+    }
+
     /// Takes a record for a VM up to an event (a pause, a resume, a reboot),
     /// with the CPU its cgroup counted then, or read now where it has none.
     fn close_interval(&mut self, vm_id: &VmId, usage: Option<&CgroupUsage>, at_ms: u64) {
@@ -344,6 +380,9 @@ impl MeterLoop {
                     advance(vm, &record);
                 }
                 self.positions.insert(position.vm_id.clone(), position);
+                if record.final_record {
+                    self.vms.remove(vm_id);
+                }
             }
             Err(error) => {
                 if matches!(error, SpoolError::Full { .. }) {
@@ -354,13 +393,19 @@ impl MeterLoop {
         }
     }
 
+    /// Asks for fresh block totals every `block_every` ticks and takes the
+    /// newest that have arrived; a VMM slow to answer only keeps its own
+    /// figures older.
     fn read_blocks(&mut self) {
-        let (Some(blocks), Some(runtime)) = (&self.blocks, &self.runtime) else { return };
-        if self.config.block_every == 0 || !self.tick.is_multiple_of(u64::from(self.config.block_every)) {
+        if self.config.block_every == 0 || !self.blocks.enabled() {
             return;
         }
+        let asking = self.tick.is_multiple_of(u64::from(self.config.block_every));
         for (vm_id, vm) in self.vms.iter_mut().filter(|(_, vm)| vm.ending.is_none()) {
-            if let Some(totals) = runtime.block_on(blocks.block_totals(vm_id)) {
+            if asking {
+                self.blocks.request(vm_id, vm.target.pid);
+            }
+            if let Some(totals) = self.blocks.latest(vm_id, vm.target.pid) {
                 if vm.block_baseline.is_none() {
                     vm.block_baseline = Some(totals);
                 }
@@ -369,39 +414,50 @@ impl MeterLoop {
         }
     }
 
-    fn sample(&mut self) {
+    /// Counts the ticks that passed since `deadline` as missed, in the
+    /// records about to be taken, which are the ones that cover them.
+    fn count_missed(&mut self, deadline: Instant) -> u64 {
+        let period = self.config.period;
+        let late = Instant::now().saturating_duration_since(deadline);
+        // Ticks whose time passed while this one ran late are missed, not replayed.
+        let skipped = crate::record::saturating_u64(late.as_nanos() / period.as_nanos().max(1));
+        self.stats.last_lag_ns.store(crate::record::saturating_u64(late.as_nanos()), Ordering::Relaxed);
+        if skipped > 0 {
+            self.stats.missed_ticks.fetch_add(skipped, Ordering::Relaxed);
+            for vm in self.vms.values_mut() {
+                vm.missed = vm.missed.saturating_add(u32::try_from(skipped).unwrap_or(u32::MAX));
+            }
+        }
+        skipped
+    }
+
+    /// Takes this tick's records; returns how many ticks were missed.
+    fn sample(&mut self, deadline: Instant) -> u64 {
         self.tick += 1;
         self.read_blocks();
+        let skipped = self.count_missed(deadline);
         let now = crate::record::unix_millis();
         let mut records = Vec::with_capacity(self.vms.len());
         for (vm_id, vm) in &mut self.vms {
-            let ending = vm.ending.is_some();
-            let mut end_ms = now;
-            let counters = match &vm.ending {
-                Some(ending) => {
-                    // The VMM is gone: its cgroup's last word for CPU, the last reading for the rest.
-                    let mut last = vm.last_counters;
-                    if let Some(usage) = ending.usage {
-                        last.cpu_ns = usage.cpu_ns.max(last.cpu_ns);
-                    }
-                    end_ms = ending.at_ms;
-                    last
+            if let Some(ending) = vm.ending {
+                // A final record the spool did not take when the VM stopped.
+                records.push(final_record(vm_id, vm, ending));
+                continue;
+            }
+            let counters = match self.source.read(&vm.target) {
+                Ok(counters) => counters,
+                Err(error) => {
+                    self.stats.read_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%vm_id, %error, "cannot read a VM's counters this tick");
+                    vm.missed = vm.missed.saturating_add(1);
+                    continue;
                 }
-                None => match self.source.read(&vm.target) {
-                    Ok(counters) => counters,
-                    Err(error) => {
-                        self.stats.read_failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(%vm_id, %error, "cannot read a VM's counters this tick");
-                        vm.missed = vm.missed.saturating_add(1);
-                        continue;
-                    }
-                },
             };
             vm.last_counters = counters;
-            records.push(finish_record(vm_id, vm, counters, end_ms, ending));
+            records.push(finish_record(vm_id, vm, counters, now, false));
         }
         if records.is_empty() {
-            return;
+            return skipped;
         }
         let positions: Vec<MeterPosition> =
             records.iter().map(|record| position_of(&record.vm_id, self.vms.get(&record.vm_id), record)).collect();
@@ -426,7 +482,17 @@ impl MeterLoop {
             }
         }
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
+        skipped
     }
+}
+
+/// A stopped VM's last record: its cgroup's last word for CPU (the VMM is
+/// gone), the last reading for the rest, ending at the stop.
+fn final_record(vm_id: &VmId, vm: &mut Metered, ending: Ending) -> UsageRecord {
+    if let Some(usage) = ending.usage {
+        vm.last_counters.cpu_ns = usage.cpu_ns.max(vm.last_counters.cpu_ns);
+    }
+    finish_record(vm_id, vm, vm.last_counters, ending.at_ms, true)
 }
 
 /// The record from a VM's last position to `counters` at `now`.

@@ -114,11 +114,11 @@ impl Collector for HostCollector {
             gauge(&mut encoder, "metald_billing_spool_bytes", "Bytes the spool's records take on disk", depth.bytes)?;
             gauge(&mut encoder, "metald_billing_spool_quota_bytes", "The spool's disk quota", depth.quota_bytes)?;
         }
-        let lag_seconds = billing.meter.last_lag_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let lag_seconds = billing.meter.lag().as_secs_f64();
         let lag = ConstGauge::new(lag_seconds);
         lag.encode(encoder.encode_descriptor(
             "metald_billing_meter_lag_seconds",
-            "How late the meter's last tick ran",
+            "How far behind its schedule the meter is: the lateness of its last tick, or how long ago the tick it is still working on was due",
             None,
             lag.metric_type(),
         )?)?;
