@@ -124,16 +124,23 @@ fn network_counters_come_from_the_vms_interface_in_its_namespace_turned_to_the_g
     assert!((20 * 142..20 * 142 + 200).contains(&used.net_rx_bytes), "what the guest received: {used:?}");
 }
 
-/// A counter source whose third read takes 350 ms, as a stalled host would.
-#[derive(Debug, Default)]
+/// A counter source whose third read takes `stall`, as a stalled host would.
+#[derive(Debug)]
 struct StallsOnce {
     reads: AtomicU32,
+    stall: Duration,
+}
+
+impl Default for StallsOnce {
+    fn default() -> Self {
+        Self { reads: AtomicU32::new(0), stall: Duration::from_millis(350) }
+    }
 }
 
 impl CounterSource for StallsOnce {
     fn read(&self, _target: &MeterTarget) -> std::io::Result<Counters> {
         if self.reads.fetch_add(1, Ordering::Relaxed) == 2 {
-            std::thread::sleep(Duration::from_millis(350));
+            std::thread::sleep(self.stall);
         }
         Ok(Counters { cpu_ns: metald_billing::unix_millis() * 1_000, ..Counters::default() })
     }
@@ -182,4 +189,39 @@ async fn a_late_tick_is_recorded_as_missed_in_a_longer_interval_and_nothing_is_l
         assert_eq!(pair[1].sequence, pair[0].sequence + 1);
         assert_eq!(pair[1].start_ms, pair[0].end_ms, "a gap in time around {:?}", pair[1]);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_stuck_inside_a_tick_shows_its_lag_while_it_is_stuck() {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    let spool = Arc::new(Spool::open(dir.path().join("spool.db"), 1 << 20).unwrap());
+    let sink = Arc::new(JsonLinesSink::open(dir.path().join("usage.jsonl")).unwrap());
+    let (events, receiver) = tokio::sync::broadcast::channel(16);
+    let config = BillingConfig { meter: MeterConfig { period: Duration::from_millis(100), block_every: 0 }, ..BillingConfig::default() };
+    // Stuck far longer than any scheduling delay, so the lag seen can only be the stall's.
+    let source = StallsOnce { reads: AtomicU32::new(0), stall: Duration::from_secs(3) };
+    let billing = Billing::start(receiver, spool, Arc::new(source), None, sink, config).unwrap();
+    let running = RunningVmm { pid: Some(1), cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 1 << 27 };
+    events
+        .send(VmEvent {
+            vm_id: VmId::new("vm-stuck").unwrap(),
+            tenant: TenantId::new("acme").unwrap(),
+            at: SystemTime::now(),
+            state: VmState::Running,
+            kind: VmEventKind::Booted(running),
+        })
+        .unwrap();
+    let stats = Arc::clone(billing.meter_stats());
+    metald_testguest::wait_until("a lag of a second while the tick is stuck", Duration::from_secs(60), || {
+        let lag = stats.lag();
+        async move { lag >= Duration::from_secs(1) }
+    })
+    .await;
+    let ticks_while_stuck = stats.ticks.load(Ordering::Relaxed);
+    metald_testguest::wait_until("ticks after the stall", Duration::from_secs(60), || async {
+        stats.ticks.load(Ordering::Relaxed) > ticks_while_stuck + 2
+    })
+    .await;
+    billing.stop().await;
+    assert!(stats.missed_ticks.load(Ordering::Relaxed) >= 10, "a 3 s stall misses at least 10 ticks");
 }
