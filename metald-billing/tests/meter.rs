@@ -18,8 +18,8 @@ use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::{Billing, BillingConfig, JsonLinesSink, Spool, UsageRecord};
 use metald_core::events::{VmEvent, VmEventKind};
 use metald_core::{StopOptions, VmId};
+use metald_testguest::cmdline;
 use metald_testguest::wait_until;
-use metald_testguest::{cmdline, console};
 use sandbox::Sandbox;
 use tokio::sync::broadcast;
 
@@ -45,6 +45,18 @@ async fn stopped_cpu_ns(events: &mut broadcast::Receiver<VmEvent>, vm_id: &VmId)
     }
 }
 
+/// The cgroup of the VM's VMM, from its Booted event.
+async fn booted_cgroup(events: &mut broadcast::Receiver<VmEvent>, vm_id: &VmId) -> metald_core::cgroups::Cgroup {
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv()).await.expect("a Booted event").unwrap();
+        if &event.vm_id == vm_id
+            && let VmEventKind::Booted(running) = event.kind
+        {
+            return running.cgroup.expect("a jailed VM's cgroup");
+        }
+    }
+}
+
 async fn final_row_arrived(sink: &ClickHouseSink, vm: &str) -> bool {
     vm_rows(sink, vm).await.iter().any(|row| row.final_record == 1)
 }
@@ -58,9 +70,15 @@ async fn a_burning_vms_cpu_in_clickhouse_equals_what_its_cgroup_counted() {
     let mut events = sandbox.manager.subscribe();
     let billing = Billing::for_manager(&sandbox.manager, spool, Arc::new(sink.clone()), quick_delivery()).unwrap();
 
-    // About 1.5 s of guest CPU.
-    let vm_id = sandbox.boot_guest(&[&cmdline::burn(150_000)]).await;
-    sandbox.wait_for_line(&vm_id, console::BURN_DONE).await;
+    // The guest spins until stopped; it is stopped once its cgroup has counted a second of
+    // CPU, however fast this host runs the guest's loop.
+    let vm_id = sandbox.boot_guest(&[&cmdline::burn_forever()]).await;
+    let cgroup = booted_cgroup(&mut events, &vm_id).await;
+    wait_until("a second of CPU in the VM's cgroup", Duration::from_secs(120), || {
+        let counted = cgroup.cpu_usage_ns().unwrap_or(0);
+        async move { counted >= 1_000_000_000 }
+    })
+    .await;
     sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     let cgroup_cpu_ns = stopped_cpu_ns(&mut events, &vm_id).await;
     wait_until("the final row in ClickHouse", Duration::from_secs(20), || final_row_arrived(&sink, vm_id.as_str())).await;
@@ -89,8 +107,8 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
     let sink = Arc::new(JsonLinesSink::open(&usage_file).unwrap());
     let billing = Billing::for_manager(&sandbox.manager, spool, sink, quick_delivery()).unwrap();
 
-    // Busy for far longer than the test runs.
-    let vm_id = sandbox.boot_guest(&[&cmdline::burn(10_000_000)]).await;
+    // Busy until stopped.
+    let vm_id = sandbox.boot_guest(&[&cmdline::burn_forever()]).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The pause lasts at least the sleep and at most the time around both calls.
     let around_pause = std::time::Instant::now();
@@ -167,7 +185,7 @@ async fn clickhouse_down_for_ten_seconds_loses_and_doubles_nothing() {
     let billing = Billing::for_manager(&sandbox.manager, Arc::clone(&spool), Arc::new(sink.clone()), quick_delivery()).unwrap();
 
     let first = sandbox.boot_guest(&[&cmdline::heartbeat_ms(50)]).await;
-    let second = sandbox.boot_guest(&[&cmdline::burn(10_000_000)]).await;
+    let second = sandbox.boot_guest(&[&cmdline::burn_forever()]).await;
     wait_until("rows in ClickHouse", Duration::from_secs(10), || async { !vm_rows(&sink, first.as_str()).await.is_empty() }).await;
 
     server.stop();

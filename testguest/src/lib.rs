@@ -29,10 +29,32 @@ pub mod cmdline {
         format!("testguest.heartbeat_ms={interval_ms}")
     }
 
-    /// Spin N loop iterations after the ready line (about 100 000 per second here).
+    /// Spin about N loop iterations after the ready line. How long that
+    /// takes differs between hosts (the loop runs emulated), so no test may
+    /// treat it as a duration; `METALD_TESTGUEST_BURN_SCALE` (a factor,
+    /// default 1) scales every count, to prove exactly that.
     pub fn burn(iterations: u64) -> String {
-        format!("testguest.burn={iterations}")
+        format!("testguest.burn={}", scaled(iterations))
     }
+
+    /// Spin until the VM is stopped.
+    pub fn burn_forever() -> String {
+        format!("testguest.burn={}", u64::MAX / 2)
+    }
+
+    /// `iterations` as the guest will be told it, after the scale.
+    pub fn scaled(iterations: u64) -> u64 {
+        let scale = std::env::var(BURN_SCALE_ENV).ok().and_then(|value| value.parse::<f64>().ok()).filter(|scale| *scale > 0.0);
+        match scale {
+            // `as` saturates at u64::MAX, and a count never drops to zero (which means "no burn").
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+            Some(scale) => ((iterations as f64 * scale) as u64).max(1),
+            None => iterations,
+        }
+    }
+
+    /// The variable that scales every burn count.
+    pub const BURN_SCALE_ENV: &str = "METALD_TESTGUEST_BURN_SCALE";
 
     /// Touch every page of N MiB of guest RAM after the ready line.
     pub fn mem_mib(mib: u64) -> String {
