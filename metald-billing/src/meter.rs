@@ -80,6 +80,9 @@ pub struct MeterStats {
 
 const IDLE: u64 = u64::MAX;
 
+/// Why a gap is reported.
+const UNMETERED_END: &str = "the VM's VMM ended while metald was not metering it; its last usage is unknown";
+
 impl Default for MeterStats {
     fn default() -> Self {
         Self {
@@ -274,8 +277,9 @@ impl MeterLoop {
             }
             VmEventKind::Stopped { usage, .. } | VmEventKind::Failed { usage, .. } => {
                 // Taken with the tick's other records, unless an event about the VM comes first.
-                if let Some(vm) = self.vms.get_mut(&event.vm_id) {
-                    vm.ending = Some(Ending { usage, at_ms });
+                match self.vms.get_mut(&event.vm_id) {
+                    Some(vm) => vm.ending = Some(Ending { usage, at_ms }),
+                    None => self.ended_unmetered(&event.vm_id, &event.tenant, at_ms),
                 }
             }
             VmEventKind::Deleted => {
@@ -297,6 +301,24 @@ impl MeterLoop {
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
     }
 
+    /// A VM whose VMM ended while no meter watched it (found dead when metald
+    /// took its VMs over): what it used after its last record is unknown, and
+    /// said so once as a gap, up to when metald found out.
+    fn ended_unmetered(&mut self, vm_id: &VmId, tenant: &TenantId, at_ms: u64) {
+        let Some(position) = self.positions.get_mut(vm_id.as_str()).filter(|position| !position.closed) else { return };
+        position.closed = true;
+        let gap = UsageGap {
+            tenant_id: tenant.clone(),
+            vm_id: vm_id.clone(),
+            from_ms: position.last_end_ms,
+            to_ms: at_ms.max(position.last_end_ms),
+            reason: UNMETERED_END.into(),
+        };
+        if let Err(error) = self.spool.add_gap(&gap) {
+            tracing::error!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a usage gap");
+        }
+    }
+
     /// Starts metering a VM from the moment it booted. A fresh VMM's
     /// counters start at zero, so everything its cgroup counts is charged,
     /// its own start included; the same VMM after a restart of the meter
@@ -304,20 +326,12 @@ impl MeterLoop {
     fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm, at_ms: u64) {
         self.end_now(&vm_id);
         let target = MeterTarget { pid: running.pid, cgroup: running.cgroup, taps: running.taps };
-        let position = self.positions.get(vm_id.as_str());
-        if let Some(position) = position.filter(|position| !position.closed && position.pid != target.pid) {
-            // The VM's previous VMM ended while no meter watched: its usage since its last record is unknown.
-            let gap = UsageGap {
-                tenant_id: tenant.clone(),
-                vm_id: vm_id.clone(),
-                from_ms: position.last_end_ms,
-                to_ms: at_ms.max(position.last_end_ms),
-                reason: "the VM's previous VMM ended while metald was not metering it; its last usage is unknown".into(),
-            };
-            if let Err(error) = self.spool.add_gap(&gap) {
-                tracing::error!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a usage gap");
-            }
+        let previous_vmm_ended_unmetered =
+            self.positions.get(vm_id.as_str()).is_some_and(|position| !position.closed && position.pid != target.pid);
+        if previous_vmm_ended_unmetered {
+            self.ended_unmetered(&vm_id, &tenant, at_ms);
         }
+        let position = self.positions.get(vm_id.as_str());
         let (next_sequence, start_ms, baseline) = match position {
             Some(position) if position.pid.is_some() && position.pid == target.pid => {
                 (position.last_sequence + 1, position.last_end_ms, position.counters)
