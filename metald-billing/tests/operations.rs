@@ -289,3 +289,28 @@ async fn a_stopped_vmm_and_a_slow_graceful_stop_delay_no_other_vms_records() {
     );
     assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_vm_stopped_booted_and_killed_gets_a_final_record_for_each_vmm() {
+    let test = "a_paused_vm_stopped_booted_and_killed_gets_a_final_record_for_each_vmm";
+    let Some(mut metered) = Metered::new(test) else { return };
+    let sandbox = &metered.sandbox;
+    let vm_id = sandbox.create(sandbox.guest_config(&[&cmdline::heartbeat_ms(50)])).await;
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.pause(&vm_id).await.unwrap();
+    sandbox.manager.shutdown(&vm_id, FORCED).await.unwrap();
+    sandbox.manager.boot(&vm_id).await.unwrap();
+    let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.and_then(|vmm| vmm.pid).unwrap();
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    wait_until("the VM to fail", Duration::from_secs(20), || async {
+        sandbox.manager.state(&vm_id).unwrap() == metald_core::VmState::Failed
+    })
+    .await;
+    metered.wait_for_finals(&vm_id, 2).await;
+    metered.stop().await;
+    let records = metered.records(&vm_id);
+    assert_contiguous(&vm_id, &records);
+    assert_eq!(records.iter().filter(|record| record.final_record).count(), 2, "{records:?}");
+    metered.sandbox.manager.delete(&vm_id, FORCED).await.unwrap();
+    assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
+}
