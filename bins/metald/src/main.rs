@@ -9,6 +9,7 @@
 
 mod auth;
 mod config;
+mod instance_lock;
 mod metrics;
 mod quota;
 mod server;

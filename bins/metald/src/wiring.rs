@@ -1,6 +1,7 @@
-//! From settings to a running daemon: the store, the network, the jail,
-//! the manager, billing, recovery of the previous run's VMs, then the
-//! server until SIGTERM.
+//! From settings to a running daemon: the locks that keep it the only
+//! one on its data folder, the store, the network, the jail, the manager,
+//! billing, recovery of the previous run's VMs, then the server until
+//! SIGTERM.
 
 use std::collections::HashMap;
 use std::future::IntoFuture;
@@ -20,7 +21,8 @@ use metald_core::{FirecrackerConfig, TenantId, VmManager};
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, GatewayTrust};
-use crate::config::{BillingSettings, NetworkSettings, Settings, SinkKind};
+use crate::config::{BillingSettings, JailerSettings, NetworkSettings, Settings, SinkKind};
+use crate::instance_lock::{self, InstanceLocks};
 use crate::metrics::{BillingFigures, Metrics};
 use crate::quota::Quotas;
 use crate::server::Readiness;
@@ -33,9 +35,15 @@ fn running_as_root() -> bool {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // What can be checked before anything is touched is checked first.
     check_firecracker(&settings.firecracker)?;
+    check_jailer_can_run(&settings.jailer)?;
     let (auth, quotas) = tenants(&settings)?;
     let data_dir = &settings.data_dir;
     std::fs::create_dir_all(data_dir).with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+    // Before the store, the network or a VM is touched: a second daemon on
+    // the same folder (or uids, or cgroups) stops here. Held until run
+    // returns; the kernel drops it however the process ends.
+    let jailer = settings.jailer.enabled.then_some(&settings.jailer);
+    let _instance_locks = InstanceLocks::take(data_dir, jailer, Path::new(instance_lock::RUN_DIR))?;
     let store = Arc::new(SqliteVmStore::open(data_dir.join("vms.db")).context("cannot open the VM store")?);
     let network = network_provider(&settings.network, data_dir).await?;
     let firecracker = FirecrackerConfig {
@@ -49,11 +57,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .stop_timeout(settings.stop_timeout())
         .store(store as Arc<dyn VmStore>);
     if settings.jailer.enabled {
-        if !running_as_root() {
-            bail!(
-                "the jailer needs root (it makes namespaces, cgroups and mounts and switches users); run metald as root, or set jailer.enabled = false for development only"
-            );
-        }
         let jailer = &settings.jailer;
         let end = jailer.uid_start.saturating_add(jailer.uid_count);
         builder = builder.jailer(JailerConfig {
@@ -139,6 +142,16 @@ fn check_firecracker(path: &Path) -> anyhow::Result<()> {
     let metadata = std::fs::metadata(path).with_context(|| format!("firecracker: cannot use {}", path.display()))?;
     if !metadata.is_file() || metadata.permissions().mode() & 0o111 == 0 {
         bail!("firecracker: {} is not an executable file", path.display());
+    }
+    Ok(())
+}
+
+/// The jailer makes namespaces, cgroups and mounts and switches users.
+fn check_jailer_can_run(jailer: &JailerSettings) -> anyhow::Result<()> {
+    if jailer.enabled && !running_as_root() {
+        bail!(
+            "the jailer needs root (it makes namespaces, cgroups and mounts and switches users); run metald as root, or set jailer.enabled = false for development only"
+        );
     }
     Ok(())
 }

@@ -45,6 +45,8 @@ pub struct HostOptions {
     pub tenants: Vec<(&'static str, &'static str)>,
     pub network: bool,
     pub billing: bool,
+    /// Deliver usage straight into the ClickHouse at this URL instead of the file sink.
+    pub clickhouse_url: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub uid_count: Option<u32>,
     pub vmm_api_timeout_seconds: Option<u64>,
@@ -65,6 +67,8 @@ pub struct Host {
     child: Option<Child>,
     starts: u32,
     pub cgroup_parent: String,
+    pub uid_start: u32,
+    pub uid_count: u32,
     /// The prefix of this test's network namespaces, and its host namespace's name.
     pub netns_prefix: Option<String>,
 }
@@ -109,6 +113,9 @@ impl Host {
             toml.push_str(&format!("[api]\nmax_body_bytes = {bytes}\n"));
         }
         toml.push_str(&format!("[billing]\nenabled = {}\nmax_batch_age_ms = 200\n", options.billing));
+        if let Some(url) = &options.clickhouse_url {
+            toml.push_str(&format!("sink = \"clickhouse\"\nclickhouse_url = {url:?}\n"));
+        }
         let mut netns_prefix = None;
         if options.network {
             let prefix = format!("metald-test-{:08x}-", fxhash(&name));
@@ -136,8 +143,19 @@ impl Host {
         }
         let config_path = dir.path().join("metald.toml");
         std::fs::write(&config_path, toml).unwrap();
-        let mut host =
-            Host { dir, name: name.clone(), config_path, port: 0, tenants, child: None, starts: 0, cgroup_parent: name, netns_prefix };
+        let mut host = Host {
+            dir,
+            name: name.clone(),
+            config_path,
+            port: 0,
+            tenants,
+            child: None,
+            starts: 0,
+            cgroup_parent: name,
+            uid_start,
+            uid_count,
+            netns_prefix,
+        };
         host.launch();
         Some(host)
     }
@@ -321,10 +339,20 @@ impl Drop for Host {
         for name in self.namespaces() {
             let _ = Command::new("ip").args(["netns", "delete", &name]).status();
         }
+        for file in jailer_lock_files(self.uid_start, self.uid_count, &self.cgroup_parent) {
+            let _ = std::fs::remove_file(file);
+        }
         if std::thread::panicking() {
             let _ = writeln!(std::io::stderr(), "metald's last log ({}):\n{}", self.name, self.log());
         }
     }
+}
+
+/// The lock files a jailed daemon with this uid window and cgroup parent
+/// holds in /run/metald while it runs (a daemon never removes them).
+pub fn jailer_lock_files(uid_start: u32, uid_count: u32, cgroup_parent: &str) -> [PathBuf; 2] {
+    let run = Path::new("/run/metald");
+    [run.join(format!("uids-{uid_start}-{}.lock", uid_start + uid_count)), run.join(format!("cgroup-{cgroup_parent}.lock"))]
 }
 
 /// The daemon: this package's binary for metald's own tests; for other
