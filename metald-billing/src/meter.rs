@@ -296,6 +296,9 @@ impl MeterLoop {
                     tracing::warn!(vm_id = %event.vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
                 }
             }
+            // Stopped while no meter ran (metald was killed before this VM's last record was
+            // taken): what it used after that record is unknown.
+            VmEventKind::FoundStopped => self.ended_unmetered(&event.vm_id, &event.tenant, at_ms),
             VmEventKind::Created => {}
         }
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);

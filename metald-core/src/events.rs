@@ -57,6 +57,10 @@ pub enum VmEventKind {
     /// The VM's VMM outlived an earlier metald and was taken over after a
     /// restart; the VM keeps its state (in the event) and its VMM.
     Reattached(RunningVmm),
+    /// A VM with no VMM (Created, Shutdown or Failed) found again after a
+    /// restart of metald; a stop the earlier metald had not yet accounted
+    /// for is known to have happened while it was away.
+    FoundStopped,
 }
 
 /// What a running VM's VMM is made of, for those who measure it.

@@ -1054,7 +1054,7 @@ impl VmManager {
                 tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
                 self.publish(&slot, &entry, VmEventKind::Failed { reason, exit: None, usage: None });
             }
-            Recovered::Stopped => {}
+            Recovered::Stopped => self.publish(&slot, &entry, VmEventKind::FoundStopped),
         }
         Ok(outcome)
     }

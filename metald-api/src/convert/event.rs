@@ -32,6 +32,7 @@ pub fn event_kind_name(kind: &VmEventKind) -> &'static str {
         VmEventKind::Failed { .. } => "failed",
         VmEventKind::Deleted => "deleted",
         VmEventKind::Reattached(_) => "reattached",
+        VmEventKind::FoundStopped => "found_stopped",
     }
 }
 
@@ -46,6 +47,7 @@ fn event_reason(kind: &VmEventKind) -> String {
         | VmEventKind::Resumed { .. }
         | VmEventKind::Rebooted { .. }
         | VmEventKind::Reattached(_)
+        | VmEventKind::FoundStopped
         | VmEventKind::Deleted => String::new(),
     }
 }
