@@ -35,6 +35,23 @@ use crate::sink::{Batch, BillingSink, Delivered, SinkError};
 /// The raw table.
 pub const USAGE_TABLE: &str = "usage_intervals";
 
+/// How often, and how far apart, a resent batch looks for an earlier insert still running.
+const EARLIER_INSERT_CHECKS: u32 = 50;
+const EARLIER_INSERT_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The start of the query id of every insert of a host's usage.
+fn usage_insert_prefix(host_id: &str) -> String {
+    format!("metald-usage-{host_id}-")
+}
+
+/// Unique among this process's inserts and across its restarts.
+fn unique_suffix() -> String {
+    static INSERTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let count = INSERTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|since| since.as_nanos()).unwrap_or(0);
+    format!("{}-{started:x}-{count}", std::process::id())
+}
+
 /// VMs per rollup repair query, to stay under `max_query_size`.
 const RECONCILE_VMS: usize = 1_000;
 
@@ -497,16 +514,52 @@ impl ClickHouseSink {
         Ok(())
     }
 
+    /// Waits, briefly, until no insert of `host_id`'s usage that an earlier
+    /// attempt started is still running inside ClickHouse: a sender that
+    /// died (or timed out) may leave its insert running, with the raw rows
+    /// visible before its materialized views have run, and a resent batch
+    /// checked against that would add to the rollups what the views are
+    /// about to add. Still running after the wait: an error, so delivery
+    /// retries later.
+    async fn wait_for_earlier_inserts(&self, host_id: &str) -> Result<(), SinkError> {
+        let prefix = usage_insert_prefix(host_id);
+        for _ in 0..EARLIER_INSERT_CHECKS {
+            let running = self
+                .client
+                .query("SELECT count() FROM system.processes WHERE startsWith(query_id, ?)")
+                .bind(prefix.as_str())
+                .fetch_one::<u64>()
+                .await
+                .map_err(SinkError::ClickHouse)?;
+            if running == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(EARLIER_INSERT_PAUSE).await;
+        }
+        Err(SinkError::EarlierInsertRunning { host_id: host_id.to_owned() })
+    }
+
     /// Inserts the records of `batch` the table does not have yet.
     pub async fn insert_new(&self, batch: Batch<'_>, host_id: &str) -> Result<Delivered, SinkError> {
+        if batch.resent {
+            self.wait_for_earlier_inserts(host_id).await?;
+        }
         let mut seen = if batch.resent { self.existing(batch.records).await? } else { HashSet::new() };
         if !seen.is_empty() {
             self.reconcile_rollups(batch.records, &seen).await?;
         }
         let mut delivered = Delivered::default();
         // The crate quotes an insert's table as one name, so the database goes in the client.
-        let mut insert =
-            self.client.clone().with_database(&self.database).insert::<UsageRow>(USAGE_TABLE).await.map_err(SinkError::ClickHouse)?;
+        // The query id names the host, so that a resend can see this insert while it runs.
+        let query_id = format!("{}{}", usage_insert_prefix(host_id), unique_suffix());
+        let mut insert = self
+            .client
+            .clone()
+            .with_database(&self.database)
+            .with_setting("query_id", query_id)
+            .insert::<UsageRow>(USAGE_TABLE)
+            .await
+            .map_err(SinkError::ClickHouse)?;
         for record in batch.records {
             if !seen.insert((record.vm_id.to_string(), record.sequence)) {
                 delivered.duplicates += 1;

@@ -32,6 +32,8 @@ pub enum SinkError {
     },
     #[error("ClickHouse refused or failed")]
     ClickHouse(#[source] clickhouse::error::Error),
+    #[error("an earlier insert of host {host_id}'s usage still runs in ClickHouse; the resent batch waits for it")]
+    EarlierInsertRunning { host_id: String },
     #[error("the billing service refused or failed")]
     Service(#[source] connectrpc::ConnectError),
 }
