@@ -237,7 +237,18 @@ async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, d
     assert_eq!(count, identities, "seed {seed}: a row is in ClickHouse twice");
     for table in ["usage_hourly_vm", "usage_daily_vm", "usage_hourly_tenant", "usage_daily_tenant"] {
         let intervals: u64 = client.query(&format!("SELECT sum(intervals) FROM {DATABASE}.{table}")).fetch_one().await.unwrap();
-        assert_eq!(intervals, count, "seed {seed}: {table} counts {intervals} intervals, the raw table {count}");
+        if intervals != count {
+            let raw: Vec<(String, u64, u64)> = client
+                .query(&format!(
+                    "SELECT vm_id, sequence, count() FROM {DATABASE}.{USAGE_TABLE} GROUP BY vm_id, sequence ORDER BY vm_id, sequence"
+                ))
+                .fetch_all()
+                .await
+                .unwrap();
+            let rolled: Vec<(String, u64)> =
+                client.query(&format!("SELECT vm_id, sum(intervals) FROM {DATABASE}.{table} GROUP BY vm_id")).fetch_all().await.unwrap();
+            panic!("seed {seed}: {table} counts {intervals} intervals, the raw table {count}: raw {raw:?}, rolled up {rolled:?}");
+        }
     }
 
     assert!(!rows.is_empty(), "seed {seed}: no usage rows at all");
