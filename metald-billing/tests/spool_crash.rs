@@ -34,14 +34,25 @@ const CPU_NS_PER_MS: u64 = 500_000;
 
 /// Every VM's CPU counter: a function of the clock, so the test knows what
 /// the sum of a VM's records must be.
+/// Once the VMs are stopped their counters stand still, as a cgroup's do
+/// when its processes are gone, so a read that comes late cannot count on.
 #[derive(Debug)]
 struct HalfBusy {
     booted_ms: u64,
+    stopped_ms: std::sync::atomic::AtomicU64,
 }
 
 impl HalfBusy {
+    fn new(booted_ms: u64) -> Self {
+        Self { booted_ms, stopped_ms: std::sync::atomic::AtomicU64::new(u64::MAX) }
+    }
+
     fn at(&self, ms: u64) -> u64 {
-        ms.saturating_sub(self.booted_ms) * CPU_NS_PER_MS
+        ms.min(self.stopped_ms.load(std::sync::atomic::Ordering::SeqCst)).saturating_sub(self.booted_ms) * CPU_NS_PER_MS
+    }
+
+    fn stop_at(&self, ms: u64) {
+        self.stopped_ms.store(ms, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -84,8 +95,8 @@ fn spool_holder_child() {
             delivery: DeliveryPolicy { max_batch: 25, max_age: Duration::from_millis(20), ..DeliveryPolicy::default() },
             ..BillingConfig::default()
         };
-        let source = Arc::new(HalfBusy { booted_ms });
-        let billing = Billing::start(receiver, spool, source, None, sink, config).unwrap();
+        let source = Arc::new(HalfBusy::new(booted_ms));
+        let billing = Billing::start(receiver, spool, Arc::clone(&source) as Arc<dyn CounterSource>, None, sink, config).unwrap();
         let booted = UNIX_EPOCH + Duration::from_millis(booted_ms);
         for index in 0..VMS {
             let running = RunningVmm { pid: Some(40_000 + index), cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 128 << 20 };
@@ -97,7 +108,8 @@ fn spool_holder_child() {
         }
         tokio::time::sleep(Duration::from_millis(run_ms)).await;
         let stopped = SystemTime::now();
-        let usage = CgroupUsage { cpu_ns: HalfBusy { booted_ms }.at(millis(stopped)), memory_peak_bytes: None };
+        source.stop_at(millis(stopped));
+        let usage = CgroupUsage { cpu_ns: source.at(millis(stopped)), memory_peak_bytes: None };
         for index in 0..VMS {
             let kind = VmEventKind::Stopped { exit: None, forced: true, by_guest: false, usage: Some(usage) };
             events.send(event(index, stopped, kind)).unwrap();
@@ -152,7 +164,7 @@ async fn spool_holder_is_killed_three_times_and_nothing_is_lost_or_doubled() {
         assert_complete(vm.as_str(), &vm_rows);
         assert_eq!(vm_rows[0].start_ms, booted_ms, "{vm} was not charged from its boot");
         let charged: u64 = vm_rows.iter().map(|row| row.cpu_ns).sum();
-        let counted = HalfBusy { booted_ms }.at(vm_rows.last().unwrap().end_ms);
+        let counted = HalfBusy::new(booted_ms).at(vm_rows.last().unwrap().end_ms);
         // A record's end is taken just before its VMs are read, a millisecond
         // off at most; one lost or doubled record would be 100 ms off.
         assert!(
@@ -180,7 +192,7 @@ async fn a_vm_whose_vmm_changed_while_nothing_metered_it_gets_a_reported_gap() {
     let usage_file = dir.path().join("usage.jsonl");
     let sink = Arc::new(metald_billing::JsonLinesSink::open(&usage_file).unwrap());
     let (events, receiver) = tokio::sync::broadcast::channel(16);
-    let source = Arc::new(HalfBusy { booted_ms: 0 });
+    let source = Arc::new(HalfBusy::new(0));
     let config = BillingConfig {
         delivery: DeliveryPolicy { max_age: Duration::from_millis(50), ..DeliveryPolicy::default() },
         ..BillingConfig::default()
