@@ -54,8 +54,13 @@ impl Sandbox {
         let window = 1_100_000 + (fxhash(&unique) % 10_000) * 64;
         let mut jail = JailerConfig { uid_range: window..window + 64, cgroup_parent: PathBuf::from(&unique), ..JailerConfig::default() };
         adjust(&mut jail);
+        // The product's deadlines for a VMM's socket and answers are made for a host that is not
+        // also running a test suite; a busy test host gets longer ones.
+        let mut vmm = FirecrackerConfig::new(&firecracker);
+        vmm.ready_timeout = Duration::from_secs(30);
+        vmm.api_timeout = Duration::from_secs(30);
         let builder = VmManager::builder()
-            .firecracker(FirecrackerConfig::new(&firecracker))
+            .firecracker(vmm)
             .jailer(jail.clone())
             .image_root(&images)
             .vm_root(&vms)
