@@ -119,9 +119,27 @@ pub struct MeterHandle {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<MeterStats>,
+    takeovers: std::sync::mpsc::Sender<TakeoverDone>,
+}
+
+/// The VMs the manager knows after it took over the previous run's: any
+/// other VM with usage still open was deleted by a metald killed before
+/// its meter took the VM's final record.
+#[derive(Debug)]
+struct TakeoverDone {
+    known: std::collections::HashSet<VmId>,
+    at_ms: u64,
 }
 
 impl MeterHandle {
+    /// Tells the meter the takeover after a restart is done and which VMs
+    /// the manager knows; it is applied at the next tick.
+    pub fn takeover_done(&self, known: impl IntoIterator<Item = VmId>) {
+        let done = TakeoverDone { known: known.into_iter().collect(), at_ms: crate::record::unix_millis() };
+        // A meter that has stopped has nothing left to close.
+        let _ = self.takeovers.send(done);
+    }
+
     pub fn stop(mut self) {
         self.finish();
     }
@@ -177,6 +195,7 @@ struct MeterLoop {
     blocks: BlockReads,
     config: MeterConfig,
     events: broadcast::Receiver<VmEvent>,
+    takeovers_done: std::sync::mpsc::Receiver<TakeoverDone>,
     stats: Arc<MeterStats>,
     vms: HashMap<VmId, Metered>,
     positions: HashMap<String, MeterPosition>,
@@ -197,10 +216,22 @@ pub fn start(
     let stats = Arc::new(MeterStats::default());
     let stop = Arc::new(AtomicBool::new(false));
     let blocks = BlockReads::new(blocks, runtime);
-    let mut meter = MeterLoop { spool, source, blocks, config, events, stats: Arc::clone(&stats), vms: HashMap::new(), positions, tick: 0 };
+    let (takeovers, takeovers_done) = std::sync::mpsc::channel();
+    let mut meter = MeterLoop {
+        spool,
+        source,
+        blocks,
+        config,
+        events,
+        takeovers_done,
+        stats: Arc::clone(&stats),
+        vms: HashMap::new(),
+        positions,
+        tick: 0,
+    };
     let stopping = Arc::clone(&stop);
     let thread = std::thread::Builder::new().name("metald-meter".into()).spawn(move || meter.run(&stopping)).map_err(MeterError::Thread)?;
-    Ok(MeterHandle { stop, thread: Some(thread), stats })
+    Ok(MeterHandle { stop, thread: Some(thread), stats, takeovers })
 }
 
 impl MeterLoop {
@@ -218,6 +249,7 @@ impl MeterLoop {
             self.stats.working_on_due_ns.store(crate::record::saturating_u64(due_after_epoch.as_nanos()), Ordering::Relaxed);
             let stopping = stop.load(Ordering::Relaxed);
             self.apply_events();
+            self.apply_takeovers();
             let skipped = self.sample(deadline);
             due += 1 + skipped;
             self.stats.ticks.fetch_add(1, Ordering::Relaxed);
@@ -237,6 +269,30 @@ impl MeterLoop {
                 }
                 Err(_) => return,
             }
+        }
+    }
+
+    fn apply_takeovers(&mut self) {
+        while let Ok(done) = self.takeovers_done.try_recv() {
+            let forgotten: Vec<(VmId, TenantId)> = self
+                .positions
+                .values()
+                .filter(|position| !position.closed)
+                .filter_map(|position| Some((VmId::new(&position.vm_id).ok()?, TenantId::new(&position.tenant_id).ok()?)))
+                .filter(|(vm_id, _)| !done.known.contains(vm_id) && !self.vms.contains_key(vm_id))
+                .collect();
+            for (vm_id, tenant) in forgotten {
+                self.ended_unmetered(&vm_id, &tenant, done.at_ms);
+                self.forget(&vm_id);
+            }
+        }
+    }
+
+    /// Drops what the meter keeps of a VM that will not be metered again.
+    fn forget(&mut self, vm_id: &VmId) {
+        self.positions.remove(vm_id.as_str());
+        if let Err(error) = self.spool.forget(vm_id.as_str()) {
+            tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
         }
     }
 
@@ -291,10 +347,7 @@ impl MeterLoop {
                 self.end_now(&event.vm_id);
                 self.vms.remove(&event.vm_id);
                 self.blocks.forget(&event.vm_id);
-                self.positions.remove(event.vm_id.as_str());
-                if let Err(error) = self.spool.forget(event.vm_id.as_str()) {
-                    tracing::warn!(vm_id = %event.vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
-                }
+                self.forget(&event.vm_id);
             }
             // Stopped while no meter ran (metald was killed before this VM's last record was
             // taken): what it used after that record is unknown.

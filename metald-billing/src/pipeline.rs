@@ -62,6 +62,17 @@ impl Billing {
         Ok(Self { meter: Some(meter), delivery: Some(delivery), stop, spool, delivery_stats, meter_stats })
     }
 
+    /// Call once the manager has taken over the previous run's VMs
+    /// ([`VmManager::recover`]), with the VMs it knows now: a VM whose
+    /// usage was still open and that the manager no longer knows was deleted
+    /// by a metald killed before its final record was taken, and its
+    /// unmetered end is reported as a gap.
+    pub fn takeover_done(&self, known: impl IntoIterator<Item = metald_core::VmId>) {
+        if let Some(meter) = &self.meter {
+            meter.takeover_done(known);
+        }
+    }
+
     pub fn spool(&self) -> &Arc<Spool> {
         &self.spool
     }

@@ -124,6 +124,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     for (vm_id, reason) in &recovery.lost {
         tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
     }
+    if let Some(billing) = &billing {
+        billing.takeover_done(manager.list(None).into_iter().map(|summary| summary.vm_id));
+    }
     if readiness.mark_ready() {
         tracing::info!(%address, "metald serving");
     }
