@@ -30,7 +30,6 @@ use tokio::sync::broadcast;
 
 use crate::block_reads::BlockReads;
 pub use crate::block_reads::BlockSource;
-
 use crate::record::{Counters, UsageGap, UsageRecord};
 use crate::source::{CounterSource, MeterTarget};
 use crate::spool::{MeterPosition, Spool, SpoolError};
@@ -291,6 +290,7 @@ impl MeterLoop {
     /// Drops what the meter keeps of a VM that will not be metered again.
     fn forget(&mut self, vm_id: &VmId) {
         self.positions.remove(vm_id.as_str());
+        self.blocks.forget(vm_id);
         if let Err(error) = self.spool.forget(vm_id.as_str()) {
             tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
         }
@@ -346,7 +346,6 @@ impl MeterLoop {
                 }
                 self.end_now(&event.vm_id);
                 self.vms.remove(&event.vm_id);
-                self.blocks.forget(&event.vm_id);
                 self.forget(&event.vm_id);
             }
             // Stopped while no meter ran (metald was killed before this VM's last record was
