@@ -281,7 +281,7 @@ impl MeterLoop {
                 .filter(|(vm_id, _)| !done.known.contains(vm_id) && !self.vms.contains_key(vm_id))
                 .collect();
             for (vm_id, tenant) in forgotten {
-                self.ended_unmetered(&vm_id, &tenant, done.at_ms);
+                self.ended_unmetered(&vm_id, &tenant, None, done.at_ms);
                 self.forget(&vm_id);
             }
         }
@@ -300,11 +300,14 @@ impl MeterLoop {
         let at_ms = unix_millis_of(event.at);
         match event.kind {
             VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
-            VmEventKind::Reattached(running) => {
+            VmEventKind::Reattached { running, booted_at } => {
                 // Taken over after a restart of metald: the same VMM continues
-                // from the spool's position for it; only a running or paused VM is metered.
+                // from the spool's position for it; one booted too shortly before the
+                // earlier metald ended to have a position is metered from its boot.
+                // Only a running or paused VM is metered.
                 if matches!(event.state, VmState::Running | VmState::Paused) {
-                    self.begin(event.vm_id.clone(), event.tenant, running, at_ms);
+                    let booted_ms = booted_at.map_or(at_ms, unix_millis_of);
+                    self.begin(event.vm_id.clone(), event.tenant, running, booted_ms);
                     if let Some(vm) = self.vms.get_mut(&event.vm_id) {
                         vm.paused = event.state == VmState::Paused;
                     }
@@ -331,13 +334,8 @@ impl MeterLoop {
                     vm.paused = false;
                 }
             }
-            VmEventKind::Stopped { usage, .. } | VmEventKind::Failed { usage, .. } => {
-                // Taken with the tick's other records, unless an event about the VM comes first.
-                match self.vms.get_mut(&event.vm_id) {
-                    Some(vm) => vm.ending = Some(Ending { usage, at_ms }),
-                    None => self.ended_unmetered(&event.vm_id, &event.tenant, at_ms),
-                }
-            }
+            VmEventKind::Stopped { usage, .. } => self.ending(&event, usage, None, at_ms),
+            VmEventKind::Failed { usage, booted_at, .. } => self.ending(&event, usage, booted_at.map(unix_millis_of), at_ms),
             VmEventKind::Deleted => {
                 // A VMM killed at the delete without a stop of its own still
                 // gets its final record, from its last reading.
@@ -350,25 +348,44 @@ impl MeterLoop {
             }
             // Stopped while no meter ran (metald was killed before this VM's last record was
             // taken): what it used after that record is unknown.
-            VmEventKind::FoundStopped => self.ended_unmetered(&event.vm_id, &event.tenant, at_ms),
+            VmEventKind::FoundStopped => self.ended_unmetered(&event.vm_id, &event.tenant, None, at_ms),
             VmEventKind::Created => {}
         }
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
     }
 
+    /// A stop or failure: taken with the tick's other records, unless an
+    /// event about the VM comes first; for a VM not metered, a gap.
+    fn ending(&mut self, event: &VmEvent, usage: Option<CgroupUsage>, booted_ms: Option<u64>, at_ms: u64) {
+        match self.vms.get_mut(&event.vm_id) {
+            Some(vm) => vm.ending = Some(Ending { usage, at_ms }),
+            None => self.ended_unmetered(&event.vm_id, &event.tenant, booted_ms, at_ms),
+        }
+    }
+
     /// A VM whose VMM ended while no meter watched it (found dead when metald
     /// took its VMs over): what it used after its last record is unknown, and
-    /// said so once as a gap, up to when metald found out.
-    fn ended_unmetered(&mut self, vm_id: &VmId, tenant: &TenantId, at_ms: u64) {
-        let Some(position) = self.positions.get_mut(vm_id.as_str()).filter(|position| !position.closed) else { return };
-        position.closed = true;
-        let gap = UsageGap {
-            tenant_id: tenant.clone(),
-            vm_id: vm_id.clone(),
-            from_ms: position.last_end_ms,
-            to_ms: at_ms.max(position.last_end_ms),
-            reason: UNMETERED_END.into(),
+    /// said so once as a gap, up to when metald found out. A VMM the meter
+    /// never saw at all (booted less than a tick before the earlier metald
+    /// was killed) is unknown from its boot, when the boot is known.
+    fn ended_unmetered(&mut self, vm_id: &VmId, tenant: &TenantId, booted_ms: Option<u64>, at_ms: u64) {
+        let open = self.positions.get_mut(vm_id.as_str()).filter(|position| !position.closed);
+        let from_ms = match (open, booted_ms) {
+            (Some(position), _) => {
+                position.closed = true;
+                position.last_end_ms
+            }
+            (None, Some(booted_ms)) => {
+                let billed_until = self.positions.get(vm_id.as_str()).map_or(0, |position| position.last_end_ms);
+                if booted_ms < billed_until {
+                    return;
+                }
+                booted_ms
+            }
+            (None, None) => return,
         };
+        let gap =
+            UsageGap { tenant_id: tenant.clone(), vm_id: vm_id.clone(), from_ms, to_ms: at_ms.max(from_ms), reason: UNMETERED_END.into() };
         if let Err(error) = self.spool.add_gap(&gap) {
             tracing::error!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a usage gap");
         }
@@ -384,7 +401,7 @@ impl MeterLoop {
         let previous_vmm_ended_unmetered =
             self.positions.get(vm_id.as_str()).is_some_and(|position| !position.closed && position.pid != target.pid);
         if previous_vmm_ended_unmetered {
-            self.ended_unmetered(&vm_id, &tenant, at_ms);
+            self.ended_unmetered(&vm_id, &tenant, None, at_ms);
         }
         let position = self.positions.get(vm_id.as_str());
         let (next_sequence, start_ms, baseline) = match position {

@@ -52,11 +52,20 @@ pub enum VmEventKind {
         reason: String,
         exit: Option<ProcessExit>,
         usage: Option<CgroupUsage>,
+        /// When the VMM that ended had booted, where there was one: a VMM
+        /// found dead after a restart of metald may never have been seen
+        /// by the meter, which then knows from when its time is unknown.
+        booted_at: Option<SystemTime>,
     },
     Deleted,
     /// The VM's VMM outlived an earlier metald and was taken over after a
     /// restart; the VM keeps its state (in the event) and its VMM.
-    Reattached(RunningVmm),
+    /// `booted_at` is when that VMM booted, as the earlier metald stored it:
+    /// a boot the earlier meter never saw is metered from then.
+    Reattached {
+        running: RunningVmm,
+        booted_at: Option<SystemTime>,
+    },
     /// A VM with no VMM (Created, Shutdown or Failed) found again after a
     /// restart of metald; a stop the earlier metald had not yet accounted
     /// for is known to have happened while it was away.

@@ -911,7 +911,8 @@ impl VmManager {
         if !problems.is_empty() {
             let reason = format!("delete incomplete: {}", problems.join("; "));
             if locked.entry.state.can_transition_to(VmState::Failed) {
-                self.transition(&mut locked, VmState::Failed, VmEventKind::Failed { reason: reason.clone(), exit: None, usage: None });
+                let failed = VmEventKind::Failed { reason: reason.clone(), exit: None, usage: None, booted_at: locked.entry.booted_at };
+                self.transition(&mut locked, VmState::Failed, failed);
             }
             locked.entry.failure = Some(reason);
             return Err(ManagerError::DeleteIncomplete { vm_id: vm_id.clone(), problems });
@@ -1023,7 +1024,8 @@ impl VmManager {
             }
             (_, false) => self.inner.backend.dormant(spec(identity.clone())?, console.clone()),
         };
-        let booted_at = record.booted_at_ms.map(from_unix_millis).filter(|_| matches!(outcome, Recovered::Reattached));
+        let stored_boot = record.booted_at_ms.map(from_unix_millis);
+        let booted_at = stored_boot.filter(|_| matches!(outcome, Recovered::Reattached));
         let entry = VmEntry {
             state,
             config: config.clone(),
@@ -1046,13 +1048,14 @@ impl VmManager {
         match &outcome {
             Recovered::Reattached => {
                 let running = running_vmm(&entry);
-                self.publish(&slot, &entry, VmEventKind::Reattached(running));
+                self.publish(&slot, &entry, VmEventKind::Reattached { running, booted_at: stored_boot });
                 tracing::info!(%vm_id, state = %entry.state, "VMM taken over from the earlier run");
             }
             Recovered::Lost(reason) => {
                 let reason = reason.clone();
                 tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
-                self.publish(&slot, &entry, VmEventKind::Failed { reason, exit: None, usage: None });
+                let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot };
+                self.publish(&slot, &entry, failed);
             }
             Recovered::Stopped => self.publish(&slot, &entry, VmEventKind::FoundStopped),
         }
@@ -1225,11 +1228,11 @@ impl VmManager {
             Err(stop_error) => tracing::error!(%vm_id, error = %crate::error_chain(&stop_error), "cannot stop the VMM of a failed VM"),
         }
         locked.entry.failure = Some(reason.clone());
-        locked.entry.booted_at = None;
+        let booted_at = locked.entry.booted_at.take();
         if locked.entry.state.can_transition_to(VmState::Failed) {
             let exit = locked.entry.last_exit;
             let usage = locked.entry.instance.take_ended_usage();
-            self.transition(locked, VmState::Failed, VmEventKind::Failed { reason, exit, usage });
+            self.transition(locked, VmState::Failed, VmEventKind::Failed { reason, exit, usage, booted_at });
         }
         error
     }
@@ -1287,7 +1290,7 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
     let backend = inner.backend.name();
     let exit = vmm_exit.status;
     entry.last_exit = Some(exit);
-    entry.booted_at = None;
+    let booted_at = entry.booted_at.take();
     entry.watched_pid = None;
     // Lets the backend forget the process; it has already been reaped.
     let _ = entry.instance.stop(StopMode::Forced).await;
@@ -1302,7 +1305,7 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         entry.failure = Some(reason.clone());
         apply_transition(&slot, &mut entry, VmState::Failed);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit), usage });
+        publish(&inner, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at });
     }
 }
 

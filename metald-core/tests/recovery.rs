@@ -102,7 +102,7 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
         assert_eq!(recovery.lost.iter().map(|(vm_id, _)| vm_id.clone()).collect::<Vec<_>>(), vec![first.killed.clone()]);
         let mut reattached_events = 0;
         while let Ok(event) = events.try_recv() {
-            if matches!(event.kind, VmEventKind::Reattached(_)) {
+            if matches!(event.kind, VmEventKind::Reattached { .. }) {
                 reattached_events += 1;
             }
         }

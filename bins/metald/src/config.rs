@@ -149,6 +149,9 @@ pub enum SinkKind {
 pub struct BillingSettings {
     /// Meter the VMs at all.
     pub enabled: bool,
+    /// How often the meter samples every VM, in milliseconds: the length of
+    /// one usage record.
+    pub meter_period_ms: u64,
     pub sink: SinkKind,
     /// For `file`; `<data_dir>/usage.jsonl` when unset.
     pub file: Option<PathBuf>,
@@ -170,6 +173,7 @@ impl Default for BillingSettings {
     fn default() -> Self {
         Self {
             enabled: true,
+            meter_period_ms: 100,
             sink: SinkKind::File,
             file: None,
             clickhouse_url: "http://127.0.0.1:8123".into(),
@@ -305,6 +309,9 @@ impl Settings {
         if self.vmm_api_timeout_seconds == 0 {
             return value("vmm_api_timeout_seconds", "must be at least 1");
         }
+        if !(10..=3_600_000).contains(&self.billing.meter_period_ms) {
+            return value("billing.meter_period_ms", "must be between 10 (ten milliseconds) and 3600000 (one hour)");
+        }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return value("api.default_page_size", "must be between 1 and api.max_page_size");
         }
@@ -390,6 +397,9 @@ mod tests {
             jail.create_file("b.toml", "[[auth.tenants]]\nid = \"acme\"\ntoken_sha256 = \"abc\"")?;
             let error = Settings::load(Some(Path::new("b.toml")), Figment::new()).unwrap_err();
             assert!(error.to_string().contains("token_sha256"), "{error}");
+            jail.create_file("c.toml", "[billing]\nmeter_period_ms = 0")?;
+            let error = Settings::load(Some(Path::new("c.toml")), Figment::new()).unwrap_err();
+            assert!(error.to_string().contains("billing.meter_period_ms"), "{error}");
             Ok(())
         });
     }

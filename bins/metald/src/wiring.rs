@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use metald_billing::clickhouse::ClickHouseSink;
 use metald_billing::delivery::DeliveryPolicy;
+use metald_billing::meter::MeterConfig;
 use metald_billing::service::ServiceSink;
 use metald_billing::{Billing, BillingConfig, BillingSink, JsonLinesSink, Spool};
 use metald_core::jailer::JailerConfig;
@@ -232,12 +233,12 @@ async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: 
     let spool =
         Arc::new(Spool::open(settings.data_dir.join("spool.db"), billing.spool_quota_bytes).context("cannot open the billing spool")?);
     let config = BillingConfig {
+        meter: MeterConfig { period: Duration::from_millis(billing.meter_period_ms), ..MeterConfig::default() },
         delivery: DeliveryPolicy {
             max_batch: billing.max_batch,
             max_age: Duration::from_millis(billing.max_batch_age_ms),
             ..DeliveryPolicy::default()
         },
-        ..BillingConfig::default()
     };
     Billing::for_manager(manager, spool, sink, config).context("cannot start billing")
 }

@@ -301,14 +301,6 @@ async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, d
     }
 }
 
-/// The meter's ticks so far, from the daemon's /metrics.
-fn meter_ticks(port: u16) -> u64 {
-    let body = common::http_get(port, "/metrics").map(|(_, body)| body).unwrap_or_default();
-    body.lines()
-        .find_map(|line| line.strip_prefix("metald_billing_meter_ticks_total ").and_then(|value| value.trim().parse().ok()))
-        .unwrap_or(0)
-}
-
 #[test]
 fn billing_holds_its_invariants_over_random_operations() {
     let test = "billing_holds_its_invariants_over_random_operations";
@@ -335,9 +327,9 @@ fn billing_holds_its_invariants_over_random_operations() {
         // The meter applies events at its ticks: two more ticks and the deletes' final records
         // are taken; then every record taken is delivered before the daemon stops.
         let port = host.port;
-        let ticks_now = meter_ticks(port);
+        let ticks_now = common::meter_ticks(port);
         runtime.block_on(wait_until("two meter ticks after the deletes", Duration::from_secs(60), || async move {
-            meter_ticks(port) >= ticks_now + 2
+            common::meter_ticks(port) >= ticks_now + 2
         }));
         runtime.block_on(wait_until("an empty spool", Duration::from_secs(60), || async move {
             common::http_get(port, "/metrics").is_some_and(|(_, body)| body.lines().any(|line| line == "metald_billing_spool_records 0"))

@@ -1,7 +1,8 @@
 //! VMs outlive the daemon: SIGKILL or SIGTERM leave them running, and the
 //! next start takes them over (the same processes), answers for them,
-//! meters them on without losing or repeating a record, and marks Failed
-//! the ones that died meanwhile.
+//! meters them on without losing or repeating a record (a VM booted too
+//! late for the killed daemon's meter to see is metered from its boot),
+//! and marks Failed the ones that died meanwhile.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -201,6 +202,77 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
         let list = client.list_vms(wire::ListVmsRequest::default()).await.unwrap().into_owned();
         for vm in &list.vms {
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm.vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
+
+#[test]
+fn a_vm_booted_before_the_meter_saw_it_is_metered_from_its_boot_after_a_sigkill() {
+    let test = "a_vm_booted_before_the_meter_saw_it_is_metered_from_its_boot_after_a_sigkill";
+    // A meter whose first tick is an hour away never learns of the boots
+    // before metald is killed, as a boot in the last tick before a SIGKILL.
+    let options = HostOptions { billing: true, meter_period_ms: Some(3_600_000), ..HostOptions::default() };
+    let Some(mut host) = Host::start(test, options) else { return };
+    let runtime = runtime();
+    let before_boots = now_ms();
+    let (living, doomed, doomed_pid) = runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let living = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
+        let doomed = boot_guest(&client, &[]).await;
+        let doomed_pid = vmm_pid(&client, &doomed).await;
+        (living, doomed, doomed_pid)
+    });
+    let after_boots = now_ms();
+    assert_eq!(common::meter_ticks(host.port), 0, "the meter ticked before the kill, so it knows the boots; log:\n{}", host.log());
+
+    host.kill();
+    kill(Pid::from_raw(doomed_pid as i32), Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metald_testguest::process_alive(doomed_pid) {
+        assert!(Instant::now() < deadline, "the killed VMM {doomed_pid} is still alive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    host.edit_config(|toml| toml.replace("meter_period_ms = 3600000", "meter_period_ms = 100"));
+    let restarted_at = now_ms();
+    host.launch();
+
+    // The VMM that lived on is charged from its boot, not from the takeover.
+    wait_for_records_after(&host, std::slice::from_ref(&living), restarted_at);
+    let records = &records_by_vm(&host)[&living];
+    let (sequence, start_ms, _, _) = records[0];
+    assert_eq!(sequence, 1, "{records:?}");
+    assert!(
+        (before_boots..=after_boots).contains(&start_ms),
+        "the first record starts at the boot, in {before_boots}..={after_boots}: {records:?}"
+    );
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].1, pair[0].2, "{living}: record {} starts where {} ended", pair[1].0, pair[0].0);
+    }
+
+    // The one that died meanwhile: nothing of it was measured, and a gap says so from its boot on.
+    let gaps_of_doomed = || -> Vec<(u64, u64)> {
+        host.usage_gaps()
+            .iter()
+            .filter(|gap| gap["vm_id"] == doomed.as_str())
+            .map(|gap| (gap["from_ms"].as_u64().unwrap(), gap["to_ms"].as_u64().unwrap()))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gaps_of_doomed().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gaps = gaps_of_doomed();
+    assert_eq!(gaps.len(), 1, "one gap for the VMM that died unmetered: {gaps:?}; log:\n{}", host.log());
+    let (from_ms, to_ms) = gaps[0];
+    assert!((before_boots..=after_boots).contains(&from_ms), "the gap starts at the boot: {gaps:?}");
+    assert!(to_ms >= restarted_at, "the gap lasts until metald found out: {gaps:?}");
+    assert!(!records_by_vm(&host).contains_key(&doomed), "no record for a VMM nothing measured");
+
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        for vm_id in [&living, &doomed] {
+            client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });
     assert_eq!(host.leftovers(), Vec::<String>::new());

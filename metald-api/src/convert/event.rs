@@ -31,7 +31,7 @@ pub fn event_kind_name(kind: &VmEventKind) -> &'static str {
         VmEventKind::Stopped { .. } => "stopped",
         VmEventKind::Failed { .. } => "failed",
         VmEventKind::Deleted => "deleted",
-        VmEventKind::Reattached(_) => "reattached",
+        VmEventKind::Reattached { .. } => "reattached",
         VmEventKind::FoundStopped => "found_stopped",
     }
 }
@@ -46,7 +46,7 @@ fn event_reason(kind: &VmEventKind) -> String {
         | VmEventKind::Paused { .. }
         | VmEventKind::Resumed { .. }
         | VmEventKind::Rebooted { .. }
-        | VmEventKind::Reattached(_)
+        | VmEventKind::Reattached { .. }
         | VmEventKind::FoundStopped
         | VmEventKind::Deleted => String::new(),
     }
@@ -102,7 +102,12 @@ mod tests {
             (VmState::Shutdown, VmEventKind::Stopped { exit: None, forced: true, by_guest: false, usage: None }, "stopped", ""),
             (
                 VmState::Failed,
-                VmEventKind::Failed { reason: "the VMM died".into(), exit: Some(ProcessExit::Killed { signal: 9 }), usage: None },
+                VmEventKind::Failed {
+                    reason: "the VMM died".into(),
+                    exit: Some(ProcessExit::Killed { signal: 9 }),
+                    usage: None,
+                    booted_at: None,
+                },
                 "failed",
                 "the VMM died",
             ),

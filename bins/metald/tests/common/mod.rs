@@ -54,6 +54,8 @@ pub struct HostOptions {
     pub otlp_endpoint: Option<String>,
     /// Take calls from a gateway signing with [`GATEWAY_SECRET`].
     pub gateway: bool,
+    /// The meter's period instead of its default.
+    pub meter_period_ms: Option<u64>,
 }
 
 pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
@@ -113,6 +115,9 @@ impl Host {
             toml.push_str(&format!("[api]\nmax_body_bytes = {bytes}\n"));
         }
         toml.push_str(&format!("[billing]\nenabled = {}\nmax_batch_age_ms = 200\n", options.billing));
+        if let Some(period) = options.meter_period_ms {
+            toml.push_str(&format!("meter_period_ms = {period}\n"));
+        }
         if let Some(url) = &options.clickhouse_url {
             toml.push_str(&format!("sink = \"clickhouse\"\nclickhouse_url = {url:?}\n"));
         }
@@ -312,8 +317,23 @@ impl Host {
 
     /// Usage records the file sink holds, in file order.
     pub fn usage_records(&self) -> Vec<serde_json::Value> {
-        let text = std::fs::read_to_string(self.data_dir().join("usage.jsonl")).unwrap_or_default();
+        self.json_lines("usage.jsonl")
+    }
+
+    /// The usage gaps the file sink wrote.
+    pub fn usage_gaps(&self) -> Vec<serde_json::Value> {
+        self.json_lines("usage.jsonl.gaps")
+    }
+
+    fn json_lines(&self, file: &str) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.data_dir().join(file)).unwrap_or_default();
         testguest::finished_lines(&text).map(|line| serde_json::from_str(line).unwrap()).collect()
+    }
+
+    /// Changes the configuration the next [`Host::launch`] reads.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let toml = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(&self.config_path, edit(toml)).unwrap();
     }
 }
 
@@ -373,6 +393,14 @@ fn free_port() -> u16 {
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
+/// The meter's ticks so far, from the daemon's /metrics.
+pub fn meter_ticks(port: u16) -> u64 {
+    let body = http_get(port, "/metrics").map(|(_, body)| body).unwrap_or_default();
+    body.lines()
+        .find_map(|line| line.strip_prefix("metald_billing_meter_ticks_total ").and_then(|value| value.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http_request(port, "GET", path, &[], b"")
 }
