@@ -24,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use metald_core::cgroups::CgroupUsage;
-use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
+use metald_core::events::{EndedVmm, RunningVmm, VmEvent, VmEventKind};
 use metald_core::{DeviceCounters, TenantId, VmId, VmState};
 use tokio::sync::broadcast;
 
@@ -176,6 +176,33 @@ struct Metered {
     ending: Option<Ending>,
 }
 
+impl Metered {
+    /// A VM of `vcpus` and `memory_limit_bytes` metered from a position:
+    /// its next sequence, from when, and the counters it starts from.
+    fn from(
+        tenant: TenantId,
+        target: MeterTarget,
+        (vcpus, memory_limit_bytes): (u32, u64),
+        (next_sequence, start_ms, baseline): (u64, u64, Counters),
+    ) -> Self {
+        Self {
+            tenant,
+            target,
+            vcpus,
+            memory_limit_bytes,
+            next_sequence,
+            start_ms,
+            baseline,
+            block_baseline: None,
+            block_latest: None,
+            last_counters: baseline,
+            paused: false,
+            missed: 0,
+            ending: None,
+        }
+    }
+}
+
 /// How a stopped VM's last interval ends.
 #[derive(Debug, Clone, Copy)]
 struct Ending {
@@ -300,7 +327,10 @@ impl MeterLoop {
         let at_ms = unix_millis_of(event.at);
         match event.kind {
             VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
-            VmEventKind::Reattached { running, booted_at } => {
+            VmEventKind::Reattached { running, booted_at, previous } => {
+                if let Some(previous) = previous {
+                    self.found_ended(&event.vm_id, &event.tenant, previous, at_ms);
+                }
                 // Taken over after a restart of metald: the same VMM continues
                 // from the spool's position for it; one booted too shortly before the
                 // earlier metald ended to have a position is metered from its boot.
@@ -313,7 +343,7 @@ impl MeterLoop {
                     }
                 }
             }
-            VmEventKind::Rebooted { running, ended } => {
+            VmEventKind::Rebooted { running, ended, .. } => {
                 // The old VMM's last counters close its time; the new one starts from zero.
                 self.close_interval(&event.vm_id, ended.as_ref(), at_ms);
                 if let Some(position) = self.positions.get_mut(event.vm_id.as_str()) {
@@ -346,9 +376,12 @@ impl MeterLoop {
                 self.vms.remove(&event.vm_id);
                 self.forget(&event.vm_id);
             }
-            // Stopped while no meter ran (metald was killed before this VM's last record was
-            // taken): what it used after that record is unknown.
-            VmEventKind::FoundStopped => self.ended_unmetered(&event.vm_id, &event.tenant, None, at_ms),
+            // Stopped before the earlier metald's meter took the VM's last record (it was killed
+            // within a tick of the stop): the store says how the VMM ended.
+            VmEventKind::FoundStopped { ended } => match ended {
+                Some(ended) => self.found_ended(&event.vm_id, &event.tenant, ended, at_ms),
+                None => self.ended_unmetered(&event.vm_id, &event.tenant, None, at_ms),
+            },
             VmEventKind::Created => {}
         }
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
@@ -391,6 +424,49 @@ impl MeterLoop {
         }
     }
 
+    /// Bills a VMM's end the earlier meter did not take, from what the VM
+    /// store kept of it: the rest of a life metered up to its last record,
+    /// or a whole life too short for any tick to have seen. An end already
+    /// billed is left alone; one whose CPU was not read is a gap.
+    fn found_ended(&mut self, vm_id: &VmId, tenant: &TenantId, ended: EndedVmm, at_ms: u64) {
+        let position = self.positions.get(vm_id.as_str()).cloned();
+        // Records of a later VMM taken, or this end's own record (a stop's is its final one): billed.
+        let billed = position.as_ref().is_some_and(|position| {
+            position.last_end_ms > ended.ended_at_ms || (position.last_end_ms == ended.ended_at_ms && (position.closed || ended.by_reboot))
+        });
+        if billed {
+            return;
+        }
+        let Some(cpu_ns) = ended.cpu_ns else {
+            return self.ended_unmetered(vm_id, tenant, Some(ended.booted_at_ms), at_ms);
+        };
+        let (next_sequence, start_ms, baseline) = match position {
+            Some(position) if !position.closed && position.last_end_ms >= ended.booted_at_ms => {
+                (position.last_sequence + 1, position.last_end_ms, position.counters)
+            }
+            Some(position) => {
+                if !position.closed {
+                    // An earlier VMM ended unseen before this one booted.
+                    self.ended_unmetered(vm_id, tenant, None, ended.booted_at_ms);
+                }
+                (position.last_sequence + 1, ended.booted_at_ms.max(position.last_end_ms), Counters::default())
+            }
+            None => (1, ended.booted_at_ms, Counters::default()),
+        };
+        let target = MeterTarget { pid: None, cgroup: None, taps: Vec::new() };
+        let sized = (ended.vcpus, ended.memory_bytes);
+        let mut metered = Metered::from(tenant.clone(), target, sized, (next_sequence, start_ms, baseline));
+        metered.last_counters.cpu_ns = cpu_ns.max(baseline.cpu_ns);
+        // A reboot's end closes the old VMM's time, as a `Rebooted` event would, without ending the VM's.
+        let record = finish_record(vm_id, &metered, metered.last_counters, ended.ended_at_ms, !ended.by_reboot);
+        self.vms.insert(vm_id.clone(), metered);
+        self.take_one(vm_id, record);
+        self.vms.remove(vm_id);
+        if let Some(position) = self.positions.get_mut(vm_id.as_str()) {
+            position.closed = true;
+        }
+    }
+
     /// Starts metering a VM from the moment it booted. A fresh VMM's
     /// counters start at zero, so everything its cgroup counts is charged,
     /// its own start included; the same VMM after a restart of the meter
@@ -411,21 +487,7 @@ impl MeterLoop {
             Some(position) => (position.last_sequence + 1, at_ms.max(position.last_end_ms), Counters::default()),
             None => (1, at_ms, Counters::default()),
         };
-        let metered = Metered {
-            tenant,
-            target,
-            vcpus: running.vcpus,
-            memory_limit_bytes: running.memory_bytes,
-            next_sequence,
-            start_ms,
-            baseline,
-            block_baseline: None,
-            block_latest: None,
-            last_counters: baseline,
-            paused: false,
-            missed: 0,
-            ending: None,
-        };
+        let metered = Metered::from(tenant, target, (running.vcpus, running.memory_bytes), (next_sequence, start_ms, baseline));
         self.vms.insert(vm_id, metered);
     }
 

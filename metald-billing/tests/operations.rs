@@ -2,7 +2,8 @@
 //! Firecracker VMs with the real meter and spool: every VMM life ends in
 //! one final record even when a delete or the next boot follows the stop
 //! at once, a reboot charges each VMM only what its own cgroup counted,
-//! and a VMM that is stopped or stuck delays no other VM's records.
+//! a VMM that is stopped or stuck delays no other VM's records, and a
+//! paused VM that a graceful stop lets run is charged for that run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -316,6 +317,44 @@ async fn a_paused_vm_stopped_booted_and_killed_gets_a_final_record_for_each_vmm(
     let records = metered.records(&vm_id);
     assert_contiguous(&vm_id, &records);
     assert_eq!(records.iter().filter(|record| record.final_record).count(), 2, "{records:?}");
+    metered.sandbox.manager.delete(&vm_id, FORCED).await.unwrap();
+    assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_vm_stopped_gracefully_is_charged_for_the_time_it_ran_to_hear_the_stop() {
+    let test = "a_paused_vm_stopped_gracefully_is_charged_for_the_time_it_ran_to_hear_the_stop";
+    let Some(mut metered) = Metered::new(test) else { return };
+    let mut events = metered.sandbox.manager.subscribe();
+    let sandbox = &metered.sandbox;
+    let vm_id = sandbox.boot_guest(&[&cmdline::burn_forever()]).await;
+    metered.wait_for_records(&vm_id, 2).await;
+    sandbox.manager.pause(&vm_id).await.unwrap();
+    // A graceful stop resumes the guest so that it hears Ctrl+Alt+Del; it spins until it stops.
+    sandbox.manager.shutdown(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(2)) }).await.unwrap();
+    let (mut paused_at, mut resumed_at, mut ended) = (None, None, None);
+    while ended.is_none() {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.expect("an event").unwrap();
+        if event.vm_id != vm_id {
+            continue;
+        }
+        match event.kind {
+            VmEventKind::Paused { usage } => paused_at = usage,
+            VmEventKind::Resumed { usage } => resumed_at = usage,
+            VmEventKind::Stopped { usage, .. } => ended = usage,
+            _ => {}
+        }
+    }
+    metered.wait_for_finals(&vm_id, 1).await;
+    metered.stop().await;
+
+    let (paused_at, ended) = (paused_at.expect("the pause's reading").cpu_ns, ended.expect("the stop's reading").cpu_ns);
+    let resumed_at = resumed_at.expect("a Resumed event when the stop let the paused guest run").cpu_ns;
+    let records = metered.records(&vm_id);
+    assert_contiguous(&vm_id, &records);
+    // Everything the cgroup counted, except while the VM was paused.
+    let charged: u64 = records.iter().map(|record| record.usage.cpu_ns).sum();
+    assert_eq!(charged, ended - (resumed_at - paused_at), "{records:?}");
     metered.sandbox.manager.delete(&vm_id, FORCED).await.unwrap();
     assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
 }

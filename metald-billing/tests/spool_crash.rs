@@ -111,7 +111,7 @@ fn spool_holder_child() {
         source.stop_at(millis(stopped));
         let usage = CgroupUsage { cpu_ns: source.at(millis(stopped)), memory_peak_bytes: None };
         for index in 0..VMS {
-            let kind = VmEventKind::Stopped { exit: None, forced: true, by_guest: false, usage: Some(usage) };
+            let kind = VmEventKind::Stopped { exit: None, forced: true, by_guest: false, usage: Some(usage), booted_at: None };
             events.send(event(index, stopped, kind)).unwrap();
         }
         // Two ticks: the final records are taken.

@@ -210,6 +210,11 @@ impl Cgroup {
         self.version
     }
 
+    /// The cgroup's own name, the last part of its path.
+    pub fn name(&self) -> String {
+        self.dirs.first().and_then(|dir| dir.file_name()).map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+
     /// The cgroup's folders (one on v2, one per controller on v1).
     pub fn paths(&self) -> &[PathBuf] {
         &self.dirs

@@ -34,18 +34,22 @@ pub enum VmEventKind {
         usage: Option<CgroupUsage>,
     },
     /// The guest was restarted, natively or by a stop and a fresh boot;
-    /// `ended` is what the previous VMM's cgroup counted last, when it ended.
+    /// `ended` is what the previous VMM's cgroup counted last, when it ended;
+    /// `previous_booted_at` when that VMM had booted.
     Rebooted {
         running: RunningVmm,
         ended: Option<CgroupUsage>,
+        previous_booted_at: Option<SystemTime>,
     },
     /// The guest stopped: asked to, forced, or on its own (a guest reset).
-    /// `usage` is what the VMM's cgroup counted just before it was removed.
+    /// `usage` is what the VMM's cgroup counted just before it was removed;
+    /// `booted_at` when that VMM booted.
     Stopped {
         exit: Option<ProcessExit>,
         forced: bool,
         by_guest: bool,
         usage: Option<CgroupUsage>,
+        booted_at: Option<SystemTime>,
     },
     /// The VMM died or an operation broke it.
     Failed {
@@ -61,15 +65,36 @@ pub enum VmEventKind {
     /// The VM's VMM outlived an earlier metald and was taken over after a
     /// restart; the VM keeps its state (in the event) and its VMM.
     /// `booted_at` is when that VMM booted, as the earlier metald stored it:
-    /// a boot the earlier meter never saw is metered from then.
+    /// a boot the earlier meter never saw is metered from then; `previous`
+    /// is how the VM's VMM before it ended, whose end that meter may not
+    /// have seen either.
     Reattached {
         running: RunningVmm,
         booted_at: Option<SystemTime>,
+        previous: Option<EndedVmm>,
     },
     /// A VM with no VMM (Created, Shutdown or Failed) found again after a
-    /// restart of metald; a stop the earlier metald had not yet accounted
-    /// for is known to have happened while it was away.
-    FoundStopped,
+    /// restart of metald, with how its last VMM ended as the store kept it:
+    /// the earlier metald may have been killed before its meter saw that end.
+    FoundStopped {
+        ended: Option<EndedVmm>,
+    },
+}
+
+/// A VMM's life once it ended, as the VM store keeps it: enough for a
+/// metald started after a crash to bill an end (or a whole short life) the
+/// earlier meter had not yet seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EndedVmm {
+    pub booted_at_ms: u64,
+    pub ended_at_ms: u64,
+    /// What its cgroup counted in all, where that was read.
+    pub cpu_ns: Option<u64>,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// It ended at a reboot: the VM ran on in a fresh VMM.
+    #[serde(default)]
+    pub by_reboot: bool,
 }
 
 /// What a running VM's VMM is made of, for those who measure it.

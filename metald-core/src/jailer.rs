@@ -413,10 +413,14 @@ impl JailTeardown {
     /// step is tried and each failure reported.
     pub(crate) fn run(mut self) -> Vec<String> {
         let mut problems = Vec::new();
-        if let Some(cgroup) = self.cgroup.take()
-            && let Err(error) = cgroup.remove()
-        {
-            problems.push(crate::error_chain(&error));
+        if let Some(cgroup) = self.cgroup.take() {
+            // The VMM's whole use, as the kernel counted it: what its usage records must add up to.
+            if let Ok(cpu_ns) = cgroup.cpu_usage_ns() {
+                tracing::debug!(cgroup = %cgroup.name(), cpu_ns, "VMM cgroup removed");
+            }
+            if let Err(error) = cgroup.remove() {
+                problems.push(crate::error_chain(&error));
+            }
         }
         if let Some(root) = self.root.take() {
             match fs::remove_dir_all(&root) {

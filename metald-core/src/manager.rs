@@ -21,7 +21,7 @@ use crate::backend::{
 use crate::cgroups::CgroupUsage;
 use crate::config::{ConfigError, Problem, VmConfig};
 use crate::console::{ConsoleError, ConsoleLog};
-use crate::events::{RunningVmm, VmEvent, VmEventKind};
+use crate::events::{EndedVmm, RunningVmm, VmEvent, VmEventKind};
 use crate::ids::{TenantId, VmId};
 use crate::images::{self, ImageError, ImageFile, ImageRoot};
 use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
@@ -251,6 +251,8 @@ struct VmEntry {
     failure: Option<String>,
     last_exit: Option<ProcessExit>,
     booted_at: Option<SystemTime>,
+    /// How the last VMM ended, kept in the store for the meter of a later metald.
+    last_ended: Option<EndedVmm>,
     created_at: SystemTime,
     modified_at: SystemTime,
     /// Bumped whenever a new VMM process is watched; a watcher of an older
@@ -570,6 +572,7 @@ impl VmManager {
             failure: None,
             last_exit: None,
             booted_at: None,
+            last_ended: None,
             created_at: now,
             modified_at: now,
             watch_generation: 0,
@@ -583,7 +586,7 @@ impl VmManager {
             registry.reserved.remove(&vm_id);
             registry.vms.insert(vm_id.clone(), Arc::clone(&slot));
             drop(registry);
-            self.publish(&slot, &entry, VmEventKind::Created);
+            self.publish(&slot, &mut entry, VmEventKind::Created);
         }
         tracing::info!(%vm_id, %tenant, "VM created");
         Ok(vm_id)
@@ -831,21 +834,24 @@ impl VmManager {
     async fn stop_locked(&self, locked: &mut Locked, options: StopOptions) -> Result<(), ManagerError> {
         let vm_id = locked.slot.vm_id.clone();
         let mode = self.stop_mode(options);
-        // A paused guest cannot see Ctrl+Alt+Del; let it run to hear it.
+        // A paused guest cannot see Ctrl+Alt+Del; let it run to hear it. It
+        // runs, and uses CPU, until it stops: say so, as a resume would.
         if locked.entry.state == VmState::Paused && matches!(mode, StopMode::Graceful { .. }) {
+            let usage = cgroup_usage(&locked.entry);
             locked
                 .entry
                 .instance
                 .resume()
                 .await
                 .map_err(|source| self.backend_error(&vm_id, BackendOperation::ResumeBeforeShutdown, source))?;
+            self.transition(locked, VmState::Running, VmEventKind::Resumed { usage });
         }
         let outcome =
             locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, BackendOperation::Shutdown, source))?;
         locked.entry.last_exit = Some(outcome.exit);
-        locked.entry.booted_at = None;
+        let booted_at = locked.entry.booted_at.take();
         let usage = locked.entry.instance.take_ended_usage();
-        let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false, usage };
+        let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false, usage, booted_at };
         self.transition(locked, VmState::Shutdown, kind);
         Ok(())
     }
@@ -871,12 +877,12 @@ impl VmManager {
         };
         match result {
             Ok(()) => {
-                locked.entry.booted_at = Some(SystemTime::now());
+                let previous_booted_at = locked.entry.booted_at.replace(SystemTime::now());
                 self.watch_vmm(&locked.slot, &mut locked.entry);
                 let ended = locked.entry.instance.take_ended_usage();
                 let running = running_vmm(&locked.entry);
                 locked.entry.modified_at = SystemTime::now();
-                self.publish(&locked.slot, &locked.entry, VmEventKind::Rebooted { running, ended });
+                self.publish(&locked.slot, &mut locked.entry, VmEventKind::Rebooted { running, ended, previous_booted_at });
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, BackendOperation::Reboot, source).await),
@@ -1036,6 +1042,7 @@ impl VmManager {
             failure: failure.clone(),
             last_exit: record.last_exit,
             booted_at,
+            last_ended: record.last_ended,
             created_at: from_unix_millis(record.created_at_ms),
             modified_at: if state == record.state { from_unix_millis(record.modified_at_ms) } else { SystemTime::now() },
             watch_generation: 0,
@@ -1048,16 +1055,20 @@ impl VmManager {
         match &outcome {
             Recovered::Reattached => {
                 let running = running_vmm(&entry);
-                self.publish(&slot, &entry, VmEventKind::Reattached { running, booted_at: stored_boot });
+                let previous = entry.last_ended;
+                self.publish(&slot, &mut entry, VmEventKind::Reattached { running, booted_at: stored_boot, previous });
                 tracing::info!(%vm_id, state = %entry.state, "VMM taken over from the earlier run");
             }
             Recovered::Lost(reason) => {
                 let reason = reason.clone();
                 tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
                 let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot };
-                self.publish(&slot, &entry, failed);
+                self.publish(&slot, &mut entry, failed);
             }
-            Recovered::Stopped => self.publish(&slot, &entry, VmEventKind::FoundStopped),
+            Recovered::Stopped => {
+                let ended = entry.last_ended;
+                self.publish(&slot, &mut entry, VmEventKind::FoundStopped { ended });
+            }
         }
         Ok(outcome)
     }
@@ -1206,10 +1217,10 @@ impl VmManager {
 
     fn transition(&self, locked: &mut Locked, to: VmState, kind: VmEventKind) {
         apply_transition(&locked.slot, &mut locked.entry, to);
-        self.publish(&locked.slot, &locked.entry, kind);
+        self.publish(&locked.slot, &mut locked.entry, kind);
     }
 
-    fn publish(&self, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
+    fn publish(&self, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
         publish(&self.inner, slot, entry, kind);
     }
 
@@ -1298,14 +1309,14 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         tracing::info!(%vm_id, %exit, "guest stopped itself");
         apply_transition(&slot, &mut entry, VmState::Shutdown);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner, &slot, &entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage });
+        publish(&inner, &slot, &mut entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage, booted_at });
     } else {
         let reason = format!("{backend} {vmm_exit} while the VM was {}", entry.state);
         tracing::warn!(%vm_id, %reason, "VMM died");
         entry.failure = Some(reason.clone());
         apply_transition(&slot, &mut entry, VmState::Failed);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner, &slot, &entry, VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at });
+        publish(&inner, &slot, &mut entry, VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at });
     }
 }
 
@@ -1384,16 +1395,37 @@ fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
 
 /// Tells subscribers, after writing the VM's record: every change is
 /// published, so every change is stored.
-fn publish(inner: &Inner, slot: &VmSlot, entry: &VmEntry, kind: VmEventKind) {
+fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
+    let at = SystemTime::now();
+    if let Some(ended) = ended_vmm(&kind, entry, at) {
+        entry.last_ended = Some(ended);
+    }
     if let Some(store) = &inner.store {
         let stored = if matches!(kind, VmEventKind::Deleted) { store.remove(&slot.vm_id) } else { store.save(&record_of(slot, entry)) };
         if let Err(error) = stored {
             tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot store the VM's record; a restart may not find it as it is");
         }
     }
-    let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at: SystemTime::now(), state: entry.state, kind };
+    let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at, state: entry.state, kind };
     // No subscriber is fine.
     let _ = inner.events.send(event);
+}
+
+/// How a VMM's life ended, for an event that ends one that had booted.
+fn ended_vmm(kind: &VmEventKind, entry: &VmEntry, at: SystemTime) -> Option<EndedVmm> {
+    let (booted_at, usage, by_reboot) = match kind {
+        VmEventKind::Stopped { booted_at, usage, .. } | VmEventKind::Failed { booted_at, usage, .. } => ((*booted_at)?, usage, false),
+        VmEventKind::Rebooted { previous_booted_at, ended, .. } => ((*previous_booted_at)?, ended, true),
+        _ => return None,
+    };
+    Some(EndedVmm {
+        booted_at_ms: unix_millis(booted_at),
+        ended_at_ms: unix_millis(at),
+        cpu_ns: usage.as_ref().map(|usage| usage.cpu_ns),
+        vcpus: entry.config.cpu.vcpu_count,
+        memory_bytes: entry.config.memory.size_bytes,
+        by_reboot,
+    })
 }
 
 fn unix_millis(at: SystemTime) -> u64 {
@@ -1418,6 +1450,7 @@ fn record_of(slot: &VmSlot, entry: &VmEntry) -> VmRecord {
         network: entry.network.clone(),
         identity: entry.identity.as_ref().map(|lease| (lease.uid(), lease.gid())),
         vmm: entry.instance.ticket(),
+        last_ended: entry.last_ended,
     }
 }
 

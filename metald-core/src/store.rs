@@ -56,6 +56,9 @@ pub struct VmRecord {
     /// The backend's description of the VMM process that runs now, enough
     /// to find it again and prove it is the same process.
     pub vmm: Option<serde_json::Value>,
+    /// How the VM's last VMM ended, for the meter of a later metald.
+    #[serde(default)]
+    pub last_ended: Option<crate::events::EndedVmm>,
 }
 
 /// Where VM records are kept.
@@ -165,6 +168,7 @@ mod tests {
             network: None,
             identity: Some((1_000_000, 1_000_000)),
             vmm: Some(serde_json::json!({"pid": 42})),
+            last_ended: None,
         }
     }
 

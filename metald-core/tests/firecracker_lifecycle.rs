@@ -74,7 +74,7 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
         VmEventKind::Booted(metald_core::events::RunningVmm { pid: None, cgroup: None, taps: Vec::new(), vcpus: 1, memory_bytes: 0 }),
         VmEventKind::Paused { usage: None },
         VmEventKind::Resumed { usage: None },
-        VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None },
+        VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None, booted_at: None },
         VmEventKind::Deleted,
     ];
     assert_eq!(seen, expected.iter().map(std::mem::discriminant).collect::<Vec<_>>());

@@ -237,7 +237,9 @@ async fn a_hosts_billing_pipeline_can_deliver_through_billaged() {
     let heartbeats_sql = "SELECT count() FROM {db}.host_heartbeats WHERE host_id = 'host-c'";
     wait_until("five rows through billaged", WAIT_LIMIT, || async { count(&reader, rows_sql).await >= 5 }).await;
     wait_until("two heartbeats through billaged", WAIT_LIMIT, || async { count(&reader, heartbeats_sql).await >= 2 }).await;
-    events.send(event(metald_core::VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None })).unwrap();
+    events
+        .send(event(metald_core::VmEventKind::Stopped { exit: None, forced: false, by_guest: false, usage: None, booted_at: None }))
+        .unwrap();
     // Stopping takes the final record on the meter's last tick and delivers it.
     billing.stop().await;
 

@@ -20,7 +20,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{Client, Host, HostOptions, Wire, create_request, guest_config, state_of};
+use common::{CgroupCounter, Client, Host, HostOptions, Wire, create_request, guest_config, state_of};
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::proto::vmprovisioner::v1::VmState;
 use metald_billing::clickhouse::{ClickHouseSink, USAGE_TABLE};
@@ -192,6 +192,7 @@ struct Row {
     end_ms: u64,
     cpu_ns: u64,
     vcpus: u32,
+    paused: u8,
     final_record: u8,
 }
 
@@ -223,11 +224,11 @@ fn log_lines_of(dir: &std::path::Path, vm_id: &str) -> String {
         .collect()
 }
 
-async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, dir: &std::path::Path) {
+async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, dir: &std::path::Path, counted: (u64, CgroupCounter)) {
     let client = sink.client();
     let rows: Vec<Row> = client
         .query(&format!(
-            "SELECT vm_id, sequence, start_ms, end_ms, cpu_ns, vcpus, final_record FROM {DATABASE}.{USAGE_TABLE} ORDER BY vm_id, sequence"
+            "SELECT vm_id, sequence, start_ms, end_ms, cpu_ns, vcpus, paused, final_record FROM {DATABASE}.{USAGE_TABLE} ORDER BY vm_id, sequence"
         ))
         .fetch_all()
         .await
@@ -299,6 +300,144 @@ async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, d
             log_lines_of(dir, vm_id)
         );
     }
+    check_cpu(&rows, &gaps, seed, dir, counted);
+}
+
+/// A removed VMM cgroup: when it went, and what it counted in all.
+#[derive(Debug, Clone)]
+struct RemovedCgroup {
+    removed_ms: u64,
+    cpu_ns: u64,
+}
+
+/// Unix milliseconds of a log line's leading `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+fn log_time_ms(line: &str) -> Option<u64> {
+    let number = |range: std::ops::Range<usize>| line.get(range)?.parse::<i64>().ok();
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hours, minutes, seconds, millis) = (number(11..13)?, number(14..16)?, number(17..19)?, number(20..23)?);
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    u64::try_from(((days * 24 + hours) * 60 + minutes) * 60 + seconds).ok().map(|secs| secs * 1000 + millis as u64)
+}
+
+/// What each VMM's cgroup counted in all, per VM in the order the cgroups
+/// went: metald reads it just before it removes a cgroup (its jail's
+/// teardown, apart from the meter) and logs it.
+fn cgroup_totals(dir: &std::path::Path) -> BTreeMap<String, Vec<RemovedCgroup>> {
+    let mut logs: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let start = name.strip_prefix("metald.")?.strip_suffix(".log")?.parse().ok()?;
+            Some((start, entry.path()))
+        })
+        .collect();
+    logs.sort();
+    let mut totals: BTreeMap<String, Vec<RemovedCgroup>> = BTreeMap::new();
+    for (_, path) in logs {
+        for line in std::fs::read_to_string(path).unwrap_or_default().lines().filter(|line| line.contains("VMM cgroup removed")) {
+            let field = |key: &str| line.split_whitespace().rev().find_map(|word| word.strip_prefix(key)).map(str::to_owned);
+            let (Some(name), Some(cpu_ns), Some(removed_ms)) = (field("cgroup="), field("cpu_ns="), log_time_ms(line)) else { continue };
+            let vm_id = name.rsplit_once('.').map_or(name.as_str(), |(vm_id, _)| vm_id).to_owned();
+            totals.entry(vm_id).or_default().push(RemovedCgroup { removed_ms, cpu_ns: cpu_ns.parse().unwrap() });
+        }
+    }
+    totals
+}
+
+/// One VMM life in the usage: its records (none for a VMM that died
+/// before any tick saw it) and how it ended.
+#[derive(Debug)]
+struct Life<'a> {
+    rows: Vec<&'a Row>,
+    start_ms: u64,
+    /// Its final record's end, or when metald found the VMM gone.
+    end_ms: u64,
+    ended_in_gap: bool,
+}
+
+/// A VM's lives in order: records split at each final record or at a gap
+/// that begins where a record ends, and gaps that begin where no record
+/// ends (a VMM no tick saw before it died while metald was away).
+fn lives_of<'a>(rows: &[&'a Row], gaps: &[&Gap]) -> Vec<Life<'a>> {
+    let gap_after = |row: &Row| gaps.iter().find(|gap| row.final_record == 0 && gap.from_ms == row.end_ms).copied();
+    let mut lives: Vec<Life<'a>> = rows
+        .split_inclusive(|row| row.final_record == 1 || gap_after(row).is_some())
+        .map(|life| {
+            let last = life[life.len() - 1];
+            let gap = gap_after(last);
+            Life {
+                rows: life.to_vec(),
+                start_ms: life[0].start_ms,
+                end_ms: gap.map_or(last.end_ms, |gap| gap.to_ms),
+                ended_in_gap: gap.is_some(),
+            }
+        })
+        .collect();
+    for gap in gaps.iter().filter(|gap| !rows.iter().any(|row| row.final_record == 0 && row.end_ms == gap.from_ms)) {
+        lives.push(Life { rows: Vec::new(), start_ms: gap.from_ms, end_ms: gap.to_ms, ended_in_gap: true });
+    }
+    lives.sort_by_key(|life| life.start_ms);
+    lives
+}
+
+/// The CPU charged against what each VMM's cgroup counted in all. A life
+/// metered to its end and never paused is charged exactly its cgroup's
+/// count; a paused one less (paused time charges no CPU, though the VMM
+/// may use a little), and one that ended in a gap no more than its count.
+/// A VMM that never booted (a VM deleted or failed while Created) has a
+/// cgroup and no usage. The kernel's count for the whole cgroup parent
+/// holds every VMM of the run, removed ones included: nothing is charged
+/// beyond it.
+fn check_cpu(rows: &[Row], gaps: &[Gap], seed: u64, dir: &std::path::Path, (counted_ns, counter): (u64, CgroupCounter)) {
+    let totals = cgroup_totals(dir);
+    let mut vm_ids: BTreeSet<&str> = rows.iter().map(|row| row.vm_id.as_str()).collect();
+    vm_ids.extend(gaps.iter().map(|gap| gap.vm_id.as_str()));
+    let (mut exact, mut bounded) = (0, 0);
+    for vm_id in vm_ids {
+        let vm_rows: Vec<&Row> = rows.iter().filter(|row| row.vm_id == vm_id).collect();
+        let vm_gaps: Vec<&Gap> = gaps.iter().filter(|gap| gap.vm_id == vm_id).collect();
+        let lives = lives_of(&vm_rows, &vm_gaps);
+        let cgroups = totals.get(vm_id).cloned().unwrap_or_default();
+        let context = || format!("lives {lives:?}, cgroups {cgroups:?}\n{}", log_lines_of(dir, vm_id));
+        // A life's VMMs (more than one where it was rebooted) went while it lasted; a cgroup
+        // that went outside every life belonged to a VMM that never booted (the one a create
+        // makes, replaced at a boot after a takeover, or gone with a VM deleted or failed
+        // while Created).
+        for life in &lives {
+            let vmms: Vec<&RemovedCgroup> =
+                cgroups.iter().filter(|cgroup| (life.start_ms..=life.end_ms).contains(&cgroup.removed_ms)).collect();
+            assert!(!vmms.is_empty(), "seed {seed}: {vm_id} has a VMM life with no cgroup removed while it lasted: {}", context());
+            let counted_ns: u64 = vmms.iter().map(|cgroup| cgroup.cpu_ns).sum();
+            let charged_ns: u64 = life.rows.iter().map(|row| row.cpu_ns).sum();
+            let paused = life.rows.iter().any(|row| row.paused == 1);
+            if life.ended_in_gap || paused {
+                bounded += 1;
+                let why = if paused { "paused" } else { "ended in a gap" };
+                eprintln!("seed {seed}: {vm_id}: a life {why} charged {charged_ns} ns of {counted_ns} ns counted");
+                assert!(charged_ns <= counted_ns, "seed {seed}: {vm_id} charged {charged_ns} ns for {vmms:?}: {}", context());
+            } else {
+                exact += 1;
+                assert_eq!(charged_ns, counted_ns, "seed {seed}: {vm_id}'s charge for {vmms:?} against their count: {}", context());
+            }
+        }
+    }
+    let charged_ns: u64 = rows.iter().map(|row| row.cpu_ns).sum();
+    // v2 counts microseconds: each cgroup's count may be up to 1 µs short of its share in the parent's.
+    let slack_ns = match counter {
+        CgroupCounter::CpuacctNs => 0,
+        CgroupCounter::CpuStatUsec => 1000 * totals.values().map(Vec::len).sum::<usize>() as u64,
+    };
+    eprintln!(
+        "seed {seed}: {exact} VMM lives charged exactly their cgroup's count, {bounded} at most it; {charged_ns} ns charged of {counted_ns} ns counted"
+    );
+    assert!(charged_ns <= counted_ns + slack_ns, "seed {seed}: {charged_ns} ns charged, but the kernel counted only {counted_ns} ns");
 }
 
 #[test]
@@ -334,10 +473,11 @@ fn billing_holds_its_invariants_over_random_operations() {
         runtime.block_on(wait_until("an empty spool", Duration::from_secs(60), || async move {
             common::http_get(port, "/metrics").is_some_and(|(_, body)| body.lines().any(|line| line == "metald_billing_spool_records 0"))
         }));
+        let counted = host.cgroup_parent_cpu_ns().expect("the cgroup parent's CPU counter");
         let status = host.terminate();
         assert!(status.success(), "metald ended with {status}; log:\n{}", host.log());
         let sink = ClickHouseSink::new(&server.url(), DATABASE, "model-check");
-        runtime.block_on(check_invariants(&sink, &journal, seed, host.dir.path()));
+        runtime.block_on(check_invariants(&sink, &journal, seed, host.dir.path(), counted));
         assert_eq!(host.leftovers(), Vec::<String>::new(), "seed {seed}");
     }
 }

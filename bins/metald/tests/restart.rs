@@ -208,20 +208,22 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
 }
 
 #[test]
-fn a_vm_booted_before_the_meter_saw_it_is_metered_from_its_boot_after_a_sigkill() {
-    let test = "a_vm_booted_before_the_meter_saw_it_is_metered_from_its_boot_after_a_sigkill";
+fn vms_booted_or_stopped_before_the_meter_saw_it_are_billed_from_the_store_after_a_sigkill() {
+    let test = "vms_booted_or_stopped_before_the_meter_saw_it_are_billed_from_the_store_after_a_sigkill";
     // A meter whose first tick is an hour away never learns of the boots
-    // before metald is killed, as a boot in the last tick before a SIGKILL.
+    // and stops before metald is killed, as in the last tick before a SIGKILL.
     let options = HostOptions { billing: true, meter_period_ms: Some(3_600_000), ..HostOptions::default() };
     let Some(mut host) = Host::start(test, options) else { return };
     let runtime = runtime();
     let before_boots = now_ms();
-    let (living, doomed, doomed_pid) = runtime.block_on(async {
+    let (living, doomed, doomed_pid, stopped, stopped_at) = runtime.block_on(async {
         let client = host.client("acme", Wire::ConnectProto);
         let living = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
         let doomed = boot_guest(&client, &[]).await;
         let doomed_pid = vmm_pid(&client, &doomed).await;
-        (living, doomed, doomed_pid)
+        let stopped = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
+        client.shutdown_vm(wire::ShutdownVmRequest { vm_id: stopped.clone(), force: true, ..Default::default() }).await.unwrap();
+        (living, doomed, doomed_pid, stopped, now_ms())
     });
     let after_boots = now_ms();
     assert_eq!(common::meter_ticks(host.port), 0, "the meter ticked before the kill, so it knows the boots; log:\n{}", host.log());
@@ -269,9 +271,33 @@ fn a_vm_booted_before_the_meter_saw_it_is_metered_from_its_boot_after_a_sigkill(
     assert!(to_ms >= restarted_at, "the gap lasts until metald found out: {gaps:?}");
     assert!(!records_by_vm(&host).contains_key(&doomed), "no record for a VMM nothing measured");
 
+    // The one booted and stopped unseen: one final record from its boot to its stop, with all
+    // its cgroup counted (as metald read it before removing the cgroup), and no gap.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.usage_records().iter().any(|record| record["vm_id"] == stopped.as_str()) {
+        assert!(Instant::now() < deadline, "no record for {stopped}; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let records: Vec<serde_json::Value> = host.usage_records().into_iter().filter(|record| record["vm_id"] == stopped.as_str()).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!((record["sequence"].as_u64(), record["final_record"].as_bool()), (Some(1), Some(true)), "{record}");
+    let (start_ms, end_ms) = (record["start_ms"].as_u64().unwrap(), record["end_ms"].as_u64().unwrap());
+    assert!((before_boots..=stopped_at).contains(&start_ms) && (start_ms..=stopped_at).contains(&end_ms), "{record}");
+    let first_log = std::fs::read_to_string(host.log_path(1)).unwrap();
+    let counted: u64 = first_log
+        .lines()
+        .filter(|line| line.contains("VMM cgroup removed") && line.contains(&format!("cgroup={stopped}.")))
+        .find_map(|line| line.split_whitespace().find_map(|word| word.strip_prefix("cpu_ns=")))
+        .expect("the stopped VMM's cgroup count in the first run's log")
+        .parse()
+        .unwrap();
+    assert_eq!(record["usage"]["cpu_ns"].as_u64(), Some(counted), "{record}");
+    assert!(host.usage_gaps().iter().all(|gap| gap["vm_id"] != stopped.as_str()), "{:?}", host.usage_gaps());
+
     runtime.block_on(async {
         let client = host.client("acme", Wire::ConnectProto);
-        for vm_id in [&living, &doomed] {
+        for vm_id in [&living, &doomed, &stopped] {
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });

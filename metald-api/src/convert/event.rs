@@ -32,7 +32,7 @@ pub fn event_kind_name(kind: &VmEventKind) -> &'static str {
         VmEventKind::Failed { .. } => "failed",
         VmEventKind::Deleted => "deleted",
         VmEventKind::Reattached { .. } => "reattached",
-        VmEventKind::FoundStopped => "found_stopped",
+        VmEventKind::FoundStopped { .. } => "found_stopped",
     }
 }
 
@@ -47,7 +47,7 @@ fn event_reason(kind: &VmEventKind) -> String {
         | VmEventKind::Resumed { .. }
         | VmEventKind::Rebooted { .. }
         | VmEventKind::Reattached { .. }
-        | VmEventKind::FoundStopped
+        | VmEventKind::FoundStopped { .. }
         | VmEventKind::Deleted => String::new(),
     }
 }
@@ -92,14 +92,25 @@ mod tests {
             (VmState::Running, VmEventKind::Booted(running()), "booted", ""),
             (VmState::Paused, VmEventKind::Paused { usage: None }, "paused", ""),
             (VmState::Running, VmEventKind::Resumed { usage: None }, "resumed", ""),
-            (VmState::Running, VmEventKind::Rebooted { running: running(), ended: None }, "rebooted", ""),
+            (VmState::Running, VmEventKind::Rebooted { running: running(), ended: None, previous_booted_at: None }, "rebooted", ""),
             (
                 VmState::Shutdown,
-                VmEventKind::Stopped { exit: Some(ProcessExit::Exited { code: 0 }), forced: false, by_guest: true, usage: None },
+                VmEventKind::Stopped {
+                    exit: Some(ProcessExit::Exited { code: 0 }),
+                    forced: false,
+                    by_guest: true,
+                    usage: None,
+                    booted_at: None,
+                },
                 "stopped",
                 "exited with code 0",
             ),
-            (VmState::Shutdown, VmEventKind::Stopped { exit: None, forced: true, by_guest: false, usage: None }, "stopped", ""),
+            (
+                VmState::Shutdown,
+                VmEventKind::Stopped { exit: None, forced: true, by_guest: false, usage: None, booted_at: None },
+                "stopped",
+                "",
+            ),
             (
                 VmState::Failed,
                 VmEventKind::Failed {

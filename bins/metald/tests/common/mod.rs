@@ -283,6 +283,14 @@ impl Host {
         parents
     }
 
+    /// CPU the kernel counted in the test's cgroup parent: cgroup v1's
+    /// cpuacct and v2's cpu charge each ancestor too, so VMMs long gone and
+    /// their cgroups removed are still in it. With the version: v2 counts in
+    /// microseconds, so a reading of it may be up to 1 µs short per cgroup.
+    pub fn cgroup_parent_cpu_ns(&self) -> Option<(u64, CgroupCounter)> {
+        self.cgroup_parents().iter().find_map(|dir| cgroup_cpu_ns(dir))
+    }
+
     fn namespaces(&self) -> Vec<String> {
         let Some(prefix) = &self.netns_prefix else { return Vec::new() };
         std::fs::read_dir("/run/netns")
@@ -393,6 +401,24 @@ fn free_port() -> u16 {
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).
+/// Which cgroup file a CPU count came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupCounter {
+    /// cgroup v1 `cpuacct.usage`: nanoseconds.
+    CpuacctNs,
+    /// cgroup v2 `cpu.stat` `usage_usec`: microseconds.
+    CpuStatUsec,
+}
+
+fn cgroup_cpu_ns(dir: &Path) -> Option<(u64, CgroupCounter)> {
+    if let Ok(text) = std::fs::read_to_string(dir.join("cpuacct.usage")) {
+        return text.trim().parse().ok().map(|ns| (ns, CgroupCounter::CpuacctNs));
+    }
+    let stat = std::fs::read_to_string(dir.join("cpu.stat")).ok()?;
+    let usec: u64 = stat.lines().find_map(|line| line.strip_prefix("usage_usec ")).and_then(|value| value.trim().parse().ok())?;
+    Some((usec * 1000, CgroupCounter::CpuStatUsec))
+}
+
 /// The meter's ticks so far, from the daemon's /metrics.
 pub fn meter_ticks(port: u16) -> u64 {
     let body = http_get(port, "/metrics").map(|(_, body)| body).unwrap_or_default();
