@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use metald_benches::{median, ms};
 use metald_billing::clickhouse::{ClickHouseSink, USAGE_TABLE, UsageRow};
 use metald_billing::delivery::DeliveryPolicy;
-use metald_billing::meter::{self, MeterConfig};
+use metald_billing::meter::{self, MeterConfig, MeterPeers};
 use metald_billing::source::{CounterSource, MeterTarget};
 use metald_billing::{Batch, Billing, BillingConfig, BillingSink, Counters, Spool, UsageRecord};
 use metald_core::events::{RunningVmm, VmEvent, VmEventKind};
@@ -74,8 +74,14 @@ fn booted(index: u32) -> VmEvent {
 fn meter_share(dir: &std::path::Path) -> (f64, u64, u64) {
     let spool = Arc::new(Spool::open(dir.join("meter-spool.db"), 1 << 34).unwrap_or_else(|error| panic!("{error}")));
     let (events, receiver) = tokio::sync::broadcast::channel(4096);
-    let meter = meter::start(receiver, Arc::clone(&spool), Arc::new(Synthetic), None, None, MeterConfig { period: PERIOD, block_every: 0 })
-        .unwrap_or_else(|error| panic!("{error}"));
+    let meter = meter::start(
+        receiver,
+        Arc::clone(&spool),
+        Arc::new(Synthetic),
+        MeterPeers::default(),
+        MeterConfig { period: PERIOD, block_every: 0 },
+    )
+    .unwrap_or_else(|error| panic!("{error}"));
     for index in 0..METERED_VMS {
         let _ = events.send(booted(index));
     }

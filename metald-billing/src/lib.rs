@@ -15,6 +15,7 @@ pub mod meter;
 pub mod pipeline;
 pub mod proto;
 pub mod record;
+pub mod released;
 pub mod service;
 pub mod sink;
 pub mod source;

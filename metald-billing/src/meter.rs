@@ -31,6 +31,7 @@ use tokio::sync::broadcast;
 use crate::block_reads::BlockReads;
 pub use crate::block_reads::BlockSource;
 use crate::record::{Counters, UsageGap, UsageRecord};
+use crate::released::DeletedBilled;
 use crate::source::{CounterSource, MeterTarget};
 use crate::spool::{MeterPosition, Spool, SpoolError};
 
@@ -222,22 +223,32 @@ struct MeterLoop {
     config: MeterConfig,
     events: broadcast::Receiver<VmEvent>,
     takeovers_done: std::sync::mpsc::Receiver<TakeoverDone>,
+    deleted_billed: Option<Arc<dyn DeletedBilled>>,
     stats: Arc<MeterStats>,
     vms: HashMap<VmId, Metered>,
     positions: HashMap<String, MeterPosition>,
     tick: u64,
 }
 
-/// Starts metering on a thread of its own. `blocks` and `runtime` are
-/// needed for block counters (`config.block_every > 0`).
+/// Where the meter reads and whom it tells: block counters (with `runtime`,
+/// needed when `config.block_every > 0`) and who forgets a deleted VM once
+/// it is billed.
+#[derive(Debug, Default)]
+pub struct MeterPeers {
+    pub blocks: Option<Arc<dyn BlockSource>>,
+    pub runtime: Option<tokio::runtime::Handle>,
+    pub deleted_billed: Option<Arc<dyn DeletedBilled>>,
+}
+
+/// Starts metering on a thread of its own.
 pub fn start(
     events: broadcast::Receiver<VmEvent>,
     spool: Arc<Spool>,
     source: Arc<dyn CounterSource>,
-    blocks: Option<Arc<dyn BlockSource>>,
-    runtime: Option<tokio::runtime::Handle>,
+    peers: MeterPeers,
     config: MeterConfig,
 ) -> Result<MeterHandle, MeterError> {
+    let MeterPeers { blocks, runtime, deleted_billed } = peers;
     let positions = spool.positions()?.into_iter().map(|position| (position.vm_id.clone(), position)).collect();
     let stats = Arc::new(MeterStats::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,6 +261,7 @@ pub fn start(
         config,
         events,
         takeovers_done,
+        deleted_billed,
         stats: Arc::clone(&stats),
         vms: HashMap::new(),
         positions,
@@ -327,10 +339,8 @@ impl MeterLoop {
         let at_ms = unix_millis_of(event.at);
         match event.kind {
             VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
-            VmEventKind::Reattached { running, booted_at, previous } => {
-                if let Some(previous) = previous {
-                    self.found_ended(&event.vm_id, &event.tenant, previous, at_ms);
-                }
+            VmEventKind::Reattached { running, booted_at, earlier_ends } => {
+                self.found_ends(&event.vm_id, &event.tenant, &earlier_ends);
                 // Taken over after a restart of metald: the same VMM continues
                 // from the spool's position for it; one booted too shortly before the
                 // earlier metald ended to have a position is metered from its boot.
@@ -365,7 +375,10 @@ impl MeterLoop {
                 }
             }
             VmEventKind::Stopped { usage, .. } => self.ending(&event, usage, None, at_ms),
-            VmEventKind::Failed { usage, booted_at, .. } => self.ending(&event, usage, booted_at.map(unix_millis_of), at_ms),
+            VmEventKind::Failed { usage, booted_at, ref earlier_ends, .. } => {
+                self.found_ends(&event.vm_id, &event.tenant, earlier_ends);
+                self.ending(&event, usage, booted_at.map(unix_millis_of), at_ms);
+            }
             VmEventKind::Deleted => {
                 // A VMM killed at the delete without a stop of its own still
                 // gets its final record, from its last reading.
@@ -374,14 +387,18 @@ impl MeterLoop {
                 }
                 self.end_now(&event.vm_id);
                 self.vms.remove(&event.vm_id);
+                // Its end is in the spool now (or will never be): the manager may forget its record.
+                if let Some(deleted_billed) = &self.deleted_billed {
+                    deleted_billed.deleted_billed(&event.vm_id);
+                }
                 self.forget(&event.vm_id);
             }
             // Stopped before the earlier metald's meter took the VM's last record (it was killed
             // within a tick of the stop): the store says how the VMM ended.
-            VmEventKind::FoundStopped { ended } => match ended {
-                Some(ended) => self.found_ended(&event.vm_id, &event.tenant, ended, at_ms),
-                None => self.ended_unmetered(&event.vm_id, &event.tenant, None, at_ms),
-            },
+            VmEventKind::FoundStopped { earlier_ends } => {
+                self.found_ends(&event.vm_id, &event.tenant, &earlier_ends);
+                self.ended_unmetered(&event.vm_id, &event.tenant, None, at_ms);
+            }
             VmEventKind::Created => {}
         }
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);
@@ -424,11 +441,19 @@ impl MeterLoop {
         }
     }
 
+    /// Bills, oldest first, the VMM ends the VM store kept that the earlier
+    /// meter had not billed.
+    fn found_ends(&mut self, vm_id: &VmId, tenant: &TenantId, ends: &[EndedVmm]) {
+        for ended in ends {
+            self.found_ended(vm_id, tenant, *ended);
+        }
+    }
+
     /// Bills a VMM's end the earlier meter did not take, from what the VM
     /// store kept of it: the rest of a life metered up to its last record,
     /// or a whole life too short for any tick to have seen. An end already
-    /// billed is left alone; one whose CPU was not read is a gap.
-    fn found_ended(&mut self, vm_id: &VmId, tenant: &TenantId, ended: EndedVmm, at_ms: u64) {
+    /// billed is left alone.
+    fn found_ended(&mut self, vm_id: &VmId, tenant: &TenantId, ended: EndedVmm) {
         let position = self.positions.get(vm_id.as_str()).cloned();
         // Records of a later VMM taken, or this end's own record (a stop's is its final one): billed.
         let billed = position.as_ref().is_some_and(|position| {
@@ -437,9 +462,7 @@ impl MeterLoop {
         if billed {
             return;
         }
-        let Some(cpu_ns) = ended.cpu_ns else {
-            return self.ended_unmetered(vm_id, tenant, Some(ended.booted_at_ms), at_ms);
-        };
+        let cpu_ns = ended.cpu_ns;
         let (next_sequence, start_ms, baseline) = match position {
             Some(position) if !position.closed && position.last_end_ms >= ended.booted_at_ms => {
                 (position.last_sequence + 1, position.last_end_ms, position.counters)

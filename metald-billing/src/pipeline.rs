@@ -9,7 +9,7 @@ use metald_core::events::VmEvent;
 use tokio::sync::{broadcast, watch};
 
 use crate::delivery::{self, DeliveryPolicy, DeliveryStats};
-use crate::meter::{self, BlockSource, MeterConfig, MeterError, MeterHandle, MeterStats};
+use crate::meter::{self, BlockSource, MeterConfig, MeterError, MeterHandle, MeterPeers, MeterStats};
 use crate::sink::BillingSink;
 use crate::source::{CounterSource, SystemCounters};
 use crate::spool::Spool;
@@ -41,7 +41,10 @@ impl Billing {
         config: BillingConfig,
     ) -> Result<Self, MeterError> {
         let blocks: Arc<dyn BlockSource> = Arc::new(manager.clone());
-        Self::start(manager.subscribe(), spool, Arc::new(SystemCounters), Some(blocks), sink, config)
+        // A delete the meter has not billed yet must survive a crash of metald.
+        manager.hold_deleted_records();
+        let peers = MeterPeers { blocks: Some(blocks), runtime: None, deleted_billed: Some(Arc::new(manager.clone())) };
+        Self::start_with(manager.subscribe(), spool, Arc::new(SystemCounters), peers, sink, config)
     }
 
     /// The same from any event stream and counter source. Call from within a Tokio runtime.
@@ -53,8 +56,20 @@ impl Billing {
         sink: Arc<dyn BillingSink>,
         config: BillingConfig,
     ) -> Result<Self, MeterError> {
+        Self::start_with(events, spool, source, MeterPeers { blocks, ..MeterPeers::default() }, sink, config)
+    }
+
+    fn start_with(
+        events: broadcast::Receiver<VmEvent>,
+        spool: Arc<Spool>,
+        source: Arc<dyn CounterSource>,
+        peers: MeterPeers,
+        sink: Arc<dyn BillingSink>,
+        config: BillingConfig,
+    ) -> Result<Self, MeterError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| MeterError::NoRuntime)?;
-        let meter = meter::start(events, Arc::clone(&spool), source, blocks, Some(runtime.clone()), config.meter)?;
+        let peers = MeterPeers { runtime: Some(runtime.clone()), ..peers };
+        let meter = meter::start(events, Arc::clone(&spool), source, peers, config.meter)?;
         let meter_stats = Arc::clone(&meter.stats);
         let (stop, stopped) = watch::channel(false);
         let delivery_stats = Arc::new(DeliveryStats::default());

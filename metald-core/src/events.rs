@@ -60,36 +60,43 @@ pub enum VmEventKind {
         /// found dead after a restart of metald may never have been seen
         /// by the meter, which then knows from when its time is unknown.
         booted_at: Option<SystemTime>,
+        /// Found dead after a restart: how the VM's VMMs before it ended.
+        earlier_ends: Vec<EndedVmm>,
     },
     Deleted,
     /// The VM's VMM outlived an earlier metald and was taken over after a
     /// restart; the VM keeps its state (in the event) and its VMM.
     /// `booted_at` is when that VMM booted, as the earlier metald stored it:
-    /// a boot the earlier meter never saw is metered from then; `previous`
-    /// is how the VM's VMM before it ended, whose end that meter may not
-    /// have seen either.
+    /// a boot the earlier meter never saw is metered from then;
+    /// `earlier_ends` is how the VM's VMMs before it ended, ends that meter
+    /// may not have seen either.
     Reattached {
         running: RunningVmm,
         booted_at: Option<SystemTime>,
-        previous: Option<EndedVmm>,
+        earlier_ends: Vec<EndedVmm>,
     },
     /// A VM with no VMM (Created, Shutdown or Failed) found again after a
-    /// restart of metald, with how its last VMM ended as the store kept it:
-    /// the earlier metald may have been killed before its meter saw that end.
+    /// restart of metald, with how its last VMMs ended as the store kept
+    /// them: the earlier metald may have been killed before its meter saw
+    /// those ends.
     FoundStopped {
-        ended: Option<EndedVmm>,
+        earlier_ends: Vec<EndedVmm>,
     },
 }
 
-/// A VMM's life once it ended, as the VM store keeps it: enough for a
-/// metald started after a crash to bill an end (or a whole short life) the
-/// earlier meter had not yet seen.
+/// How many VMM ends the VM store keeps per VM. The meter bills every
+/// end within a tick, so a few cover what a killed metald can leave unbilled.
+pub const KEPT_ENDS: usize = 16;
+
+/// A VMM's life once it ended, as the VM store keeps it (the last
+/// [`KEPT_ENDS`] of each VM): enough for a metald started after a crash to
+/// bill an end (or a whole short life) the earlier meter had not yet seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EndedVmm {
     pub booted_at_ms: u64,
     pub ended_at_ms: u64,
-    /// What its cgroup counted in all, where that was read.
-    pub cpu_ns: Option<u64>,
+    /// What its cgroup counted in all.
+    pub cpu_ns: u64,
     pub vcpus: u32,
     pub memory_bytes: u64,
     /// It ended at a reboot: the VM ran on in a fresh VMM.

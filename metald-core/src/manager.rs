@@ -21,7 +21,7 @@ use crate::backend::{
 use crate::cgroups::CgroupUsage;
 use crate::config::{ConfigError, Problem, VmConfig};
 use crate::console::{ConsoleError, ConsoleLog};
-use crate::events::{EndedVmm, RunningVmm, VmEvent, VmEventKind};
+use crate::events::{EndedVmm, KEPT_ENDS, RunningVmm, VmEvent, VmEventKind};
 use crate::ids::{TenantId, VmId};
 use crate::images::{self, ImageError, ImageFile, ImageRoot};
 use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
@@ -251,8 +251,8 @@ struct VmEntry {
     failure: Option<String>,
     last_exit: Option<ProcessExit>,
     booted_at: Option<SystemTime>,
-    /// How the last VMM ended, kept in the store for the meter of a later metald.
-    last_ended: Option<EndedVmm>,
+    /// How the last VMMs ended, oldest first, kept in the store for the meter of a later metald.
+    recent_ends: Vec<EndedVmm>,
     created_at: SystemTime,
     modified_at: SystemTime,
     /// Bumped whenever a new VMM process is watched; a watcher of an older
@@ -292,6 +292,8 @@ struct Inner {
     store: Option<Arc<dyn VmStore>>,
     registry: RwLock<Registry>,
     events: broadcast::Sender<VmEvent>,
+    /// Deleted VMs' records stay in the store until released (see [`VmManager::hold_deleted_records`]).
+    hold_deleted: std::sync::atomic::AtomicBool,
 }
 
 /// The VMs by id, and the ids being created (not yet visible).
@@ -434,6 +436,7 @@ impl VmManagerBuilder {
                 store: self.store,
                 registry: RwLock::new(Registry::default()),
                 events,
+                hold_deleted: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -532,6 +535,26 @@ impl VmManager {
         self.inner.backend.name()
     }
 
+    /// From now on a deleted VM's record stays in the store, marked deleted
+    /// and with how its last VMM ended, until [`VmManager::release_deleted`].
+    /// Billing calls this before [`VmManager::recover`]: a delete its meter
+    /// had not yet billed when metald was killed is then found again after a
+    /// restart, as a `FoundStopped` event followed by `Deleted`.
+    pub fn hold_deleted_records(&self) {
+        self.inner.hold_deleted.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forgets the record of a deleted VM that [`VmManager::hold_deleted_records`]
+    /// kept; a VM made again under the same id keeps its own.
+    pub fn release_deleted(&self, vm_id: &VmId) -> Result<(), ManagerError> {
+        let Some(store) = &self.inner.store else { return Ok(()) };
+        let registry = read_lock(&self.inner.registry);
+        if registry.vms.contains_key(vm_id) || registry.reserved.contains(vm_id) {
+            return Ok(());
+        }
+        store.remove(vm_id).map_err(ManagerError::Store)
+    }
+
     /// Every event from now on. A subscriber more than 4096 events behind
     /// loses the oldest and is told so (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
@@ -572,7 +595,7 @@ impl VmManager {
             failure: None,
             last_exit: None,
             booted_at: None,
-            last_ended: None,
+            recent_ends: Vec::new(),
             created_at: now,
             modified_at: now,
             watch_generation: 0,
@@ -917,7 +940,8 @@ impl VmManager {
         if !problems.is_empty() {
             let reason = format!("delete incomplete: {}", problems.join("; "));
             if locked.entry.state.can_transition_to(VmState::Failed) {
-                let failed = VmEventKind::Failed { reason: reason.clone(), exit: None, usage: None, booted_at: locked.entry.booted_at };
+                let booted_at = locked.entry.booted_at;
+                let failed = VmEventKind::Failed { reason: reason.clone(), exit: None, usage: None, booted_at, earlier_ends: Vec::new() };
                 self.transition(&mut locked, VmState::Failed, failed);
             }
             locked.entry.failure = Some(reason);
@@ -943,6 +967,10 @@ impl VmManager {
             if read_lock(&self.inner.registry).vms.contains_key(&record.vm_id) {
                 continue;
             }
+            if record.deleted {
+                self.replay_deleted(store.as_ref(), record);
+                continue;
+            }
             let vm_id = record.vm_id.clone();
             match self.recover_one(record).await {
                 Ok(Recovered::Reattached) => recovery.reattached.push(vm_id),
@@ -962,6 +990,22 @@ impl VmManager {
             "VMs of the earlier run recovered"
         );
         Ok(recovery)
+    }
+
+    /// A VM deleted by an earlier metald that was killed before its billing
+    /// released the record: its end and its delete are told again.
+    fn replay_deleted(&self, store: &dyn VmStore, record: VmRecord) {
+        let VmRecord { vm_id, tenant, recent_ends, .. } = record;
+        for kind in [VmEventKind::FoundStopped { earlier_ends: recent_ends.clone() }, VmEventKind::Deleted] {
+            let event = VmEvent { vm_id: vm_id.clone(), tenant: tenant.clone(), at: SystemTime::now(), state: VmState::Deleted, kind };
+            let _ = self.inner.events.send(event);
+        }
+        tracing::info!(%vm_id, "a VM deleted just before metald stopped, told again to billing");
+        if !self.inner.hold_deleted.load(std::sync::atomic::Ordering::SeqCst)
+            && let Err(error) = store.remove(&vm_id)
+        {
+            tracing::error!(%vm_id, error = %crate::error_chain(&error), "cannot forget a deleted VM's record");
+        }
     }
 
     async fn recover_one(&self, record: VmRecord) -> Result<Recovered, ManagerError> {
@@ -1042,7 +1086,7 @@ impl VmManager {
             failure: failure.clone(),
             last_exit: record.last_exit,
             booted_at,
-            last_ended: record.last_ended,
+            recent_ends: record.recent_ends.clone(),
             created_at: from_unix_millis(record.created_at_ms),
             modified_at: if state == record.state { from_unix_millis(record.modified_at_ms) } else { SystemTime::now() },
             watch_generation: 0,
@@ -1055,19 +1099,20 @@ impl VmManager {
         match &outcome {
             Recovered::Reattached => {
                 let running = running_vmm(&entry);
-                let previous = entry.last_ended;
-                self.publish(&slot, &mut entry, VmEventKind::Reattached { running, booted_at: stored_boot, previous });
+                let earlier_ends = entry.recent_ends.clone();
+                self.publish(&slot, &mut entry, VmEventKind::Reattached { running, booted_at: stored_boot, earlier_ends });
                 tracing::info!(%vm_id, state = %entry.state, "VMM taken over from the earlier run");
             }
             Recovered::Lost(reason) => {
                 let reason = reason.clone();
                 tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
-                let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot };
+                let earlier_ends = entry.recent_ends.clone();
+                let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot, earlier_ends };
                 self.publish(&slot, &mut entry, failed);
             }
             Recovered::Stopped => {
-                let ended = entry.last_ended;
-                self.publish(&slot, &mut entry, VmEventKind::FoundStopped { ended });
+                let earlier_ends = entry.recent_ends.clone();
+                self.publish(&slot, &mut entry, VmEventKind::FoundStopped { earlier_ends });
             }
         }
         Ok(outcome)
@@ -1243,7 +1288,8 @@ impl VmManager {
         if locked.entry.state.can_transition_to(VmState::Failed) {
             let exit = locked.entry.last_exit;
             let usage = locked.entry.instance.take_ended_usage();
-            self.transition(locked, VmState::Failed, VmEventKind::Failed { reason, exit, usage, booted_at });
+            let failed = VmEventKind::Failed { reason, exit, usage, booted_at, earlier_ends: Vec::new() };
+            self.transition(locked, VmState::Failed, failed);
         }
         error
     }
@@ -1316,7 +1362,8 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         entry.failure = Some(reason.clone());
         apply_transition(&slot, &mut entry, VmState::Failed);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner, &slot, &mut entry, VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at });
+        let failed = VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at, earlier_ends: Vec::new() };
+        publish(&inner, &slot, &mut entry, failed);
     }
 }
 
@@ -1398,10 +1445,14 @@ fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
 fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
     let at = SystemTime::now();
     if let Some(ended) = ended_vmm(&kind, entry, at) {
-        entry.last_ended = Some(ended);
+        if entry.recent_ends.len() >= KEPT_ENDS {
+            entry.recent_ends.remove(0);
+        }
+        entry.recent_ends.push(ended);
     }
     if let Some(store) = &inner.store {
-        let stored = if matches!(kind, VmEventKind::Deleted) { store.remove(&slot.vm_id) } else { store.save(&record_of(slot, entry)) };
+        let forget = matches!(kind, VmEventKind::Deleted) && !inner.hold_deleted.load(std::sync::atomic::Ordering::SeqCst);
+        let stored = if forget { store.remove(&slot.vm_id) } else { store.save(&record_of(slot, entry)) };
         if let Err(error) = stored {
             tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot store the VM's record; a restart may not find it as it is");
         }
@@ -1411,7 +1462,8 @@ fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind)
     let _ = inner.events.send(event);
 }
 
-/// How a VMM's life ended, for an event that ends one that had booted.
+/// How a VMM's life ended, for an event that ends one that had booted and
+/// whose cgroup's last count was read (without it, an end bills nothing).
 fn ended_vmm(kind: &VmEventKind, entry: &VmEntry, at: SystemTime) -> Option<EndedVmm> {
     let (booted_at, usage, by_reboot) = match kind {
         VmEventKind::Stopped { booted_at, usage, .. } | VmEventKind::Failed { booted_at, usage, .. } => ((*booted_at)?, usage, false),
@@ -1421,7 +1473,7 @@ fn ended_vmm(kind: &VmEventKind, entry: &VmEntry, at: SystemTime) -> Option<Ende
     Some(EndedVmm {
         booted_at_ms: unix_millis(booted_at),
         ended_at_ms: unix_millis(at),
-        cpu_ns: usage.as_ref().map(|usage| usage.cpu_ns),
+        cpu_ns: usage.as_ref()?.cpu_ns,
         vcpus: entry.config.cpu.vcpu_count,
         memory_bytes: entry.config.memory.size_bytes,
         by_reboot,
@@ -1450,7 +1502,8 @@ fn record_of(slot: &VmSlot, entry: &VmEntry) -> VmRecord {
         network: entry.network.clone(),
         identity: entry.identity.as_ref().map(|lease| (lease.uid(), lease.gid())),
         vmm: entry.instance.ticket(),
-        last_ended: entry.last_ended,
+        recent_ends: entry.recent_ends.clone(),
+        deleted: entry.state == VmState::Deleted,
     }
 }
 

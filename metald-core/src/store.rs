@@ -56,9 +56,12 @@ pub struct VmRecord {
     /// The backend's description of the VMM process that runs now, enough
     /// to find it again and prove it is the same process.
     pub vmm: Option<serde_json::Value>,
-    /// How the VM's last VMM ended, for the meter of a later metald.
+    /// How the VM's last VMMs ended, oldest first, for the meter of a later metald.
     #[serde(default)]
-    pub last_ended: Option<crate::events::EndedVmm>,
+    pub recent_ends: Vec<crate::events::EndedVmm>,
+    /// The VM was deleted; the record waits until billing has its end.
+    #[serde(default)]
+    pub deleted: bool,
 }
 
 /// Where VM records are kept.
@@ -168,7 +171,8 @@ mod tests {
             network: None,
             identity: Some((1_000_000, 1_000_000)),
             vmm: Some(serde_json::json!({"pid": 42})),
-            last_ended: None,
+            recent_ends: Vec::new(),
+            deleted: false,
         }
     }
 

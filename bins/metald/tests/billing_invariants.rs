@@ -81,6 +81,8 @@ struct Journal {
     vms: BTreeSet<String>,
     /// When metald was away after a SIGKILL: from the kill until the next start was ready.
     away: Vec<(u64, u64)>,
+    /// Per VM, how many VMMs booted: each boot or reboot that succeeded.
+    booted_vmms: BTreeMap<String, usize>,
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -129,11 +131,17 @@ async fn step(host: &mut Host, rng: &mut StdRng, journal: &mut Journal, operatio
                 journal.vms.insert(created.into_owned().vm_id);
             })
         }
-        (Operation::Boot, Some(vm_id)) => client.boot_vm(wire::BootVmRequest { vm_id, ..Default::default() }).await.map(drop),
+        (Operation::Boot, Some(vm_id)) => {
+            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.map(|_| {
+                *journal.booted_vmms.entry(vm_id).or_default() += 1;
+            })
+        }
         (Operation::Pause, Some(vm_id)) => client.pause_vm(wire::PauseVmRequest { vm_id, ..Default::default() }).await.map(drop),
         (Operation::Resume, Some(vm_id)) => client.resume_vm(wire::ResumeVmRequest { vm_id, ..Default::default() }).await.map(drop),
         (Operation::Reboot { force }, Some(vm_id)) => {
-            client.reboot_vm(wire::RebootVmRequest { vm_id, force, ..Default::default() }).await.map(drop)
+            client.reboot_vm(wire::RebootVmRequest { vm_id: vm_id.clone(), force, ..Default::default() }).await.map(|_| {
+                *journal.booted_vmms.entry(vm_id).or_default() += 1;
+            })
         }
         (Operation::Shutdown { force }, Some(vm_id)) => {
             client.shutdown_vm(wire::ShutdownVmRequest { vm_id, force, timeout_seconds: 10, ..Default::default() }).await.map(drop)
@@ -300,7 +308,7 @@ async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, d
             log_lines_of(dir, vm_id)
         );
     }
-    check_cpu(&rows, &gaps, seed, dir, counted);
+    check_cpu(&rows, &gaps, journal, seed, dir, counted);
 }
 
 /// A removed VMM cgroup: when it went, and what it counted in all.
@@ -395,10 +403,11 @@ fn lives_of<'a>(rows: &[&'a Row], gaps: &[&Gap]) -> Vec<Life<'a>> {
 /// cgroup and no usage. The kernel's count for the whole cgroup parent
 /// holds every VMM of the run, removed ones included: nothing is charged
 /// beyond it.
-fn check_cpu(rows: &[Row], gaps: &[Gap], seed: u64, dir: &std::path::Path, (counted_ns, counter): (u64, CgroupCounter)) {
+fn check_cpu(rows: &[Row], gaps: &[Gap], journal: &Journal, seed: u64, dir: &std::path::Path, (counted_ns, counter): (u64, CgroupCounter)) {
     let totals = cgroup_totals(dir);
     let mut vm_ids: BTreeSet<&str> = rows.iter().map(|row| row.vm_id.as_str()).collect();
     vm_ids.extend(gaps.iter().map(|gap| gap.vm_id.as_str()));
+    vm_ids.extend(journal.booted_vmms.keys().map(String::as_str));
     let (mut exact, mut bounded) = (0, 0);
     for vm_id in vm_ids {
         let vm_rows: Vec<&Row> = rows.iter().filter(|row| row.vm_id == vm_id).collect();
@@ -410,6 +419,15 @@ fn check_cpu(rows: &[Row], gaps: &[Gap], seed: u64, dir: &std::path::Path, (coun
         // that went outside every life belonged to a VMM that never booted (the one a create
         // makes, replaced at a boot after a takeover, or gone with a VM deleted or failed
         // while Created).
+        let in_lives =
+            cgroups.iter().filter(|cgroup| lives.iter().any(|life| (life.start_ms..=life.end_ms).contains(&cgroup.removed_ms))).count();
+        let booted = journal.booted_vmms.get(vm_id).copied().unwrap_or(0);
+        assert_eq!(
+            in_lives,
+            booted,
+            "seed {seed}: {vm_id} booted {booted} VMMs, and {in_lives} of its cgroups went within a life in its usage: {}",
+            context()
+        );
         for life in &lives {
             let vmms: Vec<&RemovedCgroup> =
                 cgroups.iter().filter(|cgroup| (life.start_ms..=life.end_ms).contains(&cgroup.removed_ms)).collect();

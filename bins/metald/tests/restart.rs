@@ -160,6 +160,16 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });
+    // Billed deletes are forgotten: the next start has nothing to tell again.
+    let ticks = common::meter_ticks(host.port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::meter_ticks(host.port) < ticks + 2 {
+        assert!(Instant::now() < deadline, "the meter does not tick; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(host.terminate().success());
+    host.launch();
+    assert!(!host.log().contains("told again to billing"), "{}", host.log());
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }
 
@@ -207,23 +217,53 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }
 
+/// Waits for the one usage record of a VMM booted and ended before any
+/// meter tick saw it, and checks it: from its boot to its end, final, with
+/// all its cgroup counted (as the first metald read it before removing the
+/// cgroup), and no gap.
+fn assert_billed_from_the_store(host: &Host, vm_id: &str, booted_after: u64, ended_before: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.usage_records().iter().any(|record| record["vm_id"] == vm_id) {
+        assert!(Instant::now() < deadline, "no record for {vm_id}; log:\n{}", host.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let records: Vec<serde_json::Value> = host.usage_records().into_iter().filter(|record| record["vm_id"] == vm_id).collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let record = &records[0];
+    assert_eq!((record["sequence"].as_u64(), record["final_record"].as_bool()), (Some(1), Some(true)), "{record}");
+    let (start_ms, end_ms) = (record["start_ms"].as_u64().unwrap(), record["end_ms"].as_u64().unwrap());
+    assert!((booted_after..=ended_before).contains(&start_ms) && (start_ms..=ended_before).contains(&end_ms), "{record}");
+    let first_log = std::fs::read_to_string(host.log_path(1)).unwrap();
+    let counted: u64 = first_log
+        .lines()
+        .filter(|line| line.contains("VMM cgroup removed") && line.contains(&format!("cgroup={vm_id}.")))
+        .find_map(|line| line.split_whitespace().find_map(|word| word.strip_prefix("cpu_ns=")))
+        .expect("the VMM's cgroup count in the first run's log")
+        .parse()
+        .unwrap();
+    assert_eq!(record["usage"]["cpu_ns"].as_u64(), Some(counted), "{record}");
+    assert!(host.usage_gaps().iter().all(|gap| gap["vm_id"] != vm_id), "{:?}", host.usage_gaps());
+}
+
 #[test]
-fn vms_booted_or_stopped_before_the_meter_saw_it_are_billed_from_the_store_after_a_sigkill() {
-    let test = "vms_booted_or_stopped_before_the_meter_saw_it_are_billed_from_the_store_after_a_sigkill";
-    // A meter whose first tick is an hour away never learns of the boots
-    // and stops before metald is killed, as in the last tick before a SIGKILL.
+fn vms_booted_stopped_or_deleted_before_the_meter_saw_it_are_billed_from_the_store_after_a_sigkill() {
+    let test = "vms_booted_stopped_or_deleted_before_the_meter_saw_it_are_billed_from_the_store_after_a_sigkill";
+    // A meter whose first tick is an hour away never learns of the boots,
+    // stops and deletes before metald is killed, as in the last tick before a SIGKILL.
     let options = HostOptions { billing: true, meter_period_ms: Some(3_600_000), ..HostOptions::default() };
     let Some(mut host) = Host::start(test, options) else { return };
     let runtime = runtime();
     let before_boots = now_ms();
-    let (living, doomed, doomed_pid, stopped, stopped_at) = runtime.block_on(async {
+    let (living, doomed, doomed_pid, stopped, deleted) = runtime.block_on(async {
         let client = host.client("acme", Wire::ConnectProto);
         let living = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
         let doomed = boot_guest(&client, &[]).await;
         let doomed_pid = vmm_pid(&client, &doomed).await;
         let stopped = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
         client.shutdown_vm(wire::ShutdownVmRequest { vm_id: stopped.clone(), force: true, ..Default::default() }).await.unwrap();
-        (living, doomed, doomed_pid, stopped, now_ms())
+        let deleted = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
+        client.delete_vm(wire::DeleteVmRequest { vm_id: deleted.clone(), force: true, ..Default::default() }).await.unwrap();
+        (living, doomed, doomed_pid, stopped, deleted)
     });
     let after_boots = now_ms();
     assert_eq!(common::meter_ticks(host.port), 0, "the meter ticked before the kill, so it knows the boots; log:\n{}", host.log());
@@ -271,29 +311,9 @@ fn vms_booted_or_stopped_before_the_meter_saw_it_are_billed_from_the_store_after
     assert!(to_ms >= restarted_at, "the gap lasts until metald found out: {gaps:?}");
     assert!(!records_by_vm(&host).contains_key(&doomed), "no record for a VMM nothing measured");
 
-    // The one booted and stopped unseen: one final record from its boot to its stop, with all
-    // its cgroup counted (as metald read it before removing the cgroup), and no gap.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !host.usage_records().iter().any(|record| record["vm_id"] == stopped.as_str()) {
-        assert!(Instant::now() < deadline, "no record for {stopped}; log:\n{}", host.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let records: Vec<serde_json::Value> = host.usage_records().into_iter().filter(|record| record["vm_id"] == stopped.as_str()).collect();
-    assert_eq!(records.len(), 1, "{records:?}");
-    let record = &records[0];
-    assert_eq!((record["sequence"].as_u64(), record["final_record"].as_bool()), (Some(1), Some(true)), "{record}");
-    let (start_ms, end_ms) = (record["start_ms"].as_u64().unwrap(), record["end_ms"].as_u64().unwrap());
-    assert!((before_boots..=stopped_at).contains(&start_ms) && (start_ms..=stopped_at).contains(&end_ms), "{record}");
-    let first_log = std::fs::read_to_string(host.log_path(1)).unwrap();
-    let counted: u64 = first_log
-        .lines()
-        .filter(|line| line.contains("VMM cgroup removed") && line.contains(&format!("cgroup={stopped}.")))
-        .find_map(|line| line.split_whitespace().find_map(|word| word.strip_prefix("cpu_ns=")))
-        .expect("the stopped VMM's cgroup count in the first run's log")
-        .parse()
-        .unwrap();
-    assert_eq!(record["usage"]["cpu_ns"].as_u64(), Some(counted), "{record}");
-    assert!(host.usage_gaps().iter().all(|gap| gap["vm_id"] != stopped.as_str()), "{:?}", host.usage_gaps());
+    // The ones booted and stopped, or deleted, unseen: billed from what the store kept.
+    assert_billed_from_the_store(&host, &stopped, before_boots, after_boots);
+    assert_billed_from_the_store(&host, &deleted, before_boots, after_boots);
 
     runtime.block_on(async {
         let client = host.client("acme", Wire::ConnectProto);

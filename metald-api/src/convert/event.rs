@@ -118,6 +118,7 @@ mod tests {
                     exit: Some(ProcessExit::Killed { signal: 9 }),
                     usage: None,
                     booted_at: None,
+                    earlier_ends: Vec::new(),
                 },
                 "failed",
                 "the VMM died",
