@@ -439,6 +439,20 @@ impl MeterLoop {
         if let Err(error) = self.spool.add_gap(&gap) {
             tracing::error!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a usage gap");
         }
+        // Closed up to the gap's end, also for the next metald: the same end found again is not reported twice.
+        let position = MeterPosition {
+            tenant_id: tenant.to_string(),
+            vm_id: vm_id.to_string(),
+            last_sequence: self.positions.get(vm_id.as_str()).map_or(0, |position| position.last_sequence),
+            last_end_ms: gap.to_ms,
+            counters: Counters::default(),
+            pid: None,
+            closed: true,
+        };
+        if let Err(error) = self.spool.take(&[], std::slice::from_ref(&position)) {
+            tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a closed meter position");
+        }
+        self.positions.insert(position.vm_id.clone(), position);
     }
 
     /// Bills, oldest first, the VMM ends the VM store kept that the earlier
@@ -452,7 +466,7 @@ impl MeterLoop {
     /// Bills a VMM's end the earlier meter did not take, from what the VM
     /// store kept of it: the rest of a life metered up to its last record,
     /// or a whole life too short for any tick to have seen. An end already
-    /// billed is left alone.
+    /// billed (or reported as a gap) is left alone.
     fn found_ended(&mut self, vm_id: &VmId, tenant: &TenantId, ended: EndedVmm) {
         let position = self.positions.get(vm_id.as_str()).cloned();
         // Records of a later VMM taken, or this end's own record (a stop's is its final one): billed.
@@ -462,7 +476,10 @@ impl MeterLoop {
         if billed {
             return;
         }
-        let cpu_ns = ended.cpu_ns;
+        let Some(cpu_ns) = ended.cpu_ns else {
+            // Found dead after a restart: its use is unknown from its last record, or its boot.
+            return self.ended_unmetered(vm_id, tenant, Some(ended.booted_at_ms), ended.ended_at_ms);
+        };
         let (next_sequence, start_ms, baseline) = match position {
             Some(position) if !position.closed && position.last_end_ms >= ended.booted_at_ms => {
                 (position.last_sequence + 1, position.last_end_ms, position.counters)
@@ -497,8 +514,11 @@ impl MeterLoop {
     fn begin(&mut self, vm_id: VmId, tenant: TenantId, running: RunningVmm, at_ms: u64) {
         self.end_now(&vm_id);
         let target = MeterTarget { pid: running.pid, cgroup: running.cgroup, taps: running.taps };
-        let previous_vmm_ended_unmetered =
-            self.positions.get(vm_id.as_str()).is_some_and(|position| !position.closed && position.pid != target.pid);
+        // A position of no process is one billed from the store: its VMM's end is in it.
+        let previous_vmm_ended_unmetered = self
+            .positions
+            .get(vm_id.as_str())
+            .is_some_and(|position| !position.closed && position.pid.is_some() && position.pid != target.pid);
         if previous_vmm_ended_unmetered {
             self.ended_unmetered(&vm_id, &tenant, None, at_ms);
         }

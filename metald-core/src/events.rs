@@ -95,8 +95,9 @@ pub const KEPT_ENDS: usize = 16;
 pub struct EndedVmm {
     pub booted_at_ms: u64,
     pub ended_at_ms: u64,
-    /// What its cgroup counted in all.
-    pub cpu_ns: u64,
+    /// What its cgroup counted in all; unknown for a VMM found dead after
+    /// a restart of metald (its use after its last record is a gap).
+    pub cpu_ns: Option<u64>,
     pub vcpus: u32,
     pub memory_bytes: u64,
     /// It ended at a reboot: the VM ran on in a fresh VMM.

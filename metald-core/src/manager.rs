@@ -1462,8 +1462,7 @@ fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind)
     let _ = inner.events.send(event);
 }
 
-/// How a VMM's life ended, for an event that ends one that had booted and
-/// whose cgroup's last count was read (without it, an end bills nothing).
+/// How a VMM's life ended, for an event that ends one that had booted.
 fn ended_vmm(kind: &VmEventKind, entry: &VmEntry, at: SystemTime) -> Option<EndedVmm> {
     let (booted_at, usage, by_reboot) = match kind {
         VmEventKind::Stopped { booted_at, usage, .. } | VmEventKind::Failed { booted_at, usage, .. } => ((*booted_at)?, usage, false),
@@ -1473,7 +1472,7 @@ fn ended_vmm(kind: &VmEventKind, entry: &VmEntry, at: SystemTime) -> Option<Ende
     Some(EndedVmm {
         booted_at_ms: unix_millis(booted_at),
         ended_at_ms: unix_millis(at),
-        cpu_ns: usage.as_ref()?.cpu_ns,
+        cpu_ns: usage.as_ref().map(|usage| usage.cpu_ns),
         vcpus: entry.config.cpu.vcpu_count,
         memory_bytes: entry.config.memory.size_bytes,
         by_reboot,
