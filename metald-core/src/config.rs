@@ -21,6 +21,8 @@ pub const MIN_MEMORY_BYTES: u64 = 16 * MIB;
 pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
 /// The longest kernel command line a caller may give; the VMM appends to it.
 pub const MAX_KERNEL_ARGS_BYTES: usize = 2048;
+/// Kernel command-line tokens the host adds start with this; a VM's own may not.
+pub const HOST_TOKEN_PREFIX: &str = "metald.";
 /// The most drives or network interfaces one VM may have.
 pub const MAX_DEVICES: usize = 16;
 /// Device ids are shared with the VMM's API, which takes `[A-Za-z0-9_]`.
@@ -231,6 +233,10 @@ pub enum Problem {
     Inconsistent {
         reason: String,
     },
+    /// A kernel command-line token in the namespace the host writes.
+    ReservedToken {
+        token: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -250,6 +256,9 @@ impl fmt::Display for Problem {
                 write!(f, "{value} is less than {other_field} ({other})")
             }
             Problem::Inconsistent { reason } => f.write_str(reason),
+            Problem::ReservedToken { token } => {
+                write!(f, "{token:?} is in the `{HOST_TOKEN_PREFIX}` namespace, which only the host writes (the VM's addresses, MTU, DNS)")
+            }
         }
     }
 }
@@ -443,6 +452,10 @@ impl BootConfig {
                 "boot.kernel_args",
                 Problem::Malformed { value: self.kernel_args.escape_debug().to_string(), expected: "one line without NUL bytes" },
             );
+        }
+        // The guest must never be told two identities, one of them the tenant's.
+        if let Some(token) = self.kernel_args.split_ascii_whitespace().find(|token| token.starts_with(HOST_TOKEN_PREFIX)) {
+            return fail("boot.kernel_args", Problem::ReservedToken { token: token.to_owned() });
         }
         known_options("boot.boot_options", &self.boot_options, &[])
     }
@@ -743,6 +756,8 @@ mod tests {
     fn kernel_args_are_one_bounded_line() {
         assert_eq!(refused(|c| c.boot.kernel_args = "a".repeat(2049)).1, Problem::TooLong { len: 2049, max: 2048 });
         assert_eq!(refused(|c| c.boot.kernel_args = "quiet\ninit=/bin/sh".into()).0, "boot.kernel_args");
+        let (field, problem) = refused(|c| c.boot.kernel_args = "quiet metald.eth0.ipv6=fd00::1/64".into());
+        assert_eq!((field.as_str(), problem), ("boot.kernel_args", Problem::ReservedToken { token: "metald.eth0.ipv6=fd00::1/64".into() }));
         assert!(matches!(
             refused(|c| {
                 c.boot.boot_options.insert("firmware".into(), "x".into());

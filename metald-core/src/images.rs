@@ -215,19 +215,41 @@ fn sparse_copy(input: &File, output: &File) -> io::Result<()> {
             Err(errno) => return Err(errno.into()),
         };
         let data_end = lseek(input, data_start, Whence::SeekHole)?;
-        let mut from = data_start;
-        let mut to = data_start;
-        while from < data_end {
-            let chunk = usize::try_from(data_end - from).unwrap_or(usize::MAX);
-            let copied = nix::fcntl::copy_file_range(input, Some(&mut from), output, Some(&mut to), chunk)?;
-            if copied == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "image shrank while it was copied"));
-            }
-        }
+        copy_range(input, output, data_start, data_end)?;
         offset = data_end;
     }
     output.set_len(length)?;
     output.sync_all()
+}
+
+/// Copies bytes `start..end` in the kernel where it can; between file
+/// systems of different types (an image root on one, the VMs' folders on
+/// another) the kernel refuses that, and the bytes pass through a buffer.
+fn copy_range(input: &File, output: &File, start: i64, end: i64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let shrank = || io::Error::new(io::ErrorKind::UnexpectedEof, "image shrank while it was copied");
+    let (mut from, mut to) = (start, start);
+    while from < end {
+        let chunk = usize::try_from(end - from).unwrap_or(usize::MAX);
+        match nix::fcntl::copy_file_range(input, Some(&mut from), output, Some(&mut to), chunk) {
+            Ok(0) => return Err(shrank()),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EXDEV | nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => break,
+            Err(errno) => return Err(errno.into()),
+        }
+    }
+    let mut buffer = vec![0u8; 1 << 20];
+    while from < end {
+        let wanted = usize::try_from(end - from).unwrap_or(usize::MAX).min(buffer.len());
+        let position = u64::try_from(from).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let read = input.read_at(&mut buffer[..wanted], position)?;
+        if read == 0 {
+            return Err(shrank());
+        }
+        output.write_all_at(&buffer[..read], position)?;
+        from += i64::try_from(read).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

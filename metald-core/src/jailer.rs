@@ -11,8 +11,10 @@
 //! 2. make the jail folder (owned by that user, mode 0700), the mount points
 //!    for every exposed file, the device nodes and the work files;
 //! 3. make the cgroup with its limits;
-//! 4. `clone` a child into new mount, PID, IPC and UTS namespaces;
-//!    the parent puts it into the cgroup before it may go on;
+//! 4. `clone` a child into new mount, PID, IPC and UTS namespaces; it
+//!    dies with metald until it drops root, closes every descriptor it
+//!    inherited but the few it needs, and waits until the parent has put
+//!    it into the cgroup (or is gone: then it ends);
 //! 5. the parent makes a detached bind mount of every exposed file from our
 //!    open descriptor (read-only unless writable, nosuid, nodev); the child
 //!    makes every mount private, bind-mounts the jail folder onto itself,
@@ -119,6 +121,8 @@ pub enum JailStep {
     NoNewPrivs,
     CloseFds,
     Exec,
+    DieWithParent,
+    CloseInherited,
 }
 
 impl JailStep {
@@ -142,6 +146,8 @@ impl JailStep {
             NoNewPrivs,
             CloseFds,
             Exec,
+            DieWithParent,
+            CloseInherited,
         ]
         .into_iter()
         .find(|step| *step as u32 == code)
@@ -330,17 +336,19 @@ impl Jailer {
         let (error_read, error_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
         let mut stack = vec![0u8; CHILD_STACK_BYTES];
-        let child_fds = ChildFds { sync: sync_read.as_raw_fd(), error: error_write.as_raw_fd() };
+        let child_fds = ChildFds { sync: sync_read.as_raw_fd(), parent_sync: sync_write.as_raw_fd(), error: error_write.as_raw_fd() };
+        let kept = child.kept_fds(child_fds);
         let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
         // SAFETY: the child gets a copy of our memory (no CLONE_VM) and runs
         // `run_child`, which only reads data prepared above and makes system
         // calls, then execs or exits; it never returns into our code.
-        let pid = unsafe { nix::sched::clone(Box::new(|| run_child(&child, child_fds)), &mut stack, flags, Some(libc::SIGCHLD)) }
+        let pid = unsafe { nix::sched::clone(Box::new(|| run_child(&child, child_fds, &kept)), &mut stack, flags, Some(libc::SIGCHLD)) }
             .map_err(JailError::Clone)?;
         let pid = pid.as_raw().unsigned_abs();
         drop((sync_read, error_write));
         let process = Supervised::watch_child(pid).map_err(JailError::Watch)?;
         lap("jail.mounts_and_clone");
+        fail::fail_point!("jail-before-sync");
 
         // The child waits for this byte, so it is inside its cgroup before it allocates anything.
         if let Err(error) = cgroup.add_process(pid) {
@@ -353,6 +361,7 @@ impl Jailer {
             return Err(JailError::Handshake(errno.into()));
         }
         drop(sync_write);
+        fail::fail_point!("jail-after-sync");
         if let Err(error) = child_outcome(error_read, &child).await {
             let _ = process.kill().await;
             return Err(error);
@@ -598,6 +607,9 @@ fn make_parents(root: &Path, path: &Path) -> Result<(), JailError> {
 #[derive(Debug, Clone, Copy)]
 struct ChildFds {
     sync: RawFd,
+    /// The parent's end of `sync`, which the child closes at once: it must
+    /// see the pipe end when the parent dies before saying go.
+    parent_sync: RawFd,
     error: RawFd,
 }
 
@@ -687,6 +699,42 @@ impl ChildPlan {
     }
 }
 
+impl ChildPlan {
+    /// The descriptors above 2 the child keeps (sorted): the pipes to us and
+    /// what the plan names. It closes every other one it inherited (our
+    /// listening socket, databases, other VMs' consoles) before anything else.
+    fn kept_fds(&self, fds: ChildFds) -> Vec<RawFd> {
+        let mut kept: Vec<RawFd> = [fds.sync, fds.error, self.stdin.as_raw_fd(), self.stdout, self.stderr]
+            .into_iter()
+            .chain(self.binds.iter().map(|(tree, _)| *tree))
+            .chain(self.netns.as_ref().map(|netns| netns.as_raw_fd()))
+            .filter(|fd| *fd > 2)
+            .collect();
+        kept.sort_unstable();
+        kept.dedup();
+        kept
+    }
+}
+
+/// Closes every descriptor above 2 but `kept` (sorted). System calls only.
+fn close_inherited(kept: &[RawFd]) -> Result<(), nix::errno::Errno> {
+    let mut next: libc::c_uint = 3;
+    for fd in kept.iter().filter_map(|fd| libc::c_uint::try_from(*fd).ok()) {
+        if fd > next {
+            // SAFETY: closes descriptors of this process only; integer arguments.
+            if unsafe { libc::syscall(libc::SYS_close_range, next, fd - 1, 0 as libc::c_uint) } != 0 {
+                return Err(nix::errno::Errno::last());
+            }
+        }
+        next = fd.saturating_add(1);
+    }
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_close_range, next, libc::c_uint::MAX, 0 as libc::c_uint) } != 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
+}
+
 /// Reports a failed step to the parent and ends the child.
 fn child_failed(fds: ChildFds, step: JailStep, errno: i32, index: u32) -> isize {
     let mut report = [0u8; 12];
@@ -699,9 +747,22 @@ fn child_failed(fds: ChildFds, step: JailStep, errno: i32, index: u32) -> isize 
 }
 
 /// The child between `clone` and `exec`. System calls only.
-fn run_child(plan: &ChildPlan, fds: ChildFds) -> isize {
+fn run_child(plan: &ChildPlan, fds: ChildFds, kept: &[RawFd]) -> isize {
     let fail = |step: JailStep, errno: nix::errno::Errno| child_failed(fds, step, errno as i32, 0);
 
+    // Until it drops root (a change of credentials clears this), the child
+    // dies with the thread that cloned it; after that the VMM must outlive
+    // metald, which takes it over when it starts again.
+    if let Err(errno) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+        return fail(JailStep::DieWithParent, errno);
+    }
+    // Closed before the read, so a parent that died before the prctl above
+    // shows as the end of the pipe.
+    // SAFETY: closes our copy of the parent's end of a pipe we own.
+    unsafe { libc::close(fds.parent_sync) };
+    if let Err(errno) = close_inherited(kept) {
+        return fail(JailStep::CloseInherited, errno);
+    }
     let mut go = [0u8; 1];
     // SAFETY: reads one byte into a live stack buffer from our own pipe.
     if unsafe { libc::read(fds.sync, go.as_mut_ptr().cast(), 1) } != 1 {

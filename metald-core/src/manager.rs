@@ -465,6 +465,13 @@ impl VmManager {
     /// Validates the request, confines its images, launches and configures
     /// the VMM. Nothing is left behind when any step fails.
     pub async fn create(&self, request: CreateVm) -> Result<VmId, ManagerError> {
+        self.create_holding(request, ()).await
+    }
+
+    /// [`VmManager::create`], keeping `held` until the create is over, also
+    /// when the caller stopped waiting: a quota's reservation for the VM,
+    /// say, which must not be released while the create still runs.
+    pub async fn create_holding(&self, request: CreateVm, held: impl Send + 'static) -> Result<VmId, ManagerError> {
         let manager = self.clone();
         let span = tracing::info_span!(
             "vm.create",
@@ -472,7 +479,12 @@ impl VmManager {
             tenant = %request.tenant,
             vmm = self.inner.backend.name()
         );
-        detached(span, async move { manager.create_now(request).await }).await
+        detached(span, async move {
+            let created = manager.create_now(request).await;
+            drop(held);
+            created
+        })
+        .await
     }
 
     /// Starts the guest (again, after a shutdown).
@@ -722,13 +734,14 @@ impl VmManager {
             path: vm_dir.to_path_buf(),
             source,
         })?;
-        let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network, DriveCopies::Make)?;
+        copy_writable_drives(vm_id, config, &images, vm_dir).await?;
+        let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network)?;
         self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, BackendOperation::Create, source))
     }
 
     /// What the backend needs to run the VM: its resolved images, its
-    /// drives (copies of the writable ones, made now or found from before),
-    /// its interfaces and kernel command line.
+    /// drives (the copies [`copy_writable_drives`] made of the writable
+    /// ones), its interfaces and kernel command line.
     #[allow(clippy::too_many_arguments)]
     fn build_spec(
         &self,
@@ -739,25 +752,13 @@ impl VmManager {
         vm_dir: &Path,
         identity: Option<Arc<IdentityLease>>,
         network: Option<&NetworkAttachment>,
-        copies: DriveCopies,
     ) -> Result<VmmSpec, ManagerError> {
-        let dir_error = |action: &'static str, path: &Path| {
-            let vm_id = vm_id.clone();
-            let path = path.to_path_buf();
-            move |source| ManagerError::VmDir { vm_id, action, path, source }
-        };
         let mut drives = Vec::with_capacity(config.storage.len());
         for (index, (drive, source)) in config.storage.iter().zip(images.drives).enumerate() {
             let image = if drive.read_only {
                 source
             } else {
-                let copy = vm_dir.join(DRIVES_DIR).join(format!("{}.img", drive.id));
-                if copies == DriveCopies::Make {
-                    let folder = vm_dir.join(DRIVES_DIR);
-                    std::fs::create_dir_all(&folder).map_err(dir_error("create drive copies in", &folder))?;
-                    images::copy_image(&source, &copy).map_err(ManagerError::Image)?;
-                }
-                images::open_copy(&format!("storage[{index}].path"), &copy).map_err(ManagerError::Image)?
+                images::open_copy(&format!("storage[{index}].path"), &drive_copy_path(vm_dir, &drive.id)).map_err(ManagerError::Image)?
             };
             drives.push(DriveSpec {
                 id: drive.id.clone(),
@@ -1032,7 +1033,7 @@ impl VmManager {
         };
         let spec = |identity: Option<Arc<IdentityLease>>| {
             let images = self.resolve_images(&config)?;
-            self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref(), DriveCopies::Reuse)
+            self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref())
         };
         let mut failure = record.failure.clone();
         let mut outcome = Recovered::Stopped;
@@ -1384,13 +1385,6 @@ enum Recovered {
     Stopped,
 }
 
-/// Whether a VM's writable drives are copied now or were copied before.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DriveCopies {
-    Make,
-    Reuse,
-}
-
 /// A launched VMM, its user's lease and its network.
 type Prepared = (Box<dyn VmmInstance>, Option<Arc<IdentityLease>>, Option<NetworkAttachment>);
 
@@ -1518,6 +1512,38 @@ fn summary_of(vm_id: &VmId, tenant: &TenantId, entry: &VmEntry) -> VmSummary {
         modified_at: entry.modified_at,
         failure: entry.failure.clone(),
     }
+}
+
+/// Where a VM keeps its own copy of a writable drive.
+fn drive_copy_path(vm_dir: &Path, drive_id: &str) -> PathBuf {
+    vm_dir.join(DRIVES_DIR).join(format!("{drive_id}.img"))
+}
+
+/// Copies the VM's writable drives into its folder, on a thread of the
+/// blocking pool: a copy (and its sync) of a large image takes as long as
+/// the disk needs, and must not hold up the workers serving every other call.
+async fn copy_writable_drives(vm_id: &VmId, config: &VmConfig, images: &ResolvedImages, vm_dir: &Path) -> Result<(), ManagerError> {
+    let copies: Vec<(ImageFile, PathBuf)> = config
+        .storage
+        .iter()
+        .zip(&images.drives)
+        .filter(|(drive, _)| !drive.read_only)
+        .map(|(drive, source)| (source.clone(), drive_copy_path(vm_dir, &drive.id)))
+        .collect();
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let (vm_id, folder) = (vm_id.clone(), vm_dir.join(DRIVES_DIR));
+    let copy = move || {
+        std::fs::create_dir(&folder).map_err(|source| ManagerError::VmDir {
+            vm_id,
+            action: "create drive copies in",
+            path: folder.clone(),
+            source,
+        })?;
+        copies.iter().try_for_each(|(source, copy)| images::copy_image(source, copy).map_err(ManagerError::Image))
+    };
+    tokio::task::spawn_blocking(copy).await.map_err(|_| ManagerError::ShuttingDown)?
 }
 
 fn remove_vm_dir(vm_dir: &Path) {

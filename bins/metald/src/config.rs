@@ -64,11 +64,48 @@ pub struct ApiSettings {
     pub default_page_size: usize,
     /// The most a caller may ask for in one page.
     pub max_page_size: usize,
+    /// After SIGTERM, how long calls in flight may take to finish before
+    /// metald stops without them (a graceful stop waiting for its guest, say);
+    /// their VMs run on and the next start takes them over.
+    pub drain_timeout_seconds: u64,
+    /// Open connections at most; one more is closed at once.
+    pub max_connections: usize,
+    /// Open connections from one IP address at most.
+    pub max_connections_per_client: usize,
+    /// How long a connection may take to send a request head (HTTP/1.1,
+    /// each one) or its preface (h2c).
+    pub header_read_timeout_seconds: u64,
+    /// How long a request body may stop arriving before the call ends.
+    pub body_read_timeout_seconds: u64,
+    /// How long a connection with no call in flight stays open.
+    pub idle_timeout_seconds: u64,
 }
 
 impl Default for ApiSettings {
     fn default() -> Self {
-        Self { max_body_bytes: 1 << 20, default_page_size: 100, max_page_size: 1000 }
+        Self {
+            max_body_bytes: 1 << 20,
+            default_page_size: 100,
+            max_page_size: 1000,
+            drain_timeout_seconds: 10,
+            max_connections: 4096,
+            max_connections_per_client: 256,
+            header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
+            idle_timeout_seconds: 120,
+        }
+    }
+}
+
+impl ApiSettings {
+    pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
+        crate::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_seconds),
+            body_read_timeout: std::time::Duration::from_secs(self.body_read_timeout_seconds),
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_seconds),
+        }
     }
 }
 
@@ -306,11 +343,27 @@ impl Settings {
         if self.jailer.uid_start.checked_add(self.jailer.uid_count).is_none() {
             return value("jailer.uid_count", "runs past the last uid");
         }
+        if self.stop_timeout_seconds > metald_api::convert::request::MAX_STOP_TIMEOUT_SECONDS {
+            return value("stop_timeout_seconds", "must be at most 3600 (one hour), the longest a ShutdownVm may ask for");
+        }
         if self.vmm_api_timeout_seconds == 0 {
             return value("vmm_api_timeout_seconds", "must be at least 1");
         }
         if !(10..=3_600_000).contains(&self.billing.meter_period_ms) {
             return value("billing.meter_period_ms", "must be between 10 (ten milliseconds) and 3600000 (one hour)");
+        }
+        let api_bounds = [
+            ("api.max_connections", self.api.max_connections as u64),
+            ("api.max_connections_per_client", self.api.max_connections_per_client as u64),
+            ("api.header_read_timeout_seconds", self.api.header_read_timeout_seconds),
+            ("api.body_read_timeout_seconds", self.api.body_read_timeout_seconds),
+            ("api.idle_timeout_seconds", self.api.idle_timeout_seconds),
+        ];
+        if let Some((key, _)) = api_bounds.iter().find(|(_, value)| *value == 0) {
+            return value(key, "must be at least 1");
+        }
+        if self.api.max_connections_per_client > self.api.max_connections {
+            return value("api.max_connections_per_client", "must be at most api.max_connections");
         }
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return value("api.default_page_size", "must be between 1 and api.max_page_size");

@@ -10,6 +10,7 @@
 mod auth;
 mod config;
 mod instance_lock;
+mod listener;
 mod metrics;
 mod quota;
 mod server;
@@ -115,6 +116,9 @@ fn main() -> anyhow::Result<()> {
         let _ = writeln!(std::io::stdout(), "{}", serde_json::to_string_pretty(&settings)?);
         return Ok(());
     }
+    // Tests pause a launch at a fail point (FAILPOINTS=name=pause) to kill
+    // metald there; without the `failpoints` feature this does nothing.
+    let _fail_points = fail::FailScenario::setup();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let telemetry = telemetry::init(&settings.telemetry)?;

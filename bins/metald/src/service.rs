@@ -31,12 +31,19 @@ use crate::config::ApiSettings;
 use crate::metrics::Metrics;
 use crate::quota::{Quotas, Usage};
 
-/// The last CPU reading of a VM, for the CPU percent of the next `GetVmInfo`.
+/// The last CPU reading of a VM, for the CPU percent of the next `GetVmInfo`,
+/// and the percent measured when it was taken.
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
     at: Instant,
     cpu_time_ns: u64,
+    percent: f64,
 }
+
+/// The shortest interval a CPU percent is measured over: the process's CPU
+/// time counts in clock ticks (10 ms), which over a few milliseconds would
+/// read as more CPUs than the host has.
+const MIN_CPU_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct VmApi {
@@ -120,19 +127,25 @@ impl VmApi {
         self.manager.state(vm_id).map_or(wire::VmState::VM_STATE_UNSPECIFIED, state_to_wire)
     }
 
-    /// CPU percent (100 = one host CPU) since the previous `GetVmInfo` of
-    /// this VM (by any caller), or since boot for the first one.
-    fn cpu_percent(&self, vm_id: &VmId, cpu_time_ns: u64, since_boot: std::time::Duration) -> f64 {
+    /// CPU percent (100 = one host CPU) over the interval between two
+    /// `GetVmInfo` of this VM (by any caller) at least [`MIN_CPU_INTERVAL`]
+    /// apart: the latest such interval's figure. The first look after a
+    /// boot, a reboot or a takeover has no interval yet and says 0. The VMM's
+    /// CPU time counts its earlier processes and the time before its guest
+    /// booted, so it is never divided by the time since the boot.
+    fn cpu_percent(&self, vm_id: &VmId, cpu_time_ns: u64) -> f64 {
         let now = Instant::now();
         let mut samples = self.cpu_samples.lock().unwrap_or_else(PoisonError::into_inner);
-        let previous = samples.insert(vm_id.clone(), CpuSample { at: now, cpu_time_ns });
-        let (cpu_ns, wall) = match previous {
-            Some(sample) if cpu_time_ns >= sample.cpu_time_ns && now > sample.at => {
-                (cpu_time_ns - sample.cpu_time_ns, now.duration_since(sample.at))
+        let percent = match samples.get(vm_id) {
+            Some(sample) if now.duration_since(sample.at) < MIN_CPU_INTERVAL => return sample.percent,
+            Some(sample) if cpu_time_ns >= sample.cpu_time_ns => {
+                let wall = now.duration_since(sample.at);
+                (cpu_time_ns - sample.cpu_time_ns) as f64 / wall.as_nanos() as f64 * 100.0
             }
-            _ => (cpu_time_ns, since_boot),
+            _ => 0.0,
         };
-        if wall.is_zero() { 0.0 } else { cpu_ns as f64 / wall.as_nanos() as f64 * 100.0 }
+        samples.insert(vm_id.clone(), CpuSample { at: now, cpu_time_ns, percent });
+        percent
     }
 
     fn forget_samples(&self, vm_id: &VmId) {
@@ -161,11 +174,13 @@ impl wire::VmService for VmApi {
         // An invalid request is told so before any quota is counted.
         create.config.validate().map_err(|error| manager_error_to_connect(&ManagerError::InvalidConfig(error)))?;
         let asked = Usage { vms: 1, vcpus: create.config.cpu.vcpu_count.into(), memory_bytes: create.config.memory.size_bytes };
-        let _admission = self
+        let admission = self
             .quotas
             .admit(&self.manager, &caller.tenant, asked)
             .map_err(|exceeded| ConnectError::resource_exhausted(exceeded.to_string()))?;
-        let vm_id = self.manager.create(create).await.map_err(|error| self.fail(&error))?;
+        // The create runs on when its caller hangs up or its deadline passes;
+        // so does its share of the quota, or cancelled creates could pass it.
+        let vm_id = self.manager.create_holding(create, admission).await.map_err(|error| self.fail(&error))?;
         tracing::Span::current().record("vm_id", vm_id.as_str());
         let state = self.state_now(&vm_id);
         Response::ok(wire::CreateVmResponse { vm_id: vm_id.to_string(), state: state.into(), ..Default::default() })
@@ -251,7 +266,7 @@ impl wire::VmService for VmApi {
             match self.manager.metrics(&vm_id).await {
                 Ok(metrics) => {
                     let since_boot = uptime(info.booted_at, SystemTime::now());
-                    let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns, since_boot);
+                    let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns);
                     Some(metrics_to_wire(&metrics, since_boot, percent))
                 }
                 // The VM changed state in between, or its VMM did not

@@ -4,7 +4,6 @@
 //! SIGTERM.
 
 use std::collections::HashMap;
-use std::future::IntoFuture;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -86,6 +85,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     });
     let metrics = Arc::new(Metrics::new(manager.clone(), figures));
     let (stop, stopping) = watch::channel(false);
+    let stopped = stopping.clone();
     let redactor = Redactor::new(&[&settings.data_dir, &settings.image_root, &settings.firecracker]);
     let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping).with_redactor(redactor);
     let readiness = Arc::new(Readiness::default());
@@ -93,6 +93,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // Listening starts before the takeover, so probes see /health answer
     // and /ready say 503 (API calls: unavailable) until it is done.
+    raise_open_file_limit(settings.api.max_connections);
     let listener =
         tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listen: cannot listen on {}", settings.listen))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
@@ -106,14 +107,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = stop.send(true);
         }
     };
-    // Without TCP_NODELAY an h2c answer written in two pieces waits for
-    // the client's delayed ACK: about 40 ms on every gRPC call.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::warn!(%error, "cannot set TCP_NODELAY on a connection");
-        }
-    });
-    let server = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(shutdown).into_future());
+    let server = tokio::spawn(crate::listener::serve(listener, app, settings.api.connection_limits(), shutdown));
 
     let recovery = manager.recover().await.context("cannot take over the VMs of the previous run")?;
     tracing::info!(
@@ -131,12 +125,59 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if readiness.mark_ready() {
         tracing::info!(%address, "metald serving");
     }
-    server.await.context("the server task ended abnormally")?.context("the server stopped")?;
+    let drain = Duration::from_secs(settings.api.drain_timeout_seconds);
+    drain_then_stop(server, stopped, drain).await?;
     if let Some(billing) = billing {
         billing.stop().await;
     }
     tracing::info!("metald stopped; its VMs run on and the next start takes them over");
     Ok(())
+}
+
+/// Serves until the server stops, which after SIGTERM is when the calls in
+/// flight are done, or `drain` after the signal if some are not: those are
+/// abandoned (their operations end with the process) rather than keeping
+/// metald, and its restart, waiting on a guest.
+async fn drain_then_stop(
+    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
+    mut stopped: watch::Receiver<bool>,
+    drain: Duration,
+) -> anyhow::Result<()> {
+    let drain_over = async {
+        if stopped.wait_for(|stopped| *stopped).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(drain).await;
+    };
+    tokio::select! {
+        served = &mut server => served.context("the server task ended abnormally")?.context("the server stopped"),
+        () = drain_over => {
+            tracing::warn!(drain_timeout_seconds = drain.as_secs(), "calls still in flight after the drain timeout; stopping without them");
+            server.abort();
+            Ok(())
+        }
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one, as the API's
+/// connections and every VM's pipes and sockets need descriptors, and says
+/// so when even that leaves less than `max_connections` and a margin.
+fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!(%error, soft, hard, "cannot raise the limit on open files");
+    }
+    let wanted = max_connections as u64 + 1024;
+    if hard < wanted {
+        tracing::warn!(
+            limit = hard,
+            wanted,
+            "the limit on open files is below api.max_connections and a margin for the VMs; raise it (LimitNOFILE=)"
+        );
+    }
 }
 
 /// The Firecracker binary must be there and executable; otherwise the

@@ -13,6 +13,9 @@ use crate::proto::vmprovisioner::v1 as wire;
 pub const DEFAULT_CONSOLE_BYTES: usize = 64 << 10;
 /// The most `GetConsole` returns at once.
 pub const MAX_CONSOLE_BYTES: usize = 1 << 20;
+/// The longest a graceful stop may be asked to wait for its guest: an hour,
+/// as the longest shutdown a cloud's instances get.
+pub const MAX_STOP_TIMEOUT_SECONDS: u64 = 3600;
 
 /// A VM id the request must carry.
 pub fn vm_id_from_wire(field: &str, value: &str) -> Result<VmId, WireError> {
@@ -51,6 +54,9 @@ pub fn create_vm_from_wire(request: &wire::CreateVmRequest, tenant: TenantId) ->
 /// carry no timeout, pass 0.
 pub fn stop_options_from_wire(force: bool, timeout_seconds: i32) -> Result<StopOptions, WireError> {
     let seconds = non_negative_i32("timeout_seconds", timeout_seconds)?;
+    if u64::from(seconds) > MAX_STOP_TIMEOUT_SECONDS {
+        return Err(WireError::TooLarge { field: "timeout_seconds".into(), value: timeout_seconds.into(), max: MAX_STOP_TIMEOUT_SECONDS });
+    }
     let timeout = (seconds > 0).then(|| Duration::from_secs(seconds.into()));
     Ok(StopOptions { force, timeout })
 }

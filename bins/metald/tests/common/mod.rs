@@ -56,6 +56,12 @@ pub struct HostOptions {
     pub gateway: bool,
     /// The meter's period instead of its default.
     pub meter_period_ms: Option<u64>,
+    /// FAILPOINTS for the first start (the daemon the tests build has them).
+    pub fail_points: Option<String>,
+    /// `api.drain_timeout_seconds` instead of its default.
+    pub drain_timeout_seconds: Option<u64>,
+    /// More `[api]` settings, as TOML lines.
+    pub api_settings: Option<&'static str>,
 }
 
 pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
@@ -73,6 +79,31 @@ pub struct Host {
     pub uid_count: u32,
     /// The prefix of this test's network namespaces, and its host namespace's name.
     pub netns_prefix: Option<String>,
+    /// FAILPOINTS for the next start, e.g. `jail-before-sync=pause`.
+    pub fail_points: Option<String>,
+    /// This test's hold on its uid window, for as long as the host lives.
+    _uid_claim: nix::fcntl::Flock<std::fs::File>,
+}
+
+const UID_SLOT: u32 = 512;
+const UID_SLOTS: u32 = 2_000;
+
+/// A uid window no other test host holds, from any test process: a slot
+/// found from the name's hash on, whose lock file this test keeps locked.
+/// (A daemon's own lock on its window lasts only while it runs, so between
+/// a test's restarts another test could take a window found by hash alone.)
+fn claim_uid_window(name: &str) -> (u32, nix::fcntl::Flock<std::fs::File>) {
+    let claims = Path::new("/run/metald-test");
+    std::fs::create_dir_all(claims).unwrap();
+    let first = fxhash(name) % UID_SLOTS;
+    for slot in (first..UID_SLOTS).chain(0..first) {
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(claims.join(format!("uids-{slot}.lock"))).unwrap();
+        if let Ok(held) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            return (1_300_000 + slot * UID_SLOT, held);
+        }
+    }
+    panic!("every test uid window is taken");
 }
 
 fn fxhash(text: &str) -> u32 {
@@ -95,7 +126,8 @@ impl Host {
         std::fs::create_dir_all(&images).unwrap();
         std::fs::copy(testguest::kernel_path(), images.join(GUEST_KERNEL)).unwrap();
         let uid_count = options.uid_count.unwrap_or(256);
-        let uid_start = 1_300_000 + (fxhash(&name) % 2_000) * 512;
+        assert!(uid_count <= UID_SLOT, "a test host's uid window is at most {UID_SLOT} uids");
+        let (uid_start, uid_claim) = claim_uid_window(&name);
         let tenants: Vec<TestTenant> = if options.tenants.is_empty() { vec![("acme", "{}")] } else { options.tenants.clone() }
             .into_iter()
             .map(|(id, quota)| TestTenant { id, token: format!("test-token-{id}-{}", metald_core::VmId::generate()), quota })
@@ -111,8 +143,15 @@ impl Host {
         if let Some(endpoint) = &options.otlp_endpoint {
             toml = toml.replacen("[telemetry]\n", &format!("[telemetry]\notlp_endpoint = {endpoint:?}\n"), 1);
         }
+        toml.push_str("[api]\n");
         if let Some(bytes) = options.max_body_bytes {
-            toml.push_str(&format!("[api]\nmax_body_bytes = {bytes}\n"));
+            toml.push_str(&format!("max_body_bytes = {bytes}\n"));
+        }
+        if let Some(seconds) = options.drain_timeout_seconds {
+            toml.push_str(&format!("drain_timeout_seconds = {seconds}\n"));
+        }
+        if let Some(lines) = options.api_settings {
+            toml.push_str(lines);
         }
         toml.push_str(&format!("[billing]\nenabled = {}\nmax_batch_age_ms = 200\n", options.billing));
         if let Some(period) = options.meter_period_ms {
@@ -160,6 +199,8 @@ impl Host {
             uid_start,
             uid_count,
             netns_prefix,
+            fail_points: options.fail_points.clone(),
+            _uid_claim: uid_claim,
         };
         host.launch();
         Some(host)
@@ -180,17 +221,12 @@ impl Host {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path(self.starts)).unwrap();
         let port = if self.port == 0 { free_port() } else { self.port };
-        let child = Command::new(metald_binary())
-            .arg("--config")
-            .arg(&self.config_path)
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(metald_binary());
+        command.arg("--config").arg(&self.config_path).arg("--listen").arg(format!("127.0.0.1:{port}")).env("NO_COLOR", "1");
+        if let Some(fail_points) = &self.fail_points {
+            command.env("FAILPOINTS", fail_points);
+        }
+        let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.port = port;
         self.child = Some(child);
         self.wait_ready();
@@ -252,8 +288,14 @@ impl Host {
     }
 
     pub fn client_with_token(&self, token: Option<&str>, wire_format: Wire) -> Client {
+        self.client_with_deadline(token, wire_format, Duration::from_secs(60))
+    }
+
+    /// A client whose calls carry `deadline` (Connect's `connect-timeout-ms`,
+    /// gRPC's `grpc-timeout`), which the daemon enforces.
+    pub fn client_with_deadline(&self, token: Option<&str>, wire_format: Wire, deadline: Duration) -> Client {
         let uri: http::Uri = self.url().parse().unwrap();
-        let mut config = ClientConfig::new(uri).with_default_timeout(Duration::from_secs(60));
+        let mut config = ClientConfig::new(uri).with_default_timeout(deadline);
         config = match wire_format {
             Wire::ConnectJson => config.with_protocol(Protocol::Connect).json(),
             Wire::ConnectProto => config.with_protocol(Protocol::Connect).proto(),
