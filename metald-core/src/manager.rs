@@ -627,6 +627,42 @@ impl VmManager {
         Ok(vm_id)
     }
 
+    /// The guest's kernel command line is the caller's, then what the VMM
+    /// and the network add: all of it must fit, so a line too long is told
+    /// at the request, naming what takes the room, not at the boot.
+    fn check_command_line(&self, config: &VmConfig, capabilities: &Capabilities) -> Result<(), ManagerError> {
+        let network_bytes = self.inner.network.as_ref().map_or(0, |network| network.kernel_args_bound(&config.network));
+        let devices = config.storage.len() + config.network.len();
+        let host_bytes = network_bytes + devices * capabilities.kernel_cmdline_bytes_per_device;
+        let capacity = capabilities.kernel_cmdline_capacity;
+        let refuse = |field: &str, reason: String| {
+            Err(ManagerError::InvalidConfig(ConfigError { field: field.to_owned(), problem: Problem::Inconsistent { reason } }))
+        };
+        if host_bytes > capacity {
+            return refuse(
+                "network",
+                format!(
+                    "{} interfaces and {} drives need up to {host_bytes} bytes of the guest's kernel command line for the host's own \
+                     entries (addresses, devices); it holds {capacity}",
+                    config.network.len(),
+                    config.storage.len()
+                ),
+            );
+        }
+        let room = capacity - host_bytes;
+        let asked = config.boot.kernel_args.len();
+        if asked > room {
+            return refuse(
+                "boot.kernel_args",
+                format!(
+                    "is {asked} bytes long; with up to {host_bytes} bytes the host adds for this VM's {devices} devices, \
+                     at most {room} fit in the {capacity} of the guest's kernel command line"
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn check_capabilities(&self, config: &VmConfig) -> Result<(), ManagerError> {
         let capabilities = self.inner.backend.capabilities();
         let refuse = |field: &str, reason: &str| {
@@ -644,6 +680,7 @@ impl VmManager {
         if config.cpu.vcpu_count > capabilities.max_vcpus {
             return refuse("cpu.vcpu_count", "asks for more vCPUs than the VMM supports");
         }
+        self.check_command_line(config, &capabilities)?;
         for (index, interface) in config.network.iter().enumerate() {
             let tap_problem = match (&self.inner.network, interface.tap_device.is_empty()) {
                 (None, true) => Some("is required: this manager has no network provider to make a TAP device"),

@@ -91,6 +91,14 @@ pub trait NetworkProvider: Send + Sync + fmt::Debug {
     /// VM that has nothing attached is not an error.
     async fn detach(&self, vm_id: &VmId) -> Result<(), NetworkError>;
 
+    /// The most bytes `attach` can add to the guest's kernel command line
+    /// for `interfaces` (separating spaces included), so that a command line
+    /// too long is refused at the request rather than at the boot.
+    fn kernel_args_bound(&self, interfaces: &[NetworkInterface]) -> usize {
+        let _ = interfaces;
+        0
+    }
+
     /// Opens again what a stored attachment refers to (its namespace), for
     /// a VM found after a restart of metald.
     async fn reopen(&self, vm_id: &VmId, attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {

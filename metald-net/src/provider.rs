@@ -12,7 +12,7 @@
 //! Attach undoes itself on failure; detach keeps going when a step fails
 //! and reports every failure.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,7 +31,7 @@ use crate::netns::{DEFAULT_NETNS_DIR, NetnsDir, NetnsError, write_sysctl};
 use crate::tap::{self, TapError};
 
 /// Every tenant's gateway also answers here, as routers on a link usually do.
-pub const GATEWAY_LINK_LOCAL: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+pub const GATEWAY_LINK_LOCAL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// How the host's VM network is laid out.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -364,6 +364,28 @@ pub fn guest_kernel_args(interfaces: &[AttachedInterface], dns: &[IpAddr], mtu: 
 
 #[async_trait]
 impl NetworkProvider for Ipv6Network {
+    fn kernel_args_bound(&self, interfaces: &[NetworkInterface]) -> usize {
+        // The longest text each assignment can have: the same tokens, made
+        // for the widest address, MAC and prefix length.
+        let widest: Vec<AttachedInterface> = interfaces
+            .iter()
+            .map(|interface| AttachedInterface {
+                id: interface.id.clone(),
+                tap_device: String::new(),
+                mac_address: "ff:ff:ff:ff:ff:ff".into(),
+                ipv6: Some(Assignment { address: Ipv6Addr::from(u128::MAX), prefix_len: 128, gateway: Ipv6Addr::from(u128::MAX) }),
+                ipv4: (interface.mode == NetworkMode::DualStack).then_some(Assignment {
+                    address: Ipv4Addr::BROADCAST,
+                    prefix_len: 32,
+                    gateway: Ipv4Addr::BROADCAST,
+                }),
+                dns_servers: Vec::new(),
+                host_link: String::new(),
+            })
+            .collect();
+        guest_kernel_args(&widest, &self.config.dns_servers, self.config.mtu).iter().map(|token| token.len() + 1).sum()
+    }
+
     async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
         match self.attach_all(&request).await {
             Ok(attachment) => Ok(attachment),

@@ -296,3 +296,47 @@ fn silent_slow_and_idle_connections_are_closed() {
         assert!(!answer.is_empty(), "an idle HTTP/2 connection is told to go away (GOAWAY) before it is closed");
     });
 }
+
+#[test]
+fn the_kernel_command_line_is_checked_at_the_request_with_what_the_host_adds() {
+    let test = "the_kernel_command_line_is_checked_at_the_request_with_what_the_host_adds";
+    let Some(host) = Host::start(test, HostOptions { network: true, ..HostOptions::default() }) else { return };
+    runtime().block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let refusal = |config: wire::VmConfig| {
+            let client = client.clone();
+            async move {
+                let error = client.create_vm(create_request(config)).await.map(|_| ()).unwrap_err();
+                assert_eq!(error.code, ErrorCode::InvalidArgument, "{error:?}");
+                error.message.unwrap_or_default()
+            }
+        };
+        let padded = |bytes: usize| format!("x={}", "a".repeat(bytes - 2));
+
+        let message = refusal(guest_config(&[&padded(2048)])).await;
+        assert!(message.starts_with("boot.kernel_args:"), "{message}");
+        let mut many = guest_config(&[]);
+        many.network = (0..16).map(|index| wire::NetworkInterface { id: format!("eth{index}"), ..Default::default() }).collect();
+        let message = refusal(many).await;
+        assert!(message.starts_with("network:") && message.contains("16 interfaces"), "{message}");
+
+        // One interface: the most the request may carry, as the refusal of one byte more says.
+        let with_interface = |args: &str| {
+            let mut config = guest_config(&[args]);
+            config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+            config
+        };
+        let message = refusal(with_interface(&padded(2000))).await;
+        let room: usize = message.split("at most ").nth(1).and_then(|rest| rest.split(' ').next()?.parse().ok()).expect(&message);
+        let refused = refusal(with_interface(&padded(room + 1))).await;
+        assert!(refused.starts_with("boot.kernel_args:"), "{refused}");
+        // That much boots, and the guest is told all of it and its own address.
+        let longest = padded(room);
+        let vm_id = client.create_vm(create_request(with_interface(&longest))).await.unwrap().into_owned().vm_id;
+        client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.expect("the longest command line boots");
+        let ready = common::wait_for_console(&client, &vm_id, metald_testguest::console::READY).await;
+        assert!(ready.contains(&longest) && ready.contains("metald.eth0.ipv6="), "{ready}");
+        client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    });
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

@@ -50,6 +50,12 @@ pub struct Capabilities {
     /// The VMM ships a jailer of its own (metald uses its own regardless).
     pub own_jailer: bool,
     pub max_vcpus: u32,
+    /// The bytes of kernel command line the guest can be given (its
+    /// terminating NUL not counted).
+    pub kernel_cmdline_capacity: usize,
+    /// The most the VMM adds to the command line for each drive or network
+    /// interface (Firecracker on x86: ` virtio_mmio.device=4K@0xd0000000:5`).
+    pub kernel_cmdline_bytes_per_device: usize,
 }
 
 /// A drive as the VMM should see it: opened inside the image root (or, for

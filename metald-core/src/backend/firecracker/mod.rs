@@ -87,6 +87,10 @@ impl VmmBackend for FirecrackerBackend {
             separate_rx_tx_rate_limits: true,
             own_jailer: true,
             max_vcpus: MAX_VCPUS,
+            // Firecracker's 2048 bytes, less the NUL.
+            kernel_cmdline_capacity: 2047,
+            // ` virtio_mmio.device=4K@0xd000f000:23`, with room to spare.
+            kernel_cmdline_bytes_per_device: 40,
         }
     }
 
