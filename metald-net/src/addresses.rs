@@ -40,7 +40,7 @@ pub enum AddressError {
     NoTenantPrefix { prefix: Ipv6Net, tenant: TenantId, slots: u64 },
     #[error("tenant {tenant} has no address left in {prefix}")]
     NoAddress { tenant: TenantId, prefix: String },
-    #[error("the MAC address {mac} is already used by another interface")]
+    #[error("the MAC address {mac} is already used by another interface of this tenant")]
     MacInUse { mac: String },
 }
 
@@ -89,7 +89,31 @@ pub struct AddressBook {
     connection: Mutex<Connection>,
 }
 
-const SCHEMA: &str = "
+/// The interfaces table, under a name: the schema's, and the one a
+/// migration builds beside it.
+macro_rules! interfaces_table {
+    ($name:literal) => {
+        concat!(
+            "CREATE TABLE IF NOT EXISTS ",
+            $name,
+            " (
+    vm_id TEXT NOT NULL,
+    interface TEXT NOT NULL,
+    tenant TEXT NOT NULL REFERENCES tenants(tenant),
+    host INTEGER NOT NULL,
+    link_number INTEGER NOT NULL UNIQUE,
+    mac TEXT NOT NULL,
+    PRIMARY KEY (vm_id, interface),
+    UNIQUE (tenant, host),
+    UNIQUE (tenant, mac)
+);
+"
+        )
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS tenants (
     tenant TEXT PRIMARY KEY,
@@ -99,17 +123,25 @@ CREATE TABLE IF NOT EXISTS tenant_policies (
     tenant TEXT PRIMARY KEY,
     intra_tenant INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS interfaces (
-    vm_id TEXT NOT NULL,
-    interface TEXT NOT NULL,
-    tenant TEXT NOT NULL REFERENCES tenants(tenant),
-    host INTEGER NOT NULL,
-    link_number INTEGER NOT NULL UNIQUE,
-    mac TEXT NOT NULL UNIQUE,
-    PRIMARY KEY (vm_id, interface),
-    UNIQUE (tenant, host)
+",
+    interfaces_table!("interfaces")
 );
-";
+
+/// Books made before MACs were scoped to their tenant held them unique on
+/// the host, so one tenant could take (and probe for) another's: rebuilt
+/// with the tenant's scope, rows unchanged.
+const SCOPE_MACS_TO_TENANTS: &str = concat!(
+    interfaces_table!("interfaces_scoped"),
+    "
+INSERT INTO interfaces_scoped SELECT vm_id, interface, tenant, host, link_number, mac FROM interfaces;
+DROP TABLE interfaces;
+ALTER TABLE interfaces_scoped RENAME TO interfaces;
+"
+);
+
+/// The first two bytes of every MAC the book generates; a caller's MAC may
+/// not start with them, so a generated one is never already taken.
+pub const GENERATED_MAC_PREFIX: [u8; 2] = [0x02, 0x6d];
 
 impl AddressBook {
     /// Opens (or creates) the book at `path` for `plan`. A book made for
@@ -134,6 +166,12 @@ impl AddressBook {
         connection.pragma_update(None, "foreign_keys", "ON").map_err(store)?;
         connection.busy_timeout(std::time::Duration::from_secs(5)).map_err(store)?;
         connection.execute_batch(SCHEMA).map_err(store)?;
+        let table: String = connection
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'interfaces'", [], |row| row.get(0))
+            .map_err(store)?;
+        if !table.contains("UNIQUE (tenant, mac)") {
+            connection.execute_batch(&format!("BEGIN; {SCOPE_MACS_TO_TENANTS} COMMIT;")).map_err(store)?;
+        }
         let configured = plan.host_prefix.trunc().to_string();
         let recorded: Option<String> =
             connection.query_row("SELECT value FROM meta WHERE key = 'host_prefix'", [], |row| row.get(0)).optional().map_err(store)?;
@@ -219,7 +257,7 @@ impl AddressBook {
         let mac = mac.unwrap_or_else(|| generated_mac(slot, host));
         let mac_text = format_mac(mac);
         let taken: Option<String> = transaction
-            .query_row("SELECT vm_id FROM interfaces WHERE mac = ?1", params![mac_text], |row| row.get(0))
+            .query_row("SELECT vm_id FROM interfaces WHERE tenant = ?1 AND mac = ?2", params![tenant.as_str(), mac_text], |row| row.get(0))
             .optional()
             .map_err(self.store())?;
         if taken.is_some() {
@@ -391,7 +429,7 @@ fn lowest_free(connection: &Connection, query: &str, parameters: impl rusqlite::
 fn generated_mac(slot: u64, host: u64) -> [u8; 6] {
     let slot = slot.to_be_bytes();
     let host = host.to_be_bytes();
-    [0x02, 0x6d, slot[6], slot[7], host[6], host[7]]
+    [GENERATED_MAC_PREFIX[0], GENERATED_MAC_PREFIX[1], slot[6], slot[7], host[6], host[7]]
 }
 
 /// The default host prefix: a ULA /48 (RFC 4193) whose 40-bit global id
@@ -510,6 +548,25 @@ mod tests {
         let mac = [0x02, 0, 0, 0, 0, 0x42];
         assert_eq!(book.allocate(&vm("vm-1"), "eth0", &tenant("acme"), Some(mac)).unwrap().mac, mac);
         assert!(matches!(book.allocate(&vm("vm-2"), "eth0", &tenant("acme"), Some(mac)), Err(AddressError::MacInUse { .. })));
+        // Another tenant's bridge is another Ethernet: its MACs are its own.
+        assert_eq!(book.allocate(&vm("vm-3"), "eth0", &tenant("globex"), Some(mac)).unwrap().mac, mac);
+    }
+
+    #[test]
+    fn a_book_that_held_macs_unique_on_the_host_scopes_them_to_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let old_schema =
+            SCHEMA.replace("    mac TEXT NOT NULL,", "    mac TEXT NOT NULL UNIQUE,").replace(",\n    UNIQUE (tenant, mac)", "");
+        assert!(!old_schema.contains("UNIQUE (tenant, mac)"));
+        Connection::open(&path).unwrap().execute_batch(&old_schema).unwrap();
+        let book = AddressBook::open(&path, plan("fd00:1::/48")).unwrap();
+        let mac = [0x02, 0, 0, 0, 0, 0x42];
+        book.allocate(&vm("vm-1"), "eth0", &tenant("acme"), Some(mac)).unwrap();
+        drop(book);
+        let book = AddressBook::open(&path, plan("fd00:1::/48")).unwrap();
+        assert_eq!(book.allocations_of(&vm("vm-1")).unwrap()[0].mac, mac, "rows survive the rebuild");
+        assert_eq!(book.allocate(&vm("vm-2"), "eth0", &tenant("globex"), Some(mac)).unwrap().mac, mac);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use metald_core::network::{Assignment, AttachRequest, AttachedInterface, Network
 use metald_core::{TenantId, VmId};
 use tokio::sync::Mutex;
 
-use crate::addresses::{AddressBook, AddressError, AddressPlan, Allocation, default_host_prefix};
+use crate::addresses::{AddressBook, AddressError, AddressPlan, Allocation, GENERATED_MAC_PREFIX, default_host_prefix};
 use crate::firewall::{Firewall, FirewallError, PortRules, TenantRules};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::netns::{DEFAULT_NETNS_DIR, NetnsDir, NetnsError, write_sysctl};
@@ -290,7 +290,14 @@ impl Ipv6Network {
         for (index, interface) in request.interfaces.iter().enumerate() {
             check_interface(index, interface, self.config.ipv4_pool.is_some())?;
             let mac = if interface.mac_address.is_empty() { None } else { parse_mac(&interface.mac_address) };
-            allocations.push(self.book.allocate(request.vm_id, &interface.id, request.tenant, mac).map_err(|error| failed(error.into()))?);
+            let allocation = self.book.allocate(request.vm_id, &interface.id, request.tenant, mac).map_err(|error| match error {
+                // The tenant's own MAC, on another of its interfaces: its request to change.
+                AddressError::MacInUse { .. } => {
+                    NetworkError::Refused { field: format!("network[{index}].mac_address"), reason: error.to_string() }
+                }
+                error => failed(error.into()),
+            })?;
+            allocations.push(allocation);
         }
         let open = self.book.intra_tenant(request.tenant).map_err(|error| failed(error.into()))?;
         let name = self.namespace_name(request.vm_id);
@@ -318,10 +325,14 @@ impl Ipv6Network {
     }
 }
 
-/// What the provider refuses in an interface request: addresses are its to give.
+/// What the provider refuses in an interface request: addresses are its to
+/// give, and MACs of the range it generates from.
 fn check_interface(index: usize, interface: &NetworkInterface, dual_stack: bool) -> Result<(), NetworkError> {
     let refuse =
         |field: &str, reason: &str| Err(NetworkError::Refused { field: format!("network[{index}].{field}"), reason: reason.to_owned() });
+    if parse_mac(&interface.mac_address).is_some_and(|mac| mac[..2] == GENERATED_MAC_PREFIX) {
+        return refuse("mac_address", "starts 02:6d, the range the host assigns MACs from; choose another or leave it empty");
+    }
     if interface.ipv6_config.as_ref().is_some_and(|config| !config.address.is_empty()) {
         return refuse("ipv6_config.address", "must be empty: the network provider assigns addresses");
     }

@@ -340,3 +340,35 @@ fn the_kernel_command_line_is_checked_at_the_request_with_what_the_host_adds() {
     });
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[test]
+fn one_tenant_cannot_take_or_probe_another_tenants_mac_addresses() {
+    let test = "one_tenant_cannot_take_or_probe_another_tenants_mac_addresses";
+    let options = HostOptions { network: true, tenants: vec![("acme", "{}"), ("globex", "{}")], ..HostOptions::default() };
+    let Some(host) = Host::start(test, options) else { return };
+    runtime().block_on(async {
+        let with_mac = |mac: &str| {
+            let mut config = guest_config(&[]);
+            config.network.push(wire::NetworkInterface { id: "eth0".into(), mac_address: mac.into(), ..Default::default() });
+            create_request(config)
+        };
+        let (acme, globex) = (host.client("acme", Wire::ConnectProto), host.client("globex", Wire::ConnectJson));
+        // The host's own range (what it would give globex next) is no tenant's to claim.
+        for host_made in ["02:6d:00:01:00:02", "02:6d:00:02:00:02", "02:6d:00:02:00:03"] {
+            let refused = acme.create_vm(with_mac(host_made)).await.map(|_| ()).unwrap_err();
+            assert_eq!(refused.code, ErrorCode::InvalidArgument, "{refused:?}");
+            assert!(refused.message.unwrap_or_default().starts_with("network[0].mac_address:"));
+        }
+        // A MAC of one's own choosing is one's own: another tenant may choose it too.
+        let chosen = "02:aa:00:00:00:01";
+        let mut vm_ids = vec![acme.create_vm(with_mac(chosen)).await.unwrap().into_owned().vm_id];
+        vm_ids.push(globex.create_vm(with_mac(chosen)).await.expect("globex's choice is not acme's").into_owned().vm_id);
+        vm_ids.push(globex.create_vm(with_mac("")).await.expect("globex gets a MAC of the host's").into_owned().vm_id);
+        let twice = acme.create_vm(with_mac(chosen)).await.map(|_| ()).unwrap_err();
+        assert_eq!(twice.code, ErrorCode::InvalidArgument, "a tenant's own MAC twice: {twice:?}");
+        for (vm_id, client) in vm_ids.into_iter().zip([&acme, &globex, &globex]) {
+            client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
