@@ -434,14 +434,15 @@ impl NetworkProvider for Ipv6Network {
                 .allocations_of_tenant(&allocation.tenant)
                 .map(|all| all.iter().filter(|other| other.vm_id != *vm_id).count())
                 .unwrap_or(1);
+            // The tenant's chain and bridge go with its last port: this VM's
+            // other interfaces still jump to the chain and sit on the bridge.
+            let last_of_tenant = others == 0 && position + 1 == allocations.len();
             let open = self.book.intra_tenant(&allocation.tenant).unwrap_or(false);
-            problems.extend(self.firewall.remove_port(&self.port_rules(allocation), open, others == 0));
+            problems.extend(self.firewall.remove_port(&self.port_rules(allocation), open, last_of_tenant));
             if let Err(error) = self.host.delete(&links.host).await {
                 problems.push(metald_core::error_chain(&error));
             }
-            if others == 0
-                && let Err(error) = self.host.delete(&self.tenant_bridge(allocation.tenant_slot)).await
-            {
+            if last_of_tenant && let Err(error) = self.host.delete(&self.tenant_bridge(allocation.tenant_slot)).await {
                 problems.push(metald_core::error_chain(&error));
             }
         }

@@ -372,3 +372,22 @@ fn one_tenant_cannot_take_or_probe_another_tenants_mac_addresses() {
     });
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[test]
+fn a_vm_with_several_interfaces_is_deleted_at_the_first_try() {
+    let test = "a_vm_with_several_interfaces_is_deleted_at_the_first_try";
+    let Some(host) = Host::start(test, HostOptions { network: true, ..HostOptions::default() }) else { return };
+    runtime().block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        for interfaces in [2, 3] {
+            let mut config = guest_config(&[]);
+            config.network =
+                (0..interfaces).map(|index| wire::NetworkInterface { id: format!("eth{index}"), ..Default::default() }).collect();
+            let vm_id = client.create_vm(create_request(config)).await.unwrap().into_owned().vm_id;
+            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            let request = wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() };
+            client.delete_vm(request).await.unwrap_or_else(|error| panic!("deleting a VM with {interfaces} interfaces: {error:?}"));
+            assert!(host.leftovers().is_empty(), "{interfaces} interfaces: {:?}", host.leftovers());
+        }
+    });
+}
