@@ -64,16 +64,24 @@ pub fn wire_error_to_connect(error: &WireError) -> ConnectError {
 }
 
 /// Image errors name the field and the path as the caller gave it, never
-/// the host's image root or where a symlink leads.
+/// the host's image root or where a symlink leads. A symlink that leads
+/// outside is answered as a file that is not there: telling the two apart
+/// would say which files outside the root exist.
 fn image_error_to_connect(error: &ManagerError, image: &ImageError) -> ConnectError {
     let refused = |field: &str, path: &str, why: &str| ConnectError::invalid_argument(format!("{field}: {path:?} {why}"));
     match image {
         ImageError::ParentComponent { field, path } => refused(field, path, "climbs out with '..', which is not allowed"),
         ImageError::OutsideRoot { field, path, root: _ } => refused(field, path, "is outside the image root"),
-        ImageError::SymlinkEscape { field, path, target: _, root: _ } => {
-            refused(field, path, "leads through a symlink to somewhere outside the image root")
+        ImageError::SymlinkEscape { field, path, target: _, root: _ } | ImageError::Missing { field, path, source: _ } => {
+            refused(field, path, "cannot be found in the image root")
         }
-        ImageError::Missing { field, path, source: _ } => refused(field, path, "cannot be found in the image root"),
+        ImageError::NotShared { field, path, mode } => refused(
+            field,
+            path,
+            &format!(
+                "is not readable by every user (mode {mode:o}); a writable drive is copied for the VM alone, so its image must be world-readable, as every image is"
+            ),
+        ),
         ImageError::NotAFile { field, path } => refused(field, path, "is not a regular file"),
         ImageError::ChangedUnderUs { field, path } => {
             refused(field, path, "changed while it was being opened and now leads outside the image root")

@@ -13,7 +13,7 @@ pub enum IdError {
     Empty { kind: &'static str },
     #[error("{kind} {value:?} is longer than {max} characters")]
     TooLong { kind: &'static str, value: String, max: usize },
-    #[error("{kind} {value:?} must start with a letter or digit")]
+    #[error("{kind} {value:?} must start with an ASCII letter or digit")]
     BadStart { kind: &'static str, value: String },
     #[error("{kind} {value:?} holds {found:?}; only ASCII letters, digits and '-' are allowed")]
     BadCharacter { kind: &'static str, value: String, found: char },

@@ -42,6 +42,10 @@ pub enum ImageError {
     },
     #[error("{field}: {path:?} is not a regular file")]
     NotAFile { field: String, path: String },
+    /// A writable drive's image that not every user may read: its copy
+    /// would hand its content to the VM's user.
+    #[error("{field}: {path:?} is not readable by every user (mode {mode:o}); a writable drive's image must be world-readable")]
+    NotShared { field: String, path: String, mode: u32 },
     #[error("{field}: {path:?} changed while it was being opened and now leads outside the image root")]
     ChangedUnderUs { field: String, path: String },
     #[error("{field}: cannot open {path:?}")]

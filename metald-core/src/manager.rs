@@ -713,7 +713,16 @@ impl VmManager {
             .storage
             .iter()
             .enumerate()
-            .map(|(index, drive)| images.open(&format!("storage[{index}].path"), &drive.path).map_err(ManagerError::Image))
+            .map(|(index, drive)| {
+                let field = format!("storage[{index}].path");
+                let image = images.open(&field, &drive.path).map_err(ManagerError::Image)?;
+                // Shared images are checked by the jail (its VMM must read them); a
+                // writable one is copied by root for the VM, so it is checked here.
+                if !drive.read_only && !image.world_readable() {
+                    return Err(ManagerError::Image(ImageError::NotShared { field, path: drive.path.clone(), mode: image.mode & 0o7777 }));
+                }
+                Ok(image)
+            })
             .collect::<Result<_, _>>()?;
         Ok(ResolvedImages { kernel, initrd, drives })
     }

@@ -391,3 +391,45 @@ fn a_vm_with_several_interfaces_is_deleted_at_the_first_try() {
         }
     });
 }
+
+#[test]
+fn images_reveal_nothing_of_the_host_and_a_writable_drive_copies_no_private_file() {
+    let test = "images_reveal_nothing_of_the_host_and_a_writable_drive_copies_no_private_file";
+    let Some(host) = Host::start(test, HostOptions::default()) else { return };
+    let images = host.dir.path().join("images");
+    // A folder inside the root that leads outside it, to a file that exists and to one that does not.
+    let outside = host.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("exists.img"), b"host data").unwrap();
+    std::os::unix::fs::symlink(&outside, images.join("linked")).unwrap();
+    // A private file reachable as an image by a hard link (as /etc/shadow would be).
+    let private = images.join("private.img");
+    std::fs::write(&private, b"secret").unwrap();
+    std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    std::fs::hard_link(&private, images.join("hardlinked.img")).unwrap();
+    runtime().block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let with_drive = |path: &str| {
+            let mut config = guest_config(&[]);
+            config.storage.push(wire::StorageDevice { id: "data".into(), path: path.into(), ..Default::default() });
+            create_request(config)
+        };
+        let refusal = |request: wire::CreateVmRequest| {
+            let client = client.clone();
+            async move {
+                let error = client.create_vm(request).await.map(|_| ()).unwrap_err();
+                assert_eq!(error.code, ErrorCode::InvalidArgument, "{error:?}");
+                error.message.unwrap_or_default()
+            }
+        };
+        let existing = refusal(with_drive("linked/exists.img")).await;
+        let missing = refusal(with_drive("linked/missing.img")).await;
+        assert_eq!(existing.replace("exists", "NAME"), missing.replace("missing", "NAME"), "the same answer either way");
+        let private = refusal(with_drive("hardlinked.img")).await;
+        assert!(private.starts_with("storage[0].path:") && private.contains("world-readable"), "{private}");
+        let cyrillic = client.create_vm(wire::CreateVmRequest { vm_id: "\u{430}1".into(), ..create_request(guest_config(&[])) });
+        let message = cyrillic.await.map(|_| ()).unwrap_err().message.unwrap_or_default();
+        assert!(message.contains("ASCII"), "{message}");
+    });
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
