@@ -702,27 +702,49 @@ impl VmManager {
     }
 
     fn resolve_images(&self, config: &VmConfig) -> Result<ResolvedImages, ManagerError> {
-        let images = &self.inner.images;
-        let kernel = images.open("boot.kernel_path", &config.boot.kernel_path).map_err(ManagerError::Image)?;
+        let resolved = self.resolve_images_with(config, |field, path| self.inner.images.open(field, path))?;
+        // Shared images are checked by the jail (its VMM must read them); a
+        // writable one is copied by root for the VM, so it is checked here.
+        for (index, (drive, image)) in config.storage.iter().zip(&resolved.drives).enumerate() {
+            if !drive.read_only && !image.world_readable() {
+                let (field, path, mode) = (format!("storage[{index}].path"), drive.path.clone(), image.mode & 0o7777);
+                return Err(ManagerError::Image(ImageError::NotShared { field, path, mode }));
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// The images of a VM found after a restart. One that is no longer in
+    /// the image root does not stop the takeover: its VMM loaded the kernel
+    /// and holds its drives already. It stands in as an unlinked empty
+    /// file, which the jail refuses to expose if the VM is ever launched
+    /// again ("was removed or replaced").
+    fn resolve_found_images(&self, vm_id: &VmId, config: &VmConfig) -> Result<ResolvedImages, ManagerError> {
+        self.resolve_images_with(config, |field, path| match self.inner.images.open(field, path) {
+            Err(ImageError::Missing { .. } | ImageError::SymlinkEscape { .. } | ImageError::NotAFile { .. }) => {
+                tracing::warn!(%vm_id, field, path, "an image of a VM found after a restart is gone from the image root; the VM cannot be launched again");
+                removed_image(&self.inner.vm_root, field, path)
+            }
+            opened => opened,
+        })
+    }
+
+    fn resolve_images_with(
+        &self,
+        config: &VmConfig,
+        open: impl Fn(&str, &str) -> Result<ImageFile, ImageError>,
+    ) -> Result<ResolvedImages, ManagerError> {
+        let kernel = open("boot.kernel_path", &config.boot.kernel_path).map_err(ManagerError::Image)?;
         let initrd = if config.boot.initrd_path.is_empty() {
             None
         } else {
-            Some(images.open("boot.initrd_path", &config.boot.initrd_path).map_err(ManagerError::Image)?)
+            Some(open("boot.initrd_path", &config.boot.initrd_path).map_err(ManagerError::Image)?)
         };
         let drives = config
             .storage
             .iter()
             .enumerate()
-            .map(|(index, drive)| {
-                let field = format!("storage[{index}].path");
-                let image = images.open(&field, &drive.path).map_err(ManagerError::Image)?;
-                // Shared images are checked by the jail (its VMM must read them); a
-                // writable one is copied by root for the VM, so it is checked here.
-                if !drive.read_only && !image.world_readable() {
-                    return Err(ManagerError::Image(ImageError::NotShared { field, path: drive.path.clone(), mode: image.mode & 0o7777 }));
-                }
-                Ok(image)
-            })
+            .map(|(index, drive)| open(&format!("storage[{index}].path"), &drive.path).map_err(ManagerError::Image))
             .collect::<Result<_, _>>()?;
         Ok(ResolvedImages { kernel, initrd, drives })
     }
@@ -1078,7 +1100,7 @@ impl VmManager {
             (attachment, _) => attachment,
         };
         let spec = |identity: Option<Arc<IdentityLease>>| {
-            let images = self.resolve_images(&config)?;
+            let images = self.resolve_found_images(&vm_id, &config)?;
             self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref())
         };
         let mut failure = record.failure.clone();
@@ -1558,6 +1580,15 @@ fn summary_of(vm_id: &VmId, tenant: &TenantId, entry: &VmEntry) -> VmSummary {
         modified_at: entry.modified_at,
         failure: entry.failure.clone(),
     }
+}
+
+/// The stand-in for an image gone from the image root: an empty file with
+/// no name (`O_TMPFILE`), kept under the image's own path for messages.
+fn removed_image(vm_root: &Path, field: &str, path: &str) -> Result<ImageFile, ImageError> {
+    let failed = |errno: nix::errno::Errno| ImageError::Open { field: field.to_owned(), path: path.to_owned(), source: errno.into() };
+    let flags = nix::fcntl::OFlag::O_TMPFILE | nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC;
+    let file = nix::fcntl::open(vm_root, flags, nix::sys::stat::Mode::from_bits_truncate(0o444)).map_err(failed)?;
+    Ok(ImageFile { path: PathBuf::from(path), file: Arc::new(file), size: 0, mode: 0o100444 })
 }
 
 /// Where a VM keeps its own copy of a writable drive.

@@ -433,3 +433,49 @@ fn images_reveal_nothing_of_the_host_and_a_writable_drive_copies_no_private_file
     });
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[test]
+fn a_vm_whose_kernel_left_the_image_root_is_still_taken_over_after_a_restart() {
+    let test = "a_vm_whose_kernel_left_the_image_root_is_still_taken_over_after_a_restart";
+    let options = HostOptions { tenants: vec![("acme", "{}"), ("globex", "{}")], ..HostOptions::default() };
+    let Some(mut host) = Host::start(test, options) else { return };
+    let kernel = host.dir.path().join("images").join("oldk.elf");
+    std::fs::copy(metald_testguest::kernel_path(), &kernel).unwrap();
+    let runtime = runtime();
+    let info_of = |client: &common::Client, vm_id: &str| {
+        let (client, vm_id) = (client.clone(), vm_id.to_owned());
+        async move { client.get_vm_info(wire::GetVmInfoRequest { vm_id, ..Default::default() }).await.map(|info| info.into_owned()) }
+    };
+    let (vm_id, pid, uid) = runtime.block_on(async {
+        let globex = host.client("globex", Wire::ConnectProto);
+        let mut config = guest_config(&[]);
+        config.boot.get_or_insert_default().kernel_path = "oldk.elf".into();
+        let vm_id = globex.create_vm(create_request(config)).await.unwrap().into_owned().vm_id;
+        globex.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+        let info = info_of(&globex, &vm_id).await.unwrap();
+        (vm_id, info.backend_info["pid"].clone(), info.backend_info["uid"].clone())
+    });
+    host.kill();
+    std::fs::remove_file(&kernel).unwrap();
+    host.launch();
+    runtime.block_on(async {
+        let globex = host.client("globex", Wire::ConnectProto);
+        let info = info_of(&globex, &vm_id).await.expect("the VM is still there");
+        assert_eq!(info.state.as_known(), Some(wire::VmState::VM_STATE_RUNNING), "{info:?}");
+        assert_eq!(info.backend_info["pid"], pid, "its VMM, taken over");
+        // Its uid stays its own: another tenant's next VM gets another.
+        let acme = host.client("acme", Wire::ConnectProto);
+        let other = acme.create_vm(create_request(guest_config(&[]))).await.unwrap().into_owned().vm_id;
+        assert_ne!(info_of(&acme, &other).await.unwrap().backend_info["uid"], uid);
+        let again = wire::CreateVmRequest { vm_id: vm_id.clone(), ..create_request(guest_config(&[])) };
+        assert_eq!(globex.create_vm(again).await.map(|_| ()).unwrap_err().code, ErrorCode::AlreadyExists);
+        // Launching it again needs the kernel, and says so.
+        globex.reboot_vm(wire::RebootVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap_err();
+        let failed = info_of(&globex, &vm_id).await.unwrap();
+        assert!(failed.failure_reason.contains("removed"), "{}", failed.failure_reason);
+        for (client, vm_id) in [(&globex, vm_id), (&acme, other)] {
+            client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
