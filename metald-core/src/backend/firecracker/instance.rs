@@ -96,6 +96,48 @@ fn exit_from_log(path: &Path) -> Option<ProcessExit> {
     code.parse().ok().map(|code| ProcessExit::Exited { code })
 }
 
+/// The VMM's exits as the launcher sees them, told in Firecracker's terms:
+/// the status from its log when it was not our child (adopted after a
+/// restart), and what its own exit codes for a signal it caught mean.
+fn explained_exits(mut raw: watch::Receiver<Option<VmmExit>>, log: PathBuf) -> watch::Receiver<Option<VmmExit>> {
+    let (publish, exits) = watch::channel(None);
+    tokio::spawn(async move {
+        let exit = loop {
+            if let Some(exit) = raw.borrow_and_update().clone() {
+                break exit;
+            }
+            if raw.changed().await.is_err() {
+                return;
+            }
+        };
+        let status = if exit.status == ProcessExit::Unknown { exit_from_log(&log).unwrap_or(exit.status) } else { exit.status };
+        let cause = exit.cause.or_else(|| caught_signal_cause(status));
+        publish.send_replace(Some(VmmExit { status, cause }));
+    });
+    exits
+}
+
+/// Firecracker catches the signals the kernel sends at a resource limit
+/// (and others) and exits with a code of its own for each.
+fn caught_signal_cause(status: ProcessExit) -> Option<String> {
+    let ProcessExit::Exited { code } = status else { return None };
+    let cause = match code {
+        148 => "it made a system call its seccomp filter forbids",
+        149 => "it caught SIGBUS",
+        150 => "it caught SIGSEGV",
+        151 => {
+            "it caught SIGXFSZ: a file it wrote reached its file-size limit (RLIMIT_FSIZE: the larger of \
+             jailer.min_file_size_bytes and its largest writable drive)"
+        }
+        154 => "it caught SIGXCPU: it reached its CPU-time limit (RLIMIT_CPU)",
+        155 => "it caught SIGPIPE: it wrote to a pipe nobody reads",
+        156 => "it caught SIGHUP",
+        157 => "it caught SIGILL",
+        _ => return None,
+    };
+    Some(cause.to_owned())
+}
+
 /// What finds a running Firecracker again (see [`VmmInstance::ticket`]).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct Ticket {
@@ -212,20 +254,7 @@ impl FirecrackerVm {
         }
         vm.started = instance.state != "Not started";
         vm.metrics.skip_to_end(&vm.file(METRICS_FILE));
-        let (publish, exits) = watch::channel(None);
-        let (mut raw, log) = (launched.exits(), vm.file(LOG_FILE));
-        tokio::spawn(async move {
-            let exit = loop {
-                if let Some(exit) = raw.borrow_and_update().clone() {
-                    break exit;
-                }
-                if raw.changed().await.is_err() {
-                    return;
-                }
-            };
-            let status = if exit.status == ProcessExit::Unknown { exit_from_log(&log).unwrap_or(exit.status) } else { exit.status };
-            publish.send_replace(Some(VmmExit { status, cause: exit.cause }));
-        });
+        let exits = explained_exits(launched.exits(), vm.file(LOG_FILE));
         vm.current = Some(Current { launched, api, exits: Some(exits) });
         Ok(vm)
     }
@@ -308,7 +337,8 @@ impl FirecrackerVm {
         launched.timings.extend(timings);
         match result {
             Ok(()) => {
-                self.current = Some(Current { launched, api, exits: None });
+                let exits = explained_exits(launched.exits(), self.file(LOG_FILE));
+                self.current = Some(Current { launched, api, exits: Some(exits) });
                 self.started = false;
                 self.metrics.restart();
                 Ok(())
