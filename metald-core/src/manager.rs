@@ -1031,6 +1031,7 @@ impl VmManager {
     pub async fn recover(&self) -> Result<Recovery, ManagerError> {
         let Some(store) = self.inner.store.clone() else { return Ok(Recovery::default()) };
         let records = store.load_all().map_err(ManagerError::Store)?;
+        let stored: std::collections::HashSet<VmId> = records.iter().map(|record| record.vm_id.clone()).collect();
         let mut recovery = Recovery::default();
         for record in records {
             if read_lock(&self.inner.registry).vms.contains_key(&record.vm_id) {
@@ -1058,7 +1059,31 @@ impl VmManager {
             stopped = recovery.stopped.len(),
             "VMs of the earlier run recovered"
         );
+        self.sweep_unrecorded(&stored).await;
         Ok(recovery)
+    }
+
+    /// Removes what a create cut off by a crash left of a VM the store never
+    /// recorded: its network (namespace, links, firewall elements, address
+    /// rows) and its folder with any partial drive copy. Such a VM never had
+    /// a VMM the store knows: its launch had not finished.
+    async fn sweep_unrecorded(&self, stored: &std::collections::HashSet<VmId>) {
+        if let Some(network) = &self.inner.network {
+            for problem in network.forget_all_but(stored).await {
+                tracing::warn!(problem, "cannot remove the network of a VM a crash left half made");
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&self.inner.vm_root) else { return };
+        let unrecorded: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|entry| VmId::new(entry.file_name().to_string_lossy().into_owned()).is_ok_and(|vm_id| !stored.contains(&vm_id)))
+            .map(|entry| entry.path())
+            .collect();
+        for vm_dir in unrecorded {
+            tracing::warn!(path = %vm_dir.display(), "removing the folder of a VM a crash left half made");
+            // A partial copy of a large drive takes a while to unlink.
+            let _ = tokio::task::spawn_blocking(move || remove_vm_dir(&vm_dir)).await;
+        }
     }
 
     /// A VM deleted by an earlier metald that was killed before its billing

@@ -288,6 +288,15 @@ impl AddressBook {
         interfaces.iter().filter_map(|interface| self.find(&connection, vm_id, interface).transpose()).collect()
     }
 
+    /// Every VM that holds an address.
+    pub fn vm_ids(&self) -> Result<Vec<VmId>, AddressError> {
+        let connection = self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut statement = connection.prepare("SELECT DISTINCT vm_id FROM interfaces ORDER BY vm_id").map_err(self.store())?;
+        let ids: Vec<String> =
+            statement.query_map([], |row| row.get(0)).map_err(self.store())?.collect::<Result<_, _>>().map_err(self.store())?;
+        Ok(ids.iter().filter_map(|id| VmId::new(id).ok()).collect())
+    }
+
     /// Every allocation of a tenant.
     pub fn allocations_of_tenant(&self, tenant: &TenantId) -> Result<Vec<Allocation>, AddressError> {
         let connection = self.connection.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

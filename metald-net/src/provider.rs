@@ -375,6 +375,21 @@ pub fn guest_kernel_args(interfaces: &[AttachedInterface], dns: &[IpAddr], mtu: 
 
 #[async_trait]
 impl NetworkProvider for Ipv6Network {
+    async fn forget_all_but(&self, keep: &std::collections::HashSet<VmId>) -> Vec<String> {
+        let held = match self.book.vm_ids() {
+            Ok(held) => held,
+            Err(error) => return vec![metald_core::error_chain(&error)],
+        };
+        let mut problems = Vec::new();
+        for vm_id in held.into_iter().filter(|vm_id| !keep.contains(vm_id)) {
+            tracing::warn!(%vm_id, "removing the network of a VM a crash left half made");
+            if let Err(error) = self.detach(&vm_id).await {
+                problems.push(metald_core::error_chain(&error));
+            }
+        }
+        problems
+    }
+
     fn kernel_args_bound(&self, interfaces: &[NetworkInterface]) -> usize {
         // The longest text each assignment can have: the same tokens, made
         // for the widest address, MAC and prefix length.

@@ -500,3 +500,41 @@ fn a_vmm_killed_at_a_resource_limit_says_which() {
     });
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[test]
+fn a_create_cut_off_by_a_crash_leaves_nothing_once_metald_is_back() {
+    let test = "a_create_cut_off_by_a_crash_leaves_nothing_once_metald_is_back";
+    let Some(mut host) = Host::start(test, HostOptions { network: true, ..HostOptions::default() }) else { return };
+    let disk = StuckDisk::mount(&host.dir.path().join("images").join("stuck"), 1, 1 << 20);
+    let runtime = runtime();
+    let mut config = config_with_stuck_drive(0);
+    config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+    let request = wire::CreateVmRequest { vm_id: "vm-cut-off".into(), ..create_request(config) };
+    let client = host.client("acme", Wire::ConnectProto);
+    let cut_off = {
+        let (client, request) = (client.clone(), request.clone());
+        runtime.spawn(async move { client.create_vm(request).await.map(|_| ()) })
+    };
+    // The create has its network and is copying its drive when metald dies.
+    runtime.block_on(metald_testguest::wait_until("the create to be stuck copying its drive", PATIENCE, || {
+        std::future::ready(disk.stuck_images() == 1)
+    }));
+    host.kill();
+    assert!(runtime.block_on(cut_off).unwrap().is_err());
+    assert!(host.leftovers().iter().any(|left| left.contains("vm-cut-off")), "the crash left something to clean up");
+    disk.release();
+
+    host.launch();
+    // The test's own stuck disk aside.
+    let left: Vec<String> = host.leftovers().into_iter().filter(|left| !left.contains("/images/stuck")).collect();
+    assert!(left.is_empty(), "{left:?}");
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let mut again = request.clone();
+        again.config.get_or_insert_default().storage.clear();
+        client.create_vm(again).await.expect("the id is free again");
+        client.delete_vm(wire::DeleteVmRequest { vm_id: "vm-cut-off".into(), force: true, ..Default::default() }).await.unwrap();
+    });
+    drop(disk);
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
