@@ -297,11 +297,14 @@ async fn images_the_vmm_user_cannot_read_and_dynamic_vmms_are_refused_with_nothi
     assert!(chain.contains("not readable by the VMM's unprivileged user (mode 600)"), "{chain}");
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 
-    // A copy made for a writable drive belongs to the VMM's user, so the same file works there.
+    // A copy made for a writable drive would belong to the VMM's user, and
+    // hand it a file it may not read: refused too, before any copy.
     let mut config = sandbox.guest_config(&[]);
     config.storage = vec![Sandbox::drive("private", &private, false)];
-    let vm_id = sandbox.create(config).await;
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    let error = sandbox.manager.create(CreateVm { vm_id: None, tenant: Sandbox::tenant(), config }).await.unwrap_err();
+    let chain = metald_core::error_chain(&error);
+    assert!(chain.contains("is not readable by every user (mode 600)"), "{chain}");
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 
     let dynamic = Sandbox::with(test, |builder| builder.firecracker(metald_core::FirecrackerConfig::new("/bin/true"))).unwrap();
     let error =
