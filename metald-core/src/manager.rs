@@ -1401,14 +1401,8 @@ impl VmManager {
         let inner = Arc::downgrade(&self.inner);
         let slot = Arc::clone(slot);
         tokio::spawn(async move {
-            let exit = loop {
-                if let Some(exit) = exits.borrow_and_update().clone() {
-                    break exit;
-                }
-                if exits.changed().await.is_err() {
-                    return;
-                }
-            };
+            // The first exit published; none if the publisher is gone first.
+            let Some(exit) = exits.wait_for(Option::is_some).await.ok().and_then(|exit| exit.clone()) else { return };
             on_vmm_exit(inner, slot, generation, exit).await;
         });
     }

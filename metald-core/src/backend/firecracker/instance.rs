@@ -102,14 +102,8 @@ fn exit_from_log(path: &Path) -> Option<ProcessExit> {
 fn explained_exits(mut raw: watch::Receiver<Option<VmmExit>>, log: PathBuf) -> watch::Receiver<Option<VmmExit>> {
     let (publish, exits) = watch::channel(None);
     tokio::spawn(async move {
-        let exit = loop {
-            if let Some(exit) = raw.borrow_and_update().clone() {
-                break exit;
-            }
-            if raw.changed().await.is_err() {
-                return;
-            }
-        };
+        // The first exit published; none if the publisher is gone first.
+        let Some(exit) = raw.wait_for(Option::is_some).await.ok().and_then(|exit| exit.clone()) else { return };
         let status = if exit.status == ProcessExit::Unknown { exit_from_log(&log).unwrap_or(exit.status) } else { exit.status };
         let cause = exit.cause.or_else(|| caught_signal_cause(status));
         publish.send_replace(Some(VmmExit { status, cause }));
