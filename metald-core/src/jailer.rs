@@ -336,7 +336,7 @@ impl Jailer {
         let (error_read, error_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
         let mut stack = vec![0u8; CHILD_STACK_BYTES];
-        let child_fds = ChildFds { sync: sync_read.as_raw_fd(), parent_sync: sync_write.as_raw_fd(), error: error_write.as_raw_fd() };
+        let child_fds = ChildFds { sync: sync_read.as_raw_fd(), error: error_write.as_raw_fd() };
         let kept = child.kept_fds(child_fds);
         let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
         // SAFETY: the child gets a copy of our memory (no CLONE_VM) and runs
@@ -607,9 +607,6 @@ fn make_parents(root: &Path, path: &Path) -> Result<(), JailError> {
 #[derive(Debug, Clone, Copy)]
 struct ChildFds {
     sync: RawFd,
-    /// The parent's end of `sync`, which the child closes at once: it must
-    /// see the pipe end when the parent dies before saying go.
-    parent_sync: RawFd,
     error: RawFd,
 }
 
@@ -697,9 +694,7 @@ impl ChildPlan {
             envp: [std::ptr::null()],
         })
     }
-}
 
-impl ChildPlan {
     /// The descriptors above 2 the child keeps (sorted): the pipes to us and
     /// what the plan names. It closes every other one it inherited (our
     /// listening socket, databases, other VMs' consoles) before anything else.
@@ -756,10 +751,9 @@ fn run_child(plan: &ChildPlan, fds: ChildFds, kept: &[RawFd]) -> isize {
     if let Err(errno) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
         return fail(JailStep::DieWithParent, errno);
     }
-    // Closed before the read, so a parent that died before the prctl above
-    // shows as the end of the pipe.
-    // SAFETY: closes our copy of the parent's end of a pipe we own.
-    unsafe { libc::close(fds.parent_sync) };
+    // Among them our copy of the parent's end of the sync pipe: closed
+    // before the read, a parent that died before the prctl above shows as
+    // the end of the pipe.
     if let Err(errno) = close_inherited(kept) {
         return fail(JailStep::CloseInherited, errno);
     }
