@@ -343,3 +343,95 @@ async fn a_busy_guest_uses_real_cpu_and_memory() {
     sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
+
+/// One HTTP/1.1 request on a fresh connection to a VMM's API socket; the answer's status line.
+fn raw_vmm_request(socket: &std::path::Path, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Firecracker keeps the connection open: read the head, then the body its length announces.
+    loop {
+        let read = stream.read(&mut chunk).unwrap();
+        assert!(read > 0, "the VMM hung up without answering");
+        answer.extend_from_slice(&chunk[..read]);
+        let text = String::from_utf8_lossy(&answer);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|line| {
+                    line.to_ascii_lowercase().strip_prefix("content-length:").map(|value| value.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return head.lines().next().unwrap_or_default().to_owned();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it() {
+    const LOG_LIMIT: u64 = 16 << 10;
+    let test = "the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it";
+    let Some(sandbox) = Sandbox::with(test, |builder| {
+        let binary = metald_testguest::require_firecracker(test).expect("Firecracker, as the sandbox found it");
+        let mut vmm = metald_core::FirecrackerConfig::new(binary);
+        vmm.ready_timeout = Duration::from_secs(30);
+        vmm.api_timeout = Duration::from_secs(30);
+        vmm.log_limit_bytes = LOG_LIMIT;
+        builder.firecracker(vmm)
+    }) else {
+        return;
+    };
+    let vm_id = sandbox.boot_guest(&[&cmdline::heartbeat_ms(100)]).await;
+    let vm_dir = sandbox.vms.join(vm_id.as_str());
+    let log_path = vm_dir.join("firecracker.log");
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+
+    // What a tenant looping GetVmInfo and the meter reading every tick do.
+    for _ in 0..100 {
+        sandbox.manager.info(&vm_id).await.unwrap();
+        sandbox.manager.metrics(&vm_id).await.unwrap();
+    }
+    let log = read_log();
+    assert!(log.contains("InstanceStart"), "calls that change the VM are logged:\n{log}");
+    assert!(!log.contains("received a Get request"), "state reads leave no line:\n{log}");
+    assert!(!log.contains("FlushMetrics"), "metrics flushes leave no line:\n{log}");
+    assert!(
+        !vm_dir.join("firecracker.metrics").exists() && !vm_dir.join("jail/firecracker.metrics").exists(),
+        "no metrics file grows on disk"
+    );
+
+    // Calls that Firecracker refuses are logged with their bodies; far more
+    // of them than the cap holds.
+    let socket = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().api_socket.unwrap();
+    let padding = "x".repeat(400);
+    for attempt in 0..200 {
+        let body = format!(r#"{{"vcpu_count":1,"mem_size_mib":32,"note":"attempt-{attempt}-{padding}"}}"#);
+        let status = raw_vmm_request(&socket, "PUT", "/machine-config", &body);
+        assert!(status.contains(" 400 "), "a reconfiguration after start is refused: {status}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !read_log().contains("attempt-199-") {
+        assert!(std::time::Instant::now() < deadline, "the last refused call never reached the log");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rotated = vm_dir.join("firecracker.log.1");
+    let (current_bytes, rotated_bytes) = (std::fs::metadata(&log_path).unwrap().len(), std::fs::metadata(&rotated).unwrap().len());
+    assert!(current_bytes <= LOG_LIMIT && rotated_bytes <= LOG_LIMIT, "the log holds {current_bytes} + {rotated_bytes} bytes");
+    assert!(!read_log().contains("attempt-0-"), "the oldest lines made room");
+
+    // The VMM runs on, its guest too.
+    let mut lines = sandbox.manager.console(&vm_id).unwrap().subscribe();
+    tokio::time::timeout(Duration::from_secs(20), lines.recv()).await.expect("a heartbeat after the flood").unwrap();
+    assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Running);
+    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    assert!(!vm_dir.exists());
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}

@@ -83,7 +83,7 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
     let root = PathBuf::from(format!("/proc/{pid}/root"));
     let entries: BTreeSet<String> =
         std::fs::read_dir(&root).unwrap().flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect();
-    let expected = ["dev", "drives", "firecracker", "firecracker.log", "firecracker.metrics", "firecracker.sock", "kernel"];
+    let expected = ["dev", "drives", "firecracker", "firecracker.log.fifo", "firecracker.metrics.fifo", "firecracker.sock", "kernel"];
     assert_eq!(entries, expected.iter().map(|name| name.to_string()).collect());
     assert_eq!(std::fs::read_dir(root.join("dev")).unwrap().flatten().map(|entry| entry.file_name()).collect::<Vec<_>>(), ["kvm"]);
     for outside in ["etc", "proc", "tmp", "usr", "root"] {
@@ -91,7 +91,8 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
     }
     let mounts = mounts_of(pid);
     let points: BTreeSet<&str> = mounts.iter().map(|(point, _)| point.as_str()).collect();
-    let expected_points = ["/", "/drives/scratch", "/drives/shared", "/firecracker", "/firecracker.log", "/firecracker.metrics", "/kernel"];
+    let expected_points =
+        ["/", "/drives/scratch", "/drives/shared", "/firecracker", "/firecracker.log.fifo", "/firecracker.metrics.fifo", "/kernel"];
     assert_eq!(points, expected_points.into_iter().collect(), "no other mount reaches the host");
     for (point, options) in &mounts {
         let read_only = options.split(',').any(|option| option == "ro");

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::api::FirecrackerApi;
+use super::log::WithoutRoutineCalls;
 use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
@@ -31,14 +32,16 @@ use crate::process::{ProcessExit, ProcessUsage};
 
 pub const PROGRAM: &str = "firecracker";
 pub const SOCKET_FILE: &str = "firecracker.sock";
+/// Firecracker's own log as metald keeps it, capped and rotated (see [`super::log`]).
 pub const LOG_FILE: &str = "firecracker.log";
-pub const METRICS_FILE: &str = "firecracker.metrics";
 pub const STDERR_FILE: &str = "firecracker.stderr";
-/// The named pipes Firecracker writes its serial console and its stderr
-/// into. Named, not anonymous: a metald that restarts opens them again and
-/// goes on reading from the same process.
+/// The named pipes Firecracker writes its serial console, its stderr, its
+/// log and its metrics into. Named, not anonymous: a metald that restarts
+/// opens them again and goes on reading from the same process.
 pub const CONSOLE_FIFO: &str = "console.fifo";
 pub const STDERR_FIFO: &str = "firecracker.stderr.fifo";
+pub const LOG_FIFO: &str = "firecracker.log.fifo";
+pub const METRICS_FIFO: &str = "firecracker.metrics.fifo";
 const KERNEL: &str = "kernel";
 const INITRD: &str = "initrd";
 /// `sun_path` holds 108 bytes including the terminating NUL.
@@ -60,6 +63,8 @@ pub struct FirecrackerVm {
     current: Option<Current>,
     /// Firecracker's own stderr (panics, early errors), kept beside the console.
     stderr_log: ConsoleLog,
+    /// Firecracker's log, kept the same way.
+    vmm_log: ConsoleLog,
     /// The tasks copying the current (or last) process's console and stderr.
     captures: Vec<JoinHandle<()>>,
     /// Whether `InstanceStart` succeeded for the current process.
@@ -80,31 +85,25 @@ struct Current {
     exits: Option<watch::Receiver<Option<VmmExit>>>,
 }
 
-/// Firecracker's own word on how it ended: the last `exit_code=` its log
-/// holds. An adopted process's status goes to its parent, not to us; this
-/// tells a guest that shut itself down from a crash.
-fn exit_from_log(path: &Path) -> Option<ProcessExit> {
-    const TAIL_BYTES: u64 = 16 * 1024;
-    use std::io::{Read, Seek, SeekFrom};
-    let mut file = File::open(path).ok()?;
-    let length = file.metadata().ok()?.len();
-    file.seek(SeekFrom::Start(length.saturating_sub(TAIL_BYTES))).ok()?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail).ok()?;
-    let text = String::from_utf8_lossy(&tail);
-    let code = text.lines().rev().find_map(|line| line.rsplit_once("exit_code=").map(|(_, code)| code.trim().to_owned()))?;
-    code.parse().ok().map(|code| ProcessExit::Exited { code })
+/// Firecracker's own word on how it ended: the `exit_code=` its log holds
+/// (the log starts empty with each process), once the log has it or the
+/// process's side of the pipe is closed. An adopted process's status goes
+/// to its parent, not to us; this tells a guest that shut itself down from a crash.
+async fn exit_from_log(log: &ConsoleLog) -> Option<ProcessExit> {
+    let line = log.wait_for_line(|line| line.contains("exit_code="), CAPTURE_DRAIN_TIMEOUT).await.ok()?;
+    let (_, code) = line.rsplit_once("exit_code=")?;
+    code.trim().parse().ok().map(|code| ProcessExit::Exited { code })
 }
 
 /// The VMM's exits as the launcher sees them, told in Firecracker's terms:
 /// the status from its log when it was not our child (adopted after a
 /// restart), and what its own exit codes for a signal it caught mean.
-fn explained_exits(mut raw: watch::Receiver<Option<VmmExit>>, log: PathBuf) -> watch::Receiver<Option<VmmExit>> {
+fn explained_exits(mut raw: watch::Receiver<Option<VmmExit>>, log: ConsoleLog) -> watch::Receiver<Option<VmmExit>> {
     let (publish, exits) = watch::channel(None);
     tokio::spawn(async move {
         // The first exit published; none if the publisher is gone first.
         let Some(exit) = raw.wait_for(Option::is_some).await.ok().and_then(|exit| exit.clone()) else { return };
-        let status = if exit.status == ProcessExit::Unknown { exit_from_log(&log).unwrap_or(exit.status) } else { exit.status };
+        let status = if exit.status == ProcessExit::Unknown { exit_from_log(&log).await.unwrap_or(exit.status) } else { exit.status };
         let cause = exit.cause.or_else(|| caught_signal_cause(status));
         publish.send_replace(Some(VmmExit { status, cause }));
     });
@@ -144,15 +143,33 @@ struct Ticket {
 /// Makes a fresh named pipe at `path` and opens both ends: ours for
 /// reading, and the one the VMM writes to.
 fn fifo(path: &Path) -> io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
-        _ => {}
-    }
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR)?;
+    make_fifo(path)?;
     let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
     // A reader exists, so opening for writing does not block.
     let writer = std::fs::OpenOptions::new().write(true).open(path)?;
     Ok((reader, writer.into()))
+}
+
+/// Makes a fresh named pipe at `path`, replacing what was there.
+fn make_fifo(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR).map_err(io::Error::from)
+}
+
+/// Opens a named pipe's reading end without waiting for a writer; reads never wait either.
+fn reading_end(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
+}
+
+fn remove_if_present(path: &Path) -> Result<(), BackendError> {
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(prepare("removal of a Firecracker file", path)(error)),
+        _ => Ok(()),
+    }
 }
 
 /// Removes what a Firecracker that ended unobserved left on the host.
@@ -206,6 +223,7 @@ impl FirecrackerVm {
     /// A VM with no Firecracker running; its next boot launches one.
     pub fn dormant(settings: Arc<FirecrackerConfig>, launcher: Launcher, spec: VmmSpec, console: ConsoleLog) -> Self {
         let stderr_log = ConsoleLog::named(&spec.vm_dir, STDERR_FILE, STDERR_LIMIT_BYTES);
+        let vmm_log = ConsoleLog::named(&spec.vm_dir, LOG_FILE, settings.log_limit_bytes);
         Self {
             settings,
             launcher,
@@ -213,6 +231,7 @@ impl FirecrackerVm {
             console,
             current: None,
             stderr_log,
+            vmm_log,
             captures: Vec::new(),
             started: false,
             metrics: MetricsReader::default(),
@@ -240,15 +259,17 @@ impl FirecrackerVm {
         if instance.id != vm.spec.vm_id.as_str() {
             return Err(BackendError::NotTheSameVmm { vmm: VMM, expected: vm.spec.vm_id.to_string(), found: instance.id });
         }
-        for (name, log) in [(CONSOLE_FIFO, vm.console.clone()), (STDERR_FIFO, vm.stderr_log.clone())] {
+        let open = |name: &str| {
             let path = vm.file(name);
-            let reader =
-                tokio::net::unix::pipe::OpenOptions::new().open_receiver(&path).map_err(prepare("a Firecracker output pipe", &path))?;
-            vm.captures.push(log.capture(reader).map_err(BackendError::Console)?);
-        }
+            tokio::net::unix::pipe::OpenOptions::new().open_receiver(&path).map_err(prepare("a Firecracker output pipe", &path))
+        };
+        let (console, stderr, log) = (open(CONSOLE_FIFO)?, open(STDERR_FIFO)?, open(LOG_FIFO)?);
+        vm.capture_outputs(console, stderr, log)?;
         vm.started = instance.state != "Not started";
-        vm.metrics.skip_to_end(&vm.file(METRICS_FILE));
-        let exits = explained_exits(launched.exits(), vm.file(LOG_FILE));
+        let metrics_path = vm.file(METRICS_FIFO);
+        let metrics_pipe = reading_end(&metrics_path).map_err(prepare("Firecracker's metrics pipe", &metrics_path))?;
+        vm.metrics.follow_from_now(metrics_pipe).map_err(prepare("Firecracker's metrics pipe", &metrics_path))?;
+        let exits = explained_exits(launched.exits(), vm.vmm_log.clone());
         vm.current = Some(Current { launched, api, exits: Some(exits) });
         Ok(vm)
     }
@@ -257,13 +278,38 @@ impl FirecrackerVm {
         self.spec.vm_dir.join(name)
     }
 
-    /// What Firecracker needs, for the launcher to provide.
-    fn plan(&self, stdout: OwnedFd, stderr: OwnedFd) -> Result<LaunchPlan, BackendError> {
+    /// A fresh named pipe in the VM's folder that Firecracker opens by path.
+    fn vmm_pipe(&self, name: &str) -> Result<Exposure, BackendError> {
+        let path = self.file(name);
+        make_fifo(&path).map_err(prepare("a pipe for Firecracker's output", &path))?;
+        // The jail hands the pipe to the VMM's user through this; a reading
+        // end, so it never keeps our reader from seeing the VMM's end.
+        let file = reading_end(&path).map_err(prepare("a pipe for Firecracker's output", &path))?;
+        Ok(Exposure { name: name.to_owned(), host_path: path, file: Arc::new(file.into()), writable: true })
+    }
+
+    /// Copies the process's console, stderr and log into their files.
+    fn capture_outputs(
+        &mut self,
+        console: tokio::net::unix::pipe::Receiver,
+        stderr: tokio::net::unix::pipe::Receiver,
+        log: tokio::net::unix::pipe::Receiver,
+    ) -> Result<(), BackendError> {
+        self.captures.push(self.console.capture(console).map_err(BackendError::Console)?);
+        self.captures.push(self.stderr_log.capture(stderr).map_err(BackendError::Console)?);
+        self.captures.push(self.vmm_log.capture(WithoutRoutineCalls::new(log)).map_err(BackendError::Console)?);
+        Ok(())
+    }
+
+    /// What Firecracker needs, for the launcher to provide. `pipes` are
+    /// the named pipes it opens by path (log and metrics).
+    fn plan(&self, stdout: OwnedFd, stderr: OwnedFd, pipes: Vec<Exposure>) -> Result<LaunchPlan, BackendError> {
         let spec = &self.spec;
         let binary = &self.settings.binary;
         let program_file = File::open(binary).map_err(prepare("the Firecracker binary", binary))?;
         let program = Exposure { name: PROGRAM.into(), host_path: binary.clone(), file: Arc::new(program_file.into()), writable: false };
-        let mut exposures = vec![exposure(KERNEL.into(), &spec.kernel, false)];
+        let mut exposures = pipes;
+        exposures.push(exposure(KERNEL.into(), &spec.kernel, false));
         exposures.extend(spec.initrd.iter().map(|initrd| exposure(INITRD.into(), initrd, false)));
         exposures.extend(spec.drives.iter().map(|drive| exposure(drive_name(&drive.id), &drive.image, !drive.read_only)));
         let mut devices = vec![launch::KVM];
@@ -284,15 +330,15 @@ impl FirecrackerVm {
                 // later over the API, Firecracker's own start-up lines would
                 // go to stdout, which is the guest's console.
                 Arg::Literal("--log-path".into()),
-                Arg::PathOf(LOG_FILE.into()),
+                Arg::PathOf(LOG_FIFO.into()),
                 Arg::Literal("--level".into()),
                 Arg::Literal(self.settings.log_level.clone()),
                 Arg::Literal("--show-level".into()),
                 Arg::Literal("--metrics-path".into()),
-                Arg::PathOf(METRICS_FILE.into()),
+                Arg::PathOf(METRICS_FIFO.into()),
             ],
             exposures,
-            work_files: vec![LOG_FILE.into(), METRICS_FILE.into()],
+            work_files: Vec::new(),
             devices,
             netns: spec.netns.clone(),
             resources: Resources { vcpus: spec.vcpus, memory_bytes: spec.memory_mib << 20, largest_writable_bytes },
@@ -311,14 +357,23 @@ impl FirecrackerVm {
         };
         let (console_read, console_write) = pipe(CONSOLE_FIFO)?;
         let (stderr_read, stderr_write) = pipe(STDERR_FIFO)?;
-        let plan = self.plan(console_write, stderr_write)?;
+        let log_pipe = self.vmm_pipe(LOG_FIFO)?;
+        let metrics_pipe = self.vmm_pipe(METRICS_FIFO)?;
+        let log_read = tokio::net::unix::pipe::OpenOptions::new()
+            .open_receiver(&log_pipe.host_path)
+            .map_err(prepare("Firecracker's log pipe", &log_pipe.host_path))?;
+        let metrics_read = reading_end(&metrics_pipe.host_path).map_err(prepare("Firecracker's metrics pipe", &metrics_pipe.host_path))?;
+        // Each process's log starts empty, so its exit code is its own.
+        for name in [LOG_FILE.to_owned(), format!("{LOG_FILE}.1")] {
+            remove_if_present(&self.file(&name))?;
+        }
+        let plan = self.plan(console_write, stderr_write, vec![log_pipe, metrics_pipe])?;
         let mut launched = self.launcher.launch(plan).await.map_err(BackendError::Launch)?;
         let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), self.settings.api_timeout);
         let mut timings = Vec::new();
         let result = async {
-            for (source, log) in [(console_read, self.console.clone()), (stderr_read, self.stderr_log.clone())] {
-                self.captures.push(log.capture(source).map_err(BackendError::Console)?);
-            }
+            self.capture_outputs(console_read, stderr_read, log_read)?;
+            self.metrics.follow(metrics_read);
             let clock = std::time::Instant::now();
             self.wait_until_ready(&launched, &api).await?;
             timings.push(("vmm.api_ready", clock.elapsed()));
@@ -331,10 +386,9 @@ impl FirecrackerVm {
         launched.timings.extend(timings);
         match result {
             Ok(()) => {
-                let exits = explained_exits(launched.exits(), self.file(LOG_FILE));
+                let exits = explained_exits(launched.exits(), self.vmm_log.clone());
                 self.current = Some(Current { launched, api, exits: Some(exits) });
                 self.started = false;
-                self.metrics.restart();
                 Ok(())
             }
             Err(error) => {
@@ -398,9 +452,9 @@ impl FirecrackerVm {
         let _ = self.stderr_log.wait_for_line(|_| false, CAPTURE_DRAIN_TIMEOUT).await;
         let mut stderr =
             self.stderr_log.tail(STDERR_TAIL_BYTES).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
-        if let Ok(log) = std::fs::read(self.file(LOG_FILE)) {
-            let start = log.len().saturating_sub(STDERR_TAIL_BYTES);
-            stderr.push_str(&String::from_utf8_lossy(&log[start..]));
+        let _ = self.vmm_log.wait_for_line(|_| false, CAPTURE_DRAIN_TIMEOUT).await;
+        if let Ok(log) = self.vmm_log.tail(STDERR_TAIL_BYTES) {
+            stderr.push_str(&String::from_utf8_lossy(&log));
         }
         BackendError::DiedBeforeReady { vmm: VMM, exit, stderr }
     }
@@ -490,16 +544,16 @@ impl FirecrackerVm {
         let exit = current.launched.process.kill().await.map_err(BackendError::Signal)?;
         self.retire_process();
         // An adopted process we killed: the kill, unless it had already said how it ended.
-        Ok(self.known_exit(exit).unwrap_or(ProcessExit::Killed { signal: libc::SIGKILL }))
+        Ok(self.known_exit(exit).await.unwrap_or(ProcessExit::Killed { signal: libc::SIGKILL }))
     }
 
     /// An exit as we know it: for an adopted process, from its log when it left a word there.
-    fn known_exit(&self, exit: ProcessExit) -> Option<ProcessExit> {
-        if exit == ProcessExit::Unknown { exit_from_log(&self.file(LOG_FILE)) } else { Some(exit) }
+    async fn known_exit(&self, exit: ProcessExit) -> Option<ProcessExit> {
+        if exit == ProcessExit::Unknown { exit_from_log(&self.vmm_log).await } else { Some(exit) }
     }
 
-    fn refined(&self, exit: ProcessExit) -> ProcessExit {
-        self.known_exit(exit).unwrap_or(exit)
+    async fn refined(&self, exit: ProcessExit) -> ProcessExit {
+        self.known_exit(exit).await.unwrap_or(exit)
     }
 
     async fn graceful_stop(&mut self, timeout: Duration) -> Result<StopOutcome, BackendError> {
@@ -510,14 +564,14 @@ impl FirecrackerVm {
                 Ok(()) => {
                     if let Some(exit) = process.wait_timeout(timeout).await {
                         self.retire_process();
-                        return Ok(StopOutcome { forced: false, exit: self.refined(exit) });
+                        return Ok(StopOutcome { forced: false, exit: self.refined(exit).await });
                     }
                     tracing::info!(vm_id = %self.spec.vm_id, ?timeout, "guest did not stop in time; killing its VMM");
                 }
                 Err(error) => {
                     if let Some(exit) = process.exit_status() {
                         self.retire_process();
-                        return Ok(StopOutcome { forced: false, exit: self.refined(exit) });
+                        return Ok(StopOutcome { forced: false, exit: self.refined(exit).await });
                     }
                     tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Ctrl+Alt+Del refused; killing the VMM");
                 }
@@ -587,7 +641,7 @@ impl VmmInstance for FirecrackerVm {
             && let Some(exit) = current.launched.process.exit_status()
         {
             self.retire_process();
-            return Ok(StopOutcome { forced: false, exit: self.refined(exit) });
+            return Ok(StopOutcome { forced: false, exit: self.refined(exit).await });
         }
         match mode {
             StopMode::Graceful { timeout } => self.graceful_stop(timeout).await,
@@ -641,8 +695,7 @@ impl VmmInstance for FirecrackerVm {
                 Err(_) => {}
             }
         }
-        let path = self.file(METRICS_FILE);
-        let devices = self.metrics.update(&path).map_err(prepare("Firecracker's metrics", &path))?;
+        let devices = self.metrics.update().map_err(prepare("Firecracker's metrics pipe", &self.file(METRICS_FIFO)))?;
         let resident_bytes = if self.running().is_ok() { self.last_usage.resident_bytes } else { 0 };
         Ok(VmmMetrics { cpu_time_ns: self.finished_usage.cpu_time_ns + self.last_usage.cpu_time_ns, resident_bytes, devices })
     }
@@ -653,15 +706,9 @@ impl VmmInstance for FirecrackerVm {
         }
         self.retire_process();
         self.finish_captures().await;
-        let rotated_stderr = format!("{STDERR_FILE}.1");
-        for name in [SOCKET_FILE, LOG_FILE, METRICS_FILE, STDERR_FILE, &rotated_stderr, CONSOLE_FIFO, STDERR_FIFO] {
-            let path = self.file(name);
-            match std::fs::remove_file(&path) {
-                Err(error) if error.kind() != io::ErrorKind::NotFound => {
-                    return Err(prepare("removal of a Firecracker file", &path)(error));
-                }
-                _ => {}
-            }
+        let (rotated_stderr, rotated_log) = (format!("{STDERR_FILE}.1"), format!("{LOG_FILE}.1"));
+        for name in [SOCKET_FILE, LOG_FILE, &rotated_log, STDERR_FILE, &rotated_stderr, CONSOLE_FIFO, STDERR_FIFO, LOG_FIFO, METRICS_FIFO] {
+            remove_if_present(&self.file(name))?;
         }
         Ok(())
     }

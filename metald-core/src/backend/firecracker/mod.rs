@@ -8,6 +8,7 @@
 
 mod api;
 mod instance;
+mod log;
 mod metrics;
 mod models;
 
@@ -37,6 +38,8 @@ pub struct FirecrackerConfig {
     pub api_timeout: Duration,
     /// Firecracker's log level: Error, Warning, Info or Debug.
     pub log_level: String,
+    /// `firecracker.log` is kept up to this size, twice with the rotated file.
+    pub log_limit_bytes: u64,
 }
 
 impl FirecrackerConfig {
@@ -46,6 +49,7 @@ impl FirecrackerConfig {
             ready_timeout: Duration::from_secs(5),
             api_timeout: Duration::from_secs(10),
             log_level: "Info".into(),
+            log_limit_bytes: 1 << 20,
         }
     }
 }
