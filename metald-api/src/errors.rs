@@ -124,6 +124,11 @@ fn backend_error_to_connect(
             log_host_error(error);
             ConnectError::unavailable(format!("the VMM of VM {vm_id} is not running"))
         }
+        // Its reason stays on the host: it names host files.
+        BackendError::Unlaunchable { .. } => {
+            log_host_error(error);
+            ConnectError::failed_precondition(format!("no VMM can be launched for VM {vm_id} on this host; delete it"))
+        }
         BackendError::NotReady { .. } | BackendError::Transport { .. } | BackendError::Timeout { .. } => {
             log_host_error(error);
             ConnectError::unavailable(format!("the VMM of VM {vm_id} did not answer when asked to {operation} it"))
@@ -369,7 +374,7 @@ mod tests {
         let connect = wire_error_to_connect(&negative);
         assert_eq!(
             (connect.code, connect.message.as_deref()),
-            (ErrorCode::InvalidArgument, Some("cpu.vcpu_count: -1 is negative; it must be 0 or more"))
+            (ErrorCode::InvalidArgument, Some("cpu.vcpu_count: -1 is negative; no negative value is allowed here"))
         );
         let id = crate::convert::request::vm_id_from_wire("vm_id", "a/b").unwrap_err();
         let connect = wire_error_to_connect(&id);

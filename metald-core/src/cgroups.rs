@@ -32,6 +32,8 @@ pub enum CgroupError {
     },
     #[error("cgroup name {0:?} must be a plain folder name")]
     BadName(String),
+    #[error("processes {processes:?} of cgroup {path} did not die")]
+    StillBusy { path: PathBuf, processes: Vec<u32> },
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> CgroupError + 'a {
@@ -125,20 +127,24 @@ impl CgroupHierarchy {
         Ok(cgroup)
     }
 
-    /// Cgroups under our parent that hold no process any more (a previous
-    /// run died before removing them). Returned, not removed.
-    pub fn children(&self) -> Vec<PathBuf> {
+    /// Every cgroup under our parent now, by name: a VMM's of this run or
+    /// one an earlier run left (its VMM may still run).
+    pub fn existing(&self) -> Vec<Cgroup> {
         let parents: Vec<PathBuf> = match self.version {
             CgroupVersion::V1 => V1_CONTROLLERS.iter().map(|controller| self.root.join(controller).join(&self.parent)).collect(),
             CgroupVersion::V2 => vec![self.root.join(&self.parent)],
         };
-        parents
+        let names: std::collections::BTreeSet<std::ffi::OsString> = parents
             .iter()
             .filter_map(|parent| fs::read_dir(parent).ok())
             .flatten()
             .flatten()
             .filter(|entry| entry.path().is_dir())
-            .map(|entry| entry.path())
+            .map(|entry| entry.file_name())
+            .collect();
+        names
+            .into_iter()
+            .map(|name| Cgroup { version: self.version, dirs: parents.iter().map(|parent| parent.join(&name)).collect() })
             .collect()
     }
 
@@ -280,6 +286,27 @@ impl Cgroup {
     pub fn processes(&self) -> Result<Vec<u32>, CgroupError> {
         let text = self.read("pids", "cgroup.procs")?;
         Ok(text.lines().filter_map(|line| line.trim().parse().ok()).collect())
+    }
+
+    /// Kills every process in the cgroup and waits until none is left.
+    pub fn kill_all(&self, timeout: std::time::Duration) -> Result<(), CgroupError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let processes = self.processes()?;
+            if processes.is_empty() {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(CgroupError::StillBusy { path: self.controller("pids").to_path_buf(), processes });
+            }
+            for pid in processes {
+                if let Ok(pid) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                }
+            }
+            // A killed process leaves the cgroup when the kernel has torn it down.
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// How many times the kernel's out-of-memory killer struck in this cgroup.

@@ -275,6 +275,31 @@ impl Jailer {
         Ok(IdentityLease { uid, gid, pool: Some(Arc::clone(&self.identities)) })
     }
 
+    /// Kills and removes every cgroup under our parent but `in_use`: what
+    /// launches of an earlier run left that no VM took over, a VMM exec'd
+    /// by a create cut off before the store recorded it included. Returns
+    /// what could not be removed.
+    pub fn sweep_strays(&self, in_use: &BTreeSet<String>) -> Vec<String> {
+        const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+        let mut problems = Vec::new();
+        for cgroup in self.cgroups.existing() {
+            let name = cgroup.name();
+            if in_use.contains(&name) {
+                continue;
+            }
+            match cgroup.processes() {
+                Ok(processes) if !processes.is_empty() => {
+                    tracing::warn!(cgroup = %name, ?processes, "killing what an earlier run launched and no VM took over");
+                }
+                _ => {}
+            }
+            if let Err(error) = cgroup.kill_all(KILL_TIMEOUT).and_then(|()| cgroup.remove()) {
+                problems.push(format!("cgroup {name}: {}", crate::error_chain(&error)));
+            }
+        }
+        problems
+    }
+
     /// Launches `plan` in a fresh jail under `plan.vm_dir`.
     pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, JailError> {
         check_static(&plan.program.host_path, &plan.program.file)?;

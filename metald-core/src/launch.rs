@@ -288,6 +288,15 @@ impl Launcher {
         }
     }
 
+    /// Kills and removes what launches of an earlier run left that none of
+    /// `in_use` (cgroup names) accounts for; what could not be removed.
+    pub fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
+        match self {
+            Launcher::Jailed(jailer) => jailer.sweep_strays(in_use),
+            Launcher::Unjailed => Vec::new(),
+        }
+    }
+
     pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError> {
         match self {
             Launcher::Jailed(jailer) => Ok(jailer.launch(plan).await?),

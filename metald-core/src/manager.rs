@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 
 use crate::backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 use crate::backend::{
-    BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, VmmBackend, VmmInfo, VmmInstance, VmmMetrics, VmmSpec,
+    BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, Unlaunchable, VmmBackend, VmmInfo, VmmInstance, VmmMetrics, VmmSpec,
 };
 use crate::cgroups::CgroupUsage;
 use crate::config::{ConfigError, Problem, VmConfig};
@@ -596,6 +596,7 @@ impl VmManager {
                 return Err(error);
             }
         };
+        fail::fail_point!("create-before-record");
         let now = SystemTime::now();
         let entry = VmEntry {
             state: VmState::Created,
@@ -1059,8 +1060,28 @@ impl VmManager {
             stopped = recovery.stopped.len(),
             "VMs of the earlier run recovered"
         );
+        // VMMs first: the folders and namespaces below may be theirs.
+        self.sweep_stray_vmms().await;
         self.sweep_unrecorded(&stored).await;
         Ok(recovery)
+    }
+
+    /// Kills and removes VMMs (and their cgroups) that earlier runs
+    /// launched and no VM took over now, so none runs on unwatched with a
+    /// uid the next VM may be given.
+    async fn sweep_stray_vmms(&self) {
+        let slots: Vec<Arc<VmSlot>> = read_lock(&self.inner.registry).vms.values().cloned().collect();
+        let mut in_use = std::collections::BTreeSet::new();
+        for slot in slots {
+            if let Some(cgroup) = slot.entry.lock().await.instance.cgroup() {
+                in_use.insert(cgroup.name());
+            }
+        }
+        let backend = Arc::clone(&self.inner.backend);
+        let problems = tokio::task::spawn_blocking(move || backend.sweep_strays(&in_use)).await.unwrap_or_default();
+        for problem in problems {
+            tracing::warn!(problem, "cannot remove what an earlier run launched");
+        }
     }
 
     /// Removes what a create cut off by a crash left of a VM the store never
@@ -1106,12 +1127,17 @@ impl VmManager {
         let VmRecord { vm_id, tenant, config, mut state, .. } = record.clone();
         let vm_dir = self.inner.vm_root.join(vm_id.as_str());
         let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
+        // Why no VMM can be taken over or launched for this VM, if so.
+        let mut unrecoverable = None;
         let identity = match record.identity {
-            Some((uid, gid)) => self
-                .inner
-                .backend
-                .reserve_identity(uid, gid)
-                .map_err(|source| self.backend_error(&vm_id, BackendOperation::Recover, source))?,
+            Some((uid, gid)) => match self.inner.backend.reserve_identity(uid, gid) {
+                Ok(lease) => lease,
+                Err(source) => {
+                    let error = self.backend_error(&vm_id, BackendOperation::Recover, source);
+                    unrecoverable = Some(format!("its uid {uid} cannot be leased again: {}", crate::error_chain(&error)));
+                    None
+                }
+            },
             None => None,
         };
         let network = match (record.network, &self.inner.network) {
@@ -1128,11 +1154,19 @@ impl VmManager {
             let images = self.resolve_found_images(&vm_id, &config)?;
             self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref())
         };
+        // A VM is never dropped: one no VMM can be launched for stays listed, Failed.
+        let dormant = |identity: Option<Arc<IdentityLease>>| match spec(identity) {
+            Ok(spec) => (self.inner.backend.dormant(spec, console.clone()), None),
+            Err(error) => {
+                let reason = format!("no VMM can be launched for it on this host: {}", crate::error_chain(&error));
+                (Box::new(Unlaunchable::new(self.inner.backend.name(), reason.clone())) as Box<dyn VmmInstance>, Some(reason))
+            }
+        };
         let mut failure = record.failure.clone();
         let mut outcome = Recovered::Stopped;
         let live = state.has_live_vmm();
-        let instance = match (&record.vmm, live) {
-            (Some(ticket), true) => {
+        let (instance, unlaunchable) = match (&record.vmm, live, unrecoverable) {
+            (Some(ticket), true, None) => {
                 let reattached = match spec(identity.clone()) {
                     Ok(spec) => self
                         .inner
@@ -1145,29 +1179,56 @@ impl VmManager {
                 match reattached {
                     Ok(instance) => {
                         outcome = Recovered::Reattached;
-                        instance
+                        (instance, None)
                     }
                     Err(error) => {
                         for problem in self.inner.backend.clean_up(ticket) {
                             tracing::warn!(%vm_id, problem, "cannot clean up after a VMM that ended while metald was away");
                         }
-                        let reason = format!("its VMM was gone when metald started again: {}", crate::error_chain(&error));
+                        let gone = matches!(&error, ManagerError::Backend { source, .. } if matches!(**source, BackendError::Adopt(_) | BackendError::Exited { .. }));
+                        let reason = if gone {
+                            format!("its VMM was gone when metald started again: {}", crate::error_chain(&error))
+                        } else {
+                            // Its VMM, if it runs, is stopped with the strays (see `sweep_stray_vmms`).
+                            format!("metald could not take over its VMM after a restart and stopped it: {}", crate::error_chain(&error))
+                        };
                         outcome = Recovered::Lost(reason.clone());
                         failure = Some(reason);
                         state = VmState::Failed;
-                        self.inner.backend.dormant(spec(identity.clone())?, console.clone())
+                        dormant(identity.clone())
                     }
                 }
             }
-            (_, true) => {
-                let reason = "its VMM was not recorded before metald stopped".to_owned();
+            (vmm, true, unrecoverable) => {
+                let reason = unrecoverable.unwrap_or_else(|| "its VMM was not recorded before metald stopped".to_owned());
+                if let Some(ticket) = vmm {
+                    for problem in self.inner.backend.clean_up(ticket) {
+                        tracing::warn!(%vm_id, problem, "cannot clean up after a VMM metald could not take over");
+                    }
+                }
                 outcome = Recovered::Lost(reason.clone());
                 failure = Some(reason);
                 state = VmState::Failed;
-                self.inner.backend.dormant(spec(identity.clone())?, console.clone())
+                dormant(identity.clone())
             }
-            (_, false) => self.inner.backend.dormant(spec(identity.clone())?, console.clone()),
+            (_, false, unrecoverable) => {
+                if let Some(reason) = unrecoverable {
+                    failure = Some(reason);
+                    state = VmState::Failed;
+                }
+                dormant(identity.clone())
+            }
         };
+        if let Some(reason) = unlaunchable {
+            tracing::warn!(%vm_id, %reason, "a stored VM stays listed as failed");
+            if !matches!(outcome, Recovered::Lost(_)) {
+                outcome = Recovered::Lost(reason.clone());
+            }
+            if state != VmState::Failed {
+                failure = Some(reason);
+                state = VmState::Failed;
+            }
+        }
         let stored_boot = record.booted_at_ms.map(from_unix_millis);
         let booted_at = stored_boot.filter(|_| matches!(outcome, Recovered::Reattached));
         let entry = VmEntry {

@@ -183,6 +183,12 @@ impl Supervised {
         if found != expected_start_time {
             return Err(ProcessError::NotTheSame { pid, expected: expected_start_time, found });
         }
+        // A pidfd is readable once its process has ended: one that died
+        // unreaped (a zombie its dead parent left) is gone, not taken over.
+        let mut poll = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&pidfd), nix::poll::PollFlags::POLLIN)];
+        if nix::poll::poll(&mut poll, nix::poll::PollTimeout::ZERO).map_err(|errno| ProcessError::Gone { pid, source: errno.into() })? > 0 {
+            return Err(ProcessError::Gone { pid, source: io::Error::other("it has ended and waits to be reaped") });
+        }
         let pidfd = Arc::new(pidfd);
         // SAFETY: the Arc keeps the pidfd open, unchanged, for as long as
         // the AsyncFd that holds it lives.

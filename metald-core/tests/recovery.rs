@@ -171,3 +171,54 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
     while nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)).is_ok_and(|status| status.pid().is_some()) {}
     assert_eq!(sandbox.leftovers(), Vec::<String>::new());
 }
+
+#[test]
+fn a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_its_vmm_is_stopped() {
+    let test = "a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_its_vmm_is_stopped";
+    let Some(sandbox) = Sandbox::new(test) else { return };
+    let store = Arc::new(SqliteVmStore::open(sandbox.dir.path().join("vms.db")).unwrap());
+    let scratch = sandbox.image("scratch.img", 4 << 20);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (running, stopped, pid) = runtime.block_on(async {
+        let manager = manager_on(&sandbox, &store);
+        let mut vms = Vec::new();
+        for _ in 0..2 {
+            let mut config = sandbox.guest_config(&[]);
+            config.storage = vec![Sandbox::drive("scratch", &scratch, false)];
+            let vm_id = manager.create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config }).await.unwrap();
+            manager.boot(&vm_id).await.unwrap();
+            vms.push(vm_id);
+        }
+        manager.shutdown(&vms[1], StopOptions { force: true, timeout: None }).await.unwrap();
+        let pid = manager.info(&vms[0]).await.unwrap().vmm.unwrap().pid.unwrap();
+        (vms[0].clone(), vms[1].clone(), pid)
+    });
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    // Each VM's own drive copy is gone while no manager runs: no VMM can be launched for either.
+    for vm_id in [&running, &stopped] {
+        std::fs::remove_file(sandbox.vms.join(vm_id.as_str()).join("drives/scratch.img")).unwrap();
+    }
+    assert!(metald_testguest::process_alive(pid));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let manager = manager_on(&sandbox, &store);
+        let recovery = manager.recover().await.unwrap();
+        assert_eq!(recovery.lost.len(), 2, "{recovery:?}");
+        for vm_id in [&running, &stopped] {
+            let info = manager.info(vm_id).await.expect("the VM is still listed");
+            assert_eq!(info.state, VmState::Failed);
+            let reason = info.failure.unwrap_or_default();
+            assert!(reason.contains("scratch"), "the reason names what is missing: {reason}");
+        }
+        assert!(!metald_testguest::process_alive(pid), "the VMM no VM could take over was stopped");
+        assert!(sandbox.live_vmms().is_empty());
+        let boot = manager.boot(&running).await.unwrap_err();
+        assert!(matches!(boot, metald_core::ManagerError::WrongState { .. }), "{boot}");
+        for vm_id in [&running, &stopped] {
+            manager.delete(vm_id, StopOptions::default()).await.unwrap();
+        }
+        assert!(manager.list(None).is_empty());
+    });
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}

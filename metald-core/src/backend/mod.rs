@@ -8,6 +8,9 @@
 //! machine: the manager asks them only for moves the table allows.
 
 pub mod firecracker;
+mod unlaunchable;
+
+pub use unlaunchable::Unlaunchable;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -214,6 +217,8 @@ pub enum BackendError {
     Exited { vmm: &'static str, operation: &'static str, exit: ProcessExit },
     #[error("the VMM is not running")]
     NotRunning,
+    #[error("no VMM can be launched for this VM: {reason}")]
+    Unlaunchable { reason: String },
     #[error("cannot signal the VMM")]
     Signal(#[source] ProcessError),
     #[error("cannot capture the console")]
@@ -268,6 +273,15 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     /// Removes what a VMM that ended while nobody watched it left on the
     /// host (cgroup, jail folder); returns what could not be removed.
     fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String>;
+
+    /// Kills and removes what VMM launches of an earlier run left that no
+    /// VM took over: everything of this backend's but the cgroups named in
+    /// `in_use`. Called once, after every stored VM was taken over or
+    /// found gone; returns what could not be removed.
+    fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
+        let _ = in_use;
+        Vec::new()
+    }
 }
 
 /// One VM's VMM, driven over its API.

@@ -255,7 +255,16 @@ impl FirecrackerVm {
         let launched = Launched::adopt(ticket.pid, ticket.start_time, ticket.layout, ticket.cgroup, vm.spec.identity.clone())
             .map_err(BackendError::Adopt)?;
         let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), vm.settings.api_timeout);
-        let instance = api.instance_info().await?;
+        let instance = match api.instance_info().await {
+            Ok(instance) => instance,
+            // Nobody listens on its socket: a process that is ending closes
+            // its descriptors before the kernel says it has ended.
+            Err(error @ BackendError::Transport { .. }) => match launched.process.wait_timeout(vm.settings.ready_timeout).await {
+                Some(exit) => return Err(BackendError::Exited { vmm: VMM, operation: "being taken over", exit }),
+                None => return Err(error),
+            },
+            Err(error) => return Err(error),
+        };
         if instance.id != vm.spec.vm_id.as_str() {
             return Err(BackendError::NotTheSameVmm { vmm: VMM, expected: vm.spec.vm_id.to_string(), found: instance.id });
         }

@@ -123,4 +123,8 @@ impl VmmBackend for FirecrackerBackend {
     fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String> {
         instance::clean_up_after(ticket)
     }
+
+    fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
+        self.launcher.sweep_strays(in_use)
+    }
 }
