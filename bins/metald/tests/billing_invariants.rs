@@ -89,11 +89,6 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-async fn vmm_pid(client: &Client, vm_id: &str) -> Option<u32> {
-    let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.ok()?.into_owned();
-    info.backend_info.get("pid").and_then(|pid| pid.parse().ok())
-}
-
 fn sigkill(pid: u32) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()), nix::sys::signal::Signal::SIGKILL);
 }
@@ -150,7 +145,7 @@ async fn step(host: &mut Host, rng: &mut StdRng, journal: &mut Journal, operatio
             client.delete_vm(wire::DeleteVmRequest { vm_id, force, ..Default::default() }).await.map(drop)
         }
         (Operation::KillVmm, Some(vm_id)) => {
-            if let Some(pid) = vmm_pid(&client, &vm_id).await {
+            if let Some(pid) = common::vmm_pid(&vm_id) {
                 sigkill(pid);
                 // The daemon notices at once; wait for that fact before the next step.
                 let (watching, vm_id) = (&client, &vm_id);
@@ -163,7 +158,7 @@ async fn step(host: &mut Host, rng: &mut StdRng, journal: &mut Journal, operatio
         }
         (Operation::RestartAfterSigkill { kill_a_vmm_meanwhile }, target) => {
             let doomed = match (kill_a_vmm_meanwhile, target) {
-                (true, Some(vm_id)) => vmm_pid(&client, &vm_id).await.map(|pid| (vm_id, pid)),
+                (true, Some(vm_id)) => common::vmm_pid(&vm_id).map(|pid| (vm_id, pid)),
                 _ => None,
             };
             let killed_ms = metald_billing::unix_millis();

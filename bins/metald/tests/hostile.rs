@@ -453,7 +453,11 @@ fn a_vm_whose_kernel_left_the_image_root_is_still_taken_over_after_a_restart() {
         let vm_id = globex.create_vm(create_request(config)).await.unwrap().into_owned().vm_id;
         globex.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
         let info = info_of(&globex, &vm_id).await.unwrap();
-        (vm_id, info.backend_info["pid"].clone(), info.backend_info["uid"].clone())
+        let (pid, instance) = (common::vmm_pid(&vm_id).unwrap(), info.backend_info["vmm_instance"].clone());
+        for host_only in ["pid", "uid", "gid", "cgroup"] {
+            assert!(!info.backend_info.contains_key(host_only), "{host_only} tells of the host: {:?}", info.backend_info);
+        }
+        (vm_id, (pid, instance), common::uid_of(pid))
     });
     host.kill();
     std::fs::remove_file(&kernel).unwrap();
@@ -462,11 +466,11 @@ fn a_vm_whose_kernel_left_the_image_root_is_still_taken_over_after_a_restart() {
         let globex = host.client("globex", Wire::ConnectProto);
         let info = info_of(&globex, &vm_id).await.expect("the VM is still there");
         assert_eq!(info.state.as_known(), Some(wire::VmState::VM_STATE_RUNNING), "{info:?}");
-        assert_eq!(info.backend_info["pid"], pid, "its VMM, taken over");
+        assert_eq!((common::vmm_pid(&vm_id).unwrap(), info.backend_info["vmm_instance"].clone()), pid, "its VMM, taken over");
         // Its uid stays its own: another tenant's next VM gets another.
         let acme = host.client("acme", Wire::ConnectProto);
         let other = acme.create_vm(create_request(guest_config(&[]))).await.unwrap().into_owned().vm_id;
-        assert_ne!(info_of(&acme, &other).await.unwrap().backend_info["uid"], uid);
+        assert_ne!(common::uid_of(common::vmm_pid(&other).unwrap()), uid);
         let again = wire::CreateVmRequest { vm_id: vm_id.clone(), ..create_request(guest_config(&[])) };
         assert_eq!(globex.create_vm(again).await.map(|_| ()).unwrap_err().code, ErrorCode::AlreadyExists);
         // Launching it again needs the kernel, and says so.
@@ -487,9 +491,8 @@ fn a_vmm_killed_at_a_resource_limit_says_which() {
     runtime().block_on(async {
         let client = host.client("acme", Wire::ConnectProto);
         let vm_id = common::boot_guest(&client, &[]).await;
-        let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap().into_owned();
         // What the kernel sends a process that writes past its RLIMIT_FSIZE.
-        kill(Pid::from_raw(info.backend_info["pid"].parse().unwrap()), Signal::SIGXFSZ).unwrap();
+        kill(Pid::from_raw(common::vmm_pid(&vm_id).unwrap() as i32), Signal::SIGXFSZ).unwrap();
         metald_testguest::wait_until("the VM to fail", PATIENCE, || async {
             common::state_of(&client, &vm_id).await == wire::VmState::VM_STATE_FAILED
         })
@@ -536,5 +539,40 @@ fn a_create_cut_off_by_a_crash_leaves_nothing_once_metald_is_back() {
         client.delete_vm(wire::DeleteVmRequest { vm_id: "vm-cut-off".into(), force: true, ..Default::default() }).await.unwrap();
     });
     drop(disk);
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
+
+#[test]
+fn a_vmm_launched_by_a_create_cut_off_before_its_record_is_stopped_once_metald_is_back() {
+    let test = "a_vmm_launched_by_a_create_cut_off_before_its_record_is_stopped_once_metald_is_back";
+    // The create has launched its VMM, networked and jailed, and stops before the store records it.
+    let options = HostOptions { network: true, fail_points: Some("create-before-record=pause".into()), ..HostOptions::default() };
+    let Some(mut host) = Host::start(test, options) else { return };
+    let runtime = runtime();
+    let mut config = guest_config(&[]);
+    config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+    let request = wire::CreateVmRequest { vm_id: "vm-unrecorded".into(), ..create_request(config) };
+    let cut_off = {
+        let (client, request) = (host.client("acme", Wire::ConnectProto), request.clone());
+        runtime.spawn(async move { client.create_vm(request).await.map(|_| ()) })
+    };
+    runtime
+        .block_on(metald_testguest::wait_until("the create's VMM to run", PATIENCE, || std::future::ready(!host.live_vmms().is_empty())));
+    let vmm = host.live_vmms()[0];
+    host.kill();
+    assert!(runtime.block_on(cut_off).unwrap().is_err(), "the create died with metald");
+    assert!(metald_testguest::process_alive(vmm), "a VMM outlives metald, as it must for a takeover");
+
+    host.fail_points = None;
+    host.launch();
+    assert!(!metald_testguest::process_alive(vmm), "no VMM runs on that no VM accounts for");
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        assert!(client.list_vms(wire::ListVmsRequest::default()).await.unwrap().into_owned().vms.is_empty());
+        client.create_vm(request.clone()).await.expect("the id is free again");
+        client.boot_vm(wire::BootVmRequest { vm_id: "vm-unrecorded".into(), ..Default::default() }).await.expect("and its VM boots");
+        client.delete_vm(wire::DeleteVmRequest { vm_id: "vm-unrecorded".into(), force: true, ..Default::default() }).await.unwrap();
+    });
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }

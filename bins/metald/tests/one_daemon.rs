@@ -102,9 +102,8 @@ impl Drop for Rival {
     }
 }
 
-async fn vmm_pid(client: &common::Client, vm_id: &str) -> u32 {
-    let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.unwrap().into_owned();
-    info.backend_info["pid"].parse().unwrap()
+fn vmm_pid(vm_id: &str) -> u32 {
+    common::vmm_pid(vm_id).expect("the VM's VMM runs")
 }
 
 async fn delete_every_vm(client: &common::Client) {
@@ -126,7 +125,7 @@ fn a_second_daemon_on_the_same_data_folder_is_refused_and_the_first_serves_on() 
     let client = host.client("acme", Wire::ConnectJson);
     let (vm_id, pid) = runtime.block_on(async {
         let vm_id = boot_guest(&client, &[]).await;
-        let pid = vmm_pid(&client, &vm_id).await;
+        let pid = vmm_pid(&vm_id);
         (vm_id, pid)
     });
 
@@ -140,7 +139,7 @@ fn a_second_daemon_on_the_same_data_folder_is_refused_and_the_first_serves_on() 
     assert_eq!(lock_file_pid(&host), host.pid().to_string(), "the lock file still names the first daemon");
     runtime.block_on(async {
         assert_eq!(state_of(&client, &vm_id).await, VmState::VM_STATE_RUNNING);
-        assert_eq!(vmm_pid(&client, &vm_id).await, pid, "the same VMM");
+        assert_eq!(vmm_pid(&vm_id), pid, "the same VMM");
         assert!(metald_testguest::process_alive(pid));
         delete_every_vm(&client).await;
     });
@@ -155,7 +154,7 @@ fn a_killed_daemon_leaves_its_data_folder_to_the_next_start() {
     let (vm_id, pid) = runtime.block_on(async {
         let client = host.client("acme", Wire::Grpc);
         let vm_id = boot_guest(&client, &[]).await;
-        let pid = vmm_pid(&client, &vm_id).await;
+        let pid = vmm_pid(&vm_id);
         (vm_id, pid)
     });
     let killed = host.pid();
@@ -169,7 +168,7 @@ fn a_killed_daemon_leaves_its_data_folder_to_the_next_start() {
     runtime.block_on(async {
         let client = host.client("acme", Wire::Grpc);
         assert_eq!(state_of(&client, &vm_id).await, VmState::VM_STATE_RUNNING);
-        assert_eq!(vmm_pid(&client, &vm_id).await, pid, "taken over");
+        assert_eq!(vmm_pid(&vm_id), pid, "taken over");
         delete_every_vm(&client).await;
     });
     assert_eq!(host.leftovers(), Vec::<String>::new());

@@ -22,9 +22,8 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-async fn vmm_pid(client: &common::Client, vm_id: &str) -> u32 {
-    let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.into(), ..Default::default() }).await.unwrap().into_owned();
-    info.backend_info["pid"].parse().unwrap()
+fn vmm_pid(vm_id: &str) -> u32 {
+    common::vmm_pid(vm_id).expect("the VM's VMM runs")
 }
 
 /// Per VM, its usage records in sequence order: (sequence, start_ms, end_ms, final).
@@ -75,7 +74,7 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
         let doomed = boot_guest(&client, &[]).await;
         let mut pids = BTreeMap::new();
         for vm_id in running.iter().chain([&doomed]) {
-            pids.insert(vm_id.clone(), vmm_pid(&client, vm_id).await);
+            pids.insert(vm_id.clone(), vmm_pid(vm_id));
         }
         (running, doomed, pids)
     });
@@ -96,7 +95,7 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
         let states: BTreeMap<String, VmState> = list.vms.iter().map(|vm| (vm.vm_id.clone(), vm.state.as_known().unwrap())).collect();
         for vm_id in &running {
             assert_eq!(states[vm_id], VmState::VM_STATE_RUNNING, "{states:?}");
-            assert_eq!(vmm_pid(&client, vm_id).await, pids[vm_id], "the same VMM process, taken over");
+            assert_eq!(vmm_pid(vm_id), pids[vm_id], "the same VMM process, taken over");
         }
         assert_eq!(states[&doomed], VmState::VM_STATE_FAILED, "{states:?}");
         let failed = list.vms.iter().find(|vm| vm.vm_id == doomed).unwrap();
@@ -182,7 +181,7 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
         let client = host.client("acme", Wire::ConnectJson);
         let keeper = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
         let stubborn = boot_guest(&client, &[cmdline::IGNORE_SHUTDOWN]).await;
-        let keeper_pid = vmm_pid(&client, &keeper).await;
+        let keeper_pid = vmm_pid(&keeper);
         // A graceful shutdown the guest ignores takes its whole timeout.
         let slow = {
             let client = host.client("acme", Wire::ConnectJson);
@@ -208,7 +207,7 @@ fn sigterm_lets_calls_in_flight_finish_and_leaves_vms_running() {
     runtime.block_on(async {
         let client = host.client("acme", Wire::Grpc);
         assert_eq!(state_of(&client, &keeper).await, VmState::VM_STATE_RUNNING);
-        assert_eq!(vmm_pid(&client, &keeper).await, keeper_pid);
+        assert_eq!(vmm_pid(&keeper), keeper_pid);
         let list = client.list_vms(wire::ListVmsRequest::default()).await.unwrap().into_owned();
         for vm in &list.vms {
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm.vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
@@ -259,7 +258,7 @@ fn vms_booted_stopped_or_deleted_before_the_meter_saw_it_are_billed_from_the_sto
         let client = host.client("acme", Wire::ConnectProto);
         let living = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
         let doomed = boot_guest(&client, &[]).await;
-        let doomed_pid = vmm_pid(&client, &doomed).await;
+        let doomed_pid = vmm_pid(&doomed);
         let stopped = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;
         client.shutdown_vm(wire::ShutdownVmRequest { vm_id: stopped.clone(), force: true, ..Default::default() }).await.unwrap();
         let deleted = boot_guest(&client, &[&cmdline::heartbeat_ms(100)]).await;

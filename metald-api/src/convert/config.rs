@@ -428,7 +428,7 @@ mod tests {
     fn negative_cpu_numbers_are_refused_with_their_path() {
         let error = refused_at(|c| cpu(c).vcpu_count = -1);
         assert_eq!(error, WireError::Negative { field: "cpu.vcpu_count".into(), value: -1 });
-        assert_eq!(error.to_string(), "cpu.vcpu_count: -1 is negative; it must be 0 or more");
+        assert_eq!(error.to_string(), "cpu.vcpu_count: -1 is negative; no negative value is allowed here");
         assert_eq!(refused_at(|c| cpu(c).max_vcpu_count = -2).field(), "cpu.max_vcpu_count");
         assert_eq!(refused_at(|c| cpu(c).topology.as_option_mut().unwrap().sockets = -1).field(), "cpu.topology.sockets");
         assert_eq!(refused_at(|c| cpu(c).topology.as_option_mut().unwrap().cores_per_socket = -1).field(), "cpu.topology.cores_per_socket");
@@ -450,7 +450,7 @@ mod tests {
         );
         let error = refused_at(|c| interface(c, 0).rx_rate_limit.as_option_mut().unwrap().bandwidth = -1);
         assert_eq!(error.field(), "network[0].rx_rate_limit.bandwidth");
-        assert_eq!(error.to_string(), "network[0].rx_rate_limit.bandwidth: -1 is negative; it must be 0 or more");
+        assert_eq!(error.to_string(), "network[0].rx_rate_limit.bandwidth: -1 is negative; no negative value is allowed here");
         assert_eq!(
             refused_at(|c| interface(c, 1).tx_rate_limit.as_option_mut().unwrap().refill_time = -1).field(),
             "network[1].tx_rate_limit.refill_time"

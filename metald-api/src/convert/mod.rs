@@ -24,7 +24,7 @@ use metald_core::ids::IdError;
 /// A request field that core types cannot take, named by its path in the contract.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    #[error("{field}: {value} is negative; it must be 0 or more")]
+    #[error("{field}: {value} is negative; no negative value is allowed here")]
     Negative { field: String, value: i64 },
     #[error("{field}: {value} is more than the {max} allowed")]
     TooLarge { field: String, value: i64, max: u64 },
@@ -96,7 +96,7 @@ mod tests {
         assert_eq!(non_negative_i32("page_size", 7), Ok(7));
         let error = non_negative_i32("page_size", -1).unwrap_err();
         assert_eq!(error.field(), "page_size");
-        assert_eq!(error.to_string(), "page_size: -1 is negative; it must be 0 or more");
+        assert_eq!(error.to_string(), "page_size: -1 is negative; no negative value is allowed here");
         assert_eq!(non_negative_i64("memory.size_bytes", i64::MAX), Ok(i64::MAX as u64));
         assert_eq!(non_negative_i64("memory.size_bytes", i64::MIN).unwrap_err().field(), "memory.size_bytes");
     }

@@ -568,3 +568,20 @@ pub fn tally<'a>(items: impl IntoIterator<Item = &'a str>) -> BTreeMap<String, u
     }
     counts
 }
+
+/// The pid of the VMM that runs `vm_id` now, found as an operator would:
+/// by the VM's cgroup (`<parent>/<vm id>.<launch>`). Tenants are not told host pids.
+pub fn vmm_pid(vm_id: &str) -> Option<u32> {
+    let needle = format!("/{vm_id}.");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        let cgroups = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
+        (cgroups.lines().any(|line| line.contains(&needle)) && testguest::process_alive(pid)).then_some(pid)
+    })
+}
+
+/// The uid a process runs as.
+pub fn uid_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|line| line.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().next()?.parse().ok()).unwrap()
+}
