@@ -125,7 +125,7 @@ impl Interceptor for CallGate {
         let path = request.ctx.path().unwrap_or("unknown").to_owned();
         let span = self.span(&path);
         let result = match self.admit(&mut request.ctx, &path, &span) {
-            Ok(()) => next.run(request).instrument(span.clone()).await,
+            Ok(()) => next.run(request).instrument(span.clone()).await.map_err(clarify_decode_error),
             Err(error) => Err(error),
         };
         self.finish(&path, &span, started, &result);
@@ -144,12 +144,30 @@ impl Interceptor for CallGate {
         // For a stream the figure is the time to open it; how long it then
         // stays open is the caller's choice, not a latency.
         let result = match self.admit(&mut request.ctx, &path, &span) {
-            Ok(()) => next.run(request, inbound).instrument(span.clone()).await,
+            Ok(()) => next.run(request, inbound).instrument(span.clone()).await.map_err(clarify_decode_error),
             Err(error) => Err(error),
         };
         self.finish(&path, &span, started, &result);
         result
     }
+}
+
+/// The JSON decoder of the RPC library calls an enum name it does not
+/// know an "unknown variant" of an enum with "no variants"; a caller
+/// deserves to hear that the value is not one of the field's and how
+/// values are spelled.
+fn clarify_decode_error(mut error: ConnectError) -> ConnectError {
+    const UNKNOWN: &str = "unknown variant `";
+    const NO_VARIANTS: &str = "`, there are no variants";
+    let Some(message) = error.message.as_deref() else { return error };
+    let Some((before, rest)) = message.split_once(UNKNOWN) else { return error };
+    let Some((value, after)) = rest.split_once(NO_VARIANTS) else { return error };
+    let clarified = format!(
+        "{before}{value:?} is not a value of this enum field{after}; enum values are written in full, as the contract names them \
+         (VM_STATE_RUNNING, NETWORK_MODE_IPV6_ONLY), or as their numbers"
+    );
+    error.message = Some(clarified);
+    error
 }
 
 /// The whole HTTP application.

@@ -247,6 +247,15 @@ fn bad_requests_get_clear_errors_and_leave_the_daemon_unharmed() {
     assert!(body.contains("invalid_argument") && body.contains("JSON"), "malformed JSON: {body}");
     let (status, body) = call("application/json", b"{\"config\": {\"cpu\": {\"vcpuCount\": \"many\"}}}");
     assert!(status == 400 && body.contains("invalid_argument"), "a wrong type: {status} {body}");
+    let (status, body) = call("application/json", b"{\"config\": {\"network\": [{\"id\": \"eth0\", \"mode\": \"NETWORK_MODE_BRIDGED\"}]}}");
+    assert!(status == 400 && body.contains("invalid_argument"), "an enum value the contract lacks: {status} {body}");
+    assert!(body.contains("NETWORK_MODE_BRIDGED"), "names the value: {body}");
+    let headers = [("content-type", "application/json"), ("authorization", token.as_str())];
+    let (status, body) =
+        common::http_request(host.port, "POST", "/vmprovisioner.v1.VmService/ListVms", &headers, b"{\"stateFilter\": [\"RUNNING\"]}")
+            .unwrap();
+    assert!(status == 400 && body.contains("invalid_argument"), "an enum value the contract lacks: {status} {body}");
+    assert!(body.contains("\\\"RUNNING\\\" is not a value of this enum field") && body.contains("VM_STATE_RUNNING"), "{body}");
     let (status, body) = call("application/proto", &[0x12, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]);
     assert!(status == 400 && body.contains("invalid_argument"), "malformed protobuf: {status} {body}");
     let (status, body) = call("text/plain", b"hello");
