@@ -85,14 +85,26 @@ struct Current {
     exits: Option<watch::Receiver<Option<VmmExit>>>,
 }
 
-/// Firecracker's own word on how it ended: the `exit_code=` its log holds
-/// (the log starts empty with each process), once the log has it or the
-/// process's side of the pipe is closed. An adopted process's status goes
-/// to its parent, not to us; this tells a guest that shut itself down from a crash.
+/// Firecracker's own word on how it ended, once its log has it or the
+/// process's side of the pipe is closed (the log starts empty with each
+/// process). An adopted process's status goes to its parent, not to us;
+/// this tells a guest that shut itself down from a crash, and a signal it
+/// caught at a resource limit from a kill.
 async fn exit_from_log(log: &ConsoleLog) -> Option<ProcessExit> {
-    let line = log.wait_for_line(|line| line.contains("exit_code="), CAPTURE_DRAIN_TIMEOUT).await.ok()?;
-    let (_, code) = line.rsplit_once("exit_code=")?;
-    code.trim().parse().ok().map(|code| ProcessExit::Exited { code })
+    let line = log.wait_for_line(|line| exit_in_log_line(line).is_some(), CAPTURE_DRAIN_TIMEOUT).await.ok()?;
+    exit_in_log_line(&line)
+}
+
+/// The exit a line of Firecracker's log tells: `… exit_code=<n>` as it
+/// ends, or `Shutting down VM after intercepting signal <n>` from its
+/// signal handlers, which then exit with a code of their own for each.
+fn exit_in_log_line(line: &str) -> Option<ProcessExit> {
+    if let Some((_, code)) = line.rsplit_once("exit_code=") {
+        return code.trim().parse().ok().map(|code| ProcessExit::Exited { code });
+    }
+    let (_, signal) = line.split_once("after intercepting signal ")?;
+    let signal: i32 = signal.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    CAUGHT_SIGNALS.iter().find(|(caught, _, _)| *caught == signal).map(|(_, code, _)| ProcessExit::Exited { code: *code })
 }
 
 /// The VMM's exits as the launcher sees them, told in Firecracker's terms:
@@ -111,24 +123,27 @@ fn explained_exits(mut raw: watch::Receiver<Option<VmmExit>>, log: ConsoleLog) -
 }
 
 /// Firecracker catches the signals the kernel sends at a resource limit
-/// (and others) and exits with a code of its own for each.
+/// (and others) and exits with a code of its own for each: the signal,
+/// the code, and what it means.
+const CAUGHT_SIGNALS: [(i32, i32, &str); 8] = [
+    (libc::SIGSYS, 148, "it made a system call its seccomp filter forbids"),
+    (libc::SIGBUS, 149, "it caught SIGBUS"),
+    (libc::SIGSEGV, 150, "it caught SIGSEGV"),
+    (
+        libc::SIGXFSZ,
+        151,
+        "it caught SIGXFSZ: a file it wrote reached its file-size limit (RLIMIT_FSIZE: the larger of \
+         jailer.min_file_size_bytes and its largest writable drive)",
+    ),
+    (libc::SIGXCPU, 154, "it caught SIGXCPU: it reached its CPU-time limit (RLIMIT_CPU)"),
+    (libc::SIGPIPE, 155, "it caught SIGPIPE: it wrote to a pipe nobody reads"),
+    (libc::SIGHUP, 156, "it caught SIGHUP"),
+    (libc::SIGILL, 157, "it caught SIGILL"),
+];
+
 fn caught_signal_cause(status: ProcessExit) -> Option<String> {
     let ProcessExit::Exited { code } = status else { return None };
-    let cause = match code {
-        148 => "it made a system call its seccomp filter forbids",
-        149 => "it caught SIGBUS",
-        150 => "it caught SIGSEGV",
-        151 => {
-            "it caught SIGXFSZ: a file it wrote reached its file-size limit (RLIMIT_FSIZE: the larger of \
-             jailer.min_file_size_bytes and its largest writable drive)"
-        }
-        154 => "it caught SIGXCPU: it reached its CPU-time limit (RLIMIT_CPU)",
-        155 => "it caught SIGPIPE: it wrote to a pipe nobody reads",
-        156 => "it caught SIGHUP",
-        157 => "it caught SIGILL",
-        _ => return None,
-    };
-    Some(cause.to_owned())
+    CAUGHT_SIGNALS.iter().find(|(_, caught_code, _)| *caught_code == code).map(|(_, _, cause)| (*cause).to_owned())
 }
 
 /// What finds a running Firecracker again (see [`VmmInstance::ticket`]).
@@ -761,5 +776,20 @@ impl SocketCreations {
                 Err(errno) => return Err(errno.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_tells_a_clean_exit_and_a_signal_caught_at_a_limit() {
+        let clean = "2026-12-03T08:21:28.1 [vm-1:main:INFO] Firecracker exiting successfully. exit_code=0";
+        assert_eq!(exit_in_log_line(clean), Some(ProcessExit::Exited { code: 0 }));
+        let limit = "2026-12-03T08:21:28.1 [vm-1:main:ERROR] Shutting down VM after intercepting signal 25, code 0.";
+        let exit = exit_in_log_line(limit).unwrap();
+        assert!(caught_signal_cause(exit).unwrap().contains("file-size limit"), "{exit:?}");
+        assert_eq!(exit_in_log_line("[vm-1:main:INFO] Running Firecracker v1.12.1"), None);
     }
 }
