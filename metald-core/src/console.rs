@@ -19,7 +19,11 @@ use tokio::task::JoinHandle;
 
 /// Lines longer than this are published in pieces.
 const MAX_LINE_BYTES: usize = 4096;
-const LINE_CHANNEL_CAPACITY: usize = 1024;
+/// Lines a follower of the console may fall behind by. The channel holds
+/// a slot per line from the start, so the logs that are only waited on
+/// (a VMM's stderr and log) keep a few.
+const CONSOLE_LINE_CAPACITY: usize = 1024;
+const LOG_LINE_CAPACITY: usize = 16;
 pub const CONSOLE_FILE: &str = "console.log";
 pub const ROTATED_CONSOLE_FILE: &str = "console.log.1";
 
@@ -61,13 +65,18 @@ fn file_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error
 impl ConsoleLog {
     /// A console logging into `dir`, keeping at most `limit_bytes` per file.
     pub fn new(dir: &Path, limit_bytes: u64) -> Self {
-        Self::named(dir, CONSOLE_FILE, limit_bytes)
+        Self::with_capacity(dir, CONSOLE_FILE, limit_bytes, CONSOLE_LINE_CAPACITY)
     }
 
     /// A log of any byte stream (a VMM's stderr, say) in `dir/file_name`,
-    /// rotated the same way to `file_name.1`.
+    /// rotated the same way to `file_name.1`. Made to be waited on, not
+    /// followed: a subscriber more than a few lines behind is told it lagged.
     pub fn named(dir: &Path, file_name: &str, limit_bytes: u64) -> Self {
-        let (lines, _) = broadcast::channel(LINE_CHANNEL_CAPACITY);
+        Self::with_capacity(dir, file_name, limit_bytes, LOG_LINE_CAPACITY)
+    }
+
+    fn with_capacity(dir: &Path, file_name: &str, limit_bytes: u64, line_capacity: usize) -> Self {
+        let (lines, _) = broadcast::channel(line_capacity);
         let (captures, _) = watch::channel(0);
         Self {
             shared: Arc::new(Shared {
@@ -95,8 +104,9 @@ impl ConsoleLog {
         Ok(tokio::spawn(writer.run(source)))
     }
 
-    /// New lines from now on. A receiver that falls more than 1024 lines
-    /// behind loses the oldest and is told so (`RecvError::Lagged`).
+    /// New lines from now on. A receiver that falls more lines behind than
+    /// the channel holds (1024 for a console) loses the oldest and is told
+    /// so (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
         self.shared.lines.subscribe()
     }
@@ -119,9 +129,8 @@ impl ConsoleLog {
     pub async fn wait_for_line(&self, matches: impl Fn(&str) -> bool, timeout: Duration) -> Result<String, ConsoleError> {
         let mut lines = self.subscribe();
         let mut captures = self.shared.captures.subscribe();
-        let logged = self.tail(usize::try_from(self.shared.limit_bytes).unwrap_or(usize::MAX))?;
-        if let Some(line) = String::from_utf8_lossy(&logged).lines().find(|line| matches(line)) {
-            return Ok(line.to_owned());
+        if let Some(line) = self.find_logged(&matches)? {
+            return Ok(line);
         }
         let wait = async {
             let mut ended = false;
@@ -129,7 +138,13 @@ impl ConsoleLog {
                 tokio::select! {
                     received = lines.recv() => match received {
                         Ok(line) if matches(&line) => return Ok(line.to_string()),
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Ok(_) => {}
+                        // The lines skipped are in the file.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            if let Some(line) = self.find_logged(&matches)? {
+                                return Ok(line);
+                            }
+                        }
                         Err(broadcast::error::RecvError::Closed) => return Err(ConsoleError::Ended),
                     },
                     changed = captures.wait_for(|count| *count == 0), if !ended => {
@@ -145,7 +160,16 @@ impl ConsoleLog {
                 }
             }
         };
-        tokio::time::timeout(timeout, wait).await.map_err(|_| ConsoleError::Timeout(timeout))?
+        match tokio::time::timeout(timeout, wait).await.map_err(|_| ConsoleError::Timeout(timeout))? {
+            // A line that came in the last lag, with nothing after it to report the lag, is in the file.
+            Err(ConsoleError::Ended) => self.find_logged(&matches)?.ok_or(ConsoleError::Ended),
+            other => other,
+        }
+    }
+
+    fn find_logged(&self, matches: &impl Fn(&str) -> bool) -> Result<Option<String>, ConsoleError> {
+        let logged = self.tail(usize::try_from(self.shared.limit_bytes).unwrap_or(usize::MAX))?;
+        Ok(String::from_utf8_lossy(&logged).lines().find(|line| matches(line)).map(str::to_owned))
     }
 }
 
@@ -299,5 +323,38 @@ mod tests {
         console.capture(&b"only line\n"[..]).unwrap().await.unwrap();
         let error = console.wait_for_line(|line| line == "never", Duration::from_secs(30)).await.unwrap_err();
         assert!(matches!(error, ConsoleError::Ended), "{error}");
+    }
+
+    /// Writes `wanted` and then far more lines than a log's channel holds, all
+    /// at once, while a waiter for `wanted` listens; closes the stream after
+    /// the burst if `then_close`. Returns what the waiter found.
+    async fn wait_through_a_burst(wanted: &str, then_close: bool) -> Result<String, ConsoleError> {
+        let dir = tempfile::tempdir().unwrap();
+        let log = ConsoleLog::named(dir.path(), "vmm.log", 1 << 20);
+        let (mut writer, reader) = tokio::io::duplex(1 << 16);
+        let _task = log.capture(reader).unwrap();
+        let mut burst = format!("{wanted}\n");
+        for number in 0..10 * LOG_LINE_CAPACITY {
+            burst.push_str(&format!("noise {number}\n"));
+        }
+        // join! polls the waiter first: it listens before the burst is written.
+        let waiting = log.wait_for_line(|line| line == wanted, Duration::from_secs(30));
+        let writing = async {
+            tokio::io::AsyncWriteExt::write_all(&mut writer, burst.as_bytes()).await.unwrap();
+            if then_close {
+                tokio::io::AsyncWriteExt::shutdown(&mut writer).await.unwrap();
+            }
+        };
+        tokio::join!(waiting, writing).0
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_lagged_behind_a_burst_still_finds_its_line_in_the_file() {
+        assert_eq!(wait_through_a_burst("exit_code=151", true).await.unwrap(), "exit_code=151");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_lagged_while_the_stream_stays_open_finds_its_line_in_the_file() {
+        assert_eq!(wait_through_a_burst("ready", false).await.unwrap(), "ready");
     }
 }
