@@ -5,7 +5,7 @@
 //! twice.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
@@ -110,7 +110,7 @@ impl JsonLinesSink {
                 }
             }
         }
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(file_error)?;
+        let file = metald_core::private_files::open_append(&path).map_err(file_error)?;
         Ok(Self { path, state: Mutex::new(JsonLinesState { file, last_sequence }) })
     }
 
@@ -159,7 +159,7 @@ impl BillingSink for JsonLinesSink {
         let mut line = serde_json::to_string(gap).map_err(|error| file_error(error.into()))?;
         line.push('\n');
         let _serialised = self.state.lock().await;
-        let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(file_error)?;
+        let mut file = metald_core::private_files::open_append(&path).map_err(file_error)?;
         file.write_all(line.as_bytes()).map_err(file_error)?;
         file.sync_data().map_err(file_error)
     }

@@ -30,6 +30,12 @@ use crate::record::{Counters, UsageGap, UsageRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    #[error("the spool's file {path} cannot be made owner-only")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the spool at {path} cannot be used")]
     Store {
         path: PathBuf,
@@ -142,6 +148,7 @@ impl Spool {
     pub fn open(path: impl Into<PathBuf>, quota_bytes: u64) -> Result<Self, SpoolError> {
         let path = path.into();
         let store = |source| SpoolError::Store { path: path.clone(), source };
+        metald_core::private_files::prepare_database(&path).map_err(|source| SpoolError::Prepare { path: path.clone(), source })?;
         let connection = Connection::open(&path).map_err(store)?;
         connection.pragma_update(None, "journal_mode", "WAL").map_err(store)?;
         // Every commit is fsynced: a record is taken only once it is on disk.

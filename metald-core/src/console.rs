@@ -7,7 +7,7 @@
 //! twice the cap and the newest output is always kept. Nothing here knows
 //! which VMM produced the bytes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -197,7 +197,7 @@ struct Writer {
 
 impl Writer {
     fn open(shared: Arc<Shared>) -> Result<Self, ConsoleError> {
-        let file = OpenOptions::new().create(true).append(true).open(&shared.path).map_err(file_error("open", &shared.path))?;
+        let file = crate::private_files::open_append(&shared.path).map_err(file_error("open", &shared.path))?;
         let written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
         Ok(Self { shared, file, written, partial_line: Vec::new() })
     }
@@ -244,7 +244,7 @@ impl Writer {
     fn rotate(&mut self) -> Result<(), ConsoleError> {
         let shared = &self.shared;
         std::fs::rename(&shared.path, &shared.rotated_path).map_err(file_error("rotate", &shared.path))?;
-        self.file = OpenOptions::new().create(true).append(true).open(&shared.path).map_err(file_error("open", &shared.path))?;
+        self.file = crate::private_files::open_append(&shared.path).map_err(file_error("open", &shared.path))?;
         self.written = 0;
         Ok(())
     }

@@ -6,7 +6,8 @@
 //! behind one trait ([`backend::VmmBackend`], with Firecracker today),
 //! the integrated jailer ([`jailer`], [`cgroups`], [`launch`]), the network
 //! port ([`network`], implemented by `metald-net`), process supervision
-//! ([`process`]), serial console capture ([`console`])
+//! ([`process`]), serial console capture ([`console`]), owner-only
+//! files ([`private_files`])
 //! and the [`VmManager`] that ties them together and publishes
 //! [`VmEvent`]s. It depends on no other metald crate: networking and
 //! billing plug into it, never the other way round.
@@ -41,6 +42,7 @@ pub mod jailer;
 pub mod launch;
 pub mod manager;
 pub mod network;
+pub mod private_files;
 pub mod process;
 pub mod state;
 pub mod store;

@@ -413,7 +413,8 @@ impl VmManagerBuilder {
         let image_root = self.image_root.ok_or(ManagerError::Incomplete("an image root"))?;
         let images = ImageRoot::new(&image_root).map_err(ManagerError::Image)?;
         let vm_root = self.vm_root.ok_or(ManagerError::Incomplete("a VM root folder"))?;
-        std::fs::create_dir_all(&vm_root).map_err(|source| ManagerError::Setup {
+        // Tenants' consoles and disks: owner-only, also when it existed wider.
+        crate::private_files::private_dir(&vm_root).map_err(|source| ManagerError::Setup {
             what: "the VM root folder",
             path: vm_root.clone(),
             source,

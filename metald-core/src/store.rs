@@ -24,6 +24,12 @@ use crate::state::VmState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error("the VM store's file {path} cannot be made owner-only")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the VM store at {path} cannot be used")]
     Database {
         path: PathBuf,
@@ -98,6 +104,7 @@ impl SqliteVmStore {
         if let Some(parent) = path.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
+        crate::private_files::prepare_database(&path).map_err(|source| StoreError::Prepare { path: path.clone(), source })?;
         let connection = Connection::open(&path).map_err(database)?;
         connection.pragma_update(None, "journal_mode", "WAL").map_err(database)?;
         // A commit reaches the OS at once (it survives the process); fsync

@@ -24,6 +24,12 @@ pub const MAX_INTERFACES_PER_TENANT: u64 = 0xfff0;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AddressError {
+    #[error("the address book's file {path} cannot be made owner-only")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the address book at {path} cannot be used")]
     Store {
         path: PathBuf,
@@ -157,6 +163,7 @@ impl AddressBook {
             return Err(AddressError::Ipv4Pool { pool, tenant_len });
         }
         let store = |source| AddressError::Store { path: path.clone(), source };
+        metald_core::private_files::prepare_database(&path).map_err(|source| AddressError::Prepare { path: path.clone(), source })?;
         let connection = Connection::open(&path).map_err(store)?;
         // WAL with normal sync: a committed allocation survives a crash of
         // metald; a power loss may forget the last ones, together with the

@@ -132,7 +132,8 @@ impl Ipv6Network {
             Some(prefix) => prefix,
             None => default_host_prefix(&std::fs::read_to_string("/etc/machine-id").map_err(ProviderError::MachineId)?),
         };
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| ProviderError::StateDir { path: config.state_dir.clone(), source })?;
+        metald_core::private_files::private_dir(&config.state_dir)
+            .map_err(|source| ProviderError::StateDir { path: config.state_dir.clone(), source })?;
         let ipv4 = config.ipv4_pool.map(|pool| (pool, config.ipv4_tenant_prefix_len));
         let book = AddressBook::open(config.state_dir.join("addresses.db"), AddressPlan { host_prefix, ipv4 })?;
         let host_namespace = match &config.host_netns {

@@ -130,12 +130,13 @@ fn create_run_dir(run_dir: &Path) -> Result<(), InstanceLockError> {
 fn hold(claim: &Claim) -> Result<Flock<File>, InstanceLockError> {
     let lock_error = |source| InstanceLockError::Lock { setting: claim.setting, path: claim.path.clone(), source };
     // Not truncated on open: until the lock is ours, the pid in it is the holder's.
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o644).open(&claim.path).map_err(lock_error)?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&claim.path).map_err(lock_error)?;
     let locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(locked) => locked,
         Err((file, Errno::EWOULDBLOCK)) => return Err(in_use(claim, file)),
         Err((_, errno)) => return Err(lock_error(errno.into())),
     };
+    metald_core::private_files::tighten(&locked).map_err(lock_error)?;
     record_pid(&locked).map_err(|source| InstanceLockError::RecordPid { setting: claim.setting, path: claim.path.clone(), source })?;
     Ok(locked)
 }

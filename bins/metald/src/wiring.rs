@@ -38,7 +38,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     check_jailer_can_run(&settings.jailer)?;
     let (auth, quotas) = tenants(&settings)?;
     let data_dir = &settings.data_dir;
-    std::fs::create_dir_all(data_dir).with_context(|| format!("data_dir: cannot create {}", data_dir.display()))?;
+    // Tenants' console output and usage live here: no other local user reads it.
+    let widened = metald_core::private_files::private_dir(data_dir)
+        .with_context(|| format!("data_dir: cannot create {} or make it owner-only", data_dir.display()))?;
+    if let Some(mode) = widened {
+        tracing::warn!(data_dir = %data_dir.display(), was = format!("{mode:o}"), "data_dir was readable by others; made it 0700");
+    }
     // Before the store, the network or a VM is touched: a second daemon on
     // the same folder (or uids, or cgroups) stops here. Held until run
     // returns; the kernel drops it however the process ends.
