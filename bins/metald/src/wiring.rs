@@ -297,8 +297,17 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
         let id = TenantId::new(&tenant.id).map_err(|error| anyhow::anyhow!("auth.tenants: {:?}: {error}", tenant.id))?;
         let mut hash = [0u8; 32];
         hex::decode_to_slice(&tenant.token_sha256, &mut hash).with_context(|| format!("auth.tenants: {:?}: token_sha256", tenant.id))?;
-        tokens.insert(hash, id.clone());
-        limits.insert(id, tenant.quota);
+        // A token names one tenant, and a tenant (one table per token) has one quota: no later table silently wins.
+        if let Some(earlier) = tokens.insert(hash, id.clone()) {
+            bail!(
+                "auth.tenants: {:?} and {:?} have the same token_sha256; each tenant needs a token of its own",
+                earlier.as_str(),
+                id.as_str()
+            );
+        }
+        if limits.insert(id, tenant.quota).is_some_and(|earlier| earlier != tenant.quota) {
+            bail!("auth.tenants: the tables of {:?} give different quotas; give every table of a tenant the same one", tenant.id);
+        }
     }
     let (gateway, default_quota) = match &settings.auth.gateway {
         Some(gateway) => {

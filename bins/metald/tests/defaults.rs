@@ -132,3 +132,34 @@ fn a_new_token_is_printed_with_the_hash_to_configure_and_only_the_hash_is_kept()
     let refused = Command::new(common::metald_binary()).args(["token", "--tenant", "../x"]).output().unwrap();
     assert!(!refused.status.success());
 }
+
+#[test]
+fn tenants_that_share_a_token_or_a_tenant_with_two_quotas_are_refused_before_anything_is_made() {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    let data = dir.path().join("data");
+    let hash = |token: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    let start_with = |tenants: &[(&str, String, &str)]| {
+        let mut toml = format!("data_dir = {data:?}\nfirecracker = \"/bin/true\"\n[jailer]\nenabled = false\n[billing]\nenabled = false\n");
+        for (id, token_hash, quota) in tenants {
+            toml.push_str(&format!("[[auth.tenants]]\nid = {id:?}\ntoken_sha256 = {token_hash:?}\nquota = {quota}\n"));
+        }
+        let config = dir.path().join("metald.toml");
+        std::fs::write(&config, toml).unwrap();
+        let output = without_metald_env(&mut Command::new(common::metald_binary()))
+            .arg("--config")
+            .arg(&config)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "metald started with {tenants:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let shared = start_with(&[("acme", hash("one"), "{}"), ("globex", hash("one"), "{}")]);
+    assert!(shared.contains(r#""acme" and "globex" have the same token_sha256"#), "{shared}");
+    // Two tokens of one tenant are a rotation; two quotas for it are not.
+    let quotas = start_with(&[("acme", hash("one"), "{ max_vms = 1 }"), ("acme", hash("two"), "{ max_vms = 2 }")]);
+    assert!(quotas.contains(r#"the tables of "acme" give different quotas"#), "{quotas}");
+    assert!(!data.exists(), "nothing is made before the settings hold");
+}
