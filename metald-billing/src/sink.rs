@@ -80,9 +80,13 @@ pub trait BillingSink: Send + Sync + std::fmt::Debug {
 }
 
 /// Appends records as JSON lines to a file, fsyncing each batch. The last
-/// sequence per VM is read from the file at open, so a replayed record is
-/// recognised and not written twice. Gaps go to a file beside it, with
-/// `.gaps` added to its name.
+/// sequence per VM is read from the file (and from its last rotation,
+/// `<name>.1`) at open, so a replayed record is recognised and not written
+/// twice. Gaps go to a file beside it, with `.gaps` added to its name.
+///
+/// Made to be rotated the way logrotate does it: once the file at the
+/// path is no longer the one open (moved away or removed), the next batch
+/// opens a new one there. No signal is needed.
 #[derive(Debug)]
 pub struct JsonLinesSink {
     path: PathBuf,
@@ -100,9 +104,12 @@ impl JsonLinesSink {
         let path = path.into();
         let file_error = |source| SinkError::File { path: path.clone(), source };
         let mut last_sequence = HashMap::new();
-        if let Ok(existing) = File::open(&path) {
+        let mut rotated = path.clone().into_os_string();
+        rotated.push(".1");
+        for written in [PathBuf::from(rotated), path.clone()] {
+            let Ok(existing) = File::open(&written) else { continue };
             for line in BufReader::new(existing).lines() {
-                let line = line.map_err(file_error)?;
+                let line = line.map_err(|source| SinkError::File { path: written.clone(), source })?;
                 // A torn last line (power loss mid-write) is not a record.
                 if let Ok(record) = serde_json::from_str::<UsageRecord>(&line) {
                     let last = last_sequence.entry(record.vm_id.to_string()).or_insert(0);
@@ -145,6 +152,9 @@ impl BillingSink for JsonLinesSink {
             delivered.accepted += 1;
         }
         let file_error = |source| SinkError::File { path: self.path.clone(), source };
+        if !still_at(&state.file, &self.path).map_err(file_error)? {
+            state.file = metald_core::private_files::open_append(&self.path).map_err(file_error)?;
+        }
         state.file.write_all(text.as_bytes()).map_err(file_error)?;
         state.file.sync_data().map_err(file_error)?;
         state.last_sequence.extend(newest);
@@ -162,6 +172,17 @@ impl BillingSink for JsonLinesSink {
         let mut file = metald_core::private_files::open_append(&path).map_err(file_error)?;
         file.write_all(line.as_bytes()).map_err(file_error)?;
         file.sync_data().map_err(file_error)
+    }
+}
+
+/// Whether `file` is still the one at `path`, not moved away or removed.
+fn still_at(file: &File, path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata()?;
+    match std::fs::metadata(path) {
+        Ok(at_path) => Ok((at_path.dev(), at_path.ino()) == (open.dev(), open.ino())),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(error),
     }
 }
 
@@ -183,5 +204,27 @@ mod tests {
         assert_eq!(reopened.deliver(Batch::resent(&again)).await.unwrap(), Delivered { accepted: 1, duplicates: 1 });
         let lines = std::fs::read_to_string(&path).unwrap().lines().count();
         assert_eq!(lines, 4);
+    }
+
+    #[tokio::test]
+    async fn a_file_rotated_away_is_followed_by_a_new_one_and_its_records_still_count_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("usage.jsonl");
+        let rotated = dir.path().join("usage.jsonl.1");
+        let sink = JsonLinesSink::open(&path).unwrap();
+        sink.deliver(Batch::first(&[record("vm-a", 1), record("vm-a", 2)])).await.unwrap();
+        std::fs::rename(&path, &rotated).unwrap();
+        sink.deliver(Batch::first(&[record("vm-a", 3)])).await.unwrap();
+        let lines = |path: &Path| std::fs::read_to_string(path).unwrap().lines().count();
+        assert_eq!((lines(&rotated), lines(&path)), (2, 1), "the new records go to a new file at the path");
+        std::fs::remove_file(&path).unwrap();
+        sink.deliver(Batch::first(&[record("vm-a", 4)])).await.unwrap();
+        assert_eq!(lines(&path), 1, "a removed file is made anew");
+        drop(sink);
+        // After a restart, a record that went out just before the rotation is known.
+        std::fs::rename(&path, &rotated).unwrap();
+        let reopened = JsonLinesSink::open(&path).unwrap();
+        let again = reopened.deliver(Batch::resent(&[record("vm-a", 4), record("vm-a", 5)])).await.unwrap();
+        assert_eq!(again, Delivered { accepted: 1, duplicates: 1 });
     }
 }

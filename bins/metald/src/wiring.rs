@@ -33,6 +33,7 @@ fn running_as_root() -> bool {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    answer_hangups();
     // What can be checked before anything is touched is checked first.
     check_firecracker(&settings.firecracker)?;
     check_jailer_can_run(&settings.jailer)?;
@@ -204,6 +205,23 @@ fn check_jailer_can_run(jailer: &JailerSettings) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// SIGHUP, which logrotate's `postrotate` and many service managers send,
+/// would end the process by default. There is nothing to reopen: logs go
+/// to stderr, and the file sink follows its file across a rotation.
+/// The handler is in place when this returns.
+fn answer_hangups() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; a SIGHUP would stop metald");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: nothing to reload; the usage file is reopened at its next write if it was rotated");
+        }
+    });
 }
 
 async fn wait_for_stop_signal() {

@@ -89,3 +89,46 @@ async fn the_data_folder_and_every_file_in_it_are_for_root_alone_also_after_an_o
     client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_usage_file_is_rotated_as_logrotate_does_it_and_sighup_leaves_metald_running() {
+    let test = "the_usage_file_is_rotated_as_logrotate_does_it_and_sighup_leaves_metald_running";
+    let Some(mut host) = Host::start(test, HostOptions { billing: true, ..HostOptions::default() }) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    let vm_id = common::boot_guest(&client, &[&common::testguest::cmdline::heartbeat_ms(100)]).await;
+    let usage = host.data_dir().join("usage.jsonl");
+    let rotated = host.data_dir().join("usage.jsonl.1");
+    let records_in = |path: &Path| -> Vec<(String, u64)> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        common::testguest::finished_lines(&text)
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .map(|record| (record["vm_id"].as_str().unwrap().to_owned(), record["sequence"].as_u64().unwrap()))
+            .collect()
+    };
+    let wait_for_records = |path: &Path| {
+        let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+        while records_in(path).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "no usage record reached {}", path.display());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    wait_for_records(&usage);
+
+    // logrotate's default: move the file aside, then `postrotate kill -HUP`.
+    std::fs::rename(&usage, &rotated).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(host.pid() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for_records(&usage);
+    assert!(host.alive(), "SIGHUP stopped metald:\n{}", host.log());
+    assert!(host.log().contains("SIGHUP: nothing to reload"), "{}", host.log());
+    assert_eq!(mode_of(&usage), 0o600);
+    assert_eq!(common::state_of(&client, &vm_id).await, wire::VmState::VM_STATE_RUNNING);
+
+    // Every record is in one file or the other, once, in order.
+    let mut all = records_in(&rotated);
+    all.extend(records_in(&usage));
+    let sequences: Vec<u64> = all.iter().filter(|(vm, _)| *vm == vm_id).map(|(_, sequence)| *sequence).collect();
+    let expected: Vec<u64> = (sequences[0]..sequences[0] + sequences.len() as u64).collect();
+    assert_eq!(sequences, expected, "no record lost or written twice across the rotation");
+    client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
