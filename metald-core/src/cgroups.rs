@@ -148,6 +148,46 @@ impl CgroupHierarchy {
             .collect()
     }
 
+    /// Removes the parent folders (the deepest first) once they are empty,
+    /// as a host with no VM left should be; a level something else still
+    /// uses is kept. Returns what could not be removed and why.
+    pub fn remove_parent(&self) -> Vec<String> {
+        let tops: Vec<PathBuf> = match self.version {
+            CgroupVersion::V1 => V1_CONTROLLERS.iter().map(|controller| self.root.join(controller)).collect(),
+            CgroupVersion::V2 => vec![self.root.clone()],
+        };
+        let mut problems = Vec::new();
+        for top in tops {
+            let mut levels: Vec<PathBuf> = self
+                .parent
+                .components()
+                .scan(top, |dir, component| {
+                    *dir = dir.join(component);
+                    Some(dir.clone())
+                })
+                .collect();
+            levels.reverse();
+            for (depth, level) in levels.iter().enumerate() {
+                match fs::remove_dir(level) {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                    // An ancestor other cgroups share stays, and that is no problem.
+                    Err(error) if error.raw_os_error() == Some(libc::ENOTEMPTY) || error.raw_os_error() == Some(libc::EBUSY) => {
+                        if depth == 0 {
+                            problems.push(format!("cgroup folder {}: still holds cgroups", level.display()));
+                        }
+                        break;
+                    }
+                    Err(error) => {
+                        problems.push(format!("cgroup folder {}: {error}", level.display()));
+                        break;
+                    }
+                }
+            }
+        }
+        problems
+    }
+
     /// On v2 a controller is usable in a cgroup only when every ancestor
     /// lists it in `cgroup.subtree_control`.
     fn enable_v2_controllers(&self) -> Result<(), CgroupError> {

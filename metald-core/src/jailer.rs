@@ -300,6 +300,11 @@ impl Jailer {
         problems
     }
 
+    /// Removes the cgroup parent folders, for a host with no VM left.
+    pub fn release_host(&self) -> Vec<String> {
+        self.cgroups.remove_parent()
+    }
+
     /// Launches `plan` in a fresh jail under `plan.vm_dir`.
     pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, JailError> {
         check_static(&plan.program.host_path, &plan.program.file)?;

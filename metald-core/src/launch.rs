@@ -297,6 +297,15 @@ impl Launcher {
         }
     }
 
+    /// Removes what launching set up on the host for every VM, once no VM
+    /// is left; what could not be removed.
+    pub fn release_host(&self) -> Vec<String> {
+        match self {
+            Launcher::Jailed(jailer) => jailer.release_host(),
+            Launcher::Unjailed => Vec::new(),
+        }
+    }
+
     pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError> {
         match self {
             Launcher::Jailed(jailer) => Ok(jailer.launch(plan).await?),

@@ -1333,6 +1333,29 @@ impl VmManager {
         if summary.state == VmState::Deleted { Err(ManagerError::NotFound(vm_id.clone())) } else { Ok(summary) }
     }
 
+    /// For a process that is ending: when it holds no VM and no create is
+    /// under way, removes what was set up on the host for all VMs (the
+    /// network's firewall table, the cgroup parent folders), so a host left
+    /// without VMs is left as it was found. `None` when VMs remain (they
+    /// run on, and the next start takes them over); else what could not be
+    /// removed.
+    pub async fn release_host_when_empty(&self) -> Option<Vec<String>> {
+        {
+            let registry = read_lock(&self.inner.registry);
+            let holds_a_vm = registry.vms.values().any(|slot| lock_summary(slot).state != VmState::Deleted);
+            if holds_a_vm || !registry.reserved.is_empty() {
+                return None;
+            }
+        }
+        let mut problems = match &self.inner.network {
+            Some(network) => network.release_host().await,
+            None => Vec::new(),
+        };
+        let backend = Arc::clone(&self.inner.backend);
+        problems.extend(tokio::task::spawn_blocking(move || backend.release_host()).await.unwrap_or_default());
+        Some(problems)
+    }
+
     /// Every VM, optionally of one tenant, in id order; never waits for an
     /// operation in progress.
     pub fn list(&self, tenant: Option<&TenantId>) -> Vec<VmSummary> {

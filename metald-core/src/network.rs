@@ -107,6 +107,13 @@ pub trait NetworkProvider: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
+    /// Removes what the provider set up on the host for all VMs (its
+    /// firewall table), once it holds none; returns what could not be
+    /// removed. An attach after it sets them up again.
+    async fn release_host(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Opens again what a stored attachment refers to (its namespace), for
     /// a VM found after a restart of metald.
     async fn reopen(&self, vm_id: &VmId, attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {

@@ -114,6 +114,8 @@ pub struct Ipv6Network {
     firewall: Firewall,
     /// Tenant bridges are made and removed one at a time.
     tenants: Mutex<()>,
+    /// The firewall table was removed with the last VM ([`NetworkProvider::release_host`]).
+    released: std::sync::atomic::AtomicBool,
 }
 
 /// The names of one interface's pieces.
@@ -146,8 +148,16 @@ impl Ipv6Network {
         };
         let host = Netlink::connect(host_namespace.as_ref().map(|fd| fd.as_fd()))?;
         let firewall = Firewall::new(&config.nft, &config.table, host_namespace.clone(), host_prefix, config.ipv4_pool);
-        let provider =
-            Self { namespaces: NetnsDir::new(&config.netns_dir), config, book, host_namespace, host, firewall, tenants: Mutex::new(()) };
+        let provider = Self {
+            namespaces: NetnsDir::new(&config.netns_dir),
+            config,
+            book,
+            host_namespace,
+            host,
+            firewall,
+            tenants: Mutex::new(()),
+            released: std::sync::atomic::AtomicBool::new(false),
+        };
         provider.host_sysctl("net.ipv6.conf.all.forwarding", "1")?;
         if provider.config.ipv4_pool.is_some() {
             provider.host_sysctl("net.ipv4.ip_forward", "1")?;
@@ -287,6 +297,9 @@ impl Ipv6Network {
 
     async fn attach_all(&self, request: &AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
         let failed = |source: ProviderError| NetworkError::Attach { vm_id: request.vm_id.clone(), source: Box::new(source) };
+        if self.released.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.firewall.ensure().map_err(|error| failed(error.into()))?;
+        }
         let mut allocations = Vec::with_capacity(request.interfaces.len());
         for (index, interface) in request.interfaces.iter().enumerate() {
             check_interface(index, interface, self.config.ipv4_pool.is_some())?;
@@ -376,6 +389,19 @@ pub fn guest_kernel_args(interfaces: &[AttachedInterface], dns: &[IpAddr], mtu: 
 
 #[async_trait]
 impl NetworkProvider for Ipv6Network {
+    async fn release_host(&self) -> Vec<String> {
+        match self.book.vm_ids() {
+            Ok(held) if held.is_empty() => {}
+            Ok(held) => return vec![format!("the firewall table stays: the address book still holds {} VMs", held.len())],
+            Err(error) => return vec![metald_core::error_chain(&error)],
+        }
+        self.released.store(true, std::sync::atomic::Ordering::SeqCst);
+        match self.firewall.delete_table() {
+            Ok(()) => Vec::new(),
+            Err(error) => vec![format!("firewall table {}: {}", self.firewall.table(), metald_core::error_chain(&error))],
+        }
+    }
+
     async fn forget_all_but(&self, keep: &std::collections::HashSet<VmId>) -> Vec<String> {
         let held = match self.book.vm_ids() {
             Ok(held) => held,

@@ -136,7 +136,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(billing) = billing {
         billing.stop().await;
     }
-    tracing::info!("metald stopped; its VMs run on and the next start takes them over");
+    match manager.release_host_when_empty().await {
+        None => tracing::info!("metald stopped; its VMs run on and the next start takes them over"),
+        Some(problems) if problems.is_empty() => {
+            tracing::info!("metald stopped; no VM was left, so its firewall table and cgroup folders are removed")
+        }
+        Some(problems) => {
+            for problem in problems {
+                tracing::warn!(problem, "metald stopped with no VM left, but cannot remove what it set up for VMs");
+            }
+        }
+    }
     Ok(())
 }
 

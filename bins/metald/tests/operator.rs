@@ -132,3 +132,48 @@ async fn the_usage_file_is_rotated_as_logrotate_does_it_and_sighup_leaves_metald
     client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_stop_with_no_vm_left_leaves_no_firewall_table_or_cgroup_folder_and_one_with_vms_keeps_them() {
+    let test = "a_clean_stop_with_no_vm_left_leaves_no_firewall_table_or_cgroup_folder_and_one_with_vms_keeps_them";
+    let Some(mut host) = Host::start(test, HostOptions { network: true, ..HostOptions::default() }) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    let networked = || {
+        let mut config = common::guest_config(&[]);
+        config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+        common::create_request(config)
+    };
+    let cgroup_folders = |host: &Host| host.cgroup_parents().into_iter().filter(|dir| dir.exists()).collect::<Vec<_>>();
+    let boot = |vm_id: String| {
+        let client = client.clone();
+        async move {
+            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
+            vm_id
+        }
+    };
+
+    // With a VM running, a stop keeps what the VM needs.
+    let vm_id = boot(client.create_vm(networked()).await.unwrap().into_owned().vm_id).await;
+    assert!(host.nft_table_exists() && !cgroup_folders(&host).is_empty());
+    assert!(host.terminate().success());
+    assert!(host.nft_table_exists(), "a running VM keeps its firewall table");
+    assert!(!cgroup_folders(&host).is_empty(), "a running VM keeps its cgroup");
+    assert!(host.log().contains("its VMs run on"), "{}", host.log());
+
+    // With none left, nothing of metald's stays.
+    host.launch();
+    client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    assert!(host.terminate().success());
+    assert!(host.log().contains("no VM was left, so its firewall table and cgroup folders are removed"), "{}", host.log());
+    assert!(!host.nft_table_exists(), "the firewall table is removed");
+    assert_eq!(cgroup_folders(&host), Vec::<PathBuf>::new());
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+
+    // And the next start sets it all up again.
+    host.launch();
+    let vm_id = boot(client.create_vm(networked()).await.unwrap().into_owned().vm_id).await;
+    assert!(host.nft_table_exists());
+    client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

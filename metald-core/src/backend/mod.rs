@@ -282,6 +282,12 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
         let _ = in_use;
         Vec::new()
     }
+
+    /// Removes what the backend set up on the host for all its VMs (cgroup
+    /// parents), once it runs none; returns what could not be removed.
+    fn release_host(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// One VM's VMM, driven over its API.

@@ -317,7 +317,19 @@ impl Host {
         testguest::vmm_processes(&self.data_dir(), Path::new(&self.cgroup_parent))
     }
 
-    fn cgroup_parents(&self) -> Vec<PathBuf> {
+    /// Whether the daemon's firewall table exists in the test's host namespace.
+    pub fn nft_table_exists(&self) -> bool {
+        let prefix = self.netns_prefix.as_ref().expect("a host with networking");
+        let table = format!("mdt{:08x}", fxhash(&self.name));
+        let output = Command::new("ip")
+            .args(["netns", "exec", &format!("{prefix}host"), "nft", "list", "table", "bridge", &table])
+            .output()
+            .unwrap();
+        output.status.success()
+    }
+
+    /// The cgroup parent's folders that exist, one per controller on v1.
+    pub fn cgroup_parents(&self) -> Vec<PathBuf> {
         let root = Path::new("/sys/fs/cgroup");
         let mut parents: Vec<PathBuf> =
             ["cpu", "cpuacct", "memory", "pids"].iter().map(|controller| root.join(controller).join(&self.cgroup_parent)).collect();

@@ -127,4 +127,8 @@ impl VmmBackend for FirecrackerBackend {
     fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
         self.launcher.sweep_strays(in_use)
     }
+
+    fn release_host(&self) -> Vec<String> {
+        self.launcher.release_host()
+    }
 }
