@@ -187,6 +187,16 @@ fn read_tail(path: &Path, max_bytes: usize) -> Result<Vec<u8>, ConsoleError> {
     Ok(bytes)
 }
 
+fn ends_mid_line(path: &Path, length: u64) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    if length == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    File::open(path)?.read_exact_at(&mut last, length - 1)?;
+    Ok(last[0] != b'\n')
+}
+
 /// The single writer of a console log.
 struct Writer {
     shared: Arc<Shared>,
@@ -197,8 +207,14 @@ struct Writer {
 
 impl Writer {
     fn open(shared: Arc<Shared>) -> Result<Self, ConsoleError> {
-        let file = crate::private_files::open_append(&shared.path).map_err(file_error("open", &shared.path))?;
-        let written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
+        let mut file = crate::private_files::open_append(&shared.path).map_err(file_error("open", &shared.path))?;
+        let mut written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
+        // An earlier capture cut off mid-line (its VMM ended, or output was
+        // lost): what comes now starts a line of its own.
+        if ends_mid_line(&shared.path, written).map_err(file_error("read", &shared.path))? {
+            file.write_all(b"\n").map_err(file_error("write", &shared.path))?;
+            written += 1;
+        }
         Ok(Self { shared, file, written, partial_line: Vec::new() })
     }
 
@@ -323,6 +339,17 @@ mod tests {
         console.capture(&b"only line\n"[..]).unwrap().await.unwrap();
         let error = console.wait_for_line(|line| line == "never", Duration::from_secs(30)).await.unwrap_err();
         assert!(matches!(error, ConsoleError::Ended), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_capture_after_one_cut_off_mid_line_starts_a_line_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 1 << 20);
+        console.capture(&b"whole\ncut off mid"[..]).unwrap().await.unwrap();
+        console.capture(&b"next line\n"[..]).unwrap().await.unwrap();
+        console.capture(&b"and one more\n"[..]).unwrap().await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join(CONSOLE_FILE)).unwrap();
+        assert_eq!(text, "whole\ncut off mid\nnext line\nand one more\n");
     }
 
     /// Writes `wanted` and then far more lines than a log's channel holds, all

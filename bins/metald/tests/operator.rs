@@ -177,3 +177,40 @@ async fn a_clean_stop_with_no_vm_left_leaves_no_firewall_table_or_cgroup_folder_
     client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn console_lines_stay_whole_and_none_is_lost_however_often_metald_is_killed_mid_line() {
+    let test = "console_lines_stay_whole_and_none_is_lost_however_often_metald_is_killed_mid_line";
+    let Some(mut host) = Host::start(test, HostOptions::default()) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    // A line every millisecond: a kill lands in the middle of one often.
+    let vm_id = common::boot_guest(&client, &[&common::testguest::cmdline::heartbeat_ms(1)]).await;
+    let console = host.data_dir().join("vms").join(&vm_id).join("console.log");
+    let heartbeats = || {
+        let bytes = std::fs::read(&console).unwrap();
+        String::from_utf8_lossy(&bytes).matches("TESTGUEST HEARTBEAT").count()
+    };
+    for _ in 0..12 {
+        let before = heartbeats();
+        host.kill();
+        host.launch();
+        // Output flows again before the next kill.
+        let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+        while heartbeats() < before + 20 {
+            assert!(std::time::Instant::now() < deadline, "the console never flowed again");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+    let text = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    let run_together: Vec<&str> = text.lines().filter(|line| line.matches("TESTGUEST").count() > 1).collect();
+    assert_eq!(run_together, Vec::<&str>::new(), "lines that lost their end");
+    // What the guest wrote while metald was away waited in the pipe: no beat is missing.
+    let beats: Vec<u64> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("TESTGUEST HEARTBEAT n="))
+        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(beats, (1..=beats.len() as u64).collect::<Vec<_>>(), "every heartbeat, once, in order");
+    client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

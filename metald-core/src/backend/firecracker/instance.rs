@@ -160,8 +160,10 @@ struct Ticket {
 fn fifo(path: &Path) -> io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
     make_fifo(path)?;
     let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
-    // A reader exists, so opening for writing does not block.
-    let writer = std::fs::OpenOptions::new().write(true).open(path)?;
+    // Read and write: the VMM's end is a reader too, so while metald is
+    // away its output waits in the pipe (for the next metald to read)
+    // instead of failing with EPIPE and being lost.
+    let writer = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
     Ok((reader, writer.into()))
 }
 
