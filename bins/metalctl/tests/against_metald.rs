@@ -35,6 +35,35 @@ impl Ctl<'_> {
         String::from_utf8(output.stdout).unwrap()
     }
 
+    /// Creates and boots a heartbeat guest with `metadata` (`key=value`)
+    /// through metalctl and waits for its ready line there; its id.
+    fn create_booted(&self, metadata: &str) -> String {
+        let heartbeat = metald_testguest::cmdline::heartbeat_ms(100);
+        let vm_id = self
+            .ok(&[
+                "create",
+                "--vcpus",
+                "1",
+                "--memory",
+                "32MiB",
+                "--kernel",
+                common::GUEST_KERNEL,
+                "--cmdline",
+                &heartbeat,
+                "--metadata",
+                metadata,
+                "--boot",
+            ])
+            .trim()
+            .to_owned();
+        let deadline = Instant::now() + common::BOOT_TIMEOUT;
+        while !self.ok(&["console", &vm_id]).contains(metald_testguest::console::READY) {
+            assert!(Instant::now() < deadline, "no ready line through metalctl console");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        vm_id
+    }
+
     /// The exit code and stderr of a command that must fail.
     fn fails(&self, args: &[&str]) -> (i32, String) {
         let output = self.run(args);
@@ -49,31 +78,8 @@ fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     let Some(host) = Host::start(test, HostOptions::default()) else { return };
     let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
 
-    let heartbeat = metald_testguest::cmdline::heartbeat_ms(100);
-    let vm_id = ctl
-        .ok(&[
-            "create",
-            "--vcpus",
-            "1",
-            "--memory",
-            "32MiB",
-            "--kernel",
-            common::GUEST_KERNEL,
-            "--cmdline",
-            &heartbeat,
-            "--metadata",
-            "team=db",
-            "--boot",
-        ])
-        .trim()
-        .to_owned();
+    let vm_id = ctl.create_booted("team=db");
     assert!(vm_id.starts_with("vm-"), "{vm_id}");
-
-    let deadline = Instant::now() + common::BOOT_TIMEOUT;
-    while !ctl.ok(&["console", &vm_id]).contains(metald_testguest::console::READY) {
-        assert!(Instant::now() < deadline, "no ready line through metalctl console");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     let table = ctl.ok(&["list"]);
     assert!(table.contains(&vm_id) && table.to_lowercase().contains("running"), "{table}");
@@ -135,4 +141,25 @@ fn lines_of(pipe: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Recei
         }
     });
     receiver
+}
+
+/// The row names of a `metalctl info` table: what comes before the value.
+fn info_rows(table: &str) -> Vec<String> {
+    table.lines().filter_map(|line| line.split("  ").next()).map(|name| name.trim().to_owned()).filter(|name| !name.is_empty()).collect()
+}
+
+#[test]
+fn the_info_example_in_the_docs_has_every_row_metalctl_prints_for_a_running_vm() {
+    let test = "the_info_example_in_the_docs_has_every_row_metalctl_prints_for_a_running_vm";
+    let Some(host) = Host::start(test, HostOptions::default()) else { return };
+    let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
+    let vm_id = ctl.create_booted("team=infra");
+    let printed = info_rows(&ctl.ok(&["info", &vm_id]));
+    let page = std::fs::read_to_string(metald_testguest::workspace_root().join("docs/cli/metalctl.md")).unwrap();
+    let example = page.split("metalctl info vm-1 --json\n```\n\n```\n").nth(1).and_then(|rest| rest.split("```").next()).unwrap();
+    let documented = info_rows(example);
+    let missing: Vec<&String> = printed.iter().filter(|row| !documented.contains(row)).collect();
+    assert!(missing.is_empty(), "docs/cli/metalctl.md's info example lacks {missing:?}; metalctl printed {printed:?}");
+    ctl.ok(&["delete", &vm_id, "--force"]);
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }

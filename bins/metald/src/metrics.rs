@@ -124,7 +124,11 @@ impl Collector for HostCollector {
         )?)?;
         let counters = [
             ("metald_billing_meter_ticks", "Meter ticks run", &billing.meter.ticks),
-            ("metald_billing_meter_missed_ticks", "Meter ticks missed (recorded as gaps, never hidden)", &billing.meter.missed_ticks),
+            (
+                "metald_billing_meter_missed_ticks",
+                "Meter ticks not sampled on time; nothing is lost: the next record covers the time and counts them in missed_ticks",
+                &billing.meter.missed_ticks,
+            ),
             ("metald_billing_records", "Usage records the meter took", &billing.meter.records),
             ("metald_billing_meter_read_failures", "Counter reads that failed", &billing.meter.read_failures),
             ("metald_billing_spool_full", "Ticks the spool refused because its quota was reached", &billing.meter.spool_full),
