@@ -84,6 +84,52 @@ pub enum VmEventKind {
     },
 }
 
+impl VmEventKind {
+    /// Every kind's name, in [`VmEventKind::index`] order.
+    pub const NAMES: [&'static str; 10] =
+        ["created", "booted", "paused", "resumed", "rebooted", "stopped", "failed", "deleted", "reattached", "found_stopped"];
+
+    /// Its name on the wire and in metrics: `booted`, `failed`, …
+    pub fn name(&self) -> &'static str {
+        Self::NAMES[self.index()]
+    }
+
+    /// The match is exhaustive on purpose: a new kind does not compile
+    /// until it has a name.
+    fn index(&self) -> usize {
+        match self {
+            VmEventKind::Created => 0,
+            VmEventKind::Booted(_) => 1,
+            VmEventKind::Paused { .. } => 2,
+            VmEventKind::Resumed { .. } => 3,
+            VmEventKind::Rebooted { .. } => 4,
+            VmEventKind::Stopped { .. } => 5,
+            VmEventKind::Failed { .. } => 6,
+            VmEventKind::Deleted => 7,
+            VmEventKind::Reattached { .. } => 8,
+            VmEventKind::FoundStopped { .. } => 9,
+        }
+    }
+}
+
+/// How many events of each kind a manager published since it was built,
+/// for counters that must not miss one (a subscriber may lag and lose some).
+#[derive(Debug, Default)]
+pub struct EventCounts {
+    counts: [std::sync::atomic::AtomicU64; 10],
+}
+
+impl EventCounts {
+    pub fn count(&self, kind: &VmEventKind) {
+        self.counts[kind.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Each kind's name with its count, every kind included.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        VmEventKind::NAMES.iter().zip(&self.counts).map(|(name, count)| (*name, count.load(std::sync::atomic::Ordering::Relaxed))).collect()
+    }
+}
+
 /// How many VMM ends the VM store keeps per VM. The meter bills every
 /// end within a tick, so a few cover what a killed metald can leave unbilled.
 pub const KEPT_ENDS: usize = 16;

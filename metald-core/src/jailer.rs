@@ -261,6 +261,18 @@ impl Jailer {
         Ok(IdentityLease { uid, gid: uid, pool: Some(Arc::clone(&self.identities)) })
     }
 
+    /// How many uids the pool has and how many are leased now; `None` with
+    /// a fixed identity, which every VM shares.
+    pub fn identity_capacity(&self) -> Option<IdentityCapacity> {
+        if self.config.fixed_identity.is_some() {
+            return None;
+        }
+        let taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let total = u64::from(self.config.uid_range.end.saturating_sub(self.config.uid_range.start));
+        let leased = taken.iter().filter(|uid| self.config.uid_range.contains(uid)).count() as u64;
+        Some(IdentityCapacity { total, leased })
+    }
+
     /// Leases a given uid and gid again, for a VM whose VMM outlived an
     /// earlier metald: it must not be handed to another VM. A uid outside
     /// the pool (the configuration changed since) cannot collide and is not tracked.
@@ -403,6 +415,14 @@ impl Jailer {
     fn file_size_limit(&self, plan: &LaunchPlan) -> u64 {
         self.config.min_file_size_bytes.max(plan.resources.largest_writable_bytes)
     }
+}
+
+/// The uid pool's size and use: each VM holds one uid for its whole life,
+/// so `total - leased` is how many more VMs this host can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityCapacity {
+    pub total: u64,
+    pub leased: u64,
 }
 
 /// A uid and gid, given back to the pool when the lease is dropped.

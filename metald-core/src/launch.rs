@@ -280,6 +280,14 @@ impl Launcher {
         }
     }
 
+    /// The uid pool's size and use (none unjailed).
+    pub fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
+        match self {
+            Launcher::Jailed(jailer) => jailer.identity_capacity(),
+            Launcher::Unjailed => None,
+        }
+    }
+
     /// Leases a VM's known uid and gid again after a restart (none unjailed).
     pub fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<crate::jailer::IdentityLease>>, LaunchError> {
         match self {

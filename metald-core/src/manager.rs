@@ -294,6 +294,7 @@ struct Inner {
     events: broadcast::Sender<VmEvent>,
     /// Deleted VMs' records stay in the store until released (see [`VmManager::hold_deleted_records`]).
     hold_deleted: std::sync::atomic::AtomicBool,
+    published: crate::events::EventCounts,
 }
 
 /// The VMs by id, and the ids being created (not yet visible).
@@ -438,6 +439,7 @@ impl VmManagerBuilder {
                 registry: RwLock::new(Registry::default()),
                 events,
                 hold_deleted: std::sync::atomic::AtomicBool::new(false),
+                published: crate::events::EventCounts::default(),
             }),
         })
     }
@@ -1333,6 +1335,17 @@ impl VmManager {
         if summary.state == VmState::Deleted { Err(ManagerError::NotFound(vm_id.clone())) } else { Ok(summary) }
     }
 
+    /// The uid pool's size and use, when VMs get uids of their own.
+    pub fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
+        self.inner.backend.identity_capacity()
+    }
+
+    /// How many events of each kind this manager published (`failed`,
+    /// `booted`, …), every kind listed.
+    pub fn event_counts(&self) -> Vec<(&'static str, u64)> {
+        self.inner.published.snapshot()
+    }
+
     /// For a process that is ending: when it holds no VM and no create is
     /// under way, removes what was set up on the host for all VMs (the
     /// network's firewall table, the cgroup parent folders), so a host left
@@ -1609,6 +1622,7 @@ fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
 /// Tells subscribers, after writing the VM's record: every change is
 /// published, so every change is stored.
 fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
+    inner.published.count(&kind);
     let at = SystemTime::now();
     if let Some(ended) = ended_vmm(&kind, entry, at) {
         if entry.recent_ends.len() >= KEPT_ENDS {

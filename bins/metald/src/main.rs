@@ -12,6 +12,7 @@ mod config;
 mod instance_lock;
 mod listener;
 mod metrics;
+mod process_metrics;
 mod quota;
 mod server;
 mod service;

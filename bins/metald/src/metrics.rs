@@ -1,10 +1,11 @@
-//! The daemon's Prometheus metrics. RPC latencies and backend errors are
-//! recorded as they happen; VM counts, the spool and the meter are read
-//! when `/metrics` is scraped, so they are never stale.
+//! The daemon's Prometheus metrics. RPC latencies, boot times and backend
+//! errors are recorded as they happen; VM counts and events, uids, the
+//! process, the spool and the meter are read when `/metrics` is scraped,
+//! so they are never stale.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metald_billing::delivery::DeliveryStats;
@@ -46,6 +47,17 @@ pub struct Metrics {
     registry: Registry,
     rpc_duration: Family<RpcLabels, Histogram>,
     backend_errors: Family<BackendLabels, Counter>,
+    boot_duration: Histogram,
+    takeover: Arc<TakeoverFigures>,
+}
+
+/// What the takeover of the previous run's VMs found, once it is done.
+#[derive(Debug, Default)]
+struct TakeoverFigures {
+    done: std::sync::atomic::AtomicBool,
+    reattached: AtomicU64,
+    lost: AtomicU64,
+    stopped: AtomicU64,
 }
 
 fn rpc_histogram() -> Histogram {
@@ -62,8 +74,29 @@ impl Metrics {
         registry.register("metald_rpc_duration_seconds", "How long API calls took, by method and result code", rpc_duration.clone());
         let backend_errors = Family::<BackendLabels, Counter>::default();
         registry.register("metald_backend_errors", "Calls the VMM backend failed, by operation", backend_errors.clone());
-        registry.register_collector(Box::new(HostCollector { manager, billing }));
-        Self { registry, rpc_duration, backend_errors }
+        // 1 ms to about 16 s: a boot takes tens of milliseconds, one
+        // waiting on a slow disk or a starved host far longer.
+        let boot_duration = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "metald_vm_boot_duration_seconds",
+            "How long BootVm took from the call to the guest running, for boots that succeeded",
+            boot_duration.clone(),
+        );
+        let takeover = Arc::new(TakeoverFigures::default());
+        registry.register_collector(Box::new(HostCollector { manager, billing, takeover: Arc::clone(&takeover) }));
+        Self { registry, rpc_duration, backend_errors, boot_duration, takeover }
+    }
+
+    pub fn observe_boot(&self, elapsed: Duration) {
+        self.boot_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// What this run's takeover of the previous run's VMs found.
+    pub fn record_takeover(&self, recovery: &metald_core::Recovery) {
+        self.takeover.reattached.store(recovery.reattached.len() as u64, Ordering::Relaxed);
+        self.takeover.lost.store(recovery.lost.len() as u64, Ordering::Relaxed);
+        self.takeover.stopped.store(recovery.stopped.len() as u64, Ordering::Relaxed);
+        self.takeover.done.store(true, Ordering::Release);
     }
 
     pub fn observe_rpc(&self, method: &str, code: &str, elapsed: Duration) {
@@ -88,6 +121,7 @@ impl Metrics {
 struct HostCollector {
     manager: VmManager,
     billing: Option<BillingFigures>,
+    takeover: Arc<TakeoverFigures>,
 }
 
 const STATES: [VmState; 5] = [VmState::Created, VmState::Running, VmState::Paused, VmState::Shutdown, VmState::Failed];
@@ -103,6 +137,48 @@ impl Collector for HostCollector {
             family.get_or_create(&[("state", state.clone())]).set(*count);
         }
         family.encode(encoder.encode_descriptor("metald_vms", "VMs on this host by state", None, family.metric_type())?)?;
+        let build = Family::<[(&str, &str); 2], prometheus_client::metrics::gauge::Gauge>::default();
+        build.get_or_create(&[("version", env!("CARGO_PKG_VERSION")), ("backend", self.manager.backend_name())]).set(1);
+        build.encode(encoder.encode_descriptor(
+            "metald_build_info",
+            "Always 1; the labels say which metald and VMM backend run",
+            None,
+            build.metric_type(),
+        )?)?;
+        let events = Family::<[(&str, &str); 1], Counter>::default();
+        for (kind, count) in self.manager.event_counts() {
+            events.get_or_create(&[("kind", kind)]).inc_by(count);
+        }
+        events.encode(encoder.encode_descriptor(
+            "metald_vm_events",
+            "VM events since metald started, by kind (failed: a VMM died or an operation broke it)",
+            None,
+            events.metric_type(),
+        )?)?;
+        if let Some(uids) = self.manager.identity_capacity() {
+            gauge(&mut encoder, "metald_uids", "The jailer's uid window: how many VMs this host can hold at once", uids.total)?;
+            gauge(
+                &mut encoder,
+                "metald_uids_free",
+                "uids no VM holds: how many more VMs this host can take",
+                uids.total.saturating_sub(uids.leased),
+            )?;
+        }
+        if self.takeover.done.load(Ordering::Acquire) {
+            let outcomes = Family::<[(&str, &str); 1], prometheus_client::metrics::gauge::Gauge>::default();
+            for (outcome, count) in
+                [("reattached", &self.takeover.reattached), ("lost", &self.takeover.lost), ("stopped", &self.takeover.stopped)]
+            {
+                outcomes.get_or_create(&[("outcome", outcome)]).set(i64::try_from(count.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+            }
+            outcomes.encode(encoder.encode_descriptor(
+                "metald_takeover_vms",
+                "What this run's start found of the previous run's VMs: reattached (VMM taken over), lost (VMM gone or not taken over: now failed), stopped (had no VMM)",
+                None,
+                outcomes.metric_type(),
+            )?)?;
+        }
+        crate::process_metrics::encode(&mut encoder)?;
         let Some(billing) = &self.billing else { return Ok(()) };
         if let Ok(depth) = billing.spool.depth() {
             gauge(
@@ -145,7 +221,7 @@ impl Collector for HostCollector {
     }
 }
 
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+pub(crate) fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
     let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
     gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
 }

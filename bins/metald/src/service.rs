@@ -202,7 +202,9 @@ impl wire::VmService for VmApi {
     async fn boot_vm(&self, ctx: RequestContext, request: ServiceRequest<'_, wire::BootVmRequest>) -> ServiceResult<wire::BootVmResponse> {
         let caller = caller(&ctx)?;
         let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let started = Instant::now();
         self.manager.boot(&vm_id).await.map_err(|error| self.fail(&error))?;
+        self.metrics.observe_boot(started.elapsed());
         self.forget_samples(&vm_id);
         Response::ok(wire::BootVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
     }

@@ -95,7 +95,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let redactor = Redactor::new(&[&settings.data_dir, &settings.image_root, &settings.firecracker]);
     let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping).with_redactor(redactor);
     let readiness = Arc::new(Readiness::default());
-    let app = crate::server::app(api, Arc::new(auth), metrics, Arc::clone(&readiness), settings.api.max_body_bytes);
+    let app = crate::server::app(api, Arc::new(auth), Arc::clone(&metrics), Arc::clone(&readiness), settings.api.max_body_bytes);
 
     // Listening starts before the takeover, so probes see /health answer
     // and /ready say 503 (API calls: unavailable) until it is done.
@@ -122,9 +122,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stopped = recovery.stopped.len(),
         "VMs of the previous run reconciled"
     );
-    for (vm_id, reason) in &recovery.lost {
-        tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
-    }
+    metrics.record_takeover(&recovery);
     if let Some(billing) = &billing {
         billing.takeover_done(manager.list(None).into_iter().map(|summary| summary.vm_id));
     }

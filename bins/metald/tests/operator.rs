@@ -214,3 +214,86 @@ async fn console_lines_stay_whole_and_none_is_lost_however_often_metald_is_kille
     client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+/// The value of the sample `series` (name and labels as scraped) in an exposition.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn scrape(host: &Host) -> String {
+    common::http_get(host.port, "/metrics").unwrap().1
+}
+
+/// Waits until `series` has `value` in a scrape; the last scrape.
+fn wait_for_sample(host: &Host, series: &str, value: f64) -> String {
+    let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+    loop {
+        let metrics = scrape(host);
+        if sample(&metrics, series) == Some(value) {
+            return metrics;
+        }
+        assert!(std::time::Instant::now() < deadline, "{series} never became {value}:\n{metrics}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_metrics_an_operator_alerts_on_are_exported_and_every_one_is_documented() {
+    let test = "the_metrics_an_operator_alerts_on_are_exported_and_every_one_is_documented";
+    let Some(mut host) = Host::start(test, HostOptions { billing: true, uid_count: Some(64), ..HostOptions::default() }) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    let metrics = scrape(&host);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(sample(&metrics, &format!("metald_build_info{{version=\"{version}\",backend=\"firecracker\"}}")), Some(1.0), "{metrics}");
+    assert!(sample(&metrics, "process_cpu_seconds_total").is_some(), "{metrics}");
+    for series in ["process_resident_memory_bytes", "process_open_fds", "process_max_fds", "process_threads"] {
+        assert!(sample(&metrics, series).is_some_and(|value| value > 0.0), "{series}:\n{metrics}");
+    }
+    let started = sample(&metrics, "process_start_time_seconds").unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    assert!(started <= now && started > now - 3600.0, "started {started}, now {now}");
+    assert_eq!((sample(&metrics, "metald_uids"), sample(&metrics, "metald_uids_free")), (Some(64.0), Some(64.0)));
+    assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"reattached\"}"), Some(0.0), "{metrics}");
+
+    let heartbeat = common::testguest::cmdline::heartbeat_ms(100);
+    let mut vms = Vec::new();
+    for _ in 0..3 {
+        vms.push(common::boot_guest(&client, &[&heartbeat]).await);
+    }
+    let metrics = scrape(&host);
+    assert_eq!(sample(&metrics, "metald_uids_free"), Some(61.0), "each VM holds a uid");
+    assert_eq!(sample(&metrics, "metald_vm_boot_duration_seconds_count"), Some(3.0), "{metrics}");
+    assert_eq!(sample(&metrics, "metald_vm_events_total{kind=\"booted\"}"), Some(3.0), "{metrics}");
+    assert_eq!(sample(&metrics, "metald_vm_events_total{kind=\"failed\"}"), Some(0.0), "every kind is present: {metrics}");
+
+    // A VMM killed under metald is a failure; one killed while metald is away is lost at the takeover.
+    let kill = |vm_id: &str| {
+        let pid = common::vmm_pid(vm_id).expect("the VM's VMM");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    };
+    kill(&vms[0]);
+    wait_for_sample(&host, "metald_vm_events_total{kind=\"failed\"}", 1.0);
+    host.kill();
+    kill(&vms[1]);
+    host.launch();
+    let metrics = wait_for_sample(&host, "metald_takeover_vms{outcome=\"reattached\"}", 1.0);
+    assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"lost\"}"), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"stopped\"}"), Some(1.0), "{metrics}");
+    assert_eq!(host.log().matches("VM failed while metald was away").count(), 1, "said once:\n{}", host.log());
+
+    // Every metric metald exports is on the metrics page, by the name it is scraped as.
+    let page = std::fs::read_to_string(common::testguest::workspace_root().join("docs/reference/metrics-reference.md")).unwrap();
+    let mut undocumented = Vec::new();
+    for line in metrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")) {
+        let (name, kind) = line.split_once(' ').unwrap();
+        let scraped = if kind == "counter" { format!("{name}_total") } else { name.to_owned() };
+        if !page.contains(&format!("`{scraped}`")) {
+            undocumented.push(scraped);
+        }
+    }
+    assert_eq!(undocumented, Vec::<String>::new(), "not in docs/reference/metrics-reference.md");
+    for vm_id in vms {
+        client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    }
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

@@ -259,6 +259,12 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     /// nothing is left in `spec.vm_dir` but what the caller put there.
     async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError>;
 
+    /// How many users the backend can give VMs and how many it has given;
+    /// `None` when VMs do not get users of their own.
+    fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
+        None
+    }
+
     /// Leases a known VM's user again after a restart of metald.
     fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError>;
 

@@ -107,6 +107,10 @@ impl VmmBackend for FirecrackerBackend {
         Ok(Box::new(vm))
     }
 
+    fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
+        self.launcher.identity_capacity()
+    }
+
     fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
         self.launcher.reserve_identity(uid, gid).map_err(BackendError::Launch)
     }
