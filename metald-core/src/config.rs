@@ -44,6 +44,20 @@ pub struct VmConfig {
     pub network: Vec<NetworkInterface>,
     pub console: ConsoleConfig,
     pub metadata: BTreeMap<String, String>,
+    /// What to do when the VM's VMM dies.
+    pub restart: RestartPolicy,
+}
+
+/// What metald does when a VM's VMM dies (not when its guest shuts down or
+/// it is stopped): by default nothing, and the VM stays Failed until it is
+/// booted again. See [`crate::restart`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RestartPolicy {
+    /// Boot it again, in a fresh VMM on its configuration and disks.
+    pub on_failure: bool,
+    /// Restarts in a row at most; 0 for [`crate::restart::DEFAULT_MAX_RESTARTS`].
+    pub max_restarts: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,7 +370,8 @@ impl VmConfig {
         validate_storage(&self.storage)?;
         validate_network(&self.network)?;
         self.console.validate()?;
-        validate_metadata(&self.metadata)
+        validate_metadata(&self.metadata)?;
+        in_range("restart_policy.max_restarts", u64::from(self.restart.max_restarts), 0, u64::from(crate::restart::MAX_RESTARTS_LIMIT))
     }
 
     /// How many vCPUs the guest boots with.

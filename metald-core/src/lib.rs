@@ -44,6 +44,7 @@ pub mod manager;
 pub mod network;
 pub mod private_files;
 pub mod process;
+pub mod restart;
 pub mod state;
 pub mod store;
 

@@ -259,6 +259,8 @@ struct VmEntry {
     /// process has nothing to say.
     watch_generation: u64,
     watched_pid: Option<u32>,
+    /// Restarts in a row its restart policy made.
+    restarts: crate::restart::RestartCount,
 }
 
 struct VmSlot {
@@ -616,6 +618,7 @@ impl VmManager {
             modified_at: now,
             watch_generation: 0,
             watched_pid: None,
+            restarts: crate::restart::RestartCount::default(),
         };
         let slot = VmSlot::new(vm_id.clone(), tenant.clone(), console, entry);
         {
@@ -886,8 +889,10 @@ impl VmManager {
 
     async fn boot_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
         let mut locked = self.lock(vm_id).await?;
-        // The table lets Paused become Running too, but that is a resume.
-        self.require(&locked, "boot", &[VmState::Created, VmState::Shutdown], "Created or Shutdown")?;
+        // The table lets Paused become Running too, but that is a resume. A
+        // Failed VM boots in a fresh VMM on its configuration and disks.
+        self.require(&locked, "boot", &[VmState::Created, VmState::Shutdown, VmState::Failed], "Created, Shutdown or Failed")?;
+        self.prepare_fresh_vmm(&mut locked).await?;
         let result = locked.entry.instance.boot().await;
         match result {
             Ok(()) => {
@@ -900,6 +905,38 @@ impl VmManager {
             }
             Err(source) => Err(self.fail_operation(&mut locked, BackendOperation::Boot, source).await),
         }
+    }
+
+    /// Before a boot that needs a fresh VMM: a Failed VM is given a new VMM
+    /// instance on its configuration and disks (its images resolved again,
+    /// so one put back in the image root is found), and a VM whose network
+    /// namespace is gone (a host reboot) its network again, with the same
+    /// addresses. No VMM runs for the VM here, so nothing of a running one
+    /// is touched.
+    async fn prepare_fresh_vmm(&self, locked: &mut Locked) -> Result<(), ManagerError> {
+        let namespace_gone = locked.entry.network.as_ref().is_some_and(|network| network.netns.is_none());
+        if locked.entry.state != VmState::Failed && !namespace_gone {
+            return Ok(());
+        }
+        let (vm_id, tenant) = (locked.slot.vm_id.clone(), locked.slot.tenant.clone());
+        if namespace_gone && let Some(provider) = &self.inner.network {
+            let owner = locked.entry.identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
+            let request = AttachRequest { vm_id: &vm_id, tenant: &tenant, interfaces: &locked.entry.config.network, owner };
+            locked.entry.network = Some(provider.attach(request).await.map_err(ManagerError::Network)?);
+            tracing::info!(%vm_id, "the VM's network was set up again: its namespace was gone");
+        }
+        let entry = &mut *locked.entry;
+        // An image gone from the image root stands in as such, and the launch names it.
+        let images = self.resolve_found_images(&vm_id, &entry.config)?;
+        let spec =
+            self.build_spec(&vm_id, &tenant, &entry.config, images, &entry.vm_dir, entry.identity.clone(), entry.network.as_ref())?;
+        // What the ended VMM left (its jail, its cgroup) goes before the new instance takes its place.
+        match entry.instance.stop(StopMode::Forced).await {
+            Ok(outcome) => entry.last_exit = Some(outcome.exit),
+            Err(error) => tracing::debug!(%vm_id, error = %crate::error_chain(&error), "nothing of an earlier VMM to clear"),
+        }
+        entry.instance = self.inner.backend.dormant(spec, locked.slot.console.clone());
+        Ok(())
     }
 
     async fn pause_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
@@ -1249,6 +1286,7 @@ impl VmManager {
             modified_at: if state == record.state { from_unix_millis(record.modified_at_ms) } else { SystemTime::now() },
             watch_generation: 0,
             watched_pid: None,
+            restarts: crate::restart::RestartCount::default(),
         };
         let slot = VmSlot::new(vm_id.clone(), tenant.clone(), console, entry);
         let mut entry = slot.entry.lock().await;
@@ -1267,6 +1305,11 @@ impl VmManager {
                 let earlier_ends = entry.recent_ends.clone();
                 let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot, earlier_ends };
                 self.publish(&slot, &mut entry, failed);
+                // A host reboot or a VMM killed while metald was away is a death like any other.
+                let policy = entry.config.restart;
+                if let Some(next) = entry.restarts.next(&policy, None) {
+                    restart_later(self.clone(), vm_id.clone(), next);
+                }
             }
             Recovered::Stopped => {
                 let earlier_ends = entry.recent_ends.clone();
@@ -1482,6 +1525,10 @@ impl VmManager {
             let usage = locked.entry.instance.take_ended_usage();
             let failed = VmEventKind::Failed { reason, exit, usage, booted_at, earlier_ends: Vec::new() };
             self.transition(locked, VmState::Failed, failed);
+        } else {
+            // Failed already (a boot again that failed too): the newer reason is the one to show.
+            *lock_summary(&locked.slot) = summary_of(&locked.slot.vm_id, &locked.slot.tenant, &locked.entry);
+            save_record(&self.inner, &locked.slot, &locked.entry);
         }
         error
     }
@@ -1550,7 +1597,41 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         let usage = entry.instance.take_ended_usage();
         let failed = VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at, earlier_ends: Vec::new() };
         publish(&inner, &slot, &mut entry, failed);
+        let ran_for = booted_at.and_then(|booted_at| booted_at.elapsed().ok());
+        let policy = entry.config.restart;
+        match entry.restarts.next(&policy, ran_for) {
+            Some(next) => restart_later(VmManager { inner: Arc::clone(&inner) }, vm_id.clone(), next),
+            None if policy.on_failure => tracing::warn!(%vm_id, "the VM stays failed: its restart policy allows no more restarts"),
+            None => {}
+        }
     }
+}
+
+/// Boots a VM its restart policy restarts once `next.after` has passed,
+/// unless something else booted or deleted it meanwhile; a boot that fails
+/// counts as a death and is tried again while the policy allows.
+fn restart_later(manager: VmManager, vm_id: VmId, mut next: crate::restart::NextRestart) {
+    tokio::spawn(async move {
+        loop {
+            tracing::info!(%vm_id, restart = next.number, of = next.of, after_s = next.after.as_secs(), "restarting the VM: its VMM died");
+            tokio::time::sleep(next.after).await;
+            if !matches!(manager.state(&vm_id), Ok(VmState::Failed)) {
+                return;
+            }
+            let error = match manager.boot(&vm_id).await {
+                Ok(()) => return tracing::info!(%vm_id, restart = next.number, "VM restarted"),
+                Err(error) => error,
+            };
+            tracing::warn!(%vm_id, error = %crate::error_chain(&error), "a restart of the VM failed");
+            let Ok(slot) = manager.slot(&vm_id) else { return };
+            let mut entry = slot.entry.lock().await;
+            let policy = entry.config.restart;
+            match entry.restarts.next(&policy, None) {
+                Some(following) => next = following,
+                None => return tracing::warn!(%vm_id, "the VM stays failed: its restart policy allows no more restarts"),
+            }
+        }
+    });
 }
 
 /// What [`VmManager::recover`] found.
@@ -1630,16 +1711,23 @@ fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind)
         }
         entry.recent_ends.push(ended);
     }
-    if let Some(store) = &inner.store {
-        let forget = matches!(kind, VmEventKind::Deleted) && !inner.hold_deleted.load(std::sync::atomic::Ordering::SeqCst);
-        let stored = if forget { store.remove(&slot.vm_id) } else { store.save(&record_of(slot, entry)) };
-        if let Err(error) = stored {
-            tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot store the VM's record; a restart may not find it as it is");
+    let forget = matches!(kind, VmEventKind::Deleted) && !inner.hold_deleted.load(std::sync::atomic::Ordering::SeqCst);
+    if forget {
+        if let Some(Err(error)) = inner.store.as_ref().map(|store| store.remove(&slot.vm_id)) {
+            tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot forget the VM's record");
         }
+    } else {
+        save_record(inner, slot, entry);
     }
     let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at, state: entry.state, kind };
     // No subscriber is fine.
     let _ = inner.events.send(event);
+}
+
+fn save_record(inner: &Inner, slot: &VmSlot, entry: &VmEntry) {
+    if let Some(Err(error)) = inner.store.as_ref().map(|store| store.save(&record_of(slot, entry))) {
+        tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot store the VM's record; a restart may not find it as it is");
+    }
 }
 
 /// How a VMM's life ended, for an event that ends one that had booted.

@@ -37,7 +37,7 @@ impl VmState {
                 | (Running, Paused | Shutdown | Failed)
                 | (Paused, Running | Shutdown | Failed)
                 | (Shutdown, Running | Failed | Deleted)
-                | (Failed, Deleted)
+                | (Failed, Running | Deleted)
         )
     }
 
@@ -96,6 +96,7 @@ mod tests {
         (Shutdown, Running),
         (Shutdown, Failed),
         (Shutdown, Deleted),
+        (Failed, Running),
         (Failed, Deleted),
     ];
 

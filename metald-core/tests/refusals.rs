@@ -185,7 +185,7 @@ async fn operations_the_state_table_forbids_name_the_current_state() {
     sandbox.manager.boot(&vm_id).await.unwrap();
     sandbox.manager.pause(&vm_id).await.unwrap();
     let error = sandbox.manager.boot(&vm_id).await.unwrap_err();
-    assert_eq!(error.to_string(), format!("VM {vm_id} is Paused; to boot it must be Created or Shutdown"));
+    assert_eq!(error.to_string(), format!("VM {vm_id} is Paused; to boot it must be Created, Shutdown or Failed"));
     assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Paused, "the refused boot changed nothing");
     sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
     let error = sandbox.manager.resume(&vm_id).await.unwrap_err();

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use metald_api::proto::vmprovisioner::v1::VmState;
 
 use crate::exit::EXIT_CODES_HELP;
-use crate::parse::{DiskSpec, parse_disk, parse_key_value, parse_size};
+use crate::parse::{DiskSpec, RestartFlag, parse_disk, parse_key_value, parse_restart, parse_size};
 
 /// The largest console tail the API returns (`GetConsoleRequest.max_bytes`).
 pub const MAX_CONSOLE_BYTES: i64 = 1 << 20;
@@ -129,6 +129,10 @@ pub struct CreateArgs {
     /// A label, KEY=VALUE; repeat for more.
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub metadata: Vec<(String, String)>,
+    /// When its VMM dies: never (the default), on-failure, or on-failure:N
+    /// for at most N restarts in a row (5 by default).
+    #[arg(long = "restart", value_name = "POLICY", value_parser = parse_restart)]
+    pub restart: Option<RestartFlag>,
     /// Boot the VM right after creating it.
     #[arg(long)]
     pub boot: bool,

@@ -93,6 +93,30 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
     }
 }
 
+/// A `--restart` policy: `never`, `on-failure` or `on-failure:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartFlag {
+    pub on_failure: bool,
+    /// 0 for the host's default.
+    pub max_restarts: i32,
+}
+
+pub fn parse_restart(text: &str) -> Result<RestartFlag, String> {
+    let (mode, count) = match text.split_once(':') {
+        Some((mode, count)) => (mode, Some(count)),
+        None => (text, None),
+    };
+    match (mode, count) {
+        ("never", None) => Ok(RestartFlag { on_failure: false, max_restarts: 0 }),
+        ("on-failure", None) => Ok(RestartFlag { on_failure: true, max_restarts: 0 }),
+        ("on-failure", Some(count)) => match count.parse::<i32>() {
+            Ok(count) if (1..=100).contains(&count) => Ok(RestartFlag { on_failure: true, max_restarts: count }),
+            _ => Err(format!("{count:?}: the most restarts in a row is a number from 1 to 100")),
+        },
+        _ => Err(format!("{text:?} is not never, on-failure or on-failure:N")),
+    }
+}
+
 /// The storage list the `--disk` flags ask for, in their order. A drive
 /// without an id gets `disk<N>`, N being its place among the flags (or the
 /// next number no other drive uses). At most one drive may be the root.
@@ -137,6 +161,15 @@ fn unused_default_id(index: usize, taken: &mut HashSet<String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restart_policies_are_read_with_their_limit() {
+        assert_eq!(parse_restart("never"), Ok(RestartFlag { on_failure: false, max_restarts: 0 }));
+        assert_eq!(parse_restart("on-failure"), Ok(RestartFlag { on_failure: true, max_restarts: 0 }));
+        assert_eq!(parse_restart("on-failure:3"), Ok(RestartFlag { on_failure: true, max_restarts: 3 }));
+        assert!(parse_restart("on-failure:0").unwrap_err().contains("1 to 100"));
+        assert!(parse_restart("always").unwrap_err().contains("never, on-failure or on-failure:N"));
+    }
 
     #[test]
     fn sizes_take_plain_bytes_and_binary_units() {

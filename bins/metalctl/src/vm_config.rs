@@ -7,7 +7,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use metald_api::proto::vmprovisioner::v1::VmConfig;
+use metald_api::proto::vmprovisioner::v1::{RestartPolicy, VmConfig};
 use serde_json::Value;
 
 use crate::cli::CreateArgs;
@@ -132,6 +132,13 @@ fn apply_flags(config: &mut VmConfig, args: &CreateArgs) -> Result<(), CliError>
     }
     for (key, value) in &args.metadata {
         config.metadata.insert(key.clone(), value.clone());
+    }
+    if let Some(restart) = args.restart {
+        config.restart_policy = buffa::MessageField::some(RestartPolicy {
+            on_failure: restart.on_failure,
+            max_restarts: restart.max_restarts,
+            ..Default::default()
+        });
     }
     Ok(())
 }

@@ -297,3 +297,143 @@ async fn the_metrics_an_operator_alerts_on_are_exported_and_every_one_is_documen
     }
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_host_reboot_every_vm_boots_again_with_its_disks_and_addresses() {
+    let test = "after_a_host_reboot_every_vm_boots_again_with_its_disks_and_addresses";
+    let Some(mut host) = Host::start(test, HostOptions { network: true, ..HostOptions::default() }) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    std::fs::write(host.dir.path().join("images/data.img"), vec![0u8; 1 << 20]).unwrap();
+    let networked_with_disk = |restart: bool| {
+        let mut config = common::guest_config(&[&common::testguest::cmdline::heartbeat_ms(100)]);
+        config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+        config.storage.push(wire::StorageDevice { id: "data".into(), path: "data.img".into(), ..Default::default() });
+        if restart {
+            config.restart_policy = buffa::MessageField::some(wire::RestartPolicy { on_failure: true, ..Default::default() });
+        }
+        common::create_request(config)
+    };
+    let info = |vm_id: String| {
+        let client = client.clone();
+        async move { client.get_vm_info(wire::GetVmInfoRequest { vm_id, ..Default::default() }).await.unwrap().into_owned() }
+    };
+    let address = |info: &wire::GetVmInfoResponse| info.network_info.as_option().expect("network facts").ipv6_address.clone();
+    // One VM running, one shut down when the host goes, and one running that restarts on failure.
+    let mut vms = Vec::new();
+    for restart in [false, false, true] {
+        let vm_id = client.create_vm(networked_with_disk(restart)).await.unwrap().into_owned().vm_id;
+        client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+        common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
+        vms.push(vm_id);
+    }
+    client.shutdown_vm(wire::ShutdownVmRequest { vm_id: vms[1].clone(), force: true, ..Default::default() }).await.unwrap();
+    let addresses: Vec<String> = futures::future::join_all(vms.iter().map(|vm_id| info(vm_id.clone()))).await.iter().map(address).collect();
+    // What the tenant wrote to its disk (the test guest writes none itself).
+    let disks: Vec<PathBuf> = vms.iter().map(|vm_id| host.data_dir().join("vms").join(vm_id).join("drives/data.img")).collect();
+    for (disk, vm_id) in disks.iter().zip(&vms) {
+        let mut content = std::fs::read(disk).unwrap();
+        content[..vm_id.len()].copy_from_slice(vm_id.as_bytes());
+        std::fs::write(disk, content).unwrap();
+    }
+
+    // The host reboots: every process, namespace, link, nft table and cgroup goes; the disk stays.
+    host.kill();
+    for pid in host.live_vmms() {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    }
+    let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+    while !host.live_vmms().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "VMMs outlived SIGKILL");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    host.simulate_reboot();
+    host.launch();
+
+    for (index, vm_id) in vms.iter().enumerate() {
+        let found = info(vm_id.clone()).await;
+        if index == 0 {
+            assert_eq!(found.state.as_known(), Some(wire::VmState::VM_STATE_FAILED), "{found:?}");
+            assert!(found.failure_reason.contains("its VMM was gone"), "{}", found.failure_reason);
+        }
+        if index < 2 {
+            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+        }
+        // The third comes back by itself; waited for as its guest's ready line, printed anew.
+        let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+        while info(vm_id.clone()).await.state.as_known() != Some(wire::VmState::VM_STATE_RUNNING) {
+            assert!(std::time::Instant::now() < deadline, "{vm_id} never ran again:\n{}", host.log());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        common::wait_for_console(&client, vm_id, common::testguest::console::READY).await;
+        let booted = info(vm_id.clone()).await;
+        assert_eq!(booted.state.as_known(), Some(wire::VmState::VM_STATE_RUNNING));
+        assert_eq!(address(&booted), addresses[index], "the VM keeps its address");
+        assert!(booted.failure_reason.is_empty(), "{}", booted.failure_reason);
+        assert!(std::fs::read(&disks[index]).unwrap().starts_with(vm_id.as_bytes()), "the VM keeps its disk");
+    }
+    assert!(host.nft_table_exists());
+    for vm_id in vms {
+        client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    }
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vm_whose_vmm_dies_is_restarted_as_its_policy_says_up_to_its_limit_and_a_failed_vm_boots_by_hand() {
+    let test = "a_vm_whose_vmm_dies_is_restarted_as_its_policy_says_up_to_its_limit_and_a_failed_vm_boots_by_hand";
+    let Some(host) = Host::start(test, HostOptions::default()) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    let create = |restart: Option<wire::RestartPolicy>| {
+        let client = client.clone();
+        async move {
+            let mut config = common::guest_config(&[&common::testguest::cmdline::heartbeat_ms(100)]);
+            config.restart_policy = restart.map_or_else(buffa::MessageField::none, buffa::MessageField::some);
+            let vm_id = client.create_vm(common::create_request(config)).await.unwrap().into_owned().vm_id;
+            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
+            vm_id
+        }
+    };
+    let kill_vmm = |vm_id: &str| {
+        let pid = common::vmm_pid(vm_id).expect("a VMM");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        pid
+    };
+    let restarting = create(Some(wire::RestartPolicy { on_failure: true, max_restarts: 2, ..Default::default() })).await;
+    let staying = create(None).await;
+    let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: restarting.clone(), ..Default::default() }).await.unwrap().into_owned();
+    assert_eq!(info.config.restart_policy.as_option().map(|policy| (policy.on_failure, policy.max_restarts)), Some((true, 2)));
+
+    kill_vmm(&staying);
+    for restart in 1..=2 {
+        let killed = kill_vmm(&restarting);
+        // Backs off 1 s, then 2 s: waited for as facts, a new VMM whose guest runs.
+        let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+        while common::vmm_pid(&restarting).is_none_or(|pid| pid == killed)
+            || common::state_of(&client, &restarting).await != wire::VmState::VM_STATE_RUNNING
+        {
+            assert!(std::time::Instant::now() < deadline, "restart {restart} never came:\n{}", host.log());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(host.log().contains(&format!("restart={restart} of=2")), "{}", host.log());
+    }
+    kill_vmm(&restarting);
+    let deadline = std::time::Instant::now() + common::BOOT_TIMEOUT;
+    while !host.log().contains("the VM stays failed: its restart policy allows no more restarts") {
+        assert!(std::time::Instant::now() < deadline, "{}", host.log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for vm_id in [&restarting, &staying] {
+        assert_eq!(common::state_of(&client, vm_id).await, wire::VmState::VM_STATE_FAILED, "{vm_id}");
+        // By hand, a failed VM boots in a fresh VMM.
+        client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+        common::wait_for_console(&client, vm_id, common::testguest::console::READY).await;
+        let info = client.get_vm_info(wire::GetVmInfoRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap().into_owned();
+        assert_eq!(info.state.as_known(), Some(wire::VmState::VM_STATE_RUNNING));
+        assert!(info.failure_reason.is_empty(), "{}", info.failure_reason);
+    }
+    for vm_id in [restarting, staying] {
+        client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
+    }
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use buffa::{EnumValue, MessageField};
 use metald_core::config::{
     BootConfig, ConsoleConfig, CpuConfig, CpuTopology, Ipv4Config, Ipv6Config, MemoryConfig, NetworkInterface, NetworkMode, RateLimit,
-    StorageDevice, VmConfig,
+    RestartPolicy, StorageDevice, VmConfig,
 };
 
 use super::{WireError, non_negative_i32, non_negative_i64, saturating_i32, saturating_i64};
@@ -44,6 +44,13 @@ pub fn config_from_wire(config: &wire::VmConfig) -> Result<VmConfig, WireError> 
         network,
         console: config.console.as_option().map(console_from_wire).unwrap_or_default(),
         metadata: map_from_wire(&config.metadata),
+        restart: match config.restart_policy.as_option() {
+            Some(policy) => RestartPolicy {
+                on_failure: policy.on_failure,
+                max_restarts: non_negative_i32("restart_policy.max_restarts", policy.max_restarts)?,
+            },
+            None => RestartPolicy::default(),
+        },
     })
 }
 
@@ -176,6 +183,14 @@ pub fn config_to_wire(config: &VmConfig) -> wire::VmConfig {
         network: config.network.iter().map(interface_to_wire).collect(),
         console: MessageField::some(console_to_wire(&config.console)),
         metadata: map_to_wire(&config.metadata),
+        restart_policy: match config.restart {
+            policy if policy == RestartPolicy::default() => MessageField::none(),
+            policy => MessageField::some(wire::RestartPolicy {
+                on_failure: policy.on_failure,
+                max_restarts: saturating_i32(policy.max_restarts),
+                ..Default::default()
+            }),
+        },
         ..Default::default()
     }
 }
@@ -388,6 +403,7 @@ mod tests {
             ],
             console: ConsoleConfig { enabled: true, output: "out".into(), input: "in".into(), console_type: "serial".into() },
             metadata: map(&[("team", "storage"), ("purpose", "ci")]),
+            restart: RestartPolicy { on_failure: true, max_restarts: 7 },
         }
     }
 

@@ -80,6 +80,10 @@ fn config_rows(rows: &mut Rows, config: &VmConfig) {
         let value = if flags.is_empty() { disk.path.clone() } else { format!("{} ({})", disk.path, flags.join(", ")) };
         push(rows, &format!("disk {}", disk.id), &value);
     }
+    if let Some(restart) = config.restart_policy.as_option().filter(|restart| restart.on_failure) {
+        let most = if restart.max_restarts == 0 { "the host's default".to_owned() } else { restart.max_restarts.to_string() };
+        push(rows, "restart", &format!("on failure, at most {most} in a row"));
+    }
 }
 
 fn network_rows(rows: &mut Rows, network: &VmNetworkInfo) {

@@ -317,6 +317,26 @@ impl Host {
         testguest::vmm_processes(&self.data_dir(), Path::new(&self.cgroup_parent))
     }
 
+    /// What a host reboot takes, for a daemon and VMMs that are gone
+    /// already: every network namespace of the test (the host's own made
+    /// anew, empty: no bridge, no nft table) and every VMM cgroup. The disk
+    /// stays; the boot id does not change, which a real reboot would.
+    pub fn simulate_reboot(&self) {
+        assert!(self.child.is_none() && self.live_vmms().is_empty(), "a reboot ends metald and its VMMs first");
+        for name in self.namespaces() {
+            assert!(Command::new("ip").args(["netns", "delete", &name]).status().unwrap().success(), "ip netns delete {name}");
+        }
+        if let Some(prefix) = &self.netns_prefix {
+            let host_netns = format!("{prefix}host");
+            assert!(Command::new("ip").args(["netns", "add", &host_netns]).status().unwrap().success(), "ip netns add {host_netns}");
+        }
+        for parent in self.cgroup_parents() {
+            for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten().filter(|entry| entry.path().is_dir()) {
+                std::fs::remove_dir(entry.path()).unwrap();
+            }
+        }
+    }
+
     /// Whether the daemon's firewall table exists in the test's host namespace.
     pub fn nft_table_exists(&self) -> bool {
         let prefix = self.netns_prefix.as_ref().expect("a host with networking");
