@@ -213,8 +213,11 @@ fn a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_it
         }
         assert!(!metald_testguest::process_alive(pid), "the VMM no VM could take over was stopped");
         assert!(sandbox.live_vmms().is_empty());
+        // A boot tries again, and says what is still missing.
         let boot = manager.boot(&running).await.unwrap_err();
-        assert!(matches!(boot, metald_core::ManagerError::WrongState { .. }), "{boot}");
+        assert!(metald_core::error_chain(&boot).contains("scratch"), "{}", metald_core::error_chain(&boot));
+        assert_eq!(manager.state(&running).unwrap(), VmState::Failed);
+        assert!(sandbox.live_vmms().is_empty());
         for vm_id in [&running, &stopped] {
             manager.delete(vm_id, StopOptions::default()).await.unwrap();
         }
