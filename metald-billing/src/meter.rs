@@ -639,7 +639,12 @@ impl MeterLoop {
                 Ok(counters) => counters,
                 Err(error) => {
                     self.stats.read_failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%vm_id, %error, "cannot read a VM's counters this tick");
+                    // The first tick of a run of failures is worth a line; the rest are counted.
+                    if vm.missed == 0 {
+                        tracing::warn!(%vm_id, %error, "cannot read a VM's counters; its next record covers the time");
+                    } else {
+                        tracing::debug!(%vm_id, %error, "cannot read a VM's counters this tick");
+                    }
                     vm.missed = vm.missed.saturating_add(1);
                     continue;
                 }

@@ -1704,6 +1704,7 @@ fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
 /// published, so every change is stored.
 fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
     inner.published.count(&kind);
+    log_change(&slot.vm_id, &kind);
     let at = SystemTime::now();
     if let Some(ended) = ended_vmm(&kind, entry, at) {
         if entry.recent_ends.len() >= KEPT_ENDS {
@@ -1722,6 +1723,25 @@ fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind)
     let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at, state: entry.state, kind };
     // No subscriber is fine.
     let _ = inner.events.send(event);
+}
+
+/// Every change a caller asked for is a line at info, an audit trail
+/// with the call's tenant and client from its span. Deaths, takeovers and
+/// a guest's own stop are logged where they are found, with their reasons.
+fn log_change(vm_id: &VmId, kind: &VmEventKind) {
+    match kind {
+        VmEventKind::Created
+        | VmEventKind::Booted(_)
+        | VmEventKind::Paused { .. }
+        | VmEventKind::Resumed { .. }
+        | VmEventKind::Rebooted { .. }
+        | VmEventKind::Deleted => tracing::info!(%vm_id, "VM {}", kind.name()),
+        VmEventKind::Stopped { by_guest: false, forced, .. } => tracing::info!(%vm_id, forced, "VM stopped"),
+        VmEventKind::Stopped { by_guest: true, .. }
+        | VmEventKind::Failed { .. }
+        | VmEventKind::Reattached { .. }
+        | VmEventKind::FoundStopped { .. } => {}
+    }
 }
 
 fn save_record(inner: &Inner, slot: &VmSlot, entry: &VmEntry) {

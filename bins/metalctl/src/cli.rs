@@ -45,7 +45,7 @@ pub struct GlobalArgs {
     #[arg(long, env = "METALD_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
     /// Print the API's messages as proto JSON instead of tables.
-    #[arg(long, env = "METALD_JSON", global = true, value_parser = clap::builder::FalseyValueParser::new())]
+    #[arg(long, env = "METALD_JSON", global = true, value_parser = clap::builder::BoolishValueParser::new())]
     pub json: bool,
     /// Deadline for each call, in seconds; 0 for none. Give it before the
     /// command. Calls that wait for a guest to stop get their grace time on
@@ -108,8 +108,8 @@ pub struct CreateArgs {
     /// The new VM's id; the host makes one up when not given.
     #[arg(long, value_name = "ID")]
     pub vm_id: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..))]
+    /// Number of vCPUs, 1 to 32 (what the host accepts).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=32))]
     pub vcpus: Option<i32>,
     /// Guest memory: plain bytes or with a binary unit (512MiB, 1GiB, 2G).
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]

@@ -2,7 +2,9 @@
 //! names in lowerCamelCase or as in the .proto), with the flags laid over
 //! it. A field the API does not have is refused, naming its path, rather
 //! than silently dropped: a typo must not create a VM unlike the one asked
-//! for. Whether the result is a VM the host accepts is the host's call.
+//! for. What neither gives takes metalctl's defaults (1 vCPU, 128 MiB);
+//! a kernel it cannot guess, so one missing is said before any call.
+//! Whether the result is a VM the host accepts is the host's call.
 
 use std::io::Read;
 use std::path::Path;
@@ -21,7 +23,28 @@ pub fn build(args: &CreateArgs) -> Result<VmConfig, CliError> {
         None => VmConfig::default(),
     };
     apply_flags(&mut config, args)?;
+    apply_defaults(&mut config)?;
     Ok(config)
+}
+
+pub const DEFAULT_VCPUS: i32 = 1;
+pub const DEFAULT_MEMORY_BYTES: i64 = 128 << 20;
+
+fn apply_defaults(config: &mut VmConfig) -> Result<(), CliError> {
+    let cpu = config.cpu.get_or_insert_default();
+    if cpu.vcpu_count == 0 {
+        cpu.vcpu_count = DEFAULT_VCPUS;
+    }
+    let memory = config.memory.get_or_insert_default();
+    if memory.size_bytes == 0 {
+        memory.size_bytes = DEFAULT_MEMORY_BYTES;
+    }
+    if config.boot.as_option().is_none_or(|boot| boot.kernel_path.is_empty()) {
+        return Err(CliError::Usage(
+            "a kernel is needed: --kernel PATH (in the host's image root), or boot.kernelPath in the --config file".to_owned(),
+        ));
+    }
+    Ok(())
 }
 
 fn read_config_file(path: &Path) -> Result<VmConfig, CliError> {
@@ -50,7 +73,7 @@ pub fn parse_config(text: &str) -> Result<VmConfig, String> {
     if unknown.is_empty() {
         Ok(config)
     } else {
-        Err(format!("VmConfig has no field {} (see proto/vmprovisioner/v1/vmprovisioner.proto)", unknown.join(", ")))
+        Err(format!("VmConfig has no field {} (its fields: docs/api/reference.md, \"VmConfig\")", unknown.join(", ")))
     }
 }
 

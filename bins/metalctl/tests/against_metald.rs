@@ -163,3 +163,40 @@ fn the_info_example_in_the_docs_has_every_row_metalctl_prints_for_a_running_vm()
     ctl.ok(&["delete", &vm_id, "--force"]);
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[test]
+fn what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends() {
+    let test = "what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends";
+    let Some(host) = Host::start(test, HostOptions::default()) else { return };
+    let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
+    assert_eq!(ctl.ok(&["list"]).trim(), "No VMs.");
+    let (code, message) = ctl.fails(&["create"]);
+    assert!(code == 2 && message.contains("a kernel is needed"), "{code} {message}");
+    let (code, message) = ctl.fails(&["create", "--vcpus", "33", "--kernel", common::GUEST_KERNEL]);
+    assert!(code == 2 && message.contains("1..=32"), "the host's range, said before any call: {code} {message}");
+    let maybe = ctl.command(&["list"]).env("METALD_JSON", "maybe").output().unwrap();
+    assert_eq!(maybe.status.code(), Some(2), "{}", String::from_utf8_lossy(&maybe.stderr));
+
+    // Only a kernel: 1 vCPU and 128 MiB.
+    let vm_id = ctl.ok(&["create", "--kernel", common::GUEST_KERNEL]).trim().to_owned();
+    let info: serde_json::Value = serde_json::from_str(&ctl.ok(&["--json", "info", &vm_id])).unwrap();
+    assert_eq!((info["config"]["cpu"]["vcpuCount"].as_i64(), info["config"]["memory"]["sizeBytes"].as_str()), (Some(1), Some("134217728")));
+    let booted: serde_json::Value = serde_json::from_str(&ctl.ok(&["--json", "boot", &vm_id])).unwrap();
+    assert_eq!((booted["vmId"].as_str(), booted["state"].as_str()), (Some(vm_id.as_str()), Some("VM_STATE_RUNNING")), "{booted}");
+
+    // A console followed while its VM is deleted ends as a stream does.
+    let deadline = Instant::now() + common::BOOT_TIMEOUT;
+    while !ctl.ok(&["console", &vm_id]).contains(metald_testguest::console::READY) {
+        assert!(Instant::now() < deadline, "no ready line through metalctl console");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut follow = ctl.command(&["console", &vm_id, "--follow"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // Its first read is done once the tail it got is printed.
+    let mut first = [0u8; 1];
+    std::io::Read::read_exact(follow.stdout.as_mut().unwrap(), &mut first).unwrap();
+    ctl.ok(&["delete", &vm_id, "--force"]);
+    let ended = follow.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(0), "{}", String::from_utf8_lossy(&ended.stderr));
+    assert!(String::from_utf8_lossy(&ended.stderr).contains("was deleted; its console ended"));
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

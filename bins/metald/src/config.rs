@@ -289,8 +289,9 @@ impl Default for TelemetrySettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("invalid configuration")]
-    Invalid(#[source] Box<figment::Error>),
+    /// Every setting that cannot be read, one per line, named by its key.
+    #[error("invalid configuration:\n{0}")]
+    Invalid(String),
     #[error("{key}: {problem}")]
     Value { key: &'static str, problem: String },
 }
@@ -322,6 +323,26 @@ fn settings_from_env() -> Env {
         .split("__")
 }
 
+/// Each of figment's errors as `key: problem (where it was set)`, without
+/// figment's profile name in front of the key (`default.listen`).
+fn describe(error: figment::Error) -> String {
+    error
+        .into_iter()
+        .map(|error| {
+            let key = if error.path.is_empty() { "the settings".to_owned() } else { error.path.join(".") };
+            let origin = match &error.metadata {
+                Some(metadata) => match &metadata.source {
+                    Some(source) => format!(" (in {source})"),
+                    None => format!(" (from {})", metadata.name),
+                },
+                None => String::new(),
+            };
+            format!("  {key}: {}{origin}", error.kind)
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 impl Settings {
     /// Defaults, then `file` (when given), then `METALD_*` variables, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
@@ -330,7 +351,7 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment = figment.merge(settings_from_env()).merge(overrides);
-        let settings: Settings = figment.extract().map_err(|error| ConfigError::Invalid(Box::new(error)))?;
+        let settings: Settings = figment.extract().map_err(|error| ConfigError::Invalid(describe(error)))?;
         settings.check()?;
         Ok(settings)
     }

@@ -202,6 +202,10 @@ pub async fn serve(
     Ok(())
 }
 
+/// The address a call came from, in its request's extensions, for the log.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddress(pub SocketAddr);
+
 async fn serve_connection(
     stream: TcpStream,
     client: SocketAddr,
@@ -221,9 +225,10 @@ async fn serve_connection(
     let activity = Arc::new(Activity::default());
     let service = {
         let activity = Arc::clone(&activity);
-        hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             let in_flight = InFlight::begin(&activity);
             let app = app.clone();
+            request.extensions_mut().insert(ClientAddress(client));
             async move {
                 let response = app.oneshot(request.map(axum::body::Body::new)).await?;
                 // The call is in flight until its whole answer is sent.

@@ -40,24 +40,25 @@ use crate::config::Settings;
                   METALD_BILLING__SINK=clickhouse; other METALD_* variables are not settings and are left alone), \
                   then these flags. Every setting is described in docs/api/configuration.md."
 )]
+// Every flag may come before or after the command (`metald print-config --config f`).
 struct Args {
     /// A TOML settings file.
-    #[arg(long, env = "METALD_CONFIG")]
+    #[arg(long, env = "METALD_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Where the API, /health, /ready and /metrics listen [default: 127.0.0.1:7070].
-    #[arg(long)]
+    #[arg(long, global = true)]
     listen: Option<SocketAddr>,
     /// The daemon's state: VM store, VM folders, spool, address book [default: /var/lib/metald].
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// Every kernel, initrd and drive must come from here [default: /var/lib/metald/images].
-    #[arg(long)]
+    #[arg(long, global = true)]
     image_root: Option<PathBuf>,
     /// The firecracker executable [default: /usr/local/bin/firecracker].
-    #[arg(long)]
+    #[arg(long, global = true)]
     firecracker: Option<PathBuf>,
     /// Log filter in RUST_LOG syntax [default: info].
-    #[arg(long)]
+    #[arg(long, global = true)]
     log: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -123,6 +124,9 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let telemetry = telemetry::init(&settings.telemetry)?;
+        let settings_file =
+            args.config.as_ref().map_or_else(|| "none (built-in defaults and METALD_*)".to_owned(), |path| path.display().to_string());
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), settings = settings_file, "metald starting");
         let result = wiring::run(settings).await;
         if let Err(error) = &result {
             tracing::error!(error = %format!("{error:#}"), "metald stopped on an error");

@@ -82,13 +82,15 @@ fn code_of<T>(result: &Result<T, ConnectError>) -> &'static str {
 }
 
 impl CallGate {
-    fn span(&self, path: &str) -> tracing::Span {
+    fn span(&self, path: &str, ctx: &connectrpc::RequestContext) -> tracing::Span {
+        let client = ctx.extensions().get::<crate::listener::ClientAddress>().map(|address| address.0.to_string());
         tracing::info_span!(
             "rpc",
             otel.name = path,
             otel.kind = "server",
             rpc.system = "connect_rpc",
             rpc.method = method_of(path),
+            client = %client.as_deref().unwrap_or("unknown"),
             tenant = tracing::field::Empty,
             vm_id = tracing::field::Empty,
             code = tracing::field::Empty,
@@ -103,7 +105,7 @@ impl CallGate {
             tracing::info!(parent: span, %error, "call refused");
             error.to_connect()
         })?;
-        span.record("tenant", caller.tenant.as_str());
+        span.record("tenant", tracing::field::display(caller.tenant.as_str()));
         ctx.extensions_mut().insert(caller);
         Ok(())
     }
@@ -123,7 +125,7 @@ impl Interceptor for CallGate {
     async fn intercept_unary(&self, mut request: UnaryRequest, next: Next<'_>) -> Result<UnaryResponse, ConnectError> {
         let started = Instant::now();
         let path = request.ctx.path().unwrap_or("unknown").to_owned();
-        let span = self.span(&path);
+        let span = self.span(&path, &request.ctx);
         let result = match self.admit(&mut request.ctx, &path, &span) {
             Ok(()) => next.run(request).instrument(span.clone()).await.map_err(clarify_decode_error),
             Err(error) => Err(error),
@@ -140,7 +142,7 @@ impl Interceptor for CallGate {
     ) -> Result<StreamResponse, ConnectError> {
         let started = Instant::now();
         let path = request.ctx.path().unwrap_or("unknown").to_owned();
-        let span = self.span(&path);
+        let span = self.span(&path, &request.ctx);
         // For a stream the figure is the time to open it; how long it then
         // stays open is the caller's choice, not a latency.
         let result = match self.admit(&mut request.ctx, &path, &span) {

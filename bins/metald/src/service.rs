@@ -115,7 +115,7 @@ impl VmApi {
     /// missing or another tenant's: the two answers are the same.
     fn own_vm(&self, caller: &Caller, field: &str, value: &str) -> Result<VmId, ConnectError> {
         let vm_id = vm_id_from_wire(field, value).map_err(|error| wire_error_to_connect(&error))?;
-        tracing::Span::current().record("vm_id", vm_id.as_str());
+        tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
         match self.manager.summary(&vm_id) {
             Ok(summary) if summary.tenant == caller.tenant => Ok(vm_id),
             Ok(_) | Err(ManagerError::NotFound(_)) => Err(manager_error_to_connect(&ManagerError::NotFound(vm_id))),
@@ -169,7 +169,7 @@ impl wire::VmService for VmApi {
         let message = request.to_owned_message();
         let create = create_vm_from_wire(&message, caller.tenant.clone()).map_err(|error| wire_error_to_connect(&error))?;
         if let Some(vm_id) = &create.vm_id {
-            tracing::Span::current().record("vm_id", vm_id.as_str());
+            tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
         }
         // An invalid request is told so before any quota is counted.
         create.config.validate().map_err(|error| manager_error_to_connect(&ManagerError::InvalidConfig(error)))?;
@@ -181,7 +181,7 @@ impl wire::VmService for VmApi {
         // The create runs on when its caller hangs up or its deadline passes;
         // so does its share of the quota, or cancelled creates could pass it.
         let vm_id = self.manager.create_holding(create, admission).await.map_err(|error| self.fail(&error))?;
-        tracing::Span::current().record("vm_id", vm_id.as_str());
+        tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
         let state = self.state_now(&vm_id);
         Response::ok(wire::CreateVmResponse { vm_id: vm_id.to_string(), state: state.into(), ..Default::default() })
     }

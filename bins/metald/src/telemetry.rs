@@ -1,12 +1,18 @@
 //! Logs to stderr, and traces over OTLP/HTTP when an endpoint is
-//! configured: every API call is a span (method, tenant, VM, result code),
-//! and every VM operation under it is a child span with the VM and tenant.
+//! configured: every API call is a span (method, client, tenant, VM,
+//! result code), and every VM operation under it is a child span with the
+//! VM and tenant. A log line carries its spans' fields but those only
+//! traces need (`otel.*`, `rpc.system`, `vmm`).
 
 use anyhow::Context;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -33,7 +39,7 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(&settings.log).with_context(|| format!("telemetry.log: {:?} is not a log filter", settings.log))?;
     // Colours only on a terminal: journald and log files get plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
-    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colour).with_filter(filter);
+    let logs = tracing_subscriber::fmt::layer().fmt_fields(LogFields).with_writer(std::io::stderr).with_ansi(colour).with_filter(filter);
     let Some(endpoint) = &settings.otlp_endpoint else {
         tracing_subscriber::registry().with(logs).try_init().context("cannot install the log subscriber")?;
         return Ok(Telemetry { provider: None });
@@ -55,4 +61,54 @@ pub fn init(settings: &TelemetrySettings) -> anyhow::Result<Telemetry> {
         .with_filter(EnvFilter::new("info,h2=off,hyper=off,reqwest=off,opentelemetry=off"));
     tracing_subscriber::registry().with(logs).with(traces).try_init().context("cannot install the log subscriber")?;
     Ok(Telemetry { provider: Some(provider) })
+}
+
+/// Fields as the default formatter writes them (`name=value`, the message
+/// bare), less those meant for traces only.
+struct LogFields;
+
+fn for_traces_only(name: &str) -> bool {
+    name.starts_with("otel.") || name == "rpc.system" || name == "vmm"
+}
+
+impl<'writer> FormatFields<'writer> for LogFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> std::fmt::Result {
+        let mut visitor = LogFieldVisitor { writer: &mut writer, first: true, result: Ok(()) };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct LogFieldVisitor<'a, 'writer> {
+    writer: &'a mut Writer<'writer>,
+    first: bool,
+    result: std::fmt::Result,
+}
+
+impl LogFieldVisitor<'_, '_> {
+    fn write(&mut self, field: &Field, value: std::fmt::Arguments<'_>) {
+        if self.result.is_err() || for_traces_only(field.name()) {
+            return;
+        }
+        let separator = if self.first { "" } else { " " };
+        self.first = false;
+        self.result = match field.name() {
+            "message" => write!(self.writer, "{separator}{value}"),
+            name => write!(self.writer, "{separator}{name}={value}"),
+        };
+    }
+}
+
+impl Visit for LogFieldVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, format_args!("{value}"));
+        } else {
+            self.write(field, format_args!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.write(field, format_args!("{value:?}"));
+    }
 }

@@ -82,7 +82,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     // on from where the spool says they were.
     let billing = match settings.billing.enabled {
         true => Some(start_billing(&settings.billing, &settings, &manager).await?),
-        false => None,
+        false => {
+            tracing::info!("billing off: no usage is metered");
+            None
+        }
     };
     let figures = billing.as_ref().map(|billing| BillingFigures {
         spool: Arc::clone(billing.spool()),
@@ -278,6 +281,10 @@ async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow
     let config: metald_net::provider::NetworkConfig =
         serde_json::from_value(config).context("network: the settings are not a valid network layout")?;
     let provider = metald_net::provider::Ipv6Network::new(config).await.context("cannot set up VM networking")?;
+    tracing::info!(
+        ipv6_prefix = %provider.addresses().plan().host_prefix,
+        "VM networking on: each tenant gets a /64 of this prefix, which the network must route to this host"
+    );
     Ok(Some(Arc::new(provider)))
 }
 
@@ -286,6 +293,12 @@ async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: 
         Some(host_id) => host_id.clone(),
         None => nix::unistd::gethostname().context("cannot read the hostname for billing.host_id")?.to_string_lossy().into_owned(),
     };
+    let destination = match billing.sink {
+        SinkKind::File => settings.usage_file().display().to_string(),
+        SinkKind::Clickhouse => format!("{} (database {})", billing.clickhouse_url, billing.clickhouse_database),
+        SinkKind::Service => billing.service_url.clone(),
+    };
+    tracing::info!(sink = ?billing.sink, %destination, %host_id, "billing on: usage is metered every {} ms", billing.meter_period_ms);
     let sink: Arc<dyn BillingSink> = match billing.sink {
         SinkKind::File => {
             let path = settings.usage_file();

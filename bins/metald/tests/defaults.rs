@@ -163,3 +163,29 @@ fn tenants_that_share_a_token_or_a_tenant_with_two_quotas_are_refused_before_any
     assert!(quotas.contains(r#"the tables of "acme" give different quotas"#), "{quotas}");
     assert!(!data.exists(), "nothing is made before the settings hold");
 }
+
+#[test]
+fn flags_come_before_or_after_the_command_and_a_bad_setting_is_named_by_its_own_key() {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    let config = dir.path().join("metald.toml");
+    std::fs::write(&config, "data_dir = \"/srv/after\"\n").unwrap();
+    let after =
+        without_metald_env(&mut Command::new(common::metald_binary())).arg("print-config").arg("--config").arg(&config).output().unwrap();
+    assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
+    let settings: serde_json::Value = serde_json::from_slice(&after.stdout).unwrap();
+    assert_eq!(settings["data_dir"], "/srv/after");
+
+    for (toml, key) in [("lisen = \"127.0.0.1:1\"\n", "lisen"), ("[billing]\nsinkk = \"file\"\n", "billing.sinkk")] {
+        std::fs::write(&config, toml).unwrap();
+        let refused = without_metald_env(&mut Command::new(common::metald_binary()))
+            .arg("print-config")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(!message.contains("default."), "no profile name in the keys: {message}");
+        assert!(message.contains(key) && message.contains(&config.display().to_string()), "the key and the file: {message}");
+    }
+}

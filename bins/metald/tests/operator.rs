@@ -437,3 +437,35 @@ async fn a_vm_whose_vmm_dies_is_restarted_as_its_policy_says_up_to_its_limit_and
     }
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_is_an_audit_trail_of_every_change_with_who_asked_and_says_at_start_what_the_host_is() {
+    let test = "the_log_is_an_audit_trail_of_every_change_with_who_asked_and_says_at_start_what_the_host_is";
+    let Some(host) = Host::start(test, HostOptions { network: true, billing: true, ..HostOptions::default() }) else { return };
+    let client = host.client("acme", Wire::ConnectProto);
+    let vm_id = common::boot_guest(&client, &[&common::testguest::cmdline::heartbeat_ms(100)]).await;
+    let id = || vm_id.clone();
+    client.pause_vm(wire::PauseVmRequest { vm_id: id(), ..Default::default() }).await.unwrap();
+    client.resume_vm(wire::ResumeVmRequest { vm_id: id(), ..Default::default() }).await.unwrap();
+    client.reboot_vm(wire::RebootVmRequest { vm_id: id(), force: true, ..Default::default() }).await.unwrap();
+    client.shutdown_vm(wire::ShutdownVmRequest { vm_id: id(), force: true, ..Default::default() }).await.unwrap();
+    client.delete_vm(wire::DeleteVmRequest { vm_id: id(), ..Default::default() }).await.unwrap();
+    let stranger = host.client_with_token(Some("not-a-token"), Wire::ConnectProto);
+    stranger.list_vms(wire::ListVmsRequest::default()).await.unwrap_err();
+
+    let log = host.log();
+    let line_of = |words: &[&str]| log.lines().find(|line| words.iter().all(|word| line.contains(word))).map(str::to_owned);
+    let start = line_of(&["metald starting"]).unwrap_or_else(|| panic!("no start line:\n{log}"));
+    assert!(start.contains(env!("CARGO_PKG_VERSION")) && start.contains(&host.config_path.display().to_string()), "{start}");
+    assert!(line_of(&["VM networking on", "fd6d:7465:7374::/48"]).is_some(), "the prefix to route:\n{log}");
+    assert!(line_of(&["billing on", "usage.jsonl"]).is_some(), "where usage goes:\n{log}");
+    for change in ["VM created", "VM booted", "VM paused", "VM resumed", "VM rebooted", "VM stopped", "VM deleted"] {
+        let line = line_of(&[change, &vm_id]).unwrap_or_else(|| panic!("no {change:?} line:\n{log}"));
+        assert!(line.contains(" INFO ") && line.contains("client=127.0.0.1:") && line.contains("tenant=acme"), "{line}");
+    }
+    let refused = line_of(&["call refused"]).unwrap_or_else(|| panic!("no refusal line:\n{log}"));
+    assert!(refused.contains("client=127.0.0.1:") && refused.contains("ListVms"), "{refused}");
+    let noise: Vec<&str> = log.lines().filter(|line| line.contains("otel.") || line.contains("rpc.system")).collect();
+    assert_eq!(noise, Vec::<&str>::new(), "fields for traces only are left out of the log");
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

@@ -5,6 +5,8 @@
 //! the next one starts with was seen already. Output that repeats itself
 //! exactly can make that guess short; more than a whole tail written
 //! between two reads is lost, which stderr warns of when no overlap is found.
+//! A VM deleted while followed ends the follow as a finished stream does,
+//! with a line on stderr and exit code 0.
 
 use std::pin::pin;
 use std::time::Duration;
@@ -42,7 +44,13 @@ pub async fn console(api: &Api, out: &mut Printer, args: &ConsoleArgs) -> Result
             response = async {
                 ticker.tick().await;
                 read(api, &request).await
-            } => response?,
+            } => match response {
+                Err(CliError::Rpc(error)) if error.code == connectrpc::ErrorCode::NotFound => {
+                    eprintln!("metalctl: VM {} was deleted; its console ended", args.vm_id);
+                    return Ok(());
+                }
+                response => response?,
+            },
         };
         let overlap = seen_before(&previous, &current.data);
         if overlap == 0 && !previous.is_empty() && !current.data.is_empty() {

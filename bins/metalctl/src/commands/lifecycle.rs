@@ -1,6 +1,7 @@
 //! Boot, pause, resume, shutdown, reboot and delete: one call each, which
 //! answers with the VM's new state. People see `VM_ID: STATE`; `--json`
-//! prints the response.
+//! prints the response with the VM's id added as `vmId` (the API's
+//! responses do not carry it), so a script piping several needs no more.
 
 use std::time::Duration;
 
@@ -60,7 +61,7 @@ pub async fn delete(api: &Api, out: &mut Printer, args: &DeleteArgs) -> Result<(
     if !response.success {
         return Err(unsuccessful(&args.vm_id, "delete"));
     }
-    if out.json_mode() { out.json(&response) } else { out.line(&format!("{}: deleted", args.vm_id)) }
+    if out.json_mode() { out.json(&with_vm_id(&args.vm_id, &response)?) } else { out.line(&format!("{}: deleted", args.vm_id)) }
 }
 
 /// How long the host may wait for the guest: nothing when forced, the
@@ -84,7 +85,17 @@ fn settled<T: Serialize>(
     if !success {
         return Err(unsuccessful(vm_id, operation));
     }
-    if out.json_mode() { out.json(response) } else { out.line(&format!("{vm_id}: {}", state_name(state))) }
+    if out.json_mode() { out.json(&with_vm_id(vm_id, response)?) } else { out.line(&format!("{vm_id}: {}", state_name(state))) }
+}
+
+/// The response as proto JSON with `vmId` in it.
+fn with_vm_id<T: Serialize>(vm_id: &str, response: &T) -> Result<serde_json::Value, CliError> {
+    let mut value =
+        serde_json::to_value(response).map_err(|error| CliError::Unexpected(format!("cannot print the answer as JSON: {error}")))?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("vmId".to_owned(), serde_json::Value::String(vm_id.to_owned()));
+    }
+    Ok(value)
 }
 
 /// The host answered without an error but did not report success either.

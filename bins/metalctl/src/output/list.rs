@@ -8,6 +8,9 @@ use super::{plain_table, render};
 /// VM ID, STATE, VCPUS, MEMORY, CREATED, FAILURE for each VM, in the
 /// host's order (by id).
 pub fn list_table(response: &ListVmsResponse) -> String {
+    if response.vms.is_empty() {
+        return "No VMs.".to_owned();
+    }
     let mut table = plain_table();
     table.set_header(["VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "FAILURE"]);
     for vm in &response.vms {
@@ -65,6 +68,6 @@ vm-b   failed   1      1 GiB    2024-05-01T12:00:00Z  the VMM exited with code 1
 
     #[test]
     fn no_vms_is_just_the_header() {
-        assert_eq!(list_table(&ListVmsResponse::default()), "VM ID  STATE  VCPUS  MEMORY  CREATED  FAILURE");
+        assert_eq!(list_table(&ListVmsResponse::default()), "No VMs.");
     }
 }
