@@ -263,6 +263,19 @@ struct VmEntry {
     restarts: crate::restart::RestartCount,
 }
 
+impl VmEntry {
+    /// Counts a death of its VMM (or a restart that failed) against its
+    /// restart policy: when to boot it again, if the policy allows.
+    fn next_restart(&mut self, vm_id: &VmId, ran_for: Option<Duration>) -> Option<crate::restart::NextRestart> {
+        let policy = self.config.restart;
+        let next = self.restarts.next(&policy, ran_for);
+        if next.is_none() && policy.on_failure {
+            tracing::warn!(%vm_id, "the VM stays failed: its restart policy allows no more restarts");
+        }
+        next
+    }
+}
+
 struct VmSlot {
     vm_id: VmId,
     tenant: TenantId,
@@ -1306,8 +1319,7 @@ impl VmManager {
                 let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot, earlier_ends };
                 self.publish(&slot, &mut entry, failed);
                 // A host reboot or a VMM killed while metald was away is a death like any other.
-                let policy = entry.config.restart;
-                if let Some(next) = entry.restarts.next(&policy, None) {
+                if let Some(next) = entry.next_restart(&vm_id, None) {
                     restart_later(self.clone(), vm_id.clone(), next);
                 }
             }
@@ -1598,11 +1610,8 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         let failed = VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at, earlier_ends: Vec::new() };
         publish(&inner, &slot, &mut entry, failed);
         let ran_for = booted_at.and_then(|booted_at| booted_at.elapsed().ok());
-        let policy = entry.config.restart;
-        match entry.restarts.next(&policy, ran_for) {
-            Some(next) => restart_later(VmManager { inner: Arc::clone(&inner) }, vm_id.clone(), next),
-            None if policy.on_failure => tracing::warn!(%vm_id, "the VM stays failed: its restart policy allows no more restarts"),
-            None => {}
+        if let Some(next) = entry.next_restart(vm_id, ran_for) {
+            restart_later(VmManager { inner: Arc::clone(&inner) }, vm_id.clone(), next);
         }
     }
 }
@@ -1625,10 +1634,9 @@ fn restart_later(manager: VmManager, vm_id: VmId, mut next: crate::restart::Next
             tracing::warn!(%vm_id, error = %crate::error_chain(&error), "a restart of the VM failed");
             let Ok(slot) = manager.slot(&vm_id) else { return };
             let mut entry = slot.entry.lock().await;
-            let policy = entry.config.restart;
-            match entry.restarts.next(&policy, None) {
+            match entry.next_restart(&vm_id, None) {
                 Some(following) => next = following,
-                None => return tracing::warn!(%vm_id, "the VM stays failed: its restart policy allows no more restarts"),
+                None => return,
             }
         }
     });

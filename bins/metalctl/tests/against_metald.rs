@@ -56,12 +56,17 @@ impl Ctl<'_> {
             ])
             .trim()
             .to_owned();
+        self.wait_ready(&vm_id);
+        vm_id
+    }
+
+    /// Waits until `metalctl console` shows the VM's ready line.
+    fn wait_ready(&self, vm_id: &str) {
         let deadline = Instant::now() + common::BOOT_TIMEOUT;
-        while !self.ok(&["console", &vm_id]).contains(metald_testguest::console::READY) {
+        while !self.ok(&["console", vm_id]).contains(metald_testguest::console::READY) {
             assert!(Instant::now() < deadline, "no ready line through metalctl console");
             std::thread::sleep(Duration::from_millis(50));
         }
-        vm_id
     }
 
     /// The exit code and stderr of a command that must fail.
@@ -186,11 +191,7 @@ fn what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends() {
     assert_eq!((booted["vmId"].as_str(), booted["state"].as_str()), (Some(vm_id.as_str()), Some("VM_STATE_RUNNING")), "{booted}");
 
     // A console followed while its VM is deleted ends as a stream does.
-    let deadline = Instant::now() + common::BOOT_TIMEOUT;
-    while !ctl.ok(&["console", &vm_id]).contains(metald_testguest::console::READY) {
-        assert!(Instant::now() < deadline, "no ready line through metalctl console");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    ctl.wait_ready(&vm_id);
     let mut follow = ctl.command(&["console", &vm_id, "--follow"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     // Its first read is done once the tail it got is printed.
     let mut first = [0u8; 1];

@@ -44,9 +44,7 @@ async fn the_data_folder_and_every_file_in_it_are_for_root_alone_also_after_an_o
     let client = host.client("acme", Wire::ConnectProto);
     let mut config = common::guest_config(&[&common::testguest::cmdline::heartbeat_ms(100)]);
     config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
-    let vm_id = client.create_vm(common::create_request(config)).await.unwrap().into_owned().vm_id;
-    client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
-    common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
+    let vm_id = common::boot_config(&client, config).await;
     let data = host.data_dir();
     let vm_dir = data.join("vms").join(&vm_id);
     // What holds tenants' data, by name, so a file that moves does not pass by being absent.
@@ -141,20 +139,12 @@ async fn a_clean_stop_with_no_vm_left_leaves_no_firewall_table_or_cgroup_folder_
     let networked = || {
         let mut config = common::guest_config(&[]);
         config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
-        common::create_request(config)
+        config
     };
     let cgroup_folders = |host: &Host| host.cgroup_parents().into_iter().filter(|dir| dir.exists()).collect::<Vec<_>>();
-    let boot = |vm_id: String| {
-        let client = client.clone();
-        async move {
-            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
-            common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
-            vm_id
-        }
-    };
 
     // With a VM running, a stop keeps what the VM needs.
-    let vm_id = boot(client.create_vm(networked()).await.unwrap().into_owned().vm_id).await;
+    let vm_id = common::boot_config(&client, networked()).await;
     assert!(host.nft_table_exists() && !cgroup_folders(&host).is_empty());
     assert!(host.terminate().success());
     assert!(host.nft_table_exists(), "a running VM keeps its firewall table");
@@ -172,7 +162,7 @@ async fn a_clean_stop_with_no_vm_left_leaves_no_firewall_table_or_cgroup_folder_
 
     // And the next start sets it all up again.
     host.launch();
-    let vm_id = boot(client.create_vm(networked()).await.unwrap().into_owned().vm_id).await;
+    let vm_id = common::boot_config(&client, networked()).await;
     assert!(host.nft_table_exists());
     client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
@@ -311,7 +301,7 @@ async fn after_a_host_reboot_every_vm_boots_again_with_its_disks_and_addresses()
         if restart {
             config.restart_policy = buffa::MessageField::some(wire::RestartPolicy { on_failure: true, ..Default::default() });
         }
-        common::create_request(config)
+        config
     };
     let info = |vm_id: String| {
         let client = client.clone();
@@ -321,9 +311,7 @@ async fn after_a_host_reboot_every_vm_boots_again_with_its_disks_and_addresses()
     // One VM running, one shut down when the host goes, and one running that restarts on failure.
     let mut vms = Vec::new();
     for restart in [false, false, true] {
-        let vm_id = client.create_vm(networked_with_disk(restart)).await.unwrap().into_owned().vm_id;
-        client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
-        common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
+        let vm_id = common::boot_config(&client, networked_with_disk(restart)).await;
         vms.push(vm_id);
     }
     client.shutdown_vm(wire::ShutdownVmRequest { vm_id: vms[1].clone(), force: true, ..Default::default() }).await.unwrap();
@@ -388,10 +376,7 @@ async fn a_vm_whose_vmm_dies_is_restarted_as_its_policy_says_up_to_its_limit_and
         async move {
             let mut config = common::guest_config(&[&common::testguest::cmdline::heartbeat_ms(100)]);
             config.restart_policy = restart.map_or_else(buffa::MessageField::none, buffa::MessageField::some);
-            let vm_id = client.create_vm(common::create_request(config)).await.unwrap().into_owned().vm_id;
-            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
-            common::wait_for_console(&client, &vm_id, common::testguest::console::READY).await;
-            vm_id
+            common::boot_config(&client, config).await
         }
     };
     let kill_vmm = |vm_id: &str| {

@@ -106,6 +106,11 @@ fn claim_uid_window(name: &str) -> (u32, nix::fcntl::Flock<std::fs::File>) {
     panic!("every test uid window is taken");
 }
 
+/// The nftables table of the test host `name`.
+fn nft_table_of(name: &str) -> String {
+    format!("mdt{:08x}", fxhash(name))
+}
+
 fn fxhash(text: &str) -> u32 {
     text.bytes().fold(0x811c_9dc5u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
 }
@@ -168,9 +173,9 @@ impl Host {
             assert!(status.success(), "ip netns add {host_netns}");
             toml.push_str(&format!(
                 "[network]\nenabled = true\nipv6_prefix = \"fd6d:7465:7374::/48\"\nhost_netns = \"/run/netns/{host_netns}\"\n\
-                 netns_prefix = {prefix:?}\nlink_prefix = \"t{:04x}\"\nnft_table = \"mdt{:08x}\"\n",
+                 netns_prefix = {prefix:?}\nlink_prefix = \"t{:04x}\"\nnft_table = {:?}\n",
                 fxhash(&name) % 0xffff,
-                fxhash(&name),
+                nft_table_of(&name),
             ));
             netns_prefix = Some(prefix);
         } else {
@@ -340,7 +345,7 @@ impl Host {
     /// Whether the daemon's firewall table exists in the test's host namespace.
     pub fn nft_table_exists(&self) -> bool {
         let prefix = self.netns_prefix.as_ref().expect("a host with networking");
-        let table = format!("mdt{:08x}", fxhash(&self.name));
+        let table = nft_table_of(&self.name);
         let output = Command::new("ip")
             .args(["netns", "exec", &format!("{prefix}host"), "nft", "list", "table", "bridge", &table])
             .output()
@@ -580,7 +585,12 @@ pub async fn wait_for_console(client: &Client, vm_id: &str, prefix: &str) -> Str
 
 /// Creates and boots a test guest and waits for its ready line; its id.
 pub async fn boot_guest(client: &Client, tokens: &[&str]) -> String {
-    let created = client.create_vm(create_request(guest_config(tokens))).await.expect("CreateVm").into_owned();
+    boot_config(client, guest_config(tokens)).await
+}
+
+/// Creates a VM of `config`, boots it and waits for its ready line; its id.
+pub async fn boot_config(client: &Client, config: wire::VmConfig) -> String {
+    let created = client.create_vm(create_request(config)).await.expect("CreateVm").into_owned();
     client.boot_vm(wire::BootVmRequest { vm_id: created.vm_id.clone(), ..Default::default() }).await.expect("BootVm");
     wait_for_console(client, &created.vm_id, testguest::console::READY).await;
     created.vm_id
