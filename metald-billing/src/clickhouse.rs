@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::{HostHeartbeat, UsageGap, UsageRecord};
 use crate::sink::{Batch, BillingSink, Delivered, SinkError};
+use crate::summary::{SummaryError, TenantUsage, UsageHistory, UsageWindow};
 
 /// The raw table.
 pub const USAGE_TABLE: &str = "usage_intervals";
@@ -592,6 +593,26 @@ impl BillingSink for ClickHouseSink {
     }
 }
 
+#[async_trait]
+impl UsageHistory for ClickHouseSink {
+    fn source(&self) -> String {
+        format!("clickhouse database {} (host {})", self.database, self.host_id)
+    }
+
+    /// This host's usage only, as the file sink would hold it: other hosts
+    /// writing to the same database are theirs to summarise.
+    async fn usage_by_tenant(&self, window: UsageWindow) -> Result<Vec<TenantUsage>, SummaryError> {
+        self.client
+            .query(&queries::host_usage_by_tenant(&self.database))
+            .bind(&self.host_id)
+            .bind(window.from_ms)
+            .bind(window.to_ms)
+            .fetch_all::<TenantUsage>()
+            .await
+            .map_err(SummaryError::ClickHouse)
+    }
+}
+
 /// Totals of one tenant over a span, as billing reads them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clickhouse::Row)]
 pub struct TenantTotals {
@@ -662,6 +683,23 @@ pub mod queries {
              FROM {db}.usage_hourly_vm
              WHERE tenant_id = ? AND hour >= toDateTime(intDiv(?, 1000), 'UTC') AND hour < toDateTime(intDiv(?, 1000), 'UTC')
              GROUP BY vm_id, hour ORDER BY vm_id, hour"
+        )
+    }
+
+    /// One host's usage per tenant between two instants, from the raw
+    /// table, in the columns and units of [`TenantUsage`] (and in its
+    /// order: rows are read by position). Binds: host, from, to (Unix ms).
+    pub fn host_usage_by_tenant(db: &str) -> String {
+        format!(
+            "SELECT tenant_id, uniqExact(vm_id) AS vms, count() AS intervals, sum(cpu_ns) AS cpu_ns,
+                    sum(toUInt64(vcpus * (end_ms - start_ms))) AS vcpu_ms,
+                    sum(toUInt64(intDiv(memory_limit_bytes, 1024) * (end_ms - start_ms))) AS memory_limit_kib_ms,
+                    sum(toUInt64(intDiv(memory_bytes, 1024) * (end_ms - start_ms))) AS memory_resident_kib_ms,
+                    sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes,
+                    sum(block_read_bytes) AS block_read_bytes, sum(block_write_bytes) AS block_write_bytes,
+                    min(start_ms) AS first_ms, max(end_ms) AS last_ms
+             FROM {db}.usage_intervals FINAL WHERE host_id = ? AND start_ms >= ? AND start_ms < ?
+             GROUP BY tenant_id ORDER BY tenant_id"
         )
     }
 

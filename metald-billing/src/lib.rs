@@ -5,8 +5,8 @@
 //! interval [`UsageRecord`] with its per-VM sequence number, the durable
 //! [`Spool`] every record passes through, the delivery loop, the
 //! [`BillingSink`] trait with its JSON Lines, ClickHouse and billing-service
-//! implementations, the ClickHouse schema and its migrations, and the
-//! billing service's logic. It depends on `metald-core` only.
+//! implementations, the ClickHouse schema and its migrations, reading delivered usage back
+//! as per tenant totals ([`UsageHistory`]), and the billing service's logic. It depends on `metald-core` only.
 
 mod block_reads;
 pub mod clickhouse;
@@ -20,8 +20,10 @@ pub mod service;
 pub mod sink;
 pub mod source;
 pub mod spool;
+pub mod summary;
 
 pub use pipeline::{Billing, BillingConfig};
 pub use record::{Counters, HostHeartbeat, UsageGap, UsageRecord, saturating_u64, unix_millis};
 pub use sink::{Batch, BillingSink, Delivered, JsonLinesSink, SinkError};
 pub use spool::{MeterPosition, Pending, Spool, SpoolDepth, SpoolError};
+pub use summary::{SummaryError, TenantUsage, UsageHistory, UsageWindow};

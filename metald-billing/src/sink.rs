@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use tokio::sync::Mutex;
 
 use crate::record::{HostHeartbeat, UsageGap, UsageRecord};
+use crate::summary::{SummaryError, TenantUsage, UsageHistory, UsageWindow};
 
 /// What a sink did with a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,9 +105,7 @@ impl JsonLinesSink {
         let path = path.into();
         let file_error = |source| SinkError::File { path: path.clone(), source };
         let mut last_sequence = HashMap::new();
-        let mut rotated = path.clone().into_os_string();
-        rotated.push(".1");
-        for written in [PathBuf::from(rotated), path.clone()] {
+        for written in written_files(&path) {
             let Ok(existing) = File::open(&written) else { continue };
             for line in BufReader::new(existing).lines() {
                 let line = line.map_err(|source| SinkError::File { path: written.clone(), source })?;
@@ -123,6 +122,25 @@ impl JsonLinesSink {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+}
+
+/// What a sink writing to `path` has written: its last rotation (`<path>.1`) and the file itself.
+fn written_files(path: &Path) -> [PathBuf; 2] {
+    let mut rotated = path.to_path_buf().into_os_string();
+    rotated.push(".1");
+    [PathBuf::from(rotated), path.to_path_buf()]
+}
+
+#[async_trait]
+impl UsageHistory for JsonLinesSink {
+    fn source(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+
+    async fn usage_by_tenant(&self, window: UsageWindow) -> Result<Vec<TenantUsage>, SummaryError> {
+        crate::summary::summarise_files(written_files(&self.path).to_vec(), window).await
     }
 }
 

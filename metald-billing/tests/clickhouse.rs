@@ -188,3 +188,44 @@ async fn a_replay_after_an_insert_whose_views_did_not_run_completes_the_rollups_
     }
     assert_eq!(raw_rows(&sink).await, (100, 100, 700_000));
 }
+
+#[tokio::test]
+async fn the_usage_summary_from_clickhouse_equals_the_one_from_the_file_sink_for_the_same_records() {
+    use metald_billing::{JsonLinesSink, UsageHistory, UsageWindow};
+    let test = "the_usage_summary_from_clickhouse_equals_the_one_from_the_file_sink_for_the_same_records";
+    let Some((server, sink)) = clickhouse(test).await else { return };
+    let mut records = Vec::new();
+    for (tenant, vm, count) in [("acme", "vm-a", 30), ("acme", "vm-b", 7), ("globex", "vm-c", 12)] {
+        for sequence in 1..=count {
+            let mut record = record(tenant, vm, sequence, 1_000 * sequence + 7);
+            record.vcpus = 2;
+            record.usage.memory_bytes = (40 << 20) + 512 * sequence;
+            record.usage.devices.net_rx_bytes = 100 + sequence;
+            record.usage.devices.block_write_bytes = 4096 * sequence;
+            records.push(record);
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = JsonLinesSink::open(dir.path().join("usage.jsonl")).unwrap();
+    file.deliver(Batch::first(&records)).await.unwrap();
+    sink.deliver(Batch::first(&records)).await.unwrap();
+    // A replay is no usage twice, and another host's rows are its own.
+    sink.deliver(Batch::resent(&records[..10])).await.unwrap();
+    let other_host = metald_billing::clickhouse::ClickHouseSink::new(&server.url(), DATABASE, "host-other");
+    other_host.deliver(Batch::first(&[record("acme", "vm-z", 1, 5)])).await.unwrap();
+
+    for window in [
+        UsageWindow { from_ms: 0, to_ms: u64::MAX / 2 },
+        UsageWindow { from_ms: EPOCH_MS + 500, to_ms: EPOCH_MS + 1_500 },
+        UsageWindow { from_ms: 0, to_ms: EPOCH_MS },
+    ] {
+        let from_file = file.usage_by_tenant(window).await.unwrap();
+        let from_clickhouse = sink.usage_by_tenant(window).await.unwrap();
+        assert_eq!(from_clickhouse, from_file, "{window:?}");
+    }
+    let all = sink.usage_by_tenant(UsageWindow { from_ms: 0, to_ms: u64::MAX / 2 }).await.unwrap();
+    let tenants: Vec<_> = all.iter().map(|usage| (usage.tenant_id.as_str(), usage.vms, usage.intervals)).collect();
+    assert_eq!(tenants, [("acme", 2, 37), ("globex", 1, 12)]);
+    assert_eq!(all[0].vcpu_ms, 2 * 100 * 37);
+    assert!(sink.source().contains("host-test"), "{}", sink.source());
+}
