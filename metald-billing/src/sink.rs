@@ -123,7 +123,6 @@ impl JsonLinesSink {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
 }
 
 /// What a sink writing to `path` has written: its last rotation (`<path>.1`) and the file itself.

@@ -144,10 +144,7 @@ impl Totals {
     }
 
     fn into_tenants(self) -> Vec<TenantUsage> {
-        self.tenants
-            .into_iter()
-            .map(|(tenant_id, (usage, vms))| TenantUsage { tenant_id, vms: vms.len() as u64, ..usage })
-            .collect()
+        self.tenants.into_iter().map(|(tenant_id, (usage, vms))| TenantUsage { tenant_id, vms: vms.len() as u64, ..usage }).collect()
     }
 }
 

@@ -1437,14 +1437,14 @@ impl VmManager {
             .collect()
     }
 
-    /// One page of a tenant's VMs in id order: those after `after`, in one
-    /// of `states` (any state when empty), at most `limit` of them. Only
-    /// the page is copied; the rest is counted. Never waits for an
-    /// operation in progress.
-    pub fn list_page(&self, tenant: &TenantId, states: &[VmState], after: Option<&VmId>, limit: usize) -> VmPage {
+    /// One page of a tenant's VMs (every tenant's with `None`) in id order:
+    /// those after `after`, in one of `states` (any state when empty), at
+    /// most `limit` of them. Only the page is copied; the rest is counted.
+    /// Never waits for an operation in progress.
+    pub fn list_page(&self, tenant: Option<&TenantId>, states: &[VmState], after: Option<&VmId>, limit: usize) -> VmPage {
         let registry = read_lock(&self.inner.registry);
         let mut page = VmPage::default();
-        for (vm_id, slot) in registry.vms.iter().filter(|(_, slot)| &slot.tenant == tenant) {
+        for (vm_id, slot) in registry.vms.iter().filter(|(_, slot)| tenant.is_none_or(|tenant| &slot.tenant == tenant)) {
             let summary = lock_summary(slot);
             if summary.state == VmState::Deleted || !(states.is_empty() || states.contains(&summary.state)) {
                 continue;

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use metald_api::proto::vmprovisioner::v1::VmState;
 
 use crate::exit::EXIT_CODES_HELP;
-use crate::parse::{DiskSpec, RestartFlag, parse_disk, parse_key_value, parse_restart, parse_size};
+use crate::parse::{DiskSpec, RestartFlag, parse_disk, parse_duration, parse_instant, parse_key_value, parse_restart, parse_size};
 
 /// The largest console tail the API returns (`GetConsoleRequest.max_bytes`).
 pub const MAX_CONSOLE_BYTES: i64 = 1 << 20;
@@ -87,6 +87,8 @@ pub enum Command {
     Console(ConsoleArgs),
     /// Print state changes of your VMs as they happen, until Ctrl-C.
     Watch(WatchArgs),
+    /// What each tenant's VMs used on the host (the operator's token).
+    Usage(UsageArgs),
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +185,30 @@ pub struct ListArgs {
     /// Fetch only the page this token starts (from a previous page's next_page_token).
     #[arg(long, value_name = "TOKEN")]
     pub page_token: Option<String>,
+    /// Every tenant's VMs, with a TENANT column: needs the host operator's token.
+    #[arg(long, short = 'A')]
+    pub all_tenants: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Needs the host operator's token (auth.operator_token_sha256 on metald).
+                        The figures are the usage the host delivered to its billing sink
+                        (its JSON Lines file, or ClickHouse), per tenant.
+
+                        Examples:
+  metalctl usage
+  metalctl usage --since 24h
+                          metalctl usage --from 2026-12-01T00:00:00Z --to 2026-12-02T00:00:00Z")]
+pub struct UsageArgs {
+    /// Only intervals that started this long ago or later (90s, 15m, 24h, 7d).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, conflicts_with = "from")]
+    pub since: Option<std::time::Duration>,
+    /// Only intervals that started at or after this instant (RFC 3339, UTC: 2026-12-01T00:00:00Z).
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub from: Option<std::time::SystemTime>,
+    /// Only intervals that started before this instant (default: now).
+    #[arg(long, value_name = "TIME", value_parser = parse_instant)]
+    pub to: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -251,6 +277,17 @@ mod tests {
         let cli = Cli::try_parse_from(["metalctl", "list", "--state", "running,paused", "--state", "failed"]).unwrap();
         let Command::List(list) = cli.command else { panic!("not list") };
         assert_eq!(list.states, [StateArg::Running, StateArg::Paused, StateArg::Failed]);
+    }
+
+    #[test]
+    fn usage_takes_a_duration_or_instants_but_not_both() {
+        let cli = Cli::try_parse_from(["metalctl", "usage", "--since", "24h"]).unwrap();
+        let Command::Usage(usage) = cli.command else { panic!("not usage") };
+        assert_eq!(usage.since, Some(std::time::Duration::from_secs(86_400)));
+        assert!(Cli::try_parse_from(["metalctl", "usage", "--from", "2026-12-01T00:00:00Z", "--to", "2026-12-02T00:00:00Z"]).is_ok());
+        let both = Cli::try_parse_from(["metalctl", "usage", "--since", "1h", "--from", "2026-12-01T00:00:00Z"]).unwrap_err();
+        assert_eq!(both.exit_code(), 2);
+        assert_eq!(Cli::try_parse_from(["metalctl", "usage", "--from", "yesterday"]).unwrap_err().exit_code(), 2);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Reaching the API: the endpoint, the bearer token, the wire protocol and
-//! the call deadline become one `VmServiceClient`. A metald daemon and the
+//! the call deadline become one `VmServiceClient` (and, for the
+//! operator's commands, one `OperatorServiceClient`). A metald daemon and the
 //! gateway are reached the same way. Nothing here retries: a failed call is
 //! reported, and its exit code tells a script whether trying again may help.
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use connectrpc::Protocol;
 use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
 use http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
-use metald_api::proto::vmprovisioner::v1::VmServiceClient;
+use metald_api::proto::vmprovisioner::v1::{OperatorServiceClient, VmServiceClient};
 
 use crate::cli::{GlobalArgs, WireProtocol};
 use crate::exit::CliError;
@@ -21,6 +22,7 @@ const HOST_DEFAULT_GRACE_ALLOWANCE: Duration = Duration::from_secs(60);
 #[derive(Clone)]
 pub struct Api {
     client: VmServiceClient<HttpClient>,
+    operator: OperatorServiceClient<HttpClient>,
     deadline: Option<Duration>,
 }
 
@@ -44,12 +46,18 @@ impl Api {
             config = config.with_default_headers(bearer_headers(token)?);
         }
         let deadline = (global.timeout > 0).then(|| Duration::from_secs(global.timeout));
-        Ok(Self { client: VmServiceClient::new(transport, config), deadline })
+        let operator = OperatorServiceClient::new(transport.clone(), config.clone());
+        Ok(Self { client: VmServiceClient::new(transport, config), operator, deadline })
     }
 
     /// The generated client, for making calls.
     pub fn vms(&self) -> &VmServiceClient<HttpClient> {
         &self.client
+    }
+
+    /// The operator's service, which takes only the operator's token.
+    pub fn operator(&self) -> &OperatorServiceClient<HttpClient> {
+        &self.operator
     }
 
     /// Options for a call that should answer within the deadline.

@@ -117,6 +117,16 @@ pub fn parse_restart(text: &str) -> Result<RestartFlag, String> {
     }
 }
 
+/// `90s`, `15m`, `24h`, `7d`, `1h 30m`: a span back from now.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|error| format!("{error}; write a duration such as 90s, 15m, 24h or 7d"))
+}
+
+/// An RFC 3339 instant in UTC: `2026-12-01T00:00:00Z` (a space for the `T` is taken too).
+pub fn parse_instant(text: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(text).map_err(|error| format!("{error}; write an instant in UTC such as 2026-12-01T00:00:00Z"))
+}
+
 /// The storage list the `--disk` flags ask for, in their order. A drive
 /// without an id gets `disk<N>`, N being its place among the flags (or the
 /// next number no other drive uses). At most one drive may be the root.

@@ -132,6 +132,9 @@ fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     assert!(code == 6 && message.contains("unauthenticated"), "{code} {message}");
     let (code, message) = ctl.fails(&["--endpoint", "http://127.0.0.1:9", "list"]);
     assert_eq!(code, 8, "an unreachable host: {message}");
+    let operator = Ctl { host: &host, token: host.operator_token.clone() };
+    let (code, message) = operator.fails(&["usage"]);
+    assert!(code == 4 && message.contains("billing is off"), "a host without billing has no usage to sum: {code} {message}");
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }
 
@@ -201,4 +204,82 @@ fn what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends() {
     assert_eq!(ended.status.code(), Some(0), "{}", String::from_utf8_lossy(&ended.stderr));
     assert!(String::from_utf8_lossy(&ended.stderr).contains("was deleted; its console ended"));
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}
+
+/// An int64 in proto JSON is a string; a small one may come as a number.
+fn int64(value: &serde_json::Value) -> u64 {
+    value.as_u64().or_else(|| value.as_str().and_then(|text| text.parse().ok())).unwrap_or(0)
+}
+
+#[test]
+fn the_operator_lists_every_tenants_vms_and_sums_their_usage_as_the_usage_file_holds_it() {
+    let test = "the_operator_lists_every_tenants_vms_and_sums_their_usage_as_the_usage_file_holds_it";
+    let options = HostOptions { tenants: vec![("acme", "{}"), ("globex", "{}")], billing: true, ..HostOptions::default() };
+    let Some(host) = Host::start(test, options) else { return };
+    let acme = Ctl { host: &host, token: host.token("acme").to_owned() };
+    let globex = Ctl { host: &host, token: host.token("globex").to_owned() };
+    let operator = Ctl { host: &host, token: host.operator_token.clone() };
+    let acme_vm = acme.create_booted("team=a");
+    let globex_vm = globex.create_booted("team=b");
+
+    let table = operator.ok(&["list", "--all-tenants"]);
+    assert!(table.starts_with("TENANT"), "{table}");
+    for (tenant, vm_id) in [("acme", &acme_vm), ("globex", &globex_vm)] {
+        assert!(table.lines().any(|row| row.starts_with(tenant) && row.contains(vm_id.as_str())), "{table}");
+    }
+    let listed: serde_json::Value = serde_json::from_str(&operator.ok(&["--json", "list", "-A"])).unwrap();
+    let owners: Vec<_> = listed["vms"].as_array().unwrap().iter().map(|vm| vm["customerId"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(owners.iter().filter(|owner| *owner == "acme").count(), 1, "{listed}");
+    assert_eq!(owners.iter().filter(|owner| *owner == "globex").count(), 1, "{listed}");
+    assert!(!acme.ok(&["list"]).contains(&globex_vm), "a tenant still sees only its own VMs");
+
+    // Each token opens its own service only.
+    let (code, message) = acme.fails(&["list", "--all-tenants"]);
+    assert!(code == 6 && message.contains("permission_denied") && message.contains("operator's token"), "{code} {message}");
+    let (code, message) = acme.fails(&["usage"]);
+    assert!(code == 6 && message.contains("acme"), "{code} {message}");
+    let (code, message) = operator.fails(&["list"]);
+    assert!(code == 6 && message.contains("tenant's token"), "{code} {message}");
+
+    // Once both VMs stopped and their last records are in the file, the summary is the file's sums.
+    acme.ok(&["shutdown", &acme_vm, "--force"]);
+    globex.ok(&["shutdown", &globex_vm, "--force"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = loop {
+        let records = host.usage_records();
+        let finished = |vm_id: &str| records.iter().any(|record| record["vm_id"] == vm_id && record["final_record"] == true);
+        if finished(&acme_vm) && finished(&globex_vm) {
+            break records;
+        }
+        assert!(Instant::now() < deadline, "no final usage records in the file: {records:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let summary: serde_json::Value = serde_json::from_str(&operator.ok(&["--json", "usage"])).unwrap();
+    assert!(summary["source"].as_str().unwrap().starts_with("file ") && summary["source"].as_str().unwrap().ends_with("usage.jsonl"));
+    let tenants = summary["tenants"].as_array().unwrap();
+    assert_eq!(tenants.iter().map(|tenant| tenant["customerId"].as_str().unwrap()).collect::<Vec<_>>(), ["acme", "globex"]);
+    for tenant in tenants {
+        let own: Vec<_> = records.iter().filter(|record| record["tenant_id"] == tenant["customerId"]).collect();
+        let cpu_ns: u64 = own.iter().map(|record| record["usage"]["cpu_ns"].as_u64().unwrap()).sum();
+        let vcpu_ms: u64 = own
+            .iter()
+            .map(|record| record["vcpus"].as_u64().unwrap() * (record["end_ms"].as_u64().unwrap() - record["start_ms"].as_u64().unwrap()))
+            .sum();
+        assert_eq!(int64(&tenant["intervals"]), own.len() as u64, "{tenant}");
+        assert_eq!(tenant["vmCount"], 1, "{tenant}");
+        assert!(cpu_ns > 0, "a booted guest used CPU");
+        assert!((tenant["cpuSeconds"].as_f64().unwrap() - cpu_ns as f64 / 1e9).abs() < 1e-9, "{tenant} against {cpu_ns} ns");
+        assert!((tenant["vcpuSeconds"].as_f64().unwrap() - vcpu_ms as f64 / 1e3).abs() < 1e-9, "{tenant} against {vcpu_ms} ms");
+        assert!(tenant["memoryGibSeconds"].as_f64().unwrap() > 0.0, "{tenant}");
+    }
+    let table = operator.ok(&["usage", "--since", "1h"]);
+    assert!(table.starts_with("TENANT") && table.contains("\nacme ") && table.contains("\nglobex "), "{table}");
+    assert!(table.contains("read from file "), "{table}");
+    let none = operator.ok(&["usage", "--from", "2100-01-01T00:00:00Z", "--to", "2100-01-02T00:00:00Z"]);
+    assert!(none.starts_with("No usage from 2100-01-01T00:00:00Z"), "{none}");
+
+    acme.ok(&["delete", &acme_vm]);
+    globex.ok(&["delete", &globex_vm]);
+    assert_eq!(operator.ok(&["list", "-A"]).trim(), "No VMs.");
+    assert_eq!(host.leftovers(), Vec::<String>::new());
 }

@@ -5,8 +5,12 @@
 //! procedure, made with a secret only it and this host know; metald takes
 //! a tenant from a gateway header only when that signature holds and is
 //! fresh.
+//!
+//! The host's operator has tokens of its own, for `OperatorService` only:
+//! an operator's token is no tenant's, and no tenant's token, nor a
+//! gateway, reaches the operator's calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -36,6 +40,12 @@ pub enum AuthError {
     Malformed,
     #[error("the bearer token is not known to this host")]
     UnknownToken,
+    #[error("this is the operator's token, which only OperatorService takes; VmService calls need a tenant's token")]
+    OperatorTokenForTenantCall,
+    #[error("OperatorService takes only the operator's token (auth.operator_token_sha256); this token is tenant {0:?}'s")]
+    TenantTokenForOperatorCall(String),
+    #[error("OperatorService is not taken through a gateway: call the host with the operator's token")]
+    OperatorCallViaGateway,
     #[error("this host does not take calls through a gateway")]
     GatewayNotAccepted,
     #[error("the gateway headers are incomplete: {0} is missing")]
@@ -53,7 +63,10 @@ impl AuthError {
     /// call came the gateway way to a host that does not take it.
     pub fn to_connect(&self) -> connectrpc::ConnectError {
         match self {
-            AuthError::GatewayNotAccepted => connectrpc::ConnectError::permission_denied(self.to_string()),
+            AuthError::GatewayNotAccepted
+            | AuthError::OperatorTokenForTenantCall
+            | AuthError::TenantTokenForOperatorCall(_)
+            | AuthError::OperatorCallViaGateway => connectrpc::ConnectError::permission_denied(self.to_string()),
             _ => connectrpc::ConnectError::unauthenticated(self.to_string()),
         }
     }
@@ -109,36 +122,56 @@ pub fn gateway_message(tenant: &str, unix_seconds: u64, procedure: &str) -> Stri
     format!("metald-gateway-v1\n{tenant}\n{unix_seconds}\n{procedure}")
 }
 
-/// Maps credentials to tenants.
+/// The host's operator, authenticated: put into the extensions of an
+/// `OperatorService` call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Operator;
+
+/// Maps credentials to tenants, or to the operator.
 #[derive(Debug, Default)]
 pub struct Authenticator {
     /// SHA-256 of each token → its tenant.
     tokens: HashMap<[u8; 32], TenantId>,
+    /// SHA-256 of each of the operator's tokens.
+    operator_tokens: HashSet<[u8; 32]>,
     gateway: Option<GatewayTrust>,
 }
 
 impl Authenticator {
     pub fn new(tokens: HashMap<[u8; 32], TenantId>, gateway: Option<GatewayTrust>) -> Self {
-        Self { tokens, gateway }
+        Self { tokens, operator_tokens: HashSet::new(), gateway }
     }
 
-    /// The caller of `procedure`, from the request headers.
+    pub fn with_operator_tokens(self, operator_tokens: HashSet<[u8; 32]>) -> Self {
+        Self { operator_tokens, ..self }
+    }
+
+    /// The tenant calling `procedure`, from the request headers.
     pub fn authenticate(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
         if headers.contains_key(GATEWAY_TENANT_HEADER) {
             return self.vouched_by_gateway(headers, procedure, now);
         }
-        let value = headers.get(http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
-        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
-        let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
-        let token = token.trim();
-        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
-            return Err(AuthError::Malformed);
+        let hash = bearer_token_hash(headers)?;
+        if self.operator_tokens.contains(&hash) {
+            return Err(AuthError::OperatorTokenForTenantCall);
         }
-        // Looking up the token's hash, not the token, means the map's
-        // comparisons reveal nothing usable about any stored token.
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let tenant = self.tokens.get(&hash).ok_or(AuthError::UnknownToken)?;
         Ok(Caller { tenant: tenant.clone(), via_gateway: false })
+    }
+
+    /// The operator, from the request headers of an `OperatorService` call.
+    pub fn authenticate_operator(&self, headers: &HeaderMap) -> Result<Operator, AuthError> {
+        if headers.contains_key(GATEWAY_TENANT_HEADER) {
+            return Err(AuthError::OperatorCallViaGateway);
+        }
+        let hash = bearer_token_hash(headers)?;
+        if self.operator_tokens.contains(&hash) {
+            return Ok(Operator);
+        }
+        match self.tokens.get(&hash) {
+            Some(tenant) => Err(AuthError::TenantTokenForOperatorCall(tenant.to_string())),
+            None => Err(AuthError::UnknownToken),
+        }
     }
 
     fn vouched_by_gateway(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
@@ -160,6 +193,20 @@ impl Authenticator {
         let tenant = TenantId::new(tenant).map_err(|_| AuthError::GatewayTenant(tenant.to_owned()))?;
         Ok(Caller { tenant, via_gateway: true })
     }
+}
+
+/// The SHA-256 of the bearer token in `authorization`. Looking tokens up
+/// by their hash, not the token, means the maps' comparisons reveal
+/// nothing usable about any stored token.
+fn bearer_token_hash(headers: &HeaderMap) -> Result<[u8; 32], AuthError> {
+    let value = headers.get(http::header::AUTHORIZATION).ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(AuthError::Malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthError::Malformed);
+    }
+    Ok(Sha256::digest(token.as_bytes()).into())
 }
 
 /// A new random token (256 bits, hex) and its SHA-256, as `metald token` prints them.
@@ -252,6 +299,19 @@ mod tests {
         let error = auth.authenticate(&headers(&[(GATEWAY_TENANT_HEADER, "acme".into())]), PROCEDURE, at(0)).unwrap_err();
         assert_eq!(error, AuthError::GatewayNotAccepted);
         assert_eq!(error.to_connect().code, connectrpc::ErrorCode::PermissionDenied);
+    }
+
+    #[test]
+    fn the_operators_token_opens_only_operator_calls_and_a_tenants_only_tenant_calls() {
+        let auth = authenticator(None).with_operator_tokens(HashSet::from([token_hash("operator-token")]));
+        let bearer = |token: &str| headers(&[("authorization", format!("Bearer {token}"))]);
+        assert_eq!(auth.authenticate_operator(&bearer("operator-token")), Ok(Operator));
+        assert_eq!(auth.authenticate(&bearer("operator-token"), PROCEDURE, at(0)), Err(AuthError::OperatorTokenForTenantCall));
+        assert_eq!(auth.authenticate_operator(&bearer("secret-token")), Err(AuthError::TenantTokenForOperatorCall("acme".into())));
+        assert_eq!(auth.authenticate_operator(&bearer("other")), Err(AuthError::UnknownToken));
+        let via_gateway = headers(&[(GATEWAY_TENANT_HEADER, "acme".into()), ("authorization", "Bearer operator-token".into())]);
+        assert_eq!(auth.authenticate_operator(&via_gateway), Err(AuthError::OperatorCallViaGateway));
+        assert_eq!(AuthError::OperatorTokenForTenantCall.to_connect().code, connectrpc::ErrorCode::PermissionDenied);
     }
 
     #[test]

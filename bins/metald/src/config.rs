@@ -231,6 +231,10 @@ pub struct AuthSettings {
     pub tenants: Vec<TenantSettings>,
     /// Calls forwarded by a gateway, which vouches for the tenant.
     pub gateway: Option<GatewaySettings>,
+    /// SHA-256 hashes (hex) of the operator's tokens, which open
+    /// `OperatorService` (every tenant's VMs, usage per tenant) and
+    /// nothing else. Several, so a token can be replaced without a gap.
+    pub operator_token_sha256: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -389,6 +393,12 @@ impl Settings {
         if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
             return value("api.default_page_size", "must be between 1 and api.max_page_size");
         }
+        if let Some(index) = self.auth.operator_token_sha256.iter().position(|hash| !is_sha256_hex(hash)) {
+            return Err(ConfigError::Value {
+                key: "auth.operator_token_sha256",
+                problem: format!("[{index}] must be 64 hex digits (the SHA-256 of the token)"),
+            });
+        }
         for (index, tenant) in self.auth.tenants.iter().enumerate() {
             if metald_core::TenantId::new(&tenant.id).is_err() {
                 return Err(ConfigError::Value {
@@ -396,7 +406,7 @@ impl Settings {
                     problem: format!("[{index}].id {:?} is not a tenant id", tenant.id),
                 });
             }
-            if hex::decode(&tenant.token_sha256).map(|hash| hash.len()) != Ok(32) {
+            if !is_sha256_hex(&tenant.token_sha256) {
                 return Err(ConfigError::Value {
                     key: "auth.tenants",
                     problem: format!("[{index}].token_sha256 must be 64 hex digits (the SHA-256 of the token)"),
@@ -413,6 +423,10 @@ impl Settings {
     pub fn usage_file(&self) -> PathBuf {
         self.billing.file.clone().unwrap_or_else(|| self.data_dir.join("usage.jsonl"))
     }
+}
+
+fn is_sha256_hex(text: &str) -> bool {
+    hex::decode(text).map(|hash| hash.len()) == Ok(32)
 }
 
 #[cfg(test)]

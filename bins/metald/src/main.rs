@@ -12,6 +12,7 @@ mod config;
 mod instance_lock;
 mod listener;
 mod metrics;
+mod operator;
 mod process_metrics;
 mod quota;
 mod server;
@@ -66,12 +67,18 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Make a new bearer token: prints the token (give it to the tenant) and
-    /// the line for [[auth.tenants]] (keep it in the settings; the token itself is never stored).
+    /// Make a new bearer token: prints the token (give it to the tenant, or
+    /// keep it as the operator) and the settings lines with its hash (the
+    /// token itself is never stored).
+    #[command(group = clap::ArgGroup::new("owner").required(true))]
     Token {
-        /// The tenant the token is for.
-        #[arg(long)]
-        tenant: String,
+        /// The tenant the token is for: prints an [[auth.tenants]] table.
+        #[arg(long, group = "owner")]
+        tenant: Option<String>,
+        /// The token is the host operator's (every tenant's VMs, usage):
+        /// prints auth.operator_token_sha256.
+        #[arg(long, group = "owner")]
+        operator: bool,
     },
     /// Print the settings as they result from the file, the environment and the flags, as JSON.
     PrintConfig,
@@ -102,14 +109,17 @@ impl Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Some(Command::Token { tenant }) = &args.command {
-        metald_core::TenantId::new(tenant).map_err(|error| anyhow::anyhow!("--tenant {tenant:?}: {error}"))?;
+    if let Some(Command::Token { tenant, .. }) = &args.command {
+        if let Some(tenant) = tenant {
+            metald_core::TenantId::new(tenant).map_err(|error| anyhow::anyhow!("--tenant {tenant:?}: {error}"))?;
+        }
         let (token, hash) = auth::new_token();
         println!("token: {token}");
         println!();
-        println!("[[auth.tenants]]");
-        println!("id = {tenant:?}");
-        println!("token_sha256 = {hash:?}");
+        match tenant {
+            Some(tenant) => println!("[[auth.tenants]]\nid = {tenant:?}\ntoken_sha256 = {hash:?}"),
+            None => println!("[auth]\noperator_token_sha256 = [{hash:?}]"),
+        }
         return Ok(());
     }
     let settings = Settings::load(args.config.as_deref(), args.overrides()).map_err(|error| anyhow::anyhow!(error_report(&error)))?;

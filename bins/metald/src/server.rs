@@ -13,11 +13,12 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use connectrpc::interceptor::{StreamRequest, StreamResponse, UnaryRequest, UnaryResponse};
 use connectrpc::{ConnectError, ConnectRpcService, Interceptor, Limits, Next, NextStream, PayloadStream, Router};
-use metald_api::proto::vmprovisioner::v1::VmServiceExt;
+use metald_api::proto::vmprovisioner::v1::{OperatorServiceExt, VmServiceExt};
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::metrics::Metrics;
+use crate::operator::{OperatorApi, UsageReadBack};
 use crate::service::VmApi;
 
 /// Whether the daemon takes calls: not while it takes over the VMs of
@@ -69,8 +70,16 @@ struct CallGate {
     readiness: Arc<Readiness>,
 }
 
-/// The method's name from `/vmprovisioner.v1.VmService/CreateVm`.
+/// Calls under this path are the operator's, and take only its token.
+const OPERATOR_SERVICE_PATH: &str = "/vmprovisioner.v1.OperatorService/";
+
+/// The method's name from `/vmprovisioner.v1.VmService/CreateVm`; an
+/// operator's method keeps its service (`OperatorService/ListVms`), so it
+/// is not counted as the tenants' method of the same name.
 fn method_of(path: &str) -> &str {
+    if let Some(operator_method) = path.strip_prefix("/vmprovisioner.v1.").filter(|rest| rest.starts_with("OperatorService/")) {
+        return operator_method;
+    }
     path.rsplit('/').next().unwrap_or(path)
 }
 
@@ -92,6 +101,7 @@ impl CallGate {
             rpc.method = method_of(path),
             client = %client.as_deref().unwrap_or("unknown"),
             tenant = tracing::field::Empty,
+            role = tracing::field::Empty,
             vm_id = tracing::field::Empty,
             code = tracing::field::Empty,
         )
@@ -101,10 +111,17 @@ impl CallGate {
         if let Some(refusal) = self.readiness.refusal() {
             return Err(refusal);
         }
-        let caller = self.auth.authenticate(ctx.headers(), path, SystemTime::now()).map_err(|error| {
+        let refused = |error: crate::auth::AuthError| {
             tracing::info!(parent: span, %error, "call refused");
             error.to_connect()
-        })?;
+        };
+        if path.starts_with(OPERATOR_SERVICE_PATH) {
+            let operator = self.auth.authenticate_operator(ctx.headers()).map_err(refused)?;
+            span.record("role", "operator");
+            ctx.extensions_mut().insert(operator);
+            return Ok(());
+        }
+        let caller = self.auth.authenticate(ctx.headers(), path, SystemTime::now()).map_err(refused)?;
         span.record("tenant", tracing::field::display(caller.tenant.as_str()));
         ctx.extensions_mut().insert(caller);
         Ok(())
@@ -173,8 +190,17 @@ fn clarify_decode_error(mut error: ConnectError) -> ConnectError {
 }
 
 /// The whole HTTP application.
-pub fn app(api: VmApi, auth: Arc<Authenticator>, metrics: Arc<Metrics>, readiness: Arc<Readiness>, max_body_bytes: usize) -> axum::Router {
-    let router = Arc::new(api).register(Router::new());
+pub fn app(
+    api: VmApi,
+    usage: UsageReadBack,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    max_body_bytes: usize,
+) -> axum::Router {
+    let api = Arc::new(api);
+    let router = Arc::clone(&api).register(Router::new());
+    let router = Arc::new(OperatorApi::new(api, usage)).register(router);
     let limits = Limits::default().with_max_request_body_size(max_body_bytes).with_max_message_size(max_body_bytes);
     let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(CallGate {
         auth,

@@ -23,7 +23,7 @@ use metald_api::convert::state::{state_filter_from_wire, state_to_wire};
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::{manager_error_to_connect, wire_error_to_connect};
 use metald_core::manager::ManagerError;
-use metald_core::{VmId, VmManager};
+use metald_core::{TenantId, VmId, VmManager};
 use tokio::sync::{broadcast, watch};
 
 use crate::auth::Caller;
@@ -97,6 +97,39 @@ impl VmApi {
 
     pub fn with_redactor(self, redactor: Redactor) -> Self {
         Self { redactor, ..self }
+    }
+
+    /// One page of `tenant`'s VMs, or of every tenant's for the operator
+    /// (`None`), as `ListVms` answers it.
+    pub fn list_page(&self, tenant: Option<&TenantId>, message: &wire::ListVmsRequest) -> Result<wire::ListVmsResponse, ConnectError> {
+        let states = state_filter_from_wire(&message.state_filter).map_err(|error| wire_error_to_connect(&error))?;
+        let asked = non_negative_i32("page_size", message.page_size).map_err(|error| wire_error_to_connect(&error))?;
+        let page_size = match usize::try_from(asked) {
+            Ok(0) | Err(_) => self.api.default_page_size,
+            // More than the host gives in one page is trimmed, not refused.
+            Ok(asked) => asked.min(self.api.max_page_size),
+        };
+        let after = page_token_from_wire(&message.page_token)?;
+        let page = self.manager.list_page(tenant, &states, after.as_ref(), page_size);
+        let next_page_token = match (page.more, page.vms.last()) {
+            (true, Some(last)) => page_token_to_wire(&last.vm_id),
+            _ => String::new(),
+        };
+        let total_count = i32::try_from(page.total).unwrap_or(i32::MAX);
+        Ok(wire::ListVmsResponse {
+            vms: page
+                .vms
+                .iter()
+                .map(|vm| {
+                    let mut entry = vm_summary_to_wire(vm);
+                    entry.failure_reason = self.redactor.redact(&entry.failure_reason);
+                    entry
+                })
+                .collect(),
+            next_page_token,
+            total_count,
+            ..Default::default()
+        })
     }
 
     /// A manager error for the caller, counting the backend's failures.
@@ -294,35 +327,7 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::ListVmsRequest>,
     ) -> ServiceResult<wire::ListVmsResponse> {
         let caller = caller(&ctx)?;
-        let message = request.to_owned_message();
-        let states = state_filter_from_wire(&message.state_filter).map_err(|error| wire_error_to_connect(&error))?;
-        let asked = non_negative_i32("page_size", message.page_size).map_err(|error| wire_error_to_connect(&error))?;
-        let page_size = match usize::try_from(asked) {
-            Ok(0) | Err(_) => self.api.default_page_size,
-            // More than the host gives in one page is trimmed, not refused.
-            Ok(asked) => asked.min(self.api.max_page_size),
-        };
-        let after = page_token_from_wire(&message.page_token)?;
-        let page = self.manager.list_page(&caller.tenant, &states, after.as_ref(), page_size);
-        let next_page_token = match (page.more, page.vms.last()) {
-            (true, Some(last)) => page_token_to_wire(&last.vm_id),
-            _ => String::new(),
-        };
-        let total_count = i32::try_from(page.total).unwrap_or(i32::MAX);
-        Response::ok(wire::ListVmsResponse {
-            vms: page
-                .vms
-                .iter()
-                .map(|vm| {
-                    let mut entry = vm_summary_to_wire(vm);
-                    entry.failure_reason = self.redactor.redact(&entry.failure_reason);
-                    entry
-                })
-                .collect(),
-            next_page_token,
-            total_count,
-            ..Default::default()
-        })
+        Response::ok(self.list_page(Some(&caller.tenant), &request.to_owned_message())?)
     }
 
     async fn get_console(
@@ -359,7 +364,7 @@ impl wire::VmService for VmApi {
 struct Watch {
     events: broadcast::Receiver<metald_core::VmEvent>,
     stopping: watch::Receiver<bool>,
-    tenant: metald_core::TenantId,
+    tenant: TenantId,
     only: Option<VmId>,
     redactor: Redactor,
     /// The stream told the caller why it ends; nothing follows.

@@ -3,7 +3,7 @@
 //! billing, recovery of the previous run's VMs, then the server until
 //! SIGTERM.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,6 +24,7 @@ use crate::auth::{Authenticator, GatewayTrust};
 use crate::config::{BillingSettings, JailerSettings, NetworkSettings, Settings, SinkKind};
 use crate::instance_lock::{self, InstanceLocks};
 use crate::metrics::{BillingFigures, Metrics};
+use crate::operator::UsageReadBack;
 use crate::quota::Quotas;
 use crate::server::Readiness;
 use crate::service::{Redactor, VmApi};
@@ -80,11 +81,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     // Billing listens before recovery, so the VMs taken over are metered
     // on from where the spool says they were.
-    let billing = match settings.billing.enabled {
-        true => Some(start_billing(&settings.billing, &settings, &manager).await?),
+    let (billing, usage) = match settings.billing.enabled {
+        true => {
+            let (billing, usage) = start_billing(&settings.billing, &settings, &manager).await?;
+            (Some(billing), usage)
+        }
         false => {
             tracing::info!("billing off: no usage is metered");
-            None
+            (None, UsageReadBack::Unreadable("billing is off on this host (billing.enabled = false): there is no usage".to_owned()))
         }
     };
     let figures = billing.as_ref().map(|billing| BillingFigures {
@@ -98,7 +102,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let redactor = Redactor::new(&[&settings.data_dir, &settings.image_root, &settings.firecracker]);
     let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping).with_redactor(redactor);
     let readiness = Arc::new(Readiness::default());
-    let app = crate::server::app(api, Arc::new(auth), Arc::clone(&metrics), Arc::clone(&readiness), settings.api.max_body_bytes);
+    let app = crate::server::app(api, usage, Arc::new(auth), Arc::clone(&metrics), Arc::clone(&readiness), settings.api.max_body_bytes);
 
     // Listening starts before the takeover, so probes see /health answer
     // and /ready say 503 (API calls: unavailable) until it is done.
@@ -288,7 +292,8 @@ async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow
     Ok(Some(Arc::new(provider)))
 }
 
-async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: &VmManager) -> anyhow::Result<Billing> {
+/// Billing, and where the operator's usage summary reads its usage back.
+async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: &VmManager) -> anyhow::Result<(Billing, UsageReadBack)> {
     let host_id = match &billing.host_id {
         Some(host_id) => host_id.clone(),
         None => nix::unistd::gethostname().context("cannot read the hostname for billing.host_id")?.to_string_lossy().into_owned(),
@@ -299,10 +304,11 @@ async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: 
         SinkKind::Service => billing.service_url.clone(),
     };
     tracing::info!(sink = ?billing.sink, %destination, %host_id, "billing on: usage is metered every {} ms", billing.meter_period_ms);
-    let sink: Arc<dyn BillingSink> = match billing.sink {
+    let (sink, usage): (Arc<dyn BillingSink>, UsageReadBack) = match billing.sink {
         SinkKind::File => {
             let path = settings.usage_file();
-            Arc::new(JsonLinesSink::open(&path).with_context(|| format!("billing.file: cannot open {}", path.display()))?)
+            let sink = Arc::new(JsonLinesSink::open(&path).with_context(|| format!("billing.file: cannot open {}", path.display()))?);
+            (Arc::clone(&sink) as Arc<dyn BillingSink>, UsageReadBack::Readable(sink))
         }
         SinkKind::Clickhouse => {
             let sink = ClickHouseSink::new(&billing.clickhouse_url, &billing.clickhouse_database, &host_id);
@@ -311,9 +317,17 @@ async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: 
             if let Err(error) = sink.migrate().await {
                 tracing::warn!(error = %metald_core::error_chain(&error), "ClickHouse schema not applied yet; usage waits in the spool");
             }
-            Arc::new(sink)
+            let sink = Arc::new(sink);
+            (Arc::clone(&sink) as Arc<dyn BillingSink>, UsageReadBack::Readable(sink))
         }
-        SinkKind::Service => Arc::new(ServiceSink::new(&billing.service_url, &host_id).context("billing.service_url")?),
+        SinkKind::Service => {
+            let sink = Arc::new(ServiceSink::new(&billing.service_url, &host_id).context("billing.service_url")?);
+            let why = format!(
+                "this host's usage goes to the billing service at {}, which holds it; this host cannot read it back",
+                billing.service_url
+            );
+            (sink, UsageReadBack::Unreadable(why))
+        }
     };
     let spool =
         Arc::new(Spool::open(settings.data_dir.join("spool.db"), billing.spool_quota_bytes).context("cannot open the billing spool")?);
@@ -325,7 +339,7 @@ async fn start_billing(billing: &BillingSettings, settings: &Settings, manager: 
             ..DeliveryPolicy::default()
         },
     };
-    Billing::for_manager(manager, spool, sink, config).context("cannot start billing")
+    Ok((Billing::for_manager(manager, spool, sink, config).context("cannot start billing")?, usage))
 }
 
 /// Who may call, and how much each tenant may hold.
@@ -363,5 +377,19 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
     if tokens.is_empty() && gateway.is_none() {
         tracing::warn!("no tenants are configured (auth.tenants) and no gateway (auth.gateway): every call will be refused");
     }
-    Ok((Authenticator::new(tokens, gateway), Quotas::new(limits, default_quota)))
+    let mut operator_tokens = HashSet::new();
+    for (index, hex_hash) in settings.auth.operator_token_sha256.iter().enumerate() {
+        let mut hash = [0u8; 32];
+        hex::decode_to_slice(hex_hash, &mut hash).with_context(|| format!("auth.operator_token_sha256: [{index}]"))?;
+        // One token, one role: the operator's token must not also be a tenant's.
+        if let Some(tenant) = tokens.get(&hash) {
+            bail!(
+                "auth.operator_token_sha256: [{index}] is also tenant {:?}'s token_sha256; the operator needs a token of its own",
+                tenant.as_str()
+            );
+        }
+        operator_tokens.insert(hash);
+    }
+    let auth = Authenticator::new(tokens, gateway).with_operator_tokens(operator_tokens);
+    Ok((auth, Quotas::new(limits, default_quota)))
 }

@@ -453,6 +453,21 @@ fn check_cpu(rows: &[Row], gaps: &[Gap], journal: &Journal, seed: u64, dir: &std
     assert!(charged_ns <= counted_ns + slack_ns, "seed {seed}: {charged_ns} ns charged, but the kernel counted only {counted_ns} ns");
 }
 
+/// With the spool empty, the operator's summary (read back from ClickHouse
+/// by the daemon) counts every interval and VM the raw table holds.
+async fn the_operators_usage_summary_is_what_clickhouse_holds(host: &Host, url: &str) {
+    let summary = host.operator_client().get_usage_summary(wire::GetUsageSummaryRequest::default()).await.unwrap().into_owned();
+    assert!(summary.source.starts_with("clickhouse database metald"), "{}", summary.source);
+    let sink = ClickHouseSink::new(url, DATABASE, "summary-check");
+    let query = format!("SELECT count(), uniqExact(vm_id), sum(cpu_ns) FROM {DATABASE}.usage_intervals FINAL");
+    let (intervals, vms, cpu_ns): (u64, u64, u64) = sink.client().query(&query).fetch_one().await.unwrap();
+    let summed = summary.tenants.iter().fold((0, 0, 0.0), |(intervals, vms, cpu), tenant| {
+        (intervals + tenant.intervals as u64, vms + tenant.vm_count as u64, cpu + tenant.cpu_seconds)
+    });
+    assert_eq!((summed.0, summed.1), (intervals, vms), "{summary:?}");
+    assert!((summed.2 - cpu_ns as f64 / 1e9).abs() < 1e-6, "{summary:?} against {cpu_ns} ns");
+}
+
 #[test]
 fn billing_holds_its_invariants_over_random_operations() {
     let test = "billing_holds_its_invariants_over_random_operations";
@@ -487,6 +502,7 @@ fn billing_holds_its_invariants_over_random_operations() {
             common::http_get(port, "/metrics").is_some_and(|(_, body)| body.lines().any(|line| line == "metald_billing_spool_records 0"))
         }));
         let counted = host.cgroup_parent_cpu_ns().expect("the cgroup parent's CPU counter");
+        runtime.block_on(the_operators_usage_summary_is_what_clickhouse_holds(&host, &server.url()));
         let status = host.terminate();
         assert!(status.success(), "metald ended with {status}; log:\n{}", host.log());
         let sink = ClickHouseSink::new(&server.url(), DATABASE, "model-check");

@@ -131,15 +131,23 @@ fn a_new_token_is_printed_with_the_hash_to_configure_and_only_the_hash_is_kept()
     assert!(text.contains("id = \"acme\""), "{text}");
     let refused = Command::new(common::metald_binary()).args(["token", "--tenant", "../x"]).output().unwrap();
     assert!(!refused.status.success());
+    let operator = Command::new(common::metald_binary()).args(["token", "--operator"]).output().unwrap();
+    let text = String::from_utf8(operator.stdout).unwrap();
+    let token = text.lines().find_map(|line| line.strip_prefix("token: ")).expect("the token").trim().to_owned();
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
+    assert!(text.contains(&format!("[auth]\noperator_token_sha256 = [{hash:?}]")), "{text}");
+    let neither = Command::new(common::metald_binary()).arg("token").output().unwrap();
+    assert_eq!(neither.status.code(), Some(2), "a token is for a tenant or the operator");
 }
 
 #[test]
-fn tenants_that_share_a_token_or_a_tenant_with_two_quotas_are_refused_before_anything_is_made() {
+fn tenants_that_share_a_token_a_tenant_with_two_quotas_or_an_operator_token_of_a_tenant_are_refused_before_anything_is_made() {
     let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
     let data = dir.path().join("data");
     let hash = |token: &str| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(token.as_bytes()));
-    let start_with = |tenants: &[(&str, String, &str)]| {
+    let start_with_operator = |operator: &[String], tenants: &[(&str, String, &str)]| {
         let mut toml = format!("data_dir = {data:?}\nfirecracker = \"/bin/true\"\n[jailer]\nenabled = false\n[billing]\nenabled = false\n");
+        toml.push_str(&format!("[auth]\noperator_token_sha256 = {operator:?}\n"));
         for (id, token_hash, quota) in tenants {
             toml.push_str(&format!("[[auth.tenants]]\nid = {id:?}\ntoken_sha256 = {token_hash:?}\nquota = {quota}\n"));
         }
@@ -156,11 +164,17 @@ fn tenants_that_share_a_token_or_a_tenant_with_two_quotas_are_refused_before_any
         assert!(!output.status.success(), "metald started with {tenants:?}");
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
+    let start_with = |tenants: &[(&str, String, &str)]| start_with_operator(&[], tenants);
     let shared = start_with(&[("acme", hash("one"), "{}"), ("globex", hash("one"), "{}")]);
     assert!(shared.contains(r#""acme" and "globex" have the same token_sha256"#), "{shared}");
     // Two tokens of one tenant are a rotation; two quotas for it are not.
     let quotas = start_with(&[("acme", hash("one"), "{ max_vms = 1 }"), ("acme", hash("two"), "{ max_vms = 2 }")]);
     assert!(quotas.contains(r#"the tables of "acme" give different quotas"#), "{quotas}");
+    // The operator's token is no tenant's.
+    let operator_is_tenant = start_with_operator(&[hash("one")], &[("acme", hash("one"), "{}")]);
+    assert!(operator_is_tenant.contains(r#"auth.operator_token_sha256: [0] is also tenant "acme"'s token_sha256"#), "{operator_is_tenant}");
+    let not_a_hash = start_with_operator(&["abc".to_owned()], &[]);
+    assert!(not_a_hash.contains("auth.operator_token_sha256") && not_a_hash.contains("64 hex digits"), "{not_a_hash}");
     assert!(!data.exists(), "nothing is made before the settings hold");
 }
 

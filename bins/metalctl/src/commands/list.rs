@@ -1,4 +1,5 @@
-//! `list`: the caller's VMs, every page of them unless `--page-token` asks
+//! `list`: the caller's VMs (with `--all-tenants`, every tenant's, through
+//! the operator's service), every page of them unless `--page-token` asks
 //! for one page. All pages come back as one ListVmsResponse, so `--json`
 //! prints one document either way.
 
@@ -21,12 +22,19 @@ pub async fn list(api: &Api, out: &mut Printer, args: &ListArgs) -> Result<(), C
         page_token: args.page_token.clone().unwrap_or_default(),
         ..Default::default()
     };
-    let fetch = |request| async move { Ok(api.vms().list_vms_with_options(request, api.call()).await?.into_owned()) };
+    let all_tenants = args.all_tenants;
+    let fetch = |request| async move {
+        let page = match all_tenants {
+            true => api.operator().list_vms_with_options(request, api.call()).await?.into_owned(),
+            false => api.vms().list_vms_with_options(request, api.call()).await?.into_owned(),
+        };
+        Ok(page)
+    };
     let response = if args.page_token.is_some() { fetch(request).await? } else { all_pages(request, fetch).await? };
     if out.json_mode() {
         return out.json(&response);
     }
-    out.line(&list_table(&response))?;
+    out.line(&list_table(&response, args.all_tenants))?;
     if !response.next_page_token.is_empty() {
         eprintln!("more VMs follow: metalctl list --page-token {}", response.next_page_token);
     }

@@ -8,6 +8,7 @@ mod create;
 mod info;
 mod lifecycle;
 mod list;
+mod usage;
 mod watch;
 
 use crate::cli::{Cli, Command};
@@ -35,6 +36,7 @@ async fn dispatch(api: &Api, out: &mut Printer, command: Command) -> Result<(), 
         Command::Delete(args) => lifecycle::delete(api, out, &args).await,
         Command::Console(args) => console::console(api, out, &args).await,
         Command::Watch(args) => watch::watch(api, out, &args).await,
+        Command::Usage(args) => usage::usage(api, out, &args).await,
     }
 }
 

@@ -6,22 +6,26 @@ use super::values::{format_bytes, format_time, state_name};
 use super::{plain_table, render};
 
 /// VM ID, STATE, VCPUS, MEMORY, CREATED, FAILURE for each VM, in the
-/// host's order (by id).
-pub fn list_table(response: &ListVmsResponse) -> String {
+/// host's order (by id); TENANT first when the VMs are every tenant's.
+pub fn list_table(response: &ListVmsResponse, with_tenant: bool) -> String {
     if response.vms.is_empty() {
         return "No VMs.".to_owned();
     }
     let mut table = plain_table();
-    table.set_header(["VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "FAILURE"]);
+    let header = ["TENANT", "VM ID", "STATE", "VCPUS", "MEMORY", "CREATED", "FAILURE"];
+    let skip = usize::from(!with_tenant);
+    table.set_header(&header[skip..]);
     for vm in &response.vms {
-        table.add_row([
+        let row = [
+            vm.customer_id.clone(),
             vm.vm_id.clone(),
             state_name(vm.state),
             vm.vcpu_count.to_string(),
             format_bytes(vm.memory_size_bytes),
             format_time(vm.created_timestamp),
             one_line(&vm.failure_reason),
-        ]);
+        ];
+        table.add_row(row.into_iter().skip(skip));
     }
     render(&mut table)
 }
@@ -63,11 +67,22 @@ mod tests {
 VM ID  STATE    VCPUS  MEMORY   CREATED               FAILURE
 vm-a   running  2      512 MiB  2024-05-01T12:00:00Z
 vm-b   failed   1      1 GiB    2024-05-01T12:00:00Z  the VMM exited with code 1 while booting";
-        assert_eq!(list_table(&response), expected);
+        assert_eq!(list_table(&response, false), expected);
+    }
+
+    #[test]
+    fn every_tenants_vms_carry_their_tenant_first() {
+        let mut owned = vm("vm-a", VmState::VM_STATE_RUNNING, 2, 512 << 20, "");
+        owned.customer_id = "acme".into();
+        let response = ListVmsResponse { vms: vec![owned], total_count: 1, ..Default::default() };
+        let expected = "\
+TENANT  VM ID  STATE    VCPUS  MEMORY   CREATED               FAILURE
+acme    vm-a   running  2      512 MiB  2024-05-01T12:00:00Z";
+        assert_eq!(list_table(&response, true), expected);
     }
 
     #[test]
     fn no_vms_is_just_the_header() {
-        assert_eq!(list_table(&ListVmsResponse::default()), "No VMs.");
+        assert_eq!(list_table(&ListVmsResponse::default(), false), "No VMs.");
     }
 }

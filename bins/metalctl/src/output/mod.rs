@@ -6,6 +6,7 @@
 mod event;
 mod info;
 mod list;
+mod usage;
 pub mod values;
 
 use std::io::{self, Write};
@@ -18,6 +19,7 @@ use crate::exit::CliError;
 pub use event::event_line;
 pub use info::info_table;
 pub use list::list_table;
+pub use usage::usage_table;
 
 /// Writes a command's result to stdout, as a table or as JSON.
 #[derive(Debug)]

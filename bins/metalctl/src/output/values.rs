@@ -55,7 +55,12 @@ pub fn format_count(count: i64) -> String {
 
 /// Now, in Unix milliseconds.
 pub fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    unix_ms(SystemTime::now())
+}
+
+/// An instant in Unix milliseconds (0 before 1970).
+pub fn unix_ms(instant: SystemTime) -> i64 {
+    instant.duration_since(UNIX_EPOCH).map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `2024-05-01T12:00:00Z`, or `-` for 0 (not set).

@@ -72,6 +72,8 @@ pub struct Host {
     pub config_path: PathBuf,
     pub port: u16,
     pub tenants: Vec<TestTenant>,
+    /// The host operator's token, which opens OperatorService.
+    pub operator_token: String,
     child: Option<Child>,
     starts: u32,
     pub cgroup_parent: String,
@@ -181,6 +183,8 @@ impl Host {
         } else {
             toml.push_str("[network]\nenabled = false\n");
         }
+        let operator_token = format!("test-operator-token-{}", metald_core::VmId::generate());
+        toml.push_str(&format!("[auth]\noperator_token_sha256 = [{:?}]\n", hex::encode(sha2::Sha256::digest(operator_token.as_bytes()))));
         for tenant in &tenants {
             let hash = hex::encode(sha2::Sha256::digest(tenant.token.as_bytes()));
             toml.push_str(&format!("[[auth.tenants]]\nid = {:?}\ntoken_sha256 = {hash:?}\nquota = {}\n", tenant.id, tenant.quota));
@@ -198,6 +202,7 @@ impl Host {
             config_path,
             port: 0,
             tenants,
+            operator_token,
             child: None,
             starts: 0,
             cgroup_parent: name,
@@ -299,6 +304,17 @@ impl Host {
     /// A client whose calls carry `deadline` (Connect's `connect-timeout-ms`,
     /// gRPC's `grpc-timeout`), which the daemon enforces.
     pub fn client_with_deadline(&self, token: Option<&str>, wire_format: Wire, deadline: Duration) -> Client {
+        let (transport, config) = self.client_config(token, wire_format, deadline);
+        wire::VmServiceClient::new(transport, config)
+    }
+
+    /// A client of the operator's service, with the operator's token.
+    pub fn operator_client(&self) -> wire::OperatorServiceClient<HttpClient> {
+        let (transport, config) = self.client_config(Some(&self.operator_token), Wire::ConnectProto, Duration::from_secs(60));
+        wire::OperatorServiceClient::new(transport, config)
+    }
+
+    fn client_config(&self, token: Option<&str>, wire_format: Wire, deadline: Duration) -> (HttpClient, ClientConfig) {
         let uri: http::Uri = self.url().parse().unwrap();
         let mut config = ClientConfig::new(uri).with_default_timeout(deadline);
         config = match wire_format {
@@ -314,7 +330,7 @@ impl Host {
             Wire::Grpc => HttpClient::plaintext_http2_only(),
             _ => HttpClient::plaintext(),
         };
-        wire::VmServiceClient::new(transport, config)
+        (transport, config)
     }
 
     /// Live VMM processes of this test (by their cgroup, or their path for unjailed ones).
