@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use metald_api::proto::vmprovisioner::v1::VmState;
+use metald_api::proto::vmprovisioner::v1::{NetworkMode, VmState};
 
 use crate::exit::EXIT_CODES_HELP;
 use crate::parse::{DiskSpec, RestartFlag, parse_disk, parse_duration, parse_instant, parse_key_value, parse_restart, parse_size};
@@ -102,7 +102,7 @@ pub struct VmArg {
 #[command(after_help = "Paths are on the host, relative to its image root (or absolute inside it).\n\
                         Flags override the --config file; --disk replaces its storage list.\n\n\
                         Example:\n  metalctl create --vcpus 2 --memory 512MiB --kernel vmlinux \\\n    \
-                        --cmdline 'console=ttyS0 reboot=k panic=1' --disk rootfs.ext4,root --boot")]
+                        --cmdline 'console=ttyS0 reboot=k panic=1' --disk rootfs.ext4,root --network ipv6 --boot")]
 pub struct CreateArgs {
     /// A full VmConfig as proto JSON ("-" for stdin); flags override it.
     #[arg(long, value_name = "FILE")]
@@ -128,6 +128,11 @@ pub struct CreateArgs {
     /// A drive: PATH[,ro][,root][,id=NAME]; repeat for more. Ids default to disk0, disk1, ...
     #[arg(long = "disk", value_name = "SPEC", value_parser = parse_disk)]
     pub disks: Vec<DiskSpec>,
+    /// A network interface the host makes and addresses: ipv6 (the tenant's
+    /// /64), dual (and IPv4) or ipv4; repeat for more (eth0, eth1, ...).
+    /// Replaces the --config file's interfaces.
+    #[arg(long = "network", value_name = "MODE", value_enum)]
+    pub networks: Vec<NetworkArg>,
     /// A label, KEY=VALUE; repeat for more.
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub metadata: Vec<(String, String)>,
@@ -138,6 +143,23 @@ pub struct CreateArgs {
     /// Boot the VM right after creating it.
     #[arg(long)]
     pub boot: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NetworkArg {
+    Ipv6,
+    Dual,
+    Ipv4,
+}
+
+impl NetworkArg {
+    pub fn to_wire(self) -> NetworkMode {
+        match self {
+            NetworkArg::Ipv6 => NetworkMode::NETWORK_MODE_IPV6_ONLY,
+            NetworkArg::Dual => NetworkMode::NETWORK_MODE_DUAL_STACK,
+            NetworkArg::Ipv4 => NetworkMode::NETWORK_MODE_IPV4_ONLY,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -9,7 +9,7 @@
 use std::io::Read;
 use std::path::Path;
 
-use metald_api::proto::vmprovisioner::v1::{RestartPolicy, VmConfig};
+use metald_api::proto::vmprovisioner::v1::{NetworkInterface, RestartPolicy, VmConfig};
 use serde_json::Value;
 
 use crate::cli::CreateArgs;
@@ -133,7 +133,7 @@ fn lower_camel_case(snake: &str) -> String {
 
 /// The flags, over whatever the file gave: each flag given replaces its
 /// field; `--disk` replaces the whole storage list; `--metadata` adds or
-/// replaces labels one by one.
+/// replaces labels one by one; `--network` replaces the interface list.
 fn apply_flags(config: &mut VmConfig, args: &CreateArgs) -> Result<(), CliError> {
     if let Some(vcpus) = args.vcpus {
         config.cpu.get_or_insert_default().vcpu_count = vcpus;
@@ -152,6 +152,14 @@ fn apply_flags(config: &mut VmConfig, args: &CreateArgs) -> Result<(), CliError>
     }
     if !args.disks.is_empty() {
         config.storage = storage_from_disks(&args.disks).map_err(CliError::Usage)?;
+    }
+    if !args.networks.is_empty() {
+        config.network = args
+            .networks
+            .iter()
+            .enumerate()
+            .map(|(index, mode)| NetworkInterface { id: format!("eth{index}"), mode: mode.to_wire().into(), ..Default::default() })
+            .collect();
     }
     for (key, value) in &args.metadata {
         config.metadata.insert(key.clone(), value.clone());
@@ -256,6 +264,19 @@ mod tests {
         assert_eq!(config.metadata["team"], "web");
         assert_eq!(config.metadata["tier"], "1");
         assert_eq!(config.network.len(), 1);
+    }
+
+    #[test]
+    fn network_flags_replace_the_files_interfaces_and_are_named_in_order() {
+        use metald_api::proto::vmprovisioner::v1::NetworkMode;
+        let mut config = parse_config(FILE).unwrap();
+        apply_flags(&mut config, &create_args(&["--network", "ipv6", "--network", "dual"])).unwrap();
+        let interfaces: Vec<_> = config.network.iter().map(|interface| (interface.id.as_str(), interface.mode)).collect();
+        assert_eq!(
+            interfaces,
+            [("eth0", NetworkMode::NETWORK_MODE_IPV6_ONLY.into()), ("eth1", NetworkMode::NETWORK_MODE_DUAL_STACK.into())]
+        );
+        assert!(Cli::try_parse_from(["metalctl", "create", "--network", "ipv5"]).is_err());
     }
 
     #[test]
