@@ -49,7 +49,7 @@ pub mod state;
 pub mod store;
 
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
-pub use backend::{Capabilities, DeviceCounters, VmmBackend, VmmInfo, VmmMetrics};
+pub use backend::{Capabilities, DeviceCounters, StopOutcome, VmmBackend, VmmInfo, VmmMetrics};
 pub use config::VmConfig;
 pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};

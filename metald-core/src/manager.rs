@@ -16,7 +16,8 @@ use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 
 use crate::backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 use crate::backend::{
-    BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, Unlaunchable, VmmBackend, VmmInfo, VmmInstance, VmmMetrics, VmmSpec,
+    BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, StopOutcome, Unlaunchable, VmmBackend, VmmInfo, VmmInstance,
+    VmmMetrics, VmmSpec,
 };
 use crate::cgroups::CgroupUsage;
 use crate::config::{ConfigError, Problem, VmConfig};
@@ -525,7 +526,7 @@ impl VmManager {
 
     /// Stops the guest: gracefully first unless forced, killing its VMM
     /// when the timeout runs out.
-    pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+    pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<StopOutcome, ManagerError> {
         let (manager, vm_id) = (self.clone(), vm_id.clone());
         detached(self.operation_span("vm.shutdown", &vm_id), async move { manager.shutdown_now(&vm_id, options).await }).await
     }
@@ -971,13 +972,14 @@ impl VmManager {
         Ok(())
     }
 
-    async fn shutdown_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
+    async fn shutdown_now(&self, vm_id: &VmId, options: StopOptions) -> Result<StopOutcome, ManagerError> {
         let mut locked = self.lock(vm_id).await?;
         self.check(&locked, "shut down", VmState::Shutdown)?;
         self.stop_locked(&mut locked, options).await
     }
 
-    async fn stop_locked(&self, locked: &mut Locked, options: StopOptions) -> Result<(), ManagerError> {
+    /// Stops the VM's VMM; how it went (whether it was killed, how it ended).
+    async fn stop_locked(&self, locked: &mut Locked, options: StopOptions) -> Result<StopOutcome, ManagerError> {
         let vm_id = locked.slot.vm_id.clone();
         let mode = self.stop_mode(options);
         // A paused guest cannot see Ctrl+Alt+Del; let it run to hear it. It
@@ -999,7 +1001,7 @@ impl VmManager {
         let usage = locked.entry.instance.take_ended_usage();
         let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false, usage, booted_at };
         self.transition(locked, VmState::Shutdown, kind);
-        Ok(())
+        Ok(outcome)
     }
 
     fn stop_mode(&self, options: StopOptions) -> StopMode {

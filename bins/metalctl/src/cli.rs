@@ -302,6 +302,13 @@ mod tests {
     }
 
     #[test]
+    fn an_errors_usage_line_shows_no_global_option_as_required() {
+        let error = Cli::try_parse_from(["metalctl", "info"]).unwrap_err().render().to_string();
+        assert!(error.contains("Usage: metalctl info <VM_ID>"), "{error}");
+        assert!(!error.contains("--endpoint") && !error.contains("--token"), "{error}");
+    }
+
+    #[test]
     fn usage_takes_a_duration_or_instants_but_not_both() {
         let cli = Cli::try_parse_from(["metalctl", "usage", "--since", "24h"]).unwrap();
         let Command::Usage(usage) = cli.command else { panic!("not usage") };

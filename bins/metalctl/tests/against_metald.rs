@@ -203,6 +203,26 @@ fn what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends() {
     let ended = follow.wait_with_output().unwrap();
     assert_eq!(ended.status.code(), Some(0), "{}", String::from_utf8_lossy(&ended.stderr));
     assert!(String::from_utf8_lossy(&ended.stderr).contains("was deleted; its console ended"));
+
+    // A graceful shutdown that ended in a kill says so; the VM is shut down as asked.
+    let stubborn = ctl
+        .ok(&["create", "--kernel", common::GUEST_KERNEL, "--cmdline", metald_testguest::cmdline::IGNORE_SHUTDOWN, "--boot"])
+        .trim()
+        .to_owned();
+    ctl.wait_ready(&stubborn);
+    let output = ctl.run(&["shutdown", &stubborn, "--timeout", "1"]);
+    let (said, warned) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{said} {warned}");
+    assert_eq!(said.trim(), format!("{stubborn}: shutdown"));
+    assert!(warned.contains("did not power off within the grace time; its VMM was killed"), "{warned}");
+    ctl.ok(&["boot", &stubborn]);
+    ctl.wait_ready(&stubborn);
+    let killed: serde_json::Value = serde_json::from_str(&ctl.ok(&["--json", "shutdown", &stubborn, "--timeout", "1"])).unwrap();
+    assert_eq!(killed["killed"], true, "{killed}");
+    ctl.ok(&["boot", &stubborn]);
+    let forced: serde_json::Value = serde_json::from_str(&ctl.ok(&["--json", "shutdown", &stubborn, "--force"])).unwrap();
+    assert_eq!(forced["killed"], true, "a forced stop kills: {forced}");
+    ctl.ok(&["delete", &stubborn]);
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
 

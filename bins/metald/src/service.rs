@@ -250,8 +250,13 @@ impl wire::VmService for VmApi {
         let caller = caller(&ctx)?;
         let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let options = stop_options_from_wire(request.force, request.timeout_seconds).map_err(|error| wire_error_to_connect(&error))?;
-        self.manager.shutdown(&vm_id, options).await.map_err(|error| self.fail(&error))?;
-        Response::ok(wire::ShutdownVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+        let outcome = self.manager.shutdown(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        Response::ok(wire::ShutdownVmResponse {
+            success: true,
+            state: self.state_now(&vm_id).into(),
+            killed: outcome.forced,
+            ..Default::default()
+        })
     }
 
     async fn pause_vm(

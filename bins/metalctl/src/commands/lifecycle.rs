@@ -44,6 +44,10 @@ pub async fn shutdown(api: &Api, out: &mut Printer, args: &ShutdownArgs) -> Resu
     };
     let options = api.call_waiting_for_guest(grace(args.force, args.grace_seconds));
     let response = api.vms().shutdown_vm_with_options(request, options).await?.into_owned();
+    if response.killed && !args.force && !out.json_mode() {
+        // Shut down as asked, so not an error; but the guest was not given its clean end.
+        eprintln!("metalctl: the guest of {} did not power off within the grace time; its VMM was killed", args.vm_id);
+    }
     settled(out, &args.vm_id, "shut down", response.success, response.state, &response)
 }
 
