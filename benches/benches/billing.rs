@@ -11,6 +11,9 @@
 //! 3. How long from a sample to a row a query finds, through the whole
 //!    pipeline (meter, spool, delivery, ClickHouse), with the default
 //!    delivery policy and a quick one, next to one bare insert-then-select.
+//! 4. The operator's usage summary from a usage file (`metalctl usage` on a
+//!    file sink), next to what an operator did by hand before it: every
+//!    line parsed as untyped JSON and summed per tenant (`jq`'s way).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -242,8 +245,51 @@ fn percentile(samples: &[Duration], per_mille: usize) -> Duration {
     sorted.get((sorted.len() * per_mille).div_ceil(1000).saturating_sub(1)).copied().unwrap_or_default()
 }
 
+/// Seconds to sum a usage file of `records` records per tenant: through
+/// `summarise_files`, and by parsing each line as untyped JSON.
+fn usage_summary_seconds(dir: &std::path::Path, records: u64) -> (f64, f64) {
+    let path = dir.join("summary-usage.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap_or_else(|error| panic!("{error}")));
+    for batch in batches(records, 10_000, 1) {
+        for record in batch {
+            let line = serde_json::to_string(&record).unwrap_or_else(|error| panic!("{error}"));
+            writeln!(file, "{line}").unwrap_or_else(|error| panic!("{error}"));
+        }
+    }
+    drop(file);
+    let window = metald_billing::UsageWindow { from_ms: 0, to_ms: u64::MAX };
+    let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|error| panic!("{error}"));
+    let ours = Instant::now();
+    let tenants =
+        runtime.block_on(metald_billing::summary::summarise_files(vec![path.clone()], window)).unwrap_or_else(|error| panic!("{error}"));
+    let ours = ours.elapsed();
+    assert_eq!(tenants.iter().map(|tenant| tenant.intervals).sum::<u64>(), records);
+    let by_hand = Instant::now();
+    let mut sums: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+    let text = std::io::BufReader::new(std::fs::File::open(&path).unwrap_or_else(|error| panic!("{error}")));
+    for line in std::io::BufRead::lines(text).map_while(Result::ok) {
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|error| panic!("{error}"));
+        let entry = sums.entry(value["tenant_id"].as_str().unwrap_or("").to_owned()).or_default();
+        entry.0 += 1;
+        entry.1 += value["usage"]["cpu_ns"].as_u64().unwrap_or(0);
+    }
+    let by_hand = by_hand.elapsed();
+    assert_eq!(sums.values().map(|(intervals, _)| intervals).sum::<u64>(), records);
+    let _ = std::fs::remove_file(&path);
+    (ours.as_secs_f64(), by_hand.as_secs_f64())
+}
+
 fn main() {
     let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().unwrap_or_else(|error| panic!("{error}"));
+
+    const SUMMARY_RECORDS: u64 = 200_000;
+    let (summary, by_hand) = usage_summary_seconds(dir.path(), SUMMARY_RECORDS);
+    println!(
+        "usage summary of a {SUMMARY_RECORDS}-record usage file: {:.0} records/s; untyped JSON per line {:.0} records/s; summary / by hand {:.2} (time)",
+        SUMMARY_RECORDS as f64 / summary,
+        SUMMARY_RECORDS as f64 / by_hand,
+        summary / by_hand
+    );
 
     let (ours, records, missed) = meter_share(dir.path());
     let raw = raw_meter_share(dir.path());
