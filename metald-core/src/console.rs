@@ -6,14 +6,22 @@
 //! previous one) and a fresh `console.log` begins, so the disk holds at most
 //! twice the cap and the newest output is always kept. Nothing here knows
 //! which VMM produced the bytes.
+//!
+//! A VMM's own pipe is captured with `splice(2)`: the kernel moves its bytes
+//! into the file in one call, so a metald killed at any instant has lost
+//! none of them, and a metald that takes the same VMM over continues the
+//! file exactly where the pipe resumes.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::fcntl::SpliceFFlags;
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::unix::pipe;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -24,6 +32,8 @@ const MAX_LINE_BYTES: usize = 4096;
 /// (a VMM's stderr and log) keep a few.
 const CONSOLE_LINE_CAPACITY: usize = 1024;
 const LOG_LINE_CAPACITY: usize = 16;
+/// The most one read or splice moves at a time.
+const CHUNK_BYTES: usize = 16 * 1024;
 pub const CONSOLE_FILE: &str = "console.log";
 pub const ROTATED_CONSOLE_FILE: &str = "console.log.1";
 
@@ -40,6 +50,17 @@ pub enum ConsoleError {
     Timeout(Duration),
     #[error("the console ended before a line matched")]
     Ended,
+}
+
+/// How a capture's stream relates to what the log already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureStart {
+    /// A stream of its own (a VMM just launched): when the last capture
+    /// was cut off mid-line, it starts a line of its own.
+    NewStream,
+    /// The stream the last capture read, taken over after a restart of
+    /// metald: it goes on exactly where the file ends, mid-line or not.
+    SameStream,
 }
 
 #[derive(Debug)]
@@ -99,9 +120,18 @@ impl ConsoleLog {
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
-        let writer = Writer::open(Arc::clone(&self.shared))?;
+        let writer = Writer::open(Arc::clone(&self.shared), CaptureStart::NewStream)?;
         self.shared.captures.send_modify(|count| *count += 1);
         Ok(tokio::spawn(writer.run(source)))
+    }
+
+    /// Moves everything a VMM writes into `pipe` into the log until its
+    /// writers have closed it, in a task of its own. Nothing read from the
+    /// pipe is ever only in memory, so a kill of metald loses none of it.
+    pub fn capture_pipe(&self, pipe: pipe::Receiver, start: CaptureStart) -> Result<JoinHandle<()>, ConsoleError> {
+        let writer = Writer::open(Arc::clone(&self.shared), start)?;
+        self.shared.captures.send_modify(|count| *count += 1);
+        Ok(tokio::spawn(writer.run_pipe(pipe)))
     }
 
     /// New lines from now on. A receiver that falls more lines behind than
@@ -187,41 +217,41 @@ fn read_tail(path: &Path, max_bytes: usize) -> Result<Vec<u8>, ConsoleError> {
     Ok(bytes)
 }
 
-fn ends_mid_line(path: &Path, length: u64) -> io::Result<bool> {
-    use std::os::unix::fs::FileExt;
+fn ends_mid_line(file: &File, length: u64) -> io::Result<bool> {
     if length == 0 {
         return Ok(false);
     }
     let mut last = [0u8; 1];
-    File::open(path)?.read_exact_at(&mut last, length - 1)?;
+    file.read_exact_at(&mut last, length - 1)?;
     Ok(last[0] != b'\n')
 }
 
-/// The single writer of a console log.
+/// The single writer of a console log. It writes at its own offset rather
+/// than in append mode, as `splice(2)` refuses a file opened to append.
 struct Writer {
     shared: Arc<Shared>,
     file: File,
     written: u64,
     partial_line: Vec<u8>,
+    buffer: Vec<u8>,
 }
 
 impl Writer {
-    fn open(shared: Arc<Shared>) -> Result<Self, ConsoleError> {
-        let mut file = crate::private_files::open_append(&shared.path).map_err(file_error("open", &shared.path))?;
-        let mut written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
-        // An earlier capture cut off mid-line (its VMM ended, or output was
-        // lost): what comes now starts a line of its own.
-        if ends_mid_line(&shared.path, written).map_err(file_error("read", &shared.path))? {
-            file.write_all(b"\n").map_err(file_error("write", &shared.path))?;
-            written += 1;
+    fn open(shared: Arc<Shared>, start: CaptureStart) -> Result<Self, ConsoleError> {
+        let file = crate::private_files::open_write(&shared.path).map_err(file_error("open", &shared.path))?;
+        let written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
+        let mut writer = Self { shared, file, written, partial_line: Vec::new(), buffer: vec![0; CHUNK_BYTES] };
+        // An earlier stream cut off mid-line (its VMM ended, or output was
+        // lost): what a new one says starts a line of its own.
+        if start == CaptureStart::NewStream && ends_mid_line(&writer.file, written).map_err(file_error("read", &writer.shared.path))? {
+            writer.append(b"\n")?;
         }
-        Ok(Self { shared, file, written, partial_line: Vec::new() })
+        Ok(writer)
     }
 
     async fn run<R: AsyncRead + Unpin>(mut self, mut source: R) {
-        let mut buffer = vec![0u8; 16 * 1024];
         loop {
-            let count = match source.read(&mut buffer).await {
+            let count = match source.read(&mut self.buffer).await {
                 Ok(0) => break,
                 Ok(count) => count,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -230,17 +260,79 @@ impl Writer {
                     break;
                 }
             };
-            let chunk = &buffer[..count];
-            if let Err(error) = self.append(chunk) {
+            let chunk = std::mem::take(&mut self.buffer);
+            if let Err(error) = self.append(&chunk[..count]) {
                 tracing::warn!(path = %self.shared.path.display(), error = %crate::error_chain(&error), "console output dropped");
             }
-            self.publish_lines(chunk);
+            self.publish_lines(&chunk[..count]);
+            self.buffer = chunk;
         }
-        if !self.partial_line.is_empty() {
-            let rest = std::mem::take(&mut self.partial_line);
-            self.publish(&rest);
+        self.finish();
+    }
+
+    async fn run_pipe(mut self, pipe: pipe::Receiver) {
+        loop {
+            if let Err(error) = pipe.readable().await {
+                tracing::warn!(path = %self.shared.path.display(), %error, "console source failed");
+                break;
+            }
+            match self.splice_from(&pipe) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(SpliceError::Source(error)) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                Err(SpliceError::Source(error)) => {
+                    tracing::warn!(path = %self.shared.path.display(), %error, "console source failed");
+                    break;
+                }
+                Err(SpliceError::Log(error)) => {
+                    tracing::warn!(path = %self.shared.path.display(), error = %crate::error_chain(&error), "console output dropped");
+                    // The VMM must not stall on a full pipe: what the log
+                    // cannot take is read and dropped.
+                    match pipe.try_read(&mut self.buffer) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+                        Err(error) => {
+                            tracing::warn!(path = %self.shared.path.display(), %error, "console source failed");
+                            break;
+                        }
+                    }
+                }
+            }
         }
-        self.shared.captures.send_modify(|count| *count = count.saturating_sub(1));
+        self.finish();
+    }
+
+    /// Moves what `pipe` holds, up to the cap, into the file and publishes
+    /// it. Returns 0 once every writer of the pipe has closed it.
+    fn splice_from(&mut self, pipe: &pipe::Receiver) -> Result<usize, SpliceError> {
+        if self.written >= self.shared.limit_bytes {
+            self.rotate().map_err(SpliceError::Log)?;
+        }
+        let room = usize::try_from(self.shared.limit_bytes - self.written).unwrap_or(usize::MAX).min(CHUNK_BYTES);
+        let start = self.written;
+        let mut offset = i64::try_from(start).unwrap_or(i64::MAX);
+        let moved = pipe
+            .try_io(|| {
+                nix::fcntl::splice(pipe, None, &self.file, Some(&mut offset), room, SpliceFFlags::SPLICE_F_NONBLOCK)
+                    .map_err(io::Error::from)
+            })
+            .map_err(|error| self.classify_splice_error(error))?;
+        self.written += moved as u64;
+        let chunk = &mut self.buffer[..moved];
+        self.file.read_exact_at(chunk, start).map_err(|source| SpliceError::Log(file_error("read", &self.shared.path)(source)))?;
+        let chunk = std::mem::take(&mut self.buffer);
+        self.publish_lines(&chunk[..moved]);
+        self.buffer = chunk;
+        Ok(moved)
+    }
+
+    /// `splice(2)` answers for both ends at once: an error the pipe can
+    /// cause is the source's, any other the file's.
+    fn classify_splice_error(&self, error: io::Error) -> SpliceError {
+        let from_pipe = matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted)
+            || error.raw_os_error() == Some(nix::errno::Errno::EBADF as i32);
+        if from_pipe { SpliceError::Source(error) } else { SpliceError::Log(file_error("write", &self.shared.path)(error)) }
     }
 
     fn append(&mut self, mut chunk: &[u8]) -> Result<(), ConsoleError> {
@@ -250,7 +342,7 @@ impl Writer {
             }
             let room = usize::try_from(self.shared.limit_bytes - self.written).unwrap_or(usize::MAX);
             let (now, later) = chunk.split_at(chunk.len().min(room));
-            self.file.write_all(now).map_err(file_error("write", &self.shared.path))?;
+            self.file.write_all_at(now, self.written).map_err(file_error("write", &self.shared.path))?;
             self.written += now.len() as u64;
             chunk = later;
         }
@@ -260,7 +352,7 @@ impl Writer {
     fn rotate(&mut self) -> Result<(), ConsoleError> {
         let shared = &self.shared;
         std::fs::rename(&shared.path, &shared.rotated_path).map_err(file_error("rotate", &shared.path))?;
-        self.file = crate::private_files::open_append(&shared.path).map_err(file_error("open", &shared.path))?;
+        self.file = crate::private_files::open_write(&shared.path).map_err(file_error("open", &shared.path))?;
         self.written = 0;
         Ok(())
     }
@@ -286,6 +378,21 @@ impl Writer {
         // Nobody listening is fine: the file keeps everything.
         let _ = self.shared.lines.send(Arc::from(text));
     }
+
+    /// The stream ended: its last words are a line, and one capture fewer runs.
+    fn finish(mut self) {
+        if !self.partial_line.is_empty() {
+            let rest = std::mem::take(&mut self.partial_line);
+            self.publish(&rest);
+        }
+        self.shared.captures.send_modify(|count| *count = count.saturating_sub(1));
+    }
+}
+
+/// Which end of a splice failed.
+enum SpliceError {
+    Source(io::Error),
+    Log(ConsoleError),
 }
 
 #[cfg(test)]
@@ -350,6 +457,41 @@ mod tests {
         console.capture(&b"and one more\n"[..]).unwrap().await.unwrap();
         let text = std::fs::read_to_string(dir.path().join(CONSOLE_FILE)).unwrap();
         assert_eq!(text, "whole\ncut off mid\nnext line\nand one more\n");
+    }
+
+    /// Captures `output` written into a real pipe, which is then closed.
+    async fn capture_through_a_pipe(console: &ConsoleLog, output: &[u8], start: CaptureStart) {
+        let (mut sender, receiver) = pipe::pipe().unwrap();
+        let task = console.capture_pipe(receiver, start).unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut sender, output).await.unwrap();
+        drop(sender);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_pipe_taken_over_continues_its_line_and_a_new_one_starts_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 1 << 20);
+        let mut lines = console.subscribe();
+        capture_through_a_pipe(&console, b"whole\ncut off ", CaptureStart::NewStream).await;
+        capture_through_a_pipe(&console, b"mid-line\n", CaptureStart::SameStream).await;
+        capture_through_a_pipe(&console, b"a new VMM's ", CaptureStart::NewStream).await;
+        capture_through_a_pipe(&console, b"first line\n", CaptureStart::NewStream).await;
+        let text = std::fs::read_to_string(dir.path().join(CONSOLE_FILE)).unwrap();
+        assert_eq!(text, "whole\ncut off mid-line\na new VMM's \nfirst line\n");
+        assert_eq!(&*lines.recv().await.unwrap(), "whole");
+        assert_eq!(&*lines.recv().await.unwrap(), "cut off ");
+        assert_eq!(&*lines.recv().await.unwrap(), "mid-line");
+    }
+
+    #[tokio::test]
+    async fn a_pipe_at_the_cap_rotates_as_any_stream_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let console = ConsoleLog::new(dir.path(), 10);
+        let output: Vec<u8> = (0..35u8).map(|i| b'a' + i % 26).collect();
+        capture_through_a_pipe(&console, &output, CaptureStart::NewStream).await;
+        assert_eq!(std::fs::read(dir.path().join(CONSOLE_FILE)).unwrap(), &output[30..]);
+        assert_eq!(std::fs::read(dir.path().join(ROTATED_CONSOLE_FILE)).unwrap(), &output[20..30]);
     }
 
     /// Writes `wanted` and then far more lines than a log's channel holds, all

@@ -19,6 +19,14 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Opens `path` for writing at chosen offsets, creating it 0600, and makes
+/// an existing file 0600 too. Nothing it holds is truncated.
+pub fn open_write(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new().create(true).truncate(false).write(true).read(true).mode(FILE_MODE).open(path)?;
+    tighten(&file)?;
+    Ok(file)
+}
+
 /// Creates the file a database will open, 0600, or tightens it and the
 /// journal files beside it: SQLite gives its `-wal` and `-shm` the mode
 /// of the database file.

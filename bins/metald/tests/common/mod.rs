@@ -353,7 +353,7 @@ impl Host {
         }
         for parent in self.cgroup_parents() {
             for entry in std::fs::read_dir(&parent).into_iter().flatten().flatten().filter(|entry| entry.path().is_dir()) {
-                std::fs::remove_dir(entry.path()).unwrap();
+                remove_cgroup_once_empty(&entry.path());
             }
         }
     }
@@ -642,4 +642,20 @@ pub fn vmm_pid(vm_id: &str) -> Option<u32> {
 pub fn uid_of(pid: u32) -> u32 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status.lines().find_map(|line| line.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
+/// Removes a cgroup whose tasks were killed: a task that has exited may
+/// still be counted in its cgroup until the kernel has reaped it, and
+/// until then rmdir answers EBUSY.
+fn remove_cgroup_once_empty(cgroup: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::ResourceBusy && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(error) => panic!("removing the cgroup {}: {error}", cgroup.display()),
+        }
+    }
 }

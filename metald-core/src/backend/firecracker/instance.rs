@@ -24,7 +24,7 @@ use super::models::{ActionType, BootSource, Drive, MachineConfiguration, Network
 use super::{FirecrackerConfig, VMM};
 use crate::backend::{BackendError, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
-use crate::console::ConsoleLog;
+use crate::console::{CaptureStart, ConsoleLog};
 use crate::images::ImageFile;
 use crate::jailer::JAIL_DIR;
 use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, VmmExit};
@@ -290,7 +290,7 @@ impl FirecrackerVm {
             tokio::net::unix::pipe::OpenOptions::new().open_receiver(&path).map_err(prepare("a Firecracker output pipe", &path))
         };
         let (console, stderr, log) = (open(CONSOLE_FIFO)?, open(STDERR_FIFO)?, open(LOG_FIFO)?);
-        vm.capture_outputs(console, stderr, log)?;
+        vm.capture_outputs(console, stderr, log, CaptureStart::SameStream)?;
         vm.started = instance.state != "Not started";
         let metrics_path = vm.file(METRICS_FIFO);
         let metrics_pipe = reading_end(&metrics_path).map_err(prepare("Firecracker's metrics pipe", &metrics_path))?;
@@ -314,15 +314,17 @@ impl FirecrackerVm {
         Ok(Exposure { name: name.to_owned(), host_path: path, file: Arc::new(file.into()), writable: true })
     }
 
-    /// Copies the process's console, stderr and log into their files.
+    /// Copies the process's console, stderr and log into their files;
+    /// `start` says whether the process is new or taken over.
     fn capture_outputs(
         &mut self,
         console: tokio::net::unix::pipe::Receiver,
         stderr: tokio::net::unix::pipe::Receiver,
         log: tokio::net::unix::pipe::Receiver,
+        start: CaptureStart,
     ) -> Result<(), BackendError> {
-        self.captures.push(self.console.capture(console).map_err(BackendError::Console)?);
-        self.captures.push(self.stderr_log.capture(stderr).map_err(BackendError::Console)?);
+        self.captures.push(self.console.capture_pipe(console, start).map_err(BackendError::Console)?);
+        self.captures.push(self.stderr_log.capture_pipe(stderr, start).map_err(BackendError::Console)?);
         self.captures.push(self.vmm_log.capture(WithoutRoutineCalls::new(log)).map_err(BackendError::Console)?);
         Ok(())
     }
@@ -398,7 +400,7 @@ impl FirecrackerVm {
         let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), self.settings.api_timeout);
         let mut timings = Vec::new();
         let result = async {
-            self.capture_outputs(console_read, stderr_read, log_read)?;
+            self.capture_outputs(console_read, stderr_read, log_read, CaptureStart::NewStream)?;
             self.metrics.follow(metrics_read);
             let clock = std::time::Instant::now();
             self.wait_until_ready(&launched, &api).await?;
