@@ -47,6 +47,7 @@ pub mod process;
 pub mod restart;
 pub mod state;
 pub mod store;
+pub mod target;
 
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 pub use backend::{Capabilities, DeviceCounters, StopOutcome, VmmBackend, VmmInfo, VmmMetrics};
@@ -57,6 +58,7 @@ pub use manager::{
     BackendOperation, CreateVm, ManagerError, Recovery, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmPage, VmSummary,
 };
 pub use state::VmState;
+pub use target::VmTarget;
 
 /// An error and every cause below it on one line, outermost first.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {

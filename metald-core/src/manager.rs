@@ -31,6 +31,7 @@ use crate::network::{AttachRequest, NetworkAttachment, NetworkError, NetworkProv
 use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
 use crate::store::{StoreError, VmRecord, VmStore};
+use crate::target::VmTarget;
 
 /// Default cap of each console file (see [`ConsoleLog`]).
 pub const DEFAULT_CONSOLE_LIMIT_BYTES: u64 = 1 << 20;
@@ -507,42 +508,42 @@ impl VmManager {
     }
 
     /// Starts the guest (again, after a shutdown).
-    pub async fn boot(&self, vm_id: &VmId) -> Result<(), ManagerError> {
-        let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(self.operation_span("vm.boot", &vm_id), async move { manager.boot_now(&vm_id).await }).await
+    pub async fn boot(&self, vm: impl Into<VmTarget>) -> Result<(), ManagerError> {
+        let (manager, target) = (self.clone(), vm.into());
+        detached(self.operation_span("vm.boot", target.vm_id()), async move { manager.boot_now(&target).await }).await
     }
 
     /// Stops the guest's vCPUs; its memory stays.
-    pub async fn pause(&self, vm_id: &VmId) -> Result<(), ManagerError> {
-        let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(self.operation_span("vm.pause", &vm_id), async move { manager.pause_now(&vm_id).await }).await
+    pub async fn pause(&self, vm: impl Into<VmTarget>) -> Result<(), ManagerError> {
+        let (manager, target) = (self.clone(), vm.into());
+        detached(self.operation_span("vm.pause", target.vm_id()), async move { manager.pause_now(&target).await }).await
     }
 
     /// Lets a paused guest run again.
-    pub async fn resume(&self, vm_id: &VmId) -> Result<(), ManagerError> {
-        let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(self.operation_span("vm.resume", &vm_id), async move { manager.resume_now(&vm_id).await }).await
+    pub async fn resume(&self, vm: impl Into<VmTarget>) -> Result<(), ManagerError> {
+        let (manager, target) = (self.clone(), vm.into());
+        detached(self.operation_span("vm.resume", target.vm_id()), async move { manager.resume_now(&target).await }).await
     }
 
     /// Stops the guest: gracefully first unless forced, killing its VMM
     /// when the timeout runs out.
-    pub async fn shutdown(&self, vm_id: &VmId, options: StopOptions) -> Result<StopOutcome, ManagerError> {
-        let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(self.operation_span("vm.shutdown", &vm_id), async move { manager.shutdown_now(&vm_id, options).await }).await
+    pub async fn shutdown(&self, vm: impl Into<VmTarget>, options: StopOptions) -> Result<StopOutcome, ManagerError> {
+        let (manager, target) = (self.clone(), vm.into());
+        detached(self.operation_span("vm.shutdown", target.vm_id()), async move { manager.shutdown_now(&target, options).await }).await
     }
 
     /// Restarts a running guest: natively where the backend can, otherwise
     /// by stopping its VMM and booting a fresh one. The VM stays Running.
-    pub async fn reboot(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
-        let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(self.operation_span("vm.reboot", &vm_id), async move { manager.reboot_now(&vm_id, options).await }).await
+    pub async fn reboot(&self, vm: impl Into<VmTarget>, options: StopOptions) -> Result<(), ManagerError> {
+        let (manager, target) = (self.clone(), vm.into());
+        detached(self.operation_span("vm.reboot", target.vm_id()), async move { manager.reboot_now(&target, options).await }).await
     }
 
     /// Stops the VM when needed (gracefully unless `force`), then removes
     /// its VMM, its folder and every copy made for it.
-    pub async fn delete(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
-        let (manager, vm_id) = (self.clone(), vm_id.clone());
-        detached(self.operation_span("vm.delete", &vm_id), async move { manager.delete_now(&vm_id, options).await }).await
+    pub async fn delete(&self, vm: impl Into<VmTarget>, options: StopOptions) -> Result<(), ManagerError> {
+        let (manager, target) = (self.clone(), vm.into());
+        detached(self.operation_span("vm.delete", target.vm_id()), async move { manager.delete_now(&target, options).await }).await
     }
 
     /// The span an operation on one VM runs in, with the VM and its tenant,
@@ -901,8 +902,8 @@ impl VmManager {
         })
     }
 
-    async fn boot_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    async fn boot_now(&self, target: &VmTarget) -> Result<(), ManagerError> {
+        let mut locked = self.lock(target).await?;
         // The table lets Paused become Running too, but that is a resume. A
         // Failed VM boots in a fresh VMM on its configuration and disks.
         self.require(&locked, "boot", &[VmState::Created, VmState::Shutdown, VmState::Failed], "Created, Shutdown or Failed")?;
@@ -953,8 +954,9 @@ impl VmManager {
         Ok(())
     }
 
-    async fn pause_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    async fn pause_now(&self, target: &VmTarget) -> Result<(), ManagerError> {
+        let vm_id = target.vm_id();
+        let mut locked = self.lock(target).await?;
         self.check(&locked, "pause", VmState::Paused)?;
         locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Pause, source))?;
         let usage = cgroup_usage(&locked.entry);
@@ -962,8 +964,9 @@ impl VmManager {
         Ok(())
     }
 
-    async fn resume_now(&self, vm_id: &VmId) -> Result<(), ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    async fn resume_now(&self, target: &VmTarget) -> Result<(), ManagerError> {
+        let vm_id = target.vm_id();
+        let mut locked = self.lock(target).await?;
         // The table lets Created and Shutdown become Running too, but that is a boot.
         self.require(&locked, "resume", &[VmState::Paused], "Paused")?;
         let usage = cgroup_usage(&locked.entry);
@@ -972,8 +975,8 @@ impl VmManager {
         Ok(())
     }
 
-    async fn shutdown_now(&self, vm_id: &VmId, options: StopOptions) -> Result<StopOutcome, ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    async fn shutdown_now(&self, target: &VmTarget, options: StopOptions) -> Result<StopOutcome, ManagerError> {
+        let mut locked = self.lock(target).await?;
         self.check(&locked, "shut down", VmState::Shutdown)?;
         self.stop_locked(&mut locked, options).await
     }
@@ -1008,8 +1011,8 @@ impl VmManager {
         if options.force { StopMode::Forced } else { StopMode::Graceful { timeout: options.timeout.unwrap_or(self.inner.stop_timeout) } }
     }
 
-    async fn reboot_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    async fn reboot_now(&self, target: &VmTarget, options: StopOptions) -> Result<(), ManagerError> {
+        let mut locked = self.lock(target).await?;
         self.require(&locked, "reboot", &[VmState::Running], "Running")?;
         let result = if self.inner.backend.capabilities().reboot && !options.force {
             locked.entry.instance.reboot().await
@@ -1037,8 +1040,9 @@ impl VmManager {
         }
     }
 
-    async fn delete_now(&self, vm_id: &VmId, options: StopOptions) -> Result<(), ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    async fn delete_now(&self, target: &VmTarget, options: StopOptions) -> Result<(), ManagerError> {
+        let vm_id = target.vm_id();
+        let mut locked = self.lock(target).await?;
         if locked.entry.state.has_live_vmm()
             && let Err(error) = self.stop_locked(&mut locked, options).await
         {
@@ -1334,8 +1338,10 @@ impl VmManager {
     }
 
     /// Everything known about a VM, including what its VMM reports.
-    pub async fn info(&self, vm_id: &VmId) -> Result<VmInfo, ManagerError> {
-        let locked = self.lock(vm_id).await?;
+    pub async fn info(&self, vm: impl Into<VmTarget>) -> Result<VmInfo, ManagerError> {
+        let target = vm.into();
+        let vm_id = target.vm_id();
+        let locked = self.lock(&target).await?;
         let entry = &locked.entry;
         let vmm = if entry.state.has_live_vmm() {
             match entry.instance.info().await {
@@ -1366,8 +1372,10 @@ impl VmManager {
     }
 
     /// Usage counters of a VM whose VMM runs.
-    pub async fn metrics(&self, vm_id: &VmId) -> Result<VmmMetrics, ManagerError> {
-        let mut locked = self.lock(vm_id).await?;
+    pub async fn metrics(&self, vm: impl Into<VmTarget>) -> Result<VmmMetrics, ManagerError> {
+        let target = vm.into();
+        let vm_id = target.vm_id();
+        let mut locked = self.lock(&target).await?;
         if !locked.entry.state.has_live_vmm() {
             let current = locked.entry.state;
             return Err(ManagerError::WrongState {
@@ -1381,15 +1389,16 @@ impl VmManager {
     }
 
     /// The state of one VM, without waiting for an operation in progress.
-    pub fn state(&self, vm_id: &VmId) -> Result<VmState, ManagerError> {
-        self.slot(vm_id).map(|slot| lock_summary(&slot).state)
+    pub fn state(&self, vm: impl Into<VmTarget>) -> Result<VmState, ManagerError> {
+        self.owned_slot(&vm.into()).map(|slot| lock_summary(&slot).state)
     }
 
     /// One VM's summary (its tenant, state, size), without waiting for an
     /// operation in progress.
-    pub fn summary(&self, vm_id: &VmId) -> Result<VmSummary, ManagerError> {
-        let summary = self.slot(vm_id).map(|slot| lock_summary(&slot).clone())?;
-        if summary.state == VmState::Deleted { Err(ManagerError::NotFound(vm_id.clone())) } else { Ok(summary) }
+    pub fn summary(&self, vm: impl Into<VmTarget>) -> Result<VmSummary, ManagerError> {
+        let target = vm.into();
+        let summary = self.owned_slot(&target).map(|slot| lock_summary(&slot).clone())?;
+        if summary.state == VmState::Deleted { Err(ManagerError::NotFound(target.vm_id().clone())) } else { Ok(summary) }
     }
 
     /// The uid pool's size and use, when VMs get uids of their own.
@@ -1466,24 +1475,33 @@ impl VmManager {
 
     /// The VM's console: its tail, its lines as they come, a wait for a line.
     /// It stays readable after the guest stops, until the VM is deleted.
-    pub fn console(&self, vm_id: &VmId) -> Result<ConsoleLog, ManagerError> {
-        self.slot(vm_id).map(|slot| slot.console.clone())
+    pub fn console(&self, vm: impl Into<VmTarget>) -> Result<ConsoleLog, ManagerError> {
+        self.owned_slot(&vm.into()).map(|slot| slot.console.clone())
     }
 
     /// The last `max_bytes` the guest printed.
-    pub fn console_tail(&self, vm_id: &VmId, max_bytes: usize) -> Result<Vec<u8>, ManagerError> {
-        self.console(vm_id)?.tail(max_bytes).map_err(|source| ManagerError::Console { vm_id: vm_id.clone(), source })
+    pub fn console_tail(&self, vm: impl Into<VmTarget>, max_bytes: usize) -> Result<Vec<u8>, ManagerError> {
+        let target = vm.into();
+        self.console(&target)?.tail(max_bytes).map_err(|source| ManagerError::Console { vm_id: target.vm_id().clone(), source })
     }
 
     fn slot(&self, vm_id: &VmId) -> Result<Arc<VmSlot>, ManagerError> {
         read_lock(&self.inner.registry).vms.get(vm_id).cloned().ok_or_else(|| ManagerError::NotFound(vm_id.clone()))
     }
 
-    async fn lock(&self, vm_id: &VmId) -> Result<Locked, ManagerError> {
-        let slot = self.slot(vm_id)?;
+    /// The target's slot; another tenant's VM is not found, as a missing one.
+    fn owned_slot(&self, target: &VmTarget) -> Result<Arc<VmSlot>, ManagerError> {
+        let slot = self.slot(target.vm_id())?;
+        if target.admits(&slot.tenant) { Ok(slot) } else { Err(ManagerError::NotFound(target.vm_id().clone())) }
+    }
+
+    /// The target's VM, locked. Its tenant is checked on the very VM that
+    /// is locked, so the act that follows is on the VM the caller owns.
+    async fn lock(&self, target: &VmTarget) -> Result<Locked, ManagerError> {
+        let slot = self.owned_slot(target)?;
         let entry = Arc::clone(&slot.entry).lock_owned().await;
         if entry.state == VmState::Deleted {
-            return Err(ManagerError::NotFound(vm_id.clone()));
+            return Err(ManagerError::NotFound(target.vm_id().clone()));
         }
         Ok(Locked { slot, entry })
     }

@@ -23,7 +23,7 @@ use metald_api::convert::state::{state_filter_from_wire, state_to_wire};
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::{manager_error_to_connect, wire_error_to_connect};
 use metald_core::manager::ManagerError;
-use metald_core::{TenantId, VmId, VmManager};
+use metald_core::{TenantId, VmId, VmManager, VmTarget};
 use tokio::sync::{broadcast, watch};
 
 use crate::auth::Caller;
@@ -145,19 +145,20 @@ impl VmApi {
     }
 
     /// The caller's VM named in `field`, or NotFound, whether the VM is
-    /// missing or another tenant's: the two answers are the same.
-    fn own_vm(&self, caller: &Caller, field: &str, value: &str) -> Result<VmId, ConnectError> {
+    /// missing or another tenant's: the two answers are the same. Looked at
+    /// first, so a missing VM is said before the rest of the request is
+    /// judged; the manager checks again under the VM's lock as it acts, so
+    /// a VM that passed to another tenant in between is not acted on.
+    fn own_vm(&self, caller: &Caller, field: &str, value: &str) -> Result<VmTarget, ConnectError> {
         let vm_id = vm_id_from_wire(field, value).map_err(|error| wire_error_to_connect(&error))?;
         tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
-        match self.manager.summary(&vm_id) {
-            Ok(summary) if summary.tenant == caller.tenant => Ok(vm_id),
-            Ok(_) | Err(ManagerError::NotFound(_)) => Err(manager_error_to_connect(&ManagerError::NotFound(vm_id))),
-            Err(error) => Err(self.fail(&error)),
-        }
+        let target = VmTarget::of_tenant(&caller.tenant, &vm_id);
+        self.manager.summary(&target).map_err(|error| self.fail(&error))?;
+        Ok(target)
     }
 
-    fn state_now(&self, vm_id: &VmId) -> wire::VmState {
-        self.manager.state(vm_id).map_or(wire::VmState::VM_STATE_UNSPECIFIED, state_to_wire)
+    fn state_now(&self, vm: &VmTarget) -> wire::VmState {
+        self.manager.state(vm).map_or(wire::VmState::VM_STATE_UNSPECIFIED, state_to_wire)
     }
 
     /// CPU percent (100 = one host CPU) over the interval between two
@@ -215,7 +216,7 @@ impl wire::VmService for VmApi {
         // so does its share of the quota, or cancelled creates could pass it.
         let vm_id = self.manager.create_holding(create, admission).await.map_err(|error| self.fail(&error))?;
         tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
-        let state = self.state_now(&vm_id);
+        let state = self.state_now(&VmTarget::of_tenant(&caller.tenant, &vm_id));
         Response::ok(wire::CreateVmResponse { vm_id: vm_id.to_string(), state: state.into(), ..Default::default() })
     }
 
@@ -225,21 +226,23 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::DeleteVmRequest>,
     ) -> ServiceResult<wire::DeleteVmResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm_id = vm.vm_id().clone();
         let options = stop_options_from_wire(request.force, 0).map_err(|error| wire_error_to_connect(&error))?;
-        self.manager.delete(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        self.manager.delete(&vm, options).await.map_err(|error| self.fail(&error))?;
         self.forget_samples(&vm_id);
         Response::ok(wire::DeleteVmResponse { success: true, ..Default::default() })
     }
 
     async fn boot_vm(&self, ctx: RequestContext, request: ServiceRequest<'_, wire::BootVmRequest>) -> ServiceResult<wire::BootVmResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm_id = vm.vm_id().clone();
         let started = Instant::now();
-        self.manager.boot(&vm_id).await.map_err(|error| self.fail(&error))?;
+        self.manager.boot(&vm).await.map_err(|error| self.fail(&error))?;
         self.metrics.observe_boot(started.elapsed());
         self.forget_samples(&vm_id);
-        Response::ok(wire::BootVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+        Response::ok(wire::BootVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
 
     async fn shutdown_vm(
@@ -248,12 +251,12 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::ShutdownVmRequest>,
     ) -> ServiceResult<wire::ShutdownVmResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let options = stop_options_from_wire(request.force, request.timeout_seconds).map_err(|error| wire_error_to_connect(&error))?;
-        let outcome = self.manager.shutdown(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        let outcome = self.manager.shutdown(&vm, options).await.map_err(|error| self.fail(&error))?;
         Response::ok(wire::ShutdownVmResponse {
             success: true,
-            state: self.state_now(&vm_id).into(),
+            state: self.state_now(&vm).into(),
             killed: outcome.forced,
             ..Default::default()
         })
@@ -265,9 +268,9 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::PauseVmRequest>,
     ) -> ServiceResult<wire::PauseVmResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
-        self.manager.pause(&vm_id).await.map_err(|error| self.fail(&error))?;
-        Response::ok(wire::PauseVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        self.manager.pause(&vm).await.map_err(|error| self.fail(&error))?;
+        Response::ok(wire::PauseVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
 
     async fn resume_vm(
@@ -276,9 +279,9 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::ResumeVmRequest>,
     ) -> ServiceResult<wire::ResumeVmResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
-        self.manager.resume(&vm_id).await.map_err(|error| self.fail(&error))?;
-        Response::ok(wire::ResumeVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        self.manager.resume(&vm).await.map_err(|error| self.fail(&error))?;
+        Response::ok(wire::ResumeVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
 
     async fn reboot_vm(
@@ -287,11 +290,12 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::RebootVmRequest>,
     ) -> ServiceResult<wire::RebootVmResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm_id = vm.vm_id().clone();
         let options = stop_options_from_wire(request.force, 0).map_err(|error| wire_error_to_connect(&error))?;
-        self.manager.reboot(&vm_id, options).await.map_err(|error| self.fail(&error))?;
+        self.manager.reboot(&vm, options).await.map_err(|error| self.fail(&error))?;
         self.forget_samples(&vm_id);
-        Response::ok(wire::RebootVmResponse { success: true, state: self.state_now(&vm_id).into(), ..Default::default() })
+        Response::ok(wire::RebootVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
 
     async fn get_vm_info(
@@ -300,10 +304,11 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::GetVmInfoRequest>,
     ) -> ServiceResult<wire::GetVmInfoResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
-        let info = self.manager.info(&vm_id).await.map_err(|error| self.fail(&error))?;
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm_id = vm.vm_id().clone();
+        let info = self.manager.info(&vm).await.map_err(|error| self.fail(&error))?;
         let metrics = if info.state.has_live_vmm() {
-            match self.manager.metrics(&vm_id).await {
+            match self.manager.metrics(&vm).await {
                 Ok(metrics) => {
                     let since_boot = uptime(info.booted_at, SystemTime::now());
                     let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns);
@@ -341,9 +346,10 @@ impl wire::VmService for VmApi {
         request: ServiceRequest<'_, wire::GetConsoleRequest>,
     ) -> ServiceResult<wire::GetConsoleResponse> {
         let caller = caller(&ctx)?;
-        let vm_id = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
+        let vm_id = vm.vm_id().clone();
         let max_bytes = console_max_bytes_from_wire(request.max_bytes).map_err(|error| wire_error_to_connect(&error))?;
-        let data = self.manager.console_tail(&vm_id, max_bytes).map_err(|error| self.fail(&error))?;
+        let data = self.manager.console_tail(&vm, max_bytes).map_err(|error| self.fail(&error))?;
         Response::ok(wire::GetConsoleResponse { vm_id: vm_id.to_string(), data, ..Default::default() })
     }
 
