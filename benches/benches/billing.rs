@@ -44,7 +44,7 @@ impl CounterSource for Synthetic {
 }
 
 fn synthetic_counters(seed: u32) -> Counters {
-    let now_ms = metald_billing::unix_millis();
+    let now_ms = metald_types::time::unix_millis_now();
     let mut counters = Counters { cpu_ns: now_ms * 1_000 + u64::from(seed), memory_bytes: 64 << 20, ..Counters::default() };
     counters.devices.net_rx_bytes = now_ms + u64::from(seed);
     counters.devices.net_tx_bytes = now_ms / 2;
@@ -208,7 +208,7 @@ async fn pipeline_latency(dir: &std::path::Path, url: &str, database: &str, poli
     let mut first_poll = true;
     while latencies.len() < samples {
         let found = sink.client().query(&query).bind(last_seen).fetch_all::<u64>().await.unwrap_or_default();
-        let now = metald_billing::unix_millis();
+        let now = metald_types::time::unix_millis_now();
         if !first_poll {
             latencies.extend(found.iter().map(|end_ms| Duration::from_millis(now.saturating_sub(*end_ms))));
         }

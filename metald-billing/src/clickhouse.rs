@@ -68,13 +68,24 @@ struct Migration {
     statements: fn(&str) -> Vec<String>,
 }
 
+/// How a figure is summed from raw rows: the one spelling of each, for
+/// the rollups and the shipped queries alike.
+mod raw_sums {
+    pub const INTERVALS: &str = "count()";
+    pub const DURATION_MS: &str = "sum(toUInt64(end_ms - start_ms))";
+    pub const VCPU_MS: &str = "sum(toUInt64(vcpus * (end_ms - start_ms)))";
+    pub const MEMORY_MIB_MS: &str = "sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)))";
+    pub const MEMORY_LIMIT_KIB_MS: &str = "sum(toUInt64(intDiv(memory_limit_bytes, 1024) * (end_ms - start_ms)))";
+    pub const MEMORY_RESIDENT_KIB_MS: &str = "sum(toUInt64(intDiv(memory_bytes, 1024) * (end_ms - start_ms)))";
+}
+
 /// What every rollup sums, and how from a raw row.
 const MEASURES: &[(&str, &str)] = &[
-    ("intervals", "count()"),
-    ("duration_ms", "sum(toUInt64(end_ms - start_ms))"),
+    ("intervals", raw_sums::INTERVALS),
+    ("duration_ms", raw_sums::DURATION_MS),
     ("cpu_ns", "sum(cpu_ns)"),
-    ("vcpu_ms", "sum(toUInt64(vcpus * (end_ms - start_ms)))"),
-    ("memory_mib_ms", "sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms)))"),
+    ("vcpu_ms", raw_sums::VCPU_MS),
+    ("memory_mib_ms", raw_sums::MEMORY_MIB_MS),
     ("net_rx_bytes", "sum(net_rx_bytes)"),
     ("net_tx_bytes", "sum(net_tx_bytes)"),
     ("net_rx_packets", "sum(net_rx_packets)"),
@@ -289,30 +300,11 @@ pub struct UsageRow {
 
 impl UsageRow {
     pub fn from_record(record: &UsageRecord, host_id: &str) -> Self {
-        Self {
+        metald_types::flatten_usage_record!(record => UsageRow {
             tenant_id: record.tenant_id.to_string(),
             vm_id: record.vm_id.to_string(),
-            sequence: record.sequence,
-            start_ms: record.start_ms,
-            end_ms: record.end_ms,
-            cpu_ns: record.usage.cpu_ns,
-            memory_bytes: record.usage.memory_bytes,
-            memory_peak_bytes: record.usage.memory_peak_bytes,
-            net_rx_bytes: record.usage.devices.net_rx_bytes,
-            net_tx_bytes: record.usage.devices.net_tx_bytes,
-            net_rx_packets: record.usage.devices.net_rx_packets,
-            net_tx_packets: record.usage.devices.net_tx_packets,
-            block_read_bytes: record.usage.devices.block_read_bytes,
-            block_write_bytes: record.usage.devices.block_write_bytes,
-            block_read_ops: record.usage.devices.block_read_ops,
-            block_write_ops: record.usage.devices.block_write_ops,
-            vcpus: record.vcpus,
-            memory_limit_bytes: record.memory_limit_bytes,
-            missed_ticks: record.missed_ticks,
-            paused: u8::from(record.paused),
-            final_record: u8::from(record.final_record),
             host_id: host_id.to_owned(),
-        }
+        })
     }
 }
 
@@ -626,12 +618,13 @@ pub struct TenantTotals {
 
 /// The queries shipped with metald; each counts every interval once.
 pub mod queries {
+    use super::raw_sums::{INTERVALS, MEMORY_LIMIT_KIB_MS, MEMORY_MIB_MS, MEMORY_RESIDENT_KIB_MS, VCPU_MS};
+
     /// A tenant's usage between two instants, from the raw table (FINAL
     /// collapses any duplicate that got in).
     pub fn tenant_totals_raw(db: &str) -> String {
         format!(
-            "SELECT count() AS intervals, sum(cpu_ns) AS cpu_ns, sum(toUInt64(vcpus * (end_ms - start_ms))) AS vcpu_ms,
-                    sum(toUInt64(intDiv(memory_bytes, 1048576) * (end_ms - start_ms))) AS memory_mib_ms,
+            "SELECT {INTERVALS} AS intervals, sum(cpu_ns) AS cpu_ns, {VCPU_MS} AS vcpu_ms, {MEMORY_MIB_MS} AS memory_mib_ms,
                     sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes
              FROM {db}.usage_intervals FINAL WHERE tenant_id = ? AND start_ms >= ? AND start_ms < ?"
         )
@@ -691,10 +684,8 @@ pub mod queries {
     /// order: rows are read by position). Binds: host, from, to (Unix ms).
     pub fn host_usage_by_tenant(db: &str) -> String {
         format!(
-            "SELECT tenant_id, uniqExact(vm_id) AS vms, count() AS intervals, sum(cpu_ns) AS cpu_ns,
-                    sum(toUInt64(vcpus * (end_ms - start_ms))) AS vcpu_ms,
-                    sum(toUInt64(intDiv(memory_limit_bytes, 1024) * (end_ms - start_ms))) AS memory_limit_kib_ms,
-                    sum(toUInt64(intDiv(memory_bytes, 1024) * (end_ms - start_ms))) AS memory_resident_kib_ms,
+            "SELECT tenant_id, uniqExact(vm_id) AS vms, {INTERVALS} AS intervals, sum(cpu_ns) AS cpu_ns, {VCPU_MS} AS vcpu_ms,
+                    {MEMORY_LIMIT_KIB_MS} AS memory_limit_kib_ms, {MEMORY_RESIDENT_KIB_MS} AS memory_resident_kib_ms,
                     sum(net_rx_bytes) AS net_rx_bytes, sum(net_tx_bytes) AS net_tx_bytes,
                     sum(block_read_bytes) AS block_read_bytes, sum(block_write_bytes) AS block_write_bytes,
                     min(start_ms) AS first_ms, max(end_ms) AS last_ms

@@ -91,20 +91,20 @@ pub async fn run(
 async fn send_heartbeat(spool: &Spool, sink: &dyn BillingSink) {
     let depth = spool.depth().unwrap_or_default();
     let heartbeat = HostHeartbeat {
-        sent_at_ms: crate::record::unix_millis(),
+        sent_at_ms: metald_types::time::unix_millis_now(),
         spool_records: depth.records,
         spool_bytes: depth.bytes,
         spool_quota_bytes: depth.quota_bytes,
     };
     if let Err(error) = sink.heartbeat(&heartbeat).await {
-        tracing::debug!(sink = sink.name(), error = %metald_core::error_chain(&error), "heartbeat not delivered");
+        tracing::debug!(sink = sink.name(), error = %metald_types::error_chain(&error), "heartbeat not delivered");
     }
 }
 
 async fn deliver_gaps(spool: &Spool, sink: &dyn BillingSink) -> Result<(), String> {
-    for (id, gap) in spool.pending_gaps().map_err(|error| metald_core::error_chain(&error))? {
-        sink.report_gap(&gap).await.map_err(|error| metald_core::error_chain(&error))?;
-        spool.drop_gap(id).map_err(|error| metald_core::error_chain(&error))?;
+    for (id, gap) in spool.pending_gaps().map_err(|error| metald_types::error_chain(&error))? {
+        sink.report_gap(&gap).await.map_err(|error| metald_types::error_chain(&error))?;
+        spool.drop_gap(id).map_err(|error| metald_types::error_chain(&error))?;
     }
     Ok(())
 }
@@ -119,7 +119,7 @@ async fn wait_for_a_batch(spool: &Spool, policy: &DeliveryPolicy, stop: &mut wat
         }
         let age_left = match spool.oldest_taken_ms() {
             Ok(Some(taken)) => {
-                let age = Duration::from_millis(crate::record::unix_millis().saturating_sub(taken));
+                let age = Duration::from_millis(metald_types::time::unix_millis_now().saturating_sub(taken));
                 if age >= policy.max_age {
                     return;
                 }
@@ -141,14 +141,14 @@ async fn wait_for_a_batch(spool: &Spool, policy: &DeliveryPolicy, stop: &mut wat
 
 /// Delivers one batch; returns how many records left the spool.
 pub async fn deliver_once(spool: &Spool, sink: &dyn BillingSink, max_batch: usize, stats: &DeliveryStats) -> Result<usize, String> {
-    let pending = spool.pending(max_batch).map_err(|error| metald_core::error_chain(&error))?;
+    let pending = spool.pending(max_batch).map_err(|error| metald_types::error_chain(&error))?;
     if pending.records.is_empty() {
         return Ok(0);
     }
-    spool.mark_sent(&pending).map_err(|error| metald_core::error_chain(&error))?;
+    spool.mark_sent(&pending).map_err(|error| metald_types::error_chain(&error))?;
     let batch = Batch { records: &pending.records, resent: pending.resent };
-    let delivered = sink.deliver(batch).await.map_err(|error| metald_core::error_chain(&error))?;
-    spool.acknowledge(&pending).map_err(|error| metald_core::error_chain(&error))?;
+    let delivered = sink.deliver(batch).await.map_err(|error| metald_types::error_chain(&error))?;
+    spool.acknowledge(&pending).map_err(|error| metald_types::error_chain(&error))?;
     stats.delivered.fetch_add(delivered.accepted as u64, Ordering::Relaxed);
     stats.duplicates.fetch_add(delivered.duplicates as u64, Ordering::Relaxed);
     Ok(pending.records.len())

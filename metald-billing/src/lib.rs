@@ -6,24 +6,35 @@
 //! [`Spool`] every record passes through, the delivery loop, the
 //! [`BillingSink`] trait with its JSON Lines, ClickHouse and billing-service
 //! implementations, the ClickHouse schema and its migrations, reading delivered usage back
-//! as per tenant totals ([`UsageHistory`]), and the billing service's logic. It depends on `metald-core` only.
+//! as per tenant totals ([`UsageHistory`]), and the billing service's logic.
+//!
+//! The record types are `metald-types`'. The meter and the pipeline that
+//! run on a metald host need `metald-core` and come with the `host`
+//! feature (on by default); without it, as billaged builds it, the crate
+//! links no VMM, jailer or network code.
 
+#[cfg(feature = "host")]
 mod block_reads;
 pub mod clickhouse;
 pub mod delivery;
+#[cfg(feature = "host")]
 pub mod meter;
+#[cfg(feature = "host")]
 pub mod pipeline;
 pub mod proto;
-pub mod record;
+#[cfg(feature = "host")]
 pub mod released;
 pub mod service;
 pub mod sink;
+#[cfg(feature = "host")]
 pub mod source;
 pub mod spool;
 pub mod summary;
 
+pub use metald_types::usage as record;
+pub use metald_types::{Counters, HostHeartbeat, UsageGap, UsageRecord};
+#[cfg(feature = "host")]
 pub use pipeline::{Billing, BillingConfig};
-pub use record::{Counters, HostHeartbeat, UsageGap, UsageRecord, saturating_u64, unix_millis};
 pub use sink::{Batch, BillingSink, Delivered, JsonLinesSink, SinkError};
 pub use spool::{MeterPosition, Pending, Spool, SpoolDepth, SpoolError};
 pub use summary::{SummaryError, TenantUsage, UsageHistory, UsageWindow};

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use metald_core::cgroups::CgroupUsage;
 use metald_core::events::{EndedVmm, RunningVmm, VmEvent, VmEventKind};
 use metald_core::{DeviceCounters, TenantId, VmId, VmState};
+use metald_types::time::unix_millis;
 use tokio::sync::broadcast;
 
 use crate::block_reads::BlockReads;
@@ -135,7 +136,7 @@ impl MeterHandle {
     /// Tells the meter the takeover after a restart is done and which VMs
     /// the manager knows; it is applied at the next tick.
     pub fn takeover_done(&self, known: impl IntoIterator<Item = VmId>) {
-        let done = TakeoverDone { known: known.into_iter().collect(), at_ms: crate::record::unix_millis() };
+        let done = TakeoverDone { known: known.into_iter().collect(), at_ms: metald_types::time::unix_millis_now() };
         // A meter that has stopped has nothing left to close.
         let _ = self.takeovers.send(done);
     }
@@ -212,10 +213,6 @@ struct Ending {
     at_ms: u64,
 }
 
-fn unix_millis_of(at: std::time::SystemTime) -> u64 {
-    at.duration_since(std::time::UNIX_EPOCH).map(|since| crate::record::saturating_u64(since.as_millis())).unwrap_or(0)
-}
-
 struct MeterLoop {
     spool: Arc<Spool>,
     source: Arc<dyn CounterSource>,
@@ -284,7 +281,7 @@ impl MeterLoop {
             if deadline > now {
                 std::thread::sleep(deadline - now);
             }
-            self.stats.working_on_due_ns.store(crate::record::saturating_u64(due_after_epoch.as_nanos()), Ordering::Relaxed);
+            self.stats.working_on_due_ns.store(metald_types::time::saturating_u64(due_after_epoch.as_nanos()), Ordering::Relaxed);
             let stopping = stop.load(Ordering::Relaxed);
             self.apply_events();
             self.apply_takeovers();
@@ -331,12 +328,12 @@ impl MeterLoop {
         self.positions.remove(vm_id.as_str());
         self.blocks.forget(vm_id);
         if let Err(error) = self.spool.forget(vm_id.as_str()) {
-            tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's meter position");
+            tracing::warn!(%vm_id, error = %metald_types::error_chain(&error), "cannot forget a deleted VM's meter position");
         }
     }
 
     fn apply(&mut self, event: VmEvent) {
-        let at_ms = unix_millis_of(event.at);
+        let at_ms = unix_millis(event.at);
         match event.kind {
             VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
             VmEventKind::Reattached { running, booted_at, earlier_ends } => {
@@ -346,7 +343,7 @@ impl MeterLoop {
                 // earlier metald ended to have a position is metered from its boot.
                 // Only a running or paused VM is metered.
                 if matches!(event.state, VmState::Running | VmState::Paused) {
-                    let booted_ms = booted_at.map_or(at_ms, unix_millis_of);
+                    let booted_ms = booted_at.map_or(at_ms, unix_millis);
                     self.begin(event.vm_id.clone(), event.tenant, running, booted_ms);
                     if let Some(vm) = self.vms.get_mut(&event.vm_id) {
                         vm.paused = event.state == VmState::Paused;
@@ -377,7 +374,7 @@ impl MeterLoop {
             VmEventKind::Stopped { usage, .. } => self.ending(&event, usage, None, at_ms),
             VmEventKind::Failed { usage, booted_at, ref earlier_ends, .. } => {
                 self.found_ends(&event.vm_id, &event.tenant, earlier_ends);
-                self.ending(&event, usage, booted_at.map(unix_millis_of), at_ms);
+                self.ending(&event, usage, booted_at.map(unix_millis), at_ms);
             }
             VmEventKind::Deleted => {
                 // A VMM killed at the delete without a stop of its own still
@@ -437,7 +434,7 @@ impl MeterLoop {
         let gap =
             UsageGap { tenant_id: tenant.clone(), vm_id: vm_id.clone(), from_ms, to_ms: at_ms.max(from_ms), reason: UNMETERED_END.into() };
         if let Err(error) = self.spool.add_gap(&gap) {
-            tracing::error!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a usage gap");
+            tracing::error!(%vm_id, error = %metald_types::error_chain(&error), "cannot keep a usage gap");
         }
         // Closed up to the gap's end, also for the next metald: the same end found again is not reported twice.
         let position = MeterPosition {
@@ -450,7 +447,7 @@ impl MeterLoop {
             closed: true,
         };
         if let Err(error) = self.spool.take(&[], std::slice::from_ref(&position)) {
-            tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "cannot keep a closed meter position");
+            tracing::warn!(%vm_id, error = %metald_types::error_chain(&error), "cannot keep a closed meter position");
         }
         self.positions.insert(position.vm_id.clone(), position);
     }
@@ -579,7 +576,7 @@ impl MeterLoop {
                 if matches!(error, SpoolError::Full { .. }) {
                     self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "a usage record was not taken; the VM's next record covers its time");
+                tracing::warn!(%vm_id, error = %metald_types::error_chain(&error), "a usage record was not taken; the VM's next record covers its time");
             }
         }
     }
@@ -611,8 +608,8 @@ impl MeterLoop {
         let period = self.config.period;
         let late = Instant::now().saturating_duration_since(deadline);
         // Ticks whose time passed while this one ran late are missed, not replayed.
-        let skipped = crate::record::saturating_u64(late.as_nanos() / period.as_nanos().max(1));
-        self.stats.last_lag_ns.store(crate::record::saturating_u64(late.as_nanos()), Ordering::Relaxed);
+        let skipped = metald_types::time::saturating_u64(late.as_nanos() / period.as_nanos().max(1));
+        self.stats.last_lag_ns.store(metald_types::time::saturating_u64(late.as_nanos()), Ordering::Relaxed);
         if skipped > 0 {
             self.stats.missed_ticks.fetch_add(skipped, Ordering::Relaxed);
             for vm in self.vms.values_mut() {
@@ -627,7 +624,7 @@ impl MeterLoop {
         self.tick += 1;
         self.read_blocks();
         let skipped = self.count_missed(deadline);
-        let now = crate::record::unix_millis();
+        let now = metald_types::time::unix_millis_now();
         let mut records = Vec::with_capacity(self.vms.len());
         for (vm_id, vm) in &mut self.vms {
             if let Some(ending) = vm.ending {
@@ -674,7 +671,7 @@ impl MeterLoop {
                 if matches!(error, SpoolError::Full { .. }) {
                     self.stats.spool_full.fetch_add(1, Ordering::Relaxed);
                 }
-                tracing::warn!(error = %metald_core::error_chain(&error), "usage records not taken this tick; the next records will cover this time");
+                tracing::warn!(error = %metald_types::error_chain(&error), "usage records not taken this tick; the next records will cover this time");
             }
         }
         self.stats.metered_vms.store(self.vms.len() as u64, Ordering::Relaxed);

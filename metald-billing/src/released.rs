@@ -13,7 +13,7 @@ impl DeletedBilled for VmManager {
     fn deleted_billed(&self, vm_id: &VmId) {
         if let Err(error) = self.release_deleted(vm_id) {
             // The record is replayed at the next start; the meter finds its end already billed.
-            tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "cannot forget a deleted VM's record");
+            tracing::warn!(%vm_id, error = %metald_types::error_chain(&error), "cannot forget a deleted VM's record");
         }
     }
 }

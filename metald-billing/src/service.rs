@@ -16,46 +16,24 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use connectrpc::client::{ClientConfig, HttpClient};
 use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
-use metald_core::{TenantId, VmId};
+use metald_types::{TenantId, VmId};
 
 use crate::clickhouse::ClickHouseSink;
 use crate::proto::billing::v1 as wire;
 use crate::proto::billing::v1::__buffa::view::UsageRecordView;
-use crate::record::{Counters, HostHeartbeat, UsageGap, UsageRecord};
+use crate::record::{HostHeartbeat, UsageGap, UsageRecord};
 use crate::sink::{Batch, BillingSink, Delivered, SinkError};
-use metald_core::DeviceCounters;
 
 /// The most records the service takes in one batch, unless configured.
 pub const DEFAULT_MAX_BATCH_RECORDS: usize = 10_000;
 
 /// A record as it goes on the wire.
 pub fn record_to_wire(record: &UsageRecord) -> wire::UsageRecord {
-    let usage = &record.usage;
-    let devices = &usage.devices;
-    wire::UsageRecord {
+    metald_types::flatten_usage_record!(record => wire::UsageRecord {
         tenant_id: record.tenant_id.to_string(),
         vm_id: record.vm_id.to_string(),
-        sequence: record.sequence,
-        start_ms: record.start_ms,
-        end_ms: record.end_ms,
-        cpu_ns: usage.cpu_ns,
-        memory_bytes: usage.memory_bytes,
-        memory_peak_bytes: usage.memory_peak_bytes,
-        net_rx_bytes: devices.net_rx_bytes,
-        net_tx_bytes: devices.net_tx_bytes,
-        net_rx_packets: devices.net_rx_packets,
-        net_tx_packets: devices.net_tx_packets,
-        block_read_bytes: devices.block_read_bytes,
-        block_write_bytes: devices.block_write_bytes,
-        block_read_ops: devices.block_read_ops,
-        block_write_ops: devices.block_write_ops,
-        vcpus: record.vcpus,
-        memory_limit_bytes: record.memory_limit_bytes,
-        missed_ticks: record.missed_ticks,
-        paused: record.paused,
-        final_record: record.final_record,
         ..Default::default()
-    }
+    })
 }
 
 /// A record from the wire, or what is wrong with it (`index` names it).
@@ -72,33 +50,9 @@ pub fn record_from_wire(index: usize, record: &UsageRecordView<'_>) -> Result<Us
     if record.paused && record.cpu_ns > 0 {
         return Err(field("cpu_ns", format!("{} ns charged to a paused interval", record.cpu_ns)));
     }
-    Ok(UsageRecord {
-        tenant_id,
-        vm_id,
-        sequence: record.sequence,
-        start_ms: record.start_ms,
-        end_ms: record.end_ms,
-        usage: Counters {
-            cpu_ns: record.cpu_ns,
-            memory_bytes: record.memory_bytes,
-            memory_peak_bytes: record.memory_peak_bytes,
-            devices: DeviceCounters {
-                net_rx_bytes: record.net_rx_bytes,
-                net_tx_bytes: record.net_tx_bytes,
-                net_rx_packets: record.net_rx_packets,
-                net_tx_packets: record.net_tx_packets,
-                block_read_bytes: record.block_read_bytes,
-                block_write_bytes: record.block_write_bytes,
-                block_read_ops: record.block_read_ops,
-                block_write_ops: record.block_write_ops,
-            },
-        },
-        vcpus: record.vcpus,
-        memory_limit_bytes: record.memory_limit_bytes,
-        missed_ticks: record.missed_ticks,
-        paused: record.paused,
-        final_record: record.final_record,
-    })
+    let mut usage = UsageRecord::zeroed(tenant_id, vm_id);
+    metald_types::unflatten_usage_record!(record => usage);
+    Ok(usage)
 }
 
 /// A batch's identity: the same records give the same id, so the service
@@ -237,7 +191,7 @@ fn check_host(host_id: &str) -> Result<(), ConnectError> {
 }
 
 fn unavailable(error: &SinkError) -> ConnectError {
-    ConnectError::unavailable(format!("ClickHouse did not take the write: {}", metald_core::error_chain(error)))
+    ConnectError::unavailable(format!("ClickHouse did not take the write: {}", metald_types::error_chain(error)))
 }
 
 #[allow(refining_impl_trait)]
@@ -301,7 +255,7 @@ impl wire::BillingService for BillingService {
             spool_quota_bytes: request.spool_quota_bytes,
         };
         self.sink.insert_heartbeat(&heartbeat, request.host_id).await.map_err(|error| unavailable(&error))?;
-        Response::ok(wire::HeartbeatResponse { received_at_ms: crate::record::unix_millis(), ..Default::default() })
+        Response::ok(wire::HeartbeatResponse { received_at_ms: metald_types::time::unix_millis_now(), ..Default::default() })
     }
 
     async fn report_gap(

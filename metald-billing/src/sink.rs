@@ -116,7 +116,7 @@ impl JsonLinesSink {
                 }
             }
         }
-        let file = metald_core::private_files::open_append(&path).map_err(file_error)?;
+        let file = metald_types::private_files::open_append(&path).map_err(file_error)?;
         Ok(Self { path, state: Mutex::new(JsonLinesState { file, last_sequence }) })
     }
 
@@ -170,7 +170,7 @@ impl BillingSink for JsonLinesSink {
         }
         let file_error = |source| SinkError::File { path: self.path.clone(), source };
         if !still_at(&state.file, &self.path).map_err(file_error)? {
-            state.file = metald_core::private_files::open_append(&self.path).map_err(file_error)?;
+            state.file = metald_types::private_files::open_append(&self.path).map_err(file_error)?;
         }
         state.file.write_all(text.as_bytes()).map_err(file_error)?;
         state.file.sync_data().map_err(file_error)?;
@@ -186,7 +186,7 @@ impl BillingSink for JsonLinesSink {
         let mut line = serde_json::to_string(gap).map_err(|error| file_error(error.into()))?;
         line.push('\n');
         let _serialised = self.state.lock().await;
-        let mut file = metald_core::private_files::open_append(&path).map_err(file_error)?;
+        let mut file = metald_types::private_files::open_append(&path).map_err(file_error)?;
         file.write_all(line.as_bytes()).map_err(file_error)?;
         file.sync_data().map_err(file_error)
     }

@@ -33,7 +33,7 @@ impl CounterSource for SystemCounters {
         let mut counters = Counters::default();
         match &target.cgroup {
             Some(cgroup) => {
-                let cgroup_error = |error: metald_core::cgroups::CgroupError| io::Error::other(metald_core::error_chain(&error));
+                let cgroup_error = |error: metald_core::cgroups::CgroupError| io::Error::other(metald_types::error_chain(&error));
                 counters.cpu_ns = cgroup.cpu_usage_ns().map_err(cgroup_error)?;
                 counters.memory_bytes = cgroup.memory_current().map_err(cgroup_error)?;
                 counters.memory_peak_bytes = cgroup.memory_peak_since_last().map_err(cgroup_error)?.unwrap_or(counters.memory_bytes);

@@ -148,7 +148,7 @@ impl Spool {
     pub fn open(path: impl Into<PathBuf>, quota_bytes: u64) -> Result<Self, SpoolError> {
         let path = path.into();
         let store = |source| SpoolError::Store { path: path.clone(), source };
-        metald_core::private_files::prepare_database(&path).map_err(|source| SpoolError::Prepare { path: path.clone(), source })?;
+        metald_types::private_files::prepare_database(&path).map_err(|source| SpoolError::Prepare { path: path.clone(), source })?;
         let connection = Connection::open(&path).map_err(store)?;
         connection.pragma_update(None, "journal_mode", "WAL").map_err(store)?;
         // Every commit is fsynced: a record is taken only once it is on disk.
@@ -186,7 +186,7 @@ impl Spool {
         if store.bytes + size > self.quota_bytes {
             return Err(SpoolError::Full { used: store.bytes, quota: self.quota_bytes });
         }
-        let taken_ms = i64::try_from(crate::record::unix_millis()).unwrap_or(i64::MAX);
+        let taken_ms = i64::try_from(metald_types::time::unix_millis_now()).unwrap_or(i64::MAX);
         store
             .connection
             .prepare_cached("INSERT INTO ticks (taken_ms, records, size, body) VALUES (?1, ?2, ?3, ?4)")
@@ -380,7 +380,7 @@ fn upsert_positions<'a>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use metald_core::{TenantId, VmId};
+    use metald_types::{TenantId, VmId};
 
     pub(crate) fn record(vm: &str, sequence: u64) -> UsageRecord {
         UsageRecord {

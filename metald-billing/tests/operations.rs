@@ -250,9 +250,9 @@ async fn a_stopped_vmm_and_a_slow_graceful_stop_delay_no_other_vms_records() {
 
     // The graceful stop holds its VM for the whole timeout: the guest ignores it.
     let stall = Duration::from_secs(6);
-    let stall_started_ms = metald_billing::unix_millis();
+    let stall_started_ms = metald_types::time::unix_millis_now();
     sandbox.manager.shutdown(&ignoring, StopOptions { force: false, timeout: Some(stall) }).await.unwrap();
-    let stall_ended_ms = metald_billing::unix_millis();
+    let stall_ended_ms = metald_types::time::unix_millis_now();
     // Whole records past the stall, for every VM.
     for vm_id in &others {
         let taken = metered.records(vm_id).len();

@@ -142,7 +142,7 @@ impl CounterSource for StallsOnce {
         if self.reads.fetch_add(1, Ordering::Relaxed) == 2 {
             std::thread::sleep(self.stall);
         }
-        Ok(Counters { cpu_ns: metald_billing::unix_millis() * 1_000, ..Counters::default() })
+        Ok(Counters { cpu_ns: metald_types::time::unix_millis_now() * 1_000, ..Counters::default() })
     }
 }
 

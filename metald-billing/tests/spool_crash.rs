@@ -58,7 +58,7 @@ impl HalfBusy {
 
 impl CounterSource for HalfBusy {
     fn read(&self, _target: &MeterTarget) -> io::Result<Counters> {
-        Ok(Counters { cpu_ns: self.at(metald_billing::unix_millis()), memory_bytes: 64 << 20, ..Counters::default() })
+        Ok(Counters { cpu_ns: self.at(metald_types::time::unix_millis_now()), memory_bytes: 64 << 20, ..Counters::default() })
     }
 }
 
@@ -141,7 +141,7 @@ async fn spool_holder_is_killed_three_times_and_nothing_is_lost_or_doubled() {
     let Some((server, sink)) = common::clickhouse(test).await else { return };
     let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
     let spool_path = dir.path().join("spool.db");
-    let booted_ms = metald_billing::unix_millis();
+    let booted_ms = metald_types::time::unix_millis_now();
     let settings = |run_ms: u64| format!("{}|{}|{booted_ms}|{run_ms}", spool_path.display(), server.url());
 
     let mut undelivered_at_kill = Vec::new();

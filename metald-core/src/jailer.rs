@@ -85,7 +85,7 @@ pub struct JailerConfig {
 impl Default for JailerConfig {
     fn default() -> Self {
         Self {
-            uid_range: 1_000_000..1_065_536,
+            uid_range: 900_000..910_000,
             fixed_identity: None,
             cgroup_root: PathBuf::from(DEFAULT_CGROUP_ROOT),
             cgroup_parent: PathBuf::from("metald"),

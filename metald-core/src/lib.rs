@@ -1,15 +1,15 @@
 //! metald-core: the VM and everything needed to run one.
 //!
-//! It owns the identifiers ([`VmId`], [`TenantId`]), the VM's description
+//! It uses the ids ([`VmId`], [`TenantId`]) and owner-only files
+//! ([`private_files`]) of `metald-types`, and owns the VM's description
 //! ([`VmConfig`]) and its validation, the lifecycle ([`VmState`] and its
 //! transition table), image confinement ([`images`]), the VMM backends
 //! behind one trait ([`backend::VmmBackend`], with Firecracker today),
 //! the integrated jailer ([`jailer`], [`cgroups`], [`launch`]), the network
 //! port ([`network`], implemented by `metald-net`), process supervision
-//! ([`process`]), serial console capture ([`console`]), owner-only
-//! files ([`private_files`])
+//! ([`process`]), serial console capture ([`console`])
 //! and the [`VmManager`] that ties them together and publishes
-//! [`VmEvent`]s. It depends on no other metald crate: networking and
+//! [`VmEvent`]s. It depends on no other metald crate but `metald-types`: networking and
 //! billing plug into it, never the other way round.
 //!
 //! ```no_run
@@ -36,18 +36,18 @@ pub mod cgroups;
 pub mod config;
 pub mod console;
 pub mod events;
-pub mod ids;
 pub mod images;
 pub mod jailer;
 pub mod launch;
 pub mod manager;
 pub mod network;
-pub mod private_files;
 pub mod process;
 pub mod restart;
 pub mod state;
 pub mod store;
 pub mod target;
+
+pub use metald_types::{error_chain, ids, private_files};
 
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 pub use backend::{Capabilities, DeviceCounters, StopOutcome, VmmBackend, VmmInfo, VmmMetrics};
@@ -59,15 +59,3 @@ pub use manager::{
 };
 pub use state::VmState;
 pub use target::VmTarget;
-
-/// An error and every cause below it on one line, outermost first.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}

@@ -32,6 +32,7 @@ use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
 use crate::store::{StoreError, VmRecord, VmStore};
 use crate::target::VmTarget;
+use metald_types::time::{from_unix_millis, unix_millis};
 
 /// Default cap of each console file (see [`ConsoleLog`]).
 pub const DEFAULT_CONSOLE_LIMIT_BYTES: u64 = 1 << 20;
@@ -1793,14 +1794,6 @@ fn ended_vmm(kind: &VmEventKind, entry: &VmEntry, at: SystemTime) -> Option<Ende
         memory_bytes: entry.config.memory.size_bytes,
         by_reboot,
     })
-}
-
-fn unix_millis(at: SystemTime) -> u64 {
-    at.duration_since(SystemTime::UNIX_EPOCH).map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX)).unwrap_or(0)
-}
-
-fn from_unix_millis(ms: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
 }
 
 fn record_of(slot: &VmSlot, entry: &VmEntry) -> VmRecord {

@@ -90,7 +90,7 @@ async fn migrate_until_done(sink: ClickHouseSink, ready: tokio::sync::watch::Sen
                 return;
             }
             Err(error) => {
-                tracing::warn!(error = %metald_core::error_chain(&error), ?wait, "cannot migrate the ClickHouse schema yet; retrying");
+                tracing::warn!(error = %metald_types::error_chain(&error), ?wait, "cannot migrate the ClickHouse schema yet; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(10));
             }

@@ -142,29 +142,14 @@ pub fn report(error: &CliError) -> ExitCode {
     if error.is_broken_pipe() {
         return ExitCode::from(Exit::Success.code());
     }
-    eprintln!("error: {}", describe(error));
+    eprintln!("error: {}", metald_types::error_chain(error));
     ExitCode::from(error.exit().code())
-}
-
-/// The error and its causes, each told once: a cause whose text the
-/// message already contains is not repeated.
-pub fn describe(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use metald_types::error_chain;
 
     fn exit_of(code: ErrorCode) -> u8 {
         CliError::from(ConnectError::new(code, "message")).exit().code()
@@ -206,25 +191,25 @@ mod tests {
     #[test]
     fn an_rpc_error_reads_code_then_message() {
         let error = CliError::from(ConnectError::not_found("VM vm-1 does not exist"));
-        assert_eq!(describe(&error), "not_found: VM vm-1 does not exist");
+        assert_eq!(error_chain(&error), "not_found: VM vm-1 does not exist");
     }
 
     #[test]
     fn a_cause_is_told_once() {
         let repeated = CliError::from(ConnectError::unavailable("connect: refused").with_source(io::Error::other("refused")));
-        assert_eq!(describe(&repeated), "unavailable: connect: refused");
+        assert_eq!(error_chain(&repeated), "unavailable: connect: refused");
         let io = CliError::Io { what: "cannot read vm.json".into(), source: io::Error::other("permission denied") };
-        assert_eq!(describe(&io), "cannot read vm.json: permission denied");
+        assert_eq!(error_chain(&io), "cannot read vm.json: permission denied");
     }
 
     #[test]
     fn a_host_that_cannot_be_reached_is_named() {
         let refused = ConnectError::unavailable_from_transport("HTTP request failed", io::Error::other("connection refused"));
         let named = CliError::from(refused).naming_endpoint("http://10.0.0.5:7070");
-        assert_eq!(describe(&named), "unavailable: http://10.0.0.5:7070: HTTP request failed: connection refused");
+        assert_eq!(error_chain(&named), "unavailable: http://10.0.0.5:7070: HTTP request failed: connection refused");
         assert_eq!(named.exit(), Exit::Unavailable);
         let from_host = CliError::from(ConnectError::unavailable("the VMM of VM vm-1 is not running"));
-        assert_eq!(describe(&from_host.naming_endpoint("http://h")), "unavailable: the VMM of VM vm-1 is not running");
+        assert_eq!(error_chain(&from_host.naming_endpoint("http://h")), "unavailable: the VMM of VM vm-1 is not running");
     }
 
     #[test]

@@ -8,6 +8,11 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use metald_billing::delivery::DeliveryPolicy;
+use metald_billing::meter::MeterConfig;
+use metald_core::FirecrackerConfig;
+use metald_core::jailer::JailerConfig;
+use metald_net::NetworkConfig;
 use serde::{Deserialize, Serialize};
 
 /// Everything the daemon can be told.
@@ -43,8 +48,8 @@ impl Default for Settings {
             data_dir: PathBuf::from("/var/lib/metald"),
             image_root: PathBuf::from("/var/lib/metald/images"),
             firecracker: PathBuf::from("/usr/local/bin/firecracker"),
-            stop_timeout_seconds: 30,
-            vmm_api_timeout_seconds: 10,
+            stop_timeout_seconds: metald_core::manager::DEFAULT_STOP_TIMEOUT.as_secs(),
+            vmm_api_timeout_seconds: FirecrackerConfig::new("").api_timeout.as_secs(),
             api: ApiSettings::default(),
             jailer: JailerSettings::default(),
             network: NetworkSettings::default(),
@@ -124,7 +129,13 @@ pub struct JailerSettings {
 
 impl Default for JailerSettings {
     fn default() -> Self {
-        Self { enabled: true, uid_start: 900_000, uid_count: 10_000, cgroup_parent: PathBuf::from("metald") }
+        let library = JailerConfig::default();
+        Self {
+            enabled: true,
+            uid_start: library.uid_range.start,
+            uid_count: library.uid_range.end.saturating_sub(library.uid_range.start),
+            cgroup_parent: library.cgroup_parent,
+        }
     }
 }
 
@@ -155,16 +166,17 @@ pub struct NetworkSettings {
 
 impl Default for NetworkSettings {
     fn default() -> Self {
+        let library = NetworkConfig::default();
         Self {
             enabled: None,
             ipv6_prefix: None,
             ipv4_pool: None,
-            dns_servers: Vec::new(),
+            dns_servers: library.dns_servers.iter().map(ToString::to_string).collect(),
             host_netns: None,
-            netns_prefix: "metald-".into(),
-            link_prefix: "md".into(),
-            nft_table: "metald".into(),
-            mtu: 1500,
+            netns_prefix: library.netns_prefix,
+            link_prefix: library.link_prefix,
+            nft_table: library.table,
+            mtu: library.mtu,
         }
     }
 }
@@ -208,9 +220,10 @@ pub struct BillingSettings {
 
 impl Default for BillingSettings {
     fn default() -> Self {
+        let delivery = DeliveryPolicy::default();
         Self {
             enabled: true,
-            meter_period_ms: 100,
+            meter_period_ms: metald_types::time::saturating_u64(MeterConfig::default().period.as_millis()),
             sink: SinkKind::File,
             file: None,
             clickhouse_url: "http://127.0.0.1:8123".into(),
@@ -218,8 +231,8 @@ impl Default for BillingSettings {
             service_url: "http://127.0.0.1:7080".into(),
             host_id: None,
             spool_quota_bytes: 10 << 30,
-            max_batch: 10_000,
-            max_batch_age_ms: 1_000,
+            max_batch: delivery.max_batch,
+            max_batch_age_ms: metald_types::time::saturating_u64(delivery.max_age.as_millis()),
         }
     }
 }
@@ -433,6 +446,28 @@ fn is_sha256_hex(text: &str) -> bool {
 #[allow(clippy::result_large_err)] // figment::Jail's own error type
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_daemons_defaults_are_the_librarys() {
+        let settings = Settings::default();
+        let jailer = JailerConfig::default();
+        assert_eq!(settings.jailer.uid_start..settings.jailer.uid_start + settings.jailer.uid_count, jailer.uid_range);
+        assert_eq!(settings.jailer.cgroup_parent, jailer.cgroup_parent);
+        let network = NetworkConfig::default();
+        assert_eq!(
+            (&settings.network.netns_prefix, &settings.network.link_prefix, &settings.network.nft_table, settings.network.mtu),
+            (&network.netns_prefix, &network.link_prefix, &network.table, network.mtu)
+        );
+        assert_eq!(Duration::from_millis(settings.billing.meter_period_ms), MeterConfig::default().period);
+        let delivery = DeliveryPolicy::default();
+        assert_eq!(
+            (settings.billing.max_batch, Duration::from_millis(settings.billing.max_batch_age_ms)),
+            (delivery.max_batch, delivery.max_age)
+        );
+        assert_eq!(Duration::from_secs(settings.stop_timeout_seconds), metald_core::manager::DEFAULT_STOP_TIMEOUT);
+        assert_eq!(Duration::from_secs(settings.vmm_api_timeout_seconds), FirecrackerConfig::new("").api_timeout);
+    }
 
     #[test]
     fn every_top_level_setting_is_read_from_the_environment() {

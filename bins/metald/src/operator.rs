@@ -5,7 +5,7 @@
 //! is read back from the billing sink.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use connectrpc::{ConnectError, RequestContext, Response, ServiceRequest, ServiceResult};
 use metald_api::proto::vmprovisioner::v1 as wire;
@@ -85,7 +85,7 @@ fn window_from_wire(from: i64, to: i64, now: SystemTime) -> Result<UsageWindow, 
     };
     let from_ms = millis("from_timestamp", from)?;
     let to_ms = match millis("to_timestamp", to)? {
-        0 => now.duration_since(UNIX_EPOCH).map_or(0, |since| metald_billing::saturating_u64(since.as_millis())),
+        0 => metald_types::time::unix_millis(now),
         to_ms => to_ms,
     };
     if from_ms >= to_ms {
@@ -123,13 +123,11 @@ fn tenant_usage_to_wire(usage: &TenantUsage) -> wire::TenantUsage {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
     fn a_window_defaults_to_now_and_must_not_be_empty_or_before_1970() {
-        let now = UNIX_EPOCH + Duration::from_millis(5_000);
+        let now = metald_types::time::from_unix_millis(5_000);
         assert_eq!(window_from_wire(0, 0, now).unwrap(), UsageWindow { from_ms: 0, to_ms: 5_000 });
         assert_eq!(window_from_wire(1_000, 2_000, now).unwrap(), UsageWindow { from_ms: 1_000, to_ms: 2_000 });
         let empty = window_from_wire(2_000, 2_000, now).unwrap_err();

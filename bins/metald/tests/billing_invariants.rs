@@ -161,13 +161,13 @@ async fn step(host: &mut Host, rng: &mut StdRng, journal: &mut Journal, operatio
                 (true, Some(vm_id)) => common::vmm_pid(&vm_id).map(|pid| (vm_id, pid)),
                 _ => None,
             };
-            let killed_ms = metald_billing::unix_millis();
+            let killed_ms = metald_types::time::unix_millis_now();
             host.kill();
             if let Some((_, pid)) = doomed {
                 sigkill(pid);
             }
             host.launch();
-            journal.away.push((killed_ms, metald_billing::unix_millis()));
+            journal.away.push((killed_ms, metald_types::time::unix_millis_now()));
             Ok(())
         }
         (Operation::RestartAfterSigterm, _) => {

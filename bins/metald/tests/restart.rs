@@ -57,7 +57,7 @@ fn wait_for_records_after(host: &Host, vm_ids: &[String], after_ms: u64) {
 }
 
 fn now_ms() -> u64 {
-    metald_billing::unix_millis()
+    metald_types::time::unix_millis_now()
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! How single values read: VM states, byte counts, times and durations.
 //! Times are Unix milliseconds on the wire and UTC RFC 3339 here.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use buffa::EnumValue;
 use metald_api::proto::vmprovisioner::v1::VmState;
@@ -60,7 +60,7 @@ pub fn now_ms() -> i64 {
 
 /// An instant in Unix milliseconds (0 before 1970).
 pub fn unix_ms(instant: SystemTime) -> i64 {
-    instant.duration_since(UNIX_EPOCH).map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+    i64::try_from(metald_types::time::unix_millis(instant)).unwrap_or(i64::MAX)
 }
 
 /// `2024-05-01T12:00:00Z`, or `-` for 0 (not set).
