@@ -1,53 +1,88 @@
 //! Manager and request errors as ConnectRPC errors.
 //!
-//! What the caller got wrong is told in full, naming the field
-//! (`invalid_argument`, `"storage[1].path: ..."`), the VM (`not_found`,
-//! `already_exists`) or the VM's state (`failed_precondition`). What went
-//! wrong on the host is told only in general terms: `unavailable` when the
-//! VM's VMM is dead or does not answer (a later call may succeed),
-//! `internal` otherwise. Host paths, VMM answers and process output never
-//! reach the caller; the full error chain goes to the log at error level.
-//!
-//! Every match is exhaustive, so a new variant in core does not compile
-//! until it is mapped here.
+//! The code comes from the error's kind, which the core decides
+//! ([`metald_core::ErrorKind`]); this module only maps kinds to codes and
+//! words the message. What the caller got wrong is told in full, naming
+//! the field (`invalid_argument`, `"storage[1].path: ..."`), the VM
+//! (`not_found`, `already_exists`) or the VM's state
+//! (`failed_precondition`). What went wrong on the host is told only in
+//! general terms: `unavailable` when the VM's VMM is dead or does not
+//! answer (a later call may succeed), `resource_exhausted` when the host
+//! is full, `internal` otherwise. Host paths, VMM answers and process
+//! output never reach the caller; the full error chain goes to the log at
+//! error level.
 
-use connectrpc::ConnectError;
-use metald_core::VmId;
+use connectrpc::{ConnectError, ErrorCode};
+use metald_core::ErrorKind;
 use metald_core::backend::BackendError;
 use metald_core::images::ImageError;
-use metald_core::jailer::JailError;
-use metald_core::launch::LaunchError;
-use metald_core::manager::{BackendOperation, ManagerError};
+use metald_core::manager::ManagerError;
 use metald_core::network::NetworkError;
 
 use crate::convert::WireError;
 
+const HOST_FULL: &str = "this host runs as many VMs as it can; delete one, or create it on another host";
+const HOST_FAULT: &str = "the host could not complete the operation; its log has the details";
+
 /// The ConnectRPC error a manager error becomes.
 pub fn manager_error_to_connect(error: &ManagerError) -> ConnectError {
+    let (code, host_side) = match error.kind() {
+        ErrorKind::InvalidArgument { .. } => (ErrorCode::InvalidArgument, false),
+        ErrorKind::NotFound => (ErrorCode::NotFound, false),
+        ErrorKind::AlreadyExists => (ErrorCode::AlreadyExists, false),
+        ErrorKind::FailedPrecondition { state: Some(_) } => (ErrorCode::FailedPrecondition, false),
+        ErrorKind::FailedPrecondition { state: None } => (ErrorCode::FailedPrecondition, true),
+        ErrorKind::Unimplemented => (ErrorCode::Unimplemented, false),
+        ErrorKind::Unavailable => (ErrorCode::Unavailable, !matches!(error, ManagerError::ShuttingDown)),
+        ErrorKind::Exhausted => (ErrorCode::ResourceExhausted, true),
+        ErrorKind::Internal => (ErrorCode::Internal, true),
+    };
+    if host_side {
+        log_host_error(error);
+    }
+    ConnectError::new(code, caller_message(error))
+}
+
+/// What the caller is told: the request's own words for its faults, and
+/// for the host's only what it may know.
+fn caller_message(error: &ManagerError) -> String {
     match error {
-        ManagerError::InvalidConfig(config) => ConnectError::invalid_argument(config.to_string()),
-        ManagerError::Image(image) => image_error_to_connect(error, image),
-        ManagerError::Network(network) => network_error_to_connect(error, network),
-        ManagerError::NotFound(vm_id) => ConnectError::not_found(format!("VM {vm_id} does not exist")),
-        ManagerError::AlreadyExists(vm_id) => ConnectError::already_exists(format!("VM {vm_id} already exists")),
-        ManagerError::InvalidState { vm_id, operation, current, source: _ } => {
-            ConnectError::failed_precondition(format!("VM {vm_id} is {current} and cannot {operation}"))
-        }
-        ManagerError::WrongState { vm_id, operation, current, required } => {
-            ConnectError::failed_precondition(format!("VM {vm_id} is {current}; to {operation} it must be {required}"))
-        }
-        ManagerError::Backend { vm_id, backend, operation, source } => backend_error_to_connect(error, vm_id, backend, *operation, source),
-        ManagerError::ShuttingDown => ConnectError::unavailable("the host is shutting down; the operation did not finish"),
+        ManagerError::InvalidConfig(config) => config.to_string(),
+        ManagerError::Image(image) => image_message(image),
+        ManagerError::Network(NetworkError::Refused { field, reason }) => format!("{field}: {reason}"),
+        ManagerError::NotFound(_)
+        | ManagerError::AlreadyExists(_)
+        | ManagerError::InvalidState { .. }
+        | ManagerError::WrongState { .. } => error.to_string(),
+        ManagerError::Backend { vm_id, backend, operation, source } => match source.as_ref() {
+            BackendError::Unsupported { vmm: _, operation: what } => format!("the {backend} backend of this host cannot {what}"),
+            BackendError::FeatureUnavailable { vmm: _, feature, field } => {
+                format!("{field}: asks for {feature}, which the {backend} backend of this host does not offer")
+            }
+            BackendError::DiedBeforeReady { exit, .. } | BackendError::Exited { exit, .. } => {
+                format!("the VMM of VM {vm_id} {exit} while asked to {operation} it")
+            }
+            BackendError::NotRunning => format!("the VMM of VM {vm_id} is not running"),
+            // Its reason stays on the host: it names host files.
+            BackendError::Unlaunchable { .. } => format!("no VMM can be launched for VM {vm_id} on this host; delete it"),
+            BackendError::NotReady { .. } | BackendError::Transport { .. } | BackendError::Timeout { .. } => {
+                format!("the VMM of VM {vm_id} did not answer when asked to {operation} it")
+            }
+            _ => fallback_message(error),
+        },
+        ManagerError::ShuttingDown => "the host is shutting down; the operation did not finish".into(),
         ManagerError::DeleteIncomplete { vm_id, problems: _ } => {
-            log_host_error(error);
-            ConnectError::internal(format!("deleting VM {vm_id} did not finish; the VM is left Failed and deleting it again may succeed"))
+            format!("deleting VM {vm_id} did not finish; the VM is left Failed and deleting it again may succeed")
         }
-        ManagerError::Incomplete(_)
-        | ManagerError::Jail(_)
-        | ManagerError::Setup { .. }
-        | ManagerError::VmDir { .. }
-        | ManagerError::Console { .. }
-        | ManagerError::Store(_) => internal(error),
+        _ => fallback_message(error),
+    }
+}
+
+/// The words for a host's error that has none of its own.
+fn fallback_message(error: &ManagerError) -> String {
+    match error.kind() {
+        ErrorKind::Exhausted => HOST_FULL.into(),
+        _ => HOST_FAULT.into(),
     }
 }
 
@@ -67,8 +102,8 @@ pub fn wire_error_to_connect(error: &WireError) -> ConnectError {
 /// the host's image root or where a symlink leads. A symlink that leads
 /// outside is answered as a file that is not there: telling the two apart
 /// would say which files outside the root exist.
-fn image_error_to_connect(error: &ManagerError, image: &ImageError) -> ConnectError {
-    let refused = |field: &str, path: &str, why: &str| ConnectError::invalid_argument(format!("{field}: {path:?} {why}"));
+fn image_message(image: &ImageError) -> String {
+    let refused = |field: &str, path: &str, why: &str| format!("{field}: {path:?} {why}");
     match image {
         ImageError::ParentComponent { field, path } => refused(field, path, "climbs out with '..', which is not allowed"),
         ImageError::OutsideRoot { field, path, root: _ } => refused(field, path, "is outside the image root"),
@@ -86,76 +121,8 @@ fn image_error_to_connect(error: &ManagerError, image: &ImageError) -> ConnectEr
         ImageError::ChangedUnderUs { field, path } => {
             refused(field, path, "changed while it was being opened and now leads outside the image root")
         }
-        // The file was found inside the root and still could not be opened
-        // or copied, or the root itself is unusable: the host's problem.
-        ImageError::Open { .. } | ImageError::Copy { .. } | ImageError::Root { .. } => internal(error),
+        ImageError::Open { .. } | ImageError::Copy { .. } | ImageError::Root { .. } => HOST_FAULT.into(),
     }
-}
-
-fn network_error_to_connect(error: &ManagerError, network: &NetworkError) -> ConnectError {
-    match network {
-        NetworkError::Refused { field, reason } => ConnectError::invalid_argument(format!("{field}: {reason}")),
-        NetworkError::Attach { .. } | NetworkError::Detach { .. } => internal(error),
-    }
-}
-
-/// A dead or silent VMM is `unavailable`; what the backend cannot do is
-/// `unimplemented`, or `invalid_argument` naming the field that asked for
-/// it; the rest is `internal`.
-fn backend_error_to_connect(
-    error: &ManagerError,
-    vm_id: &VmId,
-    backend: &str,
-    operation: BackendOperation,
-    source: &BackendError,
-) -> ConnectError {
-    match source {
-        BackendError::Unsupported { vmm: _, operation: what } => {
-            ConnectError::unimplemented(format!("the {backend} backend of this host cannot {what}"))
-        }
-        BackendError::FeatureUnavailable { vmm: _, feature, field } => {
-            ConnectError::invalid_argument(format!("{field}: asks for {feature}, which the {backend} backend of this host does not offer"))
-        }
-        BackendError::DiedBeforeReady { exit, .. } | BackendError::Exited { exit, .. } => {
-            log_host_error(error);
-            ConnectError::unavailable(format!("the VMM of VM {vm_id} {exit} while asked to {operation} it"))
-        }
-        BackendError::NotRunning => {
-            log_host_error(error);
-            ConnectError::unavailable(format!("the VMM of VM {vm_id} is not running"))
-        }
-        // Its reason stays on the host: it names host files.
-        BackendError::Unlaunchable { .. } => {
-            log_host_error(error);
-            ConnectError::failed_precondition(format!("no VMM can be launched for VM {vm_id} on this host; delete it"))
-        }
-        BackendError::NotReady { .. } | BackendError::Transport { .. } | BackendError::Timeout { .. } => {
-            log_host_error(error);
-            ConnectError::unavailable(format!("the VMM of VM {vm_id} did not answer when asked to {operation} it"))
-        }
-        // Every VMM runs as its own user; when the host's range of them is
-        // used up, the host is full, which is a capacity answer, not a fault.
-        BackendError::Launch(LaunchError::Jail(JailError::NoIdentity(_))) => {
-            log_host_error(error);
-            ConnectError::resource_exhausted("this host runs as many VMs as it can; delete one, or create it on another host")
-        }
-        BackendError::Prepare { .. }
-        | BackendError::SocketPathTooLong { .. }
-        | BackendError::Launch(_)
-        | BackendError::Api { .. }
-        | BackendError::Signal(_)
-        | BackendError::Console(_)
-        | BackendError::ProcessStats { .. }
-        | BackendError::Adopt(_)
-        | BackendError::Ticket(_)
-        | BackendError::NotTheSameVmm { .. } => internal(error),
-    }
-}
-
-/// `internal`, with a message that says nothing of the host.
-fn internal(error: &ManagerError) -> ConnectError {
-    log_host_error(error);
-    ConnectError::internal("the host could not complete the operation; its log has the details")
 }
 
 fn log_host_error(error: &ManagerError) {
@@ -169,8 +136,12 @@ mod tests {
     use std::time::Duration;
 
     use connectrpc::ErrorCode;
+    use metald_core::VmId;
     use metald_core::VmState;
     use metald_core::config::{ConfigError, Problem};
+    use metald_core::jailer::JailError;
+    use metald_core::launch::LaunchError;
+    use metald_core::manager::BackendOperation;
     use metald_core::process::ProcessExit;
     use metald_core::state::IllegalTransition;
 

@@ -35,6 +35,7 @@ pub mod backend;
 pub mod cgroups;
 pub mod config;
 pub mod console;
+pub mod error_kind;
 pub mod events;
 pub mod images;
 pub mod jailer;
@@ -52,6 +53,7 @@ pub use metald_types::{error_chain, ids, private_files};
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 pub use backend::{Capabilities, DeviceCounters, StopOutcome, VmmBackend, VmmInfo, VmmMetrics};
 pub use config::VmConfig;
+pub use error_kind::ErrorKind;
 pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};
 pub use manager::{

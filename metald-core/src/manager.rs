@@ -104,24 +104,6 @@ pub enum ManagerError {
     Store(#[source] StoreError),
 }
 
-impl ManagerError {
-    /// The configuration field at fault, for errors caused by the request.
-    pub fn field(&self) -> Option<&str> {
-        match self {
-            ManagerError::InvalidConfig(error) => Some(&error.field),
-            ManagerError::Image(
-                ImageError::ParentComponent { field, .. }
-                | ImageError::OutsideRoot { field, .. }
-                | ImageError::SymlinkEscape { field, .. }
-                | ImageError::Missing { field, .. }
-                | ImageError::NotAFile { field, .. },
-            ) => Some(field),
-            ManagerError::Network(NetworkError::Refused { field, .. }) => Some(field),
-            _ => None,
-        }
-    }
-}
-
 /// What the manager asked of the backend. It reads as a verb in messages
 /// ("failed to shut down VM web-1"); [`BackendOperation::label`] is its
 /// stable name for metrics and logs that are queried.

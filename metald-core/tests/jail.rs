@@ -57,11 +57,11 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
 
     // Who it is.
     let status = status(pid);
-    let uid = &vmm.extra["uid"];
+    let uid = &vmm.identity.expect("a jailed VMM has its own user").0.to_string();
     assert_ne!(uid, "0");
     assert!(sandbox.jail.uid_range.contains(&uid.parse().unwrap()));
     assert_eq!(field(&status, "Uid:").split_whitespace().collect::<Vec<_>>(), [uid.as_str(); 4], "real, effective, saved and fs uid");
-    assert_eq!(field(&status, "Gid:").split_whitespace().collect::<Vec<_>>(), [vmm.extra["gid"].as_str(); 4]);
+    assert_eq!(field(&status, "Gid:").split_whitespace().collect::<Vec<_>>(), [vmm.identity.unwrap().1.to_string().as_str(); 4]);
     assert_eq!(field(&status, "Groups:"), "", "no supplementary groups");
     assert_eq!(field(&status, "NoNewPrivs:"), "1");
     assert_eq!(field(&status, "Seccomp:"), "2", "Firecracker's own seccomp filters are on");
@@ -124,7 +124,7 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
     }
 
     // Where it is counted: its own cgroup, with the limits of its size.
-    let cgroups: Vec<PathBuf> = vmm.extra["cgroup"].split(',').map(PathBuf::from).collect();
+    let cgroups: Vec<PathBuf> = vmm.cgroup.clone();
     assert!(!cgroups.is_empty());
     for cgroup in &cgroups {
         let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap();
@@ -322,7 +322,7 @@ async fn unjailed_mode_still_runs_vms_for_development() {
     let vm_id = sandbox.boot_guest(&[]).await;
     let vmm = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap();
     assert_eq!(vmm.extra["jailed"], "false");
-    assert!(!vmm.extra.contains_key("cgroup"));
+    assert!(vmm.cgroup.is_empty() && vmm.identity.is_none());
     assert_eq!(field(&status(vmm.pid.unwrap()), "Uid:").split_whitespace().next(), Some("0"), "it runs as we do");
     // A second VMM in the same folder, after the first left its API socket behind.
     sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();

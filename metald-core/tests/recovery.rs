@@ -37,7 +37,7 @@ struct FirstRun {
     created: VmId,
     killed: VmId,
     killed_pid: u32,
-    uids: Vec<String>,
+    uids: Vec<u32>,
 }
 
 /// The first manager's life, in a runtime that ends with it.
@@ -70,7 +70,7 @@ fn first_run(sandbox: &Sandbox, store: &Arc<SqliteVmStore>) -> FirstRun {
         let killed_pid = manager.info(&killed).await.unwrap().vmm.unwrap().pid.unwrap();
         let mut uids = Vec::new();
         for vm_id in [&running, &paused, &created, &killed] {
-            uids.push(manager.info(vm_id).await.unwrap().vmm.unwrap().extra["uid"].clone());
+            uids.push(manager.info(vm_id).await.unwrap().vmm.unwrap().identity.unwrap().0);
         }
         FirstRun { running, paused, stopped, created, killed, killed_pid, uids }
     });
@@ -157,7 +157,7 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
             .create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config: sandbox.guest_config(&[]) })
             .await
             .unwrap();
-        let new_uid = manager.info(&newcomer).await.unwrap().vmm.unwrap().extra["uid"].clone();
+        let new_uid = manager.info(&newcomer).await.unwrap().vmm.unwrap().identity.unwrap().0;
         assert!(!first.uids.contains(&new_uid), "uid {new_uid} was leased twice ({:?})", first.uids);
 
         for vm_id in [&first.running, &first.paused, &first.stopped, &first.created, &first.killed, &newcomer] {

@@ -66,7 +66,7 @@ async fn a_jailed_vm_gets_its_tap_in_its_namespace_and_firecracker_attaches_to_i
     let tap = &attached.interfaces[0].tap_device;
     let details = std::process::Command::new("ip").args(["-n", &namespace_name, "-d", "link", "show", tap]).output().unwrap();
     let details = String::from_utf8_lossy(&details.stdout);
-    assert!(details.contains(&format!("user {}", vmm.extra["uid"])), "the TAP belongs to the VMM's user: {details}");
+    assert!(details.contains(&format!("user {}", vmm.identity.unwrap().0)), "the TAP belongs to the VMM's user: {details}");
     let on_host = std::process::Command::new("ip").args(["link", "show", tap]).output().unwrap();
     assert!(!on_host.status.success(), "the TAP exists only inside the VM's namespace");
     let holds_tap = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))

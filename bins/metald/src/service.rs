@@ -327,7 +327,6 @@ impl wire::VmService for VmApi {
         };
         let mut answer = vm_info_to_wire(&info, metrics);
         answer.failure_reason = self.redactor.redact(&answer.failure_reason);
-        tenant_view_of_backend_info(&mut answer);
         Response::ok(answer)
     }
 
@@ -426,24 +425,6 @@ fn page_token_from_wire(token: &str) -> Result<Option<VmId>, ConnectError> {
     let bytes = hex::decode(token).map_err(|_| refused())?;
     let text = String::from_utf8(bytes).map_err(|_| refused())?;
     VmId::new(text).map(Some).map_err(|_| refused())
-}
-
-/// What a tenant sees of its VMM. The host pid, uid, gid and cgroup are the
-/// operator's business: they tell how full the host is and how it is laid
-/// out. `vmm_instance` stands in for them: an opaque name of the VMM
-/// process, the same across a takeover after a restart, another for each launch.
-fn tenant_view_of_backend_info(answer: &mut wire::GetVmInfoResponse) {
-    use sha2::Digest;
-    let backend_info = &mut answer.backend_info;
-    let process = backend_info.get("cgroup").or_else(|| backend_info.get("pid")).cloned();
-    for host_only in ["cgroup", "pid", "uid", "gid"] {
-        backend_info.remove(host_only);
-    }
-    if let Some(process) = process {
-        let digest = sha2::Sha256::digest(process.as_bytes());
-        let name: String = digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect();
-        backend_info.insert("vmm_instance".into(), name);
-    }
 }
 
 #[cfg(test)]

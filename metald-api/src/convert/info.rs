@@ -59,18 +59,26 @@ pub fn vm_summary_to_wire(summary: &metald_core::VmSummary) -> wire::VmInfo {
 }
 
 /// What the VMM says about itself, for `backend_info`: `vmm`,
-/// `vmm_version`, `vmm_state`, `pid` when one runs, and every entry of
-/// [`VmmInfo::extra`], which the backend keys for this map (Firecracker's
-/// include its jail's uid, gid and cgroup). The API socket's path and the
-/// launch timings stay on the host; a server that must hide more filters
-/// the map.
+/// `vmm_version`, `vmm_state`, every entry of [`VmmInfo::extra`], and
+/// `vmm_instance`, an opaque name of the VMM process: the same across a
+/// takeover after a restart, another for each launch. It stands in for
+/// the host pid, uid, gid and cgroup, which are the operator's business
+/// (they tell how full the host is and how it is laid out); the API
+/// socket's path and the launch timings stay on the host too.
 pub fn backend_info(vmm: &VmmInfo) -> BTreeMap<String, String> {
+    use sha2::Digest;
     let mut info = vmm.extra.clone();
     info.insert("vmm".into(), vmm.vmm.clone());
     info.insert("vmm_version".into(), vmm.vmm_version.clone());
     info.insert("vmm_state".into(), vmm.vmm_state.clone());
-    if let Some(pid) = vmm.pid {
-        info.insert("pid".into(), pid.to_string());
+    let process = if vmm.cgroup.is_empty() {
+        vmm.pid.map(|pid| pid.to_string())
+    } else {
+        Some(vmm.cgroup.iter().map(|path| path.display().to_string()).collect::<Vec<_>>().join(","))
+    };
+    if let Some(process) = process {
+        let digest = sha2::Sha256::digest(process.as_bytes());
+        info.insert("vmm_instance".into(), digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect());
     }
     info
 }
@@ -245,6 +253,8 @@ mod tests {
                 vmm_version: "1.12.1".into(),
                 vmm_state: "Running".into(),
                 pid: Some(4242),
+                identity: Some((900_001, 900_001)),
+                cgroup: vec![PathBuf::from("/sys/fs/cgroup/metald/vm-1")],
                 api_socket: Some(PathBuf::from("/run/metald/vms/vm-1/api.sock")),
                 extra: BTreeMap::from([("jailed".to_string(), "true".to_string())]),
                 launch_timings: vec![("spawn", Duration::from_millis(3))],
@@ -286,7 +296,7 @@ mod tests {
         let response = vm_info_to_wire(&info(), None);
         let mut keys: Vec<_> = response.backend_info.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["jailed", "pid", "vmm", "vmm_state", "vmm_version"]);
+        assert_eq!(keys, ["jailed", "vmm", "vmm_instance", "vmm_state", "vmm_version"], "no pid, uid, gid or cgroup");
         assert_eq!(response.backend_info["vmm_version"], "1.12.1");
         assert!(response.backend_info.values().all(|value| !value.contains("api.sock")), "{:?}", response.backend_info);
     }

@@ -135,9 +135,15 @@ pub struct VmmInfo {
     pub vmm_version: String,
     /// The VMM's own word for the VM's state (e.g. Firecracker's "Not started").
     pub vmm_state: String,
+    /// Where the VMM runs on the host, the operator's business: its pid,
+    /// the uid and gid it runs as when jailed, its cgroup folders (one per
+    /// controller on cgroup v1). They tell how the host is laid out and
+    /// how full it is, so an API shows a tenant none of them.
     pub pid: Option<u32>,
+    pub identity: Option<(u32, u32)>,
+    pub cgroup: Vec<PathBuf>,
     pub api_socket: Option<PathBuf>,
-    /// Anything else worth showing, keyed for `backend_info`.
+    /// Anything else worth showing a VM's owner, keyed for `backend_info`.
     pub extra: BTreeMap<String, String>,
     /// How long each step of the current VMM's launch took, in order.
     pub launch_timings: Vec<(&'static str, Duration)>,

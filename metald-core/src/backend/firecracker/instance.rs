@@ -697,14 +697,8 @@ impl VmmInstance for FirecrackerVm {
         info.extra.insert("instance_id".into(), instance.id);
         info.extra.insert("jailed".into(), launched.layout.is_jailed().to_string());
         info.launch_timings = launched.timings.clone();
-        if let Some((uid, gid)) = launched.identity {
-            info.extra.insert("uid".into(), uid.to_string());
-            info.extra.insert("gid".into(), gid.to_string());
-        }
-        if let Some(cgroup) = &launched.cgroup {
-            let paths: Vec<String> = cgroup.paths().iter().map(|path| path.display().to_string()).collect();
-            info.extra.insert("cgroup".into(), paths.join(","));
-        }
+        info.identity = launched.identity;
+        info.cgroup = launched.cgroup.as_ref().map(|cgroup| cgroup.paths().to_vec()).unwrap_or_default();
         Ok(info)
     }
 
