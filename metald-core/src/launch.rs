@@ -249,13 +249,24 @@ impl Launched {
 
     /// Removes what the launch made (cgroup, jail folder, identity). The
     /// process must have ended; every step is tried and the errors kept.
-    pub fn release(&mut self) -> Vec<String> {
-        if self.teardown.is_some() {
-            self.ended_usage = self.cgroup.as_ref().and_then(|cgroup| cgroup.usage().ok());
-        }
-        match self.teardown.take() {
-            Some(teardown) => teardown.run(),
-            None => Vec::new(),
+    /// It runs on a blocking thread: killing stragglers and removing a
+    /// cgroup wait on the kernel, which no async worker should.
+    pub async fn release(&mut self) -> Vec<String> {
+        let Some(teardown) = self.teardown.take() else {
+            return Vec::new();
+        };
+        let cgroup = self.cgroup.clone();
+        let released = tokio::task::spawn_blocking(move || {
+            let usage = cgroup.as_ref().and_then(|cgroup| cgroup.usage().ok());
+            (usage, teardown.run())
+        })
+        .await;
+        match released {
+            Ok((usage, problems)) => {
+                self.ended_usage = usage;
+                problems
+            }
+            Err(error) => vec![format!("the jail's teardown did not run to its end: {error}")],
         }
     }
 }

@@ -622,11 +622,12 @@ impl VmManager {
         {
             let mut entry = slot.entry.lock().await;
             self.watch_vmm(&slot, &mut entry);
-            let mut registry = write_lock(&self.inner.registry);
-            registry.reserved.remove(&vm_id);
-            registry.vms.insert(vm_id.clone(), Arc::clone(&slot));
-            drop(registry);
-            self.publish(&slot, &mut entry, VmEventKind::Created);
+            {
+                let mut registry = write_lock(&self.inner.registry);
+                registry.reserved.remove(&vm_id);
+                registry.vms.insert(vm_id.clone(), Arc::clone(&slot));
+            }
+            self.publish(&slot, &mut entry, VmEventKind::Created).await;
         }
         tracing::info!(%vm_id, %tenant, "VM created");
         Ok(vm_id)
@@ -898,7 +899,7 @@ impl VmManager {
                 locked.entry.failure = None;
                 self.watch_vmm(&locked.slot, &mut locked.entry);
                 let running = running_vmm(&locked.entry);
-                self.transition(&mut locked, VmState::Running, VmEventKind::Booted(running));
+                self.transition(&mut locked, VmState::Running, VmEventKind::Booted(running)).await;
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, BackendOperation::Boot, source).await),
@@ -943,7 +944,7 @@ impl VmManager {
         self.check(&locked, "pause", VmState::Paused)?;
         locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Pause, source))?;
         let usage = cgroup_usage(&locked.entry);
-        self.transition(&mut locked, VmState::Paused, VmEventKind::Paused { usage });
+        self.transition(&mut locked, VmState::Paused, VmEventKind::Paused { usage }).await;
         Ok(())
     }
 
@@ -954,7 +955,7 @@ impl VmManager {
         self.require(&locked, "resume", &[VmState::Paused], "Paused")?;
         let usage = cgroup_usage(&locked.entry);
         locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Resume, source))?;
-        self.transition(&mut locked, VmState::Running, VmEventKind::Resumed { usage });
+        self.transition(&mut locked, VmState::Running, VmEventKind::Resumed { usage }).await;
         Ok(())
     }
 
@@ -978,7 +979,7 @@ impl VmManager {
                 .resume()
                 .await
                 .map_err(|source| self.backend_error(&vm_id, BackendOperation::ResumeBeforeShutdown, source))?;
-            self.transition(locked, VmState::Running, VmEventKind::Resumed { usage });
+            self.transition(locked, VmState::Running, VmEventKind::Resumed { usage }).await;
         }
         let outcome =
             locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, BackendOperation::Shutdown, source))?;
@@ -986,7 +987,7 @@ impl VmManager {
         let booted_at = locked.entry.booted_at.take();
         let usage = locked.entry.instance.take_ended_usage();
         let kind = VmEventKind::Stopped { exit: Some(outcome.exit), forced: outcome.forced, by_guest: false, usage, booted_at };
-        self.transition(locked, VmState::Shutdown, kind);
+        self.transition(locked, VmState::Shutdown, kind).await;
         Ok(outcome)
     }
 
@@ -1016,7 +1017,7 @@ impl VmManager {
                 let ended = locked.entry.instance.take_ended_usage();
                 let running = running_vmm(&locked.entry);
                 locked.entry.modified_at = SystemTime::now();
-                self.publish(&locked.slot, &mut locked.entry, VmEventKind::Rebooted { running, ended, previous_booted_at });
+                self.publish(&locked.slot, &mut locked.entry, VmEventKind::Rebooted { running, ended, previous_booted_at }).await;
                 Ok(())
             }
             Err(source) => Err(self.fail_operation(&mut locked, BackendOperation::Reboot, source).await),
@@ -1054,13 +1055,13 @@ impl VmManager {
             if locked.entry.state.can_transition_to(VmState::Failed) {
                 let booted_at = locked.entry.booted_at;
                 let failed = VmEventKind::Failed { reason: reason.clone(), exit: None, usage: None, booted_at, earlier_ends: Vec::new() };
-                self.transition(&mut locked, VmState::Failed, failed);
+                self.transition(&mut locked, VmState::Failed, failed).await;
             }
             locked.entry.failure = Some(reason);
             return Err(ManagerError::DeleteIncomplete { vm_id: vm_id.clone(), problems });
         }
         locked.entry.identity = None;
-        self.transition(&mut locked, VmState::Deleted, VmEventKind::Deleted);
+        self.transition(&mut locked, VmState::Deleted, VmEventKind::Deleted).await;
         write_lock(&self.inner.registry).vms.remove(vm_id);
         tracing::info!(%vm_id, "VM deleted");
         Ok(())
@@ -1298,7 +1299,7 @@ impl VmManager {
             Recovered::Reattached => {
                 let running = running_vmm(&entry);
                 let earlier_ends = entry.recent_ends.clone();
-                self.publish(&slot, &mut entry, VmEventKind::Reattached { running, booted_at: stored_boot, earlier_ends });
+                self.publish(&slot, &mut entry, VmEventKind::Reattached { running, booted_at: stored_boot, earlier_ends }).await;
                 tracing::info!(%vm_id, state = %entry.state, "VMM taken over from the earlier run");
             }
             Recovered::Lost(reason) => {
@@ -1306,7 +1307,7 @@ impl VmManager {
                 tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
                 let earlier_ends = entry.recent_ends.clone();
                 let failed = VmEventKind::Failed { reason, exit: None, usage: None, booted_at: stored_boot, earlier_ends };
-                self.publish(&slot, &mut entry, failed);
+                self.publish(&slot, &mut entry, failed).await;
                 // A host reboot or a VMM killed while metald was away is a death like any other.
                 if let Some(next) = entry.next_restart(&vm_id, None) {
                     restart_later(self.clone(), vm_id.clone(), next);
@@ -1314,7 +1315,7 @@ impl VmManager {
             }
             Recovered::Stopped => {
                 let earlier_ends = entry.recent_ends.clone();
-                self.publish(&slot, &mut entry, VmEventKind::FoundStopped { earlier_ends });
+                self.publish(&slot, &mut entry, VmEventKind::FoundStopped { earlier_ends }).await;
             }
         }
         Ok(outcome)
@@ -1510,13 +1511,13 @@ impl VmManager {
         }
     }
 
-    fn transition(&self, locked: &mut Locked, to: VmState, kind: VmEventKind) {
+    async fn transition(&self, locked: &mut Locked, to: VmState, kind: VmEventKind) {
         apply_transition(&locked.slot, &mut locked.entry, to);
-        self.publish(&locked.slot, &mut locked.entry, kind);
+        self.publish(&locked.slot, &mut locked.entry, kind).await;
     }
 
-    fn publish(&self, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
-        publish(&self.inner, slot, entry, kind);
+    async fn publish(&self, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
+        publish(&self.inner, slot, entry, kind).await;
     }
 
     fn backend_error(&self, vm_id: &VmId, operation: BackendOperation, source: BackendError) -> ManagerError {
@@ -1539,11 +1540,11 @@ impl VmManager {
             let exit = locked.entry.last_exit;
             let usage = locked.entry.instance.take_ended_usage();
             let failed = VmEventKind::Failed { reason, exit, usage, booted_at, earlier_ends: Vec::new() };
-            self.transition(locked, VmState::Failed, failed);
+            self.transition(locked, VmState::Failed, failed).await;
         } else {
             // Failed already (a boot again that failed too): the newer reason is the one to show.
             *lock_summary(&locked.slot) = summary_of(&locked.slot.vm_id, &locked.slot.tenant, &locked.entry);
-            save_record(&self.inner, &locked.slot, &locked.entry);
+            save_record(&self.inner, &locked.slot, &locked.entry).await;
         }
         error
     }
@@ -1603,7 +1604,8 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         tracing::info!(%vm_id, %exit, "guest stopped itself");
         apply_transition(&slot, &mut entry, VmState::Shutdown);
         let usage = entry.instance.take_ended_usage();
-        publish(&inner, &slot, &mut entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage, booted_at });
+        publish(&inner, &slot, &mut entry, VmEventKind::Stopped { exit: Some(exit), forced: false, by_guest: true, usage, booted_at })
+            .await;
     } else {
         let reason = format!("{backend} {vmm_exit} while the VM was {}", entry.state);
         tracing::warn!(%vm_id, %reason, "VMM died");
@@ -1611,7 +1613,7 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         apply_transition(&slot, &mut entry, VmState::Failed);
         let usage = entry.instance.take_ended_usage();
         let failed = VmEventKind::Failed { reason, exit: Some(exit), usage, booted_at, earlier_ends: Vec::new() };
-        publish(&inner, &slot, &mut entry, failed);
+        publish(&inner, &slot, &mut entry, failed).await;
         let ran_for = booted_at.and_then(|booted_at| booted_at.elapsed().ok());
         if let Some(next) = entry.next_restart(vm_id, ran_for) {
             restart_later(VmManager { inner: Arc::clone(&inner) }, vm_id.clone(), next);
@@ -1713,7 +1715,7 @@ fn apply_transition(slot: &VmSlot, entry: &mut VmEntry, to: VmState) {
 
 /// Tells subscribers, after writing the VM's record: every change is
 /// published, so every change is stored.
-fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
+async fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind) {
     inner.published.count(&kind);
     log_change(&slot.vm_id, &kind);
     let at = SystemTime::now();
@@ -1725,11 +1727,12 @@ fn publish(inner: &Inner, slot: &VmSlot, entry: &mut VmEntry, kind: VmEventKind)
     }
     let forget = matches!(kind, VmEventKind::Deleted) && !inner.hold_deleted.load(std::sync::atomic::Ordering::SeqCst);
     if forget {
-        if let Some(Err(error)) = inner.store.as_ref().map(|store| store.remove(&slot.vm_id)) {
+        let vm_id = slot.vm_id.clone();
+        if let Err(error) = in_store(inner, move |store| store.remove(&vm_id)).await {
             tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot forget the VM's record");
         }
     } else {
-        save_record(inner, slot, entry);
+        save_record(inner, slot, entry).await;
     }
     let event = VmEvent { vm_id: slot.vm_id.clone(), tenant: slot.tenant.clone(), at, state: entry.state, kind };
     // No subscriber is fine.
@@ -1755,10 +1758,22 @@ fn log_change(vm_id: &VmId, kind: &VmEventKind) {
     }
 }
 
-fn save_record(inner: &Inner, slot: &VmSlot, entry: &VmEntry) {
-    if let Some(Err(error)) = inner.store.as_ref().map(|store| store.save(&record_of(slot, entry))) {
+async fn save_record(inner: &Inner, slot: &VmSlot, entry: &VmEntry) {
+    let record = record_of(slot, entry);
+    if let Err(error) = in_store(inner, move |store| store.save(&record)).await {
         tracing::error!(vm_id = %slot.vm_id, error = %crate::error_chain(&error), "cannot store the VM's record; a restart may not find it as it is");
     }
+}
+
+/// Runs `write` against the store, if there is one, on a blocking thread:
+/// a SQLite write waits for the disk, and it runs under a VM's lock, so
+/// no async worker must wait with it. The caller still waits, which keeps
+/// every change stored before its event goes out.
+async fn in_store(inner: &Inner, write: impl FnOnce(&dyn VmStore) -> Result<(), StoreError> + Send + 'static) -> Result<(), StoreError> {
+    let Some(store) = inner.store.clone() else {
+        return Ok(());
+    };
+    tokio::task::spawn_blocking(move || write(store.as_ref())).await.map_err(StoreError::Interrupted)?
 }
 
 /// How a VMM's life ended, for an event that ends one that had booted.

@@ -42,6 +42,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("the thread writing the VM store did not finish")]
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// Everything needed to know a VM again after a restart.

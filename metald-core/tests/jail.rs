@@ -277,7 +277,7 @@ async fn a_folder_swapped_after_validation_cannot_make_the_jail_expose_a_host_fi
     let seen = std::fs::read(format!("/proc/{}/root/drives/data", launched.process.pid())).unwrap();
     assert_eq!(seen, b"THE REAL IMAGE", "the jail exposes the file that was validated, not what the path names now");
     launched.process.kill().await.unwrap();
-    assert!(launched.release().is_empty());
+    assert!(launched.release().await.is_empty());
     std::fs::remove_dir_all(&vm_dir).unwrap();
 
     // Opening the path again is refused.
@@ -399,7 +399,7 @@ async fn a_jailed_vmm_joins_the_network_namespace_it_is_given() {
     assert_eq!(std::os::unix::fs::MetadataExt::ino(&inside), std::os::unix::fs::MetadataExt::ino(&given));
     assert!(launched.timings.iter().any(|(step, _)| *step == "jail.cgroup_join"));
     launched.process.kill().await.unwrap();
-    assert!(launched.release().is_empty());
+    assert!(launched.release().await.is_empty());
     std::fs::remove_dir_all(&vm_dir).unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
@@ -425,7 +425,7 @@ async fn a_jail_that_fails_halfway_undoes_every_step_before() {
     let mut launched = jailer.launch(firecracker_plan(&sandbox, &vm_dir, None)).await.unwrap();
     assert_eq!(launched.identity.map(|(uid, _)| uid), Some(sandbox.jail.uid_range.start));
     launched.process.kill().await.unwrap();
-    assert!(launched.release().is_empty());
+    assert!(launched.release().await.is_empty());
     std::fs::remove_dir_all(&vm_dir).unwrap();
 
     // A VMM that cannot be executed fails at exec and is undone the same way.

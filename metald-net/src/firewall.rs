@@ -49,6 +49,8 @@ pub enum FirewallError {
     },
     #[error("nft refused the change ({status}): {stderr}")]
     Refused { status: String, stderr: String },
+    #[error("the thread running nft did not finish")]
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// One VM port's filter.

@@ -162,7 +162,7 @@ impl Ipv6Network {
         if provider.config.ipv4_pool.is_some() {
             provider.host_sysctl("net.ipv4.ip_forward", "1")?;
         }
-        provider.firewall.ensure()?;
+        provider.firewall_change(|firewall| firewall.ensure()).await?;
         Ok(provider)
     }
 
@@ -202,6 +202,16 @@ impl Ipv6Network {
         }
     }
 
+    /// Runs `change` on a blocking thread: each change is an `nft`
+    /// process of its own, which no async worker should wait for.
+    async fn firewall_change<T: Send + 'static>(
+        &self,
+        change: impl FnOnce(&Firewall) -> Result<T, FirewallError> + Send + 'static,
+    ) -> Result<T, FirewallError> {
+        let firewall = self.firewall.clone();
+        tokio::task::spawn_blocking(move || change(&firewall)).await.map_err(FirewallError::Interrupted)?
+    }
+
     fn host_sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
         match &self.host_namespace {
             Some(namespace) => write_sysctl(namespace.as_fd(), key, value),
@@ -239,7 +249,8 @@ impl Ipv6Network {
         let allocations = self.book.allocations_of_tenant(tenant)?;
         if let Some(first) = allocations.first() {
             let ports: Vec<String> = allocations.iter().map(|allocation| self.host_link(allocation)).collect();
-            self.firewall.set_tenant_open(&self.tenant_rules(first, allowed), &ports)?;
+            let rules = self.tenant_rules(first, allowed);
+            self.firewall_change(move |firewall| firewall.set_tenant_open(&rules, &ports)).await?;
         }
         Ok(())
     }
@@ -291,14 +302,15 @@ impl Ipv6Network {
         self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
         self.host.set_master(&links.host, &bridge).await?;
         self.host.up(&links.host, self.config.mtu).await?;
-        self.firewall.add_port(&self.port_rules(allocation), &self.tenant_rules(allocation, open), new_tenant)?;
+        let (port, tenant) = (self.port_rules(allocation), self.tenant_rules(allocation, open));
+        self.firewall_change(move |firewall| firewall.add_port(&port, &tenant, new_tenant)).await?;
         Ok(())
     }
 
     async fn attach_all(&self, request: &AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
         let failed = |source: ProviderError| NetworkError::Attach { vm_id: request.vm_id.clone(), source: Box::new(source) };
         if self.released.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.firewall.ensure().map_err(|error| failed(error.into()))?;
+            self.firewall_change(|firewall| firewall.ensure()).await.map_err(|error| failed(error.into()))?;
         }
         let mut allocations = Vec::with_capacity(request.interfaces.len());
         for (index, interface) in request.interfaces.iter().enumerate() {
@@ -396,7 +408,7 @@ impl NetworkProvider for Ipv6Network {
             Err(error) => return vec![metald_core::error_chain(&error)],
         }
         self.released.store(true, std::sync::atomic::Ordering::SeqCst);
-        match self.firewall.delete_table() {
+        match self.firewall_change(|firewall| firewall.delete_table()).await {
             Ok(()) => Vec::new(),
             Err(error) => vec![format!("firewall table {}: {}", self.firewall.table(), metald_core::error_chain(&error))],
         }
@@ -480,7 +492,11 @@ impl NetworkProvider for Ipv6Network {
             // other interfaces still jump to the chain and sit on the bridge.
             let last_of_tenant = others == 0 && position + 1 == allocations.len();
             let open = self.book.intra_tenant(&allocation.tenant).unwrap_or(false);
-            problems.extend(self.firewall.remove_port(&self.port_rules(allocation), open, last_of_tenant));
+            let port = self.port_rules(allocation);
+            match self.firewall_change(move |firewall| Ok(firewall.remove_port(&port, open, last_of_tenant))).await {
+                Ok(left) => problems.extend(left),
+                Err(error) => problems.push(metald_core::error_chain(&error)),
+            }
             if let Err(error) = self.host.delete(&links.host).await {
                 problems.push(metald_core::error_chain(&error));
             }

@@ -423,7 +423,7 @@ impl FirecrackerVm {
                 if let Err(kill_error) = launched.process.kill().await {
                     tracing::error!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&kill_error), "cannot kill a Firecracker that failed to start");
                 }
-                for problem in launched.release() {
+                for problem in launched.release().await {
                     tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo a failed launch");
                 }
                 Err(error)
@@ -553,11 +553,11 @@ impl FirecrackerVm {
     }
 
     /// Forgets an ended process, keeping what it used, and undoes its jail.
-    fn retire_process(&mut self) {
+    async fn retire_process(&mut self) {
         if let Some(mut current) = self.current.take() {
             self.finished_usage.cpu_time_ns += self.last_usage.cpu_time_ns;
             self.last_usage = ProcessUsage::default();
-            for problem in current.launched.release() {
+            for problem in current.launched.release().await {
                 tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo the jail of an ended VMM");
             }
             self.ended_usage = current.launched.ended_usage;
@@ -570,7 +570,7 @@ impl FirecrackerVm {
             return Err(BackendError::NotRunning);
         };
         let exit = current.launched.process.kill().await.map_err(BackendError::Signal)?;
-        self.retire_process();
+        self.retire_process().await;
         // An adopted process we killed: the kill, unless it had already said how it ended.
         Ok(self.known_exit(exit).await.unwrap_or(ProcessExit::Killed { signal: libc::SIGKILL }))
     }
@@ -591,14 +591,14 @@ impl FirecrackerVm {
             match current.api.action(ActionType::SendCtrlAltDel).await {
                 Ok(()) => {
                     if let Some(exit) = process.wait_timeout(timeout).await {
-                        self.retire_process();
+                        self.retire_process().await;
                         return Ok(StopOutcome { forced: false, exit: self.refined(exit).await });
                     }
                     tracing::info!(vm_id = %self.spec.vm_id, ?timeout, "guest did not stop in time; killing its VMM");
                 }
                 Err(error) => {
                     if let Some(exit) = process.exit_status() {
-                        self.retire_process();
+                        self.retire_process().await;
                         return Ok(StopOutcome { forced: false, exit: self.refined(exit).await });
                     }
                     tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Ctrl+Alt+Del refused; killing the VMM");
@@ -648,7 +648,7 @@ impl VmmInstance for FirecrackerVm {
             if let Some(current) = &self.current {
                 current.launched.process.kill().await.map_err(BackendError::Signal)?;
             }
-            self.retire_process();
+            self.retire_process().await;
             self.start_process().await?;
         }
         self.running()?.api.action(ActionType::InstanceStart).await?;
@@ -668,7 +668,7 @@ impl VmmInstance for FirecrackerVm {
         if let Some(current) = &self.current
             && let Some(exit) = current.launched.process.exit_status()
         {
-            self.retire_process();
+            self.retire_process().await;
             return Ok(StopOutcome { forced: false, exit: self.refined(exit).await });
         }
         match mode {
@@ -726,7 +726,7 @@ impl VmmInstance for FirecrackerVm {
         if let Some(current) = &self.current {
             current.launched.process.kill().await.map_err(BackendError::Signal)?;
         }
-        self.retire_process();
+        self.retire_process().await;
         self.finish_captures().await;
         let (rotated_stderr, rotated_log) = (format!("{STDERR_FILE}.1"), format!("{LOG_FILE}.1"));
         for name in [SOCKET_FILE, LOG_FILE, &rotated_log, STDERR_FILE, &rotated_stderr, CONSOLE_FIFO, STDERR_FIFO, LOG_FIFO, METRICS_FIFO] {
