@@ -3,11 +3,13 @@
 //!
 //! Run with `scripts/demo.sh` (as root, on a host with /dev/kvm).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use metald_core::config::MIB;
-use metald_core::{CreateVm, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmManager};
+use metald_core::jailer::JailerConfig;
+use metald_core::{CreateVm, FirecrackerBackend, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmManager};
 use metald_testguest::{cmdline, console};
 
 #[tokio::main]
@@ -21,7 +23,7 @@ async fn main() -> Result<()> {
 
     // The whole embedding: one builder call.
     let manager = VmManager::builder()
-        .firecracker(FirecrackerConfig::new(&firecracker))
+        .backend(Arc::new(FirecrackerBackend::jailed(FirecrackerConfig::new(&firecracker), JailerConfig::default())?))
         .image_root(&images)
         .vm_root(workspace.join("vms"))
         .build()?;

@@ -1030,7 +1030,7 @@ fn final_checks(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &Ca
 fn api(c: &mut Criterion) {
     let Some(firecracker) = requirements() else { return };
     let binary = metald_binary().unwrap_or_else(|reason| panic!("{reason}"));
-    let Some(raw_host) = BenchHost::with(|builder| builder.unjailed()) else { return };
+    let Some(raw_host) = BenchHost::unjailed() else { return };
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|error| panic!("tokio runtime: {error}"));
     print_conditions(&binary, &firecracker);
     let daemon = Daemon::start(&binary, &firecracker).unwrap_or_else(|error| panic!("{error}"));

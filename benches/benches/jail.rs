@@ -11,7 +11,7 @@ use metald_benches::{BenchHost, Recorder, ms, timed_iterations};
 
 fn jail(c: &mut Criterion) {
     let Some(jailed) = BenchHost::new() else { return };
-    let Some(unjailed) = BenchHost::with(|builder| builder.unjailed()) else { return };
+    let Some(unjailed) = BenchHost::unjailed() else { return };
     let Ok(runtime) = tokio::runtime::Runtime::new() else { return };
     let (with_jail, without_jail) = (&Recorder::default(), &Recorder::default());
     let steps: &Mutex<BTreeMap<&'static str, Vec<Duration>>> = &Mutex::new(BTreeMap::new());

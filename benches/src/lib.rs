@@ -5,10 +5,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metald_core::config::MIB;
-use metald_core::{CreateVm, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmId, VmManager};
+use metald_core::jailer::JailerConfig;
+use metald_core::{CreateVm, FirecrackerBackend, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmId, VmManager};
 use metald_testguest::console;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -28,19 +30,33 @@ impl BenchHost {
     /// A host whose VMMs are jailed (the default); `None`, with the reason
     /// printed, when KVM or Firecracker is missing.
     pub fn new() -> Option<Self> {
-        Self::with(|builder| builder)
+        Self::on(true)
     }
 
-    /// A host whose manager `customise` adjusts (for example `.unjailed()`).
-    pub fn with(customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder) -> Option<Self> {
+    /// A host whose VMMs run without a jail, the raw baseline of the jail's cost.
+    pub fn unjailed() -> Option<Self> {
+        Self::on(false)
+    }
+
+    fn on(jailed: bool) -> Option<Self> {
         let firecracker = firecracker_on_kvm()?;
         let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().ok()?;
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images).ok()?;
         std::fs::copy(metald_testguest::kernel_path(), images.join(GUEST_KERNEL)).ok()?;
-        let builder =
-            VmManager::builder().firecracker(FirecrackerConfig::new(&firecracker)).image_root(&images).vm_root(dir.path().join("vms"));
-        let manager = match customise(builder).build() {
+        let vmm = FirecrackerConfig::new(&firecracker);
+        let backend = match jailed {
+            true => match FirecrackerBackend::jailed(vmm, JailerConfig::default()) {
+                Ok(backend) => backend,
+                Err(error) => {
+                    eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
+                    return None;
+                }
+            },
+            false => FirecrackerBackend::unjailed(vmm),
+        };
+        let builder = VmManager::builder().backend(Arc::new(backend)).image_root(&images).vm_root(dir.path().join("vms"));
+        let manager = match builder.build() {
             Ok(manager) => manager,
             Err(error) => {
                 eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));

@@ -14,10 +14,14 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), metald_core::ManagerError> {
-//! use metald_core::{CreateVm, FirecrackerConfig, TenantId, VmConfig, VmManager};
+//! use std::sync::Arc;
 //!
+//! use metald_core::jailer::JailerConfig;
+//! use metald_core::{CreateVm, FirecrackerBackend, FirecrackerConfig, TenantId, VmConfig, VmManager};
+//!
+//! let firecracker = FirecrackerConfig::new("/usr/local/bin/firecracker");
 //! let manager = VmManager::builder()
-//!     .firecracker(FirecrackerConfig::new("/usr/local/bin/firecracker"))
+//!     .backend(Arc::new(FirecrackerBackend::jailed(firecracker, JailerConfig::default())?))
 //!     .image_root("/var/lib/metald/images")
 //!     .vm_root("/run/metald/vms")
 //!     .build()?;

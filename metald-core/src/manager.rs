@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 
-use crate::backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 use crate::backend::{
     BackendError, Capabilities, DriveSpec, InterfaceSpec, StopMode, StopOutcome, Unlaunchable, VmmBackend, VmmInfo, VmmInstance,
     VmmMetrics, VmmSpec,
@@ -25,8 +24,8 @@ use crate::console::{ConsoleError, ConsoleLog};
 use crate::events::{EndedVmm, KEPT_ENDS, RunningVmm, VmEvent, VmEventKind};
 use crate::ids::{TenantId, VmId};
 use crate::images::{self, ImageError, ImageFile, ImageRoot};
-use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
-use crate::launch::{Launcher, VmmExit};
+use crate::jailer::{IdentityLease, JailError};
+use crate::launch::VmmExit;
 use crate::network::{AttachRequest, NetworkAttachment, NetworkError, NetworkProvider};
 use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
@@ -48,7 +47,7 @@ pub enum ManagerError {
     #[error("the manager needs {0}")]
     Incomplete(&'static str),
     #[error("cannot set up the jailer")]
-    Jail(#[source] JailError),
+    Jail(#[from] JailError),
     #[error("cannot use {what} {path}")]
     Setup {
         what: &'static str,
@@ -324,9 +323,7 @@ impl std::fmt::Debug for VmManager {
 /// Assembles a [`VmManager`].
 #[derive(Debug, Default)]
 pub struct VmManagerBuilder {
-    backend: Option<Arc<dyn VmmBackend>>,
-    firecracker: Option<FirecrackerConfig>,
-    jail: JailChoice,
+    backends: Vec<Arc<dyn VmmBackend>>,
     network: Option<Arc<dyn NetworkProvider>>,
     image_root: Option<PathBuf>,
     vm_root: Option<PathBuf>,
@@ -343,15 +340,14 @@ impl VmManagerBuilder {
         self
     }
 
-    /// Runs VMs with Firecracker, jailed unless [`VmManagerBuilder::unjailed`] says otherwise.
-    pub fn firecracker(mut self, config: FirecrackerConfig) -> Self {
-        self.firecracker = Some(config);
-        self
-    }
-
-    /// A backend of the caller's own, which starts its VMMs as it likes.
+    /// A VMM backend the host offers, for example
+    /// [`FirecrackerBackend::jailed`](crate::FirecrackerBackend::jailed).
+    /// A backend of the same name given again replaces the earlier one.
     pub fn backend(mut self, backend: Arc<dyn VmmBackend>) -> Self {
-        self.backend = Some(backend);
+        match self.backends.iter_mut().find(|known| known.name() == backend.name()) {
+            Some(known) => *known = backend,
+            None => self.backends.push(backend),
+        }
         self
     }
 
@@ -359,19 +355,6 @@ impl VmManagerBuilder {
     /// Without one, every interface must name an existing TAP device.
     pub fn network(mut self, provider: Arc<dyn NetworkProvider>) -> Self {
         self.network = Some(provider);
-        self
-    }
-
-    /// How VMMs are jailed (the default jail when not called).
-    pub fn jailer(mut self, config: JailerConfig) -> Self {
-        self.jail = JailChoice::Jailed(Box::new(config));
-        self
-    }
-
-    /// Runs VMMs without a jail: no private root, namespaces, cgroup or
-    /// separate user. For development only; every launch says so in the log.
-    pub fn unjailed(mut self) -> Self {
-        self.jail = JailChoice::Unjailed;
         self
     }
 
@@ -399,18 +382,7 @@ impl VmManagerBuilder {
     }
 
     pub fn build(self) -> Result<VmManager, ManagerError> {
-        let backend = match (self.backend, self.firecracker) {
-            (Some(backend), _) => backend,
-            (None, Some(config)) => {
-                let launcher = match self.jail {
-                    JailChoice::Unjailed => Launcher::Unjailed,
-                    JailChoice::Jailed(config) => Launcher::Jailed(Arc::new(Jailer::new(*config).map_err(ManagerError::Jail)?)),
-                    JailChoice::Default => Launcher::Jailed(Arc::new(Jailer::new(JailerConfig::default()).map_err(ManagerError::Jail)?)),
-                };
-                Arc::new(FirecrackerBackend::new(config, launcher))
-            }
-            (None, None) => return Err(ManagerError::Incomplete("a VMM backend")),
-        };
+        let backend = self.backends.into_iter().next().ok_or(ManagerError::Incomplete("a VMM backend"))?;
         let image_root = self.image_root.ok_or(ManagerError::Incomplete("an image root"))?;
         let images = ImageRoot::new(&image_root).map_err(ManagerError::Image)?;
         let vm_root = self.vm_root.ok_or(ManagerError::Incomplete("a VM root folder"))?;
@@ -443,15 +415,6 @@ impl VmManagerBuilder {
             }),
         })
     }
-}
-
-/// Whether VMMs run jailed.
-#[derive(Debug, Default)]
-enum JailChoice {
-    #[default]
-    Default,
-    Jailed(Box<JailerConfig>),
-    Unjailed,
 }
 
 /// A locked VM: its slot and exclusive access to its entry.

@@ -248,7 +248,7 @@ async fn a_vm_attaches_to_an_existing_tap_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chatty_console_rotates_at_its_cap() {
-    let Some(sandbox) = Sandbox::with("a_chatty_console_rotates_at_its_cap", |builder| builder.console_limit_bytes(512)) else { return };
+    let Some(sandbox) = Sandbox::with("a_chatty_console_rotates_at_its_cap", |builder, _| builder.console_limit_bytes(512)) else { return };
     let vm_id = sandbox.boot_guest(&[&cmdline::heartbeat_ms(20)]).await;
     let console_log = sandbox.manager.console(&vm_id).unwrap();
     let mut lines = console_log.subscribe();
@@ -379,13 +379,11 @@ fn raw_vmm_request(socket: &std::path::Path, method: &str, path: &str, body: &st
 async fn the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it() {
     const LOG_LIMIT: u64 = 16 << 10;
     let test = "the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it";
-    let Some(sandbox) = Sandbox::with(test, |builder| {
+    let Some(sandbox) = Sandbox::with(test, |builder, jail| {
         let binary = metald_testguest::require_firecracker(test).expect("Firecracker, as the sandbox found it");
-        let mut vmm = metald_core::FirecrackerConfig::new(binary);
-        vmm.ready_timeout = Duration::from_secs(30);
-        vmm.api_timeout = Duration::from_secs(30);
+        let mut vmm = Sandbox::firecracker_config(&binary);
         vmm.log_limit_bytes = LOG_LIMIT;
-        builder.firecracker(vmm)
+        builder.backend(Sandbox::jailed(vmm, jail))
     }) else {
         return;
     };

@@ -162,7 +162,7 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
 async fn a_guest_that_writes_past_its_memory_limit_is_killed_and_its_vm_fails_saying_so() {
     let cap = 48 * MIB;
     let test = "a_guest_that_writes_past_its_memory_limit_is_killed_and_its_vm_fails_saying_so";
-    let Some(sandbox) = Sandbox::with_jail(test, |jail| jail.memory_cap_bytes = Some(cap), |builder| builder) else { return };
+    let Some(sandbox) = Sandbox::with_jail(test, |jail| jail.memory_cap_bytes = Some(cap), |builder, _| builder) else { return };
     let mut events = sandbox.manager.subscribe();
     let mut config = sandbox.guest_config(&[&cmdline::mem_mib(96)]);
     config.memory.size_bytes = 128 * MIB;
@@ -307,7 +307,9 @@ async fn images_the_vmm_user_cannot_read_and_dynamic_vmms_are_refused_with_nothi
     assert!(chain.contains("is not readable by every user (mode 600)"), "{chain}");
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 
-    let dynamic = Sandbox::with(test, |builder| builder.firecracker(metald_core::FirecrackerConfig::new("/bin/true"))).unwrap();
+    let dynamic =
+        Sandbox::with(test, |builder, jail| builder.backend(Sandbox::jailed(metald_core::FirecrackerConfig::new("/bin/true"), jail)))
+            .unwrap();
     let error =
         dynamic.manager.create(CreateVm { vm_id: None, tenant: Sandbox::tenant(), config: dynamic.guest_config(&[]) }).await.unwrap_err();
     let chain = metald_core::error_chain(&error);
@@ -318,7 +320,12 @@ async fn images_the_vmm_user_cannot_read_and_dynamic_vmms_are_refused_with_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unjailed_mode_still_runs_vms_for_development() {
-    let Some(sandbox) = Sandbox::with("unjailed_mode_still_runs_vms_for_development", |builder| builder.unjailed()) else { return };
+    let Some(sandbox) = Sandbox::with("unjailed_mode_still_runs_vms_for_development", |builder, _| {
+        let binary = metald_testguest::require_firecracker("unjailed_mode_still_runs_vms_for_development").expect("Firecracker");
+        builder.backend(Arc::new(metald_core::FirecrackerBackend::unjailed(Sandbox::firecracker_config(&binary))))
+    }) else {
+        return;
+    };
     let vm_id = sandbox.boot_guest(&[]).await;
     let vmm = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap();
     assert_eq!(vmm.extra["jailed"], "false");

@@ -20,8 +20,9 @@ use metald_testguest::{cmdline, console};
 
 fn manager_on(sandbox: &Sandbox, store: &Arc<SqliteVmStore>) -> VmManager {
     VmManager::builder()
-        .firecracker(FirecrackerConfig::new(&sandbox.firecracker))
-        .jailer(sandbox.jail.clone())
+        .backend(Arc::new(
+            metald_core::FirecrackerBackend::jailed(FirecrackerConfig::new(&sandbox.firecracker), sandbox.jail.clone()).unwrap(),
+        ))
         .image_root(&sandbox.images)
         .vm_root(&sandbox.vms)
         .stop_timeout(Duration::from_secs(10))

@@ -28,8 +28,7 @@ async fn a_jailed_vm_gets_its_tap_in_its_namespace_and_firecracker_attaches_to_i
     let jail = JailerConfig { uid_range: 1_200_000..1_200_064, cgroup_parent: cgroup_parent.clone(), ..JailerConfig::default() };
     let sandbox_prefix = network.prefix.clone();
     let manager = VmManager::builder()
-        .firecracker(FirecrackerConfig::new(&firecracker))
-        .jailer(jail)
+        .backend(Arc::new(metald_core::FirecrackerBackend::jailed(FirecrackerConfig::new(&firecracker), jail).unwrap()))
         .network(Arc::clone(&network.provider) as Arc<dyn metald_core::network::NetworkProvider>)
         .image_root(&images)
         .vm_root(network.state.path().join("vms"))

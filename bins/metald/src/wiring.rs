@@ -17,7 +17,7 @@ use metald_billing::{Billing, BillingConfig, BillingSink, JsonLinesSink, Spool};
 use metald_core::jailer::JailerConfig;
 use metald_core::network::NetworkProvider;
 use metald_core::store::{SqliteVmStore, VmStore};
-use metald_core::{FirecrackerConfig, TenantId, VmManager};
+use metald_core::{FirecrackerBackend, FirecrackerConfig, TenantId, VmManager};
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, GatewayTrust};
@@ -57,23 +57,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         api_timeout: Duration::from_secs(settings.vmm_api_timeout_seconds),
         ..FirecrackerConfig::new(&settings.firecracker)
     };
+    let firecracker = if settings.jailer.enabled {
+        let jailer = &settings.jailer;
+        let end = jailer.uid_start.saturating_add(jailer.uid_count);
+        let jail =
+            JailerConfig { uid_range: jailer.uid_start..end, cgroup_parent: jailer.cgroup_parent.clone(), ..JailerConfig::default() };
+        FirecrackerBackend::jailed(firecracker, jail).context("cannot set up the jailer")?
+    } else {
+        FirecrackerBackend::unjailed(firecracker)
+    };
     let mut builder = VmManager::builder()
-        .firecracker(firecracker)
+        .backend(Arc::new(firecracker))
         .image_root(&settings.image_root)
         .vm_root(data_dir.join("vms"))
         .stop_timeout(settings.stop_timeout())
         .store(store as Arc<dyn VmStore>);
-    if settings.jailer.enabled {
-        let jailer = &settings.jailer;
-        let end = jailer.uid_start.saturating_add(jailer.uid_count);
-        builder = builder.jailer(JailerConfig {
-            uid_range: jailer.uid_start..end,
-            cgroup_parent: jailer.cgroup_parent.clone(),
-            ..JailerConfig::default()
-        });
-    } else {
-        builder = builder.unjailed();
-    }
     if let Some(network) = network {
         builder = builder.network(network);
     }

@@ -30,18 +30,38 @@ pub struct Sandbox {
 impl Sandbox {
     /// A sandbox for `test`, or `None` (outside CI) when Firecracker or KVM is missing.
     pub fn new(test: &str) -> Option<Self> {
-        Self::with(test, |builder| builder)
+        Self::with(test, |builder, _| builder)
     }
 
-    pub fn with(test: &str, customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder) -> Option<Self> {
+    /// A sandbox whose manager `customise` adjusts; it is handed the
+    /// sandbox's jail settings, to give a backend of its own.
+    pub fn with(
+        test: &str,
+        customise: impl FnOnce(metald_core::VmManagerBuilder, &JailerConfig) -> metald_core::VmManagerBuilder,
+    ) -> Option<Self> {
         Self::with_jail(test, |_| {}, customise)
+    }
+
+    /// A jailed Firecracker backend with the product's settings made for a
+    /// busy test host: the sandbox's default, and a start for a variant.
+    pub fn firecracker_config(binary: &std::path::Path) -> FirecrackerConfig {
+        // The product's deadlines for a VMM's socket and answers are made for a host that is not
+        // also running a test suite; a busy test host gets longer ones.
+        let mut vmm = FirecrackerConfig::new(binary);
+        vmm.ready_timeout = Duration::from_secs(30);
+        vmm.api_timeout = Duration::from_secs(30);
+        vmm
+    }
+
+    pub fn jailed(vmm: FirecrackerConfig, jail: &JailerConfig) -> std::sync::Arc<dyn metald_core::VmmBackend> {
+        std::sync::Arc::new(metald_core::FirecrackerBackend::jailed(vmm, jail.clone()).expect("a jailer"))
     }
 
     /// A sandbox whose jail settings `adjust` changes.
     pub fn with_jail(
         test: &str,
         adjust: impl FnOnce(&mut JailerConfig),
-        customise: impl FnOnce(metald_core::VmManagerBuilder) -> metald_core::VmManagerBuilder,
+        customise: impl FnOnce(metald_core::VmManagerBuilder, &JailerConfig) -> metald_core::VmManagerBuilder,
     ) -> Option<Self> {
         let firecracker = testguest::require_firecracker(test)?;
         let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().expect("a temporary folder");
@@ -54,18 +74,12 @@ impl Sandbox {
         let window = 1_100_000 + (fxhash(&unique) % 10_000) * 64;
         let mut jail = JailerConfig { uid_range: window..window + 64, cgroup_parent: PathBuf::from(&unique), ..JailerConfig::default() };
         adjust(&mut jail);
-        // The product's deadlines for a VMM's socket and answers are made for a host that is not
-        // also running a test suite; a busy test host gets longer ones.
-        let mut vmm = FirecrackerConfig::new(&firecracker);
-        vmm.ready_timeout = Duration::from_secs(30);
-        vmm.api_timeout = Duration::from_secs(30);
         let builder = VmManager::builder()
-            .firecracker(vmm)
-            .jailer(jail.clone())
+            .backend(Self::jailed(Self::firecracker_config(&firecracker), &jail))
             .image_root(&images)
             .vm_root(&vms)
             .stop_timeout(Duration::from_secs(10));
-        let manager = customise(builder).build().expect("a manager");
+        let manager = customise(builder, &jail).build().expect("a manager");
         Some(Self { dir, images, vms, manager, firecracker, jail })
     }
 

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use crate::config::MAX_VCPUS;
 use crate::console::ConsoleLog;
-use crate::jailer::IdentityLease;
+use crate::jailer::{IdentityLease, JailError, JailerConfig};
 use crate::launch::Launcher;
 use instance::FirecrackerVm;
 
@@ -64,6 +64,18 @@ impl FirecrackerBackend {
     /// A backend whose VMMs `launcher` starts (jailed, or unjailed for development).
     pub fn new(config: FirecrackerConfig, launcher: Launcher) -> Self {
         Self { config: Arc::new(config), launcher }
+    }
+
+    /// Firecracker in the integrated jailer as `jail` says: what a
+    /// production host runs.
+    pub fn jailed(config: FirecrackerConfig, jail: JailerConfig) -> Result<Self, JailError> {
+        Ok(Self::new(config, Launcher::jailed(jail)?))
+    }
+
+    /// Firecracker without a jail: no private root, namespaces, cgroup or
+    /// user of its own. For development only; every launch says so in the log.
+    pub fn unjailed(config: FirecrackerConfig) -> Self {
+        Self::new(config, Launcher::Unjailed)
     }
 
     pub fn config(&self) -> &FirecrackerConfig {
