@@ -46,6 +46,10 @@ pub struct VmConfig {
     pub metadata: BTreeMap<String, String>,
     /// What to do when the VM's VMM dies.
     pub restart: RestartPolicy,
+    /// The VMM that runs the VM, as the host names it (`firecracker`);
+    /// empty for the host's default. A created VM's configuration always
+    /// names the one it runs on.
+    pub vmm: String,
 }
 
 /// What metald does when a VM's VMM dies (not when its guest shuts down or
@@ -251,6 +255,11 @@ pub enum Problem {
     ReservedToken {
         token: String,
     },
+    /// A name of something the host does not offer (a VMM), with what it does.
+    NotOffered {
+        value: String,
+        offered: String,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -273,6 +282,7 @@ impl fmt::Display for Problem {
             Problem::ReservedToken { token } => {
                 write!(f, "{token:?} is in the `{HOST_TOKEN_PREFIX}` namespace, which only the host writes (the VM's addresses, MTU, DNS)")
             }
+            Problem::NotOffered { value, offered } => write!(f, "{value:?} is not offered by this host; it offers {offered}"),
         }
     }
 }

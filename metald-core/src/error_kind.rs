@@ -167,7 +167,7 @@ mod tests {
     fn backend(source: BackendError) -> ManagerError {
         ManagerError::Backend {
             vm_id: VmId::new("vm-1").unwrap(),
-            backend: "firecracker",
+            backend: "firecracker".into(),
             operation: BackendOperation::Boot,
             source: Box::new(source),
         }

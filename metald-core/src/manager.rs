@@ -78,7 +78,7 @@ pub enum ManagerError {
     #[error("the {backend} backend failed to {operation} VM {vm_id}")]
     Backend {
         vm_id: VmId,
-        backend: &'static str,
+        backend: String,
         operation: BackendOperation,
         #[source]
         source: Box<BackendError>,
@@ -263,6 +263,8 @@ impl VmEntry {
 struct VmSlot {
     vm_id: VmId,
     tenant: TenantId,
+    /// The VMM that runs it, as its configuration names it.
+    vmm: String,
     console: ConsoleLog,
     entry: Arc<Mutex<VmEntry>>,
     summary: StdMutex<VmSummary>,
@@ -271,7 +273,8 @@ struct VmSlot {
 impl VmSlot {
     fn new(vm_id: VmId, tenant: TenantId, console: ConsoleLog, entry: VmEntry) -> Arc<Self> {
         let summary = StdMutex::new(summary_of(&vm_id, &tenant, &entry));
-        Arc::new(Self { vm_id, tenant, console, summary, entry: Arc::new(Mutex::new(entry)) })
+        let vmm = entry.config.vmm.clone();
+        Arc::new(Self { vm_id, tenant, vmm, console, summary, entry: Arc::new(Mutex::new(entry)) })
     }
 }
 
@@ -282,7 +285,10 @@ impl std::fmt::Debug for VmSlot {
 }
 
 struct Inner {
-    backend: Arc<dyn VmmBackend>,
+    /// The VMM a configuration that names none gets: the first offered.
+    default_backend: Arc<dyn VmmBackend>,
+    /// Every VMM this host offers, the default first.
+    backends: Vec<Arc<dyn VmmBackend>>,
     images: ImageRoot,
     vm_root: PathBuf,
     console_limit_bytes: u64,
@@ -313,7 +319,7 @@ pub struct VmManager {
 impl std::fmt::Debug for VmManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmManager")
-            .field("backend", &self.inner.backend.name())
+            .field("backends", &self.inner.backends.iter().map(|backend| backend.name()).collect::<Vec<_>>())
             .field("images", &self.inner.images.path())
             .field("vm_root", &self.inner.vm_root)
             .finish_non_exhaustive()
@@ -382,7 +388,7 @@ impl VmManagerBuilder {
     }
 
     pub fn build(self) -> Result<VmManager, ManagerError> {
-        let backend = self.backends.into_iter().next().ok_or(ManagerError::Incomplete("a VMM backend"))?;
+        let default_backend = self.backends.first().cloned().ok_or(ManagerError::Incomplete("a VMM backend"))?;
         let image_root = self.image_root.ok_or(ManagerError::Incomplete("an image root"))?;
         let images = ImageRoot::new(&image_root).map_err(ManagerError::Image)?;
         let vm_root = self.vm_root.ok_or(ManagerError::Incomplete("a VM root folder"))?;
@@ -401,7 +407,8 @@ impl VmManagerBuilder {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Ok(VmManager {
             inner: Arc::new(Inner {
-                backend,
+                default_backend,
+                backends: self.backends,
                 images,
                 vm_root,
                 console_limit_bytes: self.console_limit_bytes.unwrap_or(DEFAULT_CONSOLE_LIMIT_BYTES),
@@ -443,7 +450,7 @@ impl VmManager {
             "vm.create",
             vm_id = request.vm_id.as_ref().map(VmId::as_str),
             tenant = %request.tenant,
-            vmm = self.inner.backend.name()
+            vmm = self.backend_of(&request.config).map_or("", |backend| backend.name())
         );
         detached(span, async move {
             let created = manager.create_now(request).await;
@@ -495,22 +502,36 @@ impl VmManager {
     /// The span an operation on one VM runs in, with the VM and its tenant,
     /// under the caller's span (an API call's, for the daemon).
     fn operation_span(&self, name: &'static str, vm_id: &VmId) -> tracing::Span {
-        let tenant = self.slot(vm_id).map(|slot| slot.tenant.to_string()).unwrap_or_default();
-        tracing::info_span!(
-            "vm.operation",
-            otel.name = name,
-            vm_id = %vm_id,
-            tenant = %tenant,
-            vmm = self.inner.backend.name()
-        )
+        let (tenant, vmm) = self.slot(vm_id).map(|slot| (slot.tenant.to_string(), slot.vmm.clone())).unwrap_or_default();
+        tracing::info_span!("vm.operation", otel.name = name, vm_id = %vm_id, tenant = %tenant, vmm = %vmm)
     }
 
+    /// What the host's default VMM can do.
     pub fn capabilities(&self) -> Capabilities {
-        self.inner.backend.capabilities()
+        self.inner.default_backend.capabilities()
     }
 
+    /// The VMM a configuration that names none runs on.
     pub fn backend_name(&self) -> &'static str {
-        self.inner.backend.name()
+        self.inner.default_backend.name()
+    }
+
+    /// Every VMM this host offers, the default first.
+    pub fn backend_names(&self) -> Vec<&'static str> {
+        self.inner.backends.iter().map(|backend| backend.name()).collect()
+    }
+
+    /// The backend a VM's configuration names; none named is the host's default.
+    fn backend_of(&self, config: &VmConfig) -> Result<Arc<dyn VmmBackend>, ManagerError> {
+        if config.vmm.is_empty() {
+            return Ok(Arc::clone(&self.inner.default_backend));
+        }
+        self.inner.backends.iter().find(|backend| backend.name() == config.vmm).cloned().ok_or_else(|| {
+            ManagerError::InvalidConfig(ConfigError {
+                field: "vmm".into(),
+                problem: Problem::NotOffered { value: config.vmm.clone(), offered: self.backend_names().join(", ") },
+            })
+        })
     }
 
     /// From now on a deleted VM's record stays in the store, marked deleted
@@ -540,8 +561,10 @@ impl VmManager {
     }
 
     async fn create_now(&self, request: CreateVm) -> Result<VmId, ManagerError> {
-        let CreateVm { vm_id, tenant, config } = request;
+        let CreateVm { vm_id, tenant, mut config } = request;
         config.validate().map_err(ManagerError::InvalidConfig)?;
+        // The VM keeps the name of its VMM, also when the host's default changes.
+        config.vmm = self.backend_of(&config)?.name().to_owned();
         self.check_capabilities(&config)?;
         let resolved = self.resolve_images(&config)?;
         let vm_id = vm_id.unwrap_or_else(VmId::generate);
@@ -633,11 +656,12 @@ impl VmManager {
     }
 
     fn check_capabilities(&self, config: &VmConfig) -> Result<(), ManagerError> {
-        let capabilities = self.inner.backend.capabilities();
+        let backend = self.backend_of(config)?;
+        let capabilities = backend.capabilities();
         let refuse = |field: &str, reason: &str| {
             Err(ManagerError::InvalidConfig(ConfigError {
                 field: field.to_owned(),
-                problem: Problem::Inconsistent { reason: format!("{reason}, which the {} backend cannot do", self.inner.backend.name()) },
+                problem: Problem::Inconsistent { reason: format!("{reason}, which the {} backend cannot do", backend.name()) },
             }))
         };
         if config.memory.hotplug_enabled && !capabilities.memory_hotplug {
@@ -729,7 +753,9 @@ impl VmManager {
         vm_dir: &Path,
         console: ConsoleLog,
     ) -> Result<Prepared, ManagerError> {
-        let identity = self.inner.backend.lease_identity().map_err(|source| self.backend_error(vm_id, BackendOperation::Create, source))?;
+        let backend = self.backend_of(config)?;
+        let identity =
+            backend.lease_identity().map_err(|source| backend_failed(backend.name(), vm_id, BackendOperation::Create, source))?;
         let network = match &self.inner.network {
             Some(provider) if !config.network.is_empty() => {
                 let owner = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
@@ -773,7 +799,8 @@ impl VmManager {
         })?;
         copy_writable_drives(vm_id, config, &images, vm_dir).await?;
         let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network)?;
-        self.inner.backend.create(spec, console).await.map_err(|source| self.backend_error(vm_id, BackendOperation::Create, source))
+        let backend = self.backend_of(config)?;
+        backend.create(spec, console).await.map_err(|source| backend_failed(backend.name(), vm_id, BackendOperation::Create, source))
     }
 
     /// What the backend needs to run the VM: its resolved images, its
@@ -897,7 +924,7 @@ impl VmManager {
             Ok(outcome) => entry.last_exit = Some(outcome.exit),
             Err(error) => tracing::debug!(%vm_id, error = %crate::error_chain(&error), "nothing of an earlier VMM to clear"),
         }
-        entry.instance = self.inner.backend.dormant(spec, locked.slot.console.clone());
+        entry.instance = self.backend_of(&entry.config)?.dormant(spec, locked.slot.console.clone());
         Ok(())
     }
 
@@ -905,7 +932,7 @@ impl VmManager {
         let vm_id = target.vm_id();
         let mut locked = self.lock(target).await?;
         self.check(&locked, "pause", VmState::Paused)?;
-        locked.entry.instance.pause().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Pause, source))?;
+        locked.entry.instance.pause().await.map_err(|source| backend_failed(&locked.slot.vmm, vm_id, BackendOperation::Pause, source))?;
         let usage = cgroup_usage(&locked.entry);
         self.transition(&mut locked, VmState::Paused, VmEventKind::Paused { usage }).await;
         Ok(())
@@ -917,7 +944,7 @@ impl VmManager {
         // The table lets Created and Shutdown become Running too, but that is a boot.
         self.require(&locked, "resume", &[VmState::Paused], "Paused")?;
         let usage = cgroup_usage(&locked.entry);
-        locked.entry.instance.resume().await.map_err(|source| self.backend_error(vm_id, BackendOperation::Resume, source))?;
+        locked.entry.instance.resume().await.map_err(|source| backend_failed(&locked.slot.vmm, vm_id, BackendOperation::Resume, source))?;
         self.transition(&mut locked, VmState::Running, VmEventKind::Resumed { usage }).await;
         Ok(())
     }
@@ -941,11 +968,15 @@ impl VmManager {
                 .instance
                 .resume()
                 .await
-                .map_err(|source| self.backend_error(&vm_id, BackendOperation::ResumeBeforeShutdown, source))?;
+                .map_err(|source| backend_failed(&locked.slot.vmm, &vm_id, BackendOperation::ResumeBeforeShutdown, source))?;
             self.transition(locked, VmState::Running, VmEventKind::Resumed { usage }).await;
         }
-        let outcome =
-            locked.entry.instance.stop(mode).await.map_err(|source| self.backend_error(&vm_id, BackendOperation::Shutdown, source))?;
+        let outcome = locked
+            .entry
+            .instance
+            .stop(mode)
+            .await
+            .map_err(|source| backend_failed(&locked.slot.vmm, &vm_id, BackendOperation::Shutdown, source))?;
         locked.entry.last_exit = Some(outcome.exit);
         let booted_at = locked.entry.booted_at.take();
         let usage = locked.entry.instance.take_ended_usage();
@@ -961,7 +992,7 @@ impl VmManager {
     async fn reboot_now(&self, target: &VmTarget, options: StopOptions) -> Result<(), ManagerError> {
         let mut locked = self.lock(target).await?;
         self.require(&locked, "reboot", &[VmState::Running], "Running")?;
-        let result = if self.inner.backend.capabilities().reboot && !options.force {
+        let result = if self.backend_of(&locked.entry.config)?.capabilities().reboot && !options.force {
             locked.entry.instance.reboot().await
         } else {
             let mode = self.stop_mode(options);
@@ -1083,8 +1114,11 @@ impl VmManager {
                 in_use.insert(cgroup.name());
             }
         }
-        let backend = Arc::clone(&self.inner.backend);
-        let problems = tokio::task::spawn_blocking(move || backend.sweep_strays(&in_use)).await.unwrap_or_default();
+        let backends = self.inner.backends.clone();
+        let problems =
+            tokio::task::spawn_blocking(move || backends.iter().flat_map(|backend| backend.sweep_strays(&in_use)).collect::<Vec<_>>())
+                .await
+                .unwrap_or_default();
         for problem in problems {
             tracing::warn!(problem, "cannot remove what an earlier run launched");
         }
@@ -1135,11 +1169,19 @@ impl VmManager {
         let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
         // Why no VMM can be taken over or launched for this VM, if so.
         let mut unrecoverable = None;
+        // A VMM the host no longer offers: the VM stays, Failed, saying so.
+        let backend = match self.backend_of(&config) {
+            Ok(backend) => backend,
+            Err(error) => {
+                unrecoverable = Some(format!("its VMM is not offered by this host: {}", crate::error_chain(&error)));
+                Arc::clone(&self.inner.default_backend)
+            }
+        };
         let identity = match record.identity {
-            Some((uid, gid)) => match self.inner.backend.reserve_identity(uid, gid) {
+            Some((uid, gid)) => match backend.reserve_identity(uid, gid) {
                 Ok(lease) => lease,
                 Err(source) => {
-                    let error = self.backend_error(&vm_id, BackendOperation::Recover, source);
+                    let error = backend_failed(&config.vmm, &vm_id, BackendOperation::Recover, source);
                     unrecoverable = Some(format!("its uid {uid} cannot be leased again: {}", crate::error_chain(&error)));
                     None
                 }
@@ -1161,11 +1203,11 @@ impl VmManager {
             self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref())
         };
         // A VM is never dropped: one no VMM can be launched for stays listed, Failed.
-        let dormant = |identity: Option<Arc<IdentityLease>>| match spec(identity) {
-            Ok(spec) => (self.inner.backend.dormant(spec, console.clone()), None),
+        let dormant = |identity: Option<Arc<IdentityLease>>| match spec(identity).and_then(|spec| Ok((self.backend_of(&config)?, spec))) {
+            Ok((backend, spec)) => (backend.dormant(spec, console.clone()), None),
             Err(error) => {
                 let reason = format!("no VMM can be launched for it on this host: {}", crate::error_chain(&error));
-                (Box::new(Unlaunchable::new(self.inner.backend.name(), reason.clone())) as Box<dyn VmmInstance>, Some(reason))
+                (Box::new(Unlaunchable::new(backend.name(), reason.clone())) as Box<dyn VmmInstance>, Some(reason))
             }
         };
         let mut failure = record.failure.clone();
@@ -1174,12 +1216,10 @@ impl VmManager {
         let (instance, unlaunchable) = match (&record.vmm, live, unrecoverable) {
             (Some(ticket), true, None) => {
                 let reattached = match spec(identity.clone()) {
-                    Ok(spec) => self
-                        .inner
-                        .backend
+                    Ok(spec) => backend
                         .reattach(spec, console.clone(), ticket)
                         .await
-                        .map_err(|source| self.backend_error(&vm_id, BackendOperation::Reattach, source)),
+                        .map_err(|source| backend_failed(&config.vmm, &vm_id, BackendOperation::Reattach, source)),
                     Err(error) => Err(error),
                 };
                 match reattached {
@@ -1188,7 +1228,7 @@ impl VmManager {
                         (instance, None)
                     }
                     Err(error) => {
-                        for problem in self.inner.backend.clean_up(ticket) {
+                        for problem in backend.clean_up(ticket) {
                             tracing::warn!(%vm_id, problem, "cannot clean up after a VMM that ended while metald was away");
                         }
                         let gone = matches!(&error, ManagerError::Backend { source, .. } if matches!(**source, BackendError::Adopt(_) | BackendError::Exited { .. }));
@@ -1208,7 +1248,7 @@ impl VmManager {
             (vmm, true, unrecoverable) => {
                 let reason = unrecoverable.unwrap_or_else(|| "its VMM was not recorded before metald stopped".to_owned());
                 if let Some(ticket) = vmm {
-                    for problem in self.inner.backend.clean_up(ticket) {
+                    for problem in backend.clean_up(ticket) {
                         tracing::warn!(%vm_id, problem, "cannot clean up after a VMM metald could not take over");
                     }
                 }
@@ -1332,7 +1372,12 @@ impl VmManager {
                 required: "Created, Running or Paused",
             });
         }
-        locked.entry.instance.metrics().await.map_err(|source| self.backend_error(vm_id, BackendOperation::ReadMetrics, source))
+        locked
+            .entry
+            .instance
+            .metrics()
+            .await
+            .map_err(|source| backend_failed(&locked.slot.vmm, vm_id, BackendOperation::ReadMetrics, source))
     }
 
     /// The state of one VM, without waiting for an operation in progress.
@@ -1349,8 +1394,9 @@ impl VmManager {
     }
 
     /// The uid pool's size and use, when VMs get uids of their own.
+    /// The backends of one host share one launcher, so the default's is the host's.
     pub fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
-        self.inner.backend.identity_capacity()
+        self.inner.default_backend.identity_capacity()
     }
 
     /// How many events of each kind this manager published (`failed`,
@@ -1377,8 +1423,12 @@ impl VmManager {
             Some(network) => network.release_host().await,
             None => Vec::new(),
         };
-        let backend = Arc::clone(&self.inner.backend);
-        problems.extend(tokio::task::spawn_blocking(move || backend.release_host()).await.unwrap_or_default());
+        let backends = self.inner.backends.clone();
+        problems.extend(
+            tokio::task::spawn_blocking(move || backends.iter().flat_map(|backend| backend.release_host()).collect::<Vec<_>>())
+                .await
+                .unwrap_or_default(),
+        );
         Some(problems)
     }
 
@@ -1483,14 +1533,10 @@ impl VmManager {
         publish(&self.inner, slot, entry, kind).await;
     }
 
-    fn backend_error(&self, vm_id: &VmId, operation: BackendOperation, source: BackendError) -> ManagerError {
-        ManagerError::Backend { vm_id: vm_id.clone(), backend: self.inner.backend.name(), operation, source: Box::new(source) }
-    }
-
     /// A boot or reboot that failed leaves the VM Failed, with no VMM left.
     async fn fail_operation(&self, locked: &mut Locked, operation: BackendOperation, source: BackendError) -> ManagerError {
         let vm_id = locked.slot.vm_id.clone();
-        let error = self.backend_error(&vm_id, operation, source);
+        let error = backend_failed(&locked.slot.vmm, &vm_id, operation, source);
         let reason = crate::error_chain(&error);
         match locked.entry.instance.stop(StopMode::Forced).await {
             Ok(outcome) => locked.entry.last_exit = Some(outcome.exit),
@@ -1556,7 +1602,7 @@ async fn on_vmm_exit(inner: Weak<Inner>, slot: Arc<VmSlot>, generation: u64, vmm
         return;
     }
     let vm_id = &slot.vm_id;
-    let backend = inner.backend.name();
+    let backend = slot.vmm.as_str();
     let exit = vmm_exit.status;
     entry.last_exit = Some(exit);
     let booted_at = entry.booted_at.take();
@@ -1828,6 +1874,11 @@ async fn copy_writable_drives(vm_id: &VmId, config: &VmConfig, images: &Resolved
         copies.iter().try_for_each(|(source, copy)| images::copy_image(source, copy).map_err(ManagerError::Image))
     };
     tokio::task::spawn_blocking(copy).await.map_err(|_| ManagerError::ShuttingDown)?
+}
+
+/// What a backend's failure becomes, naming the VMM and the VM.
+fn backend_failed(vmm: &str, vm_id: &VmId, operation: BackendOperation, source: BackendError) -> ManagerError {
+    ManagerError::Backend { vm_id: vm_id.clone(), backend: vmm.to_owned(), operation, source: Box::new(source) }
 }
 
 fn remove_vm_dir(vm_dir: &Path) {

@@ -140,6 +140,10 @@ pub struct CreateArgs {
     /// for at most N restarts in a row (5 by default).
     #[arg(long = "restart", value_name = "POLICY", value_parser = parse_restart)]
     pub restart: Option<RestartFlag>,
+    /// The VMM to run the VM on, as the host names it (firecracker); the
+    /// host's default when not given.
+    #[arg(long = "vmm", value_name = "NAME")]
+    pub vmm: Option<String>,
     /// Boot the VM right after creating it.
     #[arg(long)]
     pub boot: bool,

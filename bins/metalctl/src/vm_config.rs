@@ -171,6 +171,9 @@ fn apply_flags(config: &mut VmConfig, args: &CreateArgs) -> Result<(), CliError>
             ..Default::default()
         });
     }
+    if let Some(vmm) = &args.vmm {
+        config.vmm.clone_from(vmm);
+    }
     Ok(())
 }
 
@@ -277,6 +280,16 @@ mod tests {
             [("eth0", NetworkMode::NETWORK_MODE_IPV6_ONLY.into()), ("eth1", NetworkMode::NETWORK_MODE_DUAL_STACK.into())]
         );
         assert!(Cli::try_parse_from(["metalctl", "create", "--network", "ipv5"]).is_err());
+    }
+
+    #[test]
+    fn the_vmm_flag_names_the_vmm_and_without_it_the_file_or_the_host_decides() {
+        let mut config = parse_config(FILE).unwrap();
+        apply_flags(&mut config, &create_args(&[])).unwrap();
+        assert_eq!(config.vmm, "", "the host's default");
+        let mut config = parse_config(r#"{"vmm": "firecracker"}"#).unwrap();
+        apply_flags(&mut config, &create_args(&["--vmm", "cloud-hypervisor"])).unwrap();
+        assert_eq!(config.vmm, "cloud-hypervisor");
     }
 
     #[test]

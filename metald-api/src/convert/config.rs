@@ -51,6 +51,7 @@ pub fn config_from_wire(config: &wire::VmConfig) -> Result<VmConfig, WireError> 
             },
             None => RestartPolicy::default(),
         },
+        vmm: config.vmm.clone(),
     })
 }
 
@@ -191,6 +192,7 @@ pub fn config_to_wire(config: &VmConfig) -> wire::VmConfig {
                 ..Default::default()
             }),
         },
+        vmm: config.vmm.clone(),
         ..Default::default()
     }
 }
@@ -404,6 +406,7 @@ mod tests {
             console: ConsoleConfig { enabled: true, output: "out".into(), input: "in".into(), console_type: "serial".into() },
             metadata: map(&[("team", "storage"), ("purpose", "ci")]),
             restart: RestartPolicy { on_failure: true, max_restarts: 7 },
+            vmm: "firecracker".into(),
         }
     }
 
