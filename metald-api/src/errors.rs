@@ -168,7 +168,9 @@ mod tests {
 
     #[test]
     fn a_host_out_of_vmm_users_is_full_not_broken() {
-        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::NoIdentity(900_000..900_010))));
+        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::Uid(metald_core::uid_lease::UidLeaseError::Exhausted(
+            900_000..900_010,
+        )))));
         let (code, message) = seen(full);
         assert_eq!(code, ErrorCode::ResourceExhausted);
         assert!(!message.contains("900"), "{message}");

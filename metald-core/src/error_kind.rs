@@ -12,6 +12,7 @@ use crate::launch::LaunchError;
 use crate::manager::ManagerError;
 use crate::network::NetworkError;
 use crate::state::VmState;
+use crate::uid_lease::UidLeaseError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind<'a> {
@@ -122,7 +123,6 @@ impl BackendError {
             | BackendError::Console(_)
             | BackendError::ProcessStats { .. }
             | BackendError::Adopt(_)
-            | BackendError::Ticket(_)
             | BackendError::NotTheSameVmm { .. } => ErrorKind::Internal,
         }
     }
@@ -142,8 +142,8 @@ impl JailError {
         match self {
             // Every VMM runs as its own user; when the host's range of them
             // is used up, the host is full, which is no fault.
-            JailError::NoIdentity(_) => ErrorKind::Exhausted,
-            JailError::IdentityTaken(_)
+            JailError::Uid(UidLeaseError::Exhausted(_)) => ErrorKind::Exhausted,
+            JailError::Uid(UidLeaseError::Taken(_))
             | JailError::Prepare { .. }
             | JailError::NotReadable { .. }
             | JailError::DynamicProgram { .. }
@@ -175,7 +175,7 @@ mod tests {
 
     #[test]
     fn a_kind_is_found_however_deep_its_cause() {
-        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::NoIdentity(900_000..900_010))));
+        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::Uid(UidLeaseError::Exhausted(900_000..900_010)))));
         assert_eq!(full.kind(), ErrorKind::Exhausted);
         let feature =
             backend(BackendError::FeatureUnavailable { vmm: "firecracker", feature: "memory hotplug", field: "memory.max_size_bytes" });

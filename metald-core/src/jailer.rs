@@ -38,7 +38,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -51,6 +51,8 @@ use tokio::io::AsyncReadExt;
 use crate::cgroups::{Cgroup, CgroupError, CgroupHierarchy, CgroupLimits, CgroupVersion, CpuLimit, DEFAULT_CGROUP_ROOT};
 use crate::launch::{Arg, Exposure, LaunchPlan, Launched, Layout};
 use crate::process::Supervised;
+pub use crate::uid_lease::{IdentityCapacity, IdentityLease};
+use crate::uid_lease::{UidLeaseError, UidPool};
 
 /// The jail folder inside a VM's folder.
 pub const JAIL_DIR: &str = "root";
@@ -156,10 +158,8 @@ impl JailStep {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error("no uid is free in {0:?}")]
-    NoIdentity(Range<u32>),
-    #[error("uid {0} is already leased to another VM")]
-    IdentityTaken(u32),
+    #[error(transparent)]
+    Uid(#[from] UidLeaseError),
     #[error("cannot prepare the jail at {path}")]
     Prepare {
         path: PathBuf,
@@ -208,7 +208,7 @@ fn cgroup_name(vm: &str) -> String {
 pub struct Jailer {
     config: JailerConfig,
     cgroups: CgroupHierarchy,
-    identities: Arc<Mutex<BTreeSet<u32>>>,
+    uids: UidPool,
 }
 
 impl Jailer {
@@ -217,7 +217,8 @@ impl Jailer {
             Some(version) => CgroupHierarchy::assume(&config.cgroup_root, &config.cgroup_parent, version),
             None => CgroupHierarchy::detect(&config.cgroup_root, &config.cgroup_parent)?,
         };
-        Ok(Self { config, cgroups, identities: Arc::new(Mutex::new(BTreeSet::new())) })
+        let uids = UidPool::new(config.uid_range.clone(), config.fixed_identity);
+        Ok(Self { config, cgroups, uids })
     }
 
     pub fn config(&self) -> &JailerConfig {
@@ -243,48 +244,18 @@ impl Jailer {
         }
     }
 
-    /// A uid and gid for one VM, held until the lease is dropped. A VM
-    /// keeps one lease for its whole life, so its TAP devices and files
-    /// belong to the same user across every VMM it runs.
+    /// A uid and gid for one VM, held until the lease is dropped (see [`UidPool`]).
     pub fn lease_identity(&self) -> Result<IdentityLease, JailError> {
-        if let Some((uid, gid)) = self.config.fixed_identity {
-            return Ok(IdentityLease { uid, gid, pool: None });
-        }
-        let mut taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let uid = self
-            .config
-            .uid_range
-            .clone()
-            .find(|uid| !taken.contains(uid))
-            .ok_or_else(|| JailError::NoIdentity(self.config.uid_range.clone()))?;
-        taken.insert(uid);
-        Ok(IdentityLease { uid, gid: uid, pool: Some(Arc::clone(&self.identities)) })
+        Ok(self.uids.lease()?)
     }
 
-    /// How many uids the pool has and how many are leased now; `None` with
-    /// a fixed identity, which every VM shares.
     pub fn identity_capacity(&self) -> Option<IdentityCapacity> {
-        if self.config.fixed_identity.is_some() {
-            return None;
-        }
-        let taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let total = u64::from(self.config.uid_range.end.saturating_sub(self.config.uid_range.start));
-        let leased = taken.iter().filter(|uid| self.config.uid_range.contains(uid)).count() as u64;
-        Some(IdentityCapacity { total, leased })
+        self.uids.capacity()
     }
 
-    /// Leases a given uid and gid again, for a VM whose VMM outlived an
-    /// earlier metald: it must not be handed to another VM. A uid outside
-    /// the pool (the configuration changed since) cannot collide and is not tracked.
+    /// Leases a known VM's uid again after a restart of metald.
     pub fn reserve_identity(&self, uid: u32, gid: u32) -> Result<IdentityLease, JailError> {
-        if self.config.fixed_identity.is_some() || !self.config.uid_range.contains(&uid) {
-            return Ok(IdentityLease { uid, gid, pool: None });
-        }
-        let mut taken = self.identities.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !taken.insert(uid) {
-            return Err(JailError::IdentityTaken(uid));
-        }
-        Ok(IdentityLease { uid, gid, pool: Some(Arc::clone(&self.identities)) })
+        Ok(self.uids.reserve(uid, gid)?)
     }
 
     /// Kills and removes every cgroup under our parent but `in_use`: what
@@ -333,7 +304,7 @@ impl Jailer {
         match self.launch_in(&plan, &root, &identity, &mut teardown, &mut timings).await {
             Ok((process, cgroup)) => {
                 let layout = Layout::jailed(root, &plan.vm_dir, &plan.files());
-                let mut launched = Launched::new(process, layout, Some(cgroup), Some((identity.uid, identity.gid)), Some(teardown));
+                let mut launched = Launched::new(process, layout, Some(cgroup), Some((identity.uid(), identity.gid())), Some(teardown));
                 launched.timings = timings;
                 Ok(launched)
             }
@@ -414,40 +385,6 @@ impl Jailer {
 
     fn file_size_limit(&self, plan: &LaunchPlan) -> u64 {
         self.config.min_file_size_bytes.max(plan.resources.largest_writable_bytes)
-    }
-}
-
-/// The uid pool's size and use: each VM holds one uid for its whole life,
-/// so `total - leased` is how many more VMs this host can hold.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IdentityCapacity {
-    pub total: u64,
-    pub leased: u64,
-}
-
-/// A uid and gid, given back to the pool when the lease is dropped.
-#[derive(Debug)]
-pub struct IdentityLease {
-    uid: u32,
-    gid: u32,
-    pool: Option<Arc<Mutex<BTreeSet<u32>>>>,
-}
-
-impl IdentityLease {
-    pub fn uid(&self) -> u32 {
-        self.uid
-    }
-
-    pub fn gid(&self) -> u32 {
-        self.gid
-    }
-}
-
-impl Drop for IdentityLease {
-    fn drop(&mut self) {
-        if let Some(pool) = &self.pool {
-            pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.uid);
-        }
     }
 }
 
@@ -598,7 +535,7 @@ fn build_jail_folder(
     identity: &Identity,
     teardown: &mut JailTeardown,
 ) -> Result<(), JailError> {
-    let (uid, gid) = (Some(Uid::from_raw(identity.uid)), Some(Gid::from_raw(identity.gid)));
+    let (uid, gid) = (Some(Uid::from_raw(identity.uid())), Some(Gid::from_raw(identity.gid())));
     fs::DirBuilder::new().mode(0o700).create(root).map_err(prepare(root))?;
     teardown.root = Some(root.to_path_buf());
     nix::unistd::chown(root, uid, gid).map_err(|errno| prepare(root)(errno.into()))?;
@@ -625,7 +562,7 @@ fn build_jail_folder(
 /// Work files live in the VM's folder, outside the jail, so they outlive
 /// it; each starts empty, belongs to the VMM's user, and is mounted in.
 fn open_work_files(plan: &LaunchPlan, identity: &Identity) -> Result<Vec<Exposure>, JailError> {
-    let (uid, gid) = (Some(Uid::from_raw(identity.uid)), Some(Gid::from_raw(identity.gid)));
+    let (uid, gid) = (Some(Uid::from_raw(identity.uid())), Some(Gid::from_raw(identity.gid())));
     let mut files = Vec::with_capacity(plan.work_files.len());
     for name in &plan.work_files {
         let path = plan.vm_dir.join(name);
@@ -736,8 +673,8 @@ impl ChildPlan {
             stdin,
             stdout: plan.stdout.as_raw_fd(),
             stderr: plan.stderr.as_raw_fd(),
-            uid: identity.uid,
-            gid: identity.gid,
+            uid: identity.uid(),
+            gid: identity.gid(),
             program,
             _args: args,
             argv,
@@ -931,7 +868,7 @@ mod tests {
         let jailer = Jailer {
             config: JailerConfig::default(),
             cgroups: CgroupHierarchy::assume("/nonexistent", "metald", CgroupVersion::V2),
-            identities: Default::default(),
+            uids: UidPool::new(0..0, None),
         };
         let resources = crate::launch::Resources { vcpus: 2, memory_bytes: 512 << 20, largest_writable_bytes: 0 };
         let limits = jailer.limits_for(&resources);
@@ -943,21 +880,14 @@ mod tests {
     }
 
     #[test]
-    fn identities_are_unique_and_return_to_the_pool() {
-        let jailer = Jailer {
-            config: JailerConfig { uid_range: 5000..5002, ..JailerConfig::default() },
-            cgroups: CgroupHierarchy::assume("/nonexistent", "metald", CgroupVersion::V2),
-            identities: Default::default(),
-        };
-        let first = Arc::new(jailer.lease_identity().unwrap());
-        let second = jailer.lease_identity().unwrap();
-        assert_eq!((first.uid, second.uid), (5000, 5001));
-        assert!(matches!(jailer.lease_identity(), Err(JailError::NoIdentity(_))));
+    fn a_teardown_gives_back_no_uid_another_holder_still_keeps() {
+        let pool = UidPool::new(5000..5001, None);
+        let first = Arc::new(pool.lease().unwrap());
         let kept = Arc::clone(&first);
         JailTeardown { root: None, cgroup: None, identity: Some(first) }.run();
-        assert!(matches!(jailer.lease_identity(), Err(JailError::NoIdentity(_))), "a lease still held is not given back");
+        assert!(matches!(pool.lease(), Err(UidLeaseError::Exhausted(_))), "a lease still held is not given back");
         drop(kept);
-        assert_eq!(jailer.lease_identity().unwrap().uid, 5000);
+        assert_eq!(pool.lease().unwrap().uid(), 5000);
     }
 
     #[test]

@@ -176,6 +176,18 @@ impl std::fmt::Display for VmmExit {
     }
 }
 
+/// What finds a running VMM again after a restart of metald and proves it
+/// is the same process: its pid and start time, where its jail is, its
+/// cgroup. The launcher's facts, so a VMM of any backend is found by it;
+/// the VM store keeps it with the VM.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TakeoverTicket {
+    pub pid: u32,
+    pub start_time: u64,
+    pub layout: Layout,
+    pub cgroup: Option<Cgroup>,
+}
+
 /// A started VMM and what was made for it.
 #[derive(Debug)]
 pub struct Launched {
@@ -235,11 +247,22 @@ impl Launched {
 
     /// Removes what the jail of a VMM that ended while no metald watched it
     /// left behind (its cgroup and jail folder).
-    pub fn clean_up_after(layout: &Layout, cgroup: Option<Cgroup>) -> Vec<String> {
-        if !layout.is_jailed() {
+    pub fn clean_up_after(ticket: &TakeoverTicket) -> Vec<String> {
+        if !ticket.layout.is_jailed() {
             return Vec::new();
         }
-        crate::jailer::JailTeardown::adopted(layout.root().to_path_buf(), cgroup, None).run()
+        crate::jailer::JailTeardown::adopted(ticket.layout.root().to_path_buf(), ticket.cgroup.clone(), None).run()
+    }
+
+    /// The ticket that finds this process again; `None` when its start
+    /// time could not be read, which proves nothing.
+    pub fn ticket(&self) -> Option<TakeoverTicket> {
+        Some(TakeoverTicket {
+            pid: self.process.pid(),
+            start_time: self.start_time?,
+            layout: self.layout.clone(),
+            cgroup: self.cgroup.clone(),
+        })
     }
 
     /// A channel that changes once, when the VMM has ended.

@@ -51,6 +51,7 @@ pub mod restart;
 pub mod state;
 pub mod store;
 pub mod target;
+pub mod uid_lease;
 
 pub use metald_types::{error_chain, ids, private_files};
 

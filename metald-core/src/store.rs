@@ -63,7 +63,7 @@ pub struct VmRecord {
     pub identity: Option<(u32, u32)>,
     /// The backend's description of the VMM process that runs now, enough
     /// to find it again and prove it is the same process.
-    pub vmm: Option<serde_json::Value>,
+    pub vmm: Option<crate::launch::TakeoverTicket>,
     /// How the VM's last VMMs ended, oldest first, for the meter of a later metald.
     #[serde(default)]
     pub recent_ends: Vec<crate::events::EndedVmm>,
@@ -179,7 +179,13 @@ mod tests {
             booted_at_ms: None,
             network: None,
             identity: Some((1_000_000, 1_000_000)),
-            vmm: Some(serde_json::json!({"pid": 42})),
+            // As earlier builds stored it: a ticket is read back in that shape.
+            vmm: Some(
+                serde_json::from_value(serde_json::json!({
+                    "pid": 42, "start_time": 7, "layout": {"root": "/srv/vms/vm-a/root", "jailed": true, "placed": {}}, "cgroup": null
+                }))
+                .unwrap(),
+            ),
             recent_ends: Vec::new(),
             deleted: false,
         }

@@ -16,7 +16,7 @@ use common::Sandbox;
 use metald_core::backend::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use metald_core::console::ConsoleLog;
 use metald_core::jailer::{IdentityCapacity, IdentityLease};
-use metald_core::launch::Launcher;
+use metald_core::launch::{Launcher, TakeoverTicket};
 use metald_core::{CreateVm, FirecrackerBackend, ManagerError, StopOptions, VmState};
 
 /// A second VMM of the host: Firecracker again, under another name.
@@ -46,10 +46,10 @@ impl VmmBackend for SecondVmm {
     fn dormant(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
         self.0.dormant(spec, console)
     }
-    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &serde_json::Value) -> Result<Box<dyn VmmInstance>, BackendError> {
+    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
         self.0.reattach(spec, console, ticket).await
     }
-    fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String> {
+    fn clean_up(&self, ticket: &TakeoverTicket) -> Vec<String> {
         self.0.clean_up(ticket)
     }
     fn sweep_strays(&self, in_use: &BTreeSet<String>) -> Vec<String> {

@@ -31,7 +31,7 @@ use crate::console::{ConsoleError, ConsoleLog};
 use crate::ids::{TenantId, VmId};
 use crate::images::ImageFile;
 use crate::jailer::IdentityLease;
-use crate::launch::{LaunchError, VmmExit};
+use crate::launch::{LaunchError, TakeoverTicket, VmmExit};
 use crate::process::{ProcessError, ProcessExit};
 
 /// What a backend can and cannot do, so callers can decide before asking.
@@ -204,8 +204,6 @@ pub enum BackendError {
     Console(#[source] ConsoleError),
     #[error("cannot take over the VMM process")]
     Adopt(#[source] ProcessError),
-    #[error("the description of the running VMM cannot be read")]
-    Ticket(#[source] serde_json::Error),
     #[error("the process on the VM's API socket is {vmm} instance {found}, not {expected}")]
     NotTheSameVmm { vmm: &'static str, expected: String, found: String },
     #[error("cannot read {what} of process {pid}")]
@@ -253,11 +251,11 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
 
     /// Takes over the VMM that `ticket` (from [`VmmInstance::ticket`])
     /// describes, once it is proven to be the same process and still runs.
-    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &serde_json::Value) -> Result<Box<dyn VmmInstance>, BackendError>;
+    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError>;
 
     /// Removes what a VMM that ended while nobody watched it left on the
     /// host (cgroup, jail folder); returns what could not be removed.
-    fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String>;
+    fn clean_up(&self, ticket: &TakeoverTicket) -> Vec<String>;
 
     /// Kills and removes what VMM launches of an earlier run left that no
     /// VM took over: everything of this backend's but the cgroups named in
@@ -287,7 +285,7 @@ pub trait VmmInstance: Send + Sync + fmt::Debug {
     /// What a later metald needs to find the running VMM again and prove
     /// it is the same process (see [`VmmBackend::reattach`]); `None` when no
     /// VMM runs.
-    fn ticket(&self) -> Option<serde_json::Value>;
+    fn ticket(&self) -> Option<TakeoverTicket>;
 
     /// What the last ended VMM's cgroup counted just before it was removed,
     /// handed out once.

@@ -35,7 +35,7 @@ impl VmmInstance for Unlaunchable {
         None
     }
 
-    fn ticket(&self) -> Option<serde_json::Value> {
+    fn ticket(&self) -> Option<crate::launch::TakeoverTicket> {
         None
     }
 

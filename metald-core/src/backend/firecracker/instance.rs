@@ -27,11 +27,15 @@ use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::{CaptureStart, ConsoleLog};
 use crate::images::ImageFile;
 use crate::jailer::JAIL_DIR;
-use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, VmmExit};
+use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, TakeoverTicket, VmmExit};
 use crate::process::{ProcessExit, ProcessUsage};
 
 pub const PROGRAM: &str = "firecracker";
 pub const SOCKET_FILE: &str = "firecracker.sock";
+
+/// The kernel buffer of Firecracker's log pipe: 1 MiB, the most an
+/// unprivileged process may ask for by default (`fs.pipe-max-size`).
+const LOG_PIPE_BYTES: i32 = 1 << 20;
 /// Firecracker's own log as metald keeps it, capped and rotated (see [`super::log`]).
 pub const LOG_FILE: &str = "firecracker.log";
 pub const STDERR_FILE: &str = "firecracker.stderr";
@@ -146,15 +150,6 @@ fn caught_signal_cause(status: ProcessExit) -> Option<String> {
     CAUGHT_SIGNALS.iter().find(|(_, caught_code, _)| *caught_code == code).map(|(_, _, cause)| (*cause).to_owned())
 }
 
-/// What finds a running Firecracker again (see [`VmmInstance::ticket`]).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct Ticket {
-    pid: u32,
-    start_time: u64,
-    layout: Layout,
-    cgroup: Option<Cgroup>,
-}
-
 /// Makes a fresh named pipe at `path` and opens both ends: ours for
 /// reading, and the one the VMM writes to.
 fn fifo(path: &Path) -> io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
@@ -186,14 +181,6 @@ fn remove_if_present(path: &Path) -> Result<(), BackendError> {
     match std::fs::remove_file(path) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => Err(prepare("removal of a Firecracker file", path)(error)),
         _ => Ok(()),
-    }
-}
-
-/// Removes what a Firecracker that ended unobserved left on the host.
-pub(super) fn clean_up_after(ticket: &serde_json::Value) -> Vec<String> {
-    match serde_json::from_value::<Ticket>(ticket.clone()) {
-        Ok(ticket) => Launched::clean_up_after(&ticket.layout, ticket.cgroup),
-        Err(error) => vec![format!("the description of the ended VMM cannot be read: {error}")],
     }
 }
 
@@ -265,9 +252,9 @@ impl FirecrackerVm {
         launcher: Launcher,
         spec: VmmSpec,
         console: ConsoleLog,
-        ticket: &serde_json::Value,
+        ticket: &TakeoverTicket,
     ) -> Result<Self, BackendError> {
-        let ticket: Ticket = serde_json::from_value(ticket.clone()).map_err(BackendError::Ticket)?;
+        let ticket = ticket.clone();
         let mut vm = Self::dormant(settings, launcher, spec, console);
         let launched = Launched::adopt(ticket.pid, ticket.start_time, ticket.layout, ticket.cgroup, vm.spec.identity.clone())
             .map_err(BackendError::Adopt)?;
@@ -390,6 +377,11 @@ impl FirecrackerVm {
         let log_read = tokio::net::unix::pipe::OpenOptions::new()
             .open_receiver(&log_pipe.host_path)
             .map_err(prepare("Firecracker's log pipe", &log_pipe.host_path))?;
+        // Firecracker drops a log line that finds its pipe full; a burst of
+        // refused calls while metald is busy must not lose the last of them.
+        if let Err(error) = nix::fcntl::fcntl(&log_read, nix::fcntl::FcntlArg::F_SETPIPE_SZ(LOG_PIPE_BYTES)) {
+            tracing::debug!(vm_id = %self.spec.vm_id, %error, "Firecracker's log pipe keeps the kernel's default size");
+        }
         let metrics_read = reading_end(&metrics_pipe.host_path).map_err(prepare("Firecracker's metrics pipe", &metrics_pipe.host_path))?;
         // Each process's log starts empty, so its exit code is its own.
         for name in [LOG_FILE.to_owned(), format!("{LOG_FILE}.1")] {
@@ -620,15 +612,8 @@ impl VmmInstance for FirecrackerVm {
         self.running().ok().and_then(|current| current.launched.cgroup.clone())
     }
 
-    fn ticket(&self) -> Option<serde_json::Value> {
-        let launched = &self.running().ok()?.launched;
-        let ticket = Ticket {
-            pid: launched.process.pid(),
-            start_time: launched.start_time?,
-            layout: launched.layout.clone(),
-            cgroup: launched.cgroup.clone(),
-        };
-        serde_json::to_value(ticket).ok()
+    fn ticket(&self) -> Option<TakeoverTicket> {
+        self.running().ok()?.launched.ticket()
     }
 
     fn take_ended_usage(&mut self) -> Option<CgroupUsage> {

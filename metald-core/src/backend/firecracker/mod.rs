@@ -22,7 +22,7 @@ use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use crate::config::MAX_VCPUS;
 use crate::console::ConsoleLog;
 use crate::jailer::{IdentityLease, JailError, JailerConfig};
-use crate::launch::Launcher;
+use crate::launch::{Launcher, TakeoverTicket};
 use instance::FirecrackerVm;
 
 pub(crate) const VMM: &str = "firecracker";
@@ -131,13 +131,13 @@ impl VmmBackend for FirecrackerBackend {
         Box::new(FirecrackerVm::dormant(Arc::clone(&self.config), self.launcher.clone(), spec, console))
     }
 
-    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &serde_json::Value) -> Result<Box<dyn VmmInstance>, BackendError> {
+    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
         let vm = FirecrackerVm::reattach(Arc::clone(&self.config), self.launcher.clone(), spec, console, ticket).await?;
         Ok(Box::new(vm))
     }
 
-    fn clean_up(&self, ticket: &serde_json::Value) -> Vec<String> {
-        instance::clean_up_after(ticket)
+    fn clean_up(&self, ticket: &TakeoverTicket) -> Vec<String> {
+        crate::launch::Launched::clean_up_after(ticket)
     }
 
     fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
