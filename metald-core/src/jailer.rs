@@ -55,7 +55,6 @@ pub use crate::uid_lease::{IdentityCapacity, IdentityLease};
 use crate::uid_lease::{UidLeaseError, UidPool};
 
 /// The jail folder inside a VM's folder.
-pub const JAIL_DIR: &str = "root";
 const CHILD_STACK_BYTES: usize = 256 * 1024;
 
 /// How VMMs are jailed on this host.
@@ -298,7 +297,7 @@ impl Jailer {
             Some(lease) => Arc::clone(lease),
             None => Arc::new(self.lease_identity()?),
         };
-        let root = plan.vm_dir.join(JAIL_DIR);
+        let root = plan.vm_dir.jail_root();
         let mut teardown = JailTeardown { root: None, cgroup: None, identity: Some(Arc::clone(&identity)) };
         let mut timings = Vec::new();
         match self.launch_in(&plan, &root, &identity, &mut teardown, &mut timings).await {
@@ -565,7 +564,7 @@ fn open_work_files(plan: &LaunchPlan, identity: &Identity) -> Result<Vec<Exposur
     let (uid, gid) = (Some(Uid::from_raw(identity.uid())), Some(Gid::from_raw(identity.gid())));
     let mut files = Vec::with_capacity(plan.work_files.len());
     for name in &plan.work_files {
-        let path = plan.vm_dir.join(name);
+        let path = plan.vm_dir.file(name);
         let file = fs::OpenOptions::new()
             .write(true)
             .create(true)

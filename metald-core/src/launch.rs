@@ -66,7 +66,7 @@ pub struct LaunchPlan {
     /// The VM's id: hostname and cgroup name in a jail.
     pub name: String,
     /// The VM's own folder on the host.
-    pub vm_dir: PathBuf,
+    pub vm_dir: crate::vm_dir::VmDir,
     /// The VMM executable, opened. It must be statically linked: a jail holds no libraries.
     pub program: Exposure,
     pub args: Vec<Arg>,
@@ -95,14 +95,14 @@ pub struct Layout {
 
 impl Layout {
     /// `root` is the jail folder; exposures and work files are mounted into it.
-    pub fn jailed(root: PathBuf, vm_dir: &Path, plan_files: &PlanFiles<'_>) -> Self {
+    pub fn jailed(root: PathBuf, vm_dir: &crate::vm_dir::VmDir, plan_files: &PlanFiles<'_>) -> Self {
         Self { root, jailed: true, placed: plan_files.placed(vm_dir) }
     }
 
     /// Everything at its own host path; other files in the VM's folder.
-    pub fn unjailed(vm_dir: PathBuf, plan_files: &PlanFiles<'_>) -> Self {
-        let placed = plan_files.placed(&vm_dir);
-        Self { root: vm_dir, jailed: false, placed }
+    pub fn unjailed(vm_dir: &crate::vm_dir::VmDir, plan_files: &PlanFiles<'_>) -> Self {
+        let placed = plan_files.placed(vm_dir);
+        Self { root: vm_dir.path().to_path_buf(), jailed: false, placed }
     }
 
     /// The path the VMM uses for `name`.
@@ -146,9 +146,9 @@ pub struct PlanFiles<'a> {
 }
 
 impl PlanFiles<'_> {
-    fn placed(&self, vm_dir: &Path) -> BTreeMap<String, PathBuf> {
+    fn placed(&self, vm_dir: &crate::vm_dir::VmDir) -> BTreeMap<String, PathBuf> {
         let exposures = self.exposures.iter().map(|exposure| (exposure.name.clone(), exposure.host_path.clone()));
-        let work_files = self.work_files.iter().map(|name| (name.clone(), vm_dir.join(name)));
+        let work_files = self.work_files.iter().map(|name| (name.clone(), vm_dir.file(name)));
         exposures.chain(work_files).collect()
     }
 }
@@ -376,7 +376,7 @@ fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
         vm_id = %plan.name,
         "VMM runs UNJAILED: no private root, no namespaces, no cgroup limits, no separate user. For development only."
     );
-    let layout = Layout::unjailed(plan.vm_dir.clone(), &plan.files());
+    let layout = Layout::unjailed(&plan.vm_dir, &plan.files());
     for name in &plan.work_files {
         let path = layout.host(name);
         std::fs::File::create(&path).map_err(|source| LaunchError::Prepare { path: path.clone(), source })?;
@@ -401,7 +401,7 @@ fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
         };
     }
     command
-        .current_dir(&plan.vm_dir)
+        .current_dir(plan.vm_dir.path())
         .stdin(Stdio::null())
         .stdout(Stdio::from(plan.stdout))
         .stderr(Stdio::from(plan.stderr))
@@ -427,7 +427,7 @@ mod tests {
     fn a_jailed_vmm_sees_everything_under_its_root() {
         let (exposures, work_files) = (kernel(), vec!["vmm.log".to_owned()]);
         let files = PlanFiles { exposures: &exposures, work_files: &work_files };
-        let layout = Layout::jailed(PathBuf::from("/vms/vm-1/root"), Path::new("/vms/vm-1"), &files);
+        let layout = Layout::jailed(PathBuf::from("/vms/vm-1/root"), &crate::vm_dir::VmDir::at(PathBuf::from("/vms/vm-1")), &files);
         assert_eq!(layout.inside("kernel"), PathBuf::from("/kernel"));
         assert_eq!(layout.inside("vmm.log"), PathBuf::from("/vmm.log"));
         assert_eq!(layout.host("vmm.log"), PathBuf::from("/vms/vm-1/vmm.log"), "work files outlive the jail");
@@ -437,7 +437,10 @@ mod tests {
     #[test]
     fn an_unjailed_vmm_uses_host_paths() {
         let (exposures, work_files) = (kernel(), vec!["vmm.log".to_owned()]);
-        let layout = Layout::unjailed(PathBuf::from("/vms/vm-1"), &PlanFiles { exposures: &exposures, work_files: &work_files });
+        let layout = Layout::unjailed(
+            &crate::vm_dir::VmDir::at(PathBuf::from("/vms/vm-1")),
+            &PlanFiles { exposures: &exposures, work_files: &work_files },
+        );
         assert_eq!(layout.inside("kernel"), PathBuf::from("/images/vmlinux"));
         assert_eq!(layout.inside("vmm.log"), PathBuf::from("/vms/vm-1/vmm.log"));
         assert_eq!(layout.inside("api.sock"), PathBuf::from("/vms/vm-1/api.sock"));

@@ -52,6 +52,7 @@ pub mod state;
 pub mod store;
 pub mod target;
 pub mod uid_lease;
+pub mod vm_dir;
 
 pub use metald_types::{error_chain, ids, private_files};
 

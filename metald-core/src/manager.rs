@@ -31,6 +31,7 @@ use crate::process::ProcessExit;
 use crate::state::{IllegalTransition, VmState};
 use crate::store::{StoreError, VmRecord, VmStore};
 use crate::target::VmTarget;
+use crate::vm_dir::VmDir;
 use metald_types::time::{from_unix_millis, unix_millis};
 
 /// Default cap of each console file (see [`ConsoleLog`]).
@@ -38,7 +39,6 @@ pub const DEFAULT_CONSOLE_LIMIT_BYTES: u64 = 1 << 20;
 /// Default time a guest gets to shut down before its VMM is killed.
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 const EVENT_CAPACITY: usize = 4096;
-const DRIVES_DIR: &str = "drives";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -231,7 +231,7 @@ struct VmEntry {
     identity: Option<Arc<IdentityLease>>,
     /// What the network provider made for the VM.
     network: Option<NetworkAttachment>,
-    vm_dir: PathBuf,
+    vm_dir: VmDir,
     failure: Option<String>,
     last_exit: Option<ProcessExit>,
     booted_at: Option<SystemTime>,
@@ -574,8 +574,8 @@ impl VmManager {
                 return Err(ManagerError::AlreadyExists(vm_id));
             }
         }
-        let vm_dir = self.inner.vm_root.join(vm_id.as_str());
-        let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
+        let vm_dir = VmDir::of(&self.inner.vm_root, &vm_id);
+        let console = vm_dir.console(self.inner.console_limit_bytes);
         let prepared = self.prepare(&vm_id, &tenant, &config, resolved, &vm_dir, console.clone()).await;
         let (instance, identity, network) = match prepared {
             Ok(prepared) => prepared,
@@ -750,7 +750,7 @@ impl VmManager {
         tenant: &TenantId,
         config: &VmConfig,
         images: ResolvedImages,
-        vm_dir: &Path,
+        vm_dir: &VmDir,
         console: ConsoleLog,
     ) -> Result<Prepared, ManagerError> {
         let backend = self.backend_of(config)?;
@@ -786,15 +786,15 @@ impl VmManager {
         tenant: &TenantId,
         config: &VmConfig,
         images: ResolvedImages,
-        vm_dir: &Path,
+        vm_dir: &VmDir,
         console: ConsoleLog,
         identity: Option<Arc<IdentityLease>>,
         network: Option<&NetworkAttachment>,
     ) -> Result<Box<dyn VmmInstance>, ManagerError> {
-        std::fs::create_dir(vm_dir).map_err(|source| ManagerError::VmDir {
+        vm_dir.create().map_err(|source| ManagerError::VmDir {
             vm_id: vm_id.clone(),
             action: "create",
-            path: vm_dir.to_path_buf(),
+            path: vm_dir.path().to_path_buf(),
             source,
         })?;
         copy_writable_drives(vm_id, config, &images, vm_dir).await?;
@@ -813,7 +813,7 @@ impl VmManager {
         tenant: &TenantId,
         config: &VmConfig,
         images: ResolvedImages,
-        vm_dir: &Path,
+        vm_dir: &VmDir,
         identity: Option<Arc<IdentityLease>>,
         network: Option<&NetworkAttachment>,
     ) -> Result<VmmSpec, ManagerError> {
@@ -822,7 +822,7 @@ impl VmManager {
             let image = if drive.read_only {
                 source
             } else {
-                images::open_copy(&format!("storage[{index}].path"), &drive_copy_path(vm_dir, &drive.id)).map_err(ManagerError::Image)?
+                images::open_copy(&format!("storage[{index}].path"), &vm_dir.drive_copy(&drive.id)).map_err(ManagerError::Image)?
             };
             drives.push(DriveSpec {
                 id: drive.id.clone(),
@@ -870,7 +870,7 @@ impl VmManager {
             kernel_args,
             drives,
             interfaces,
-            vm_dir: vm_dir.to_path_buf(),
+            vm_dir: vm_dir.clone(),
             netns: network.and_then(|network| network.netns.clone()),
             identity,
         })
@@ -1030,9 +1030,9 @@ impl VmManager {
         if let Err(error) = locked.entry.instance.destroy().await {
             problems.push(crate::error_chain(&error));
         }
-        match std::fs::remove_dir_all(&locked.entry.vm_dir) {
+        match locked.entry.vm_dir.remove() {
             Err(error) if error.kind() != io::ErrorKind::NotFound => {
-                problems.push(format!("removing {}: {error}", locked.entry.vm_dir.display()))
+                problems.push(format!("removing {}: {error}", locked.entry.vm_dir.path().display()))
             }
             _ => {}
         }
@@ -1135,13 +1135,13 @@ impl VmManager {
             }
         }
         let Ok(entries) = std::fs::read_dir(&self.inner.vm_root) else { return };
-        let unrecorded: Vec<PathBuf> = entries
+        let unrecorded: Vec<VmDir> = entries
             .flatten()
             .filter(|entry| VmId::new(entry.file_name().to_string_lossy().into_owned()).is_ok_and(|vm_id| !stored.contains(&vm_id)))
-            .map(|entry| entry.path())
+            .map(|entry| VmDir::at(entry.path()))
             .collect();
         for vm_dir in unrecorded {
-            tracing::warn!(path = %vm_dir.display(), "removing the folder of a VM a crash left half made");
+            tracing::warn!(path = %vm_dir.path().display(), "removing the folder of a VM a crash left half made");
             // A partial copy of a large drive takes a while to unlink.
             let _ = tokio::task::spawn_blocking(move || remove_vm_dir(&vm_dir)).await;
         }
@@ -1165,8 +1165,8 @@ impl VmManager {
 
     async fn recover_one(&self, record: VmRecord) -> Result<Recovered, ManagerError> {
         let VmRecord { vm_id, tenant, config, mut state, .. } = record.clone();
-        let vm_dir = self.inner.vm_root.join(vm_id.as_str());
-        let console = ConsoleLog::new(&vm_dir, self.inner.console_limit_bytes);
+        let vm_dir = VmDir::of(&self.inner.vm_root, &vm_id);
+        let console = vm_dir.console(self.inner.console_limit_bytes);
         // Why no VMM can be taken over or launched for this VM, if so.
         let mut unrecoverable = None;
         // A VMM the host no longer offers: the VM stays, Failed, saying so.
@@ -1351,7 +1351,7 @@ impl VmManager {
             failure: entry.failure.clone(),
             last_exit: entry.last_exit,
             booted_at: entry.booted_at,
-            vm_dir: entry.vm_dir.clone(),
+            vm_dir: entry.vm_dir.path().to_path_buf(),
             console_path: locked.slot.console.path().to_path_buf(),
             vmm,
             network: entry.network.clone(),
@@ -1844,26 +1844,21 @@ fn removed_image(vm_root: &Path, field: &str, path: &str) -> Result<ImageFile, I
     Ok(ImageFile { path: PathBuf::from(path), file: Arc::new(file), size: 0, mode: 0o100444 })
 }
 
-/// Where a VM keeps its own copy of a writable drive.
-fn drive_copy_path(vm_dir: &Path, drive_id: &str) -> PathBuf {
-    vm_dir.join(DRIVES_DIR).join(format!("{drive_id}.img"))
-}
-
 /// Copies the VM's writable drives into its folder, on a thread of the
 /// blocking pool: a copy (and its sync) of a large image takes as long as
 /// the disk needs, and must not hold up the workers serving every other call.
-async fn copy_writable_drives(vm_id: &VmId, config: &VmConfig, images: &ResolvedImages, vm_dir: &Path) -> Result<(), ManagerError> {
+async fn copy_writable_drives(vm_id: &VmId, config: &VmConfig, images: &ResolvedImages, vm_dir: &VmDir) -> Result<(), ManagerError> {
     let copies: Vec<(ImageFile, PathBuf)> = config
         .storage
         .iter()
         .zip(&images.drives)
         .filter(|(drive, _)| !drive.read_only)
-        .map(|(drive, source)| (source.clone(), drive_copy_path(vm_dir, &drive.id)))
+        .map(|(drive, source)| (source.clone(), vm_dir.drive_copy(&drive.id)))
         .collect();
     if copies.is_empty() {
         return Ok(());
     }
-    let (vm_id, folder) = (vm_id.clone(), vm_dir.join(DRIVES_DIR));
+    let (vm_id, folder) = (vm_id.clone(), vm_dir.drives());
     let copy = move || {
         std::fs::create_dir(&folder).map_err(|source| ManagerError::VmDir {
             vm_id,
@@ -1881,12 +1876,9 @@ fn backend_failed(vmm: &str, vm_id: &VmId, operation: BackendOperation, source: 
     ManagerError::Backend { vm_id: vm_id.clone(), backend: vmm.to_owned(), operation, source: Box::new(source) }
 }
 
-fn remove_vm_dir(vm_dir: &Path) {
-    match std::fs::remove_dir_all(vm_dir) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => {
-            tracing::error!(path = %vm_dir.display(), %error, "cannot remove a VM folder")
-        }
-        _ => {}
+fn remove_vm_dir(vm_dir: &VmDir) {
+    if let Err(error) = vm_dir.remove() {
+        tracing::error!(path = %vm_dir.path().display(), %error, "cannot remove a VM folder")
     }
 }
 

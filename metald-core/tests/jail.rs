@@ -377,7 +377,7 @@ fn firecracker_plan(sandbox: &Sandbox, vm_dir: &Path, netns: Option<Arc<std::os:
     let (_, stderr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     LaunchPlan {
         name: vm_dir.file_name().unwrap().to_string_lossy().into_owned(),
-        vm_dir: vm_dir.to_path_buf(),
+        vm_dir: metald_core::vm_dir::VmDir::at(vm_dir.to_path_buf()),
         program,
         args: vec![Arg::Literal("--api-sock".into()), Arg::PathOf("api.sock".into())],
         exposures: Vec::new(),

@@ -198,11 +198,10 @@ async fn console_lines_stay_whole_and_in_order_however_often_metald_is_killed_mi
     // Beats are in order, never twice and none lost: the kernel moves the
     // console's bytes from the pipe into the file, so a kill takes none of
     // them with it, and the metald after it continues from the same pipe.
-    let beats: Vec<u64> = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("TESTGUEST HEARTBEAT n="))
-        .map(|rest| rest.split(' ').next().unwrap().parse().unwrap())
-        .collect();
+    let beat = |line: &str| line.strip_prefix("TESTGUEST HEARTBEAT n=")?.split(' ').next()?.parse::<u64>().ok();
+    let broken: Vec<&str> = text.lines().filter(|line| line.starts_with("TESTGUEST HEARTBEAT") && beat(line).is_none()).collect();
+    assert_eq!(broken, Vec::<&str>::new(), "heartbeat lines cut short");
+    let beats: Vec<u64> = text.lines().filter_map(beat).collect();
     assert!(beats.windows(2).all(|pair| pair[0] < pair[1]), "heartbeats in order, once each: {beats:?}");
     let gaps: Vec<&[u64]> = beats.windows(2).filter(|pair| pair[1] != pair[0] + 1).collect();
     assert_eq!(gaps, Vec::<&[u64]>::new(), "beats lost over {KILLS} kills");

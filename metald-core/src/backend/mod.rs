@@ -104,7 +104,7 @@ pub struct VmmSpec {
     pub interfaces: Vec<InterfaceSpec>,
     /// A folder of this VM's own: the backend keeps its socket, logs and
     /// console there. The manager creates it and removes it at delete.
-    pub vm_dir: PathBuf,
+    pub vm_dir: crate::vm_dir::VmDir,
     /// The VM's network namespace, if the network provider made one.
     pub netns: Option<Arc<OwnedFd>>,
     /// The user the VM's VMMs run as, leased for the VM's life (jailed backends).

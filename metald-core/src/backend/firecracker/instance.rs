@@ -26,16 +26,15 @@ use crate::backend::{BackendError, StopMode, StopOutcome, VmmInfo, VmmInstance, 
 use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::{CaptureStart, ConsoleLog};
 use crate::images::ImageFile;
-use crate::jailer::JAIL_DIR;
 use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, TakeoverTicket, VmmExit};
 use crate::process::{ProcessExit, ProcessUsage};
 
 pub const PROGRAM: &str = "firecracker";
 pub const SOCKET_FILE: &str = "firecracker.sock";
 
-/// The kernel buffer of Firecracker's log pipe: 1 MiB, the most an
-/// unprivileged process may ask for by default (`fs.pipe-max-size`).
-const LOG_PIPE_BYTES: i32 = 1 << 20;
+/// The kernel buffer of each pipe Firecracker writes into: 1 MiB, the most
+/// an unprivileged process may ask for by default (`fs.pipe-max-size`).
+const PIPE_BYTES: i32 = 1 << 20;
 /// Firecracker's own log as metald keeps it, capped and rotated (see [`super::log`]).
 pub const LOG_FILE: &str = "firecracker.log";
 pub const STDERR_FILE: &str = "firecracker.stderr";
@@ -159,7 +158,18 @@ fn fifo(path: &Path) -> io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> 
     // away its output waits in the pipe (for the next metald to read)
     // instead of failing with EPIPE and being lost.
     let writer = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
+    give_room(&reader, path);
     Ok((reader, writer.into()))
+}
+
+/// Gives a pipe Firecracker writes into [`PIPE_BYTES`] of kernel buffer:
+/// what does not fit while metald is away or busy, Firecracker drops, and
+/// a guest's console keeps coming at its own pace. Pages are taken only as
+/// the buffer fills.
+fn give_room(pipe: &impl AsFd, path: &Path) {
+    if let Err(error) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES)) {
+        tracing::debug!(path = %path.display(), %error, "the pipe keeps the kernel's default size");
+    }
 }
 
 /// Makes a fresh named pipe at `path`, replacing what was there.
@@ -214,7 +224,7 @@ impl FirecrackerVm {
         console: ConsoleLog,
     ) -> Result<Self, BackendError> {
         // The longest socket path either launcher may use.
-        let socket = spec.vm_dir.join(JAIL_DIR).join(SOCKET_FILE);
+        let socket = spec.vm_dir.in_jail(SOCKET_FILE);
         let socket_len = socket.as_os_str().len();
         if socket_len > MAX_SOCKET_PATH {
             return Err(BackendError::SocketPathTooLong { path: socket, len: socket_len, max: MAX_SOCKET_PATH });
@@ -226,8 +236,8 @@ impl FirecrackerVm {
 
     /// A VM with no Firecracker running; its next boot launches one.
     pub fn dormant(settings: Arc<FirecrackerConfig>, launcher: Launcher, spec: VmmSpec, console: ConsoleLog) -> Self {
-        let stderr_log = ConsoleLog::named(&spec.vm_dir, STDERR_FILE, STDERR_LIMIT_BYTES);
-        let vmm_log = ConsoleLog::named(&spec.vm_dir, LOG_FILE, settings.log_limit_bytes);
+        let stderr_log = ConsoleLog::named(spec.vm_dir.path(), STDERR_FILE, STDERR_LIMIT_BYTES);
+        let vmm_log = ConsoleLog::named(spec.vm_dir.path(), LOG_FILE, settings.log_limit_bytes);
         Self {
             settings,
             launcher,
@@ -288,7 +298,7 @@ impl FirecrackerVm {
     }
 
     fn file(&self, name: &str) -> PathBuf {
-        self.spec.vm_dir.join(name)
+        self.spec.vm_dir.file(name)
     }
 
     /// A fresh named pipe in the VM's folder that Firecracker opens by path.
@@ -377,11 +387,7 @@ impl FirecrackerVm {
         let log_read = tokio::net::unix::pipe::OpenOptions::new()
             .open_receiver(&log_pipe.host_path)
             .map_err(prepare("Firecracker's log pipe", &log_pipe.host_path))?;
-        // Firecracker drops a log line that finds its pipe full; a burst of
-        // refused calls while metald is busy must not lose the last of them.
-        if let Err(error) = nix::fcntl::fcntl(&log_read, nix::fcntl::FcntlArg::F_SETPIPE_SZ(LOG_PIPE_BYTES)) {
-            tracing::debug!(vm_id = %self.spec.vm_id, %error, "Firecracker's log pipe keeps the kernel's default size");
-        }
+        give_room(&log_read, &log_pipe.host_path);
         let metrics_read = reading_end(&metrics_pipe.host_path).map_err(prepare("Firecracker's metrics pipe", &metrics_pipe.host_path))?;
         // Each process's log starts empty, so its exit code is its own.
         for name in [LOG_FILE.to_owned(), format!("{LOG_FILE}.1")] {
@@ -427,7 +433,7 @@ impl FirecrackerVm {
     async fn wait_until_ready(&self, launched: &Launched, api: &FirecrackerApi) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.settings.ready_timeout;
         let socket = launched.layout.host(SOCKET_FILE);
-        let folder = socket.parent().unwrap_or(&self.spec.vm_dir).to_path_buf();
+        let folder = socket.parent().unwrap_or(self.spec.vm_dir.path()).to_path_buf();
         let process = &launched.process;
         let creations = SocketCreations::watch(&folder)?;
         let appeared = async {
