@@ -1164,7 +1164,11 @@ impl VmManager {
     }
 
     async fn recover_one(&self, record: VmRecord) -> Result<Recovered, ManagerError> {
-        let VmRecord { vm_id, tenant, config, mut state, .. } = record.clone();
+        let VmRecord { vm_id, tenant, mut config, mut state, .. } = record.clone();
+        // A record from before VMs named their VMM ran on the host's default.
+        if config.vmm.is_empty() {
+            config.vmm = self.inner.default_backend.name().to_owned();
+        }
         let vm_dir = VmDir::of(&self.inner.vm_root, &vm_id);
         let console = vm_dir.console(self.inner.console_limit_bytes);
         // Why no VMM can be taken over or launched for this VM, if so.
