@@ -48,6 +48,8 @@ pub enum AddressError {
     NoAddress { tenant: TenantId, prefix: String },
     #[error("the MAC address {mac} is already used by another interface of this tenant")]
     MacInUse { mac: String },
+    #[error("the thread writing the address book did not finish")]
+    Interrupted(#[source] tokio::task::JoinError),
 }
 
 /// How addresses are carved.

@@ -107,7 +107,7 @@ pub enum ProviderError {
 #[derive(Debug)]
 pub struct Ipv6Network {
     config: NetworkConfig,
-    book: AddressBook,
+    book: Arc<AddressBook>,
     host_namespace: Option<Arc<OwnedFd>>,
     host: Netlink,
     namespaces: NetnsDir,
@@ -151,7 +151,7 @@ impl Ipv6Network {
         let provider = Self {
             namespaces: NetnsDir::new(&config.netns_dir),
             config,
-            book,
+            book: Arc::new(book),
             host_namespace,
             host,
             firewall,
@@ -202,6 +202,16 @@ impl Ipv6Network {
         }
     }
 
+    /// Runs `write` against the address book on a blocking thread: a
+    /// SQLite write waits for the disk, and a delete runs under the VM's lock.
+    async fn in_book<T: Send + 'static>(
+        &self,
+        write: impl FnOnce(&AddressBook) -> Result<T, AddressError> + Send + 'static,
+    ) -> Result<T, AddressError> {
+        let book = Arc::clone(&self.book);
+        tokio::task::spawn_blocking(move || write(&book)).await.map_err(AddressError::Interrupted)?
+    }
+
     /// Runs `change` on a blocking thread: each change is an `nft`
     /// process of its own, which no async worker should wait for.
     async fn firewall_change<T: Send + 'static>(
@@ -245,7 +255,8 @@ impl Ipv6Network {
     /// Lets a tenant's VMs reach one another (`true`) or keeps them apart (the default).
     pub async fn set_intra_tenant(&self, tenant: &TenantId, allowed: bool) -> Result<(), ProviderError> {
         let _tenants = self.tenants.lock().await;
-        self.book.set_intra_tenant(tenant, allowed)?;
+        let owner = tenant.clone();
+        self.in_book(move |book| book.set_intra_tenant(&owner, allowed)).await?;
         let allocations = self.book.allocations_of_tenant(tenant)?;
         if let Some(first) = allocations.first() {
             let ports: Vec<String> = allocations.iter().map(|allocation| self.host_link(allocation)).collect();
@@ -316,7 +327,9 @@ impl Ipv6Network {
         for (index, interface) in request.interfaces.iter().enumerate() {
             check_interface(index, interface, self.config.ipv4_pool.is_some())?;
             let mac = if interface.mac_address.is_empty() { None } else { parse_mac(&interface.mac_address) };
-            let allocation = self.book.allocate(request.vm_id, &interface.id, request.tenant, mac).map_err(|error| match error {
+            let (vm_id, interface_id, tenant) = (request.vm_id.clone(), interface.id.clone(), request.tenant.clone());
+            let allocated = self.in_book(move |book| book.allocate(&vm_id, &interface_id, &tenant, mac)).await;
+            let allocation = allocated.map_err(|error| match error {
                 // The tenant's own MAC, on another of its interfaces: its request to change.
                 AddressError::MacInUse { .. } => {
                     NetworkError::Refused { field: format!("network[{index}].mac_address"), reason: error.to_string() }
@@ -508,7 +521,8 @@ impl NetworkProvider for Ipv6Network {
         if let Err(error) = self.namespaces.delete(&self.namespace_name(vm_id)) {
             problems.push(metald_core::error_chain(&error));
         }
-        if let Err(error) = self.book.release(vm_id) {
+        let released = vm_id.clone();
+        if let Err(error) = self.in_book(move |book| book.release(&released)).await {
             problems.push(metald_core::error_chain(&error));
         }
         if problems.is_empty() { Ok(()) } else { Err(NetworkError::Detach { vm_id: vm_id.clone(), problems }) }
