@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use metald_core::config::MIB;
 use metald_core::jailer::JailerConfig;
+use metald_core::operations::{Boot, Delete, Pause, Resume, Shutdown};
 use metald_core::{CreateVm, FirecrackerBackend, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmManager};
 use metald_testguest::{cmdline, console};
 
@@ -58,27 +59,27 @@ async fn main() -> Result<()> {
     });
 
     let step = Instant::now();
-    manager.boot(&vm_id).await?;
+    manager.run(&vm_id, Boot).await?;
     steps.push(("boot (InstanceStart)", step.elapsed()));
     console_log.wait_for_line(|line| line.starts_with(console::READY), Duration::from_secs(20)).await?;
     steps.push(("boot to the guest's ready line", step.elapsed()));
 
     console_log.wait_for_line(|line| line.starts_with(console::HEARTBEAT), Duration::from_secs(5)).await?;
     let step = Instant::now();
-    manager.pause(&vm_id).await?;
+    manager.run(&vm_id, Pause).await?;
     steps.push(("pause", step.elapsed()));
     println!("{}  (paused: no heartbeat for one second)", stamp());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let step = Instant::now();
-    manager.resume(&vm_id).await?;
+    manager.run(&vm_id, Resume).await?;
     steps.push(("resume", step.elapsed()));
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let step = Instant::now();
-    manager.shutdown(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await?;
+    manager.run(&vm_id, Shutdown(StopOptions { force: false, timeout: Some(Duration::from_secs(10)) })).await?;
     steps.push(("graceful shutdown (Ctrl+Alt+Del until the VMM exits)", step.elapsed()));
     let step = Instant::now();
-    manager.delete(&vm_id, StopOptions::default()).await?;
+    manager.run(&vm_id, Delete(StopOptions::default())).await?;
     steps.push(("delete", step.elapsed()));
     tokio::time::sleep(Duration::from_millis(50)).await;
 

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use metald_core::config::MIB;
 use metald_core::jailer::JailerConfig;
+use metald_core::operations::{Boot, Delete, Info};
 use metald_core::{CreateVm, FirecrackerBackend, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmId, VmManager};
 use metald_testguest::console;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -84,7 +85,7 @@ impl BenchHost {
             .create(CreateVm { vm_id: None, tenant, config: self.guest_config() })
             .await
             .map_err(|error| metald_core::error_chain(&error))?;
-        self.manager.boot(&vm_id).await.map_err(|error| metald_core::error_chain(&error))?;
+        self.manager.run(&vm_id, Boot).await.map_err(|error| metald_core::error_chain(&error))?;
         let console_log = self.manager.console(&vm_id).map_err(|error| error.to_string())?;
         console_log.wait_for_line(|line| line.starts_with(console::READY), READY_TIMEOUT).await.map_err(|error| error.to_string())?;
         Ok((started.elapsed(), vm_id))
@@ -92,14 +93,14 @@ impl BenchHost {
 
     /// How long each step of a VM's VMM launch took.
     pub async fn launch_timings(&self, vm_id: &VmId) -> Vec<(&'static str, Duration)> {
-        match self.manager.info(vm_id).await {
+        match self.manager.run(vm_id, Info).await {
             Ok(info) => info.vmm.map(|vmm| vmm.launch_timings).unwrap_or_default(),
             Err(_) => Vec::new(),
         }
     }
 
     pub async fn library_delete(&self, vm_id: &VmId) -> Result<(), String> {
-        self.manager.delete(vm_id, StopOptions { force: true, timeout: None }).await.map_err(|error| metald_core::error_chain(&error))
+        self.manager.run(vm_id, Delete(StopOptions { force: true, timeout: None })).await.map_err(|error| metald_core::error_chain(&error))
     }
 
     /// The whole lifecycle through the library: create, boot, ready line, delete.

@@ -158,7 +158,7 @@ mod tests {
     }
 
     fn backend(source: BackendError) -> ManagerError {
-        ManagerError::Backend { vm_id: vm(), backend: "firecracker".into(), operation: BackendOperation::Boot, source: Box::new(source) }
+        ManagerError::Backend { vm_id: vm(), backend: "firecracker".into(), operation: BackendOperation::BOOT, source: Box::new(source) }
     }
 
     fn assert_generic_internal((code, message): (ErrorCode, String)) {

@@ -21,7 +21,7 @@ pub trait BlockSource: Send + Sync + std::fmt::Debug {
 #[async_trait]
 impl BlockSource for VmManager {
     async fn block_totals(&self, vm_id: &VmId) -> Option<DeviceCounters> {
-        self.metrics(vm_id).await.ok().map(|metrics| metrics.devices)
+        self.run(vm_id, metald_core::operations::Metrics).await.ok().map(|metrics| metrics.devices)
     }
 }
 

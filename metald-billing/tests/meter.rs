@@ -17,6 +17,7 @@ use metald_billing::clickhouse::ClickHouseSink;
 use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::{Billing, BillingConfig, JsonLinesSink, Spool, UsageRecord};
 use metald_core::events::{VmEvent, VmEventKind};
+use metald_core::operations::{Delete, Pause, Resume, Shutdown};
 use metald_core::{StopOptions, VmId};
 use metald_testguest::cmdline;
 use metald_testguest::wait_until;
@@ -85,7 +86,7 @@ async fn a_burning_vms_cpu_in_clickhouse_equals_what_its_cgroup_counted() {
         async move { counted >= 1_000_000_000 }
     })
     .await;
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
     let cgroup_cpu_ns = stopped_cpu_ns(&mut events, &vm_id).await;
     wait_until("the final row in ClickHouse", Duration::from_secs(20), || final_row_arrived(&sink, vm_id.as_str())).await;
     billing.stop().await;
@@ -100,7 +101,7 @@ async fn a_burning_vms_cpu_in_clickhouse_equals_what_its_cgroup_counted() {
         charged_ns.abs_diff(cgroup_cpu_ns) <= 100_000_000,
         "ClickHouse holds {charged_ns} ns of CPU, the cgroup counted {cgroup_cpu_ns} ns"
     );
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert_eq!(sandbox.leftovers(), Vec::<String>::new());
 }
 
@@ -118,9 +119,9 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
     tokio::time::sleep(Duration::from_millis(600)).await;
     // The pause lasts at least the sleep and at most the time around both calls.
     let around_pause = std::time::Instant::now();
-    sandbox.manager.pause(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Pause).await.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    sandbox.manager.resume(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Resume).await.unwrap();
     let pause_bound_ms = u64::try_from(around_pause.elapsed().as_millis()).unwrap();
     let records = || {
         let text = std::fs::read_to_string(&usage_file).unwrap_or_default();
@@ -136,7 +137,7 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
         async move { after >= 3 }
     })
     .await;
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
     wait_until("the final record", Duration::from_secs(60), || {
         let done = records().iter().any(|record| record.final_record);
         async move { done }
@@ -181,7 +182,7 @@ async fn a_paused_vm_is_charged_no_cpu_and_a_stopped_vm_gets_one_final_record_th
     for side in [&before, &after] {
         assert!(side.iter().any(|record| record.usage.cpu_ns > 0), "running intervals charged no CPU: {side:?}");
     }
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert_eq!(sandbox.leftovers(), Vec::<String>::new());
 }
 
@@ -208,7 +209,7 @@ async fn clickhouse_down_for_ten_seconds_loses_and_doubles_nothing() {
 
     tokio::time::sleep(Duration::from_secs(1)).await;
     for vm_id in [&first, &second] {
-        sandbox.manager.shutdown(vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+        sandbox.manager.run(vm_id, Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
     }
     for vm_id in [&first, &second] {
         wait_until("the final row in ClickHouse", Duration::from_secs(30), || final_row_arrived(&sink, vm_id.as_str())).await;
@@ -233,7 +234,7 @@ async fn clickhouse_down_for_ten_seconds_loses_and_doubles_nothing() {
         assert_eq!(intervals, rows, "{table}");
     }
     for vm_id in [&first, &second] {
-        sandbox.manager.delete(vm_id, StopOptions::default()).await.unwrap();
+        sandbox.manager.run(vm_id, Delete(StopOptions::default())).await.unwrap();
     }
     assert_eq!(sandbox.leftovers(), Vec::<String>::new());
 }

@@ -17,6 +17,7 @@ use std::time::{Duration, SystemTime};
 use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::{Billing, BillingConfig, JsonLinesSink, Spool, UsageRecord};
 use metald_core::events::{VmEvent, VmEventKind};
+use metald_core::operations::{Boot, Delete, Info, Pause, Reboot, Shutdown};
 use metald_core::{StopOptions, VmId};
 use metald_testguest::{cmdline, console, wait_until};
 use sandbox::Sandbox;
@@ -126,16 +127,16 @@ async fn every_vmm_life_ends_in_one_final_record_when_a_delete_or_boot_follows_i
         metered.wait_for_records(vm_id, 2).await;
     }
 
-    sandbox.manager.delete(&forced_delete, FORCED).await.unwrap();
-    sandbox.manager.delete(&graceful_delete, StopOptions::default()).await.unwrap();
-    sandbox.manager.shutdown(&stop_then_delete, FORCED).await.unwrap();
-    sandbox.manager.delete(&stop_then_delete, FORCED).await.unwrap();
+    sandbox.manager.run(&forced_delete, Delete(FORCED)).await.unwrap();
+    sandbox.manager.run(&graceful_delete, Delete(StopOptions::default())).await.unwrap();
+    sandbox.manager.run(&stop_then_delete, Shutdown(FORCED)).await.unwrap();
+    sandbox.manager.run(&stop_then_delete, Delete(FORCED)).await.unwrap();
     for _ in 0..3 {
-        sandbox.manager.shutdown(&stop_then_boot, FORCED).await.unwrap();
-        sandbox.manager.boot(&stop_then_boot).await.unwrap();
+        sandbox.manager.run(&stop_then_boot, Shutdown(FORCED)).await.unwrap();
+        sandbox.manager.run(&stop_then_boot, Boot).await.unwrap();
         sandbox.wait_for_line(&stop_then_boot, console::READY).await;
     }
-    sandbox.manager.delete(&stop_then_boot, FORCED).await.unwrap();
+    sandbox.manager.run(&stop_then_boot, Delete(FORCED)).await.unwrap();
 
     for (vm_id, vmm_lives) in [(&forced_delete, 1), (&graceful_delete, 1), (&stop_then_delete, 1), (&stop_then_boot, 4)] {
         metered.wait_for_finals(vm_id, vmm_lives).await;
@@ -186,11 +187,11 @@ async fn a_reboot_charges_each_vmm_exactly_what_its_own_cgroup_counted() {
     let reboots = 4;
     for round in 1..=reboots {
         metered.wait_for_records(&vm_id, round * 3).await;
-        sandbox.manager.reboot(&vm_id, FORCED).await.unwrap();
+        sandbox.manager.run(&vm_id, Reboot(FORCED)).await.unwrap();
         sandbox.wait_for_line(&vm_id, console::READY).await;
     }
     metered.wait_for_records(&vm_id, (reboots + 1) * 3).await;
-    sandbox.manager.shutdown(&vm_id, FORCED).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(FORCED)).await.unwrap();
     let ended = ended_vmms(&mut events, &vm_id, reboots + 1).await;
     metered.wait_for_finals(&vm_id, 1).await;
     metered.stop().await;
@@ -222,7 +223,7 @@ async fn a_reboot_charges_each_vmm_exactly_what_its_own_cgroup_counted() {
         from = to + 1;
     }
     assert_eq!(from, records.len(), "records after the last VMM ended: {:?}", &records[from..]);
-    metered.sandbox.manager.delete(&vm_id, FORCED).await.unwrap();
+    metered.sandbox.manager.run(&vm_id, Delete(FORCED)).await.unwrap();
     assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
 }
 
@@ -245,13 +246,13 @@ async fn a_stopped_vmm_and_a_slow_graceful_stop_delay_no_other_vms_records() {
     for vm_id in others.iter().chain([&frozen, &ignoring]) {
         metered.wait_for_records(vm_id, 2).await;
     }
-    let frozen_pid = sandbox.manager.info(&frozen).await.unwrap().vmm.and_then(|vmm| vmm.pid).expect("the VMM's pid");
+    let frozen_pid = sandbox.manager.run(&frozen, Info).await.unwrap().vmm.and_then(|vmm| vmm.pid).expect("the VMM's pid");
     signal(frozen_pid, nix::sys::signal::Signal::SIGSTOP);
 
     // The graceful stop holds its VM for the whole timeout: the guest ignores it.
     let stall = Duration::from_secs(6);
     let stall_started_ms = metald_types::time::unix_millis_now();
-    sandbox.manager.shutdown(&ignoring, StopOptions { force: false, timeout: Some(stall) }).await.unwrap();
+    sandbox.manager.run(&ignoring, Shutdown(StopOptions { force: false, timeout: Some(stall) })).await.unwrap();
     let stall_ended_ms = metald_types::time::unix_millis_now();
     // Whole records past the stall, for every VM.
     for vm_id in &others {
@@ -261,7 +262,7 @@ async fn a_stopped_vmm_and_a_slow_graceful_stop_delay_no_other_vms_records() {
     signal(frozen_pid, nix::sys::signal::Signal::SIGCONT);
     let stats = Arc::clone(metered.billing.as_ref().unwrap().meter_stats());
     for vm_id in others.iter().chain([&frozen, &ignoring]) {
-        metered.sandbox.manager.delete(vm_id, FORCED).await.unwrap();
+        metered.sandbox.manager.run(vm_id, Delete(FORCED)).await.unwrap();
     }
     metered.stop().await;
 
@@ -302,11 +303,11 @@ async fn a_paused_vm_stopped_booted_and_killed_gets_a_final_record_for_each_vmm(
     let Some(mut metered) = Metered::new(test) else { return };
     let sandbox = &metered.sandbox;
     let vm_id = sandbox.create(sandbox.guest_config(&[&cmdline::heartbeat_ms(50)])).await;
-    sandbox.manager.boot(&vm_id).await.unwrap();
-    sandbox.manager.pause(&vm_id).await.unwrap();
-    sandbox.manager.shutdown(&vm_id, FORCED).await.unwrap();
-    sandbox.manager.boot(&vm_id).await.unwrap();
-    let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.and_then(|vmm| vmm.pid).unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
+    sandbox.manager.run(&vm_id, Pause).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(FORCED)).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
+    let pid = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.and_then(|vmm| vmm.pid).unwrap();
     signal(pid, nix::sys::signal::Signal::SIGKILL);
     wait_until("the VM to fail", Duration::from_secs(20), || async {
         sandbox.manager.state(&vm_id).unwrap() == metald_core::VmState::Failed
@@ -317,7 +318,7 @@ async fn a_paused_vm_stopped_booted_and_killed_gets_a_final_record_for_each_vmm(
     let records = metered.records(&vm_id);
     assert_contiguous(&vm_id, &records);
     assert_eq!(records.iter().filter(|record| record.final_record).count(), 2, "{records:?}");
-    metered.sandbox.manager.delete(&vm_id, FORCED).await.unwrap();
+    metered.sandbox.manager.run(&vm_id, Delete(FORCED)).await.unwrap();
     assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
 }
 
@@ -329,9 +330,9 @@ async fn a_paused_vm_stopped_gracefully_is_charged_for_the_time_it_ran_to_hear_t
     let sandbox = &metered.sandbox;
     let vm_id = sandbox.boot_guest(&[&cmdline::burn_forever()]).await;
     metered.wait_for_records(&vm_id, 2).await;
-    sandbox.manager.pause(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Pause).await.unwrap();
     // A graceful stop resumes the guest so that it hears Ctrl+Alt+Del; it spins until it stops.
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(2)) }).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(StopOptions { force: false, timeout: Some(Duration::from_secs(2)) })).await.unwrap();
     let (mut paused_at, mut resumed_at, mut ended) = (None, None, None);
     while ended.is_none() {
         let event = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.expect("an event").unwrap();
@@ -355,6 +356,6 @@ async fn a_paused_vm_stopped_gracefully_is_charged_for_the_time_it_ran_to_hear_t
     // Everything the cgroup counted, except while the VM was paused.
     let charged: u64 = records.iter().map(|record| record.usage.cpu_ns).sum();
     assert_eq!(charged, ended - (resumed_at - paused_at), "{records:?}");
-    metered.sandbox.manager.delete(&vm_id, FORCED).await.unwrap();
+    metered.sandbox.manager.run(&vm_id, Delete(FORCED)).await.unwrap();
     assert_eq!(metered.sandbox.leftovers(), Vec::<String>::new());
 }

@@ -168,7 +168,7 @@ mod tests {
         ManagerError::Backend {
             vm_id: VmId::new("vm-1").unwrap(),
             backend: "firecracker".into(),
-            operation: BackendOperation::Boot,
+            operation: BackendOperation::BOOT,
             source: Box::new(source),
         }
     }

@@ -31,7 +31,7 @@
 //! config.boot.kernel_path = "vmlinux".into();
 //! let tenant = TenantId::new("acme").expect("a valid tenant id");
 //! let vm_id = manager.create(CreateVm { vm_id: None, tenant, config }).await?;
-//! manager.boot(&vm_id).await?;
+//! manager.run(&vm_id, metald_core::operations::Boot).await?;
 //! # Ok(()) }
 //! ```
 
@@ -62,6 +62,7 @@ pub use config::VmConfig;
 pub use error_kind::ErrorKind;
 pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};
+pub use manager::operations;
 pub use manager::{
     BackendOperation, CreateVm, ManagerError, Recovery, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmPage, VmSummary,
 };

@@ -17,6 +17,7 @@ use metald_core::backend::{BackendError, Capabilities, VmmBackend, VmmInstance, 
 use metald_core::console::ConsoleLog;
 use metald_core::jailer::{IdentityCapacity, IdentityLease};
 use metald_core::launch::{Launcher, TakeoverTicket};
+use metald_core::operations::{Boot, Delete, Info};
 use metald_core::{CreateVm, FirecrackerBackend, ManagerError, StopOptions, VmState};
 
 /// A second VMM of the host: Firecracker again, under another name.
@@ -81,14 +82,14 @@ async fn each_vm_runs_on_the_vmm_it_names_and_an_unoffered_one_is_refused() {
     config.vmm = "second-vmm".into();
     let on_second = sandbox.create(config).await;
     for (vm_id, vmm) in [(&on_default, "firecracker"), (&on_second, "second-vmm")] {
-        sandbox.manager.boot(vm_id).await.unwrap();
+        sandbox.manager.run(vm_id, Boot).await.unwrap();
         sandbox.wait_for_line(vm_id, metald_testguest::console::READY).await;
-        let info = sandbox.manager.info(vm_id).await.unwrap();
+        let info = sandbox.manager.run(vm_id, Info).await.unwrap();
         assert_eq!((info.state, info.config.vmm.as_str()), (VmState::Running, vmm), "the configuration names the VMM it runs on");
     }
     let mut uids = BTreeSet::new();
     for vm_id in [&on_default, &on_second] {
-        uids.insert(sandbox.manager.info(vm_id).await.unwrap().vmm.unwrap().identity.unwrap().0);
+        uids.insert(sandbox.manager.run(vm_id, Info).await.unwrap().vmm.unwrap().identity.unwrap().0);
     }
     assert_eq!(uids.len(), 2, "two VMs, two uids, whichever VMM runs them");
 
@@ -103,7 +104,7 @@ async fn each_vm_runs_on_the_vmm_it_names_and_an_unoffered_one_is_refused() {
     );
 
     for vm_id in [&on_default, &on_second] {
-        sandbox.manager.delete(vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+        sandbox.manager.run(vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     }
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::Sandbox;
 use metald_core::events::VmEventKind;
+use metald_core::operations::{Boot, Delete, Info, Metrics, Pause, Reboot, Resume, Shutdown};
 use metald_core::{StopOptions, VmState};
 use metald_testguest::{cmdline, console};
 use tokio::sync::broadcast::error::TryRecvError;
@@ -28,17 +29,17 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
     assert!(copy.is_file(), "the writable drive is copied for this VM");
     assert!(!vm_dir.join("drives/shared.img").exists(), "a read-only drive is shared, not copied");
 
-    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
     let ready = sandbox.wait_for_line(&vm_id, console::READY).await;
     assert!(ready.contains("testguest.heartbeat_ms=100"), "the ready line carries the command line: {ready}");
     sandbox.wait_for_line(&vm_id, console::HEARTBEAT).await;
-    let info = sandbox.manager.info(&vm_id).await.unwrap();
+    let info = sandbox.manager.run(&vm_id, Info).await.unwrap();
     let vmm = info.vmm.expect("a running VMM reports itself");
     assert_eq!(vmm.vmm_state, "Running");
     let pid = vmm.pid.expect("a pid");
 
-    sandbox.manager.pause(&vm_id).await.unwrap();
-    assert_eq!(sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().vmm_state, "Paused");
+    sandbox.manager.run(&vm_id, Pause).await.unwrap();
+    assert_eq!(sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().vmm_state, "Paused");
     let mut lines = sandbox.manager.console(&vm_id).unwrap().subscribe();
     Sandbox::last_line_once_quiet(&mut lines).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -47,18 +48,18 @@ async fn a_vm_lives_through_boot_pause_resume_shutdown_and_delete() {
         other => panic!("a paused guest printed {other:?}"),
     }
 
-    sandbox.manager.resume(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Resume).await.unwrap();
     let beat = tokio::time::timeout(Duration::from_secs(20), lines.recv()).await.expect("a heartbeat after resume").unwrap();
     assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
 
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(StopOptions { force: false, timeout: Some(Duration::from_secs(10)) })).await.unwrap();
     assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Shutdown);
     let console_text = String::from_utf8_lossy(&sandbox.manager.console_tail(&vm_id, 1 << 20).unwrap()).into_owned();
     assert!(console_text.contains(console::SHUTDOWN), "the guest saw Ctrl+Alt+Del:\n{console_text}");
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the VMM process is gone");
     assert!(sandbox.live_vmms().is_empty());
 
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert!(matches!(sandbox.manager.state(&vm_id), Err(metald_core::ManagerError::NotFound(_))));
     assert!(!vm_dir.exists(), "no run folder, socket or drive copy is left");
     assert!(!copy.exists());
@@ -85,7 +86,7 @@ async fn a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason() {
     let Some(sandbox) = Sandbox::new("a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason") else { return };
     let vm_id = sandbox.boot_guest(&[&cmdline::heartbeat_ms(100)]).await;
     let mut events = sandbox.manager.subscribe();
-    let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid.unwrap();
+    let pid = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().pid.unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
 
     let event = tokio::time::timeout(Duration::from_secs(20), events.recv()).await.expect("the death is noticed").unwrap();
@@ -96,13 +97,13 @@ async fn a_vmm_killed_with_sigkill_makes_its_vm_failed_with_the_reason() {
         }
         other => panic!("expected Failed, got {other:?}"),
     }
-    let info = sandbox.manager.info(&vm_id).await.unwrap();
+    let info = sandbox.manager.run(&vm_id, Info).await.unwrap();
     assert_eq!(info.state, VmState::Failed);
     assert!(info.failure.unwrap().contains("SIGKILL"));
 
-    let error = sandbox.manager.pause(&vm_id).await.unwrap_err();
+    let error = sandbox.manager.run(&vm_id, Pause).await.unwrap_err();
     assert!(error.to_string().contains("is Failed and cannot pause"), "{error}");
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -124,9 +125,9 @@ async fn twenty_vms_boot_concurrently_and_all_delete_cleanly() {
 
     let deletes = vm_ids.into_iter().map(|vm_id| {
         let sandbox = std::sync::Arc::clone(&sandbox);
-        tokio::spawn(
-            async move { sandbox.manager.delete(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await },
-        )
+        tokio::spawn(async move {
+            sandbox.manager.run(&vm_id, Delete(StopOptions { force: false, timeout: Some(Duration::from_secs(10)) })).await
+        })
     });
     for delete in deletes {
         delete.await.unwrap().unwrap();
@@ -140,7 +141,7 @@ async fn a_guest_that_resets_itself_is_shut_down_and_boots_again() {
     let Some(sandbox) = Sandbox::new("a_guest_that_resets_itself_is_shut_down_and_boots_again") else { return };
     let mut events = sandbox.manager.subscribe();
     let vm_id = sandbox.create(sandbox.guest_config(&[cmdline::RESET])).await;
-    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
     loop {
         let event = tokio::time::timeout(Duration::from_secs(20), events.recv()).await.expect("the reset is noticed").unwrap();
         if let VmEventKind::Stopped { by_guest, exit, .. } = event.kind {
@@ -153,7 +154,7 @@ async fn a_guest_that_resets_itself_is_shut_down_and_boots_again() {
     assert!(sandbox.live_vmms().is_empty());
 
     // Booting again launches a fresh VMM; the guest resets again at once.
-    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
     let console = sandbox.manager.console(&vm_id).unwrap();
     let text = loop {
         let text = String::from_utf8_lossy(&console.tail(1 << 16).unwrap()).into_owned();
@@ -163,7 +164,7 @@ async fn a_guest_that_resets_itself_is_shut_down_and_boots_again() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(text.matches(console::READY).count(), 2);
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -171,9 +172,9 @@ async fn a_guest_that_resets_itself_is_shut_down_and_boots_again() {
 async fn reboot_restarts_the_guest_and_keeps_the_vm_running() {
     let Some(sandbox) = Sandbox::new("reboot_restarts_the_guest_and_keeps_the_vm_running") else { return };
     let vm_id = sandbox.boot_guest(&[]).await;
-    let first_pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid;
+    let first_pid = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().pid;
     let mut lines = sandbox.manager.console(&vm_id).unwrap().subscribe();
-    sandbox.manager.reboot(&vm_id, StopOptions { force: false, timeout: Some(Duration::from_secs(10)) }).await.unwrap();
+    sandbox.manager.run(&vm_id, Reboot(StopOptions { force: false, timeout: Some(Duration::from_secs(10)) })).await.unwrap();
     assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Running);
     let mut saw_shutdown = false;
     loop {
@@ -184,10 +185,10 @@ async fn reboot_restarts_the_guest_and_keeps_the_vm_running() {
         }
     }
     assert!(saw_shutdown, "a graceful reboot asks the guest first");
-    let second_pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid;
+    let second_pid = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().pid;
     assert_ne!(first_pid, second_pid, "Firecracker cannot reboot in place: a fresh VMM runs");
     assert_eq!(sandbox.live_vmms().len(), 1);
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -233,16 +234,16 @@ async fn a_vm_attaches_to_an_existing_tap_device() {
         ..Default::default()
     }];
     let vm_id = sandbox.create(config).await;
-    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
     let ready = sandbox.wait_for_line(&vm_id, console::READY).await;
     assert!(ready.contains("virtio_mmio.device="), "Firecracker added the net device to the command line: {ready}");
-    let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid.unwrap();
+    let pid = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().pid.unwrap();
     let holds_tap = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
         .flatten()
         .any(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default().contains(&format!("iff:\t{}", tap.0)));
     assert!(holds_tap, "Firecracker holds {} open", tap.0);
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -261,7 +262,7 @@ async fn a_chatty_console_rotates_at_its_cap() {
     };
     console_log.wait_for_line(|line| beat(line).is_some_and(|n| n >= 40), common::BOOT_TIMEOUT).await.unwrap();
     // Paused, the guest prints nothing more, so the last line published is the newest output.
-    sandbox.manager.pause(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Pause).await.unwrap();
     let newest = Sandbox::last_line_once_quiet(&mut lines).await.expect("heartbeats were published");
     let vm_dir = sandbox.vms.join(vm_id.as_str());
     let current = std::fs::metadata(vm_dir.join("console.log")).unwrap().len();
@@ -270,7 +271,7 @@ async fn a_chatty_console_rotates_at_its_cap() {
     let tail = String::from_utf8(sandbox.manager.console_tail(&vm_id, 1024).unwrap()).unwrap();
     assert!(tail.contains(&*newest), "the newest output ({newest}) is kept: {tail}");
     assert!(!tail.contains(console::READY), "the oldest output is gone");
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -285,18 +286,18 @@ async fn a_guest_that_ignores_ctrl_alt_del_is_killed_at_the_timeout_while_other_
     let shutdown = {
         let (sandbox, stubborn) = (std::sync::Arc::clone(&sandbox), stubborn.clone());
         tokio::spawn(async move {
-            sandbox.manager.shutdown(&stubborn, StopOptions { force: false, timeout: Some(Duration::from_secs(8)) }).await
+            sandbox.manager.run(&stubborn, Shutdown(StopOptions { force: false, timeout: Some(Duration::from_secs(8)) })).await
         })
     };
     sandbox.wait_for_line(&stubborn, console::IGNORED_SHUTDOWN).await;
 
     // The stubborn VM's lock is held by its shutdown; the other VM is not held up.
-    sandbox.manager.pause(&other).await.unwrap();
-    sandbox.manager.resume(&other).await.unwrap();
+    sandbox.manager.run(&other, Pause).await.unwrap();
+    sandbox.manager.run(&other, Resume).await.unwrap();
     assert!(!shutdown.is_finished(), "the other VM's operations finished while the shutdown still waited");
     assert_eq!(sandbox.manager.state(&stubborn).unwrap(), VmState::Running);
     // An operation on the stubborn VM itself waits for the shutdown to end.
-    let info = sandbox.manager.info(&stubborn).await.unwrap();
+    let info = sandbox.manager.run(&stubborn, Info).await.unwrap();
     assert_eq!(info.state, VmState::Shutdown, "info waited for the shutdown holding the VM");
     shutdown.await.unwrap().unwrap();
 
@@ -309,7 +310,7 @@ async fn a_guest_that_ignores_ctrl_alt_del_is_killed_at_the_timeout_while_other_
     assert!(matches!(stopped, VmEventKind::Stopped { forced: true, by_guest: false, .. }), "{stopped:?}");
     assert_eq!(sandbox.live_vmms().len(), 1, "only the other VM's VMM is left");
     for vm_id in [stubborn, other] {
-        sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+        sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     }
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
@@ -319,8 +320,8 @@ async fn a_busy_guest_uses_real_cpu_and_memory() {
     let Some(sandbox) = Sandbox::new("a_busy_guest_uses_real_cpu_and_memory") else { return };
     let before = {
         let vm_id = sandbox.boot_guest(&[]).await;
-        let idle = sandbox.manager.metrics(&vm_id).await.unwrap();
-        sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+        let idle = sandbox.manager.run(&vm_id, Metrics).await.unwrap();
+        sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
         idle
     };
     let vm_id = sandbox.boot_guest(&[&cmdline::burn(3000), &cmdline::mem_mib(24)]).await;
@@ -328,7 +329,7 @@ async fn a_busy_guest_uses_real_cpu_and_memory() {
     assert!(burnt.contains(&format!("iterations={}", cmdline::scaled(3000))), "{burnt}");
     let touched = sandbox.wait_for_line(&vm_id, console::MEM_DONE).await;
     assert!(touched.contains("mib=24"), "{touched}");
-    let busy = sandbox.manager.metrics(&vm_id).await.unwrap();
+    let busy = sandbox.manager.run(&vm_id, Metrics).await.unwrap();
     assert!(
         busy.resident_bytes >= before.resident_bytes + (20 << 20),
         "24 MiB touched: {} bytes resident, {} when idle",
@@ -337,10 +338,10 @@ async fn a_busy_guest_uses_real_cpu_and_memory() {
     );
     // /proc counts CPU in 10 ms ticks: a fast host may not have used one yet, but it will.
     metald_testguest::wait_until("the VMM's CPU time in /proc", Duration::from_secs(60), || async {
-        sandbox.manager.metrics(&vm_id).await.is_ok_and(|metrics| metrics.cpu_time_ns > 0)
+        sandbox.manager.run(&vm_id, Metrics).await.is_ok_and(|metrics| metrics.cpu_time_ns > 0)
     })
     .await;
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -394,8 +395,8 @@ async fn the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it(
 
     // What a tenant looping GetVmInfo and the meter reading every tick do.
     for _ in 0..100 {
-        sandbox.manager.info(&vm_id).await.unwrap();
-        sandbox.manager.metrics(&vm_id).await.unwrap();
+        sandbox.manager.run(&vm_id, Info).await.unwrap();
+        sandbox.manager.run(&vm_id, Metrics).await.unwrap();
     }
     let log = read_log();
     assert!(log.contains("InstanceStart"), "calls that change the VM are logged:\n{log}");
@@ -408,7 +409,7 @@ async fn the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it(
 
     // Calls that Firecracker refuses are logged with their bodies; far more
     // of them than the cap holds.
-    let socket = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().api_socket.unwrap();
+    let socket = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().api_socket.unwrap();
     let padding = "x".repeat(400);
     for attempt in 0..200 {
         let body = format!(r#"{{"vcpu_count":1,"mem_size_mib":32,"note":"attempt-{attempt}-{padding}"}}"#);
@@ -429,7 +430,7 @@ async fn the_vmm_log_keeps_within_its_cap_and_routine_calls_leave_no_line_in_it(
     let mut lines = sandbox.manager.console(&vm_id).unwrap().subscribe();
     tokio::time::timeout(Duration::from_secs(20), lines.recv()).await.expect("a heartbeat after the flood").unwrap();
     assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Running);
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert!(!vm_dir.exists());
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }

@@ -16,6 +16,7 @@ use metald_core::config::MIB;
 use metald_core::events::VmEventKind;
 use metald_core::jailer::{JailError, JailStep, Jailer, JailerConfig};
 use metald_core::launch::{self, Arg, Exposure, LaunchError, LaunchPlan, Resources};
+use metald_core::operations::{Boot, Delete, Info, Reboot, Shutdown};
 use metald_core::{CreateVm, ManagerError, StopOptions, VmState};
 use metald_testguest::{cmdline, console};
 
@@ -49,9 +50,9 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
     let mut config = sandbox.guest_config(&[&cmdline::heartbeat_ms(100)]);
     config.storage = vec![Sandbox::drive("shared", &shared, true), Sandbox::drive("scratch", &sandbox.image("scratch.img", MIB), false)];
     let vm_id = sandbox.create(config).await;
-    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
     sandbox.wait_for_line(&vm_id, console::READY).await;
-    let vmm = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap();
+    let vmm = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap();
     let pid = vmm.pid.unwrap();
     assert_eq!(vmm.extra["jailed"], "true");
 
@@ -150,7 +151,7 @@ async fn a_jailed_vmm_runs_unprivileged_alone_and_confined() {
     // Nothing of it outlives the VM.
     let jail_dir = sandbox.vms.join(vm_id.as_str()).join("root");
     assert!(jail_dir.is_dir());
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert!(!jail_dir.exists());
     for cgroup in &cgroups {
         assert!(!cgroup.exists(), "{} is removed", cgroup.display());
@@ -167,7 +168,7 @@ async fn a_guest_that_writes_past_its_memory_limit_is_killed_and_its_vm_fails_sa
     let mut config = sandbox.guest_config(&[&cmdline::mem_mib(96)]);
     config.memory.size_bytes = 128 * MIB;
     let vm_id = sandbox.create(config).await;
-    sandbox.manager.boot(&vm_id).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
     let reason = loop {
         let event = tokio::time::timeout(Duration::from_secs(30), events.recv()).await.expect("the VMM dies").unwrap();
         if let VmEventKind::Failed { reason, exit, .. } = event.kind {
@@ -177,12 +178,12 @@ async fn a_guest_that_writes_past_its_memory_limit_is_killed_and_its_vm_fails_sa
     };
     assert!(reason.contains("out of memory"), "{reason}");
     assert!(reason.contains(&cap.to_string()), "the limit is named: {reason}");
-    let info = sandbox.manager.info(&vm_id).await.unwrap();
+    let info = sandbox.manager.run(&vm_id, Info).await.unwrap();
     assert_eq!(info.state, VmState::Failed);
     assert_eq!(info.failure.as_deref(), Some(reason.as_str()));
     let console_text = String::from_utf8_lossy(&sandbox.manager.console_tail(&vm_id, 1 << 16).unwrap()).into_owned();
     assert!(!console_text.contains(console::MEM_DONE), "the guest never finished writing:\n{console_text}");
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 
@@ -223,10 +224,10 @@ async fn an_image_swapped_for_a_symlink_after_validation_exposes_no_host_file() 
         config.storage = vec![Sandbox::drive("data", "data.img", true)];
         match sandbox.manager.create(CreateVm { vm_id: None, tenant: Sandbox::tenant(), config }).await {
             Ok(vm_id) => {
-                let pid = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap().pid.unwrap();
+                let pid = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap().pid.unwrap();
                 let seen = std::fs::read(format!("/proc/{pid}/root/drives/data")).unwrap();
                 assert_eq!(seen, original, "the VMM sees the image, never the host file");
-                sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+                sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
                 booted += 1;
             }
             Err(ManagerError::Image(error)) => {
@@ -327,17 +328,17 @@ async fn unjailed_mode_still_runs_vms_for_development() {
         return;
     };
     let vm_id = sandbox.boot_guest(&[]).await;
-    let vmm = sandbox.manager.info(&vm_id).await.unwrap().vmm.unwrap();
+    let vmm = sandbox.manager.run(&vm_id, Info).await.unwrap().vmm.unwrap();
     assert_eq!(vmm.extra["jailed"], "false");
     assert!(vmm.cgroup.is_empty() && vmm.identity.is_none());
     assert_eq!(field(&status(vmm.pid.unwrap()), "Uid:").split_whitespace().next(), Some("0"), "it runs as we do");
     // A second VMM in the same folder, after the first left its API socket behind.
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
-    sandbox.manager.boot(&vm_id).await.unwrap();
-    sandbox.manager.reboot(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
+    sandbox.manager.run(&vm_id, Reboot(StopOptions { force: true, timeout: None })).await.unwrap();
     sandbox.wait_for_line(&vm_id, console::READY).await;
     assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Running);
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::{BOOT_TIMEOUT, GUEST_KERNEL, Sandbox};
 use metald_core::events::VmEventKind;
+use metald_core::operations::{Boot, Delete, Info, Pause, Resume, Shutdown};
 use metald_core::store::{SqliteVmStore, VmStore};
 use metald_core::{FirecrackerConfig, StopOptions, VmId, VmManager, VmState};
 use metald_testguest::{cmdline, console};
@@ -52,7 +53,7 @@ fn first_run(sandbox: &Sandbox, store: &Arc<SqliteVmStore>) -> FirstRun {
                 let mut config = sandbox.guest_config(&tokens.iter().map(String::as_str).collect::<Vec<_>>());
                 config.boot.kernel_path = GUEST_KERNEL.into();
                 let vm_id = manager.create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config }).await.unwrap();
-                manager.boot(&vm_id).await.unwrap();
+                manager.run(&vm_id, Boot).await.unwrap();
                 let console = manager.console(&vm_id).unwrap();
                 console.wait_for_line(|line| line.starts_with(console::READY), BOOT_TIMEOUT).await.unwrap();
                 vm_id
@@ -60,18 +61,18 @@ fn first_run(sandbox: &Sandbox, store: &Arc<SqliteVmStore>) -> FirstRun {
         };
         let running = boot(vec![cmdline::heartbeat_ms(50)]).await;
         let paused = boot(vec![cmdline::heartbeat_ms(50)]).await;
-        manager.pause(&paused).await.unwrap();
+        manager.run(&paused, Pause).await.unwrap();
         let stopped = boot(Vec::new()).await;
-        manager.shutdown(&stopped, StopOptions { force: true, timeout: None }).await.unwrap();
+        manager.run(&stopped, Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
         let created = manager
             .create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config: sandbox.guest_config(&[]) })
             .await
             .unwrap();
         let killed = boot(Vec::new()).await;
-        let killed_pid = manager.info(&killed).await.unwrap().vmm.unwrap().pid.unwrap();
+        let killed_pid = manager.run(&killed, Info).await.unwrap().vmm.unwrap().pid.unwrap();
         let mut uids = Vec::new();
         for vm_id in [&running, &paused, &created, &killed] {
-            uids.push(manager.info(vm_id).await.unwrap().vmm.unwrap().identity.unwrap().0);
+            uids.push(manager.run(vm_id, Info).await.unwrap().vmm.unwrap().identity.unwrap().0);
         }
         FirstRun { running, paused, stopped, created, killed, killed_pid, uids }
     });
@@ -125,31 +126,31 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
         .await
         .expect("a heartbeat after the takeover");
         assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
-        let info = manager.info(&first.running).await.unwrap();
+        let info = manager.run(&first.running, Info).await.unwrap();
         assert_eq!(info.vmm.unwrap().vmm_state, "Running");
         // Its exit status goes to its old parent; Firecracker's log tells a clean shutdown anyway.
-        manager.shutdown(&first.running, StopOptions::default()).await.unwrap();
-        let stopped = manager.info(&first.running).await.unwrap();
+        manager.run(&first.running, Shutdown(StopOptions::default())).await.unwrap();
+        let stopped = manager.run(&first.running, Info).await.unwrap();
         assert_eq!(stopped.state, VmState::Shutdown);
         assert_eq!(stopped.last_exit, Some(metald_core::process::ProcessExit::Exited { code: 0 }));
 
         // The paused one resumes; the stopped one boots a fresh VMM; the created one boots.
         assert_eq!(manager.state(&first.paused).unwrap(), VmState::Paused);
-        manager.resume(&first.paused).await.unwrap();
+        manager.run(&first.paused, Resume).await.unwrap();
         let paused_console = manager.console(&first.paused).unwrap();
         let mut paused_lines = paused_console.subscribe();
         let beat = tokio::time::timeout(Duration::from_secs(20), paused_lines.recv()).await.expect("a heartbeat after resume").unwrap();
         assert!(beat.starts_with(console::HEARTBEAT), "{beat}");
         assert_eq!(manager.state(&first.stopped).unwrap(), VmState::Shutdown);
-        manager.boot(&first.stopped).await.unwrap();
-        manager.boot(&first.created).await.unwrap();
+        manager.run(&first.stopped, Boot).await.unwrap();
+        manager.run(&first.created, Boot).await.unwrap();
         for vm_id in [&first.stopped, &first.created] {
             let console = manager.console(vm_id).unwrap();
             console.wait_for_line(|line| line.starts_with(console::READY), BOOT_TIMEOUT).await.unwrap();
         }
 
         // The dead one is Failed with the reason, and its jail is gone.
-        let lost = manager.info(&first.killed).await.unwrap();
+        let lost = manager.run(&first.killed, Info).await.unwrap();
         assert_eq!(lost.state, VmState::Failed);
         assert!(lost.failure.as_deref().unwrap_or_default().contains("gone when metald started again"), "{:?}", lost.failure);
 
@@ -158,11 +159,11 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
             .create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config: sandbox.guest_config(&[]) })
             .await
             .unwrap();
-        let new_uid = manager.info(&newcomer).await.unwrap().vmm.unwrap().identity.unwrap().0;
+        let new_uid = manager.run(&newcomer, Info).await.unwrap().vmm.unwrap().identity.unwrap().0;
         assert!(!first.uids.contains(&new_uid), "uid {new_uid} was leased twice ({:?})", first.uids);
 
         for vm_id in [&first.running, &first.paused, &first.stopped, &first.created, &first.killed, &newcomer] {
-            manager.delete(vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+            manager.run(vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
         }
         assert!(manager.list(None).is_empty());
         assert!(store.load_all().unwrap().is_empty(), "deleted VMs left records");
@@ -187,11 +188,11 @@ fn a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_it
             let mut config = sandbox.guest_config(&[]);
             config.storage = vec![Sandbox::drive("scratch", &scratch, false)];
             let vm_id = manager.create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config }).await.unwrap();
-            manager.boot(&vm_id).await.unwrap();
+            manager.run(&vm_id, Boot).await.unwrap();
             vms.push(vm_id);
         }
-        manager.shutdown(&vms[1], StopOptions { force: true, timeout: None }).await.unwrap();
-        let pid = manager.info(&vms[0]).await.unwrap().vmm.unwrap().pid.unwrap();
+        manager.run(&vms[1], Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
+        let pid = manager.run(&vms[0], Info).await.unwrap().vmm.unwrap().pid.unwrap();
         (vms[0].clone(), vms[1].clone(), pid)
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
@@ -207,7 +208,7 @@ fn a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_it
         let recovery = manager.recover().await.unwrap();
         assert_eq!(recovery.lost.len(), 2, "{recovery:?}");
         for vm_id in [&running, &stopped] {
-            let info = manager.info(vm_id).await.expect("the VM is still listed");
+            let info = manager.run(vm_id, Info).await.expect("the VM is still listed");
             assert_eq!(info.state, VmState::Failed);
             let reason = info.failure.unwrap_or_default();
             assert!(reason.contains("scratch"), "the reason names what is missing: {reason}");
@@ -215,12 +216,12 @@ fn a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_it
         assert!(!metald_testguest::process_alive(pid), "the VMM no VM could take over was stopped");
         assert!(sandbox.live_vmms().is_empty());
         // A boot tries again, and says what is still missing.
-        let boot = manager.boot(&running).await.unwrap_err();
+        let boot = manager.run(&running, Boot).await.unwrap_err();
         assert!(metald_core::error_chain(&boot).contains("scratch"), "{}", metald_core::error_chain(&boot));
         assert_eq!(manager.state(&running).unwrap(), VmState::Failed);
         assert!(sandbox.live_vmms().is_empty());
         for vm_id in [&running, &stopped] {
-            manager.delete(vm_id, StopOptions::default()).await.unwrap();
+            manager.run(vm_id, Delete(StopOptions::default())).await.unwrap();
         }
         assert!(manager.list(None).is_empty());
     });

@@ -9,6 +9,7 @@ use common::Sandbox;
 use metald_core::backend::BackendError;
 use metald_core::config::{MIB, NetworkInterface};
 use metald_core::images::ImageError;
+use metald_core::operations::{Boot, Delete, Info, Pause, Reboot, Resume, Shutdown};
 use metald_core::{CreateVm, ManagerError, StopOptions, VmConfig, VmId, VmState};
 
 /// A change that makes a valid test-guest configuration invalid.
@@ -112,8 +113,8 @@ async fn a_kernel_firecracker_cannot_load_fails_the_boot_with_firecrackers_messa
     config.boot.kernel_path = "garbage.elf".into();
     let vm_id = create(&sandbox, config).await.unwrap();
 
-    let error = sandbox.manager.boot(&vm_id).await.unwrap_err();
-    let ManagerError::Backend { source, operation: metald_core::BackendOperation::Boot, .. } = &error else {
+    let error = sandbox.manager.run(&vm_id, Boot).await.unwrap_err();
+    let ManagerError::Backend { source, operation: metald_core::BackendOperation::BOOT, .. } = &error else {
         panic!("expected a backend error, got {error}")
     };
     match source.as_ref() {
@@ -124,11 +125,11 @@ async fn a_kernel_firecracker_cannot_load_fails_the_boot_with_firecrackers_messa
         }
         other => panic!("expected Firecracker's refusal, got {other}"),
     }
-    let info = sandbox.manager.info(&vm_id).await.unwrap();
+    let info = sandbox.manager.run(&vm_id, Info).await.unwrap();
     assert_eq!(info.state, VmState::Failed);
     assert!(info.failure.unwrap().contains("Cannot load kernel"));
     assert!(sandbox.live_vmms().is_empty(), "a failed boot leaves no VMM");
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
     assert_nothing_left(&sandbox);
 }
 
@@ -141,7 +142,7 @@ async fn a_refusal_while_configuring_firecracker_leaves_nothing() {
     config.cpu.features.insert("smt".into(), "true".into());
     let error = create(&sandbox, config).await.unwrap_err();
     let chain = metald_core::error_chain(&error);
-    let ManagerError::Backend { source, operation: metald_core::BackendOperation::Create, .. } = &error else {
+    let ManagerError::Backend { source, operation: metald_core::BackendOperation::CREATE, .. } = &error else {
         panic!("expected a backend error, got {chain}")
     };
     match source.as_ref() {
@@ -164,7 +165,7 @@ async fn a_vm_id_can_be_chosen_once() {
     let error = sandbox.manager.create(request).await.unwrap_err();
     assert!(matches!(error, ManagerError::AlreadyExists(ref id) if *id == vm_id), "{error}");
     assert_eq!(sandbox.live_vmms().len(), 1, "the refused create started nothing");
-    sandbox.manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    sandbox.manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert_nothing_left(&sandbox);
 }
 
@@ -172,28 +173,28 @@ async fn a_vm_id_can_be_chosen_once() {
 async fn operations_the_state_table_forbids_name_the_current_state() {
     let Some(sandbox) = Sandbox::new("operations_the_state_table_forbids_name_the_current_state") else { return };
     let vm_id = create(&sandbox, sandbox.guest_config(&[])).await.unwrap();
-    let error = sandbox.manager.pause(&vm_id).await.unwrap_err();
+    let error = sandbox.manager.run(&vm_id, Pause).await.unwrap_err();
     assert!(matches!(error, ManagerError::InvalidState { current: VmState::Created, .. }), "{error}");
     assert_eq!(error.to_string(), format!("VM {vm_id} is Created and cannot pause"));
     assert_eq!(metald_core::error_chain(&error), format!("VM {vm_id} is Created and cannot pause: a VM cannot go from Created to Paused"));
-    let error = sandbox.manager.reboot(&vm_id, StopOptions::default()).await.unwrap_err();
+    let error = sandbox.manager.run(&vm_id, Reboot(StopOptions::default())).await.unwrap_err();
     assert!(matches!(error, ManagerError::WrongState { current: VmState::Created, required: "Running", .. }), "{error}");
     // Created may become Running, but by a boot: a resume is refused
     // before the VMM is asked, and a boot of a paused VM likewise.
-    let error = sandbox.manager.resume(&vm_id).await.unwrap_err();
+    let error = sandbox.manager.run(&vm_id, Resume).await.unwrap_err();
     assert!(matches!(error, ManagerError::WrongState { current: VmState::Created, required: "Paused", .. }), "{error}");
-    sandbox.manager.boot(&vm_id).await.unwrap();
-    sandbox.manager.pause(&vm_id).await.unwrap();
-    let error = sandbox.manager.boot(&vm_id).await.unwrap_err();
+    sandbox.manager.run(&vm_id, Boot).await.unwrap();
+    sandbox.manager.run(&vm_id, Pause).await.unwrap();
+    let error = sandbox.manager.run(&vm_id, Boot).await.unwrap_err();
     assert_eq!(error.to_string(), format!("VM {vm_id} is Paused; to boot it must be Created, Shutdown or Failed"));
     assert_eq!(sandbox.manager.state(&vm_id).unwrap(), VmState::Paused, "the refused boot changed nothing");
-    sandbox.manager.shutdown(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
-    let error = sandbox.manager.resume(&vm_id).await.unwrap_err();
+    sandbox.manager.run(&vm_id, Shutdown(StopOptions { force: true, timeout: None })).await.unwrap();
+    let error = sandbox.manager.run(&vm_id, Resume).await.unwrap_err();
     assert!(matches!(error, ManagerError::WrongState { current: VmState::Shutdown, .. }), "{error}");
     let missing = VmId::new("no-such-vm").unwrap();
-    assert!(matches!(sandbox.manager.boot(&missing).await.unwrap_err(), ManagerError::NotFound(_)));
-    sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap();
-    assert!(matches!(sandbox.manager.delete(&vm_id, StopOptions::default()).await.unwrap_err(), ManagerError::NotFound(_)));
+    assert!(matches!(sandbox.manager.run(&missing, Boot).await.unwrap_err(), ManagerError::NotFound(_)));
+    sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap();
+    assert!(matches!(sandbox.manager.run(&vm_id, Delete(StopOptions::default())).await.unwrap_err(), ManagerError::NotFound(_)));
     assert_nothing_left(&sandbox);
 }
 
@@ -210,6 +211,6 @@ async fn a_create_whose_caller_stops_waiting_still_finishes_whole() {
     };
     assert_eq!(vm.state, VmState::Created);
     assert_eq!(sandbox.live_vmms().len(), 1);
-    sandbox.manager.delete(&vm.vm_id, StopOptions::default()).await.unwrap();
+    sandbox.manager.run(&vm.vm_id, Delete(StopOptions::default())).await.unwrap();
     assert_nothing_left(&sandbox);
 }

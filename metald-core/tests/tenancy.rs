@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::Sandbox;
+use metald_core::operations::{Boot, Delete, Info, Metrics, Pause, Reboot, Resume, Shutdown};
 use metald_core::{CreateVm, ManagerError, StopOptions, TenantId, VmId, VmState, VmTarget};
 
 fn forced() -> StopOptions {
@@ -36,24 +37,24 @@ async fn a_vm_id_that_passed_to_another_tenant_between_a_look_and_an_act_is_not_
     let acmes = VmTarget::of_tenant(&acme, &id);
     assert_eq!(manager.summary(&acmes).unwrap().tenant, acme);
     // ...the VM is deleted and globex creates one under the same id before acme's act lands.
-    manager.delete(&acmes, forced()).await.unwrap();
+    manager.run(&acmes, Delete(forced())).await.unwrap();
     manager.create(create(&globex)).await.unwrap();
-    manager.boot(VmTarget::of_tenant(&globex, &id)).await.unwrap();
+    manager.run(VmTarget::of_tenant(&globex, &id), Boot).await.unwrap();
     let mut events = manager.subscribe();
-    not_found("pause", manager.pause(&acmes).await);
-    not_found("resume", manager.resume(&acmes).await);
-    not_found("boot", manager.boot(&acmes).await);
-    not_found("reboot", manager.reboot(&acmes, forced()).await);
-    not_found("shutdown", manager.shutdown(&acmes, forced()).await);
-    not_found("delete", manager.delete(&acmes, forced()).await);
-    not_found("info", manager.info(&acmes).await);
-    not_found("metrics", manager.metrics(&acmes).await);
+    not_found("pause", manager.run(&acmes, Pause).await);
+    not_found("resume", manager.run(&acmes, Resume).await);
+    not_found("boot", manager.run(&acmes, Boot).await);
+    not_found("reboot", manager.run(&acmes, Reboot(forced())).await);
+    not_found("shutdown", manager.run(&acmes, Shutdown(forced())).await);
+    not_found("delete", manager.run(&acmes, Delete(forced())).await);
+    not_found("info", manager.run(&acmes, Info).await);
+    not_found("metrics", manager.run(&acmes, Metrics).await);
     not_found("console", manager.console_tail(&acmes, 100));
     not_found("state", manager.state(&acmes));
     not_found("summary", manager.summary(&acmes));
     assert_eq!(manager.state(VmTarget::of_tenant(&globex, &id)).unwrap(), VmState::Running, "globex's VM runs on");
     assert!(events.try_recv().is_err(), "no act reached globex's VM");
-    manager.delete(VmTarget::of_tenant(&globex, &id), forced()).await.unwrap();
+    manager.run(VmTarget::of_tenant(&globex, &id), Delete(forced())).await.unwrap();
 
     // The race made likely: acme deletes the id over and over while it passes
     // between acme and globex; every VM globex creates survives until globex
@@ -65,7 +66,7 @@ async fn a_vm_id_that_passed_to_another_tenant_between_a_look_and_an_act_is_not_
         tokio::spawn(async move {
             let mut deleted = 0u32;
             while !stop.load(Ordering::SeqCst) {
-                if manager.delete(&acmes, forced()).await.is_ok() {
+                if manager.run(&acmes, Delete(forced())).await.is_ok() {
                     deleted += 1;
                 }
                 attempts.fetch_add(1, Ordering::SeqCst);
@@ -98,7 +99,7 @@ async fn a_vm_id_that_passed_to_another_tenant_between_a_look_and_an_act_is_not_
         }
         assert_eq!(manager.state(&globexs).unwrap(), VmState::Created, "round {rounds}: acme's delete reached globex's VM");
         // ...until globex deletes it.
-        manager.delete(&globexs, forced()).await.unwrap_or_else(|error| panic!("round {rounds}: globex's own delete: {error}"));
+        manager.run(&globexs, Delete(forced())).await.unwrap_or_else(|error| panic!("round {rounds}: globex's own delete: {error}"));
         rounds += 1;
     }
     stop.store(true, Ordering::SeqCst);

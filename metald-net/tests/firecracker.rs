@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::{NetSandbox, eth0};
 use metald_core::config::MIB;
 use metald_core::jailer::JailerConfig;
+use metald_core::operations::{Boot, Delete, Info};
 use metald_core::{CreateVm, FirecrackerConfig, StopOptions, TenantId, VmConfig, VmManager};
 use metald_testguest::console;
 
@@ -41,10 +42,10 @@ async fn a_jailed_vm_gets_its_tap_in_its_namespace_and_firecracker_attaches_to_i
     config.boot.kernel_path = "testguest.elf".into();
     config.network = vec![eth0()];
     let vm_id = manager.create(CreateVm { vm_id: None, tenant: TenantId::new("acme").unwrap(), config }).await.unwrap();
-    manager.boot(&vm_id).await.unwrap();
+    manager.run(&vm_id, Boot).await.unwrap();
     let ready =
         manager.console(&vm_id).unwrap().wait_for_line(|line| line.starts_with(console::READY), Duration::from_secs(20)).await.unwrap();
-    let info = manager.info(&vm_id).await.unwrap();
+    let info = manager.run(&vm_id, Info).await.unwrap();
     let attached = info.network.as_ref().unwrap();
     let ipv6 = attached.interfaces[0].ipv6.unwrap();
     assert!(ready.contains(&format!("metald.eth0.ipv6={}/64", ipv6.address)), "the guest is told its address: {ready}");
@@ -74,7 +75,7 @@ async fn a_jailed_vm_gets_its_tap_in_its_namespace_and_firecracker_attaches_to_i
         .any(|entry| std::fs::read_to_string(entry.path()).unwrap_or_default().contains(&format!("iff:\t{tap}")));
     assert!(holds_tap, "Firecracker has the TAP open");
 
-    manager.delete(&vm_id, StopOptions { force: true, timeout: None }).await.unwrap();
+    manager.run(&vm_id, Delete(StopOptions { force: true, timeout: None })).await.unwrap();
     assert_eq!(network.namespaces_left(), std::slice::from_ref(&network.host_name), "the VM's namespace is gone");
     assert_eq!(network.host_ip(&["-o", "link"]).lines().count(), 1, "only lo is left on the host side");
     for controller in ["cpu", "cpuacct", "memory", "pids"] {

@@ -23,6 +23,7 @@ use metald_api::convert::state::{state_filter_from_wire, state_to_wire};
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::{manager_error_to_connect, wire_error_to_connect};
 use metald_core::manager::ManagerError;
+use metald_core::operations::{Boot, Delete, Info, Pause, Reboot, Resume, Shutdown};
 use metald_core::{TenantId, VmId, VmManager, VmTarget};
 use tokio::sync::{broadcast, watch};
 
@@ -229,7 +230,7 @@ impl wire::VmService for VmApi {
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let vm_id = vm.vm_id().clone();
         let options = stop_options_from_wire(request.force, 0).map_err(|error| wire_error_to_connect(&error))?;
-        self.manager.delete(&vm, options).await.map_err(|error| self.fail(&error))?;
+        self.manager.run(&vm, Delete(options)).await.map_err(|error| self.fail(&error))?;
         self.forget_samples(&vm_id);
         Response::ok(wire::DeleteVmResponse { success: true, ..Default::default() })
     }
@@ -239,7 +240,7 @@ impl wire::VmService for VmApi {
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let vm_id = vm.vm_id().clone();
         let started = Instant::now();
-        self.manager.boot(&vm).await.map_err(|error| self.fail(&error))?;
+        self.manager.run(&vm, Boot).await.map_err(|error| self.fail(&error))?;
         self.metrics.observe_boot(started.elapsed());
         self.forget_samples(&vm_id);
         Response::ok(wire::BootVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
@@ -253,7 +254,7 @@ impl wire::VmService for VmApi {
         let caller = caller(&ctx)?;
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let options = stop_options_from_wire(request.force, request.timeout_seconds).map_err(|error| wire_error_to_connect(&error))?;
-        let outcome = self.manager.shutdown(&vm, options).await.map_err(|error| self.fail(&error))?;
+        let outcome = self.manager.run(&vm, Shutdown(options)).await.map_err(|error| self.fail(&error))?;
         Response::ok(wire::ShutdownVmResponse {
             success: true,
             state: self.state_now(&vm).into(),
@@ -269,7 +270,7 @@ impl wire::VmService for VmApi {
     ) -> ServiceResult<wire::PauseVmResponse> {
         let caller = caller(&ctx)?;
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
-        self.manager.pause(&vm).await.map_err(|error| self.fail(&error))?;
+        self.manager.run(&vm, Pause).await.map_err(|error| self.fail(&error))?;
         Response::ok(wire::PauseVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
 
@@ -280,7 +281,7 @@ impl wire::VmService for VmApi {
     ) -> ServiceResult<wire::ResumeVmResponse> {
         let caller = caller(&ctx)?;
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
-        self.manager.resume(&vm).await.map_err(|error| self.fail(&error))?;
+        self.manager.run(&vm, Resume).await.map_err(|error| self.fail(&error))?;
         Response::ok(wire::ResumeVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
 
@@ -293,7 +294,7 @@ impl wire::VmService for VmApi {
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let vm_id = vm.vm_id().clone();
         let options = stop_options_from_wire(request.force, 0).map_err(|error| wire_error_to_connect(&error))?;
-        self.manager.reboot(&vm, options).await.map_err(|error| self.fail(&error))?;
+        self.manager.run(&vm, Reboot(options)).await.map_err(|error| self.fail(&error))?;
         self.forget_samples(&vm_id);
         Response::ok(wire::RebootVmResponse { success: true, state: self.state_now(&vm).into(), ..Default::default() })
     }
@@ -306,9 +307,9 @@ impl wire::VmService for VmApi {
         let caller = caller(&ctx)?;
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let vm_id = vm.vm_id().clone();
-        let info = self.manager.info(&vm).await.map_err(|error| self.fail(&error))?;
+        let info = self.manager.run(&vm, Info).await.map_err(|error| self.fail(&error))?;
         let metrics = if info.state.has_live_vmm() {
-            match self.manager.metrics(&vm).await {
+            match self.manager.run(&vm, metald_core::operations::Metrics).await {
                 Ok(metrics) => {
                     let since_boot = uptime(info.booted_at, SystemTime::now());
                     let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use metald_core::config::{MIB, StorageDevice};
 use metald_core::jailer::JailerConfig;
+use metald_core::operations::Boot;
 use metald_core::{CreateVm, FirecrackerConfig, TenantId, VmConfig, VmId, VmManager};
 use metald_testguest as testguest;
 
@@ -115,7 +116,7 @@ impl Sandbox {
     /// Creates and boots a VM and waits for the guest's ready line.
     pub async fn boot_guest(&self, tokens: &[&str]) -> VmId {
         let vm_id = self.create(self.guest_config(tokens)).await;
-        self.manager.boot(&vm_id).await.expect("boot");
+        self.manager.run(&vm_id, Boot).await.expect("boot");
         self.wait_for_line(&vm_id, testguest::console::READY).await;
         vm_id
     }

@@ -1,0 +1,173 @@
+//! Create: a new VM from a validated configuration. Its id is reserved,
+//! its user leased, its network attached, its folder and drive copies made
+//! and its VMM launched; when any step fails, every earlier one is undone
+//! and nothing of the VM is left.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::error::backend_failed;
+use super::operation::detached;
+use super::slot::{VmEntry, VmSlot, write_lock};
+use super::spec::{ResolvedImages, copy_writable_drives};
+use super::{BackendOperation, CreateVm, ManagerError, VmManager};
+use crate::backend::VmmInstance;
+use crate::config::VmConfig;
+use crate::console::ConsoleLog;
+use crate::events::VmEventKind;
+use crate::ids::{TenantId, VmId};
+use crate::jailer::IdentityLease;
+use crate::network::{AttachRequest, NetworkAttachment};
+use crate::restart::RestartCount;
+use crate::state::VmState;
+use crate::vm_dir::VmDir;
+
+impl VmManager {
+    /// Validates the request, confines its images, launches and configures
+    /// the VMM. Nothing is left behind when any step fails.
+    pub async fn create(&self, request: CreateVm) -> Result<VmId, ManagerError> {
+        self.create_holding(request, ()).await
+    }
+
+    /// [`VmManager::create`], keeping `held` until the create is over, also
+    /// when the caller stopped waiting: a quota's reservation for the VM,
+    /// say, which must not be released while the create still runs.
+    pub async fn create_holding(&self, request: CreateVm, held: impl Send + 'static) -> Result<VmId, ManagerError> {
+        let manager = self.clone();
+        let span = tracing::info_span!(
+            "vm.create",
+            vm_id = request.vm_id.as_ref().map(VmId::as_str),
+            tenant = %request.tenant,
+            vmm = self.backend_of(&request.config).map_or("", |backend| backend.name())
+        );
+        detached(span, async move {
+            let created = manager.create_now(request).await;
+            drop(held);
+            created
+        })
+        .await
+    }
+
+    async fn create_now(&self, request: CreateVm) -> Result<VmId, ManagerError> {
+        let CreateVm { vm_id, tenant, mut config } = request;
+        config.validate().map_err(ManagerError::InvalidConfig)?;
+        // The VM keeps the name of its VMM, also when the host's default changes.
+        config.vmm = self.backend_of(&config)?.name().to_owned();
+        self.check_capabilities(&config)?;
+        let resolved = self.resolve_images(&config)?;
+        let vm_id = vm_id.unwrap_or_else(VmId::generate);
+        {
+            let mut registry = write_lock(&self.inner.registry);
+            if registry.vms.contains_key(&vm_id) || !registry.reserved.insert(vm_id.clone()) {
+                return Err(ManagerError::AlreadyExists(vm_id));
+            }
+        }
+        let vm_dir = VmDir::of(&self.inner.vm_root, &vm_id);
+        let console = vm_dir.console(self.inner.console_limit_bytes);
+        let prepared = self.prepare(&vm_id, &tenant, &config, resolved, &vm_dir, console.clone()).await;
+        let (instance, identity, network) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                super::spec::remove_vm_dir(&vm_dir);
+                write_lock(&self.inner.registry).reserved.remove(&vm_id);
+                return Err(error);
+            }
+        };
+        fail::fail_point!("create-before-record");
+        let now = SystemTime::now();
+        let entry = VmEntry {
+            state: VmState::Created,
+            config,
+            instance,
+            identity,
+            network,
+            vm_dir,
+            failure: None,
+            last_exit: None,
+            booted_at: None,
+            recent_ends: Vec::new(),
+            created_at: now,
+            modified_at: now,
+            watch_generation: 0,
+            watched_pid: None,
+            restarts: RestartCount::default(),
+        };
+        let slot = VmSlot::new(vm_id.clone(), tenant.clone(), console, entry);
+        {
+            let mut entry = slot.entry.lock().await;
+            self.watch_vmm(&slot, &mut entry);
+            {
+                let mut registry = write_lock(&self.inner.registry);
+                registry.reserved.remove(&vm_id);
+                registry.vms.insert(vm_id.clone(), Arc::clone(&slot));
+            }
+            super::records::publish(&self.inner, &slot, &mut entry, VmEventKind::Created).await;
+        }
+        tracing::info!(%vm_id, %tenant, "VM created");
+        Ok(vm_id)
+    }
+
+    /// Leases the VM's user, attaches its network, then launches its VMM.
+    /// Whatever was done is undone when a later step fails.
+    async fn prepare(
+        &self,
+        vm_id: &VmId,
+        tenant: &TenantId,
+        config: &VmConfig,
+        images: ResolvedImages,
+        vm_dir: &VmDir,
+        console: ConsoleLog,
+    ) -> Result<Prepared, ManagerError> {
+        let backend = self.backend_of(config)?;
+        let identity =
+            backend.lease_identity().map_err(|source| backend_failed(backend.name(), vm_id, BackendOperation::CREATE, source))?;
+        let network = match &self.inner.network {
+            Some(provider) if !config.network.is_empty() => {
+                let owner = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
+                let request = AttachRequest { vm_id, tenant, interfaces: &config.network, owner };
+                Some(provider.attach(request).await.map_err(ManagerError::Network)?)
+            }
+            _ => None,
+        };
+        match self.launch(vm_id, tenant, config, images, vm_dir, console, identity.clone(), network.as_ref()).await {
+            Ok(instance) => Ok((instance, identity, network)),
+            Err(error) => {
+                if network.is_some()
+                    && let Some(provider) = &self.inner.network
+                    && let Err(detach_error) = provider.detach(vm_id).await
+                {
+                    tracing::error!(%vm_id, error = %crate::error_chain(&detach_error), "cannot undo the network of a VM that failed to start");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Makes the VM's folder and drive copies, then asks the backend for a VMM.
+    #[allow(clippy::too_many_arguments)]
+    async fn launch(
+        &self,
+        vm_id: &VmId,
+        tenant: &TenantId,
+        config: &VmConfig,
+        images: ResolvedImages,
+        vm_dir: &VmDir,
+        console: ConsoleLog,
+        identity: Option<Arc<IdentityLease>>,
+        network: Option<&NetworkAttachment>,
+    ) -> Result<Box<dyn VmmInstance>, ManagerError> {
+        vm_dir.create().map_err(|source| ManagerError::VmDir {
+            vm_id: vm_id.clone(),
+            action: "create",
+            path: vm_dir.path().to_path_buf(),
+            source,
+        })?;
+        copy_writable_drives(vm_id, config, &images, vm_dir).await?;
+        let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network)?;
+        let backend = self.backend_of(config)?;
+        backend.create(spec, console).await.map_err(|source| backend_failed(backend.name(), vm_id, BackendOperation::CREATE, source))
+    }
+}
+
+/// A launched VMM, its user's lease and its network.
+type Prepared = (Box<dyn VmmInstance>, Option<Arc<IdentityLease>>, Option<NetworkAttachment>);

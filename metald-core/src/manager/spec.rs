@@ -1,0 +1,270 @@
+//! Spec assembly: from a VM's configuration to what its backend is given.
+//! The configuration is checked against the backend's [`Capabilities`]
+//! (field paths in every refusal), its images are opened inside the image
+//! root, writable drives are copied into the VM's folder, and the result is
+//! a [`VmmSpec`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ManagerError, VmManager};
+use crate::backend::{Capabilities, DriveSpec, InterfaceSpec, VmmSpec};
+use crate::config::{ConfigError, Problem, VmConfig};
+use crate::ids::{TenantId, VmId};
+use crate::images::{self, ImageError, ImageFile};
+use crate::jailer::IdentityLease;
+use crate::network::NetworkAttachment;
+use crate::vm_dir::VmDir;
+
+impl VmManager {
+    /// The guest's kernel command line is the caller's, then what the VMM
+    /// and the network add: all of it must fit, so a line too long is told
+    /// at the request, naming what takes the room, not at the boot.
+    fn check_command_line(&self, config: &VmConfig, capabilities: &Capabilities) -> Result<(), ManagerError> {
+        let network_bytes = self.inner.network.as_ref().map_or(0, |network| network.kernel_args_bound(&config.network));
+        let devices = config.storage.len() + config.network.len();
+        let host_bytes = network_bytes + devices * capabilities.kernel_cmdline_bytes_per_device;
+        let capacity = capabilities.kernel_cmdline_capacity;
+        let refuse = |field: &str, reason: String| {
+            Err(ManagerError::InvalidConfig(ConfigError { field: field.to_owned(), problem: Problem::Inconsistent { reason } }))
+        };
+        if host_bytes > capacity {
+            return refuse(
+                "network",
+                format!(
+                    "{} interfaces and {} drives need up to {host_bytes} bytes of the guest's kernel command line for the host's own \
+                     entries (addresses, devices); it holds {capacity}",
+                    config.network.len(),
+                    config.storage.len()
+                ),
+            );
+        }
+        let room = capacity - host_bytes;
+        let asked = config.boot.kernel_args.len();
+        if asked > room {
+            return refuse(
+                "boot.kernel_args",
+                format!(
+                    "is {asked} bytes long; with up to {host_bytes} bytes the host adds for this VM's {devices} devices, \
+                     at most {room} fit in the {capacity} of the guest's kernel command line"
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) fn check_capabilities(&self, config: &VmConfig) -> Result<(), ManagerError> {
+        let backend = self.backend_of(config)?;
+        let capabilities = backend.capabilities();
+        let refuse = |field: &str, reason: &str| {
+            Err(ManagerError::InvalidConfig(ConfigError {
+                field: field.to_owned(),
+                problem: Problem::Inconsistent { reason: format!("{reason}, which the {} backend cannot do", backend.name()) },
+            }))
+        };
+        if config.memory.hotplug_enabled && !capabilities.memory_hotplug {
+            return refuse("memory.hotplug_enabled", "asks for memory hotplug");
+        }
+        if config.cpu.max_vcpu_count > config.cpu.vcpu_count && !capabilities.cpu_hotplug {
+            return refuse("cpu.max_vcpu_count", "asks for CPU hotplug");
+        }
+        if config.cpu.vcpu_count > capabilities.max_vcpus {
+            return refuse("cpu.vcpu_count", "asks for more vCPUs than the VMM supports");
+        }
+        self.check_command_line(config, &capabilities)?;
+        for (index, interface) in config.network.iter().enumerate() {
+            let tap_problem = match (&self.inner.network, interface.tap_device.is_empty()) {
+                (None, true) => Some("is required: this manager has no network provider to make a TAP device"),
+                (Some(_), false) => Some("must be empty: the network provider makes and names the TAP device"),
+                _ => None,
+            };
+            if let Some(reason) = tap_problem {
+                return Err(ManagerError::InvalidConfig(ConfigError {
+                    field: format!("network[{index}].tap_device"),
+                    problem: Problem::Inconsistent { reason: reason.into() },
+                }));
+            }
+            let asymmetric = interface.rx_rate_limit != interface.tx_rate_limit;
+            if asymmetric && !capabilities.separate_rx_tx_rate_limits {
+                return refuse(&format!("network[{index}].tx_rate_limit"), "differs from rx_rate_limit");
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn resolve_images(&self, config: &VmConfig) -> Result<ResolvedImages, ManagerError> {
+        let resolved = self.resolve_images_with(config, |field, path| self.inner.images.open(field, path))?;
+        // Shared images are checked by the jail (its VMM must read them); a
+        // writable one is copied by root for the VM, so it is checked here.
+        for (index, (drive, image)) in config.storage.iter().zip(&resolved.drives).enumerate() {
+            if !drive.read_only && !image.world_readable() {
+                let (field, path, mode) = (format!("storage[{index}].path"), drive.path.clone(), image.mode & 0o7777);
+                return Err(ManagerError::Image(ImageError::NotShared { field, path, mode }));
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// The images of a VM found after a restart. One that is no longer in
+    /// the image root does not stop the takeover: its VMM loaded the kernel
+    /// and holds its drives already. It stands in as an unlinked empty
+    /// file, which the jail refuses to expose if the VM is ever launched
+    /// again ("was removed or replaced").
+    pub(super) fn resolve_found_images(&self, vm_id: &VmId, config: &VmConfig) -> Result<ResolvedImages, ManagerError> {
+        self.resolve_images_with(config, |field, path| match self.inner.images.open(field, path) {
+            Err(ImageError::Missing { .. } | ImageError::SymlinkEscape { .. } | ImageError::NotAFile { .. }) => {
+                tracing::warn!(%vm_id, field, path, "an image of a VM found after a restart is gone from the image root; the VM cannot be launched again");
+                removed_image(&self.inner.vm_root, field, path)
+            }
+            opened => opened,
+        })
+    }
+
+    fn resolve_images_with(
+        &self,
+        config: &VmConfig,
+        open: impl Fn(&str, &str) -> Result<ImageFile, ImageError>,
+    ) -> Result<ResolvedImages, ManagerError> {
+        let kernel = open("boot.kernel_path", &config.boot.kernel_path).map_err(ManagerError::Image)?;
+        let initrd = if config.boot.initrd_path.is_empty() {
+            None
+        } else {
+            Some(open("boot.initrd_path", &config.boot.initrd_path).map_err(ManagerError::Image)?)
+        };
+        let drives = config
+            .storage
+            .iter()
+            .enumerate()
+            .map(|(index, drive)| open(&format!("storage[{index}].path"), &drive.path).map_err(ManagerError::Image))
+            .collect::<Result<_, _>>()?;
+        Ok(ResolvedImages { kernel, initrd, drives })
+    }
+
+    /// What the backend needs to run the VM: its resolved images, its
+    /// drives (the copies [`copy_writable_drives`] made of the writable
+    /// ones), its interfaces and kernel command line.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn build_spec(
+        &self,
+        vm_id: &VmId,
+        tenant: &TenantId,
+        config: &VmConfig,
+        images: ResolvedImages,
+        vm_dir: &VmDir,
+        identity: Option<Arc<IdentityLease>>,
+        network: Option<&NetworkAttachment>,
+    ) -> Result<VmmSpec, ManagerError> {
+        let mut drives = Vec::with_capacity(config.storage.len());
+        for (index, (drive, source)) in config.storage.iter().zip(images.drives).enumerate() {
+            let image = if drive.read_only {
+                source
+            } else {
+                images::open_copy(&format!("storage[{index}].path"), &vm_dir.drive_copy(&drive.id)).map_err(ManagerError::Image)?
+            };
+            drives.push(DriveSpec {
+                id: drive.id.clone(),
+                image,
+                read_only: drive.read_only,
+                is_root_device: drive.is_root_device,
+                io_engine: drive.options.get("io_engine").cloned(),
+                cache_type: drive.options.get("cache_type").cloned(),
+            });
+        }
+        let interfaces = config
+            .network
+            .iter()
+            .map(|interface| {
+                let attached = network.and_then(|network| network.interfaces.iter().find(|attached| attached.id == interface.id));
+                let (tap_device, guest_mac) = match attached {
+                    Some(attached) => (attached.tap_device.clone(), Some(attached.mac_address.clone())),
+                    None => (interface.tap_device.clone(), (!interface.mac_address.is_empty()).then(|| interface.mac_address.clone())),
+                };
+                InterfaceSpec {
+                    id: interface.id.clone(),
+                    tap_device,
+                    guest_mac,
+                    rx_rate_limit: interface.rx_rate_limit.clone(),
+                    tx_rate_limit: interface.tx_rate_limit.clone(),
+                }
+            })
+            .collect();
+        let mut kernel_args = config.boot.kernel_args.clone();
+        for token in network.iter().flat_map(|network| network.kernel_args.iter()) {
+            if !kernel_args.is_empty() {
+                kernel_args.push(' ');
+            }
+            kernel_args.push_str(token);
+        }
+        Ok(VmmSpec {
+            vm_id: vm_id.clone(),
+            tenant: tenant.clone(),
+            vcpus: config.cpu.vcpu_count,
+            memory_mib: config.memory_mib(),
+            smt: config.cpu.features.get("smt").is_some_and(|value| value == "true"),
+            huge_pages: config.memory.backing.get("huge_pages").is_some_and(|value| value == "2M"),
+            kernel: images.kernel,
+            initrd: images.initrd,
+            kernel_args,
+            drives,
+            interfaces,
+            vm_dir: vm_dir.clone(),
+            netns: network.and_then(|network| network.netns.clone()),
+            identity,
+        })
+    }
+}
+
+/// A VM's images, opened inside the image root.
+pub(super) struct ResolvedImages {
+    pub(super) kernel: ImageFile,
+    pub(super) initrd: Option<ImageFile>,
+    pub(super) drives: Vec<ImageFile>,
+}
+
+/// The stand-in for an image gone from the image root: an empty file with
+/// no name (`O_TMPFILE`), kept under the image's own path for messages.
+fn removed_image(vm_root: &Path, field: &str, path: &str) -> Result<ImageFile, ImageError> {
+    let failed = |errno: nix::errno::Errno| ImageError::Open { field: field.to_owned(), path: path.to_owned(), source: errno.into() };
+    let flags = nix::fcntl::OFlag::O_TMPFILE | nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC;
+    let file = nix::fcntl::open(vm_root, flags, nix::sys::stat::Mode::from_bits_truncate(0o444)).map_err(failed)?;
+    Ok(ImageFile { path: PathBuf::from(path), file: Arc::new(file), size: 0, mode: 0o100444 })
+}
+
+/// Copies the VM's writable drives into its folder, on a thread of the
+/// blocking pool: a copy (and its sync) of a large image takes as long as
+/// the disk needs, and must not hold up the workers serving every other call.
+pub(super) async fn copy_writable_drives(
+    vm_id: &VmId,
+    config: &VmConfig,
+    images: &ResolvedImages,
+    vm_dir: &VmDir,
+) -> Result<(), ManagerError> {
+    let copies: Vec<(ImageFile, PathBuf)> = config
+        .storage
+        .iter()
+        .zip(&images.drives)
+        .filter(|(drive, _)| !drive.read_only)
+        .map(|(drive, source)| (source.clone(), vm_dir.drive_copy(&drive.id)))
+        .collect();
+    if copies.is_empty() {
+        return Ok(());
+    }
+    let (vm_id, folder) = (vm_id.clone(), vm_dir.drives());
+    let copy = move || {
+        std::fs::create_dir(&folder).map_err(|source| ManagerError::VmDir {
+            vm_id,
+            action: "create drive copies in",
+            path: folder.clone(),
+            source,
+        })?;
+        copies.iter().try_for_each(|(source, copy)| images::copy_image(source, copy).map_err(ManagerError::Image))
+    };
+    tokio::task::spawn_blocking(copy).await.map_err(|_| ManagerError::ShuttingDown)?
+}
+
+/// Removes a VM's folder and what is in it, logging what it cannot.
+pub(super) fn remove_vm_dir(vm_dir: &VmDir) {
+    if let Err(error) = vm_dir.remove() {
+        tracing::error!(path = %vm_dir.path().display(), %error, "cannot remove a VM folder")
+    }
+}
