@@ -139,7 +139,6 @@ mod tests {
     use metald_core::VmId;
     use metald_core::VmState;
     use metald_core::config::{ConfigError, Problem};
-    use metald_core::jailer::JailError;
     use metald_core::launch::LaunchError;
     use metald_core::manager::BackendOperation;
     use metald_core::process::ProcessExit;
@@ -168,9 +167,7 @@ mod tests {
 
     #[test]
     fn a_host_out_of_vmm_users_is_full_not_broken() {
-        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::Uid(metald_core::uid_lease::UidLeaseError::Exhausted(
-            900_000..900_010,
-        )))));
+        let full = backend(BackendError::Launch(LaunchError::Identity(metald_core::uid_lease::UidLeaseError::Exhausted(900_000..900_010))));
         let (code, message) = seen(full);
         assert_eq!(code, ErrorCode::ResourceExhausted);
         assert!(!message.contains("900"), "{message}");

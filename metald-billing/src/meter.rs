@@ -336,7 +336,7 @@ impl MeterLoop {
         let at_ms = unix_millis(event.at);
         match event.kind {
             VmEventKind::Booted(running) => self.begin(event.vm_id, event.tenant, running, at_ms),
-            VmEventKind::Reattached { running, booted_at, earlier_ends } => {
+            VmEventKind::TakenOver { running, booted_at, earlier_ends } => {
                 self.found_ends(&event.vm_id, &event.tenant, &earlier_ends);
                 // Taken over after a restart of metald: the same VMM continues
                 // from the spool's position for it; one booted too shortly before the

@@ -78,7 +78,7 @@ impl Billing {
     }
 
     /// Call once the manager has taken over the previous run's VMs
-    /// ([`VmManager::recover`]), with the VMs it knows now: a VM whose
+    /// ([`VmManager::take_over`]), with the VMs it knows now: a VM whose
     /// usage was still open and that the manager no longer knows was deleted
     /// by a metald killed before its final record was taken, and its
     /// unmetered end is reported as a gap.

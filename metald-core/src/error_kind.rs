@@ -122,7 +122,7 @@ impl BackendError {
             | BackendError::Signal(_)
             | BackendError::Console(_)
             | BackendError::ProcessStats { .. }
-            | BackendError::Adopt(_)
+            | BackendError::TakeOver(_)
             | BackendError::NotTheSameVmm { .. } => ErrorKind::Internal,
         }
     }
@@ -131,8 +131,19 @@ impl BackendError {
 impl LaunchError {
     pub fn kind(&self) -> ErrorKind<'static> {
         match self {
-            LaunchError::Jail(error) => error.kind(),
-            LaunchError::Process(_) | LaunchError::Prepare { .. } => ErrorKind::Internal,
+            LaunchError::Identity(error) => error.kind(),
+            LaunchError::Jail(_) | LaunchError::Process(_) | LaunchError::Prepare { .. } => ErrorKind::Internal,
+        }
+    }
+}
+
+impl UidLeaseError {
+    pub fn kind(&self) -> ErrorKind<'static> {
+        match self {
+            // Every VMM runs as its own user; when the host's range of them
+            // is used up, the host is full, which is no fault.
+            UidLeaseError::Exhausted(_) => ErrorKind::Exhausted,
+            UidLeaseError::Taken(_) => ErrorKind::Internal,
         }
     }
 }
@@ -140,11 +151,8 @@ impl LaunchError {
 impl JailError {
     pub fn kind(&self) -> ErrorKind<'static> {
         match self {
-            // Every VMM runs as its own user; when the host's range of them
-            // is used up, the host is full, which is no fault.
-            JailError::Uid(UidLeaseError::Exhausted(_)) => ErrorKind::Exhausted,
-            JailError::Uid(UidLeaseError::Taken(_))
-            | JailError::Prepare { .. }
+            JailError::Uid(error) => error.kind(),
+            JailError::Prepare { .. }
             | JailError::NotReadable { .. }
             | JailError::DynamicProgram { .. }
             | JailError::ExposureGone { .. }
@@ -175,7 +183,7 @@ mod tests {
 
     #[test]
     fn a_kind_is_found_however_deep_its_cause() {
-        let full = backend(BackendError::Launch(LaunchError::Jail(JailError::Uid(UidLeaseError::Exhausted(900_000..900_010)))));
+        let full = backend(BackendError::Launch(LaunchError::Identity(UidLeaseError::Exhausted(900_000..900_010))));
         assert_eq!(full.kind(), ErrorKind::Exhausted);
         let feature =
             backend(BackendError::FeatureUnavailable { vmm: "firecracker", feature: "memory hotplug", field: "memory.max_size_bytes" });

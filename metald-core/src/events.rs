@@ -70,7 +70,7 @@ pub enum VmEventKind {
     /// a boot the earlier meter never saw is metered from then;
     /// `earlier_ends` is how the VM's VMMs before it ended, ends that meter
     /// may not have seen either.
-    Reattached {
+    TakenOver {
         running: RunningVmm,
         booted_at: Option<SystemTime>,
         earlier_ends: Vec<EndedVmm>,
@@ -87,7 +87,7 @@ pub enum VmEventKind {
 impl VmEventKind {
     /// Every kind's name, in [`VmEventKind::index`] order.
     pub const NAMES: [&'static str; 10] =
-        ["created", "booted", "paused", "resumed", "rebooted", "stopped", "failed", "deleted", "reattached", "found_stopped"];
+        ["created", "booted", "paused", "resumed", "rebooted", "stopped", "failed", "deleted", "taken_over", "found_stopped"];
 
     /// Its name on the wire and in metrics: `booted`, `failed`, …
     pub fn name(&self) -> &'static str {
@@ -106,7 +106,7 @@ impl VmEventKind {
             VmEventKind::Stopped { .. } => 5,
             VmEventKind::Failed { .. } => 6,
             VmEventKind::Deleted => 7,
-            VmEventKind::Reattached { .. } => 8,
+            VmEventKind::TakenOver { .. } => 8,
             VmEventKind::FoundStopped { .. } => 9,
         }
     }

@@ -49,7 +49,7 @@ use nix::unistd::{Gid, Uid};
 use tokio::io::AsyncReadExt;
 
 use crate::cgroups::{Cgroup, CgroupError, CgroupHierarchy, CgroupLimits, CgroupVersion, CpuLimit, DEFAULT_CGROUP_ROOT};
-use crate::launch::{Arg, Exposure, LaunchPlan, Launched, Layout};
+use crate::launch::{Arg, Exposure, LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket, Teardown};
 use crate::process::Supervised;
 pub use crate::uid_lease::{IdentityCapacity, IdentityLease};
 use crate::uid_lease::{UidLeaseError, UidPool};
@@ -243,20 +243,6 @@ impl Jailer {
         }
     }
 
-    /// A uid and gid for one VM, held until the lease is dropped (see [`UidPool`]).
-    pub fn lease_identity(&self) -> Result<IdentityLease, JailError> {
-        Ok(self.uids.lease()?)
-    }
-
-    pub fn identity_capacity(&self) -> Option<IdentityCapacity> {
-        self.uids.capacity()
-    }
-
-    /// Leases a known VM's uid again after a restart of metald.
-    pub fn reserve_identity(&self, uid: u32, gid: u32) -> Result<IdentityLease, JailError> {
-        Ok(self.uids.reserve(uid, gid)?)
-    }
-
     /// Kills and removes every cgroup under our parent but `in_use`: what
     /// launches of an earlier run left that no VM took over, a VMM exec'd
     /// by a create cut off before the store recorded it included. Returns
@@ -295,7 +281,7 @@ impl Jailer {
         }
         let identity = match &plan.identity {
             Some(lease) => Arc::clone(lease),
-            None => Arc::new(self.lease_identity()?),
+            None => Arc::new(self.uids.lease()?),
         };
         let root = plan.vm_dir.jail_root();
         let mut teardown = JailTeardown { root: None, cgroup: None, identity: Some(Arc::clone(&identity)) };
@@ -303,7 +289,8 @@ impl Jailer {
         match self.launch_in(&plan, &root, &identity, &mut teardown, &mut timings).await {
             Ok((process, cgroup)) => {
                 let layout = Layout::jailed(root, &plan.vm_dir, &plan.files());
-                let mut launched = Launched::new(process, layout, Some(cgroup), Some((identity.uid(), identity.gid())), Some(teardown));
+                let mut launched =
+                    Launched::new(process, layout, Some(cgroup), Some((identity.uid(), identity.gid())), Some(Box::new(teardown)));
                 launched.timings = timings;
                 Ok(launched)
             }
@@ -399,8 +386,8 @@ pub(crate) struct JailTeardown {
 }
 
 impl JailTeardown {
-    /// What an adopted VMM's jail left on the host: its folder and cgroup.
-    pub(crate) fn adopted(root: PathBuf, cgroup: Option<Cgroup>, identity: Option<Arc<IdentityLease>>) -> Self {
+    /// What the jail of a VMM taken over after a restart holds on the host: its folder and cgroup.
+    pub(crate) fn taken_over(root: PathBuf, cgroup: Option<Cgroup>, identity: Option<Arc<IdentityLease>>) -> Self {
         Self { root: Some(root), cgroup, identity }
     }
 
@@ -425,6 +412,58 @@ impl JailTeardown {
         }
         drop(self.identity.take());
         problems
+    }
+}
+
+impl Teardown for JailTeardown {
+    fn run(self: Box<Self>) -> Vec<String> {
+        JailTeardown::run(*self)
+    }
+}
+
+/// The jailer is the launcher of every jailed VMM.
+#[async_trait::async_trait]
+impl Launcher for Jailer {
+    fn is_jailed(&self) -> bool {
+        true
+    }
+
+    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, LaunchError> {
+        Ok(Some(Arc::new(self.uids.lease()?)))
+    }
+
+    fn identity_capacity(&self) -> Option<IdentityCapacity> {
+        self.uids.capacity()
+    }
+
+    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, LaunchError> {
+        Ok(Some(Arc::new(self.uids.take_over(uid, gid)?)))
+    }
+
+    async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError> {
+        Jailer::launch(self, plan).await.map_err(|error| match error {
+            JailError::Uid(error) => LaunchError::Identity(error),
+            other => LaunchError::Jail(Box::new(other)),
+        })
+    }
+
+    fn take_over(&self, ticket: TakeoverTicket, identity: Option<Arc<IdentityLease>>) -> Result<Launched, crate::process::ProcessError> {
+        let process = Supervised::take_over(ticket.pid, ticket.start_time)?;
+        let ids = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
+        let teardown = JailTeardown::taken_over(ticket.layout.root().to_path_buf(), ticket.cgroup.clone(), identity);
+        Ok(Launched::new(process, ticket.layout, ticket.cgroup, ids, Some(Box::new(teardown))))
+    }
+
+    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String> {
+        JailTeardown::taken_over(ticket.layout.root().to_path_buf(), ticket.cgroup.clone(), None).run()
+    }
+
+    fn sweep_strays(&self, in_use: &BTreeSet<String>) -> Vec<String> {
+        Jailer::sweep_strays(self, in_use)
+    }
+
+    fn release_host(&self) -> Vec<String> {
+        Jailer::release_host(self)
     }
 }
 

@@ -1,21 +1,23 @@
-//! How a VMM process is started: jailed (the default) or, for development,
-//! directly on the host. A backend describes what its VMM needs in a
-//! [`LaunchPlan`] without knowing which; the [`Launcher`] decides, and the
-//! returned [`Layout`] tells the backend which path the VMM sees for each
-//! file and which path the host uses for it.
+//! How a VMM process is started and taken over: the port a backend
+//! launches through. A backend describes what its VMM needs in a
+//! [`LaunchPlan`] without knowing how it will be confined; a [`Launcher`]
+//! starts it (the integrated jailer, [`crate::jailer::Jailer`], or for
+//! development [`crate::unjailed::Unjailed`]), and the returned [`Layout`]
+//! tells the backend which path the VMM sees for each file and which path
+//! the host uses for it. Nothing here knows a jail.
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cgroups::{Cgroup, CgroupUsage};
-use crate::jailer::{JailError, Jailer};
-use crate::process::{ProcessError, ProcessExit, Supervised};
+use async_trait::async_trait;
 use tokio::sync::watch;
+
+use crate::cgroups::{Cgroup, CgroupUsage};
+use crate::process::{ProcessError, ProcessExit, Supervised};
+use crate::uid_lease::{IdentityCapacity, IdentityLease, UidLeaseError};
 
 /// A file the VMM must be able to open, already opened by us.
 #[derive(Debug, Clone)]
@@ -78,7 +80,7 @@ pub struct LaunchPlan {
     pub netns: Option<Arc<OwnedFd>>,
     pub resources: Resources,
     /// The user to run as, leased for the VM's life; one is leased per launch when absent.
-    pub identity: Option<Arc<crate::jailer::IdentityLease>>,
+    pub identity: Option<Arc<IdentityLease>>,
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
 }
@@ -126,8 +128,11 @@ impl Layout {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    #[error(transparent)]
+    Identity(#[from] UidLeaseError),
+    /// The launcher's own confinement failed (for the jailer, a [`crate::jailer::JailError`]).
     #[error("cannot jail the VMM")]
-    Jail(#[from] JailError),
+    Jail(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot start the VMM")]
     Process(#[from] ProcessError),
     #[error("cannot prepare {path} for the VMM")]
@@ -201,8 +206,8 @@ pub struct Launched {
     /// The uid and gid the VMM runs as, when jailed.
     pub identity: Option<(u32, u32)>,
     exit: watch::Receiver<Option<VmmExit>>,
-    /// Undoes the jail once the process is gone.
-    teardown: Option<crate::jailer::JailTeardown>,
+    /// Undoes the confinement once the process is gone.
+    teardown: Option<Box<dyn Teardown>>,
     /// How long each step of the launch took, in order.
     pub timings: Vec<(&'static str, Duration)>,
     /// What the cgroup counted last, read just before release removed it.
@@ -215,7 +220,7 @@ impl Launched {
         layout: Layout,
         cgroup: Option<Cgroup>,
         identity: Option<(u32, u32)>,
-        teardown: Option<crate::jailer::JailTeardown>,
+        teardown: Option<Box<dyn Teardown>>,
     ) -> Self {
         let (publish, exit) = watch::channel(None);
         let (watched, counted) = (process.clone(), cgroup.clone());
@@ -227,31 +232,6 @@ impl Launched {
         });
         let start_time = crate::process::start_time(process.pid()).ok();
         Self { process, start_time, layout, cgroup, identity, exit, teardown, timings: Vec::new(), ended_usage: None }
-    }
-
-    /// Takes over a VMM that an earlier metald launched and that still
-    /// runs, once it is proven to be the same process.
-    pub fn adopt(
-        pid: u32,
-        start_time: u64,
-        layout: Layout,
-        cgroup: Option<Cgroup>,
-        identity: Option<Arc<crate::jailer::IdentityLease>>,
-    ) -> Result<Self, ProcessError> {
-        let process = Supervised::adopt(pid, start_time)?;
-        let ids = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
-        let teardown =
-            layout.is_jailed().then(|| crate::jailer::JailTeardown::adopted(layout.root().to_path_buf(), cgroup.clone(), identity));
-        Ok(Self::new(process, layout, cgroup, ids, teardown))
-    }
-
-    /// Removes what the jail of a VMM that ended while no metald watched it
-    /// left behind (its cgroup and jail folder).
-    pub fn clean_up_after(ticket: &TakeoverTicket) -> Vec<String> {
-        if !ticket.layout.is_jailed() {
-            return Vec::new();
-        }
-        crate::jailer::JailTeardown::adopted(ticket.layout.root().to_path_buf(), ticket.cgroup.clone(), None).run()
     }
 
     /// The ticket that finds this process again; `None` when its start
@@ -294,72 +274,47 @@ impl Launched {
     }
 }
 
-/// Starts VMMs jailed or, for development only, unjailed.
-#[derive(Debug, Clone)]
-pub enum Launcher {
-    Jailed(Arc<Jailer>),
-    Unjailed,
+/// What undoes a launch's confinement (cgroup, jail folder, the uid's
+/// lease) once its VMM has gone; run on a blocking thread.
+pub trait Teardown: Send + Sync + std::fmt::Debug {
+    /// Every step is tried; what could not be undone is returned.
+    fn run(self: Box<Self>) -> Vec<String>;
 }
 
-impl Launcher {
-    /// A launcher that jails every VMM as `config` says. The backends of one
-    /// host share one launcher, so each VM's uid is leased once.
-    pub fn jailed(config: crate::jailer::JailerConfig) -> Result<Self, JailError> {
-        Ok(Launcher::Jailed(Arc::new(Jailer::new(config)?)))
-    }
+/// Starts VMM processes and takes them over after a restart of metald. The
+/// backends of one host share one launcher, so each VM's uid is leased once.
+#[async_trait]
+pub trait Launcher: Send + Sync + std::fmt::Debug {
+    /// Whether VMMs run confined (own root, namespaces, cgroup, user).
+    fn is_jailed(&self) -> bool;
 
-    pub fn is_jailed(&self) -> bool {
-        matches!(self, Launcher::Jailed(_))
-    }
+    /// The user a VM's VMMs will run as, leased for the VM's life (none when VMMs do not get users of their own).
+    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, LaunchError>;
 
-    /// The user a VM's VMMs will run as, leased for the VM's life (none unjailed).
-    pub fn lease_identity(&self) -> Result<Option<Arc<crate::jailer::IdentityLease>>, LaunchError> {
-        match self {
-            Launcher::Jailed(jailer) => Ok(Some(Arc::new(jailer.lease_identity()?))),
-            Launcher::Unjailed => Ok(None),
-        }
-    }
+    /// The uid pool's size and use, when VMs get users of their own.
+    fn identity_capacity(&self) -> Option<IdentityCapacity>;
 
-    /// The uid pool's size and use (none unjailed).
-    pub fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
-        match self {
-            Launcher::Jailed(jailer) => jailer.identity_capacity(),
-            Launcher::Unjailed => None,
-        }
-    }
+    /// Takes over a VM's known uid and gid after a restart.
+    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, LaunchError>;
 
-    /// Leases a VM's known uid and gid again after a restart (none unjailed).
-    pub fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<crate::jailer::IdentityLease>>, LaunchError> {
-        match self {
-            Launcher::Jailed(jailer) => Ok(Some(Arc::new(jailer.reserve_identity(uid, gid)?))),
-            Launcher::Unjailed => Ok(None),
-        }
-    }
+    /// Starts the VMM `plan` describes.
+    async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError>;
+
+    /// Takes over the VMM `ticket` describes, which an earlier metald
+    /// launched and which still runs, once it is proven to be the same process.
+    fn take_over(&self, ticket: TakeoverTicket, identity: Option<Arc<IdentityLease>>) -> Result<Launched, ProcessError>;
+
+    /// Removes what the launch of a VMM that ended while no metald watched
+    /// it left behind (its cgroup and jail folder); what could not be removed.
+    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String>;
 
     /// Kills and removes what launches of an earlier run left that none of
     /// `in_use` (cgroup names) accounts for; what could not be removed.
-    pub fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
-        match self {
-            Launcher::Jailed(jailer) => jailer.sweep_strays(in_use),
-            Launcher::Unjailed => Vec::new(),
-        }
-    }
+    fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String>;
 
     /// Removes what launching set up on the host for every VM, once no VM
     /// is left; what could not be removed.
-    pub fn release_host(&self) -> Vec<String> {
-        match self {
-            Launcher::Jailed(jailer) => jailer.release_host(),
-            Launcher::Unjailed => Vec::new(),
-        }
-    }
-
-    pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, LaunchError> {
-        match self {
-            Launcher::Jailed(jailer) => Ok(jailer.launch(plan).await?),
-            Launcher::Unjailed => launch_unjailed(plan),
-        }
-    }
+    fn release_host(&self) -> Vec<String>;
 }
 
 /// Says so when the kernel's out-of-memory killer struck in the cgroup.
@@ -369,49 +324,6 @@ fn out_of_memory_cause(cgroup: &Cgroup, kills_before: u64) -> Option<String> {
         Ok(limit) => format!("out of memory: the kernel killed it at its cgroup's limit of {limit} bytes"),
         Err(_) => "out of memory: the kernel killed it at its cgroup's limit".to_owned(),
     })
-}
-
-fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
-    tracing::warn!(
-        vm_id = %plan.name,
-        "VMM runs UNJAILED: no private root, no namespaces, no cgroup limits, no separate user. For development only."
-    );
-    let layout = Layout::unjailed(&plan.vm_dir, &plan.files());
-    for name in &plan.work_files {
-        let path = layout.host(name);
-        std::fs::File::create(&path).map_err(|source| LaunchError::Prepare { path: path.clone(), source })?;
-    }
-    // A socket the VMM makes itself (its API socket) may be left by the
-    // VM's previous VMM; a jail starts empty, this folder does not.
-    for arg in &plan.args {
-        if let Arg::PathOf(name) = arg
-            && !plan.work_files.contains(name)
-        {
-            let path = layout.host(name);
-            if std::fs::symlink_metadata(&path).is_ok_and(|metadata| std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type())) {
-                std::fs::remove_file(&path).map_err(|source| LaunchError::Prepare { path: path.clone(), source })?;
-            }
-        }
-    }
-    let mut command = Command::new(&plan.program.host_path);
-    for arg in &plan.args {
-        match arg {
-            Arg::Literal(text) => command.arg(text),
-            Arg::PathOf(name) => command.arg(layout.inside(name)),
-        };
-    }
-    command
-        .current_dir(plan.vm_dir.path())
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(plan.stdout))
-        .stderr(Stdio::from(plan.stderr))
-        // Its own process group: a Ctrl+C meant for metald never reaches the VMs.
-        .process_group(0);
-    let started = std::time::Instant::now();
-    let process = Supervised::spawn(&mut command)?;
-    let mut launched = Launched::new(process, layout, None, None, None);
-    launched.timings.push(("spawn", started.elapsed()));
-    Ok(launched)
 }
 
 #[cfg(test)]

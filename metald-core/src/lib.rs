@@ -52,6 +52,7 @@ pub mod state;
 pub mod store;
 pub mod target;
 pub mod uid_lease;
+pub mod unjailed;
 pub mod vm_dir;
 
 pub use metald_types::{error_chain, ids, private_files};
@@ -64,7 +65,7 @@ pub use events::{VmEvent, VmEventKind};
 pub use ids::{TenantId, VmId};
 pub use manager::operations;
 pub use manager::{
-    BackendOperation, CreateVm, ManagerError, Recovery, StopOptions, VmInfo, VmManager, VmManagerBuilder, VmPage, VmSummary,
+    BackendOperation, CreateVm, ManagerError, StopOptions, Takeover, VmInfo, VmManager, VmManagerBuilder, VmPage, VmSummary,
 };
 pub use state::VmState;
 pub use target::VmTarget;

@@ -51,7 +51,7 @@ pub struct AttachedInterface {
 }
 
 /// Everything a provider made for one VM. Stored with the VM, all but the
-/// open namespace, which [`NetworkProvider::reopen`] opens again.
+/// open namespace, which [`NetworkProvider::take_over`] opens again.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NetworkAttachment {
     /// The namespace the VMM must run in, open.
@@ -116,7 +116,7 @@ pub trait NetworkProvider: Send + Sync + fmt::Debug {
 
     /// Opens again what a stored attachment refers to (its namespace), for
     /// a VM found after a restart of metald.
-    async fn reopen(&self, vm_id: &VmId, attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {
+    async fn take_over(&self, vm_id: &VmId, attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {
         let _ = vm_id;
         Ok(attachment)
     }

@@ -26,7 +26,7 @@ pub enum ProcessExit {
     Exited { code: i32 },
     /// A signal ended it.
     Killed { signal: i32 },
-    /// It ended, but not as our child (it was adopted after a restart of
+    /// It ended, but not as our child (it was taken over after a restart of
     /// metald), so its status went to its parent.
     Unknown,
 }
@@ -176,7 +176,7 @@ impl Supervised {
     /// started at `start_time` (see [`start_time`]): a pid alone may have
     /// been given to another process since. Its exit is noticed as soon as
     /// it happens; its status is [`ProcessExit::Unknown`].
-    pub fn adopt(pid: u32, expected_start_time: u64) -> Result<Self, ProcessError> {
+    pub fn take_over(pid: u32, expected_start_time: u64) -> Result<Self, ProcessError> {
         let pidfd = pidfd_open(pid).map_err(|source| ProcessError::Gone { pid, source })?;
         // Checked after the pidfd exists: from here on it names this process even if the pid is reused.
         let found = start_time(pid).map_err(|source| ProcessError::Gone { pid, source })?;
@@ -197,7 +197,7 @@ impl Supervised {
         let (publish, exit) = watch::channel(None);
         tokio::spawn(async move {
             let _ = readiness.readable().await;
-            tracing::debug!(pid, "adopted process ended");
+            tracing::debug!(pid, "process taken over ended");
             publish.send_replace(Some(ProcessExit::Unknown));
         });
         Ok(Self { pid, pidfd, exit })
@@ -344,15 +344,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_adopted_process_is_checked_and_its_end_is_noticed() {
+    async fn a_process_taken_over_is_checked_and_its_end_is_noticed() {
         let process = Supervised::spawn(Command::new("sleep").arg("30")).unwrap();
         let started = start_time(process.pid()).unwrap();
-        let wrong = Supervised::adopt(process.pid(), started + 1).unwrap_err();
+        let wrong = Supervised::take_over(process.pid(), started + 1).unwrap_err();
         assert!(matches!(wrong, ProcessError::NotTheSame { .. }), "{wrong}");
-        let adopted = Supervised::adopt(process.pid(), started).unwrap();
-        assert_eq!(adopted.exit_status(), None);
-        adopted.signal(Signal::SIGKILL).unwrap();
-        assert_eq!(adopted.wait_timeout(Duration::from_secs(5)).await, Some(ProcessExit::Unknown));
+        let taken_over = Supervised::take_over(process.pid(), started).unwrap();
+        assert_eq!(taken_over.exit_status(), None);
+        taken_over.signal(Signal::SIGKILL).unwrap();
+        assert_eq!(taken_over.wait_timeout(Duration::from_secs(5)).await, Some(ProcessExit::Unknown));
         assert_eq!(process.wait().await, ProcessExit::Killed { signal: libc::SIGKILL });
     }
 

@@ -2,11 +2,11 @@
 //!
 //! The manager writes a VM's [`VmRecord`] at every change (creation, every
 //! state change, a new VMM process) and removes it when the VM is deleted.
-//! After a restart it reads them all back and reattaches to the VMMs that
-//! still run (see [`crate::manager::VmManager::recover`]). [`VmStore`] is
+//! After a restart it reads them all back and takes over the VMMs that
+//! still run (see [`crate::manager::VmManager::take_over`]). [`VmStore`] is
 //! the port; [`SqliteVmStore`] is the embedded default, one SQLite file in
 //! WAL mode: a commit survives the process being killed; a power loss can
-//! take the last transitions with it, which recovery then reconciles from
+//! take the last transitions with it, which the takeover then reconciles from
 //! what it finds running.
 
 use std::path::{Path, PathBuf};
@@ -110,7 +110,7 @@ impl SqliteVmStore {
         let connection = Connection::open(&path).map_err(database)?;
         connection.pragma_update(None, "journal_mode", "WAL").map_err(database)?;
         // A commit reaches the OS at once (it survives the process); fsync
-        // is left to checkpoints, since recovery reconciles from what runs.
+        // is left to checkpoints, since the takeover reconciles from what runs.
         connection.pragma_update(None, "synchronous", "NORMAL").map_err(database)?;
         connection.busy_timeout(Duration::from_secs(5)).map_err(database)?;
         connection.execute_batch(SCHEMA).map_err(database)?;

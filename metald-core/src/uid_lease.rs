@@ -43,7 +43,7 @@ impl UidPool {
     /// Leases a given uid and gid again, for a VM whose VMM outlived an
     /// earlier metald: it must not be handed to another VM. A uid outside
     /// the pool (the configuration changed since) cannot collide and is not tracked.
-    pub fn reserve(&self, uid: u32, gid: u32) -> Result<IdentityLease, UidLeaseError> {
+    pub fn take_over(&self, uid: u32, gid: u32) -> Result<IdentityLease, UidLeaseError> {
         if self.fixed.is_some() || !self.range.contains(&uid) {
             return Ok(IdentityLease { uid, gid, pool: None });
         }
@@ -122,10 +122,10 @@ mod tests {
     #[test]
     fn a_reserved_uid_is_not_leased_twice_and_one_outside_the_pool_is_not_tracked() {
         let pool = UidPool::new(5000..5002, None);
-        let _kept = pool.reserve(5001, 5001).unwrap();
-        assert!(matches!(pool.reserve(5001, 5001), Err(UidLeaseError::Taken(5001))));
+        let _kept = pool.take_over(5001, 5001).unwrap();
+        assert!(matches!(pool.take_over(5001, 5001), Err(UidLeaseError::Taken(5001))));
         assert_eq!(pool.lease().unwrap().uid(), 5000);
-        assert!(pool.reserve(42, 42).is_ok() && pool.reserve(42, 42).is_ok());
+        assert!(pool.take_over(42, 42).is_ok() && pool.take_over(42, 42).is_ok());
         assert_eq!(UidPool::new(5000..5002, Some((7, 7))).capacity(), None);
     }
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use common::Sandbox;
 use metald_core::backend::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use metald_core::console::ConsoleLog;
-use metald_core::jailer::{IdentityCapacity, IdentityLease};
+use metald_core::jailer::{IdentityCapacity, IdentityLease, Jailer};
 use metald_core::launch::{Launcher, TakeoverTicket};
 use metald_core::operations::{Boot, Delete, Info};
 use metald_core::{CreateVm, FirecrackerBackend, ManagerError, StopOptions, VmState};
@@ -41,17 +41,17 @@ impl VmmBackend for SecondVmm {
     fn identity_capacity(&self) -> Option<IdentityCapacity> {
         self.0.identity_capacity()
     }
-    fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
-        self.0.reserve_identity(uid, gid)
+    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
+        self.0.take_over_identity(uid, gid)
     }
-    fn dormant(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
-        self.0.dormant(spec, console)
+    fn unlaunched(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
+        self.0.unlaunched(spec, console)
     }
-    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
-        self.0.reattach(spec, console, ticket).await
+    async fn take_over(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
+        self.0.take_over(spec, console, ticket).await
     }
-    fn clean_up(&self, ticket: &TakeoverTicket) -> Vec<String> {
-        self.0.clean_up(ticket)
+    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String> {
+        self.0.clean_up_after(ticket)
     }
     fn sweep_strays(&self, in_use: &BTreeSet<String>) -> Vec<String> {
         self.0.sweep_strays(in_use)
@@ -67,10 +67,10 @@ async fn each_vm_runs_on_the_vmm_it_names_and_an_unoffered_one_is_refused() {
     let Some(sandbox) = Sandbox::with(test, |builder, jail| {
         let binary = metald_testguest::require_firecracker(test).expect("Firecracker, as the sandbox found it");
         // One jailer for both, so each VM's uid is leased once.
-        let launcher = Launcher::jailed(jail.clone()).unwrap();
+        let launcher: Arc<dyn Launcher> = Arc::new(Jailer::new(jail.clone()).unwrap());
         let vmm = Sandbox::firecracker_config(&binary);
         builder
-            .backend(Arc::new(FirecrackerBackend::new(vmm.clone(), launcher.clone())))
+            .backend(Arc::new(FirecrackerBackend::new(vmm.clone(), Arc::clone(&launcher))))
             .backend(Arc::new(SecondVmm(FirecrackerBackend::new(vmm, launcher))))
     }) else {
         return;

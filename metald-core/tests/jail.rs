@@ -443,8 +443,14 @@ async fn a_jail_that_fails_halfway_undoes_every_step_before() {
     let mut plan = firecracker_plan(&sandbox, &vm_dir, None);
     plan.program.file = Arc::new(std::fs::File::open(&not_executable).unwrap().into());
     plan.program.host_path = not_executable;
-    let error = launch::Launcher::Jailed(Arc::new(jailer)).launch(plan).await.unwrap_err();
-    assert!(matches!(error, LaunchError::Jail(JailError::Child { step: JailStep::Exec, .. })), "{error}");
+    // Through the port, as a backend launches: the jail's own error is kept as the cause.
+    let launcher: Arc<dyn launch::Launcher> = Arc::new(jailer);
+    let error = launcher.launch(plan).await.unwrap_err();
+    let cause = match &error {
+        LaunchError::Jail(cause) => cause.downcast_ref::<JailError>(),
+        _ => None,
+    };
+    assert!(matches!(cause, Some(JailError::Child { step: JailStep::Exec, .. })), "{error}");
     assert!(!vm_dir.join("root").exists());
     std::fs::remove_dir_all(&vm_dir).unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());

@@ -476,7 +476,7 @@ impl NetworkProvider for Ipv6Network {
         }
     }
 
-    async fn reopen(&self, vm_id: &VmId, mut attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {
+    async fn take_over(&self, vm_id: &VmId, mut attachment: NetworkAttachment) -> Result<NetworkAttachment, NetworkError> {
         let name = attachment.netns_name.clone().unwrap_or_else(|| self.namespace_name(vm_id));
         let namespace =
             self.namespaces.open(&name).map_err(|error| NetworkError::Attach { vm_id: vm_id.clone(), source: Box::new(error) })?;

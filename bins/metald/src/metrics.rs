@@ -55,7 +55,7 @@ pub struct Metrics {
 #[derive(Debug, Default)]
 struct TakeoverFigures {
     done: std::sync::atomic::AtomicBool,
-    reattached: AtomicU64,
+    taken_over: AtomicU64,
     lost: AtomicU64,
     stopped: AtomicU64,
 }
@@ -92,10 +92,10 @@ impl Metrics {
     }
 
     /// What this run's takeover of the previous run's VMs found.
-    pub fn record_takeover(&self, recovery: &metald_core::Recovery) {
-        self.takeover.reattached.store(recovery.reattached.len() as u64, Ordering::Relaxed);
-        self.takeover.lost.store(recovery.lost.len() as u64, Ordering::Relaxed);
-        self.takeover.stopped.store(recovery.stopped.len() as u64, Ordering::Relaxed);
+    pub fn record_takeover(&self, takeover: &metald_core::Takeover) {
+        self.takeover.taken_over.store(takeover.taken_over.len() as u64, Ordering::Relaxed);
+        self.takeover.lost.store(takeover.lost.len() as u64, Ordering::Relaxed);
+        self.takeover.stopped.store(takeover.stopped.len() as u64, Ordering::Relaxed);
         self.takeover.done.store(true, Ordering::Release);
     }
 
@@ -167,13 +167,13 @@ impl Collector for HostCollector {
         if self.takeover.done.load(Ordering::Acquire) {
             let outcomes = Family::<[(&str, &str); 1], prometheus_client::metrics::gauge::Gauge>::default();
             for (outcome, count) in
-                [("reattached", &self.takeover.reattached), ("lost", &self.takeover.lost), ("stopped", &self.takeover.stopped)]
+                [("taken_over", &self.takeover.taken_over), ("lost", &self.takeover.lost), ("stopped", &self.takeover.stopped)]
             {
                 outcomes.get_or_create(&[("outcome", outcome)]).set(i64::try_from(count.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
             }
             outcomes.encode(encoder.encode_descriptor(
                 "metald_takeover_vms",
-                "What this run's start found of the previous run's VMs: reattached (VMM taken over), lost (VMM gone or not taken over: now failed), stopped (had no VMM)",
+                "What this run's start found of the previous run's VMs: taken_over (VMM taken over), lost (VMM gone or not taken over: now failed), stopped (had no VMM)",
                 None,
                 outcomes.metric_type(),
             )?)?;

@@ -236,7 +236,7 @@ async fn health() -> &'static str {
     "ok\n"
 }
 
-/// VMs are recovered and calls are taken.
+/// VMs are taken over and calls are taken.
 async fn ready(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     if state.readiness.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
 }

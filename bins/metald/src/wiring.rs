@@ -1,6 +1,6 @@
 //! From settings to a running daemon: the locks that keep it the only
 //! one on its data folder, the store, the network, the jail, the manager,
-//! billing, recovery of the previous run's VMs, then the server until
+//! billing, the takeover of the previous run's VMs, then the server until
 //! SIGTERM.
 
 use std::collections::{HashMap, HashSet};
@@ -77,7 +77,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let manager = builder.build().context("cannot set up the VM manager")?;
 
-    // Billing listens before recovery, so the VMs taken over are metered
+    // Billing listens before the takeover, so the VMs taken over are metered
     // on from where the spool says they were.
     let (billing, usage) = match settings.billing.enabled {
         true => {
@@ -120,14 +120,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let server = tokio::spawn(crate::listener::serve(listener, app, settings.api.connection_limits(), shutdown));
 
-    let recovery = manager.recover().await.context("cannot take over the VMs of the previous run")?;
+    let takeover = manager.take_over().await.context("cannot take over the VMs of the previous run")?;
     tracing::info!(
-        reattached = recovery.reattached.len(),
-        lost = recovery.lost.len(),
-        stopped = recovery.stopped.len(),
+        taken_over = takeover.taken_over.len(),
+        lost = takeover.lost.len(),
+        stopped = takeover.stopped.len(),
         "VMs of the previous run reconciled"
     );
-    metrics.record_takeover(&recovery);
+    metrics.record_takeover(&takeover);
     if let Some(billing) = &billing {
         billing.takeover_done(manager.list(None).into_iter().map(|summary| summary.vm_id));
     }

@@ -247,7 +247,7 @@ async fn the_metrics_an_operator_alerts_on_are_exported_and_every_one_is_documen
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(started <= now && started > now - 3600.0, "started {started}, now {now}");
     assert_eq!((sample(&metrics, "metald_uids"), sample(&metrics, "metald_uids_free")), (Some(64.0), Some(64.0)));
-    assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"reattached\"}"), Some(0.0), "{metrics}");
+    assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"taken_over\"}"), Some(0.0), "{metrics}");
 
     let heartbeat = common::testguest::cmdline::heartbeat_ms(100);
     let mut vms = Vec::new();
@@ -270,7 +270,7 @@ async fn the_metrics_an_operator_alerts_on_are_exported_and_every_one_is_documen
     host.kill();
     kill(&vms[1]);
     host.launch();
-    let metrics = wait_for_sample(&host, "metald_takeover_vms{outcome=\"reattached\"}", 1.0);
+    let metrics = wait_for_sample(&host, "metald_takeover_vms{outcome=\"taken_over\"}", 1.0);
     assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"lost\"}"), Some(1.0), "{metrics}");
     assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"stopped\"}"), Some(1.0), "{metrics}");
     assert_eq!(host.log().matches("VM failed while metald was away").count(), 1, "said once:\n{}", host.log());

@@ -35,7 +35,7 @@ fn event_reason(kind: &VmEventKind) -> String {
         | VmEventKind::Paused { .. }
         | VmEventKind::Resumed { .. }
         | VmEventKind::Rebooted { .. }
-        | VmEventKind::Reattached { .. }
+        | VmEventKind::TakenOver { .. }
         | VmEventKind::FoundStopped { .. }
         | VmEventKind::Deleted => String::new(),
     }

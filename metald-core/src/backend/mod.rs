@@ -203,7 +203,7 @@ pub enum BackendError {
     #[error("cannot capture the console")]
     Console(#[source] ConsoleError),
     #[error("cannot take over the VMM process")]
-    Adopt(#[source] ProcessError),
+    TakeOver(#[source] ProcessError),
     #[error("the process on the VM's API socket is {vmm} instance {found}, not {expected}")]
     NotTheSameVmm { vmm: &'static str, expected: String, found: String },
     #[error("cannot read {what} of process {pid}")]
@@ -243,19 +243,19 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     }
 
     /// Leases a known VM's user again after a restart of metald.
-    fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError>;
+    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError>;
 
     /// A VM with no VMM now (it was shut down or failed while metald was
     /// away); its next [`VmmInstance::boot`] launches one.
-    fn dormant(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance>;
+    fn unlaunched(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance>;
 
     /// Takes over the VMM that `ticket` (from [`VmmInstance::ticket`])
     /// describes, once it is proven to be the same process and still runs.
-    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError>;
+    async fn take_over(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError>;
 
     /// Removes what a VMM that ended while nobody watched it left on the
     /// host (cgroup, jail folder); returns what could not be removed.
-    fn clean_up(&self, ticket: &TakeoverTicket) -> Vec<String>;
+    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String>;
 
     /// Kills and removes what VMM launches of an earlier run left that no
     /// VM took over: everything of this backend's but the cgroups named in
@@ -283,7 +283,7 @@ pub trait VmmInstance: Send + Sync + fmt::Debug {
     fn cgroup(&self) -> Option<Cgroup>;
 
     /// What a later metald needs to find the running VMM again and prove
-    /// it is the same process (see [`VmmBackend::reattach`]); `None` when no
+    /// it is the same process (see [`VmmBackend::take_over`]); `None` when no
     /// VMM runs.
     fn ticket(&self) -> Option<TakeoverTicket>;
 

@@ -35,7 +35,7 @@ pub struct VmManagerBuilder {
 
 impl VmManagerBuilder {
     /// Where VM records are kept, so that VMs outlive this process (see
-    /// [`VmManager::recover`]). Without one, VMs are known only in memory.
+    /// [`VmManager::take_over`]). Without one, VMs are known only in memory.
     pub fn store(mut self, store: Arc<dyn VmStore>) -> Self {
         self.store = Some(store);
         self

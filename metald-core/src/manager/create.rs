@@ -103,7 +103,6 @@ impl VmManager {
             }
             super::records::publish(&self.inner, &slot, &mut entry, VmEventKind::Created).await;
         }
-        tracing::info!(%vm_id, %tenant, "VM created");
         Ok(vm_id)
     }
 

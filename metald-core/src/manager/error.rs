@@ -97,8 +97,8 @@ impl BackendOperation {
     pub const SHUTDOWN: Self = Self::new("shutdown", "shut down");
     /// A graceful stop of a paused VM resumes it first, so that its guest can act on the request.
     pub const RESUME_BEFORE_SHUTDOWN: Self = Self::new("resume_before_shutdown", "resume before shutdown");
-    pub const RECOVER: Self = Self::new("recover", "recover");
-    pub const REATTACH: Self = Self::new("reattach", "reattach to");
+    /// Taking over a VM's VMM (or its uid) after a restart of metald.
+    pub const TAKE_OVER: Self = Self::new("take_over", "take over");
     pub const READ_METRICS: Self = Self::new("read_metrics", "read metrics of");
 
     /// `label` is lower-case words joined by `_`; `verb` completes "failed to … VM web-1".
@@ -137,8 +137,7 @@ mod tests {
             BackendOperation::RESUME,
             BackendOperation::SHUTDOWN,
             BackendOperation::RESUME_BEFORE_SHUTDOWN,
-            BackendOperation::RECOVER,
-            BackendOperation::REATTACH,
+            BackendOperation::TAKE_OVER,
             BackendOperation::READ_METRICS,
         ];
         for operation in all {

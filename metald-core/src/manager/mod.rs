@@ -35,7 +35,7 @@ mod takeover;
 pub use builder::{DEFAULT_CONSOLE_LIMIT_BYTES, DEFAULT_STOP_TIMEOUT, VmManagerBuilder};
 pub use error::{BackendOperation, ManagerError};
 pub use operation::{LockedVm, VmOperation};
-pub use takeover::Recovery;
+pub use takeover::Takeover;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -190,7 +190,7 @@ impl VmManager {
 
     /// From now on a deleted VM's record stays in the store, marked deleted
     /// and with how its last VMM ended, until [`VmManager::release_deleted`].
-    /// Billing calls this before [`VmManager::recover`]: a delete its meter
+    /// Billing calls this before [`VmManager::take_over`]: a delete its meter
     /// had not yet billed when metald was killed is then found again after a
     /// restart, as a `FoundStopped` event followed by `Deleted`.
     pub fn hold_deleted_records(&self) {

@@ -65,7 +65,7 @@ fn log_change(vm_id: &VmId, kind: &VmEventKind) {
         VmEventKind::Stopped { by_guest: false, forced, .. } => tracing::info!(%vm_id, forced, "VM stopped"),
         VmEventKind::Stopped { by_guest: true, .. }
         | VmEventKind::Failed { .. }
-        | VmEventKind::Reattached { .. }
+        | VmEventKind::TakenOver { .. }
         | VmEventKind::FoundStopped { .. } => {}
     }
 }

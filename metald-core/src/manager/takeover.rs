@@ -25,14 +25,14 @@ use metald_types::time::from_unix_millis;
 impl VmManager {
     /// Finds the VMs of an earlier run in the store: takes over each VMM
     /// that still runs and is provably the same process (the VM keeps its
-    /// state and a `Reattached` event says so), marks Failed each VM whose
+    /// state and a `TakenOver` event says so), marks Failed each VM whose
     /// VMM is gone (cleaning up what its jail left), and keeps stopped VMs
     /// ready to boot. Call once, before serving; a VM already known is skipped.
-    pub async fn recover(&self) -> Result<Recovery, ManagerError> {
-        let Some(store) = self.inner.store.clone() else { return Ok(Recovery::default()) };
+    pub async fn take_over(&self) -> Result<Takeover, ManagerError> {
+        let Some(store) = self.inner.store.clone() else { return Ok(Takeover::default()) };
         let records = store.load_all().map_err(ManagerError::Store)?;
         let stored: std::collections::HashSet<VmId> = records.iter().map(|record| record.vm_id.clone()).collect();
-        let mut recovery = Recovery::default();
+        let mut takeover = Takeover::default();
         for record in records {
             if read_lock(&self.inner.registry).vms.contains_key(&record.vm_id) {
                 continue;
@@ -42,27 +42,27 @@ impl VmManager {
                 continue;
             }
             let vm_id = record.vm_id.clone();
-            match self.recover_one(record).await {
-                Ok(Recovered::Reattached) => recovery.reattached.push(vm_id),
-                Ok(Recovered::Lost(reason)) => recovery.lost.push((vm_id, reason)),
-                Ok(Recovered::Stopped) => recovery.stopped.push(vm_id),
+            match self.take_over_one(record).await {
+                Ok(TakeoverOutcome::TakenOver) => takeover.taken_over.push(vm_id),
+                Ok(TakeoverOutcome::Lost(reason)) => takeover.lost.push((vm_id, reason)),
+                Ok(TakeoverOutcome::Stopped) => takeover.stopped.push(vm_id),
                 Err(error) => {
                     let reason = crate::error_chain(&error);
-                    tracing::error!(%vm_id, %reason, "cannot recover a stored VM");
-                    recovery.lost.push((vm_id, reason));
+                    tracing::error!(%vm_id, %reason, "cannot take over a stored VM");
+                    takeover.lost.push((vm_id, reason));
                 }
             }
         }
         tracing::info!(
-            reattached = recovery.reattached.len(),
-            lost = recovery.lost.len(),
-            stopped = recovery.stopped.len(),
-            "VMs of the earlier run recovered"
+            taken_over = takeover.taken_over.len(),
+            lost = takeover.lost.len(),
+            stopped = takeover.stopped.len(),
+            "VMs of the earlier run taken over"
         );
         // VMMs first: the folders and namespaces below may be theirs.
         self.sweep_stray_vmms().await;
         self.sweep_unrecorded(&stored).await;
-        Ok(recovery)
+        Ok(takeover)
     }
 
     /// Kills and removes VMMs (and their cgroups) that earlier runs
@@ -125,7 +125,7 @@ impl VmManager {
         }
     }
 
-    async fn recover_one(&self, record: VmRecord) -> Result<Recovered, ManagerError> {
+    async fn take_over_one(&self, record: VmRecord) -> Result<TakeoverOutcome, ManagerError> {
         let VmRecord { vm_id, tenant, mut config, mut state, .. } = record.clone();
         // A record from before VMs named their VMM ran on the host's default.
         if config.vmm.is_empty() {
@@ -134,31 +134,31 @@ impl VmManager {
         let vm_dir = VmDir::of(&self.inner.vm_root, &vm_id);
         let console = vm_dir.console(self.inner.console_limit_bytes);
         // Why no VMM can be taken over or launched for this VM, if so.
-        let mut unrecoverable = None;
+        let mut cannot_take_over = None;
         // A VMM the host no longer offers: the VM stays, Failed, saying so.
         let backend = match self.backend_of(&config) {
             Ok(backend) => backend,
             Err(error) => {
-                unrecoverable = Some(format!("its VMM is not offered by this host: {}", crate::error_chain(&error)));
+                cannot_take_over = Some(format!("its VMM is not offered by this host: {}", crate::error_chain(&error)));
                 Arc::clone(&self.inner.default_backend)
             }
         };
         let identity = match record.identity {
-            Some((uid, gid)) => match backend.reserve_identity(uid, gid) {
+            Some((uid, gid)) => match backend.take_over_identity(uid, gid) {
                 Ok(lease) => lease,
                 Err(source) => {
-                    let error = backend_failed(&config.vmm, &vm_id, BackendOperation::RECOVER, source);
-                    unrecoverable = Some(format!("its uid {uid} cannot be leased again: {}", crate::error_chain(&error)));
+                    let error = backend_failed(&config.vmm, &vm_id, BackendOperation::TAKE_OVER, source);
+                    cannot_take_over = Some(format!("its uid {uid} cannot be leased again: {}", crate::error_chain(&error)));
                     None
                 }
             },
             None => None,
         };
         let network = match (record.network, &self.inner.network) {
-            (Some(attachment), Some(provider)) => match provider.reopen(&vm_id, attachment.clone()).await {
-                Ok(reopened) => Some(reopened),
+            (Some(attachment), Some(provider)) => match provider.take_over(&vm_id, attachment.clone()).await {
+                Ok(taken_over) => Some(taken_over),
                 Err(error) => {
-                    tracing::warn!(%vm_id, error = %crate::error_chain(&error), "cannot reopen a recovered VM's network namespace");
+                    tracing::warn!(%vm_id, error = %crate::error_chain(&error), "cannot open the network namespace of a VM taken over");
                     Some(attachment)
                 }
             },
@@ -169,72 +169,73 @@ impl VmManager {
             self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref())
         };
         // A VM is never dropped: one no VMM can be launched for stays listed, Failed.
-        let dormant = |identity: Option<Arc<IdentityLease>>| match spec(identity).and_then(|spec| Ok((self.backend_of(&config)?, spec))) {
-            Ok((backend, spec)) => (backend.dormant(spec, console.clone()), None),
+        let unlaunched = |identity: Option<Arc<IdentityLease>>| match spec(identity).and_then(|spec| Ok((self.backend_of(&config)?, spec)))
+        {
+            Ok((backend, spec)) => (backend.unlaunched(spec, console.clone()), None),
             Err(error) => {
                 let reason = format!("no VMM can be launched for it on this host: {}", crate::error_chain(&error));
                 (Box::new(Unlaunchable::new(backend.name(), reason.clone())) as Box<dyn VmmInstance>, Some(reason))
             }
         };
         let mut failure = record.failure.clone();
-        let mut outcome = Recovered::Stopped;
+        let mut outcome = TakeoverOutcome::Stopped;
         let live = state.has_live_vmm();
-        let (instance, unlaunchable) = match (&record.vmm, live, unrecoverable) {
+        let (instance, unlaunchable) = match (&record.vmm, live, cannot_take_over) {
             (Some(ticket), true, None) => {
-                let reattached = match spec(identity.clone()) {
+                let taken_over = match spec(identity.clone()) {
                     Ok(spec) => backend
-                        .reattach(spec, console.clone(), ticket)
+                        .take_over(spec, console.clone(), ticket)
                         .await
-                        .map_err(|source| backend_failed(&config.vmm, &vm_id, BackendOperation::REATTACH, source)),
+                        .map_err(|source| backend_failed(&config.vmm, &vm_id, BackendOperation::TAKE_OVER, source)),
                     Err(error) => Err(error),
                 };
-                match reattached {
+                match taken_over {
                     Ok(instance) => {
-                        outcome = Recovered::Reattached;
+                        outcome = TakeoverOutcome::TakenOver;
                         (instance, None)
                     }
                     Err(error) => {
-                        for problem in backend.clean_up(ticket) {
+                        for problem in backend.clean_up_after(ticket) {
                             tracing::warn!(%vm_id, problem, "cannot clean up after a VMM that ended while metald was away");
                         }
-                        let gone = matches!(&error, ManagerError::Backend { source, .. } if matches!(**source, BackendError::Adopt(_) | BackendError::Exited { .. }));
+                        let gone = matches!(&error, ManagerError::Backend { source, .. } if matches!(**source, BackendError::TakeOver(_) | BackendError::Exited { .. }));
                         let reason = if gone {
                             format!("its VMM was gone when metald started again: {}", crate::error_chain(&error))
                         } else {
                             // Its VMM, if it runs, is stopped with the strays (see `sweep_stray_vmms`).
                             format!("metald could not take over its VMM after a restart and stopped it: {}", crate::error_chain(&error))
                         };
-                        outcome = Recovered::Lost(reason.clone());
+                        outcome = TakeoverOutcome::Lost(reason.clone());
                         failure = Some(reason);
                         state = VmState::Failed;
-                        dormant(identity.clone())
+                        unlaunched(identity.clone())
                     }
                 }
             }
-            (vmm, true, unrecoverable) => {
-                let reason = unrecoverable.unwrap_or_else(|| "its VMM was not recorded before metald stopped".to_owned());
+            (vmm, true, cannot_take_over) => {
+                let reason = cannot_take_over.unwrap_or_else(|| "its VMM was not recorded before metald stopped".to_owned());
                 if let Some(ticket) = vmm {
-                    for problem in backend.clean_up(ticket) {
+                    for problem in backend.clean_up_after(ticket) {
                         tracing::warn!(%vm_id, problem, "cannot clean up after a VMM metald could not take over");
                     }
                 }
-                outcome = Recovered::Lost(reason.clone());
+                outcome = TakeoverOutcome::Lost(reason.clone());
                 failure = Some(reason);
                 state = VmState::Failed;
-                dormant(identity.clone())
+                unlaunched(identity.clone())
             }
-            (_, false, unrecoverable) => {
-                if let Some(reason) = unrecoverable {
+            (_, false, cannot_take_over) => {
+                if let Some(reason) = cannot_take_over {
                     failure = Some(reason);
                     state = VmState::Failed;
                 }
-                dormant(identity.clone())
+                unlaunched(identity.clone())
             }
         };
         if let Some(reason) = unlaunchable {
             tracing::warn!(%vm_id, %reason, "a stored VM stays listed as failed");
-            if !matches!(outcome, Recovered::Lost(_)) {
-                outcome = Recovered::Lost(reason.clone());
+            if !matches!(outcome, TakeoverOutcome::Lost(_)) {
+                outcome = TakeoverOutcome::Lost(reason.clone());
             }
             if state != VmState::Failed {
                 failure = Some(reason);
@@ -242,7 +243,7 @@ impl VmManager {
             }
         }
         let stored_boot = record.booted_at_ms.map(from_unix_millis);
-        let booted_at = stored_boot.filter(|_| matches!(outcome, Recovered::Reattached));
+        let booted_at = stored_boot.filter(|_| matches!(outcome, TakeoverOutcome::TakenOver));
         let entry = VmEntry {
             state,
             config: config.clone(),
@@ -265,13 +266,13 @@ impl VmManager {
         self.watch_vmm(&slot, &mut entry);
         write_lock(&self.inner.registry).vms.insert(vm_id.clone(), Arc::clone(&slot));
         match &outcome {
-            Recovered::Reattached => {
+            TakeoverOutcome::TakenOver => {
                 let running = running_vmm(&entry);
                 let earlier_ends = entry.recent_ends.clone();
-                publish(&self.inner, &slot, &mut entry, VmEventKind::Reattached { running, booted_at: stored_boot, earlier_ends }).await;
+                publish(&self.inner, &slot, &mut entry, VmEventKind::TakenOver { running, booted_at: stored_boot, earlier_ends }).await;
                 tracing::info!(%vm_id, state = %entry.state, "VMM taken over from the earlier run");
             }
-            Recovered::Lost(reason) => {
+            TakeoverOutcome::Lost(reason) => {
                 let reason = reason.clone();
                 tracing::warn!(%vm_id, %reason, "VM failed while metald was away");
                 let earlier_ends = entry.recent_ends.clone();
@@ -282,7 +283,7 @@ impl VmManager {
                     restart_later(self.clone(), vm_id.clone(), next);
                 }
             }
-            Recovered::Stopped => {
+            TakeoverOutcome::Stopped => {
                 let earlier_ends = entry.recent_ends.clone();
                 publish(&self.inner, &slot, &mut entry, VmEventKind::FoundStopped { earlier_ends }).await;
             }
@@ -291,19 +292,19 @@ impl VmManager {
     }
 }
 
-/// What [`VmManager::recover`] found.
+/// What [`VmManager::take_over`] found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Recovery {
+pub struct Takeover {
     /// VMs whose VMM still ran and was taken over.
-    pub reattached: Vec<VmId>,
+    pub taken_over: Vec<VmId>,
     /// VMs whose VMM was gone, now Failed, and why.
     pub lost: Vec<(VmId, String)>,
     /// VMs that were stopped or failed already, ready to boot again.
     pub stopped: Vec<VmId>,
 }
 
-enum Recovered {
-    Reattached,
+enum TakeoverOutcome {
+    TakenOver,
     Lost(String),
     Stopped,
 }

@@ -59,7 +59,7 @@ const STDERR_LIMIT_BYTES: u64 = 64 * 1024;
 #[derive(Debug)]
 pub struct FirecrackerVm {
     settings: Arc<FirecrackerConfig>,
-    launcher: Launcher,
+    launcher: Arc<dyn Launcher>,
     spec: VmmSpec,
     console: ConsoleLog,
     /// The current Firecracker process and its API, while one runs.
@@ -84,13 +84,13 @@ pub struct FirecrackerVm {
 struct Current {
     launched: Launched,
     api: FirecrackerApi,
-    /// For an adopted process, its exits as its log tells them (see [`exit_from_log`]).
+    /// For a process taken over, its exits as its log tells them (see [`exit_from_log`]).
     exits: Option<watch::Receiver<Option<VmmExit>>>,
 }
 
 /// Firecracker's own word on how it ended, once its log has it or the
 /// process's side of the pipe is closed (the log starts empty with each
-/// process). An adopted process's status goes to its parent, not to us;
+/// process). A taken-over process's status goes to its parent, not to us;
 /// this tells a guest that shut itself down from a crash, and a signal it
 /// caught at a resource limit from a kill.
 async fn exit_from_log(log: &ConsoleLog) -> Option<ProcessExit> {
@@ -111,7 +111,7 @@ fn exit_in_log_line(line: &str) -> Option<ProcessExit> {
 }
 
 /// The VMM's exits as the launcher sees them, told in Firecracker's terms:
-/// the status from its log when it was not our child (adopted after a
+/// the status from its log when it was not our child (taken over after a
 /// restart), and what its own exit codes for a signal it caught mean.
 fn explained_exits(mut raw: watch::Receiver<Option<VmmExit>>, log: ConsoleLog) -> watch::Receiver<Option<VmmExit>> {
     let (publish, exits) = watch::channel(None);
@@ -219,7 +219,7 @@ impl FirecrackerVm {
     /// Launches and configures Firecracker for `spec`. On error no process is left.
     pub async fn launch(
         settings: Arc<FirecrackerConfig>,
-        launcher: Launcher,
+        launcher: Arc<dyn Launcher>,
         spec: VmmSpec,
         console: ConsoleLog,
     ) -> Result<Self, BackendError> {
@@ -229,13 +229,13 @@ impl FirecrackerVm {
         if socket_len > MAX_SOCKET_PATH {
             return Err(BackendError::SocketPathTooLong { path: socket, len: socket_len, max: MAX_SOCKET_PATH });
         }
-        let mut vm = Self::dormant(settings, launcher, spec, console);
+        let mut vm = Self::unlaunched(settings, launcher, spec, console);
         vm.start_process().await?;
         Ok(vm)
     }
 
     /// A VM with no Firecracker running; its next boot launches one.
-    pub fn dormant(settings: Arc<FirecrackerConfig>, launcher: Launcher, spec: VmmSpec, console: ConsoleLog) -> Self {
+    pub fn unlaunched(settings: Arc<FirecrackerConfig>, launcher: Arc<dyn Launcher>, spec: VmmSpec, console: ConsoleLog) -> Self {
         let stderr_log = ConsoleLog::named(spec.vm_dir.path(), STDERR_FILE, STDERR_LIMIT_BYTES);
         let vmm_log = ConsoleLog::named(spec.vm_dir.path(), LOG_FILE, settings.log_limit_bytes);
         Self {
@@ -257,17 +257,16 @@ impl FirecrackerVm {
 
     /// Takes over the Firecracker that `ticket` describes: the same process
     /// (pid and start time), answering on the VM's socket as this VM.
-    pub async fn reattach(
+    pub async fn take_over(
         settings: Arc<FirecrackerConfig>,
-        launcher: Launcher,
+        launcher: Arc<dyn Launcher>,
         spec: VmmSpec,
         console: ConsoleLog,
         ticket: &TakeoverTicket,
     ) -> Result<Self, BackendError> {
         let ticket = ticket.clone();
-        let mut vm = Self::dormant(settings, launcher, spec, console);
-        let launched = Launched::adopt(ticket.pid, ticket.start_time, ticket.layout, ticket.cgroup, vm.spec.identity.clone())
-            .map_err(BackendError::Adopt)?;
+        let mut vm = Self::unlaunched(settings, launcher, spec, console);
+        let launched = vm.launcher.take_over(ticket, vm.spec.identity.clone()).map_err(BackendError::TakeOver)?;
         let api = FirecrackerApi::new(&launched.layout.host(SOCKET_FILE), vm.settings.api_timeout);
         let instance = match api.instance_info().await {
             Ok(instance) => instance,
@@ -569,11 +568,11 @@ impl FirecrackerVm {
         };
         let exit = current.launched.process.kill().await.map_err(BackendError::Signal)?;
         self.retire_process().await;
-        // An adopted process we killed: the kill, unless it had already said how it ended.
+        // A process taken over that we killed: the kill, unless it had already said how it ended.
         Ok(self.known_exit(exit).await.unwrap_or(ProcessExit::Killed { signal: libc::SIGKILL }))
     }
 
-    /// An exit as we know it: for an adopted process, from its log when it left a word there.
+    /// An exit as we know it: for a process taken over, from its log when it left a word there.
     async fn known_exit(&self, exit: ProcessExit) -> Option<ProcessExit> {
         if exit == ProcessExit::Unknown { exit_from_log(&self.vmm_log).await } else { Some(exit) }
     }

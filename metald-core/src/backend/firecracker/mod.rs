@@ -21,8 +21,9 @@ use async_trait::async_trait;
 use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
 use crate::config::MAX_VCPUS;
 use crate::console::ConsoleLog;
-use crate::jailer::{IdentityLease, JailError, JailerConfig};
+use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
 use crate::launch::{Launcher, TakeoverTicket};
+use crate::unjailed::Unjailed;
 use instance::FirecrackerVm;
 
 pub(crate) const VMM: &str = "firecracker";
@@ -57,25 +58,27 @@ impl FirecrackerConfig {
 #[derive(Debug, Clone)]
 pub struct FirecrackerBackend {
     config: Arc<FirecrackerConfig>,
-    launcher: Launcher,
+    launcher: Arc<dyn Launcher>,
 }
 
 impl FirecrackerBackend {
-    /// A backend whose VMMs `launcher` starts (jailed, or unjailed for development).
-    pub fn new(config: FirecrackerConfig, launcher: Launcher) -> Self {
+    /// A backend whose VMMs `launcher` starts: the integrated jailer
+    /// ([`Jailer`], shared with the host's other backends) or, for
+    /// development, [`Unjailed`].
+    pub fn new(config: FirecrackerConfig, launcher: Arc<dyn Launcher>) -> Self {
         Self { config: Arc::new(config), launcher }
     }
 
     /// Firecracker in the integrated jailer as `jail` says: what a
     /// production host runs.
     pub fn jailed(config: FirecrackerConfig, jail: JailerConfig) -> Result<Self, JailError> {
-        Ok(Self::new(config, Launcher::jailed(jail)?))
+        Ok(Self::new(config, Arc::new(Jailer::new(jail)?)))
     }
 
     /// Firecracker without a jail: no private root, namespaces, cgroup or
     /// user of its own. For development only; every launch says so in the log.
     pub fn unjailed(config: FirecrackerConfig) -> Self {
-        Self::new(config, Launcher::Unjailed)
+        Self::new(config, Arc::new(Unjailed))
     }
 
     pub fn config(&self) -> &FirecrackerConfig {
@@ -115,7 +118,7 @@ impl VmmBackend for FirecrackerBackend {
     }
 
     async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError> {
-        let vm = FirecrackerVm::launch(Arc::clone(&self.config), self.launcher.clone(), spec, console).await?;
+        let vm = FirecrackerVm::launch(Arc::clone(&self.config), Arc::clone(&self.launcher), spec, console).await?;
         Ok(Box::new(vm))
     }
 
@@ -123,21 +126,21 @@ impl VmmBackend for FirecrackerBackend {
         self.launcher.identity_capacity()
     }
 
-    fn reserve_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
-        self.launcher.reserve_identity(uid, gid).map_err(BackendError::Launch)
+    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
+        self.launcher.take_over_identity(uid, gid).map_err(BackendError::Launch)
     }
 
-    fn dormant(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
-        Box::new(FirecrackerVm::dormant(Arc::clone(&self.config), self.launcher.clone(), spec, console))
+    fn unlaunched(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
+        Box::new(FirecrackerVm::unlaunched(Arc::clone(&self.config), Arc::clone(&self.launcher), spec, console))
     }
 
-    async fn reattach(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
-        let vm = FirecrackerVm::reattach(Arc::clone(&self.config), self.launcher.clone(), spec, console, ticket).await?;
+    async fn take_over(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
+        let vm = FirecrackerVm::take_over(Arc::clone(&self.config), Arc::clone(&self.launcher), spec, console, ticket).await?;
         Ok(Box::new(vm))
     }
 
-    fn clean_up(&self, ticket: &TakeoverTicket) -> Vec<String> {
-        crate::launch::Launched::clean_up_after(ticket)
+    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String> {
+        self.launcher.clean_up_after(ticket)
     }
 
     fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {

@@ -60,6 +60,6 @@ async fn prepare_fresh_vmm(vm: &mut LockedVm) -> Result<(), ManagerError> {
         Ok(outcome) => entry.last_exit = Some(outcome.exit),
         Err(error) => tracing::debug!(%vm_id, error = %crate::error_chain(&error), "nothing of an earlier VMM to clear"),
     }
-    entry.instance = backend.dormant(spec, vm.slot.console.clone());
+    entry.instance = backend.unlaunched(spec, vm.slot.console.clone());
     Ok(())
 }

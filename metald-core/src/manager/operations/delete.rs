@@ -58,7 +58,6 @@ impl VmOperation for Delete {
         vm.entry.identity = None;
         vm.transition(VmState::Deleted, VmEventKind::Deleted).await;
         write_lock(&vm.manager.inner.registry).vms.remove(&vm_id);
-        tracing::info!(%vm_id, "VM deleted");
         Ok(())
     }
 }

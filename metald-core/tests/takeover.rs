@@ -94,21 +94,21 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
     runtime.block_on(async {
         let manager = manager_on(&sandbox, &store);
         let mut events = manager.subscribe();
-        let recovery = manager.recover().await.unwrap();
-        let mut reattached = recovery.reattached.clone();
-        reattached.sort();
+        let takeover = manager.take_over().await.unwrap();
+        let mut taken_over = takeover.taken_over.clone();
+        taken_over.sort();
         let mut expected = vec![first.running.clone(), first.paused.clone(), first.created.clone()];
         expected.sort();
-        assert_eq!(reattached, expected, "{recovery:?}");
-        assert_eq!(recovery.stopped, vec![first.stopped.clone()]);
-        assert_eq!(recovery.lost.iter().map(|(vm_id, _)| vm_id.clone()).collect::<Vec<_>>(), vec![first.killed.clone()]);
-        let mut reattached_events = 0;
+        assert_eq!(taken_over, expected, "{takeover:?}");
+        assert_eq!(takeover.stopped, vec![first.stopped.clone()]);
+        assert_eq!(takeover.lost.iter().map(|(vm_id, _)| vm_id.clone()).collect::<Vec<_>>(), vec![first.killed.clone()]);
+        let mut taken_over_events = 0;
         while let Ok(event) = events.try_recv() {
-            if matches!(event.kind, VmEventKind::Reattached { .. }) {
-                reattached_events += 1;
+            if matches!(event.kind, VmEventKind::TakenOver { .. }) {
+                taken_over_events += 1;
             }
         }
-        assert_eq!(reattached_events, 3);
+        assert_eq!(taken_over_events, 3);
 
         // The running VM is the same guest, still counting, and its console flows again.
         assert_eq!(manager.state(&first.running).unwrap(), VmState::Running);
@@ -154,7 +154,7 @@ fn a_new_manager_takes_over_running_vmms_and_reconciles_the_dead() {
         assert_eq!(lost.state, VmState::Failed);
         assert!(lost.failure.as_deref().unwrap_or_default().contains("gone when metald started again"), "{:?}", lost.failure);
 
-        // Recovered VMs keep their uids; a new VM gets another.
+        // TakeoverOutcome VMs keep their uids; a new VM gets another.
         let newcomer = manager
             .create(metald_core::CreateVm { vm_id: None, tenant: Sandbox::tenant(), config: sandbox.guest_config(&[]) })
             .await
@@ -205,8 +205,8 @@ fn a_vm_no_vmm_can_be_launched_for_after_a_restart_stays_listed_as_failed_and_it
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
         let manager = manager_on(&sandbox, &store);
-        let recovery = manager.recover().await.unwrap();
-        assert_eq!(recovery.lost.len(), 2, "{recovery:?}");
+        let takeover = manager.take_over().await.unwrap();
+        assert_eq!(takeover.lost.len(), 2, "{takeover:?}");
         for vm_id in [&running, &stopped] {
             let info = manager.run(vm_id, Info).await.expect("the VM is still listed");
             assert_eq!(info.state, VmState::Failed);
