@@ -11,10 +11,11 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde::{Deserialize, Serialize};
 
 pub const MIB: u64 = 1 << 20;
-/// The fewest vCPUs a VM may have.
+/// The fewest vCPUs a VM may have. The most is its VMM's (`Capabilities::max_vcpus`).
 pub const MIN_VCPUS: u32 = 1;
-/// The most vCPUs a VM may have: Firecracker's ceiling, and ours.
-pub const MAX_VCPUS: u32 = 32;
+/// Bounds each factor of a CPU topology, so their product cannot overflow;
+/// the product itself must be the VM's vCPUs, which its VMM bounds.
+const MAX_TOPOLOGY_FACTOR: u32 = u16::MAX as u32;
 /// The least memory a VM may have.
 pub const MIN_MEMORY_BYTES: u64 = 16 * MIB;
 /// The most memory a VM may have (1 TiB); quotas usually bite long before.
@@ -212,6 +213,12 @@ pub enum Problem {
         min: u64,
         max: u64,
     },
+    /// Below the least allowed, where the most is not the configuration's
+    /// to say (a VM's vCPUs: its VMM's).
+    BelowMinimum {
+        value: u64,
+        min: u64,
+    },
     NotMultipleOf {
         value: u64,
         unit: u64,
@@ -233,7 +240,7 @@ pub enum Problem {
     },
     NotAllowed {
         value: String,
-        allowed: &'static [&'static str],
+        allowed: Vec<&'static str>,
     },
     Malformed {
         value: String,
@@ -267,6 +274,7 @@ impl fmt::Display for Problem {
         match self {
             Problem::Required => write!(f, "is required"),
             Problem::OutOfRange { value, min, max } => write!(f, "{value} is outside {min}..={max}"),
+            Problem::BelowMinimum { value, min } => write!(f, "{value} is below the minimum of {min}"),
             Problem::NotMultipleOf { value, unit } => write!(f, "{value} is not a multiple of {unit}"),
             Problem::TooLong { len, max } => write!(f, "is {len} bytes long; at most {max} are allowed"),
             Problem::TooMany { count, max } => write!(f, "has {count} entries; at most {max} are allowed"),
@@ -297,8 +305,12 @@ fn in_range(field: &str, value: u64, min: u64, max: u64) -> Checked {
     if (min..=max).contains(&value) { Ok(()) } else { fail(field, Problem::OutOfRange { value, min, max }) }
 }
 
+fn at_least(field: &str, value: u64, min: u64) -> Checked {
+    if value >= min { Ok(()) } else { fail(field, Problem::BelowMinimum { value, min }) }
+}
+
 fn one_of(field: &str, value: &str, allowed: &'static [&'static str]) -> Checked {
-    if allowed.contains(&value) { Ok(()) } else { fail(field, Problem::NotAllowed { value: value.to_owned(), allowed }) }
+    if allowed.contains(&value) { Ok(()) } else { fail(field, Problem::NotAllowed { value: value.to_owned(), allowed: allowed.to_vec() }) }
 }
 
 fn max_len(field: &str, value: &str, max: usize) -> Checked {
@@ -319,6 +331,7 @@ fn max_count(field: &str, count: usize, max: usize) -> Checked {
 fn known_options(field: &str, options: &BTreeMap<String, String>, known: &[(&'static str, &'static [&'static str])]) -> Checked {
     for (key, value) in options {
         match known.iter().find(|(name, _)| name == key) {
+            Some((_, [])) => {}
             Some((_, allowed)) => one_of(&format!("{field}[{key:?}]"), value, allowed)?,
             None => {
                 let known = known.iter().map(|(name, _)| *name).collect();
@@ -331,7 +344,11 @@ fn known_options(field: &str, options: &BTreeMap<String, String>, known: &[(&'st
 
 const CPU_FEATURES: &[(&str, &[&str])] = &[("smt", &["true", "false"])];
 const MEMORY_BACKING: &[(&str, &[&str])] = &[("huge_pages", &["none", "2M"])];
-const STORAGE_OPTIONS: &[(&str, &[&str])] = &[("io_engine", &["Sync", "Async"]), ("cache_type", &["Unsafe", "Writeback"])];
+/// The storage options there are; which values each takes is the VMM's (see
+/// `Capabilities::io_engines` and `cache_modes`), checked at create.
+const STORAGE_OPTIONS: &[(&str, &[&str])] = &[("io_engine", ANY_VALUE), ("cache_type", ANY_VALUE)];
+/// A known key whose values are judged elsewhere.
+const ANY_VALUE: &[&str] = &[];
 
 /// A device id the VMM APIs accept: `[A-Za-z0-9_]`, 1 to 64 characters.
 fn device_id(field: &str, id: &str) -> Checked {
@@ -402,10 +419,8 @@ impl VmConfig {
 
 impl CpuConfig {
     fn validate(&self) -> Checked {
-        let (min, max) = (u64::from(MIN_VCPUS), u64::from(MAX_VCPUS));
-        in_range("cpu.vcpu_count", u64::from(self.vcpu_count), min, max)?;
+        at_least("cpu.vcpu_count", u64::from(self.vcpu_count), u64::from(MIN_VCPUS))?;
         if self.max_vcpu_count != 0 {
-            in_range("cpu.max_vcpu_count", u64::from(self.max_vcpu_count), min, max)?;
             if self.max_vcpu_count < self.vcpu_count {
                 return fail(
                     "cpu.max_vcpu_count",
@@ -420,7 +435,7 @@ impl CpuConfig {
                 ("cpu.topology.threads_per_core", topology.threads_per_core),
             ];
             for (field, value) in parts {
-                in_range(field, value.into(), 1, max)?;
+                in_range(field, value.into(), 1, MAX_TOPOLOGY_FACTOR.into())?;
             }
             let total = u64::from(topology.sockets) * u64::from(topology.cores_per_socket) * u64::from(topology.threads_per_core);
             let expected = u64::from(self.max_vcpu_count.max(self.vcpu_count));
@@ -680,19 +695,23 @@ mod tests {
     }
 
     #[test]
-    fn vcpus_must_be_between_1_and_32() {
-        assert_eq!(refused(|c| c.cpu.vcpu_count = 0), ("cpu.vcpu_count".into(), Problem::OutOfRange { value: 0, min: 1, max: 32 }));
-        assert_eq!(refused(|c| c.cpu.vcpu_count = 33).1, Problem::OutOfRange { value: 33, min: 1, max: 32 });
+    fn a_vm_has_at_least_one_vcpu_and_its_vmm_says_how_many_at_most() {
+        assert_eq!(
+            refused(|c| c.cpu.vcpu_count = 0),
+            ("cpu.vcpu_count".into(), Problem::BelowMinimum { value: 0, min: 1 })
+        );
+        // The ceiling is the backend's, checked by the manager against its capabilities.
         let mut config = valid();
-        config.cpu.vcpu_count = 32;
+        config.cpu.vcpu_count = 33;
+        config.cpu.max_vcpu_count = 0;
+        config.cpu.topology = None;
         config.validate().unwrap();
     }
 
     #[test]
-    fn max_vcpus_may_not_be_below_vcpus_or_above_32() {
+    fn max_vcpus_may_not_be_below_vcpus() {
         assert_eq!(refused(|c| c.cpu.max_vcpu_count = 1).0, "cpu.max_vcpu_count");
         assert!(matches!(refused(|c| c.cpu.max_vcpu_count = 1).1, Problem::LessThan { other_field: "cpu.vcpu_count", .. }));
-        assert!(matches!(refused(|c| c.cpu.max_vcpu_count = 40).1, Problem::OutOfRange { .. }));
     }
 
     #[test]
@@ -812,13 +831,12 @@ mod tests {
     fn drives_need_a_path_a_known_interface_and_known_options() {
         assert_eq!(refused(|c| c.storage[0].path.clear()), ("storage[0].path".into(), Problem::Required));
         assert_eq!(refused(|c| c.storage[0].interface_type = "nvme".into()).0, "storage[0].interface_type");
-        assert_eq!(
-            refused(|c| {
-                c.storage[0].options.insert("io_engine".into(), "io_uring".into());
-            })
-            .0,
-            "storage[0].options[\"io_engine\"]"
-        );
+        // Which engines and cache modes there are is the VMM's, checked at create.
+        let (field, problem) = refused(|c| {
+            c.storage[0].options.insert("queue_depth".into(), "4".into());
+        });
+        assert_eq!(field, "storage[0].options");
+        assert!(matches!(problem, Problem::UnknownKey { .. }), "{problem:?}");
         assert_eq!(
             refused(
                 |c| c.storage = (0..17).map(|i| StorageDevice { id: format!("d{i}"), path: "x".into(), ..Default::default() }).collect()

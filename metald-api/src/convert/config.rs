@@ -521,7 +521,7 @@ mod tests {
         assert_eq!(converted.validate().unwrap_err().field, "storage[1].path");
 
         let mut config = config_to_wire(&valid());
-        cpu(&mut config).vcpu_count = 33;
+        cpu(&mut config).vcpu_count = 0;
         assert_eq!(config_from_wire(&config).unwrap().validate().unwrap_err().field, "cpu.vcpu_count");
     }
 }

@@ -35,32 +35,84 @@ use crate::launch::{LaunchError, TakeoverTicket, VmmExit};
 use crate::process::{ProcessError, ProcessExit};
 
 /// What a backend can and cannot do, so callers can decide before asking.
+/// The manager checks every VM's configuration against its backend's
+/// capabilities before anything is made, naming the field it refuses.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Capabilities {
     /// The VMM can reboot a running guest itself. Without it the manager
     /// stops the VMM and boots a fresh one.
     pub reboot: bool,
-    /// The guest can be asked to shut down (Ctrl+Alt+Del, ACPI power button).
+    /// The guest can be asked to shut down (Ctrl+Alt+Del, ACPI power
+    /// button). Without it every stop kills the VMM.
     pub graceful_shutdown: bool,
+    /// A paused guest does not hear a request to shut down, so a graceful
+    /// stop of a paused VM resumes it first (and says so in a `Resumed` event).
+    pub graceful_stop_needs_running_guest: bool,
+    /// The VMM can stop a guest's vCPUs and let them run again.
     pub pause: bool,
-    /// A guest reset ends the VMM process instead of rebooting in place.
-    pub vmm_exits_on_guest_reset: bool,
+    /// vCPUs can be added while the guest runs, up to `cpu.max_vcpu_count`.
     pub cpu_hotplug: bool,
+    /// The VMM takes a CPU topology (sockets, cores, threads); without it,
+    /// only `cpu.features["smt"]`.
+    pub cpu_topology: bool,
+    /// Memory can be added while the guest runs, up to `memory.max_size_bytes`.
     pub memory_hotplug: bool,
-    pub disk_hotplug: bool,
-    pub net_hotplug: bool,
-    pub snapshot: bool,
     /// Receive and transmit limits can differ on one network interface.
     pub separate_rx_tx_rate_limits: bool,
-    /// The VMM ships a jailer of its own (metald uses its own regardless).
-    pub own_jailer: bool,
+    /// The most vCPUs one VM may have.
     pub max_vcpus: u32,
+    /// The I/O engines a drive may ask for (`storage[].options["io_engine"]`).
+    pub io_engines: &'static [IoEngine],
+    /// The cache modes a drive may ask for (`storage[].options["cache_type"]`).
+    pub cache_modes: &'static [CacheMode],
     /// The bytes of kernel command line the guest can be given (its
     /// terminating NUL not counted).
     pub kernel_cmdline_capacity: usize,
     /// The most the VMM adds to the command line for each drive or network
     /// interface (Firecracker on x86: ` virtio_mmio.device=4K@0xd0000000:5`).
     pub kernel_cmdline_bytes_per_device: usize,
+}
+
+/// How a VMM does a drive's I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum IoEngine {
+    /// Blocking reads and writes on the VMM's own threads.
+    Sync,
+    /// Asynchronous I/O (io_uring).
+    Async,
+}
+
+/// Whether a VMM honours a guest's flushes of a drive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum CacheMode {
+    /// Flushes are acknowledged without reaching the disk.
+    Unsafe,
+    /// Flushes reach the disk.
+    Writeback,
+}
+
+impl IoEngine {
+    pub const ALL: [IoEngine; 2] = [IoEngine::Sync, IoEngine::Async];
+
+    /// Its name in a configuration: `Sync`, `Async`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoEngine::Sync => "Sync",
+            IoEngine::Async => "Async",
+        }
+    }
+}
+
+impl CacheMode {
+    pub const ALL: [CacheMode; 2] = [CacheMode::Unsafe, CacheMode::Writeback];
+
+    /// Its name in a configuration: `Unsafe`, `Writeback`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheMode::Unsafe => "Unsafe",
+            CacheMode::Writeback => "Writeback",
+        }
+    }
 }
 
 /// A drive as the VMM should see it: opened inside the image root (or, for
@@ -71,10 +123,10 @@ pub struct DriveSpec {
     pub image: ImageFile,
     pub read_only: bool,
     pub is_root_device: bool,
-    /// `Sync` or `Async`; the backend default when `None`.
-    pub io_engine: Option<String>,
-    /// `Unsafe` or `Writeback`; the backend default when `None`.
-    pub cache_type: Option<String>,
+    /// The backend's default when `None`; one of its `Capabilities::io_engines` otherwise.
+    pub io_engine: Option<IoEngine>,
+    /// The backend's default when `None`; one of its `Capabilities::cache_modes` otherwise.
+    pub cache: Option<CacheMode>,
 }
 
 /// A network interface backed by a TAP device that already exists.
@@ -93,10 +145,8 @@ pub struct InterfaceSpec {
 pub struct VmmSpec {
     pub vm_id: VmId,
     pub tenant: TenantId,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub smt: bool,
-    pub huge_pages: bool,
+    pub cpu: CpuSpec,
+    pub memory: MemorySpec,
     pub kernel: ImageFile,
     pub initrd: Option<ImageFile>,
     pub kernel_args: String,
@@ -109,6 +159,30 @@ pub struct VmmSpec {
     pub netns: Option<Arc<OwnedFd>>,
     /// The user the VM's VMMs run as, leased for the VM's life (jailed backends).
     pub identity: Option<Arc<IdentityLease>>,
+}
+
+/// The guest's CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuSpec {
+    /// vCPUs the guest boots with.
+    pub boot_vcpus: u32,
+    /// vCPUs it may have, with hotplug; `boot_vcpus` without.
+    pub max_vcpus: u32,
+    /// Sockets × cores × threads = `max_vcpus`, when the VMM takes a topology.
+    pub topology: Option<crate::config::CpuTopology>,
+    /// Two threads per core, where the VMM takes no topology but this.
+    pub smt: bool,
+}
+
+/// The guest's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySpec {
+    /// Memory the guest boots with, in MiB.
+    pub size_mib: u64,
+    /// Memory that may be added while it runs, in MiB; 0 without hotplug.
+    pub hotplug_mib: u64,
+    /// Backed by 2 MiB huge pages.
+    pub huge_pages: bool,
 }
 
 /// How to stop a guest.
@@ -295,6 +369,14 @@ pub trait VmmInstance: Send + Sync + fmt::Debug {
     /// backend that relaunches its VMM (see [`VmmInstance::boot`]) hands out
     /// a new channel for the new process.
     fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>>;
+
+    /// A count that goes up each time the guest rebooted inside the same
+    /// VMM process (a guest reset under a VMM that reboots in place), for
+    /// the manager to say so in a `Rebooted` event and keep `booted_at`
+    /// true. `None` for a VMM whose guest reset ends the process.
+    fn guest_reboots(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 
     /// Starts the guest. When the VMM process has gone (a Firecracker guest
     /// that was shut down), a new one is launched and configured first.

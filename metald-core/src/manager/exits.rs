@@ -1,11 +1,12 @@
-//! Exit watching: a watcher task per VMM process notices the moment it
-//! ends; the VM then stops (a clean guest reset) or fails, and its restart
-//! policy may boot it again later.
+//! Watching VMM processes: a watcher task per VMM process notices the
+//! moment it ends (the VM then stops, for a clean exit, or fails, and its
+//! restart policy may boot it again later) and each guest reboot its
+//! backend reports inside the same process (a `Rebooted` event).
 
 use std::sync::{Arc, Weak};
 
 use super::operations::Boot;
-use super::records::{apply_transition, publish};
+use super::records::{apply_transition, publish, running_vmm};
 use super::slot::{VmEntry, VmSlot};
 use super::{Inner, VmManager};
 use crate::backend::StopMode;
@@ -23,17 +24,58 @@ impl VmManager {
             return;
         }
         let Some(mut exits) = entry.instance.exits() else { return };
+        let mut reboots = entry.instance.guest_reboots();
         entry.watch_generation += 1;
         entry.watched_pid = pid;
         let generation = entry.watch_generation;
         let inner = Arc::downgrade(&self.inner);
         let slot = Arc::clone(slot);
         tokio::spawn(async move {
-            // The first exit published; none if the publisher is gone first.
-            let Some(exit) = exits.wait_for(Option::is_some).await.ok().and_then(|exit| exit.clone()) else { return };
-            on_vmm_exit(inner, slot, generation, exit).await;
+            loop {
+                let rebooted = async {
+                    match reboots.as_mut() {
+                        Some(reboots) => reboots.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                let exit = async { exits.wait_for(Option::is_some).await.ok().and_then(|exit| exit.clone()) };
+                let seen = tokio::select! {
+                    exit = exit => Seen::Exit(exit),
+                    still_told = rebooted => Seen::Reboot { still_told },
+                };
+                match seen {
+                    // The first exit published; none if the publisher is gone first.
+                    Seen::Exit(Some(exit)) => return on_vmm_exit(inner, slot, generation, exit).await,
+                    Seen::Exit(None) => return,
+                    Seen::Reboot { still_told: false } => reboots = None,
+                    Seen::Reboot { still_told: true } => on_guest_reboot(&inner, &slot, generation).await,
+                }
+            }
         });
     }
+}
+
+/// What a VMM's watcher saw first.
+enum Seen {
+    Exit(Option<VmmExit>),
+    Reboot { still_told: bool },
+}
+
+/// A guest that rebooted inside its VMM runs on: its boot time is now, and
+/// a `Rebooted` event says so (ending the earlier boot for billing).
+async fn on_guest_reboot(inner: &Weak<Inner>, slot: &Arc<VmSlot>, generation: u64) {
+    let Some(inner) = inner.upgrade() else { return };
+    let mut entry = slot.entry.lock().await;
+    if entry.watch_generation != generation || entry.state != VmState::Running {
+        return;
+    }
+    tracing::info!(vm_id = %slot.vm_id, "the guest rebooted inside its VMM");
+    let now = std::time::SystemTime::now();
+    let previous_booted_at = entry.booted_at.replace(now);
+    let ended = entry.instance.take_ended_usage();
+    let running = running_vmm(&entry);
+    entry.modified_at = now;
+    publish(&inner, slot, &mut entry, VmEventKind::Rebooted { running, ended, previous_booted_at }).await;
 }
 
 /// What a watcher does when a VMM process ends: nothing, if an operation

@@ -43,7 +43,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::broadcast;
 
-use crate::backend::{Capabilities, StopMode, VmmBackend, VmmInfo};
+use crate::backend::{Capabilities, VmmBackend, VmmInfo};
 use crate::config::{ConfigError, Problem, VmConfig};
 use crate::events::VmEvent;
 use crate::ids::{TenantId, VmId};
@@ -212,9 +212,5 @@ impl VmManager {
     /// loses the oldest and is told so (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<VmEvent> {
         self.inner.events.subscribe()
-    }
-
-    fn stop_mode(&self, options: StopOptions) -> StopMode {
-        if options.force { StopMode::Forced } else { StopMode::Graceful { timeout: options.timeout.unwrap_or(self.inner.stop_timeout) } }
     }
 }

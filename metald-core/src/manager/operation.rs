@@ -15,7 +15,7 @@ use tokio::sync::OwnedMutexGuard;
 use super::error::backend_failed;
 use super::records::{apply_transition, publish, save_record};
 use super::slot::{VmEntry, VmSlot};
-use super::{BackendOperation, ManagerError, VmManager};
+use super::{BackendOperation, ManagerError, StopOptions, VmManager};
 use crate::backend::{BackendError, StopMode, VmmBackend};
 use crate::events::{RunningVmm, VmEventKind};
 use crate::ids::VmId;
@@ -100,6 +100,15 @@ impl LockedVm {
     /// The backend that runs this VM.
     pub(super) fn backend(&self) -> Result<Arc<dyn VmmBackend>, ManagerError> {
         self.manager.backend_of(&self.entry.config)
+    }
+
+    /// How to stop the VM as the caller asked: gracefully unless forced or
+    /// its VMM cannot ask a guest, then within the caller's timeout or the manager's.
+    pub(super) fn stop_mode(&self, options: StopOptions) -> Result<StopMode, ManagerError> {
+        if options.force || !self.backend()?.capabilities().graceful_shutdown {
+            return Ok(StopMode::Forced);
+        }
+        Ok(StopMode::Graceful { timeout: options.timeout.unwrap_or(self.manager.inner.stop_timeout) })
     }
 
     /// What a failed backend call becomes, naming this VM and its VMM.

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{ManagerError, VmManager};
-use crate::backend::{Capabilities, DriveSpec, InterfaceSpec, VmmSpec};
+use crate::backend::{CacheMode, Capabilities, CpuSpec, DriveSpec, InterfaceSpec, IoEngine, MemorySpec, VmmSpec};
+use crate::config::StorageDevice;
 use crate::config::{ConfigError, Problem, VmConfig};
 use crate::ids::{TenantId, VmId};
 use crate::images::{self, ImageError, ImageFile};
@@ -53,23 +54,35 @@ impl VmManager {
         Ok(())
     }
 
+    /// Refuses, naming the field, what the VM's backend cannot do.
     pub(super) fn check_capabilities(&self, config: &VmConfig) -> Result<(), ManagerError> {
         let backend = self.backend_of(config)?;
         let capabilities = backend.capabilities();
-        let refuse = |field: &str, reason: &str| {
-            Err(ManagerError::InvalidConfig(ConfigError {
-                field: field.to_owned(),
-                problem: Problem::Inconsistent { reason: format!("{reason}, which the {} backend cannot do", backend.name()) },
-            }))
+        let refuse = |field: &str, problem: Problem| Err(ManagerError::InvalidConfig(ConfigError { field: field.to_owned(), problem }));
+        let cannot = |field: &str, reason: &str| {
+            refuse(field, Problem::Inconsistent { reason: format!("{reason}, which the {} backend cannot do", backend.name()) })
         };
+        let vcpus_allowed = |field: &str, vcpus: u32| {
+            if vcpus > capabilities.max_vcpus {
+                let (min, max) = (u64::from(crate::config::MIN_VCPUS), u64::from(capabilities.max_vcpus));
+                return refuse(field, Problem::OutOfRange { value: vcpus.into(), min, max });
+            }
+            Ok(())
+        };
+        vcpus_allowed("cpu.vcpu_count", config.cpu.vcpu_count)?;
+        vcpus_allowed("cpu.max_vcpu_count", config.cpu.max_vcpu_count)?;
         if config.memory.hotplug_enabled && !capabilities.memory_hotplug {
-            return refuse("memory.hotplug_enabled", "asks for memory hotplug");
+            return cannot("memory.hotplug_enabled", "asks for memory hotplug");
         }
         if config.cpu.max_vcpu_count > config.cpu.vcpu_count && !capabilities.cpu_hotplug {
-            return refuse("cpu.max_vcpu_count", "asks for CPU hotplug");
+            return cannot("cpu.max_vcpu_count", "asks for CPU hotplug");
         }
-        if config.cpu.vcpu_count > capabilities.max_vcpus {
-            return refuse("cpu.vcpu_count", "asks for more vCPUs than the VMM supports");
+        if config.cpu.topology.is_some() && !capabilities.cpu_topology {
+            return cannot("cpu.topology", "asks for a CPU topology");
+        }
+        for (index, drive) in config.storage.iter().enumerate() {
+            storage_option(index, drive, "io_engine", capabilities.io_engines, IoEngine::name)?;
+            storage_option(index, drive, "cache_type", capabilities.cache_modes, CacheMode::name)?;
         }
         self.check_command_line(config, &capabilities)?;
         for (index, interface) in config.network.iter().enumerate() {
@@ -79,14 +92,11 @@ impl VmManager {
                 _ => None,
             };
             if let Some(reason) = tap_problem {
-                return Err(ManagerError::InvalidConfig(ConfigError {
-                    field: format!("network[{index}].tap_device"),
-                    problem: Problem::Inconsistent { reason: reason.into() },
-                }));
+                return refuse(&format!("network[{index}].tap_device"), Problem::Inconsistent { reason: reason.into() });
             }
             let asymmetric = interface.rx_rate_limit != interface.tx_rate_limit;
             if asymmetric && !capabilities.separate_rx_tx_rate_limits {
-                return refuse(&format!("network[{index}].tx_rate_limit"), "differs from rx_rate_limit");
+                return cannot(&format!("network[{index}].tx_rate_limit"), "differs from rx_rate_limit");
             }
         }
         Ok(())
@@ -166,8 +176,8 @@ impl VmManager {
                 image,
                 read_only: drive.read_only,
                 is_root_device: drive.is_root_device,
-                io_engine: drive.options.get("io_engine").cloned(),
-                cache_type: drive.options.get("cache_type").cloned(),
+                io_engine: drive.options.get("io_engine").and_then(|name| IoEngine::ALL.into_iter().find(|engine| engine.name() == name)),
+                cache: drive.options.get("cache_type").and_then(|name| CacheMode::ALL.into_iter().find(|mode| mode.name() == name)),
             });
         }
         let interfaces = config
@@ -198,10 +208,17 @@ impl VmManager {
         Ok(VmmSpec {
             vm_id: vm_id.clone(),
             tenant: tenant.clone(),
-            vcpus: config.cpu.vcpu_count,
-            memory_mib: config.memory_mib(),
-            smt: config.cpu.features.get("smt").is_some_and(|value| value == "true"),
-            huge_pages: config.memory.backing.get("huge_pages").is_some_and(|value| value == "2M"),
+            cpu: CpuSpec {
+                boot_vcpus: config.cpu.vcpu_count,
+                max_vcpus: config.cpu.max_vcpu_count.max(config.cpu.vcpu_count),
+                topology: config.cpu.topology.clone(),
+                smt: config.cpu.features.get("smt").is_some_and(|value| value == "true"),
+            },
+            memory: MemorySpec {
+                size_mib: config.memory_mib(),
+                hotplug_mib: (config.memory.max_size_bytes.saturating_sub(config.memory.size_bytes)) / crate::config::MIB,
+                huge_pages: config.memory.backing.get("huge_pages").is_some_and(|value| value == "2M"),
+            },
             kernel: images.kernel,
             initrd: images.initrd,
             kernel_args,
@@ -212,6 +229,25 @@ impl VmManager {
             identity,
         })
     }
+}
+
+/// A drive's option `key`, when given, must name one of what its backend
+/// `offers`.
+fn storage_option<T: Copy>(
+    index: usize,
+    drive: &StorageDevice,
+    key: &str,
+    offers: &[T],
+    name: fn(T) -> &'static str,
+) -> Result<(), ManagerError> {
+    let Some(value) = drive.options.get(key) else { return Ok(()) };
+    if offers.iter().any(|offered| name(*offered) == value) {
+        return Ok(());
+    }
+    Err(ManagerError::InvalidConfig(ConfigError {
+        field: format!("storage[{index}].options[{key:?}]"),
+        problem: Problem::NotAllowed { value: value.clone(), allowed: offers.iter().map(|offered| name(*offered)).collect() },
+    }))
 }
 
 /// A VM's images, opened inside the image root.

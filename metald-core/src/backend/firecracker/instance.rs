@@ -22,7 +22,7 @@ use super::log::WithoutRoutineCalls;
 use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
-use crate::backend::{BackendError, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
+use crate::backend::{BackendError, CacheMode, IoEngine, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::{CaptureStart, ConsoleLog};
 use crate::images::ImageFile;
@@ -365,7 +365,7 @@ impl FirecrackerVm {
             work_files: Vec::new(),
             devices,
             netns: spec.netns.clone(),
-            resources: Resources { vcpus: spec.vcpus, memory_bytes: spec.memory_mib << 20, largest_writable_bytes },
+            resources: Resources { vcpus: spec.cpu.boot_vcpus, memory_bytes: spec.memory.size_mib << 20, largest_writable_bytes },
             identity: spec.identity.clone(),
             stdout,
             stderr,
@@ -488,10 +488,10 @@ impl FirecrackerVm {
         let spec = &self.spec;
         let inside = |name: &str| utf8(&layout.inside(name));
         api.put_machine_config(&MachineConfiguration {
-            vcpu_count: spec.vcpus,
-            mem_size_mib: spec.memory_mib,
-            smt: spec.smt,
-            huge_pages: if spec.huge_pages { "2M" } else { "None" },
+            vcpu_count: spec.cpu.boot_vcpus,
+            mem_size_mib: spec.memory.size_mib,
+            smt: spec.cpu.smt,
+            huge_pages: if spec.memory.huge_pages { "2M" } else { "None" },
         })
         .await?;
         let initrd = match &spec.initrd {
@@ -510,8 +510,9 @@ impl FirecrackerVm {
                 path_on_host: &inside(&drive_name(&drive.id))?,
                 is_root_device: drive.is_root_device,
                 is_read_only: drive.read_only,
-                io_engine: drive.io_engine.as_deref(),
-                cache_type: drive.cache_type.as_deref(),
+                // Firecracker's words are the capability names.
+                io_engine: drive.io_engine.map(IoEngine::name),
+                cache_type: drive.cache.map(CacheMode::name),
             })
             .await?;
         }

@@ -18,13 +18,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{BackendError, Capabilities, VmmBackend, VmmInstance, VmmSpec};
-use crate::config::MAX_VCPUS;
+use super::{BackendError, CacheMode, Capabilities, IoEngine, VmmBackend, VmmInstance, VmmSpec};
 use crate::console::ConsoleLog;
 use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
 use crate::launch::{Launcher, TakeoverTicket};
 use crate::unjailed::Unjailed;
 use instance::FirecrackerVm;
+
+/// The most vCPUs Firecracker gives one VM.
+const MAX_VCPUS: u32 = 32;
 
 pub(crate) const VMM: &str = "firecracker";
 
@@ -94,18 +96,19 @@ impl VmmBackend for FirecrackerBackend {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
+            // A guest reset ends Firecracker; the manager boots a fresh one.
             reboot: false,
+            // Ctrl+Alt+Del through the emulated i8042, which only a running guest sees.
             graceful_shutdown: true,
+            graceful_stop_needs_running_guest: true,
             pause: true,
-            vmm_exits_on_guest_reset: true,
             cpu_hotplug: false,
+            cpu_topology: false,
             memory_hotplug: false,
-            disk_hotplug: false,
-            net_hotplug: false,
-            snapshot: true,
             separate_rx_tx_rate_limits: true,
-            own_jailer: true,
             max_vcpus: MAX_VCPUS,
+            io_engines: &[IoEngine::Sync, IoEngine::Async],
+            cache_modes: &[CacheMode::Unsafe, CacheMode::Writeback],
             // Firecracker's 2048 bytes, less the NUL.
             kernel_cmdline_capacity: 2047,
             // ` virtio_mmio.device=4K@0xd000f000:23`, with room to spare.

@@ -1,6 +1,7 @@
 //! Pause and resume: a running guest's vCPUs stop and start again; its memory stays.
 
 use super::cgroup_usage;
+use crate::backend::BackendError;
 use crate::events::VmEventKind;
 use crate::manager::operation::{LockedVm, Sealed, VmOperation};
 use crate::manager::{BackendOperation, ManagerError};
@@ -18,6 +19,11 @@ impl VmOperation for Pause {
 
     async fn act(self, vm: &mut LockedVm) -> Result<(), ManagerError> {
         vm.check("pause", VmState::Paused)?;
+        let backend = vm.backend()?;
+        if !backend.capabilities().pause {
+            let source = BackendError::Unsupported { vmm: backend.name(), operation: "pause a guest" };
+            return Err(vm.backend_failed(BackendOperation::PAUSE, source));
+        }
         vm.entry.instance.pause().await.map_err(|source| vm.backend_failed(BackendOperation::PAUSE, source))?;
         let usage = cgroup_usage(&vm.entry);
         vm.transition(VmState::Paused, VmEventKind::Paused { usage }).await;

@@ -23,7 +23,7 @@ impl VmOperation for Reboot {
         let result = if vm.backend()?.capabilities().reboot && !self.0.force {
             vm.entry.instance.reboot().await
         } else {
-            let mode = vm.manager.stop_mode(self.0);
+            let mode = vm.stop_mode(self.0)?;
             match vm.entry.instance.stop(mode).await {
                 Ok(outcome) => {
                     vm.entry.last_exit = Some(outcome.exit);

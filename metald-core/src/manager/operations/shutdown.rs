@@ -25,10 +25,11 @@ impl VmOperation for Shutdown {
 
 /// Stops the VM's VMM and makes the VM Shutdown.
 pub(super) async fn stop(vm: &mut LockedVm, options: StopOptions) -> Result<StopOutcome, ManagerError> {
-    let mode = vm.manager.stop_mode(options);
-    // A paused guest cannot see Ctrl+Alt+Del; let it run to hear it. It
+    let mode = vm.stop_mode(options)?;
+    // A paused guest that cannot hear the request is let run to hear it. It
     // runs, and uses CPU, until it stops: say so, as a resume would.
-    if vm.entry.state == VmState::Paused && matches!(mode, StopMode::Graceful { .. }) {
+    let needs_running_guest = vm.backend()?.capabilities().graceful_stop_needs_running_guest;
+    if vm.entry.state == VmState::Paused && needs_running_guest && matches!(mode, StopMode::Graceful { .. }) {
         super::pause::resume(vm, BackendOperation::RESUME_BEFORE_SHUTDOWN).await?;
     }
     let outcome = vm.entry.instance.stop(mode).await.map_err(|source| vm.backend_failed(BackendOperation::SHUTDOWN, source))?;
