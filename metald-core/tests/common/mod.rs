@@ -15,6 +15,8 @@ use metald_core::operations::Boot;
 use metald_core::{CreateVm, FirecrackerConfig, TenantId, VmConfig, VmId, VmManager};
 use metald_testguest as testguest;
 
+pub mod fake;
+
 pub const GUEST_KERNEL: &str = "testguest.elf";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 
