@@ -420,13 +420,12 @@ impl VmConfig {
 impl CpuConfig {
     fn validate(&self) -> Checked {
         at_least("cpu.vcpu_count", u64::from(self.vcpu_count), u64::from(MIN_VCPUS))?;
-        if self.max_vcpu_count != 0 {
-            if self.max_vcpu_count < self.vcpu_count {
-                return fail(
-                    "cpu.max_vcpu_count",
-                    Problem::LessThan { value: self.max_vcpu_count.into(), other_field: "cpu.vcpu_count", other: self.vcpu_count.into() },
-                );
-            }
+        // 0 means "the same as vcpu_count".
+        if self.max_vcpu_count != 0 && self.max_vcpu_count < self.vcpu_count {
+            return fail(
+                "cpu.max_vcpu_count",
+                Problem::LessThan { value: self.max_vcpu_count.into(), other_field: "cpu.vcpu_count", other: self.vcpu_count.into() },
+            );
         }
         if let Some(topology) = &self.topology {
             let parts = [
@@ -696,10 +695,7 @@ mod tests {
 
     #[test]
     fn a_vm_has_at_least_one_vcpu_and_its_vmm_says_how_many_at_most() {
-        assert_eq!(
-            refused(|c| c.cpu.vcpu_count = 0),
-            ("cpu.vcpu_count".into(), Problem::BelowMinimum { value: 0, min: 1 })
-        );
+        assert_eq!(refused(|c| c.cpu.vcpu_count = 0), ("cpu.vcpu_count".into(), Problem::BelowMinimum { value: 0, min: 1 }));
         // The ceiling is the backend's, checked by the manager against its capabilities.
         let mut config = valid();
         config.cpu.vcpu_count = 33;

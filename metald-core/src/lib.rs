@@ -5,7 +5,9 @@
 //! ([`VmConfig`]) and its validation, the lifecycle ([`VmState`] and its
 //! transition table), image confinement ([`images`]), the VMM backends
 //! behind one trait ([`backend::VmmBackend`], with Firecracker today),
-//! the integrated jailer ([`jailer`], [`cgroups`], [`launch`]), the network
+//! the launcher port ([`launch`]) with the integrated jailer that implements
+//! it ([`jailer`], [`cgroups`], [`uid_lease`]) and a development launcher
+//! ([`unjailed`]), the network
 //! port ([`network`], implemented by `metald-net`), process supervision
 //! ([`process`]), serial console capture ([`console`])
 //! and the [`VmManager`] that ties them together and publishes

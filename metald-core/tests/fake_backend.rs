@@ -230,3 +230,24 @@ async fn a_drive_option_is_judged_by_the_vms_backend() {
     assert_eq!(refusal.to_string(), "storage[0].options[\"io_engine\"]: \"io_uring\" is not one of [\"Sync\"]");
     assert!(host.folders().is_empty());
 }
+
+#[tokio::test]
+async fn a_vcpu_ceiling_is_the_backends_for_boot_and_hotplug_alike() {
+    let host = Host::new();
+    let capabilities = fake::in_place_reboots();
+    let max = capabilities.max_vcpus;
+    let manager = host.manager(capabilities);
+    for (field, set) in [("cpu.vcpu_count", 0), ("cpu.max_vcpu_count", 1)] {
+        let mut config = config();
+        if set == 0 {
+            config.cpu.vcpu_count = max + 1;
+        } else {
+            config.cpu.max_vcpu_count = max + 1;
+        }
+        let error = manager.create(CreateVm { vm_id: None, tenant: TenantId::new("fake-tenant").unwrap(), config }).await.unwrap_err();
+        let ManagerError::InvalidConfig(refusal) = &error else { panic!("{error}") };
+        assert_eq!(refusal.field, field);
+        assert_eq!(refusal.problem, metald_core::config::Problem::OutOfRange { value: u64::from(max) + 1, min: 1, max: u64::from(max) });
+    }
+    assert!(manager.list(None).is_empty() && host.folders().is_empty());
+}
