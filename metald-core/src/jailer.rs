@@ -49,7 +49,7 @@ use nix::unistd::{Gid, Uid};
 use tokio::io::AsyncReadExt;
 
 use crate::cgroups::{Cgroup, CgroupError, CgroupHierarchy, CgroupLimits, CgroupVersion, CpuLimit, DEFAULT_CGROUP_ROOT};
-use crate::launch::{Arg, Exposure, LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket, Teardown};
+use crate::launch::{Exposure, LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket, Teardown};
 use crate::process::Supervised;
 pub use crate::uid_lease::{IdentityCapacity, IdentityLease};
 use crate::uid_lease::{UidLeaseError, UidPool};
@@ -692,11 +692,7 @@ impl ChildPlan {
         let program = c_string(program_inside.as_os_str().as_bytes(), &program_inside)?;
         let mut args = vec![program.clone()];
         for arg in &plan.args {
-            let text = match arg {
-                Arg::Literal(text) => text.clone().into_bytes(),
-                Arg::PathOf(name) => layout.inside(name).into_os_string().into_vec(),
-            };
-            args.push(c_string(&text, root)?);
+            args.push(c_string(&arg.render(&layout).into_vec(), root)?);
         }
         let mut argv: Vec<*const libc::c_char> = args.iter().map(|arg| arg.as_ptr()).collect();
         argv.push(std::ptr::null());

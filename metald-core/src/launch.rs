@@ -50,6 +50,31 @@ pub enum Arg {
     Literal(String),
     /// A file in the VMM's root (an exposure, a work file, or one it creates).
     PathOf(String),
+    /// `<key>=<the path the VMM sees for the file>`, as in Cloud Hypervisor's `path=/events.fifo`.
+    KeyPathOf(&'static str, String),
+}
+
+impl Arg {
+    /// The file this argument names, if it names one.
+    pub fn file(&self) -> Option<&str> {
+        match self {
+            Arg::Literal(_) => None,
+            Arg::PathOf(name) | Arg::KeyPathOf(_, name) => Some(name),
+        }
+    }
+
+    /// The argument as the VMM is given it, with paths as `layout` places them.
+    pub fn render(&self, layout: &Layout) -> std::ffi::OsString {
+        match self {
+            Arg::Literal(text) => text.into(),
+            Arg::PathOf(name) => layout.inside(name).into_os_string(),
+            Arg::KeyPathOf(key, name) => {
+                let mut rendered = std::ffi::OsString::from(format!("{key}="));
+                rendered.push(layout.inside(name));
+                rendered
+            }
+        }
+    }
 }
 
 /// The resources a VM is sized for; the jail derives its limits from them.

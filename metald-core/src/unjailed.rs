@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::launch::{Arg, LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket};
+use crate::launch::{LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket};
 use crate::process::{ProcessError, Supervised};
 use crate::uid_lease::{IdentityCapacity, IdentityLease};
 
@@ -69,8 +69,8 @@ fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
     // A socket the VMM makes itself (its API socket) may be left by the
     // VM's previous VMM; a jail starts empty, this folder does not.
     for arg in &plan.args {
-        if let Arg::PathOf(name) = arg
-            && !plan.work_files.contains(name)
+        if let Some(name) = arg.file()
+            && !plan.work_files.iter().any(|work_file| work_file == name)
         {
             let path = layout.host(name);
             if std::fs::symlink_metadata(&path).is_ok_and(|metadata| std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type())) {
@@ -80,10 +80,7 @@ fn launch_unjailed(plan: LaunchPlan) -> Result<Launched, LaunchError> {
     }
     let mut command = Command::new(&plan.program.host_path);
     for arg in &plan.args {
-        match arg {
-            Arg::Literal(text) => command.arg(text),
-            Arg::PathOf(name) => command.arg(layout.inside(name)),
-        };
+        command.arg(arg.render(&layout));
     }
     command
         .current_dir(plan.vm_dir.path())

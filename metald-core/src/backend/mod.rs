@@ -8,7 +8,9 @@
 //! machine: the manager asks them only for moves the table allows.
 
 pub mod firecracker;
+pub(crate) mod socket_api;
 mod unlaunchable;
+pub(crate) mod vmm_io;
 
 pub use unlaunchable::Unlaunchable;
 

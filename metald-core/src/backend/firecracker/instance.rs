@@ -3,16 +3,13 @@
 //! it through the VM's life.
 
 use std::fs::File;
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -22,19 +19,18 @@ use super::log::WithoutRoutineCalls;
 use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
+use crate::backend::vmm_io::{
+    self, SocketCreations, check_socket_path, exposure, fifo, give_room, prepare, reading_end, remove_if_present, utf8,
+};
 use crate::backend::{BackendError, CacheMode, IoEngine, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::{CaptureStart, ConsoleLog};
-use crate::images::ImageFile;
 use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, TakeoverTicket, VmmExit};
 use crate::process::{ProcessExit, ProcessUsage};
 
 pub const PROGRAM: &str = "firecracker";
 pub const SOCKET_FILE: &str = "firecracker.sock";
 
-/// The kernel buffer of each pipe Firecracker writes into: 1 MiB, the most
-/// an unprivileged process may ask for by default (`fs.pipe-max-size`).
-const PIPE_BYTES: i32 = 1 << 20;
 /// Firecracker's own log as metald keeps it, capped and rotated (see [`super::log`]).
 pub const LOG_FILE: &str = "firecracker.log";
 pub const STDERR_FILE: &str = "firecracker.stderr";
@@ -47,8 +43,6 @@ pub const LOG_FIFO: &str = "firecracker.log.fifo";
 pub const METRICS_FIFO: &str = "firecracker.metrics.fifo";
 const KERNEL: &str = "kernel";
 const INITRD: &str = "initrd";
-/// `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
 /// How long a dead VMM's console pipe may take to drain.
 const CAPTURE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of Firecracker's stderr an early death reports.
@@ -149,70 +143,8 @@ fn caught_signal_cause(status: ProcessExit) -> Option<String> {
     CAUGHT_SIGNALS.iter().find(|(_, caught_code, _)| *caught_code == code).map(|(_, _, cause)| (*cause).to_owned())
 }
 
-/// Makes a fresh named pipe at `path` and opens both ends: ours for
-/// reading, and the one the VMM writes to.
-fn fifo(path: &Path) -> io::Result<(tokio::net::unix::pipe::Receiver, OwnedFd)> {
-    make_fifo(path)?;
-    let reader = tokio::net::unix::pipe::OpenOptions::new().open_receiver(path)?;
-    // Read and write: the VMM's end is a reader too, so while metald is
-    // away its output waits in the pipe (for the next metald to read)
-    // instead of failing with EPIPE and being lost.
-    let writer = std::fs::OpenOptions::new().read(true).write(true).open(path)?;
-    give_room(&reader, path);
-    Ok((reader, writer.into()))
-}
-
-/// Gives a pipe Firecracker writes into [`PIPE_BYTES`] of kernel buffer:
-/// what does not fit while metald is away or busy, Firecracker drops, and
-/// a guest's console keeps coming at its own pace. Pages are taken only as
-/// the buffer fills.
-fn give_room(pipe: &impl AsFd, path: &Path) {
-    if let Err(error) = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES)) {
-        tracing::debug!(path = %path.display(), %error, "the pipe keeps the kernel's default size");
-    }
-}
-
-/// Makes a fresh named pipe at `path`, replacing what was there.
-fn make_fifo(path: &Path) -> io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(error),
-        _ => {}
-    }
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR).map_err(io::Error::from)
-}
-
-/// Opens a named pipe's reading end without waiting for a writer; reads never wait either.
-fn reading_end(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
-}
-
-fn remove_if_present(path: &Path) -> Result<(), BackendError> {
-    match std::fs::remove_file(path) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(prepare("removal of a Firecracker file", path)(error)),
-        _ => Ok(()),
-    }
-}
-
-fn prepare<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> BackendError + 'a {
-    move |source| BackendError::Prepare { what, path: path.to_path_buf(), source }
-}
-
-/// Firecracker's API takes paths as JSON strings, so they must be UTF-8.
-fn utf8(path: &Path) -> Result<String, BackendError> {
-    path.to_str().map(str::to_owned).ok_or_else(|| BackendError::Prepare {
-        what: "a path for Firecracker",
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "Firecracker's API takes only UTF-8 paths"),
-    })
-}
-
 fn drive_name(id: &str) -> String {
     format!("drives/{id}")
-}
-
-fn exposure(name: String, image: &ImageFile, writable: bool) -> Exposure {
-    Exposure { name, host_path: image.path.clone(), file: Arc::clone(&image.file), writable }
 }
 
 impl FirecrackerVm {
@@ -224,11 +156,7 @@ impl FirecrackerVm {
         console: ConsoleLog,
     ) -> Result<Self, BackendError> {
         // The longest socket path either launcher may use.
-        let socket = spec.vm_dir.in_jail(SOCKET_FILE);
-        let socket_len = socket.as_os_str().len();
-        if socket_len > MAX_SOCKET_PATH {
-            return Err(BackendError::SocketPathTooLong { path: socket, len: socket_len, max: MAX_SOCKET_PATH });
-        }
+        check_socket_path(&spec.vm_dir.in_jail(SOCKET_FILE))?;
         let mut vm = Self::unlaunched(settings, launcher, spec, console);
         vm.start_process().await?;
         Ok(vm)
@@ -302,12 +230,7 @@ impl FirecrackerVm {
 
     /// A fresh named pipe in the VM's folder that Firecracker opens by path.
     fn vmm_pipe(&self, name: &str) -> Result<Exposure, BackendError> {
-        let path = self.file(name);
-        make_fifo(&path).map_err(prepare("a pipe for Firecracker's output", &path))?;
-        // The jail hands the pipe to the VMM's user through this; a reading
-        // end, so it never keeps our reader from seeing the VMM's end.
-        let file = reading_end(&path).map_err(prepare("a pipe for Firecracker's output", &path))?;
-        Ok(Exposure { name: name.to_owned(), host_path: path, file: Arc::new(file.into()), writable: true })
+        vmm_io::vmm_pipe(name, &self.file(name))
     }
 
     /// Copies the process's console, stderr and log into their files;
@@ -724,47 +647,6 @@ impl VmmInstance for FirecrackerVm {
             remove_if_present(&self.file(name))?;
         }
         Ok(())
-    }
-}
-
-/// Creations in one folder, as inotify reports them.
-struct SocketCreations {
-    inotify: AsyncFd<InotifyFd>,
-}
-
-struct InotifyFd(Inotify);
-
-impl AsRawFd for InotifyFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
-impl SocketCreations {
-    fn watch(dir: &Path) -> Result<Self, BackendError> {
-        let to_io = |errno: nix::errno::Errno| io::Error::from(errno);
-        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-            .map_err(|errno| prepare("an inotify instance", dir)(to_io(errno)))?;
-        inotify
-            .add_watch(dir, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
-            .map_err(|errno| prepare("a watch on the VM folder", dir)(to_io(errno)))?;
-        // SAFETY: InotifyFd owns the inotify fd and never replaces it, so the
-        // fd stays open and the same for the AsyncFd's whole life.
-        let inotify = unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), Interest::READABLE) }
-            .map_err(|error| prepare("a watch on the VM folder", dir)(error.into()))?;
-        Ok(Self { inotify })
-    }
-
-    /// Waits until something was created in the folder.
-    async fn next(&self) -> io::Result<()> {
-        loop {
-            let mut ready = self.inotify.readable().await?;
-            match ready.get_inner().0.read_events() {
-                Ok(events) if !events.is_empty() => return Ok(()),
-                Ok(_) | Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
-                Err(errno) => return Err(errno.into()),
-            }
-        }
     }
 }
 
