@@ -155,6 +155,7 @@ impl JailError {
             JailError::Prepare { .. }
             | JailError::NotReadable { .. }
             | JailError::DynamicProgram { .. }
+            | JailError::Libraries(_)
             | JailError::ExposureGone { .. }
             | JailError::Cgroup(_)
             | JailError::Clone(_)

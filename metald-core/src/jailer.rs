@@ -81,6 +81,11 @@ pub struct JailerConfig {
     pub max_open_files: u64,
     /// The least file-size limit; raised to the largest writable drive.
     pub min_file_size_bytes: u64,
+    /// A dynamically linked VMM gets its ELF interpreter and shared
+    /// libraries exposed read-only in its jail (see [`crate::program_libraries`]).
+    /// Off by default: a production host runs static VMM builds, and a
+    /// dynamic one is refused at launch naming its interpreter.
+    pub expose_program_libraries: bool,
 }
 
 impl Default for JailerConfig {
@@ -97,6 +102,7 @@ impl Default for JailerConfig {
             pids_base: 32,
             max_open_files: 4096,
             min_file_size_bytes: 1 << 30,
+            expose_program_libraries: false,
         }
     }
 }
@@ -167,8 +173,13 @@ pub enum JailError {
     },
     #[error("{name} ({path}) is not readable by the VMM's unprivileged user (mode {mode:o}); make it world-readable")]
     NotReadable { name: String, path: PathBuf, mode: u32 },
-    #[error("{path} is dynamically linked (it asks for {interpreter}); a jail holds no libraries, use a static build")]
+    #[error(
+        "{path} is dynamically linked (it asks for {interpreter}); a jail holds no libraries: use a static build, \
+         or let the jail expose its interpreter and libraries read-only (expose_program_libraries)"
+    )]
     DynamicProgram { path: PathBuf, interpreter: String },
+    #[error("cannot find what the VMM's program needs to start")]
+    Libraries(#[from] crate::program_libraries::LibraryError),
     #[error("{name} ({path}) was removed or replaced while the VMM was being started; nothing was exposed, try again")]
     ExposureGone { name: String, path: PathBuf },
     #[error("cannot set up the VMM's cgroup")]
@@ -274,8 +285,12 @@ impl Jailer {
     }
 
     /// Launches `plan` in a fresh jail under `plan.vm_dir`.
-    pub async fn launch(&self, plan: LaunchPlan) -> Result<Launched, JailError> {
-        check_static(&plan.program.host_path, &plan.program.file)?;
+    pub async fn launch(&self, mut plan: LaunchPlan) -> Result<Launched, JailError> {
+        if self.config.expose_program_libraries {
+            plan.exposures.extend(program_libraries(&plan.program)?);
+        } else {
+            check_static(&plan.program.host_path, &plan.program.file)?;
+        }
         for exposure in plan.exposures.iter().filter(|exposure| !exposure.writable) {
             check_world_readable(&exposure.name, &exposure.host_path, &exposure.file)?;
         }
@@ -465,6 +480,25 @@ impl Launcher for Jailer {
     fn release_host(&self) -> Vec<String> {
         Jailer::release_host(self)
     }
+}
+
+/// The interpreter and libraries of a dynamically linked program, to
+/// expose read-only; none for a static one. Said once per program, as
+/// it widens what the jail holds.
+fn program_libraries(program: &Exposure) -> Result<Vec<Exposure>, JailError> {
+    static SAID: std::sync::Mutex<BTreeSet<PathBuf>> = std::sync::Mutex::new(BTreeSet::new());
+    let found = crate::program_libraries::of_program(&program.host_path, &program.file)?;
+    if let Some(interpreter) = &found.interpreter
+        && SAID.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(program.host_path.clone())
+    {
+        tracing::warn!(
+            program = %program.host_path.display(),
+            interpreter = %interpreter.display(),
+            files = ?found.files.values().collect::<Vec<_>>(),
+            "the VMM is dynamically linked: its interpreter and libraries are exposed read-only in each jail; production hosts run a static build"
+        );
+    }
+    Ok(found.exposures()?)
 }
 
 fn check_static(path: &Path, file: &OwnedFd) -> Result<(), JailError> {

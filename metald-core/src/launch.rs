@@ -94,7 +94,8 @@ pub struct LaunchPlan {
     pub name: String,
     /// The VM's own folder on the host.
     pub vm_dir: crate::vm_dir::VmDir,
-    /// The VMM executable, opened. It must be statically linked: a jail holds no libraries.
+    /// The VMM executable, opened. A jail holds no libraries: it must be statically linked,
+    /// unless the jailer exposes its interpreter and libraries (`JailerConfig::expose_program_libraries`).
     pub program: Exposure,
     pub args: Vec<Arg>,
     pub exposures: Vec<Exposure>,

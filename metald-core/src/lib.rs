@@ -49,6 +49,7 @@ pub mod launch;
 pub mod manager;
 pub mod network;
 pub mod process;
+pub mod program_libraries;
 pub mod restart;
 pub mod state;
 pub mod store;
@@ -59,6 +60,7 @@ pub mod vm_dir;
 
 pub use metald_types::{error_chain, ids, private_files};
 
+pub use backend::cloud_hypervisor::{CloudHypervisorBackend, CloudHypervisorConfig};
 pub use backend::firecracker::{FirecrackerBackend, FirecrackerConfig};
 pub use backend::{Capabilities, DeviceCounters, StopOutcome, VmmBackend, VmmInfo, VmmMetrics};
 pub use config::VmConfig;

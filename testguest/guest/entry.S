@@ -144,6 +144,7 @@ start_info_paddr:
 
     .section .bss
     .balign 4096
+    .globl pml4
 pml4:
     .skip 4096
 pdpt:

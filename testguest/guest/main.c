@@ -8,8 +8,12 @@
  *   testguest.reset            reset the VM right after the ready line
  *   testguest.ignore_shutdown  on Ctrl+Alt+Del, say so and keep running
  *
- * It always prints a ready line carrying its command line, and on
- * Ctrl+Alt+Del (keyboard data on the i8042) prints a shutdown line and resets.
+ * It always prints a ready line carrying its command line. On Ctrl+Alt+Del
+ * (keyboard data on the i8042: Firecracker) it prints a shutdown line and
+ * resets. On a press of the ACPI power button (Cloud Hypervisor's Generic
+ * Event Controller, found in the ACPI tables the VMM hands over) it prints
+ * the same line and powers off through the ACPI sleep control register
+ * (S5), which ends the VMM where a reset would reboot the VM.
  */
 
 typedef unsigned char u8;
@@ -94,6 +98,7 @@ struct idt_pointer {
 } __attribute__((packed));
 
 extern char __image_end[];
+extern u64 pml4[512];
 extern char exception_stubs[];
 extern void timer_interrupt(void);
 extern void spurious_interrupt(void);
@@ -308,6 +313,123 @@ static int shutdown_requested(void) {
     return seen;
 }
 
+/*
+ * ACPI, as much as a power button needs. The VMM hands over the RSDP's
+ * address in hvm_start_info (version 1 and later); from it the XSDT, the
+ * FADT ("FACP": its X_DSDT and its sleep control register) and the DSDT,
+ * in which Cloud Hypervisor declares its Generic Event Controller's
+ * register as an operation region:
+ *   OpRegion (GDST, SystemMemory, <address>, 1)
+ * encoded as 5B 80 'G' 'D' 'S' 'T' 00 <integer> <integer>. Reading that
+ * byte tells what changed since the last read; bit 3 is the power button.
+ */
+#define ACPI_GED_POWER_BUTTON 0x08
+/* SLP_TYPa = 5 (S5, as the VMM's DSDT says) and SLP_EN. */
+#define ACPI_S5_SLEEP (5 << 2 | 1 << 5)
+
+struct acpi_gas {
+    u8 space_id; /* 0: system memory, 1: system I/O */
+    u8 bit_width;
+    u8 bit_offset;
+    u8 access_size;
+    u64 address;
+} __attribute__((packed));
+
+static volatile u8 *ged_register;
+static struct acpi_gas sleep_control;
+
+static u32 read_u32(const u8 *p) { return (u32)p[0] | (u32)p[1] << 8 | (u32)p[2] << 16 | (u32)p[3] << 24; }
+static u64 read_u64(const u8 *p) { return (u64)read_u32(p) | (u64)read_u32(p + 4) << 32; }
+
+static int same(const u8 *p, const char *text, u64 n) {
+    for (u64 i = 0; i < n; i++)
+        if (p[i] != (u8)text[i]) return 0;
+    return 1;
+}
+
+/* Page tables for one 2 MiB page above the 4 GiB that entry.S maps. */
+static u64 high_pdpt[512] __attribute__((aligned(4096)));
+static u64 high_pd[512] __attribute__((aligned(4096)));
+
+/* Maps the 2 MiB page holding `address`, uncached, at the same address. */
+static int map_device_page(u64 address) {
+    if (address < (4UL << 30)) return 1;
+    if (address >> 48) return 0;
+    u64 page = address & ~0x1fffffUL;
+    u32 i4 = (u32)(page >> 39) & 511, i3 = (u32)(page >> 30) & 511, i2 = (u32)(page >> 21) & 511;
+    if (i4 == 0) return 0; /* shares the low PDPT; never the case for a device at the top */
+    pml4[i4] = (u64)high_pdpt | 0x3;
+    high_pdpt[i3] = (u64)high_pd | 0x3;
+    high_pd[i2] = page | 0x83 | 0x10; /* present, writable, 2 MiB, cache disabled */
+    __asm__ volatile("mov %%cr3, %%rax; mov %%rax, %%cr3" ::: "rax", "memory");
+    return 1;
+}
+
+/* An AML integer (ZeroOp, OneOp, BytePrefix, WordPrefix, DWordPrefix, QWordPrefix). */
+static int aml_integer(const u8 *p, u64 *value) {
+    switch (p[0]) {
+    case 0x00: *value = 0; return 1;
+    case 0x01: *value = 1; return 1;
+    case 0x0a: *value = p[1]; return 1;
+    case 0x0b: *value = (u64)p[1] | (u64)p[2] << 8; return 1;
+    case 0x0c: *value = read_u32(p + 1); return 1;
+    case 0x0e: *value = read_u64(p + 1); return 1;
+    default: return 0;
+    }
+}
+
+static void find_ged(const u8 *dsdt) {
+    static const u8 pattern[] = {0x5b, 0x80, 'G', 'D', 'S', 'T', 0x00};
+    u32 length = read_u32(dsdt + 4);
+    for (u32 at = 36; at + sizeof(pattern) + 9 <= length; at++) {
+        u32 i = 0;
+        while (i < sizeof(pattern) && dsdt[at + i] == pattern[i]) i++;
+        if (i < sizeof(pattern)) continue;
+        u64 address;
+        if (aml_integer(dsdt + at + sizeof(pattern), &address) && map_device_page(address)) {
+            ged_register = (volatile u8 *)address;
+        }
+        return;
+    }
+}
+
+static void acpi_init(const struct hvm_start_info *info) {
+    if (!info || info->magic != HVM_START_MAGIC || info->version < 1 || !info->rsdp_paddr) return;
+    const u8 *rsdp = (const u8 *)info->rsdp_paddr;
+    if (!same(rsdp, "RSD PTR ", 8) || rsdp[15] < 2) return;
+    const u8 *xsdt = (const u8 *)read_u64(rsdp + 24);
+    if (!xsdt || !same(xsdt, "XSDT", 4)) return;
+    u32 entries = (read_u32(xsdt + 4) - 36) / 8;
+    for (u32 i = 0; i < entries; i++) {
+        const u8 *table = (const u8 *)read_u64(xsdt + 36 + 8 * i);
+        if (!table || !same(table, "FACP", 4)) continue;
+        u32 length = read_u32(table + 4);
+        if (length >= 256) {
+            const u8 *gas = table + 244;
+            sleep_control.space_id = gas[0];
+            sleep_control.address = read_u64(gas + 4);
+        }
+        const u8 *dsdt = length >= 148 ? (const u8 *)read_u64(table + 140) : 0;
+        if (!dsdt) dsdt = (const u8 *)(u64)read_u32(table + 40);
+        if (dsdt && same(dsdt, "DSDT", 4)) find_ged(dsdt);
+        return;
+    }
+}
+
+static int power_button_pressed(void) {
+    return ged_register && (*ged_register & ACPI_GED_POWER_BUTTON);
+}
+
+/* S5 through the sleep control register; a reset when there is none. */
+static void power_off(void) {
+    if (sleep_control.address && sleep_control.space_id == 1) {
+        outb((u16)sleep_control.address, ACPI_S5_SLEEP);
+    } else if (sleep_control.address && sleep_control.space_id == 0 && map_device_page(sleep_control.address)) {
+        *(volatile u8 *)sleep_control.address = ACPI_S5_SLEEP;
+    }
+    reset_vm();
+}
+
 void guest_main(u32 start_info_paddr) {
     const struct hvm_start_info *info = (const struct hvm_start_info *)(u64)start_info_paddr;
     const char *cmdline = "";
@@ -315,6 +437,7 @@ void guest_main(u32 start_info_paddr) {
 
     install_interrupt_table();
     enable_kvm_clock();
+    acpi_init(info);
     start_timer();
 
     put_str("TESTGUEST READY cmdline=\"");
@@ -333,11 +456,14 @@ void guest_main(u32 start_info_paddr) {
     u64 heartbeats = 0;
     for (;;) {
         __asm__ volatile("hlt");
-        if (shutdown_requested()) {
+        int key = shutdown_requested();
+        int button = power_button_pressed();
+        if (key || button) {
             if (ignore_shutdown) {
                 put_str("TESTGUEST IGNORED SHUTDOWN\n");
             } else {
                 put_str("TESTGUEST SHUTDOWN\n");
+                if (button) power_off();
                 reset_vm();
             }
         }

@@ -141,6 +141,27 @@ pub fn require_firecracker(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// The variable naming a real Cloud Hypervisor (v54 or newer) for the tests.
+pub const CLOUD_HYPERVISOR_ENV: &str = "METALD_CLOUD_HYPERVISOR_BIN";
+
+/// The Cloud Hypervisor binary `METALD_CLOUD_HYPERVISOR_BIN` names, when
+/// KVM and it are both usable here. No registry this project can use ships
+/// one, so CI never has it: its tests are built ignored there (see
+/// `metald-core/build.rs`), and one that runs without it says why.
+pub fn require_cloud_hypervisor(test: &str) -> Option<PathBuf> {
+    if let Err(reason) = kvm_usable() {
+        return unmet(test, &reason);
+    }
+    let Some(path) = std::env::var_os(CLOUD_HYPERVISOR_ENV).map(PathBuf::from) else {
+        return unmet(test, &format!("{CLOUD_HYPERVISOR_ENV} names no Cloud Hypervisor binary"));
+    };
+    match std::fs::metadata(&path) {
+        Ok(metadata) if metadata.permissions().mode() & 0o111 != 0 => Some(path),
+        Ok(_) => unmet(test, &format!("{} is not executable", path.display())),
+        Err(error) => unmet(test, &format!("no Cloud Hypervisor binary at {} ({error})", path.display())),
+    }
+}
+
 /// Live (not zombie) processes whose command line mentions `root` (an
 /// unjailed VMM started there) or whose cgroup path names `cgroup_parent`
 /// (a jailed one): what a test's VMs may have left running.

@@ -7,6 +7,7 @@
 //! [`Capabilities`] instead of failing late. Backends do not know the state
 //! machine: the manager asks them only for moves the table allows.
 
+pub mod cloud_hypervisor;
 pub mod firecracker;
 pub(crate) mod socket_api;
 mod unlaunchable;
@@ -303,9 +304,17 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
 
     fn capabilities(&self) -> Capabilities;
 
+    /// The launcher its VMMs start through, when it uses one: the methods
+    /// below about users and the host then ask it.
+    fn launcher(&self) -> Option<&dyn crate::launch::Launcher> {
+        None
+    }
+
     /// The user a new VM's VMMs will run as, for its whole life; `None`
     /// when the backend does not run VMMs as a user of their own.
-    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, BackendError>;
+    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, BackendError> {
+        self.launcher().map_or(Ok(None), |launcher| launcher.lease_identity().map_err(BackendError::Launch))
+    }
 
     /// Starts the VMM for `spec` and configures it; the guest does not run
     /// until [`VmmInstance::boot`]. On error nothing is left running and
@@ -315,11 +324,13 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     /// How many users the backend can give VMs and how many it has given;
     /// `None` when VMs do not get users of their own.
     fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
-        None
+        self.launcher()?.identity_capacity()
     }
 
     /// Leases a known VM's user again after a restart of metald.
-    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError>;
+    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
+        self.launcher().map_or(Ok(None), |launcher| launcher.take_over_identity(uid, gid).map_err(BackendError::Launch))
+    }
 
     /// A VM with no VMM now (it was shut down or failed while metald was
     /// away); its next [`VmmInstance::boot`] launches one.
@@ -331,21 +342,22 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
 
     /// Removes what a VMM that ended while nobody watched it left on the
     /// host (cgroup, jail folder); returns what could not be removed.
-    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String>;
+    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String> {
+        self.launcher().map(|launcher| launcher.clean_up_after(ticket)).unwrap_or_default()
+    }
 
     /// Kills and removes what VMM launches of an earlier run left that no
     /// VM took over: everything of this backend's but the cgroups named in
     /// `in_use`. Called once, after every stored VM was taken over or
     /// found gone; returns what could not be removed.
     fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
-        let _ = in_use;
-        Vec::new()
+        self.launcher().map(|launcher| launcher.sweep_strays(in_use)).unwrap_or_default()
     }
 
     /// Removes what the backend set up on the host for all its VMs (cgroup
     /// parents), once it runs none; returns what could not be removed.
     fn release_host(&self) -> Vec<String> {
-        Vec::new()
+        self.launcher().map(|launcher| launcher.release_host()).unwrap_or_default()
     }
 }
 

@@ -152,3 +152,85 @@ impl std::fmt::Debug for SocketCreations {
         f.debug_struct("SocketCreations").finish_non_exhaustive()
     }
 }
+
+/// How a wait for a VMM's API ended, when it did not answer.
+#[derive(Debug)]
+pub enum NotReady {
+    /// The process ended first.
+    Exited(crate::process::ProcessExit),
+    /// The deadline passed; the last refusal, if the socket was there.
+    TimedOut(Option<BackendError>),
+}
+
+/// Waits, without fixed sleeps, until `socket` exists (inotify on its
+/// folder) and `probe` answers; a refused connection just after the socket
+/// appears is retried at once. Another error of `probe` is returned as is.
+pub async fn wait_until_ready<T, F, Fut>(
+    socket: &Path,
+    process: &crate::process::Supervised,
+    deadline: tokio::time::Instant,
+    mut probe: F,
+) -> Result<Result<(), NotReady>, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    let folder = socket.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let creations = SocketCreations::watch(&folder)?;
+    let appeared = async {
+        while !socket.exists() {
+            tokio::select! {
+                ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &folder))?,
+                exit = process.wait() => return Ok(Err(NotReady::Exited(exit))),
+                () = tokio::time::sleep_until(deadline) => return Ok(Err(NotReady::TimedOut(None))),
+            }
+        }
+        Ok(Ok(()))
+    }
+    .await;
+    // Closing an inotify instance waits for an RCU grace period (often
+    // more than 10 ms here); let a blocking thread wait for it instead of the boot.
+    tokio::task::spawn_blocking(move || drop(creations));
+    if let Err(not_ready) = appeared? {
+        return Ok(Err(not_ready));
+    }
+    loop {
+        match probe().await {
+            Ok(_) => return Ok(Ok(())),
+            Err(error @ BackendError::Transport { .. }) => {
+                if let Some(exit) = process.exit_status() {
+                    return Ok(Err(NotReady::Exited(exit)));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(Err(NotReady::TimedOut(Some(error))));
+                }
+                tokio::task::yield_now().await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// How long a dead VMM's pipes may take to drain into their files.
+pub const CAPTURE_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until the last process's output is all in its files, so two
+/// captures never write one file. The pipes end with the process.
+pub async fn finish_captures(captures: &mut Vec<tokio::task::JoinHandle<()>>, vm_id: &crate::ids::VmId) {
+    for capture in std::mem::take(captures) {
+        if tokio::time::timeout(CAPTURE_DRAIN_TIMEOUT, capture).await.is_err() {
+            tracing::warn!(%vm_id, "output capture still open after its VMM ended");
+        }
+    }
+}
+
+/// Kills a VMM whose launch failed after its process started and undoes
+/// its jail, logging what could not be undone.
+pub async fn undo_failed_launch(launched: &mut crate::launch::Launched, vm_id: &crate::ids::VmId, vmm: &str) {
+    if let Err(error) = launched.process.kill().await {
+        tracing::error!(%vm_id, vmm, error = %crate::error_chain(&error), "cannot kill a VMM that failed to start");
+    }
+    for problem in launched.release().await {
+        tracing::error!(%vm_id, vmm, problem, "cannot undo a failed launch");
+    }
+}

@@ -8,6 +8,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod sandbox;
+
 use std::time::Duration;
 
 use metald_core::backend::{CacheMode, IoEngine};
@@ -44,35 +46,43 @@ pub trait Subject: Sized {
     fn leftovers(&self) -> Vec<String>;
 }
 
-/// Makes one `#[test]` of each case for `$subject`.
+/// Makes one `#[test]` of each case for `$subject`, each with the
+/// attributes given after it (an `ignore` where the VMM is not here).
 #[macro_export]
 macro_rules! conformance_suite {
-    ($subject:ty) => {
+    ($subject:ty $(, #[$attr:meta])*) => {
         #[test]
+        $(#[$attr])*
         fn every_lifecycle_move_holds() {
             $crate::conformance::every_lifecycle_move::<$subject>("every_lifecycle_move_holds");
         }
         #[test]
+        $(#[$attr])*
         fn stop_modes_say_how_the_guest_went() {
             $crate::conformance::stop_modes::<$subject>("stop_modes_say_how_the_guest_went");
         }
         #[test]
+        $(#[$attr])*
         fn a_vmm_that_dies_fails_its_vm_which_boots_again() {
             $crate::conformance::a_vmm_that_dies::<$subject>("a_vmm_that_dies_fails_its_vm_which_boots_again");
         }
         #[test]
+        $(#[$attr])*
         fn a_guest_reset_is_a_stop_or_a_reboot_as_the_capabilities_say() {
             $crate::conformance::a_guest_reset::<$subject>("a_guest_reset_is_a_stop_or_a_reboot_as_the_capabilities_say");
         }
         #[test]
+        $(#[$attr])*
         fn a_new_manager_takes_over_every_vmm() {
             $crate::conformance::takeover::<$subject>("a_new_manager_takes_over_every_vmm");
         }
         #[test]
+        $(#[$attr])*
         fn metrics_are_read_while_a_vmm_runs() {
             $crate::conformance::metrics::<$subject>("metrics_are_read_while_a_vmm_runs");
         }
         #[test]
+        $(#[$attr])*
         fn what_the_backend_cannot_do_is_refused_naming_the_field() {
             $crate::conformance::capabilities_honoured::<$subject>("what_the_backend_cannot_do_is_refused_naming_the_field");
         }

@@ -20,7 +20,7 @@ use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
 use crate::backend::vmm_io::{
-    self, SocketCreations, check_socket_path, exposure, fifo, give_room, prepare, reading_end, remove_if_present, utf8,
+    self, CAPTURE_DRAIN_TIMEOUT, NotReady, check_socket_path, exposure, fifo, give_room, prepare, reading_end, remove_if_present, utf8,
 };
 use crate::backend::{BackendError, CacheMode, IoEngine, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
@@ -43,8 +43,6 @@ pub const LOG_FIFO: &str = "firecracker.log.fifo";
 pub const METRICS_FIFO: &str = "firecracker.metrics.fifo";
 const KERNEL: &str = "kernel";
 const INITRD: &str = "initrd";
-/// How long a dead VMM's console pipe may take to drain.
-const CAPTURE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of Firecracker's stderr an early death reports.
 const STDERR_TAIL_BYTES: usize = 2048;
 /// Firecracker's stderr is kept up to this size (twice, with the rotated file).
@@ -340,12 +338,7 @@ impl FirecrackerVm {
                 Ok(())
             }
             Err(error) => {
-                if let Err(kill_error) = launched.process.kill().await {
-                    tracing::error!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&kill_error), "cannot kill a Firecracker that failed to start");
-                }
-                for problem in launched.release().await {
-                    tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo a failed launch");
-                }
+                vmm_io::undo_failed_launch(&mut launched, &self.spec.vm_id, VMM).await;
                 Err(error)
             }
         }
@@ -355,40 +348,14 @@ impl FirecrackerVm {
     async fn wait_until_ready(&self, launched: &Launched, api: &FirecrackerApi) -> Result<(), BackendError> {
         let deadline = Instant::now() + self.settings.ready_timeout;
         let socket = launched.layout.host(SOCKET_FILE);
-        let folder = socket.parent().unwrap_or(self.spec.vm_dir.path()).to_path_buf();
-        let process = &launched.process;
-        let creations = SocketCreations::watch(&folder)?;
-        let appeared = async {
-            while !socket.exists() {
-                tokio::select! {
-                    ready = creations.next() => ready.map_err(prepare("a watch on the VM folder", &folder))?,
-                    exit = process.wait() => return Err(self.died_before_ready(exit).await),
-                    () = tokio::time::sleep_until(deadline) => return Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout }),
+        match vmm_io::wait_until_ready(&socket, &launched.process, deadline, || api.instance_info()).await? {
+            Ok(()) => Ok(()),
+            Err(NotReady::Exited(exit)) => Err(self.died_before_ready(exit).await),
+            Err(NotReady::TimedOut(refusal)) => {
+                if let Some(error) = refusal {
+                    tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Firecracker API never answered");
                 }
-            }
-            Ok(())
-        }
-        .await;
-        // Closing an inotify instance waits for an RCU grace period (often
-        // more than 10 ms here); let a blocking thread wait for it instead of the boot.
-        tokio::task::spawn_blocking(move || drop(creations));
-        appeared?;
-        // The socket is bound and listening within microseconds of appearing;
-        // a refused connection in that window is retried at once.
-        loop {
-            match api.instance_info().await {
-                Ok(_) => return Ok(()),
-                Err(error @ BackendError::Transport { .. }) => {
-                    if let Some(exit) = process.exit_status() {
-                        return Err(self.died_before_ready(exit).await);
-                    }
-                    if Instant::now() >= deadline {
-                        tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Firecracker API never answered");
-                        return Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout });
-                    }
-                    tokio::task::yield_now().await;
-                }
-                Err(error) => return Err(error),
+                Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout })
             }
         }
     }
@@ -452,14 +419,8 @@ impl FirecrackerVm {
         Ok(())
     }
 
-    /// Waits until the last process's output is all in its logs, so two
-    /// captures never write one file. The pipes end with the process.
     async fn finish_captures(&mut self) {
-        for capture in std::mem::take(&mut self.captures) {
-            if tokio::time::timeout(CAPTURE_DRAIN_TIMEOUT, capture).await.is_err() {
-                tracing::warn!(vm_id = %self.spec.vm_id, "output capture still open after its VMM ended");
-            }
-        }
+        vmm_io::finish_captures(&mut self.captures, &self.spec.vm_id).await;
     }
 
     /// The current process and its API, if it still runs.

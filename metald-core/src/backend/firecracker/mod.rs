@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use super::{BackendError, CacheMode, Capabilities, IoEngine, VmmBackend, VmmInstance, VmmSpec};
 use crate::console::ConsoleLog;
-use crate::jailer::{IdentityLease, JailError, Jailer, JailerConfig};
+use crate::jailer::{JailError, Jailer, JailerConfig};
 use crate::launch::{Launcher, TakeoverTicket};
 use crate::unjailed::Unjailed;
 use instance::FirecrackerVm;
@@ -94,6 +94,10 @@ impl VmmBackend for FirecrackerBackend {
         VMM
     }
 
+    fn launcher(&self) -> Option<&dyn Launcher> {
+        Some(self.launcher.as_ref())
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             // A guest reset ends Firecracker; the manager boots a fresh one.
@@ -116,21 +120,9 @@ impl VmmBackend for FirecrackerBackend {
         }
     }
 
-    fn lease_identity(&self) -> Result<Option<Arc<IdentityLease>>, BackendError> {
-        self.launcher.lease_identity().map_err(BackendError::Launch)
-    }
-
     async fn create(&self, spec: VmmSpec, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, BackendError> {
         let vm = FirecrackerVm::launch(Arc::clone(&self.config), Arc::clone(&self.launcher), spec, console).await?;
         Ok(Box::new(vm))
-    }
-
-    fn identity_capacity(&self) -> Option<crate::jailer::IdentityCapacity> {
-        self.launcher.identity_capacity()
-    }
-
-    fn take_over_identity(&self, uid: u32, gid: u32) -> Result<Option<Arc<IdentityLease>>, BackendError> {
-        self.launcher.take_over_identity(uid, gid).map_err(BackendError::Launch)
     }
 
     fn unlaunched(&self, spec: VmmSpec, console: ConsoleLog) -> Box<dyn VmmInstance> {
@@ -140,17 +132,5 @@ impl VmmBackend for FirecrackerBackend {
     async fn take_over(&self, spec: VmmSpec, console: ConsoleLog, ticket: &TakeoverTicket) -> Result<Box<dyn VmmInstance>, BackendError> {
         let vm = FirecrackerVm::take_over(Arc::clone(&self.config), Arc::clone(&self.launcher), spec, console, ticket).await?;
         Ok(Box::new(vm))
-    }
-
-    fn clean_up_after(&self, ticket: &TakeoverTicket) -> Vec<String> {
-        self.launcher.clean_up_after(ticket)
-    }
-
-    fn sweep_strays(&self, in_use: &std::collections::BTreeSet<String>) -> Vec<String> {
-        self.launcher.sweep_strays(in_use)
-    }
-
-    fn release_host(&self) -> Vec<String> {
-        self.launcher.release_host()
     }
 }
