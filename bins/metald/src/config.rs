@@ -28,6 +28,12 @@ pub struct Settings {
     pub image_root: PathBuf,
     /// The `firecracker` executable.
     pub firecracker: PathBuf,
+    /// The `cloud-hypervisor` executable (v54 or newer); when set, the host
+    /// offers Cloud Hypervisor beside Firecracker.
+    pub cloud_hypervisor: Option<PathBuf>,
+    /// The VMM of a VM whose configuration names none: `firecracker`, or
+    /// `cloud-hypervisor` when `cloud_hypervisor` is set.
+    pub default_vmm: String,
     /// How long a graceful shutdown of a guest may take, in seconds.
     pub stop_timeout_seconds: u64,
     /// How long one call to a VMM's own API may take, in seconds; a VMM
@@ -48,6 +54,8 @@ impl Default for Settings {
             data_dir: PathBuf::from("/var/lib/metald"),
             image_root: PathBuf::from("/var/lib/metald/images"),
             firecracker: PathBuf::from("/usr/local/bin/firecracker"),
+            cloud_hypervisor: None,
+            default_vmm: metald_core::backend::firecracker::VMM.to_owned(),
             stop_timeout_seconds: metald_core::manager::DEFAULT_STOP_TIMEOUT.as_secs(),
             vmm_api_timeout_seconds: FirecrackerConfig::new("").api_timeout.as_secs(),
             api: ApiSettings::default(),
@@ -125,6 +133,10 @@ pub struct JailerSettings {
     pub uid_count: u32,
     /// The cgroup folder (under each controller) that holds the VMMs' cgroups.
     pub cgroup_parent: PathBuf,
+    /// Expose a dynamically linked VMM's interpreter and libraries
+    /// read-only in its jail instead of refusing it (development builds;
+    /// production hosts run static ones).
+    pub expose_program_libraries: bool,
 }
 
 impl Default for JailerSettings {
@@ -135,6 +147,7 @@ impl Default for JailerSettings {
             uid_start: library.uid_range.start,
             uid_count: library.uid_range.end.saturating_sub(library.uid_range.start),
             cgroup_parent: library.cgroup_parent,
+            expose_program_libraries: library.expose_program_libraries,
         }
     }
 }
@@ -316,11 +329,13 @@ pub enum ConfigError {
 /// The top-level keys of [`Settings`]. Only `METALD_*` variables under
 /// them are settings: others of that prefix (`METALD_CONFIG`, metalctl's
 /// `METALD_ENDPOINT` and `METALD_TOKEN`, …) belong to someone else.
-const SETTING_KEYS: [&str; 12] = [
+const SETTING_KEYS: [&str; 14] = [
     "listen",
     "data_dir",
     "image_root",
     "firecracker",
+    "cloud_hypervisor",
+    "default_vmm",
     "stop_timeout_seconds",
     "vmm_api_timeout_seconds",
     "api",

@@ -14,10 +14,13 @@ use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::meter::MeterConfig;
 use metald_billing::service::ServiceSink;
 use metald_billing::{Billing, BillingConfig, BillingSink, JsonLinesSink, Spool};
+use metald_core::jailer::Jailer;
 use metald_core::jailer::JailerConfig;
+use metald_core::launch::Launcher;
 use metald_core::network::NetworkProvider;
 use metald_core::store::{SqliteVmStore, VmStore};
-use metald_core::{FirecrackerBackend, FirecrackerConfig, TenantId, VmManager};
+use metald_core::unjailed::Unjailed;
+use metald_core::{CloudHypervisorBackend, CloudHypervisorConfig, FirecrackerBackend, FirecrackerConfig, TenantId, VmManager, VmmBackend};
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, GatewayTrust};
@@ -36,8 +39,12 @@ fn running_as_root() -> bool {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     answer_hangups();
     // What can be checked before anything is touched is checked first.
-    check_firecracker(&settings.firecracker)?;
+    check_executable("firecracker", &settings.firecracker)?;
+    if let Some(cloud_hypervisor) = &settings.cloud_hypervisor {
+        check_executable("cloud_hypervisor", cloud_hypervisor)?;
+    }
     check_jailer_can_run(&settings.jailer)?;
+    check_default_vmm(&settings)?;
     let (auth, quotas) = tenants(&settings)?;
     let data_dir = &settings.data_dir;
     // Tenants' console output and usage live here: no other local user reads it.
@@ -53,21 +60,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _instance_locks = InstanceLocks::take(data_dir, jailer, Path::new(instance_lock::RUN_DIR))?;
     let store = Arc::new(SqliteVmStore::open(data_dir.join("vms.db")).context("cannot open the VM store")?);
     let network = network_provider(&settings.network, data_dir).await?;
-    let firecracker = FirecrackerConfig {
-        api_timeout: Duration::from_secs(settings.vmm_api_timeout_seconds),
-        ..FirecrackerConfig::new(&settings.firecracker)
-    };
-    let firecracker = if settings.jailer.enabled {
-        let jailer = &settings.jailer;
-        let end = jailer.uid_start.saturating_add(jailer.uid_count);
-        let jail =
-            JailerConfig { uid_range: jailer.uid_start..end, cgroup_parent: jailer.cgroup_parent.clone(), ..JailerConfig::default() };
-        FirecrackerBackend::jailed(firecracker, jail).context("cannot set up the jailer")?
-    } else {
-        FirecrackerBackend::unjailed(firecracker)
-    };
-    let mut builder = VmManager::builder()
-        .backend(Arc::new(firecracker))
+    let mut builder = backends(&settings)?
+        .into_iter()
+        .fold(VmManager::builder(), |builder, backend| builder.backend(backend))
         .image_root(&settings.image_root)
         .vm_root(data_dir.join("vms"))
         .stop_timeout(settings.stop_timeout())
@@ -97,7 +92,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new(manager.clone(), figures));
     let (stop, stopping) = watch::channel(false);
     let stopped = stopping.clone();
-    let redactor = Redactor::new(&[&settings.data_dir, &settings.image_root, &settings.firecracker]);
+    let mut host_paths = vec![settings.data_dir.as_path(), settings.image_root.as_path(), settings.firecracker.as_path()];
+    host_paths.extend(settings.cloud_hypervisor.as_deref());
+    let redactor = Redactor::new(&host_paths);
     let api = VmApi::new(manager.clone(), quotas, Arc::clone(&metrics), settings.api.clone(), stopping).with_redactor(redactor);
     let readiness = Arc::new(Readiness::default());
     let app = crate::server::app(api, usage, Arc::new(auth), Arc::clone(&metrics), Arc::clone(&readiness), settings.api.max_body_bytes);
@@ -108,7 +105,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(settings.listen).await.with_context(|| format!("listen: cannot listen on {}", settings.listen))?;
     let address = listener.local_addr().context("cannot read the listening address")?;
-    tracing::info!(%address, backend = manager.backend_name(), "metald listening; taking over the VMs of the previous run");
+    tracing::info!(
+        %address,
+        backend = manager.backend_name(),
+        vmms = %manager.backend_names().join(", "),
+        "metald listening; taking over the VMs of the previous run"
+    );
     let shutdown = {
         let readiness = Arc::clone(&readiness);
         async move {
@@ -199,13 +201,60 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// The Firecracker binary must be there and executable; otherwise the
-/// first create would be the one to find out.
-fn check_firecracker(path: &Path) -> anyhow::Result<()> {
+/// A VMM binary must be there and executable; otherwise the first create
+/// would be the one to find out.
+fn check_executable(setting: &str, path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let metadata = std::fs::metadata(path).with_context(|| format!("firecracker: cannot use {}", path.display()))?;
+    let metadata = std::fs::metadata(path).with_context(|| format!("{setting}: cannot use {}", path.display()))?;
     if !metadata.is_file() || metadata.permissions().mode() & 0o111 == 0 {
-        bail!("firecracker: {} is not an executable file", path.display());
+        bail!("{setting}: {} is not an executable file", path.display());
+    }
+    Ok(())
+}
+
+/// The VMMs this host offers, the default first, all launching through
+/// one launcher, so a VM's uid is leased once whichever VMM runs it.
+fn backends(settings: &Settings) -> anyhow::Result<Vec<Arc<dyn VmmBackend>>> {
+    let launcher: Arc<dyn Launcher> = if settings.jailer.enabled {
+        let jailer = &settings.jailer;
+        let end = jailer.uid_start.saturating_add(jailer.uid_count);
+        let jail = JailerConfig {
+            uid_range: jailer.uid_start..end,
+            cgroup_parent: jailer.cgroup_parent.clone(),
+            expose_program_libraries: jailer.expose_program_libraries,
+            ..JailerConfig::default()
+        };
+        Arc::new(Jailer::new(jail).context("cannot set up the jailer")?)
+    } else {
+        Arc::new(Unjailed)
+    };
+    let api_timeout = Duration::from_secs(settings.vmm_api_timeout_seconds);
+    let firecracker = FirecrackerConfig { api_timeout, ..FirecrackerConfig::new(&settings.firecracker) };
+    let mut offered: Vec<Arc<dyn VmmBackend>> = vec![Arc::new(FirecrackerBackend::new(firecracker, Arc::clone(&launcher)))];
+    if let Some(binary) = &settings.cloud_hypervisor {
+        let cloud_hypervisor = CloudHypervisorConfig { api_timeout, ..CloudHypervisorConfig::new(binary) };
+        offered.push(Arc::new(CloudHypervisorBackend::new(cloud_hypervisor, launcher)));
+    }
+    if let Some(default) = offered.iter().position(|backend| backend.name() == settings.default_vmm) {
+        offered.swap(0, default);
+    }
+    Ok(offered)
+}
+
+/// The VMMs the settings offer, by name.
+fn offered_vmms(settings: &Settings) -> Vec<&'static str> {
+    let mut offered = vec![metald_core::backend::firecracker::VMM];
+    if settings.cloud_hypervisor.is_some() {
+        offered.push(metald_core::backend::cloud_hypervisor::VMM);
+    }
+    offered
+}
+
+/// The default VMM must be one the host offers, checked before anything is made.
+fn check_default_vmm(settings: &Settings) -> anyhow::Result<()> {
+    let offered = offered_vmms(settings);
+    if !offered.contains(&settings.default_vmm.as_str()) {
+        bail!("default_vmm: {:?} is not offered by this host; it offers {}", settings.default_vmm, offered.join(", "));
     }
     Ok(())
 }

@@ -120,6 +120,44 @@ fn without_root_the_jailer_refuses_to_start_and_networking_stays_off_with_a_reas
 }
 
 #[test]
+fn a_cloud_hypervisor_that_is_not_there_or_a_default_vmm_not_offered_stops_metald_before_it_makes_anything() {
+    let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().unwrap();
+    let start = |settings: &[(&str, &str)]| {
+        let mut command = Command::new(common::metald_binary());
+        without_metald_env(&mut command)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--firecracker", "/bin/true", "--listen", "127.0.0.1:0"])
+            .env("METALD_BILLING__ENABLED", "false")
+            .env("NO_COLOR", "1");
+        for (key, value) in settings {
+            command.env(key, value);
+        }
+        command.output().unwrap()
+    };
+    let missing = dir.path().join("no-such-cloud-hypervisor");
+    let refused = start(&[("METALD_CLOUD_HYPERVISOR", missing.to_str().unwrap())]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains(&format!("cloud_hypervisor: cannot use {}", missing.display())), "{message}");
+
+    let refused = start(&[("METALD_DEFAULT_VMM", "cloud-hypervisor")]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains(r#"default_vmm: "cloud-hypervisor" is not offered by this host; it offers firecracker"#), "{message}");
+    assert!(!dir.path().join("data").exists(), "nothing was made: {:?}", std::fs::read_dir(dir.path()).unwrap().collect::<Vec<_>>());
+
+    let offered = without_metald_env(&mut Command::new(common::metald_binary()))
+        .arg("print-config")
+        .env("METALD_CLOUD_HYPERVISOR", "/bin/true")
+        .env("METALD_DEFAULT_VMM", "cloud-hypervisor")
+        .output()
+        .unwrap();
+    let settings: serde_json::Value = serde_json::from_slice(&offered.stdout).unwrap();
+    assert_eq!((settings["cloud_hypervisor"].as_str(), settings["default_vmm"].as_str()), (Some("/bin/true"), Some("cloud-hypervisor")));
+}
+
+#[test]
 fn a_new_token_is_printed_with_the_hash_to_configure_and_only_the_hash_is_kept() {
     let output = Command::new(common::metald_binary()).args(["token", "--tenant", "acme"]).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

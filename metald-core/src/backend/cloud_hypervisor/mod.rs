@@ -25,7 +25,8 @@ use crate::launch::{Launcher, TakeoverTicket};
 use crate::unjailed::Unjailed;
 use instance::CloudHypervisorVm;
 
-pub(crate) const VMM: &str = "cloud-hypervisor";
+/// Its name, by which VMs ask for it.
+pub const VMM: &str = "cloud-hypervisor";
 
 /// The most vCPUs metald gives a Cloud Hypervisor VM: what a guest
 /// without x2APIC can address (Cloud Hypervisor itself allows more).

@@ -28,7 +28,8 @@ use instance::FirecrackerVm;
 /// The most vCPUs Firecracker gives one VM.
 const MAX_VCPUS: u32 = 32;
 
-pub(crate) const VMM: &str = "firecracker";
+/// Its name, by which VMs ask for it.
+pub const VMM: &str = "firecracker";
 
 /// How to run Firecracker.
 #[derive(Debug, Clone)]
