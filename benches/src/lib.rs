@@ -41,22 +41,47 @@ impl BenchHost {
 
     fn on(jailed: bool) -> Option<Self> {
         let firecracker = firecracker_on_kvm()?;
-        let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().ok()?;
-        let images = dir.path().join("images");
-        std::fs::create_dir_all(&images).ok()?;
-        std::fs::copy(metald_testguest::kernel_path(), images.join(GUEST_KERNEL)).ok()?;
         let vmm = FirecrackerConfig::new(&firecracker);
-        let backend = match jailed {
+        let backend: Arc<dyn metald_core::VmmBackend> = match jailed {
             true => match FirecrackerBackend::jailed(vmm, JailerConfig::default()) {
-                Ok(backend) => backend,
+                Ok(backend) => Arc::new(backend),
                 Err(error) => {
                     eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
                     return None;
                 }
             },
-            false => FirecrackerBackend::unjailed(vmm),
+            false => Arc::new(FirecrackerBackend::unjailed(vmm)),
         };
-        let builder = VmManager::builder().backend(Arc::new(backend)).image_root(&images).vm_root(dir.path().join("vms"));
+        Self::with_backend(firecracker, backend)
+    }
+
+    /// A host whose VMs run on a jailed Cloud Hypervisor, the binary
+    /// `METALD_CLOUD_HYPERVISOR_BIN` names; `None`, saying why, without one.
+    /// A binary built from source is dynamically linked: its jail exposes
+    /// its libraries.
+    pub fn cloud_hypervisor() -> Option<(Self, PathBuf)> {
+        let firecracker = firecracker_on_kvm()?;
+        let Some(binary) = std::env::var_os(metald_testguest::CLOUD_HYPERVISOR_ENV).map(PathBuf::from) else {
+            eprintln!("benchmark skipped: {} names no Cloud Hypervisor binary", metald_testguest::CLOUD_HYPERVISOR_ENV);
+            return None;
+        };
+        let jail = JailerConfig { expose_program_libraries: true, ..JailerConfig::default() };
+        let backend = match metald_core::CloudHypervisorBackend::jailed(metald_core::CloudHypervisorConfig::new(&binary), jail) {
+            Ok(backend) => Arc::new(backend),
+            Err(error) => {
+                eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
+                return None;
+            }
+        };
+        Some((Self::with_backend(firecracker, backend)?, binary))
+    }
+
+    fn with_backend(firecracker: PathBuf, backend: Arc<dyn metald_core::VmmBackend>) -> Option<Self> {
+        let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().ok()?;
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).ok()?;
+        std::fs::copy(metald_testguest::kernel_path(), images.join(GUEST_KERNEL)).ok()?;
+        let builder = VmManager::builder().backend(backend).image_root(&images).vm_root(dir.path().join("vms"));
         let manager = match builder.build() {
             Ok(manager) => manager,
             Err(error) => {
@@ -113,30 +138,24 @@ impl BenchHost {
     /// from spawn to the ready line on its stdout. The VMM is killed after.
     pub async fn raw_boot(&self, index: u64) -> Result<Duration, String> {
         let config_path = self.raw_config(index)?;
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new(&self.firecracker)
-            .args(["--no-api", "--config-file"])
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|error| format!("spawning firecracker: {error}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let wait_ready = async {
-            while let Some(line) = lines.next_line().await.map_err(|error| error.to_string())? {
-                if line.starts_with(console::READY) {
-                    return Ok(started.elapsed());
-                }
-            }
-            Err("firecracker exited before the ready line".to_string())
-        };
-        let result = tokio::time::timeout(READY_TIMEOUT, wait_ready).await.map_err(|_| "no ready line in time".to_string())?;
-        let _ = child.kill().await;
+        let mut command = tokio::process::Command::new(&self.firecracker);
+        command.args(["--no-api", "--config-file"]).arg(&config_path);
+        let result = time_to_ready(command).await;
         let _ = std::fs::remove_file(&config_path);
         result
+    }
+
+    /// `cloud-hypervisor --kernel … --cmdline … --serial tty --console off`
+    /// with the same guest, unjailed, until its ready line.
+    pub async fn raw_cloud_hypervisor_boot(&self, binary: &Path) -> Result<Duration, String> {
+        let kernel = self.dir.path().join("images").join(GUEST_KERNEL);
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .arg("--kernel")
+            .arg(&kernel)
+            .args(["--cmdline", "", "--serial", "tty", "--console", "off", "--cpus", "boot=1"])
+            .args(["--memory", &format!("size={GUEST_MEMORY_MIB}M")]);
+        time_to_ready(command).await
     }
 
     fn raw_config(&self, index: u64) -> Result<PathBuf, String> {
@@ -154,6 +173,32 @@ impl BenchHost {
     pub fn scratch(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Starts `command` and times it until the guest's ready line on its
+/// stdout, then kills it.
+async fn time_to_ready(mut command: tokio::process::Command) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| format!("spawning {:?}: {error}", command.as_std().get_program()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let wait_ready = async {
+        while let Some(line) = lines.next_line().await.map_err(|error| error.to_string())? {
+            if line.starts_with(console::READY) {
+                return Ok(started.elapsed());
+            }
+        }
+        Err("the VMM exited before the ready line".to_string())
+    };
+    let result = tokio::time::timeout(READY_TIMEOUT, wait_ready).await.map_err(|_| "no ready line in time".to_string())?;
+    let _ = child.kill().await;
+    result
 }
 
 /// Runs `once` for each of criterion's `iterations` on `runtime` and sums
