@@ -4,7 +4,7 @@
 //! ([`private_files`]) of `metald-types`, and owns the VM's description
 //! ([`VmConfig`]) and its validation, the lifecycle ([`VmState`] and its
 //! transition table), image confinement ([`images`]), the VMM backends
-//! behind one trait ([`backend::VmmBackend`], with Firecracker today),
+//! behind one trait ([`backend::VmmBackend`]: Firecracker and Cloud Hypervisor),
 //! the launcher port ([`launch`]) with the integrated jailer that implements
 //! it ([`jailer`], [`cgroups`], [`uid_lease`]) and a development launcher
 //! ([`unjailed`]), the network

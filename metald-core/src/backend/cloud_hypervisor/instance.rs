@@ -85,6 +85,11 @@ impl CloudHypervisorVm {
         console: ConsoleLog,
     ) -> Result<Self, BackendError> {
         check_socket_path(&spec.vm_dir.in_jail(SOCKET_FILE))?;
+        // Cloud Hypervisor brings a TAP up itself, which a jailed VMM may not:
+        // until the TAP is handed over open, say so before anything runs.
+        if !spec.interfaces.is_empty() {
+            return Err(BackendError::FeatureUnavailable { vmm: VMM, feature: "network interfaces in metald yet", field: "network" });
+        }
         let mut vm = Self::unlaunched(settings, launcher, spec, console);
         vm.start_process().await?;
         Ok(vm)
