@@ -53,6 +53,7 @@ pub mod program_libraries;
 pub mod restart;
 pub mod state;
 pub mod store;
+pub mod tap;
 pub mod target;
 pub mod uid_lease;
 pub mod unjailed;

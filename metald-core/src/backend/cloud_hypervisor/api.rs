@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 
 use super::VMM;
-use super::models::{VmConfig, VmCounters, VmInfo, VmmPing};
+use super::models::{NetConfig, VmConfig, VmCounters, VmInfo, VmmPing};
 use crate::backend::BackendError;
 use crate::backend::socket_api::{SocketApi, plain_fault};
 
@@ -28,6 +28,11 @@ impl CloudHypervisorApi {
 
     pub async fn create(&self, config: &VmConfig<'_>) -> Result<(), BackendError> {
         self.api.send(Method::PUT, "/api/v1/vm.create", config).await
+    }
+
+    /// Adds an interface to the created VM, its TAP passed open.
+    pub async fn add_net(&self, config: &NetConfig<'_>, tap: std::os::fd::OwnedFd) -> Result<(), BackendError> {
+        self.api.send_with_fds(Method::PUT, "/api/v1/vm.add-net", config, vec![tap]).await
     }
 
     pub async fn info(&self) -> Result<VmInfo, BackendError> {

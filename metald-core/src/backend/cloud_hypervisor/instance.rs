@@ -85,11 +85,6 @@ impl CloudHypervisorVm {
         console: ConsoleLog,
     ) -> Result<Self, BackendError> {
         check_socket_path(&spec.vm_dir.in_jail(SOCKET_FILE))?;
-        // Cloud Hypervisor brings a TAP up itself, which a jailed VMM may not:
-        // until the TAP is handed over open, say so before anything runs.
-        if !spec.interfaces.is_empty() {
-            return Err(BackendError::FeatureUnavailable { vmm: VMM, feature: "network interfaces in metald yet", field: "network" });
-        }
         let mut vm = Self::unlaunched(settings, launcher, spec, console);
         vm.start_process().await?;
         Ok(vm)
@@ -306,7 +301,27 @@ impl CloudHypervisorVm {
         };
         let drive_paths = spec.drives.iter().map(|drive| inside(&drive_name(&drive.id))).collect::<Result<Vec<_>, _>>()?;
         let body = vm_config(spec, &kernel, initramfs.as_deref(), &drive_paths);
-        api.create(&body).await
+        api.create(&body).await?;
+        // Cloud Hypervisor would bring a TAP it opens up itself, which its
+        // unprivileged user may not: each is opened here, in the VM's
+        // namespace, and handed over with the interface.
+        for interface in &spec.interfaces {
+            let (netns, name) = (spec.netns.clone(), interface.tap_device.clone());
+            let tap = tokio::task::spawn_blocking(move || crate::tap::open_in(netns.as_deref(), &name, crate::tap::VMM_TAP_FLAGS))
+                .await
+                .map_err(|error| {
+                    prepare("the TAP of an interface", std::path::Path::new(&interface.tap_device))(std::io::Error::other(error))
+                })?
+                .map_err(prepare("the TAP of an interface", std::path::Path::new(&interface.tap_device)))?;
+            let net = NetConfig {
+                id: &interface.id,
+                mac: interface.guest_mac.as_deref(),
+                // One limiter for both directions; the manager refused two that differ.
+                rate_limiter_config: interface.rx_rate_limit.as_ref().and_then(RateLimiterConfig::from_limit),
+            };
+            api.add_net(&net, tap).await?;
+        }
+        Ok(())
     }
 
     async fn finish_captures(&mut self) {
@@ -411,17 +426,6 @@ fn vm_config<'a>(spec: &'a VmmSpec, kernel: &'a str, initramfs: Option<&'a str>,
             .iter()
             .zip(drive_paths)
             .map(|(drive, path)| DiskConfig { id: &drive.id, path, readonly: drive.read_only })
-            .collect(),
-        net: spec
-            .interfaces
-            .iter()
-            .map(|interface| NetConfig {
-                id: &interface.id,
-                tap: &interface.tap_device,
-                mac: interface.guest_mac.as_deref(),
-                // One limiter for both directions; the manager refused two that differ.
-                rate_limiter_config: interface.rx_rate_limit.as_ref().and_then(RateLimiterConfig::from_limit),
-            })
             .collect(),
         serial: ConsoleConfig { mode: ConsoleMode::Tty },
         console: ConsoleConfig { mode: ConsoleMode::Off },

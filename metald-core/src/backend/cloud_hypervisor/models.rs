@@ -17,8 +17,6 @@ pub struct VmConfig<'a> {
     pub payload: PayloadConfig<'a>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig<'a>>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub net: Vec<NetConfig<'a>>,
     pub serial: ConsoleConfig,
     pub console: ConsoleConfig,
     pub platform: PlatformConfig<'a>,
@@ -64,10 +62,11 @@ pub struct DiskConfig<'a> {
     pub readonly: bool,
 }
 
+/// An interface `vm.add-net` adds, its TAP passed as an open descriptor
+/// beside the request: `vm.create` takes no descriptors.
 #[derive(Debug, Serialize)]
 pub struct NetConfig<'a> {
     pub id: &'a str,
-    pub tap: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mac: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -170,12 +169,6 @@ mod tests {
             memory: MemoryConfig { size: 32 << 20, hotplug_size: 0, hugepages: false },
             payload: PayloadConfig { kernel: "/kernel", cmdline: "console=ttyS0", initramfs: None },
             disks: vec![DiskConfig { id: "root", path: "/drives/root", readonly: true }],
-            net: vec![NetConfig {
-                id: "eth0",
-                tap: "tap0",
-                mac: Some("02:00:00:00:00:01"),
-                rate_limiter_config: RateLimiterConfig::from_limit(&RateLimit { bandwidth: 1000, refill_time_ms: 100, burst: 0 }),
-            }],
             serial: ConsoleConfig { mode: ConsoleMode::Tty },
             console: ConsoleConfig { mode: ConsoleMode::Off },
             platform: PlatformConfig { system_serial_number: "vm-1" },
@@ -186,12 +179,18 @@ mod tests {
             "memory": {"size": 33554432, "hugepages": false},
             "payload": {"kernel": "/kernel", "cmdline": "console=ttyS0"},
             "disks": [{"id": "root", "path": "/drives/root", "readonly": true}],
-            "net": [{"id": "eth0", "tap": "tap0", "mac": "02:00:00:00:00:01", "rate_limiter_config": {"bandwidth": {"size": 1000, "refill_time": 100}}}],
             "serial": {"mode": "Tty"},
             "console": {"mode": "Off"},
             "platform": {"system_serial_number": "vm-1"}
         });
         assert_eq!(json, expected);
+        let net = NetConfig {
+            id: "eth0",
+            mac: Some("02:00:00:00:00:01"),
+            rate_limiter_config: RateLimiterConfig::from_limit(&RateLimit { bandwidth: 1000, refill_time_ms: 100, burst: 0 }),
+        };
+        let expected = serde_json::json!({"id": "eth0", "mac": "02:00:00:00:00:01", "rate_limiter_config": {"bandwidth": {"size": 1000, "refill_time": 100}}});
+        assert_eq!(serde_json::to_value(&net).unwrap(), expected);
         assert_eq!(RateLimiterConfig::from_limit(&RateLimit { bandwidth: 0, refill_time_ms: 100, burst: 0 }), None, "0 is no limit");
     }
 
