@@ -62,6 +62,8 @@ pub struct HostOptions {
     pub drain_timeout_seconds: Option<u64>,
     /// More `[api]` settings, as TOML lines.
     pub api_settings: Option<&'static str>,
+    /// Offer Cloud Hypervisor too, this binary (its jail exposes its libraries: a build from source is dynamic).
+    pub cloud_hypervisor: Option<PathBuf>,
 }
 
 pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
@@ -147,6 +149,10 @@ impl Host {
             firecracker,
             options.vmm_api_timeout_seconds.unwrap_or(10),
         );
+        if let Some(binary) = &options.cloud_hypervisor {
+            toml =
+                format!("cloud_hypervisor = {binary:?}\n{toml}").replacen("[jailer]\n", "[jailer]\nexpose_program_libraries = true\n", 1);
+        }
         if let Some(endpoint) = &options.otlp_endpoint {
             toml = toml.replacen("[telemetry]\n", &format!("[telemetry]\notlp_endpoint = {endpoint:?}\n"), 1);
         }

@@ -1,0 +1,104 @@
+//! One host, both VMMs: a tenant's Firecracker VM and Cloud Hypervisor VM
+//! side by side through the real daemon, networked, through every move,
+//! a SIGKILL of metald with both running, and a delete that leaves
+//! nothing. No registry here ships Cloud Hypervisor, so CI has none: built
+//! ignored, saying why, unless `METALD_CLOUD_HYPERVISOR_BIN` names one at
+//! build time (`bins/metald/build.rs`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Client, Host, HostOptions, Wire, state_of, wait_for_console};
+use metald_api::proto::vmprovisioner::v1 as wire;
+use metald_api::proto::vmprovisioner::v1::VmState;
+use metald_testguest::console;
+
+/// Waits until the VM's console holds at least `count` ready lines.
+async fn wait_for_ready_lines(client: &Client, vm_id: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let data =
+            client.get_console(wire::GetConsoleRequest { vm_id: vm_id.into(), ..Default::default() }).await.unwrap().into_owned().data;
+        let text = String::from_utf8_lossy(&data).into_owned();
+        if metald_testguest::finished_lines(&text).filter(|line| line.starts_with(console::READY)).count() >= count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "VM {vm_id} has not printed {count} ready lines:\n{text}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[test]
+#[cfg_attr(
+    not(cloud_hypervisor_available),
+    ignore = "needs a real Cloud Hypervisor, which no registry here ships: build it and set METALD_CLOUD_HYPERVISOR_BIN"
+)]
+fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_killed_daemon() {
+    let test = "a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_killed_daemon";
+    let Some(binary) = metald_testguest::require_cloud_hypervisor(test) else { return };
+    let options = HostOptions { network: true, billing: true, cloud_hypervisor: Some(binary), ..HostOptions::default() };
+    let Some(mut host) = Host::start(test, options) else { return };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let vms = runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectJson);
+        let mut vms = Vec::new();
+        for vmm in ["firecracker", "cloud-hypervisor"] {
+            let mut config = common::guest_config(&[]);
+            config.vmm = vmm.into();
+            config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+            let created = client.create_vm(common::create_request(config)).await.expect("CreateVm").into_owned();
+            client.boot_vm(wire::BootVmRequest { vm_id: created.vm_id.clone(), ..Default::default() }).await.expect("BootVm");
+            let ready = wait_for_console(&client, &created.vm_id, console::READY).await;
+            assert!(ready.contains("metald.eth0.ipv6="), "{vmm}: the guest is told its address: {ready}");
+            let info = client
+                .get_vm_info(wire::GetVmInfoRequest { vm_id: created.vm_id.clone(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_owned();
+            assert_eq!(info.config.as_option().map(|config| config.vmm.as_str()), Some(vmm), "GetVmInfo says which VMM runs it");
+            vms.push((vmm, created.vm_id));
+        }
+        for (vmm, vm_id) in &vms {
+            client.pause_vm(wire::PauseVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            assert_eq!(state_of(&client, vm_id).await, VmState::VM_STATE_PAUSED, "{vmm}");
+            client.resume_vm(wire::ResumeVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            let pid = common::vmm_pid(vm_id).expect("a VMM");
+            client.reboot_vm(wire::RebootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            wait_for_ready_lines(&client, vm_id, 2).await;
+            assert_eq!(state_of(&client, vm_id).await, VmState::VM_STATE_RUNNING, "{vmm}");
+            let same_process = common::vmm_pid(vm_id) == Some(pid);
+            assert_eq!(same_process, *vmm == "cloud-hypervisor", "{vmm}: Cloud Hypervisor reboots in place, Firecracker in a fresh VMM");
+            let stopped =
+                client.shutdown_vm(wire::ShutdownVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap().into_owned();
+            assert!(!stopped.killed, "{vmm}: the guest shut down when asked");
+            client.boot_vm(wire::BootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            wait_for_ready_lines(&client, vm_id, 3).await;
+        }
+        vms
+    });
+    let pids: Vec<u32> = vms.iter().map(|(_, vm_id)| common::vmm_pid(vm_id).expect("a VMM")).collect();
+
+    host.kill();
+    host.launch();
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::Grpc);
+        for ((vmm, vm_id), pid) in vms.iter().zip(&pids) {
+            assert_eq!(state_of(&client, vm_id).await, VmState::VM_STATE_RUNNING, "{vmm}");
+            assert_eq!(common::vmm_pid(vm_id), Some(*pid), "{vmm}: the same VMM, taken over");
+            client.pause_vm(wire::PauseVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            client.resume_vm(wire::ResumeVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+        }
+        for (_, vm_id) in &vms {
+            client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
+        }
+    });
+    let records = host.usage_records();
+    for (vmm, vm_id) in &vms {
+        assert!(records.iter().any(|record| record["vm_id"] == vm_id.as_str()), "{vmm}: metered");
+    }
+    assert!(host.terminate().success());
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
