@@ -26,36 +26,6 @@ fn vmm_pid(vm_id: &str) -> u32 {
     common::vmm_pid(vm_id).expect("the VM's VMM runs")
 }
 
-/// Per VM, its usage records in sequence order: (sequence, start_ms, end_ms, final).
-fn records_by_vm(host: &Host) -> BTreeMap<String, Vec<(u64, u64, u64, bool)>> {
-    let mut by_vm: BTreeMap<String, Vec<(u64, u64, u64, bool)>> = BTreeMap::new();
-    for record in host.usage_records() {
-        let entry = (
-            record["sequence"].as_u64().unwrap(),
-            record["start_ms"].as_u64().unwrap(),
-            record["end_ms"].as_u64().unwrap(),
-            record["final_record"].as_bool().unwrap(),
-        );
-        by_vm.entry(record["vm_id"].as_str().unwrap().to_owned()).or_default().push(entry);
-    }
-    by_vm
-}
-
-/// Waits until every VM in `vm_ids` has a record that ends after `after_ms`.
-fn wait_for_records_after(host: &Host, vm_ids: &[String], after_ms: u64) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let by_vm = records_by_vm(host);
-        let behind: Vec<&String> =
-            vm_ids.iter().filter(|vm_id| !by_vm.get(*vm_id).is_some_and(|records| records.iter().any(|r| r.2 > after_ms))).collect();
-        if behind.is_empty() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no usage records after {after_ms} for {behind:?}; log:\n{}", host.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 fn now_ms() -> u64 {
     metald_types::time::unix_millis_now()
 }
@@ -78,7 +48,7 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
         }
         (running, doomed, pids)
     });
-    wait_for_records_after(&host, &running, now_ms());
+    host.wait_for_records_after(&running, now_ms());
 
     host.kill();
     assert!(pids.values().all(|pid| metald_testguest::process_alive(*pid)), "every VMM outlived metald");
@@ -130,15 +100,11 @@ fn vms_outlive_a_killed_daemon_and_are_taken_over_and_metered_on() {
 
     // Still metered: records after the restart, and per VM one unbroken
     // chain with no record missing or repeated and no time uncovered.
-    wait_for_records_after(&host, &running, restarted_at + 300);
-    let by_vm = records_by_vm(&host);
+    host.wait_for_records_after(&running, restarted_at + 300);
+    let by_vm = host.usage_by_vm();
     for vm_id in &running {
         let records = &by_vm[vm_id];
-        let sequences: Vec<u64> = records.iter().map(|r| r.0).collect();
-        assert_eq!(sequences, (1..=records.len() as u64).collect::<Vec<_>>(), "{vm_id}: sequences");
-        for pair in records.windows(2) {
-            assert_eq!(pair[1].1, pair[0].2, "{vm_id}: record {} starts where {} ended", pair[1].0, pair[0].0);
-        }
+        common::assert_one_unbroken_chain(vm_id, records);
         assert!(records.iter().any(|r| r.1 < restarted_at && r.2 > restarted_at), "{vm_id}: one record spans the daemon's absence");
     }
 
@@ -286,8 +252,8 @@ fn vms_booted_stopped_or_deleted_before_the_meter_saw_it_are_billed_from_the_sto
     host.launch();
 
     // The VMM that lived on is charged from its boot, not from the takeover.
-    wait_for_records_after(&host, std::slice::from_ref(&living), restarted_at);
-    let records = &records_by_vm(&host)[&living];
+    host.wait_for_records_after(std::slice::from_ref(&living), restarted_at);
+    let records = &host.usage_by_vm()[&living];
     let (sequence, start_ms, _, _) = records[0];
     assert_eq!(sequence, 1, "{records:?}");
     assert!(
@@ -315,7 +281,7 @@ fn vms_booted_stopped_or_deleted_before_the_meter_saw_it_are_billed_from_the_sto
     let (from_ms, to_ms) = gaps[0];
     assert!((before_boots..=after_boots).contains(&from_ms), "the gap starts at the boot: {gaps:?}");
     assert!((second_started_at..=restarted_at).contains(&to_ms), "the gap lasts until the second metald found out: {gaps:?}");
-    assert!(!records_by_vm(&host).contains_key(&doomed), "no record for a VMM nothing measured");
+    assert!(!host.usage_by_vm().contains_key(&doomed), "no record for a VMM nothing measured");
 
     // The ones booted and stopped, or deleted, unseen: billed from what the store kept.
     assert_billed_from_the_store(&host, &stopped, before_boots, after_boots);

@@ -80,8 +80,13 @@ fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_kil
         vms
     });
     let pids: Vec<u32> = vms.iter().map(|(_, vm_id)| common::vmm_pid(vm_id).expect("a VMM")).collect();
+    let vm_ids: Vec<String> = vms.iter().map(|(_, vm_id)| vm_id.clone()).collect();
+    // The last boot's life, from here on, is metered without a break (the stops before are breaks).
+    let last_boot_up = metald_types::time::unix_millis_now();
+    host.wait_for_records_after(&vm_ids, last_boot_up);
 
     host.kill();
+    let restarted_at = metald_types::time::unix_millis_now();
     host.launch();
     runtime.block_on(async {
         let client = host.client("acme", Wire::Grpc);
@@ -91,14 +96,21 @@ fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_kil
             client.pause_vm(wire::PauseVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
             client.resume_vm(wire::ResumeVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
         }
+    });
+    // Metered on after the takeover: since the last boot, one unbroken chain per VM.
+    host.wait_for_records_after(&vm_ids, restarted_at + 300);
+    let by_vm = host.usage_by_vm();
+    for (vmm, vm_id) in &vms {
+        let records: Vec<_> = by_vm[vm_id].iter().copied().filter(|record| record.2 > last_boot_up).collect();
+        common::assert_contiguous(&format!("{vmm} {vm_id}"), &records);
+        assert!(records.iter().any(|r| r.1 < restarted_at && r.2 > restarted_at), "{vmm}: one record spans the daemon's absence");
+    }
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::Grpc);
         for (_, vm_id) in &vms {
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });
-    let records = host.usage_records();
-    for (vmm, vm_id) in &vms {
-        assert!(records.iter().any(|record| record["vm_id"] == vm_id.as_str()), "{vmm}: metered");
-    }
     assert!(host.terminate().success());
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }

@@ -425,6 +425,36 @@ impl Host {
     }
 
     /// Usage records the file sink holds, in file order.
+    /// Per VM, its usage records in sequence order: (sequence, start_ms, end_ms, final).
+    pub fn usage_by_vm(&self) -> BTreeMap<String, Vec<(u64, u64, u64, bool)>> {
+        let mut by_vm: BTreeMap<String, Vec<(u64, u64, u64, bool)>> = BTreeMap::new();
+        for record in self.usage_records() {
+            let entry = (
+                record["sequence"].as_u64().unwrap(),
+                record["start_ms"].as_u64().unwrap(),
+                record["end_ms"].as_u64().unwrap(),
+                record["final_record"].as_bool().unwrap(),
+            );
+            by_vm.entry(record["vm_id"].as_str().unwrap().to_owned()).or_default().push(entry);
+        }
+        by_vm
+    }
+
+    /// Waits until every VM in `vm_ids` has a record that ends after `after_ms`.
+    pub fn wait_for_records_after(&self, vm_ids: &[String], after_ms: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let by_vm = self.usage_by_vm();
+            let behind: Vec<&String> =
+                vm_ids.iter().filter(|vm_id| !by_vm.get(*vm_id).is_some_and(|records| records.iter().any(|r| r.2 > after_ms))).collect();
+            if behind.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no usage records after {after_ms} for {behind:?}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn usage_records(&self) -> Vec<serde_json::Value> {
         self.json_lines("usage.jsonl")
     }
@@ -486,6 +516,22 @@ pub fn jailer_lock_files(uid_start: u32, uid_count: u32, cgroup_parent: &str) ->
 
 /// The daemon: this package's binary for metald's own tests; for other
 /// packages' tests (metalctl's), the one the same build put beside them.
+/// A VM's records (as [`Host::usage_by_vm`] gives them) are one chain: no
+/// record missing or repeated, each starting where the one before ended.
+pub fn assert_one_unbroken_chain(vm_id: &str, records: &[(u64, u64, u64, bool)]) {
+    let sequences: Vec<u64> = records.iter().map(|r| r.0).collect();
+    assert_eq!(sequences, (1..=records.len() as u64).collect::<Vec<_>>(), "{vm_id}: sequences");
+    assert_contiguous(vm_id, records);
+}
+
+/// Each record follows the one before: the next sequence, starting where it ended.
+pub fn assert_contiguous(vm_id: &str, records: &[(u64, u64, u64, bool)]) {
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "{vm_id}: record {} follows {}", pair[1].0, pair[0].0);
+        assert_eq!(pair[1].1, pair[0].2, "{vm_id}: record {} starts where {} ended", pair[1].0, pair[0].0);
+    }
+}
+
 pub fn metald_binary() -> PathBuf {
     match option_env!("CARGO_BIN_EXE_metald") {
         Some(path) => PathBuf::from(path),
