@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use super::error::backend_failed;
 use super::operation::detached;
 use super::slot::{VmEntry, VmSlot, write_lock};
-use super::spec::{ResolvedImages, copy_writable_drives};
+use super::spec::{ResolvedImages, SpecOf, copy_writable_drives};
 use super::{BackendOperation, CreateVm, ManagerError, VmManager};
 use crate::backend::VmmInstance;
 use crate::config::VmConfig;
@@ -128,7 +128,8 @@ impl VmManager {
             }
             _ => None,
         };
-        match self.launch(vm_id, tenant, config, images, vm_dir, console, identity.clone(), network.as_ref()).await {
+        let vm = SpecOf { vm_id, tenant, config, vm_dir, identity: identity.clone(), network: network.as_ref() };
+        match self.launch(vm, images, console).await {
             Ok(instance) => Ok((instance, identity, network)),
             Err(error) => {
                 if network.is_some()
@@ -143,18 +144,8 @@ impl VmManager {
     }
 
     /// Makes the VM's folder and drive copies, then asks the backend for a VMM.
-    #[allow(clippy::too_many_arguments)]
-    async fn launch(
-        &self,
-        vm_id: &VmId,
-        tenant: &TenantId,
-        config: &VmConfig,
-        images: ResolvedImages,
-        vm_dir: &VmDir,
-        console: ConsoleLog,
-        identity: Option<Arc<IdentityLease>>,
-        network: Option<&NetworkAttachment>,
-    ) -> Result<Box<dyn VmmInstance>, ManagerError> {
+    async fn launch(&self, vm: SpecOf<'_>, images: ResolvedImages, console: ConsoleLog) -> Result<Box<dyn VmmInstance>, ManagerError> {
+        let (vm_id, config, vm_dir) = (vm.vm_id, vm.config, vm.vm_dir);
         vm_dir.create().map_err(|source| ManagerError::VmDir {
             vm_id: vm_id.clone(),
             action: "create",
@@ -162,7 +153,7 @@ impl VmManager {
             source,
         })?;
         copy_writable_drives(vm_id, config, &images, vm_dir).await?;
-        let spec = self.build_spec(vm_id, tenant, config, images, vm_dir, identity, network)?;
+        let spec = self.build_spec(vm, images)?;
         let backend = self.backend_of(config)?;
         backend.create(spec, console).await.map_err(|source| backend_failed(backend.name(), vm_id, BackendOperation::CREATE, source))
     }

@@ -153,17 +153,8 @@ impl VmManager {
     /// What the backend needs to run the VM: its resolved images, its
     /// drives (the copies [`copy_writable_drives`] made of the writable
     /// ones), its interfaces and kernel command line.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn build_spec(
-        &self,
-        vm_id: &VmId,
-        tenant: &TenantId,
-        config: &VmConfig,
-        images: ResolvedImages,
-        vm_dir: &VmDir,
-        identity: Option<Arc<IdentityLease>>,
-        network: Option<&NetworkAttachment>,
-    ) -> Result<VmmSpec, ManagerError> {
+    pub(super) fn build_spec(&self, vm: SpecOf<'_>, images: ResolvedImages) -> Result<VmmSpec, ManagerError> {
+        let SpecOf { vm_id, tenant, config, vm_dir, identity, network } = vm;
         let mut drives = Vec::with_capacity(config.storage.len());
         for (index, (drive, source)) in config.storage.iter().zip(images.drives).enumerate() {
             let image = if drive.read_only {
@@ -229,6 +220,17 @@ impl VmManager {
             identity,
         })
     }
+}
+
+/// The VM a spec is built for: who it is, its configuration, its folder,
+/// the user its VMMs run as and the network made for it.
+pub(super) struct SpecOf<'a> {
+    pub(super) vm_id: &'a VmId,
+    pub(super) tenant: &'a TenantId,
+    pub(super) config: &'a VmConfig,
+    pub(super) vm_dir: &'a VmDir,
+    pub(super) identity: Option<Arc<IdentityLease>>,
+    pub(super) network: Option<&'a NetworkAttachment>,
 }
 
 /// A drive's option `key`, when given, must name one of what its backend

@@ -10,7 +10,7 @@ use super::error::backend_failed;
 use super::exits::restart_later;
 use super::records::{publish, running_vmm};
 use super::slot::{VmEntry, VmSlot, read_lock, write_lock};
-use super::spec::remove_vm_dir;
+use super::spec::{SpecOf, remove_vm_dir};
 use super::{BackendOperation, ManagerError, VmManager};
 use crate::backend::{BackendError, Unlaunchable, VmmInstance};
 use crate::events::{VmEvent, VmEventKind};
@@ -166,7 +166,8 @@ impl VmManager {
         };
         let spec = |identity: Option<Arc<IdentityLease>>| {
             let images = self.resolve_found_images(&vm_id, &config)?;
-            self.build_spec(&vm_id, &tenant, &config, images, &vm_dir, identity, network.as_ref())
+            let vm = SpecOf { vm_id: &vm_id, tenant: &tenant, config: &config, vm_dir: &vm_dir, identity, network: network.as_ref() };
+            self.build_spec(vm, images)
         };
         // A VM is never dropped: one no VMM can be launched for stays listed, Failed.
         let unlaunched = |identity: Option<Arc<IdentityLease>>| match spec(identity).and_then(|spec| Ok((self.backend_of(&config)?, spec)))

@@ -2,6 +2,7 @@
 
 use crate::backend::StopMode;
 use crate::manager::operation::{LockedVm, Sealed, VmOperation};
+use crate::manager::spec::SpecOf;
 use crate::manager::{BackendOperation, ManagerError};
 use crate::network::AttachRequest;
 use crate::state::VmState;
@@ -54,7 +55,15 @@ async fn prepare_fresh_vmm(vm: &mut LockedVm) -> Result<(), ManagerError> {
     let entry = &mut *vm.entry;
     // An image gone from the image root stands in as such, and the launch names it.
     let images = manager.resolve_found_images(&vm_id, &entry.config)?;
-    let spec = manager.build_spec(&vm_id, &tenant, &entry.config, images, &entry.vm_dir, entry.identity.clone(), entry.network.as_ref())?;
+    let of = SpecOf {
+        vm_id: &vm_id,
+        tenant: &tenant,
+        config: &entry.config,
+        vm_dir: &entry.vm_dir,
+        identity: entry.identity.clone(),
+        network: entry.network.as_ref(),
+    };
+    let spec = manager.build_spec(of, images)?;
     // What the ended VMM left (its jail, its cgroup) goes before the new instance takes its place.
     match entry.instance.stop(StopMode::Forced).await {
         Ok(outcome) => entry.last_exit = Some(outcome.exit),
