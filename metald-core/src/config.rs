@@ -262,6 +262,12 @@ pub enum Problem {
     ReservedToken {
         token: String,
     },
+    /// More than the VM's VMM can give (its vCPUs), naming the VMM.
+    BeyondVmm {
+        value: u64,
+        max: u64,
+        vmm: &'static str,
+    },
     /// A name of something the host does not offer (a VMM), with what it does.
     NotOffered {
         value: String,
@@ -290,6 +296,7 @@ impl fmt::Display for Problem {
             Problem::ReservedToken { token } => {
                 write!(f, "{token:?} is in the `{HOST_TOKEN_PREFIX}` namespace, which only the host writes (the VM's addresses, MTU, DNS)")
             }
+            Problem::BeyondVmm { value, max, vmm } => write!(f, "{value} is more than the {vmm} backend allows ({max})"),
             Problem::NotOffered { value, offered } => write!(f, "{value:?} is not offered by this host; it offers {offered}"),
         }
     }

@@ -247,7 +247,10 @@ async fn a_vcpu_ceiling_is_the_backends_for_boot_and_hotplug_alike() {
         let error = manager.create(CreateVm { vm_id: None, tenant: TenantId::new("fake-tenant").unwrap(), config }).await.unwrap_err();
         let ManagerError::InvalidConfig(refusal) = &error else { panic!("{error}") };
         assert_eq!(refusal.field, field);
-        assert_eq!(refusal.problem, metald_core::config::Problem::OutOfRange { value: u64::from(max) + 1, min: 1, max: u64::from(max) });
+        assert_eq!(
+            refusal.problem,
+            metald_core::config::Problem::BeyondVmm { value: u64::from(max) + 1, max: u64::from(max), vmm: manager.backend_name() }
+        );
     }
     assert!(manager.list(None).is_empty() && host.folders().is_empty());
 }

@@ -59,6 +59,8 @@ fn the_whole_lifecycle_over_connect_json_and_grpc() {
             assert!(metrics.memory_usage_bytes > 0, "{metrics:?}");
             assert!(info.booted_timestamp >= info.created_timestamp && info.booted_timestamp > 0);
             assert_eq!(info.backend_info.get("vmm").map(String::as_str), Some("firecracker"));
+            let capabilities = (info.backend_info["vmm_capabilities"].as_str(), info.backend_info["vmm_max_vcpus"].as_str());
+            assert_eq!(capabilities, ("graceful_shutdown,pause,separate_rx_tx_rate_limits", "32"), "what Firecracker can do");
             let vmm = info.config.as_option().map(|config| config.vmm.as_str());
             assert_eq!(vmm, Some("firecracker"), "a VM created naming no VMM runs on the host's default, and its configuration says so");
 
@@ -277,7 +279,10 @@ fn bad_requests_get_clear_errors_and_leave_the_daemon_unharmed() {
         };
         let mut too_many = guest_config(&[]);
         too_many.cpu.get_or_insert_default().vcpu_count = 99;
-        assert_eq!(refused(too_many).await, (ErrorCode::InvalidArgument, "cpu.vcpu_count: 99 is outside 1..=32".into()));
+        assert_eq!(
+            refused(too_many).await,
+            (ErrorCode::InvalidArgument, "cpu.vcpu_count: 99 is more than the firecracker backend allows (32)".into())
+        );
         let mut unoffered = guest_config(&[]);
         unoffered.vmm = "cloud-hypervisor".into();
         assert_eq!(

@@ -64,8 +64,7 @@ impl VmManager {
         };
         let vcpus_allowed = |field: &str, vcpus: u32| {
             if vcpus > capabilities.max_vcpus {
-                let (min, max) = (u64::from(crate::config::MIN_VCPUS), u64::from(capabilities.max_vcpus));
-                return refuse(field, Problem::OutOfRange { value: vcpus.into(), min, max });
+                return refuse(field, Problem::BeyondVmm { value: vcpus.into(), max: capabilities.max_vcpus.into(), vmm: backend.name() });
             }
             Ok(())
         };

@@ -397,7 +397,10 @@ pub fn capabilities_honoured<S: Subject>(test: &str) {
             assert_eq!(error.kind(), ErrorKind::InvalidArgument { field }, "{}", metald_core::error_chain(&error));
             if field == "cpu.vcpu_count" {
                 let ManagerError::InvalidConfig(refusal) = &error else { panic!("{error}") };
-                assert_eq!(refusal.problem, Problem::OutOfRange { value: u64::from(max) + 1, min: 1, max: u64::from(max) });
+                assert_eq!(
+                    refusal.problem,
+                    Problem::BeyondVmm { value: u64::from(max) + 1, max: u64::from(max), vmm: manager.backend_name() }
+                );
             }
         }
         assert!(manager.list(None).is_empty(), "a refused create makes no VM");
