@@ -30,7 +30,7 @@ pub fn vm_info_to_wire(info: &metald_core::VmInfo, metrics: Option<wire::VmMetri
         config: MessageField::some(config_to_wire(&info.config)),
         state: state_to_wire(info.state).into(),
         metrics: metrics.map_or_else(MessageField::none, MessageField::some),
-        backend_info: info.vmm.as_ref().map(backend_info).unwrap_or_default().into_iter().collect(),
+        backend_info: backend_info(info).into_iter().collect(),
         network_info: network_info.map_or_else(MessageField::none, MessageField::some),
         failure_reason: info.failure.clone().unwrap_or_default(),
         customer_id: info.tenant.to_string(),
@@ -58,14 +58,26 @@ pub fn vm_summary_to_wire(summary: &metald_core::VmSummary) -> wire::VmInfo {
     }
 }
 
-/// What the VMM says about itself, for `backend_info`: `vmm`,
-/// `vmm_version`, `vmm_state`, every entry of [`VmmInfo::extra`], and
-/// `vmm_instance`, an opaque name of the VMM process: the same across a
-/// takeover after a restart, another for each launch. It stands in for
-/// the host pid, uid, gid and cgroup, which are the operator's business
-/// (they tell how full the host is and how it is laid out); the API
-/// socket's path and the launch timings stay on the host too.
-pub fn backend_info(vmm: &VmmInfo) -> BTreeMap<String, String> {
+/// The VM's VMM, for `backend_info`: always `vmm` and what it can do
+/// (`vmm_capabilities`, comma-separated [`metald_core::Capabilities::features`], and
+/// `vmm_max_vcpus`); while it runs, what it says about itself
+/// ([`vmm_reports`]).
+pub fn backend_info(info: &metald_core::VmInfo) -> BTreeMap<String, String> {
+    let mut backend = info.vmm.as_ref().map(vmm_reports).unwrap_or_default();
+    backend.insert("vmm".into(), info.config.vmm.clone());
+    backend.insert("vmm_capabilities".into(), info.capabilities.features().join(","));
+    backend.insert("vmm_max_vcpus".into(), info.capabilities.max_vcpus.to_string());
+    backend
+}
+
+/// What a running VMM says about itself: `vmm`, `vmm_version`,
+/// `vmm_state`, every entry of [`VmmInfo::extra`], and `vmm_instance`, an
+/// opaque name of the VMM process: the same across a takeover after a
+/// restart, another for each launch. It stands in for the host pid, uid,
+/// gid and cgroup, which are the operator's business (they tell how full
+/// the host is and how it is laid out); the API socket's path and the
+/// launch timings stay on the host too.
+fn vmm_reports(vmm: &VmmInfo) -> BTreeMap<String, String> {
     use sha2::Digest;
     let mut info = vmm.extra.clone();
     info.insert("vmm".into(), vmm.vmm.clone());
@@ -236,6 +248,7 @@ mod tests {
         let mut config = VmConfig::default();
         config.cpu.vcpu_count = 2;
         config.memory.size_bytes = 128 << 20;
+        config.vmm = "firecracker".into();
         metald_core::VmInfo {
             vm_id: VmId::new("vm-1").unwrap(),
             tenant: TenantId::new("acme").unwrap(),
@@ -260,6 +273,21 @@ mod tests {
                 launch_timings: vec![("spawn", Duration::from_millis(3))],
             }),
             network: Some(attachment()),
+            capabilities: metald_core::Capabilities {
+                reboot: false,
+                graceful_shutdown: true,
+                graceful_stop_needs_running_guest: false,
+                pause: true,
+                cpu_hotplug: false,
+                cpu_topology: false,
+                memory_hotplug: false,
+                separate_rx_tx_rate_limits: true,
+                max_vcpus: 32,
+                io_engines: &[],
+                cache_modes: &[],
+                kernel_cmdline_capacity: 2047,
+                kernel_cmdline_bytes_per_device: 40,
+            },
         }
     }
 
@@ -296,7 +324,13 @@ mod tests {
         let response = vm_info_to_wire(&info(), None);
         let mut keys: Vec<_> = response.backend_info.keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(keys, ["jailed", "vmm", "vmm_instance", "vmm_state", "vmm_version"], "no pid, uid, gid or cgroup");
+        assert_eq!(
+            keys,
+            ["jailed", "vmm", "vmm_capabilities", "vmm_instance", "vmm_max_vcpus", "vmm_state", "vmm_version"],
+            "no pid, uid, gid or cgroup"
+        );
+        assert_eq!(response.backend_info["vmm_capabilities"], "graceful_shutdown,pause,separate_rx_tx_rate_limits");
+        assert_eq!(response.backend_info["vmm_max_vcpus"], "32");
         assert_eq!(response.backend_info["vmm_version"], "1.12.1");
         assert!(response.backend_info.values().all(|value| !value.contains("api.sock")), "{:?}", response.backend_info);
     }

@@ -76,6 +76,26 @@ pub struct Capabilities {
     pub kernel_cmdline_bytes_per_device: usize,
 }
 
+impl Capabilities {
+    /// The names of what the VMM can do, for a caller to read: `reboot`
+    /// (in place), `graceful_shutdown`, `pause`, `cpu_hotplug`,
+    /// `cpu_topology`, `memory_hotplug`, `separate_rx_tx_rate_limits`.
+    pub fn features(&self) -> Vec<&'static str> {
+        [
+            (self.reboot, "reboot"),
+            (self.graceful_shutdown, "graceful_shutdown"),
+            (self.pause, "pause"),
+            (self.cpu_hotplug, "cpu_hotplug"),
+            (self.cpu_topology, "cpu_topology"),
+            (self.memory_hotplug, "memory_hotplug"),
+            (self.separate_rx_tx_rate_limits, "separate_rx_tx_rate_limits"),
+        ]
+        .into_iter()
+        .filter_map(|(has, name)| has.then_some(name))
+        .collect()
+    }
+}
+
 /// How a VMM does a drive's I/O.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub enum IoEngine {

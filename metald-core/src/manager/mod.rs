@@ -93,6 +93,8 @@ pub struct VmInfo {
     pub vmm: Option<VmmInfo>,
     /// What the network provider made for the VM.
     pub network: Option<NetworkAttachment>,
+    /// What the VM's VMM can do, as its backend reports it.
+    pub capabilities: Capabilities,
 }
 
 /// A page of [`VmManager::list_page`].

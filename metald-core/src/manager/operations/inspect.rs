@@ -43,6 +43,7 @@ impl VmOperation for Info {
             console_path: vm.slot.console.path().to_path_buf(),
             vmm,
             network: entry.network.clone(),
+            capabilities: vm.manager.backend_of(&entry.config)?.capabilities(),
         })
     }
 }
