@@ -306,54 +306,6 @@ async fn check_invariants(sink: &ClickHouseSink, journal: &Journal, seed: u64, d
     check_cpu(&rows, &gaps, journal, seed, dir, counted);
 }
 
-/// A removed VMM cgroup: when it went, and what it counted in all.
-#[derive(Debug, Clone)]
-struct RemovedCgroup {
-    removed_ms: u64,
-    cpu_ns: u64,
-}
-
-/// Unix milliseconds of a log line's leading `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
-fn log_time_ms(line: &str) -> Option<u64> {
-    let number = |range: std::ops::Range<usize>| line.get(range)?.parse::<i64>().ok();
-    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
-    let (hours, minutes, seconds, millis) = (number(11..13)?, number(14..16)?, number(17..19)?, number(20..23)?);
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    u64::try_from(((days * 24 + hours) * 60 + minutes) * 60 + seconds).ok().map(|secs| secs * 1000 + millis as u64)
-}
-
-/// What each VMM's cgroup counted in all, per VM in the order the cgroups
-/// went: metald reads it just before it removes a cgroup (its jail's
-/// teardown, apart from the meter) and logs it.
-fn cgroup_totals(dir: &std::path::Path) -> BTreeMap<String, Vec<RemovedCgroup>> {
-    let mut logs: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let start = name.strip_prefix("metald.")?.strip_suffix(".log")?.parse().ok()?;
-            Some((start, entry.path()))
-        })
-        .collect();
-    logs.sort();
-    let mut totals: BTreeMap<String, Vec<RemovedCgroup>> = BTreeMap::new();
-    for (_, path) in logs {
-        for line in std::fs::read_to_string(path).unwrap_or_default().lines().filter(|line| line.contains("VMM cgroup removed")) {
-            let field = |key: &str| line.split_whitespace().rev().find_map(|word| word.strip_prefix(key)).map(str::to_owned);
-            let (Some(name), Some(cpu_ns), Some(removed_ms)) = (field("cgroup="), field("cpu_ns="), log_time_ms(line)) else { continue };
-            let vm_id = name.rsplit_once('.').map_or(name.as_str(), |(vm_id, _)| vm_id).to_owned();
-            totals.entry(vm_id).or_default().push(RemovedCgroup { removed_ms, cpu_ns: cpu_ns.parse().unwrap() });
-        }
-    }
-    totals
-}
-
 /// One VMM life in the usage: its records (none for a VMM that died
 /// before any tick saw it) and how it ended.
 #[derive(Debug)]
@@ -399,7 +351,7 @@ fn lives_of<'a>(rows: &[&'a Row], gaps: &[&Gap]) -> Vec<Life<'a>> {
 /// holds every VMM of the run, removed ones included: nothing is charged
 /// beyond it.
 fn check_cpu(rows: &[Row], gaps: &[Gap], journal: &Journal, seed: u64, dir: &std::path::Path, (counted_ns, counter): (u64, CgroupCounter)) {
-    let totals = cgroup_totals(dir);
+    let totals = common::cgroups::removed_cgroups(dir);
     let mut vm_ids: BTreeSet<&str> = rows.iter().map(|row| row.vm_id.as_str()).collect();
     vm_ids.extend(gaps.iter().map(|gap| gap.vm_id.as_str()));
     vm_ids.extend(journal.booted_vmms.keys().map(String::as_str));
@@ -424,7 +376,7 @@ fn check_cpu(rows: &[Row], gaps: &[Gap], journal: &Journal, seed: u64, dir: &std
             context()
         );
         for life in &lives {
-            let vmms: Vec<&RemovedCgroup> =
+            let vmms: Vec<&common::cgroups::RemovedCgroup> =
                 cgroups.iter().filter(|cgroup| (life.start_ms..=life.end_ms).contains(&cgroup.removed_ms)).collect();
             assert!(!vmms.is_empty(), "seed {seed}: {vm_id} has a VMM life with no cgroup removed while it lasted: {}", context());
             let counted_ns: u64 = vmms.iter().map(|cgroup| cgroup.cpu_ns).sum();
@@ -491,16 +443,7 @@ fn billing_holds_its_invariants_over_random_operations() {
                 client.delete_vm(wire::DeleteVmRequest { vm_id, force: true, ..Default::default() }).await.unwrap();
             }
         });
-        // The meter applies events at its ticks: two more ticks and the deletes' final records
-        // are taken; then every record taken is delivered before the daemon stops.
-        let port = host.port;
-        let ticks_now = common::meter_ticks(port);
-        runtime.block_on(wait_until("two meter ticks after the deletes", Duration::from_secs(60), || async move {
-            common::meter_ticks(port) >= ticks_now + 2
-        }));
-        runtime.block_on(wait_until("an empty spool", Duration::from_secs(60), || async move {
-            common::http_get(port, "/metrics").is_some_and(|(_, body)| body.lines().any(|line| line == "metald_billing_spool_records 0"))
-        }));
+        runtime.block_on(host.wait_until_billed());
         let counted = host.cgroup_parent_cpu_ns().expect("the cgroup parent's CPU counter");
         runtime.block_on(the_operators_usage_summary_is_what_clickhouse_holds(&host, &server.url()));
         let status = host.terminate();

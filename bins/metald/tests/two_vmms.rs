@@ -59,6 +59,12 @@ fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_kil
                 .unwrap()
                 .into_owned();
             assert_eq!(info.config.as_option().map(|config| config.vmm.as_str()), Some(vmm), "GetVmInfo says which VMM runs it");
+            let capabilities = (info.backend_info["vmm_capabilities"].as_str(), info.backend_info["vmm_max_vcpus"].as_str());
+            let expected = match vmm {
+                "firecracker" => ("graceful_shutdown,pause,separate_rx_tx_rate_limits", "32"),
+                _ => ("reboot,graceful_shutdown,pause,cpu_hotplug,cpu_topology,memory_hotplug", "254"),
+            };
+            assert_eq!(capabilities, expected, "{vmm}: GetVmInfo says what its VMM can do");
             vms.push((vmm, created.vm_id));
         }
         for (vmm, vm_id) in &vms {
@@ -111,6 +117,83 @@ fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_kil
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });
+    assert!(host.terminate().success());
+    assert_eq!(host.leftovers(), Vec::<String>::new());
+}
+
+/// Each VMM's VM is billed into ClickHouse exactly the CPU its cgroups
+/// counted (metered to its end, never paused), a Cloud Hypervisor VM
+/// rebooted in place in one VMM's cgroup and a Firecracker VM in two. Asking Cloud Hypervisor for more vCPUs than it has is refused
+/// naming the field and the VMM, and leaves nothing.
+#[test]
+#[cfg_attr(
+    not(cloud_hypervisor_available),
+    ignore = "needs a real Cloud Hypervisor, which no registry here ships: build it and set METALD_CLOUD_HYPERVISOR_BIN"
+)]
+fn each_vmm_is_billed_into_clickhouse_exactly_the_cpu_its_cgroups_counted() {
+    let test = "each_vmm_is_billed_into_clickhouse_exactly_the_cpu_its_cgroups_counted";
+    let Some(binary) = metald_testguest::require_cloud_hypervisor(test) else { return };
+    let Some(server) = metald_testguest::clickhouse::require_clickhouse(test) else { return };
+    let options =
+        HostOptions { billing: true, clickhouse_url: Some(server.url()), cloud_hypervisor: Some(binary), ..HostOptions::default() };
+    let Some(host) = Host::start(test, options) else { return };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let vms = runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let mut too_many = common::guest_config(&[]);
+        too_many.vmm = "cloud-hypervisor".into();
+        too_many.cpu.get_or_insert_default().vcpu_count = 255;
+        let refused = client.create_vm(common::create_request(too_many)).await.unwrap_err();
+        assert_eq!(refused.code, connectrpc::ErrorCode::InvalidArgument, "{refused:?}");
+        assert_eq!(
+            refused.message.as_deref(),
+            Some("cpu.vcpu_count: 255 is more than the cloud-hypervisor backend allows (254)"),
+            "{refused:?}"
+        );
+        assert_eq!(host.leftovers(), Vec::<String>::new(), "a refused create makes nothing");
+
+        let mut vms = Vec::new();
+        for vmm in ["firecracker", "cloud-hypervisor"] {
+            let mut config = common::guest_config(&[]);
+            config.vmm = vmm.into();
+            let created = client.create_vm(common::create_request(config)).await.expect("CreateVm").into_owned();
+            client.boot_vm(wire::BootVmRequest { vm_id: created.vm_id.clone(), ..Default::default() }).await.expect("BootVm");
+            wait_for_ready_lines(&client, &created.vm_id, 1).await;
+            client.reboot_vm(wire::RebootVmRequest { vm_id: created.vm_id.clone(), ..Default::default() }).await.unwrap();
+            wait_for_ready_lines(&client, &created.vm_id, 2).await;
+            let stopped = client
+                .shutdown_vm(wire::ShutdownVmRequest { vm_id: created.vm_id.clone(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_owned();
+            assert!(!stopped.killed, "{vmm}: the guest shut down when asked");
+            client.delete_vm(wire::DeleteVmRequest { vm_id: created.vm_id.clone(), ..Default::default() }).await.unwrap();
+            vms.push((vmm, created.vm_id));
+        }
+        host.wait_until_billed().await;
+        vms
+    });
+    let removed = common::cgroups::removed_cgroups(host.dir.path());
+    let sink = metald_billing::clickhouse::ClickHouseSink::new(&server.url(), "metald", test);
+    for (vmm, vm_id) in &vms {
+        let query = format!(
+            "SELECT count(), uniqExact(sequence), sum(cpu_ns), countIf(final_record = 1) FROM metald.{} WHERE vm_id = ?",
+            metald_billing::clickhouse::USAGE_TABLE
+        );
+        let (rows, sequences, charged_ns, finals): (u64, u64, u64, u64) =
+            runtime.block_on(sink.client().query(&query).bind(vm_id.as_str()).fetch_one()).unwrap();
+        let cgroups = removed.get(vm_id).cloned().unwrap_or_default();
+        let counted_ns: u64 = cgroups.iter().map(|cgroup| cgroup.cpu_ns).sum();
+        let vmm_processes = if *vmm == "cloud-hypervisor" { 1 } else { 2 };
+        eprintln!("{vmm} {vm_id}: {rows} rows, {charged_ns} ns charged, {counted_ns} ns counted by {} cgroups", cgroups.len());
+        assert_eq!(rows, sequences, "{vmm}: each row once");
+        assert!(rows > 0 && charged_ns > 0, "{vmm}: metered");
+        assert_eq!(cgroups.len(), vmm_processes, "{vmm}: a cgroup per VMM process");
+        assert_eq!(finals, 1, "{vmm}: one final record, at the shutdown (a reboot does not end the VM's metered life)");
+        assert_eq!(charged_ns, counted_ns, "{vmm}: the charge is the cgroups' count, to the nanosecond");
+    }
+    drop(runtime);
+    let mut host = host;
     assert!(host.terminate().success());
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }

@@ -19,6 +19,8 @@ use sha2::Digest;
 
 pub use metald_testguest as testguest;
 
+pub mod cgroups;
+
 pub const GUEST_KERNEL: &str = "testguest.elf";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
 pub type Client = wire::VmServiceClient<HttpClient>;
@@ -438,6 +440,24 @@ impl Host {
             by_vm.entry(record["vm_id"].as_str().unwrap().to_owned()).or_default().push(entry);
         }
         by_vm
+    }
+
+    /// Waits until every stop so far is billed and delivered: the meter
+    /// applies events at its ticks, so two more ticks take the stops' final
+    /// records; then the spool empties into the sink.
+    pub async fn wait_until_billed(&self) {
+        let port = self.port;
+        let ticks_now = meter_ticks(port);
+        testguest::wait_until(
+            "two meter ticks after the stops",
+            Duration::from_secs(60),
+            || async move { meter_ticks(port) >= ticks_now + 2 },
+        )
+        .await;
+        testguest::wait_until("an empty spool", Duration::from_secs(60), || async move {
+            http_get(port, "/metrics").is_some_and(|(_, body)| body.lines().any(|line| line == "metald_billing_spool_records 0"))
+        })
+        .await;
     }
 
     /// Waits until every VM in `vm_ids` has a record that ends after `after_ms`.
