@@ -12,6 +12,7 @@ pub mod firecracker;
 pub(crate) mod socket_api;
 mod unlaunchable;
 pub(crate) mod vmm_io;
+pub(crate) mod vmm_usage;
 
 pub use unlaunchable::Unlaunchable;
 

@@ -153,19 +153,46 @@ impl std::fmt::Debug for SocketCreations {
     }
 }
 
+/// Waits, without fixed sleeps, until the VMM's API socket exists (inotify
+/// on its folder) and `probe` answers, for at most `timeout`; a refused
+/// connection just after the socket appears is retried at once. A process
+/// that ends first is `Ok(Err(exit))`, for its backend to explain from its
+/// own last words; the deadline passing is [`BackendError::NotReady`], and
+/// another error of `probe` is returned as is.
+pub async fn wait_until_ready<T, F, Fut>(
+    vmm: &'static str,
+    launched: &crate::launch::Launched,
+    socket: &Path,
+    timeout: std::time::Duration,
+    probe: F,
+) -> Result<Result<(), crate::process::ProcessExit>, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, BackendError>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    match answering(socket, &launched.process, deadline, probe).await? {
+        Ok(()) => Ok(Ok(())),
+        Err(NotReady::Exited(exit)) => Ok(Err(exit)),
+        Err(NotReady::TimedOut(refusal)) => {
+            if let Some(error) = refusal {
+                tracing::warn!(vmm, socket = %socket.display(), error = %crate::error_chain(&error), "the VMM's API never answered");
+            }
+            Err(BackendError::NotReady { vmm, timeout })
+        }
+    }
+}
+
 /// How a wait for a VMM's API ended, when it did not answer.
 #[derive(Debug)]
-pub enum NotReady {
+enum NotReady {
     /// The process ended first.
     Exited(crate::process::ProcessExit),
     /// The deadline passed; the last refusal, if the socket was there.
     TimedOut(Option<BackendError>),
 }
 
-/// Waits, without fixed sleeps, until `socket` exists (inotify on its
-/// folder) and `probe` answers; a refused connection just after the socket
-/// appears is retried at once. Another error of `probe` is returned as is.
-pub async fn wait_until_ready<T, F, Fut>(
+async fn answering<T, F, Fut>(
     socket: &Path,
     process: &crate::process::Supervised,
     deadline: tokio::time::Instant,

@@ -14,7 +14,6 @@ use async_trait::async_trait;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::api::{Action, CloudHypervisorApi};
 use super::models::{
@@ -22,12 +21,13 @@ use super::models::{
     RateLimiterConfig, VmConfig,
 };
 use super::{CloudHypervisorConfig, VMM};
-use crate::backend::vmm_io::{self, CAPTURE_DRAIN_TIMEOUT, NotReady, check_socket_path, exposure, fifo, prepare, remove_if_present, utf8};
+use crate::backend::vmm_io::{self, CAPTURE_DRAIN_TIMEOUT, check_socket_path, exposure, fifo, prepare, remove_if_present, utf8};
+use crate::backend::vmm_usage::VmmUsage;
 use crate::backend::{BackendError, DeviceCounters, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::{CaptureStart, ConsoleLog};
 use crate::launch::{self, Arg, LaunchPlan, Launched, Launcher, Layout, Resources, TakeoverTicket, VmmExit};
-use crate::process::{ProcessExit, ProcessUsage};
+use crate::process::ProcessExit;
 
 pub const PROGRAM: &str = "cloud-hypervisor";
 pub const SOCKET_FILE: &str = "cloud-hypervisor.sock";
@@ -59,12 +59,10 @@ pub struct CloudHypervisorVm {
     guest_reboots: watch::Sender<u64>,
     /// Reboots metald asked for and the event monitor has not told yet.
     asked_reboots: Arc<AtomicU64>,
-    /// Usage and device counters of earlier processes, so totals never go backwards.
-    finished_usage: ProcessUsage,
+    usage: VmmUsage,
+    /// Device counters of earlier processes, so totals never go backwards.
     finished_devices: DeviceCounters,
-    last_usage: ProcessUsage,
     last_devices: DeviceCounters,
-    ended_usage: Option<CgroupUsage>,
 }
 
 #[derive(Debug)]
@@ -104,11 +102,9 @@ impl CloudHypervisorVm {
             booted: false,
             guest_reboots: watch::channel(0).0,
             asked_reboots: Arc::new(AtomicU64::new(0)),
-            finished_usage: ProcessUsage::default(),
+            usage: VmmUsage::default(),
             finished_devices: DeviceCounters::default(),
-            last_usage: ProcessUsage::default(),
             last_devices: DeviceCounters::default(),
-            ended_usage: None,
         }
     }
 
@@ -269,17 +265,10 @@ impl CloudHypervisorVm {
 
     /// Waits, without fixed sleeps, until the API socket exists and answers.
     async fn wait_until_ready(&self, launched: &Launched, api: &CloudHypervisorApi) -> Result<(), BackendError> {
-        let deadline = Instant::now() + self.settings.ready_timeout;
         let socket = launched.layout.host(SOCKET_FILE);
-        match vmm_io::wait_until_ready(&socket, &launched.process, deadline, || api.ping()).await? {
+        match vmm_io::wait_until_ready(VMM, launched, &socket, self.settings.ready_timeout, || api.ping()).await? {
             Ok(()) => Ok(()),
-            Err(NotReady::Exited(exit)) => Err(self.died_before_ready(exit).await),
-            Err(NotReady::TimedOut(refusal)) => {
-                if let Some(error) = refusal {
-                    tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Cloud Hypervisor API never answered");
-                }
-                Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout })
-            }
+            Err(exit) => Err(self.died_before_ready(exit).await),
         }
     }
 
@@ -342,15 +331,10 @@ impl CloudHypervisorVm {
     /// Forgets an ended process, keeping what it used, and undoes its jail.
     async fn retire_process(&mut self) {
         if let Some(mut current) = self.current.take() {
-            self.finished_usage.cpu_time_ns += self.last_usage.cpu_time_ns;
-            self.last_usage = ProcessUsage::default();
             self.finished_devices = add(&self.finished_devices, &self.last_devices);
             self.last_devices = DeviceCounters::default();
             current.events.abort();
-            for problem in current.launched.release().await {
-                tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo the jail of an ended VMM");
-            }
-            self.ended_usage = current.launched.ended_usage;
+            self.usage.retire(&mut current.launched, &self.spec.vm_id).await;
         }
         self.booted = false;
     }
@@ -525,7 +509,7 @@ impl VmmInstance for CloudHypervisorVm {
     }
 
     fn take_ended_usage(&mut self) -> Option<CgroupUsage> {
-        self.ended_usage.take()
+        self.usage.take_ended()
     }
 
     fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>> {
@@ -604,24 +588,16 @@ impl VmmInstance for CloudHypervisorVm {
     }
 
     async fn metrics(&mut self) -> Result<VmmMetrics, BackendError> {
-        if let Ok(current) = self.running() {
-            let pid = current.launched.process.pid();
+        // The field itself, not `running()`, so the usage can be written meanwhile.
+        if let Some(current) = self.current.as_ref().filter(|current| current.launched.process.exit_status().is_none()) {
             if self.booted {
                 self.last_devices = device_counters(&current.api.counters().await?);
             }
-            match ProcessUsage::read(pid) {
-                Ok(usage) => self.last_usage = usage,
-                // The process may have ended between the check and the read.
-                Err(source) if self.running().is_ok() => {
-                    return Err(BackendError::ProcessStats { what: "CPU and memory use", pid, source });
-                }
-                Err(_) => {}
-            }
+            self.usage.read(&current.launched)?;
         }
-        let resident_bytes = if self.running().is_ok() { self.last_usage.resident_bytes } else { 0 };
         Ok(VmmMetrics {
-            cpu_time_ns: self.finished_usage.cpu_time_ns + self.last_usage.cpu_time_ns,
-            resident_bytes,
+            cpu_time_ns: self.usage.cpu_time_ns(),
+            resident_bytes: self.usage.resident_bytes(self.running().is_ok()),
             devices: add(&self.finished_devices, &self.last_devices),
         })
     }

@@ -12,7 +12,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use super::api::FirecrackerApi;
 use super::log::WithoutRoutineCalls;
@@ -20,13 +19,14 @@ use super::metrics::MetricsReader;
 use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
 use crate::backend::vmm_io::{
-    self, CAPTURE_DRAIN_TIMEOUT, NotReady, check_socket_path, exposure, fifo, give_room, prepare, reading_end, remove_if_present, utf8,
+    self, CAPTURE_DRAIN_TIMEOUT, check_socket_path, exposure, fifo, give_room, prepare, reading_end, remove_if_present, utf8,
 };
+use crate::backend::vmm_usage::VmmUsage;
 use crate::backend::{BackendError, CacheMode, IoEngine, StopMode, StopOutcome, VmmInfo, VmmInstance, VmmMetrics, VmmSpec};
 use crate::cgroups::{Cgroup, CgroupUsage};
 use crate::console::{CaptureStart, ConsoleLog};
 use crate::launch::{self, Arg, Exposure, LaunchPlan, Launched, Launcher, Layout, Resources, TakeoverTicket, VmmExit};
-use crate::process::{ProcessExit, ProcessUsage};
+use crate::process::ProcessExit;
 
 pub const PROGRAM: &str = "firecracker";
 pub const SOCKET_FILE: &str = "firecracker.sock";
@@ -65,11 +65,7 @@ pub struct FirecrackerVm {
     /// Whether `InstanceStart` succeeded for the current process.
     started: bool,
     metrics: MetricsReader,
-    /// Usage of earlier processes of this VM, so totals never go backwards.
-    finished_usage: ProcessUsage,
-    /// The last ended process's cgroup counters, not yet handed out.
-    ended_usage: Option<CgroupUsage>,
-    last_usage: ProcessUsage,
+    usage: VmmUsage,
 }
 
 #[derive(Debug)]
@@ -175,9 +171,7 @@ impl FirecrackerVm {
             captures: Vec::new(),
             started: false,
             metrics: MetricsReader::default(),
-            finished_usage: ProcessUsage::default(),
-            ended_usage: None,
-            last_usage: ProcessUsage::default(),
+            usage: VmmUsage::default(),
         }
     }
 
@@ -346,17 +340,10 @@ impl FirecrackerVm {
 
     /// Waits, without fixed sleeps, until the API socket exists and answers.
     async fn wait_until_ready(&self, launched: &Launched, api: &FirecrackerApi) -> Result<(), BackendError> {
-        let deadline = Instant::now() + self.settings.ready_timeout;
         let socket = launched.layout.host(SOCKET_FILE);
-        match vmm_io::wait_until_ready(&socket, &launched.process, deadline, || api.instance_info()).await? {
+        match vmm_io::wait_until_ready(VMM, launched, &socket, self.settings.ready_timeout, || api.instance_info()).await? {
             Ok(()) => Ok(()),
-            Err(NotReady::Exited(exit)) => Err(self.died_before_ready(exit).await),
-            Err(NotReady::TimedOut(refusal)) => {
-                if let Some(error) = refusal {
-                    tracing::warn!(vm_id = %self.spec.vm_id, error = %crate::error_chain(&error), "Firecracker API never answered");
-                }
-                Err(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout })
-            }
+            Err(exit) => Err(self.died_before_ready(exit).await),
         }
     }
 
@@ -437,12 +424,7 @@ impl FirecrackerVm {
     /// Forgets an ended process, keeping what it used, and undoes its jail.
     async fn retire_process(&mut self) {
         if let Some(mut current) = self.current.take() {
-            self.finished_usage.cpu_time_ns += self.last_usage.cpu_time_ns;
-            self.last_usage = ProcessUsage::default();
-            for problem in current.launched.release().await {
-                tracing::error!(vm_id = %self.spec.vm_id, problem, "cannot undo the jail of an ended VMM");
-            }
-            self.ended_usage = current.launched.ended_usage;
+            self.usage.retire(&mut current.launched, &self.spec.vm_id).await;
         }
         self.started = false;
     }
@@ -507,7 +489,7 @@ impl VmmInstance for FirecrackerVm {
     }
 
     fn take_ended_usage(&mut self) -> Option<CgroupUsage> {
-        self.ended_usage.take()
+        self.usage.take_ended()
     }
 
     fn exits(&self) -> Option<watch::Receiver<Option<VmmExit>>> {
@@ -578,23 +560,16 @@ impl VmmInstance for FirecrackerVm {
     }
 
     async fn metrics(&mut self) -> Result<VmmMetrics, BackendError> {
-        if let Ok(current) = self.running() {
-            let pid = current.launched.process.pid();
+        // The field itself, not `running()`, so the usage can be written meanwhile.
+        if let Some(current) = self.current.as_ref().filter(|current| current.launched.process.exit_status().is_none()) {
             if self.started {
                 current.api.action(ActionType::FlushMetrics).await?;
             }
-            match ProcessUsage::read(pid) {
-                Ok(usage) => self.last_usage = usage,
-                // The process may have ended between the check and the read.
-                Err(source) if self.running().is_ok() => {
-                    return Err(BackendError::ProcessStats { what: "CPU and memory use", pid, source });
-                }
-                Err(_) => {}
-            }
+            self.usage.read(&current.launched)?;
         }
         let devices = self.metrics.update().map_err(prepare("Firecracker's metrics pipe", &self.file(METRICS_FIFO)))?;
-        let resident_bytes = if self.running().is_ok() { self.last_usage.resident_bytes } else { 0 };
-        Ok(VmmMetrics { cpu_time_ns: self.finished_usage.cpu_time_ns + self.last_usage.cpu_time_ns, resident_bytes, devices })
+        let resident_bytes = self.usage.resident_bytes(self.running().is_ok());
+        Ok(VmmMetrics { cpu_time_ns: self.usage.cpu_time_ns(), resident_bytes, devices })
     }
 
     async fn destroy(&mut self) -> Result<(), BackendError> {
