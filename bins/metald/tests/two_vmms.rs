@@ -114,6 +114,9 @@ fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_kil
     runtime.block_on(async {
         let client = host.client("acme", Wire::Grpc);
         for (_, vm_id) in &vms {
+            // The console is still captured after the takeover: the reboot's ready line is in it.
+            client.reboot_vm(wire::RebootVmRequest { vm_id: vm_id.clone(), ..Default::default() }).await.unwrap();
+            wait_for_ready_lines(&client, vm_id, 4).await;
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });
