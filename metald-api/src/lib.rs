@@ -10,7 +10,9 @@
 //!   field by its path in the contract (`network[0].rx_rate_limit.bandwidth`);
 //! - how manager and request errors become ConnectRPC errors ([`errors`]),
 //!   telling the caller what it got wrong and keeping the host's internals
-//!   in the log.
+//!   in the log;
+//! - how a gateway signs the calls it brings a host ([`gateway_auth`]), so
+//!   the side that signs and the side that checks share one definition.
 //!
 //! It does not own the server: authentication, tenancy, pagination,
 //! metrics sampling and the event stream's plumbing are the daemon's. It
@@ -18,6 +20,7 @@
 
 pub mod convert;
 pub mod errors;
+pub mod gateway_auth;
 pub mod proto;
 
 pub use convert::WireError;

@@ -13,17 +13,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
 use http::HeaderMap;
 use metald_core::TenantId;
 use sha2::{Digest, Sha256};
 
-/// The tenant the gateway vouches for.
-pub const GATEWAY_TENANT_HEADER: &str = "x-metald-tenant";
-/// When the gateway signed, in Unix seconds.
-pub const GATEWAY_TIMESTAMP_HEADER: &str = "x-metald-gateway-timestamp";
-/// Hex HMAC-SHA256 of [`gateway_message`] under the shared secret.
-pub const GATEWAY_SIGNATURE_HEADER: &str = "x-metald-gateway-signature";
+use metald_api::gateway_auth::GatewaySecret;
+pub use metald_api::gateway_auth::{
+    SIGNATURE_HEADER as GATEWAY_SIGNATURE_HEADER, TENANT_HEADER as GATEWAY_TENANT_HEADER, TIMESTAMP_HEADER as GATEWAY_TIMESTAMP_HEADER,
+};
 
 /// The authenticated caller, put into each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +49,10 @@ pub enum AuthError {
     GatewayHeaderMissing(&'static str),
     #[error("the gateway's tenant {0:?} is not a tenant id")]
     GatewayTenant(String),
+    #[error("HostService takes only a gateway's own signed calls")]
+    GatewayOnly,
+    #[error("HostService calls are the gateway's own: signed for tenant {0:?}, they are refused")]
+    TenantForGatewayCall(String),
     #[error("the gateway's signature does not verify")]
     BadSignature,
     #[error("the gateway's signature is {age_seconds} s away from this host's clock; at most {max_seconds} s are accepted")]
@@ -66,60 +67,30 @@ impl AuthError {
             AuthError::GatewayNotAccepted
             | AuthError::OperatorTokenForTenantCall
             | AuthError::TenantTokenForOperatorCall(_)
-            | AuthError::OperatorCallViaGateway => connectrpc::ConnectError::permission_denied(self.to_string()),
+            | AuthError::OperatorCallViaGateway
+            | AuthError::TenantForGatewayCall(_) => connectrpc::ConnectError::permission_denied(self.to_string()),
             _ => connectrpc::ConnectError::unauthenticated(self.to_string()),
         }
     }
 }
 
 /// The secret a gateway signs with, and how much clock difference is tolerated.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct GatewayTrust {
-    secret: Vec<u8>,
+    secret: GatewaySecret,
     max_skew: Duration,
-}
-
-impl std::fmt::Debug for GatewayTrust {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayTrust").field("max_skew", &self.max_skew).finish_non_exhaustive()
-    }
 }
 
 impl GatewayTrust {
     pub fn new(secret: Vec<u8>, max_skew: Duration) -> Self {
-        Self { secret, max_skew }
-    }
-
-    fn mac(&self) -> Hmac<Sha256> {
-        // HMAC takes keys of any length, so this never fails.
-        match Hmac::<Sha256>::new_from_slice(&self.secret) {
-            Ok(mac) => mac,
-            Err(_) => unreachable!("HMAC accepts keys of every length"),
-        }
+        Self { secret: GatewaySecret::new(secret), max_skew }
     }
 
     /// The signature a gateway sends for `tenant` calling `procedure` at `unix_seconds`.
     #[cfg(test)]
     pub fn sign(&self, tenant: &str, unix_seconds: u64, procedure: &str) -> String {
-        let mut mac = self.mac();
-        mac.update(gateway_message(tenant, unix_seconds, procedure).as_bytes());
-        hex::encode(mac.finalize().into_bytes())
+        self.secret.sign(tenant, unix_seconds, procedure)
     }
-
-    fn verify(&self, tenant: &str, unix_seconds: u64, procedure: &str, signature_hex: &str) -> bool {
-        let Ok(signature) = hex::decode(signature_hex) else { return false };
-        let mut mac = self.mac();
-        mac.update(gateway_message(tenant, unix_seconds, procedure).as_bytes());
-        // verify_slice compares in constant time.
-        mac.verify_slice(&signature).is_ok()
-    }
-}
-
-/// What a gateway signs: a version, the tenant, the time and the procedure
-/// path (`/vmprovisioner.v1.VmService/CreateVm`), one per line, so a
-/// signature for one call cannot be reused for another method or tenant.
-pub fn gateway_message(tenant: &str, unix_seconds: u64, procedure: &str) -> String {
-    format!("metald-gateway-v1\n{tenant}\n{unix_seconds}\n{procedure}")
 }
 
 /// The host's operator, authenticated: put into the extensions of an
@@ -175,6 +146,28 @@ impl Authenticator {
     }
 
     fn vouched_by_gateway(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
+        let tenant = self.signed_by_gateway(headers, procedure, now)?;
+        if tenant.is_empty() {
+            return Err(AuthError::GatewayTenant(String::new()));
+        }
+        let tenant = TenantId::new(tenant).map_err(|_| AuthError::GatewayTenant(tenant.to_owned()))?;
+        Ok(Caller { tenant, via_gateway: true })
+    }
+
+    /// The gateway itself, calling for no tenant (`HostService`): signed
+    /// with an empty tenant, and nothing else opens these calls.
+    pub fn authenticate_gateway(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<(), AuthError> {
+        if !headers.contains_key(GATEWAY_TENANT_HEADER) {
+            return Err(AuthError::GatewayOnly);
+        }
+        match self.signed_by_gateway(headers, procedure, now)? {
+            "" => Ok(()),
+            tenant => Err(AuthError::TenantForGatewayCall(tenant.to_owned())),
+        }
+    }
+
+    /// The tenant of a call whose gateway headers verify and are fresh.
+    fn signed_by_gateway<'h>(&self, headers: &'h HeaderMap, procedure: &str, now: SystemTime) -> Result<&'h str, AuthError> {
         let trust = self.gateway.as_ref().ok_or(AuthError::GatewayNotAccepted)?;
         let header =
             |name: &'static str| headers.get(name).and_then(|value| value.to_str().ok()).ok_or(AuthError::GatewayHeaderMissing(name));
@@ -182,7 +175,7 @@ impl Authenticator {
         let timestamp = header(GATEWAY_TIMESTAMP_HEADER)?;
         let signature = header(GATEWAY_SIGNATURE_HEADER)?;
         let signed_at: u64 = timestamp.parse().map_err(|_| AuthError::BadSignature)?;
-        if !trust.verify(tenant, signed_at, procedure, signature) {
+        if !trust.secret.verify(tenant, signed_at, procedure, signature) {
             return Err(AuthError::BadSignature);
         }
         let now = now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
@@ -190,8 +183,7 @@ impl Authenticator {
         if age_seconds > trust.max_skew.as_secs() {
             return Err(AuthError::Stale { age_seconds, max_seconds: trust.max_skew.as_secs() });
         }
-        let tenant = TenantId::new(tenant).map_err(|_| AuthError::GatewayTenant(tenant.to_owned()))?;
-        Ok(Caller { tenant, via_gateway: true })
+        Ok(tenant)
     }
 }
 

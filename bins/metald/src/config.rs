@@ -13,6 +13,7 @@ use metald_billing::meter::MeterConfig;
 use metald_core::FirecrackerConfig;
 use metald_core::jailer::JailerConfig;
 use metald_net::NetworkConfig;
+pub use metald_serve::telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
 
 /// Everything the daemon can be told.
@@ -44,6 +45,7 @@ pub struct Settings {
     pub network: NetworkSettings,
     pub billing: BillingSettings,
     pub auth: AuthSettings,
+    pub capacity: CapacitySettings,
     pub telemetry: TelemetrySettings,
 }
 
@@ -63,6 +65,7 @@ impl Default for Settings {
             network: NetworkSettings::default(),
             billing: BillingSettings::default(),
             auth: AuthSettings::default(),
+            capacity: CapacitySettings::default(),
             telemetry: TelemetrySettings::default(),
         }
     }
@@ -111,8 +114,8 @@ impl Default for ApiSettings {
 }
 
 impl ApiSettings {
-    pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
-        crate::listener::ConnectionLimits {
+    pub fn connection_limits(&self) -> metald_serve::listener::ConnectionLimits {
+        metald_serve::listener::ConnectionLimits {
             max_connections: self.max_connections,
             max_connections_per_client: self.max_connections_per_client,
             header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_seconds),
@@ -296,25 +299,26 @@ pub struct GatewaySettings {
     pub default_quota: Quota,
 }
 
+/// What the host holds at most, all tenants together: a create beyond it
+/// is `resource_exhausted`, and a gateway places VMs by what is left.
+/// Every VM counts, in any state but deleted. 0 is the default named.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CapacitySettings {
+    /// vCPUs in all; 0: sixteen per CPU of the host (vCPUs are time-shared,
+    /// and a sandbox's are mostly idle).
+    pub vcpus: u64,
+    /// Guest memory in all, in bytes; 0: the host's memory (`MemTotal`).
+    pub memory_bytes: u64,
+    /// VMs in all; 0: `jailer.uid_count`, one VMM user each.
+    pub vms: u64,
+}
+
+/// How many vCPUs one CPU of the host is shared by when `capacity.vcpus` is 0.
+pub const DEFAULT_VCPUS_PER_CPU: u64 = 16;
+
 fn default_max_skew() -> u64 {
     60
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TelemetrySettings {
-    /// Where to export traces over OTLP/HTTP (for example
-    /// `http://127.0.0.1:4318/v1/traces`); none when unset.
-    pub otlp_endpoint: Option<String>,
-    pub service_name: String,
-    /// The log filter (`RUST_LOG` syntax), for example `info,metald=debug`.
-    pub log: String,
-}
-
-impl Default for TelemetrySettings {
-    fn default() -> Self {
-        Self { otlp_endpoint: None, service_name: "metald".into(), log: "info".into() }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -329,7 +333,7 @@ pub enum ConfigError {
 /// The top-level keys of [`Settings`]. Only `METALD_*` variables under
 /// them are settings: others of that prefix (`METALD_CONFIG`, metalctl's
 /// `METALD_ENDPOINT` and `METALD_TOKEN`, …) belong to someone else.
-const SETTING_KEYS: [&str; 14] = [
+const SETTING_KEYS: [&str; 15] = [
     "listen",
     "data_dir",
     "image_root",
@@ -343,6 +347,7 @@ const SETTING_KEYS: [&str; 14] = [
     "network",
     "billing",
     "auth",
+    "capacity",
     "telemetry",
 ];
 

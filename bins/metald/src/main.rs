@@ -9,15 +9,14 @@
 
 mod auth;
 mod config;
+mod host_service;
 mod instance_lock;
-mod listener;
 mod metrics;
 mod operator;
 mod process_metrics;
 mod quota;
 mod server;
 mod service;
-mod telemetry;
 mod wiring;
 
 use std::io::Write;
@@ -133,7 +132,7 @@ fn main() -> anyhow::Result<()> {
     let _fail_points = fail::FailScenario::setup();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let telemetry = telemetry::init(&settings.telemetry)?;
+        let telemetry = metald_serve::telemetry::init(&settings.telemetry)?;
         let settings_file =
             args.config.as_ref().map_or_else(|| "none (built-in defaults and METALD_*)".to_owned(), |path| path.display().to_string());
         tracing::info!(version = env!("CARGO_PKG_VERSION"), settings = settings_file, "metald starting");

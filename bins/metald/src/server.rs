@@ -13,7 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use connectrpc::interceptor::{StreamRequest, StreamResponse, UnaryRequest, UnaryResponse};
 use connectrpc::{ConnectError, ConnectRpcService, Interceptor, Limits, Next, NextStream, PayloadStream, Router};
-use metald_api::proto::vmprovisioner::v1::{OperatorServiceExt, VmServiceExt};
+use metald_api::proto::vmprovisioner::v1::{HostServiceExt, OperatorServiceExt, VmServiceExt};
 use tracing::Instrument;
 
 use crate::auth::Authenticator;
@@ -72,13 +72,18 @@ struct CallGate {
 
 /// Calls under this path are the operator's, and take only its token.
 const OPERATOR_SERVICE_PATH: &str = "/vmprovisioner.v1.OperatorService/";
+/// Calls under this path are a gateway's own, and take only its signature for no tenant.
+const HOST_SERVICE_PATH: &str = "/vmprovisioner.v1.HostService/";
 
 /// The method's name from `/vmprovisioner.v1.VmService/CreateVm`; an
-/// operator's method keeps its service (`OperatorService/ListVms`), so it
-/// is not counted as the tenants' method of the same name.
+/// operator's or a gateway's method keeps its service
+/// (`OperatorService/ListVms`), so it is not counted as the tenants'
+/// method of the same name.
 fn method_of(path: &str) -> &str {
-    if let Some(operator_method) = path.strip_prefix("/vmprovisioner.v1.").filter(|rest| rest.starts_with("OperatorService/")) {
-        return operator_method;
+    if let Some(own_method) =
+        path.strip_prefix("/vmprovisioner.v1.").filter(|rest| rest.starts_with("OperatorService/") || rest.starts_with("HostService/"))
+    {
+        return own_method;
     }
     path.rsplit('/').next().unwrap_or(path)
 }
@@ -92,7 +97,7 @@ fn code_of<T>(result: &Result<T, ConnectError>) -> &'static str {
 
 impl CallGate {
     fn span(&self, path: &str, ctx: &connectrpc::RequestContext) -> tracing::Span {
-        let client = ctx.extensions().get::<crate::listener::ClientAddress>().map(|address| address.0.to_string());
+        let client = ctx.extensions().get::<metald_serve::listener::ClientAddress>().map(|address| address.0.to_string());
         tracing::info_span!(
             "rpc",
             otel.name = path,
@@ -121,6 +126,12 @@ impl CallGate {
             ctx.extensions_mut().insert(operator);
             return Ok(());
         }
+        if path.starts_with(HOST_SERVICE_PATH) {
+            self.auth.authenticate_gateway(ctx.headers(), path, SystemTime::now()).map_err(refused)?;
+            span.record("role", "gateway");
+            ctx.extensions_mut().insert(crate::host_service::GatewayItself);
+            return Ok(());
+        }
         let caller = self.auth.authenticate(ctx.headers(), path, SystemTime::now()).map_err(refused)?;
         span.record("tenant", tracing::field::display(caller.tenant.as_str()));
         ctx.extensions_mut().insert(caller);
@@ -144,7 +155,7 @@ impl Interceptor for CallGate {
         let path = request.ctx.path().unwrap_or("unknown").to_owned();
         let span = self.span(&path, &request.ctx);
         let result = match self.admit(&mut request.ctx, &path, &span) {
-            Ok(()) => next.run(request).instrument(span.clone()).await.map_err(clarify_decode_error),
+            Ok(()) => next.run(request).instrument(span.clone()).await.map_err(metald_serve::connect::clarify_decode_error),
             Err(error) => Err(error),
         };
         self.finish(&path, &span, started, &result);
@@ -163,30 +174,12 @@ impl Interceptor for CallGate {
         // For a stream the figure is the time to open it; how long it then
         // stays open is the caller's choice, not a latency.
         let result = match self.admit(&mut request.ctx, &path, &span) {
-            Ok(()) => next.run(request, inbound).instrument(span.clone()).await.map_err(clarify_decode_error),
+            Ok(()) => next.run(request, inbound).instrument(span.clone()).await.map_err(metald_serve::connect::clarify_decode_error),
             Err(error) => Err(error),
         };
         self.finish(&path, &span, started, &result);
         result
     }
-}
-
-/// The JSON decoder of the RPC library calls an enum name it does not
-/// know an "unknown variant" of an enum with "no variants"; a caller
-/// deserves to hear that the value is not one of the field's and how
-/// values are spelled.
-fn clarify_decode_error(mut error: ConnectError) -> ConnectError {
-    const UNKNOWN: &str = "unknown variant `";
-    const NO_VARIANTS: &str = "`, there are no variants";
-    let Some(message) = error.message.as_deref() else { return error };
-    let Some((before, rest)) = message.split_once(UNKNOWN) else { return error };
-    let Some((value, after)) = rest.split_once(NO_VARIANTS) else { return error };
-    let clarified = format!(
-        "{before}{value:?} is not a value of this enum field{after}; enum values are written in full, as the contract names them \
-         (VM_STATE_RUNNING, NETWORK_MODE_IPV6_ONLY), or as their numbers"
-    );
-    error.message = Some(clarified);
-    error
 }
 
 /// The whole HTTP application.
@@ -200,7 +193,8 @@ pub fn app(
 ) -> axum::Router {
     let api = Arc::new(api);
     let router = Arc::clone(&api).register(Router::new());
-    let router = Arc::new(OperatorApi::new(api, usage)).register(router);
+    let router = Arc::new(OperatorApi::new(Arc::clone(&api), usage)).register(router);
+    let router = Arc::new(crate::host_service::HostApi::new(api)).register(router);
     let limits = Limits::default().with_max_request_body_size(max_body_bytes).with_max_message_size(max_body_bytes);
     let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(CallGate {
         auth,
@@ -213,22 +207,7 @@ pub fn app(
         .route("/metrics", get(render_metrics))
         .with_state(HttpState { metrics, readiness })
         .fallback_service(connect)
-        .layer(axum::middleware::map_response(explain_unsupported_media_type))
-}
-
-/// The Connect protocol answers a content type it does not take with a
-/// bare 415; a caller deserves to hear which ones it does take.
-async fn explain_unsupported_media_type(response: axum::response::Response) -> axum::response::Response {
-    if response.status() != StatusCode::UNSUPPORTED_MEDIA_TYPE {
-        return response;
-    }
-    let message = "unsupported content type: send application/json or application/proto (Connect), \
-                   application/connect+json or application/connect+proto (Connect streams), \
-                   application/grpc or application/grpc-web\n";
-    let (mut parts, _) = response.into_parts();
-    parts.headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
-    parts.headers.remove(http::header::CONTENT_LENGTH);
-    axum::response::Response::from_parts(parts, axum::body::Body::from(message))
+        .layer(axum::middleware::map_response(metald_serve::connect::explain_unsupported_media_type))
 }
 
 /// The process is up and serving HTTP.

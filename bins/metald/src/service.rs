@@ -102,6 +102,16 @@ impl VmApi {
 
     /// One page of `tenant`'s VMs, or of every tenant's for the operator
     /// (`None`), as `ListVms` answers it.
+    /// What the host holds at most, and what its VMs and creates in flight hold.
+    pub fn capacity_and_usage(&self) -> (crate::quota::Capacity, Usage) {
+        (self.quotas.capacity(), self.quotas.host_usage(&self.manager))
+    }
+
+    /// The VMMs a VM may name, the host's default first.
+    pub fn vmms(&self) -> Vec<&'static str> {
+        self.manager.backend_names()
+    }
+
     pub fn list_page(&self, tenant: Option<&TenantId>, message: &wire::ListVmsRequest) -> Result<wire::ListVmsResponse, ConnectError> {
         let states = state_filter_from_wire(&message.state_filter).map_err(|error| wire_error_to_connect(&error))?;
         let asked = non_negative_i32("page_size", message.page_size).map_err(|error| wire_error_to_connect(&error))?;
@@ -206,8 +216,8 @@ impl wire::VmService for VmApi {
         if let Some(vm_id) = &create.vm_id {
             tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
         }
-        // An invalid request is told so before any quota is counted.
-        create.config.validate().map_err(|error| manager_error_to_connect(&ManagerError::InvalidConfig(error)))?;
+        // An invalid request is told so before any quota or capacity is counted.
+        self.manager.check_config(&create.config).map_err(|error| manager_error_to_connect(&error))?;
         let asked = Usage { vms: 1, vcpus: create.config.cpu.vcpu_count.into(), memory_bytes: create.config.memory.size_bytes };
         let admission = self
             .quotas

@@ -120,7 +120,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = stop.send(true);
         }
     };
-    let server = tokio::spawn(crate::listener::serve(listener, app, settings.api.connection_limits(), shutdown));
+    let server = tokio::spawn(metald_serve::listener::serve(listener, app, settings.api.connection_limits(), shutdown));
 
     let takeover = manager.take_over().await.context("cannot take over the VMs of the previous run")?;
     tracing::info!(
@@ -414,8 +414,8 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
             let secret = std::fs::read(&gateway.secret_file)
                 .with_context(|| format!("auth.gateway.secret_file: cannot read {}", gateway.secret_file.display()))?;
             let secret = secret.trim_ascii().to_vec();
-            if secret.len() < 32 {
-                bail!("auth.gateway.secret_file: the secret must be at least 32 bytes");
+            if secret.len() < metald_api::gateway_auth::MIN_SECRET_BYTES {
+                bail!("auth.gateway.secret_file: the secret must be at least {} bytes", metald_api::gateway_auth::MIN_SECRET_BYTES);
             }
             (Some(GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds))), gateway.default_quota)
         }
@@ -438,5 +438,30 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
         operator_tokens.insert(hash);
     }
     let auth = Authenticator::new(tokens, gateway).with_operator_tokens(operator_tokens);
-    Ok((auth, Quotas::new(limits, default_quota)))
+    Ok((auth, Quotas::new(limits, default_quota, host_capacity(settings)?)))
+}
+
+/// The host's capacity: the settings, with each 0 replaced by its default.
+fn host_capacity(settings: &Settings) -> anyhow::Result<crate::quota::Capacity> {
+    let configured = settings.capacity;
+    let vcpus = match configured.vcpus {
+        0 => {
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+            u64::try_from(cpus).unwrap_or(u64::MAX).saturating_mul(crate::config::DEFAULT_VCPUS_PER_CPU)
+        }
+        vcpus => vcpus,
+    };
+    let memory_bytes = match configured.memory_bytes {
+        0 => {
+            <procfs::Meminfo as procfs::Current>::current()
+                .context("capacity.memory_bytes: cannot read the host's memory from /proc/meminfo")?
+                .mem_total
+        }
+        bytes => bytes,
+    };
+    let vms = match configured.vms {
+        0 => u64::from(settings.jailer.uid_count),
+        vms => vms,
+    };
+    Ok(crate::quota::Capacity { vms, vcpus, memory_bytes })
 }

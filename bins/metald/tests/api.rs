@@ -208,7 +208,7 @@ fn tenants_see_and_touch_only_their_own_vms_within_their_quotas() {
         let procedure = "/vmprovisioner.v1.VmService/ListVms";
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
         let gateway_call = |tenant: &str, at: u64, secret: &str| {
-            let signature = sign(secret, &format!("metald-gateway-v1\n{tenant}\n{at}\n{procedure}"));
+            let signature = metald_api::gateway_auth::GatewaySecret::new(secret.as_bytes().to_vec()).sign(tenant, at, procedure);
             let headers = [
                 ("content-type", "application/json".to_owned()),
                 ("x-metald-tenant", tenant.to_owned()),
@@ -228,13 +228,6 @@ fn tenants_see_and_touch_only_their_own_vms_within_their_quotas() {
         let (status, body) = gateway_call("initech", now, common::GATEWAY_SECRET);
         assert!(status == 200 && body.trim() == "{}", "a new gateway tenant sees nothing: {status} {body}");
     });
-}
-
-fn sign(secret: &str, message: &str) -> String {
-    use hmac::Mac;
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(message.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
 }
 
 #[test]
@@ -347,4 +340,64 @@ fn a_silent_vmm_is_unavailable_and_a_taken_id_already_exists() {
         }
     });
     assert_eq!(host.leftovers(), Vec::<String>::new());
+}
+
+/// A gateway reads the host's capacity (and only a gateway, for itself);
+/// a create beyond it is `resource_exhausted` saying so, and made nothing.
+#[test]
+fn the_host_tells_a_gateway_its_capacity_and_refuses_a_create_beyond_it() {
+    let test = "the_host_tells_a_gateway_its_capacity_and_refuses_a_create_beyond_it";
+    let options = HostOptions {
+        gateway: true,
+        gateway_default_quota: Some("{}"),
+        capacity: Some("vms = 2\nvcpus = 3\nmemory_bytes = 1073741824"),
+        ..HostOptions::default()
+    };
+    let Some(host) = Host::start(test, options) else { return };
+    runtime().block_on(async {
+        const PROCEDURE: &str = "/vmprovisioner.v1.HostService/GetHostCapacity";
+        let capacity_service = host.host_service_client(None);
+        let read = || async {
+            capacity_service
+                .get_host_capacity_with_options(wire::GetHostCapacityRequest::default(), common::gateway_signed("", PROCEDURE))
+                .await
+                .unwrap()
+                .into_owned()
+        };
+        let counts = |answer: &wire::GetHostCapacityResponse| {
+            let pair = |capacity: Option<&wire::Capacity>| capacity.map(|c| (c.total, c.used)).unwrap();
+            (pair(answer.vms.as_option()), pair(answer.vcpus.as_option()), pair(answer.memory_bytes.as_option()))
+        };
+        let empty = read().await;
+        assert_eq!(counts(&empty), ((2, 0), (3, 0), (1 << 30, 0)));
+        assert_eq!(empty.vmms, ["firecracker"]);
+
+        let refused = capacity_service
+            .get_host_capacity_with_options(wire::GetHostCapacityRequest::default(), common::gateway_signed("acme", PROCEDURE))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::PermissionDenied, "a call signed for a tenant is not the gateway's own: {refused:?}");
+        let tenant = host.client("acme", Wire::ConnectProto);
+        let as_tenant = host.host_service_client(Some(host.token("acme")));
+        let refused = as_tenant.get_host_capacity(wire::GetHostCapacityRequest::default()).await.unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Unauthenticated, "a tenant's token opens no HostService call: {refused:?}");
+
+        let mut two_vcpus = guest_config(&[]);
+        two_vcpus.cpu.get_or_insert_default().vcpu_count = 2;
+        tenant.create_vm(create_request(two_vcpus.clone())).await.unwrap();
+        assert_eq!(counts(&read().await), ((2, 1), (3, 2), (1 << 30, 32 << 20)));
+        let beyond = tenant.create_vm(create_request(two_vcpus)).await.unwrap_err();
+        assert_eq!(beyond.code, ErrorCode::ResourceExhausted);
+        assert_eq!(
+            beyond.message.as_deref(),
+            Some("this host has room for 3 vCPUs in all and 2 are taken; the VM asks for 2: create it on another host")
+        );
+        tenant.create_vm(create_request(guest_config(&[]))).await.unwrap();
+        let full = tenant.create_vm(create_request(guest_config(&[]))).await.unwrap_err();
+        assert_eq!(
+            full.message.as_deref(),
+            Some("this host has room for 2 VMs in all and 2 are taken; the VM asks for 1: create it on another host")
+        );
+        assert_eq!(counts(&read().await), ((2, 2), (3, 3), (1 << 30, 64 << 20)));
+    });
 }

@@ -120,6 +120,7 @@ fn a_firecracker_vm_and_a_cloud_hypervisor_vm_run_side_by_side_and_outlive_a_kil
             client.delete_vm(wire::DeleteVmRequest { vm_id: vm_id.clone(), force: true, ..Default::default() }).await.unwrap();
         }
     });
+    assert_eq!(host.nft_set_elements(), Vec::<String>::new(), "the deletes took their ports' firewall elements");
     assert!(host.terminate().success());
     assert_eq!(host.leftovers(), Vec::<String>::new());
 }

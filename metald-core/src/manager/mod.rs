@@ -97,6 +97,14 @@ pub struct VmInfo {
     pub capabilities: Capabilities,
 }
 
+/// What some VMs hold, from [`VmManager::holdings`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holdings {
+    pub vms: u64,
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+}
+
 /// A page of [`VmManager::list_page`].
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VmPage {

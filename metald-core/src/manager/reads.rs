@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::slot::{VmSlot, read_lock};
-use super::{ManagerError, VmManager, VmPage, VmSummary};
+use super::{Holdings, ManagerError, VmManager, VmPage, VmSummary};
 use crate::console::ConsoleLog;
 use crate::ids::{TenantId, VmId};
 use crate::state::VmState;
@@ -48,6 +48,23 @@ impl VmManager {
             .map(|slot| slot.summary().clone())
             .filter(|summary| summary.state != VmState::Deleted)
             .collect()
+    }
+
+    /// What the VMs of a tenant (every tenant's with `None`) hold, in every
+    /// state but deleted, summed without copying them; never waits for an
+    /// operation in progress.
+    pub fn holdings(&self, tenant: Option<&TenantId>) -> Holdings {
+        let registry = read_lock(&self.inner.registry);
+        let mut held = Holdings::default();
+        for slot in registry.vms.values().filter(|slot| tenant.is_none_or(|tenant| &slot.tenant == tenant)) {
+            let summary = slot.summary();
+            if summary.state != VmState::Deleted {
+                held.vms += 1;
+                held.vcpus += u64::from(summary.vcpus);
+                held.memory_bytes += summary.memory_bytes;
+            }
+        }
+        held
     }
 
     /// One page of a tenant's VMs (every tenant's with `None`) in id order:

@@ -54,6 +54,15 @@ impl VmManager {
         Ok(())
     }
 
+    /// Whether a create of `config` would be refused for the configuration
+    /// itself (invalid, or asking its VMM for what it cannot do), before
+    /// anything is counted or made: a caller that counts quotas asks this
+    /// first, so a wrong field is told as such and not as a full quota.
+    pub fn check_config(&self, config: &VmConfig) -> Result<(), ManagerError> {
+        config.validate().map_err(ManagerError::InvalidConfig)?;
+        self.check_capabilities(config)
+    }
+
     /// Refuses, naming the field, what the VM's backend cannot do.
     pub(super) fn check_capabilities(&self, config: &VmConfig) -> Result<(), ManagerError> {
         let backend = self.backend_of(config)?;

@@ -66,6 +66,10 @@ pub struct HostOptions {
     pub api_settings: Option<&'static str>,
     /// Offer Cloud Hypervisor too, this binary (its jail exposes its libraries: a build from source is dynamic).
     pub cloud_hypervisor: Option<PathBuf>,
+    /// The `[capacity]` settings, as TOML lines.
+    pub capacity: Option<&'static str>,
+    /// The quota of a tenant that only a gateway names (`auth.gateway.default_quota`), as TOML.
+    pub gateway_default_quota: Option<&'static str>,
 }
 
 pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
@@ -200,8 +204,11 @@ impl Host {
         if options.gateway {
             let secret_file = dir.path().join("gateway.secret");
             std::fs::write(&secret_file, GATEWAY_SECRET).unwrap();
-            toml.push_str(&format!("[auth.gateway]\nsecret_file = {secret_file:?}\ndefault_quota = {{ max_vms = 1 }}\n"));
+            let quota = options.gateway_default_quota.unwrap_or("{ max_vms = 1 }");
+            toml.push_str(&format!("[auth.gateway]\nsecret_file = {secret_file:?}\ndefault_quota = {quota}\n"));
         }
+        // Test guests are tiny and mostly idle: a host's default vCPU capacity would cap the storms.
+        toml.push_str(&format!("[capacity]\n{}\n", options.capacity.unwrap_or("vcpus = 4096")));
         let config_path = dir.path().join("metald.toml");
         std::fs::write(&config_path, toml).unwrap();
         let mut host = Host {
@@ -341,6 +348,12 @@ impl Host {
         (transport, config)
     }
 
+    /// A client of the gateways' own service on this host; its calls need [`gateway_signed`].
+    pub fn host_service_client(&self, token: Option<&str>) -> wire::HostServiceClient<HttpClient> {
+        let (transport, config) = self.client_config(token, Wire::ConnectProto, Duration::from_secs(60));
+        wire::HostServiceClient::new(transport, config)
+    }
+
     /// Live VMM processes of this test (by their cgroup, or their path for unjailed ones).
     pub fn live_vmms(&self) -> Vec<u32> {
         testguest::vmm_processes(&self.data_dir(), Path::new(&self.cgroup_parent))
@@ -375,6 +388,27 @@ impl Host {
             .output()
             .unwrap();
         output.status.success()
+    }
+
+    /// Every element of the firewall table's sets (`set: element`), as
+    /// the VMs' ports put them there; none once every VM is deleted.
+    pub fn nft_set_elements(&self) -> Vec<String> {
+        let prefix = self.netns_prefix.as_ref().expect("a host with networking");
+        let table = nft_table_of(&self.name);
+        let output = Command::new("ip")
+            .args(["netns", "exec", &format!("{prefix}host"), "nft", "-j", "list", "table", "bridge", &table])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "nft list table: {}", String::from_utf8_lossy(&output.stderr));
+        let listing: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let mut elements = Vec::new();
+        for object in listing["nftables"].as_array().into_iter().flatten() {
+            let set = &object["set"];
+            for element in set["elem"].as_array().into_iter().flatten() {
+                elements.push(format!("{}: {element}", set["name"].as_str().unwrap_or("?")));
+            }
+        }
+        elements
     }
 
     /// The cgroup parent's folders that exist, one per controller on v1.
@@ -565,6 +599,15 @@ pub fn metald_binary() -> PathBuf {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Call options that sign a call to `procedure` as the test gateway does, for `tenant` ("" for the gateway itself).
+pub fn gateway_signed(tenant: &str, procedure: &str) -> connectrpc::client::CallOptions {
+    let secret = metald_api::gateway_auth::GatewaySecret::new(GATEWAY_SECRET.as_bytes().to_vec());
+    secret
+        .headers(tenant, procedure, std::time::SystemTime::now())
+        .into_iter()
+        .fold(connectrpc::client::CallOptions::default(), |options, (name, value)| options.with_header(name, value))
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status, body).

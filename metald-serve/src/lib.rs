@@ -1,0 +1,16 @@
+//! metald-serve: what every ConnectRPC server of metald's shares, so the
+//! host daemon and the gateway answer alike.
+//!
+//! It owns:
+//! - [`listener`]: the API port, bounded (connections in all and per
+//!   client, header, body and idle timeouts), HTTP/1.1 and h2c on one port;
+//! - [`telemetry`]: logs to stderr and traces over OTLP/HTTP;
+//! - [`connect`]: the RPC library's rough edges smoothed (a 415 that says
+//!   which content types there are, an unknown enum value named as such).
+//!
+//! It knows nothing of VMs, tenants or keys: each server brings its own
+//! services and authentication.
+
+pub mod connect;
+pub mod listener;
+pub mod telemetry;
