@@ -5,6 +5,12 @@
 //! - [`listener`]: the API port, bounded (connections in all and per
 //!   client, header, body and idle timeouts), HTTP/1.1 and h2c on one port;
 //! - [`telemetry`]: logs to stderr and traces over OTLP/HTTP;
+//! - [`settings`]: defaults, a TOML file, environment variables and flags,
+//!   layered, with errors that name the key; [`shutdown`], stopping on a
+//!   signal after the calls in flight;
+//! - [`http`]: the application around a service, with `/health`,
+//!   `/ready` and `/metrics`;
+//! - [`gate`]: the frame of every call (span, admission, latency figure);
 //! - [`connect`]: the RPC library's rough edges smoothed (a 415 that says
 //!   which content types there are, an unknown enum value named as such).
 //!
@@ -12,5 +18,9 @@
 //! services and authentication.
 
 pub mod connect;
+pub mod gate;
+pub mod http;
 pub mod listener;
+pub mod settings;
+pub mod shutdown;
 pub mod telemetry;

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
 use metald_billing::delivery::DeliveryPolicy;
 use metald_billing::meter::MeterConfig;
 use metald_core::FirecrackerConfig;
@@ -351,44 +350,11 @@ const SETTING_KEYS: [&str; 15] = [
     "telemetry",
 ];
 
-fn settings_from_env() -> Env {
-    Env::prefixed("METALD_")
-        .filter(|key| {
-            let top = key.as_str().split("__").next().unwrap_or_default();
-            SETTING_KEYS.iter().any(|setting| setting.eq_ignore_ascii_case(top))
-        })
-        .split("__")
-}
-
-/// Each of figment's errors as `key: problem (where it was set)`, without
-/// figment's profile name in front of the key (`default.listen`).
-fn describe(error: figment::Error) -> String {
-    error
-        .into_iter()
-        .map(|error| {
-            let key = if error.path.is_empty() { "the settings".to_owned() } else { error.path.join(".") };
-            let origin = match &error.metadata {
-                Some(metadata) => match &metadata.source {
-                    Some(source) => format!(" (in {source})"),
-                    None => format!(" (from {})", metadata.name),
-                },
-                None => String::new(),
-            };
-            format!("  {key}: {}{origin}", error.kind)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 impl Settings {
     /// Defaults, then `file` (when given), then `METALD_*` variables, then `overrides`.
     pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(file) = file {
-            figment = figment.merge(Toml::file_exact(file));
-        }
-        figment = figment.merge(settings_from_env()).merge(overrides);
-        let settings: Settings = figment.extract().map_err(|error| ConfigError::Invalid(describe(error)))?;
+        let settings: Settings =
+            metald_serve::settings::load(file, "METALD_", &SETTING_KEYS, overrides).map_err(|invalid| ConfigError::Invalid(invalid.0))?;
         settings.check()?;
         Ok(settings)
     }
@@ -466,6 +432,7 @@ fn is_sha256_hex(text: &str) -> bool {
 #[allow(clippy::result_large_err)] // figment::Jail's own error type
 mod tests {
     use super::*;
+    use figment::providers::Serialized;
     use std::time::Duration;
 
     #[test]

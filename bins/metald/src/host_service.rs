@@ -30,16 +30,30 @@ fn capacity(total: u64, used: u64) -> wire::Capacity {
     wire::Capacity { total: count(total), used: count(used), ..Default::default() }
 }
 
+fn gateway(ctx: &RequestContext) -> Result<GatewayItself, ConnectError> {
+    ctx.extensions()
+        .get::<GatewayItself>()
+        .copied()
+        .ok_or_else(|| ConnectError::permission_denied("the call was not signed by a gateway for itself"))
+}
+
 #[allow(refining_impl_trait)]
 impl wire::HostService for HostApi {
+    async fn list_vms(
+        &self,
+        ctx: RequestContext,
+        request: ServiceRequest<'_, wire::ListVmsRequest>,
+    ) -> ServiceResult<wire::ListVmsResponse> {
+        gateway(&ctx)?;
+        Response::ok(self.vms.list_page(None, &request.to_owned_message())?)
+    }
+
     async fn get_host_capacity(
         &self,
         ctx: RequestContext,
         _request: ServiceRequest<'_, wire::GetHostCapacityRequest>,
     ) -> ServiceResult<wire::GetHostCapacityResponse> {
-        ctx.extensions()
-            .get::<GatewayItself>()
-            .ok_or_else(|| ConnectError::permission_denied("the call was not signed by a gateway for itself"))?;
+        gateway(&ctx)?;
         let (total, used) = self.vms.capacity_and_usage();
         Response::ok(wire::GetHostCapacityResponse {
             vcpus: buffa::MessageField::some(capacity(total.vcpus, used.vcpus)),

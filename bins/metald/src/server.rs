@@ -5,16 +5,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use connectrpc::interceptor::{StreamRequest, StreamResponse, UnaryRequest, UnaryResponse};
-use connectrpc::{ConnectError, ConnectRpcService, Interceptor, Limits, Next, NextStream, PayloadStream, Router};
+use connectrpc::{ConnectError, ConnectRpcService, Limits, Router};
 use metald_api::proto::vmprovisioner::v1::{HostServiceExt, OperatorServiceExt, VmServiceExt};
-use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::metrics::Metrics;
@@ -56,7 +50,7 @@ impl Readiness {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct HttpState {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
@@ -88,31 +82,9 @@ fn method_of(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
-fn code_of<T>(result: &Result<T, ConnectError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(error) => error.code.as_str(),
-    }
-}
-
-impl CallGate {
-    fn span(&self, path: &str, ctx: &connectrpc::RequestContext) -> tracing::Span {
-        let client = ctx.extensions().get::<metald_serve::listener::ClientAddress>().map(|address| address.0.to_string());
-        tracing::info_span!(
-            "rpc",
-            otel.name = path,
-            otel.kind = "server",
-            rpc.system = "connect_rpc",
-            rpc.method = method_of(path),
-            client = %client.as_deref().unwrap_or("unknown"),
-            tenant = tracing::field::Empty,
-            role = tracing::field::Empty,
-            vm_id = tracing::field::Empty,
-            code = tracing::field::Empty,
-        )
-    }
-
-    fn admit(&self, ctx: &mut connectrpc::RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError> {
+#[connectrpc::async_trait]
+impl metald_serve::gate::Admit for CallGate {
+    async fn admit(&self, ctx: &mut connectrpc::RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError> {
         if let Some(refusal) = self.readiness.refusal() {
             return Err(refusal);
         }
@@ -138,47 +110,12 @@ impl CallGate {
         Ok(())
     }
 
-    fn finish<T>(&self, path: &str, span: &tracing::Span, started: Instant, result: &Result<T, ConnectError>) {
-        let code = code_of(result);
-        span.record("code", code);
-        if let Err(error) = result {
-            tracing::info!(parent: span, code = error.code.as_str(), message = error.message.as_deref().unwrap_or(""), "call failed");
-        }
-        self.metrics.observe_rpc(method_of(path), code, started.elapsed());
-    }
-}
-
-#[connectrpc::async_trait]
-impl Interceptor for CallGate {
-    async fn intercept_unary(&self, mut request: UnaryRequest, next: Next<'_>) -> Result<UnaryResponse, ConnectError> {
-        let started = Instant::now();
-        let path = request.ctx.path().unwrap_or("unknown").to_owned();
-        let span = self.span(&path, &request.ctx);
-        let result = match self.admit(&mut request.ctx, &path, &span) {
-            Ok(()) => next.run(request).instrument(span.clone()).await.map_err(metald_serve::connect::clarify_decode_error),
-            Err(error) => Err(error),
-        };
-        self.finish(&path, &span, started, &result);
-        result
+    fn observe(&self, method: &str, code: &'static str, elapsed: std::time::Duration) {
+        self.metrics.observe_rpc(method, code, elapsed);
     }
 
-    async fn intercept_streaming(
-        &self,
-        mut request: StreamRequest,
-        inbound: PayloadStream,
-        next: NextStream<'_>,
-    ) -> Result<StreamResponse, ConnectError> {
-        let started = Instant::now();
-        let path = request.ctx.path().unwrap_or("unknown").to_owned();
-        let span = self.span(&path, &request.ctx);
-        // For a stream the figure is the time to open it; how long it then
-        // stays open is the caller's choice, not a latency.
-        let result = match self.admit(&mut request.ctx, &path, &span) {
-            Ok(()) => next.run(request, inbound).instrument(span.clone()).await.map_err(metald_serve::connect::clarify_decode_error),
-            Err(error) => Err(error),
-        };
-        self.finish(&path, &span, started, &result);
-        result
+    fn method_of<'p>(&self, path: &'p str) -> &'p str {
+        method_of(path)
     }
 }
 
@@ -196,33 +133,20 @@ pub fn app(
     let router = Arc::new(OperatorApi::new(Arc::clone(&api), usage)).register(router);
     let router = Arc::new(crate::host_service::HostApi::new(api)).register(router);
     let limits = Limits::default().with_max_request_body_size(max_body_bytes).with_max_message_size(max_body_bytes);
-    let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(CallGate {
+    let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(metald_serve::gate::Gate(CallGate {
         auth,
         metrics: Arc::clone(&metrics),
         readiness: Arc::clone(&readiness),
-    });
-    axum::Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(render_metrics))
-        .with_state(HttpState { metrics, readiness })
-        .fallback_service(connect)
-        .layer(axum::middleware::map_response(metald_serve::connect::explain_unsupported_media_type))
+    }));
+    metald_serve::http::application(connect, Arc::new(HttpState { metrics, readiness }))
 }
 
-/// The process is up and serving HTTP.
-async fn health() -> &'static str {
-    "ok\n"
-}
+impl metald_serve::http::Probes for HttpState {
+    fn is_ready(&self) -> bool {
+        self.readiness.is_ready()
+    }
 
-/// VMs are taken over and calls are taken.
-async fn ready(State(state): State<HttpState>) -> (StatusCode, &'static str) {
-    if state.readiness.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
-}
-
-async fn render_metrics(State(state): State<HttpState>) -> axum::response::Response {
-    match state.metrics.render() {
-        Ok(text) => ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
-        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "metrics could not be rendered\n").into_response(),
+    fn render_metrics(&self) -> Result<String, std::fmt::Error> {
+        self.metrics.render()
     }
 }

@@ -114,7 +114,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let shutdown = {
         let readiness = Arc::clone(&readiness);
         async move {
-            wait_for_stop_signal().await;
+            metald_serve::shutdown::stop_signal().await;
             tracing::info!("stopping: no new calls; calls in flight finish; VMs keep running");
             readiness.mark_stopping();
             let _ = stop.send(true);
@@ -137,7 +137,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(%address, "metald serving");
     }
     let drain = Duration::from_secs(settings.api.drain_timeout_seconds);
-    drain_then_stop(server, stopped, drain).await?;
+    metald_serve::shutdown::drain_then_stop(server, stopped, drain).await?;
     if let Some(billing) = billing {
         billing.stop().await;
     }
@@ -153,31 +153,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Serves until the server stops, which after SIGTERM is when the calls in
-/// flight are done, or `drain` after the signal if some are not: those are
-/// abandoned (their operations end with the process) rather than keeping
-/// metald, and its restart, waiting on a guest.
-async fn drain_then_stop(
-    mut server: tokio::task::JoinHandle<std::io::Result<()>>,
-    mut stopped: watch::Receiver<bool>,
-    drain: Duration,
-) -> anyhow::Result<()> {
-    let drain_over = async {
-        if stopped.wait_for(|stopped| *stopped).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(drain).await;
-    };
-    tokio::select! {
-        served = &mut server => served.context("the server task ended abnormally")?.context("the server stopped"),
-        () = drain_over => {
-            tracing::warn!(drain_timeout_seconds = drain.as_secs(), "calls still in flight after the drain timeout; stopping without them");
-            server.abort();
-            Ok(())
-        }
-    }
 }
 
 /// Lifts the soft limit on open files to the hard one, as the API's
@@ -284,18 +259,6 @@ fn answer_hangups() {
             tracing::info!("SIGHUP: nothing to reload; the usage file is reopened at its next write if it was rotated");
         }
     });
-}
-
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot listen for SIGTERM or SIGINT; stop metald with SIGKILL (its VMs keep running)");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
 }
 
 /// The network provider, when networking is on.

@@ -1,0 +1,154 @@
+//! The gateway's settings: defaults, then a TOML file, then
+//! `METALD_GATEWAY_*` environment variables (nested keys joined by `__`),
+//! then command-line flags. Every key is documented in
+//! `docs/architecture/components/gateway.md`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use metald_fleet::limits::RateSettings;
+use metald_serve::telemetry::TelemetrySettings;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where the API (and `/health`, `/ready`, `/metrics`) listens.
+    pub listen: SocketAddr,
+    /// The gateway's own state: its SQLite fleet store.
+    pub data_dir: PathBuf,
+    /// A file holding the secret the gateway signs host calls with (at
+    /// least 32 bytes; each host's `auth.gateway.secret_file` holds the same).
+    pub host_secret_file: PathBuf,
+    /// SHA-256 (hex) of each admin token, which alone opens `AdminService`.
+    pub admin_token_sha256: Vec<String>,
+    /// Hosts to place VMs on, added to the store at start if it lacks them;
+    /// `AdminService.AddHost` adds more while the gateway runs.
+    pub hosts: Vec<HostSetting>,
+    /// How often each host is probed (its readiness and capacity) and held
+    /// against the store, in milliseconds.
+    pub probe_interval_ms: u64,
+    /// How long one call to a host may take when its caller set no deadline, in seconds.
+    pub host_call_timeout_seconds: u64,
+    /// How many fitting hosts a placement samples before it takes the emptiest.
+    pub placement_choices: usize,
+    /// The gateway refuses to start as root unless this is true: it needs
+    /// no privilege, and touches no VM directly.
+    pub allow_root: bool,
+    pub api: ApiSettings,
+    pub rate_limits: RateSettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSetting {
+    pub name: String,
+    /// Where its metald listens: `http://10.0.0.5:7070`.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiSettings {
+    pub max_body_bytes: usize,
+    pub default_page_size: usize,
+    pub max_page_size: usize,
+    /// After SIGTERM, how long calls in flight may take to finish, in seconds.
+    pub drain_timeout_seconds: u64,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub header_read_timeout_seconds: u64,
+    pub body_read_timeout_seconds: u64,
+    pub idle_timeout_seconds: u64,
+}
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            default_page_size: 100,
+            max_page_size: 1000,
+            drain_timeout_seconds: 30,
+            max_connections: 4096,
+            max_connections_per_client: 1024,
+            header_read_timeout_seconds: 10,
+            body_read_timeout_seconds: 30,
+            idle_timeout_seconds: 300,
+        }
+    }
+}
+
+impl ApiSettings {
+    pub fn connection_limits(&self) -> metald_serve::listener::ConnectionLimits {
+        let seconds = std::time::Duration::from_secs;
+        metald_serve::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            header_read_timeout: seconds(self.header_read_timeout_seconds),
+            body_read_timeout: seconds(self.body_read_timeout_seconds),
+            idle_timeout: seconds(self.idle_timeout_seconds),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            data_dir: PathBuf::from("/var/lib/metald-gateway"),
+            host_secret_file: PathBuf::from("/etc/metald-gateway/host.secret"),
+            admin_token_sha256: Vec::new(),
+            hosts: Vec::new(),
+            probe_interval_ms: 2000,
+            host_call_timeout_seconds: 60,
+            placement_choices: 2,
+            allow_root: false,
+            api: ApiSettings::default(),
+            rate_limits: RateSettings::default(),
+            telemetry: TelemetrySettings::for_service("metald-gateway"),
+        }
+    }
+}
+
+/// The top-level keys of [`Settings`]: only `METALD_GATEWAY_*` variables under them are settings.
+const SETTING_KEYS: [&str; 12] = [
+    "listen",
+    "data_dir",
+    "host_secret_file",
+    "admin_token_sha256",
+    "hosts",
+    "probe_interval_ms",
+    "host_call_timeout_seconds",
+    "placement_choices",
+    "allow_root",
+    "api",
+    "rate_limits",
+    "telemetry",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Invalid(#[from] metald_serve::settings::InvalidSettings),
+    #[error("{key}: {problem}")]
+    Value { key: &'static str, problem: String },
+}
+
+impl Settings {
+    pub fn load(file: Option<&Path>, overrides: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = metald_serve::settings::load(file, "METALD_GATEWAY_", &SETTING_KEYS, overrides)?;
+        let value = |key, problem: &str| Err(ConfigError::Value { key, problem: problem.to_owned() });
+        if settings.probe_interval_ms == 0 {
+            return value("probe_interval_ms", "must be at least 1");
+        }
+        if settings.placement_choices == 0 {
+            return value("placement_choices", "must be at least 1");
+        }
+        if settings.api.default_page_size == 0 || settings.api.default_page_size > settings.api.max_page_size {
+            return value("api.default_page_size", "must be at least 1 and at most api.max_page_size");
+        }
+        Ok(settings)
+    }
+}

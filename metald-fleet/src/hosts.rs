@@ -1,0 +1,402 @@
+//! The hosts a gateway places VMs on: a link to each host's metald (its
+//! `VmService` and `HostService`, every call signed with the secret the
+//! two share), what the last probe found (ready, starting, unreachable,
+//! and the host's capacity), and the creates in flight to it, which the
+//! next probe has not seen yet.
+//!
+//! A probe is one `HostService.GetHostCapacity`: a host that answers is
+//! ready; one that answers `unavailable` is starting (taking over its VMs)
+//! or stopping; one that cannot be reached is unreachable.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
+use connectrpc::{ConnectError, ErrorCode, Protocol};
+use metald_api::gateway_auth::GatewaySecret;
+use metald_api::proto::vmprovisioner::v1 as wire;
+
+use crate::store::{HostMode, HostRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("host {name:?}: {url:?} is not an http:// URL with a host and a port")]
+    BadUrl { name: String, url: String },
+    #[error("host name {0:?}: 1 to 64 ASCII letters, digits, '-', '.' or '_'")]
+    BadName(String),
+}
+
+/// What the last probe of a host found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Not probed yet.
+    Unknown,
+    Ready,
+    /// metald answers but takes no calls yet (it is taking over its VMs) or any more.
+    Starting(String),
+    Unreachable(String),
+}
+
+impl Health {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Ready => "ready",
+            Health::Starting(_) => "starting",
+            Health::Unreachable(_) => "unreachable",
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            Health::Unknown | Health::Ready => "",
+            Health::Starting(reason) | Health::Unreachable(reason) => reason,
+        }
+    }
+}
+
+/// A resource's total and what is taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Resource {
+    pub total: u64,
+    pub used: u64,
+}
+
+impl Resource {
+    pub fn free(self) -> u64 {
+        self.total.saturating_sub(self.used)
+    }
+}
+
+/// What a host said it holds, at its last answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CapacityReport {
+    pub vcpus: Resource,
+    pub memory_bytes: Resource,
+    pub vms: Resource,
+    pub vmms: Vec<String>,
+}
+
+impl CapacityReport {
+    fn from_wire(answer: &wire::GetHostCapacityResponse) -> Self {
+        let resource = |capacity: Option<&wire::Capacity>| {
+            capacity.map_or_else(Resource::default, |capacity| Resource {
+                total: u64::try_from(capacity.total).unwrap_or(0),
+                used: u64::try_from(capacity.used).unwrap_or(0),
+            })
+        };
+        Self {
+            vcpus: resource(answer.vcpus.as_option()),
+            memory_bytes: resource(answer.memory_bytes.as_option()),
+            vms: resource(answer.vms.as_option()),
+            vmms: answer.vmms.clone(),
+        }
+    }
+}
+
+/// What a create asks of a host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ask {
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+}
+
+#[derive(Debug)]
+struct InFlightCreate {
+    id: u64,
+    ask: Ask,
+    /// When its host answered it; a probe begun after that counts it itself.
+    answered: Option<Instant>,
+}
+
+#[derive(Debug, Default)]
+struct InFlight {
+    next_id: u64,
+    creates: Vec<InFlightCreate>,
+}
+
+/// One host: its link, its record and what the gateway knows of it now.
+#[derive(Debug)]
+pub struct Host {
+    pub name: String,
+    link: HostLink,
+    record: Mutex<HostRecord>,
+    status: Mutex<HostStatus>,
+    in_flight: Arc<Mutex<InFlight>>,
+}
+
+/// What the last probe found.
+#[derive(Debug, Clone)]
+pub struct HostStatus {
+    pub health: Health,
+    pub capacity: Option<CapacityReport>,
+    pub last_seen_ms: Option<u64>,
+}
+
+/// A snapshot of a host for placement and for lists.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub record: HostRecord,
+    pub status: HostStatus,
+    /// What creates in flight (sent, or answered since the last probe began) hold.
+    pub in_flight: Ask,
+    pub in_flight_vms: u64,
+}
+
+/// A create counted against its host until the host's own figures hold it.
+#[derive(Debug)]
+pub struct InFlightGuard {
+    id: u64,
+    in_flight: Arc<Mutex<InFlight>>,
+    answered: bool,
+}
+
+impl InFlightGuard {
+    /// The host made the VM: it stays counted until a probe begun from now on sees it.
+    pub fn made(mut self) {
+        self.answered = true;
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(create) = in_flight.creates.iter_mut().find(|create| create.id == self.id) {
+            create.answered = Some(Instant::now());
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if !self.answered {
+            let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+            in_flight.creates.retain(|create| create.id != self.id);
+        }
+    }
+}
+
+impl Host {
+    fn new(record: HostRecord, secret: GatewaySecret, call_timeout: Duration) -> Result<Self, HostError> {
+        let link = HostLink::new(&record, secret, call_timeout)?;
+        let status = HostStatus { health: Health::Unknown, capacity: None, last_seen_ms: None };
+        Ok(Self { name: record.name.clone(), link, record: Mutex::new(record), status: Mutex::new(status), in_flight: Arc::default() })
+    }
+
+    pub fn link(&self) -> &HostLink {
+        &self.link
+    }
+
+    pub fn view(&self) -> HostView {
+        let record = self.record.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let status = self.status.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut asked = Ask::default();
+        for create in &in_flight.creates {
+            asked.vcpus += create.ask.vcpus;
+            asked.memory_bytes += create.ask.memory_bytes;
+        }
+        HostView { record, status, in_flight: asked, in_flight_vms: in_flight.creates.len() as u64 }
+    }
+
+    pub fn health(&self) -> Health {
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).health.clone()
+    }
+
+    fn set_mode(&self, mode: HostMode) {
+        self.record.lock().unwrap_or_else(PoisonError::into_inner).mode = mode;
+    }
+
+    /// Counts a create against this host until its own figures hold it.
+    pub fn reserve(&self, ask: Ask) -> InFlightGuard {
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+        in_flight.next_id += 1;
+        let id = in_flight.next_id;
+        in_flight.creates.push(InFlightCreate { id, ask, answered: None });
+        InFlightGuard { id, in_flight: Arc::clone(&self.in_flight), answered: false }
+    }
+
+    /// Asks the host for its capacity, and records what that says of its health.
+    pub async fn probe(&self) -> Health {
+        let began = Instant::now();
+        let procedure = "/vmprovisioner.v1.HostService/GetHostCapacity";
+        let answer = self
+            .link
+            .host
+            .get_host_capacity_with_options(wire::GetHostCapacityRequest::default(), self.link.options("", procedure, None))
+            .await;
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        let health = match answer {
+            Ok(answer) => {
+                status.capacity = Some(CapacityReport::from_wire(&answer.into_owned()));
+                status.last_seen_ms = Some(metald_types::time::unix_millis(SystemTime::now()));
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(PoisonError::into_inner);
+                in_flight.creates.retain(|create| create.answered.is_none_or(|answered| answered >= began));
+                Health::Ready
+            }
+            Err(error) if error.code == ErrorCode::Unavailable && is_answer(&error) => {
+                status.last_seen_ms = Some(metald_types::time::unix_millis(SystemTime::now()));
+                Health::Starting(error.message.unwrap_or_default())
+            }
+            Err(error) => Health::Unreachable(describe(&error)),
+        };
+        if status.health != health {
+            tracing::info!(host = %self.name, health = health.name(), reason = health.reason(), "host health changed");
+        }
+        status.health = health.clone();
+        health
+    }
+
+    /// Records that a call could not reach the host, without waiting for the next probe.
+    pub fn mark_unreachable(&self, error: &ConnectError) {
+        let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
+        if !matches!(status.health, Health::Unreachable(_)) {
+            tracing::info!(host = %self.name, error = %describe(error), "host unreachable");
+        }
+        status.health = Health::Unreachable(describe(error));
+    }
+}
+
+/// Whether an error came from the host itself (an answer), not from failing to reach it.
+pub fn is_answer(error: &ConnectError) -> bool {
+    !error.response_headers().is_empty()
+}
+
+/// Whether a call failed for want of reaching the host.
+pub fn is_unreachable(error: &ConnectError) -> bool {
+    matches!(error.code, ErrorCode::Unavailable | ErrorCode::Unknown | ErrorCode::DeadlineExceeded) && !is_answer(error)
+}
+
+fn describe(error: &ConnectError) -> String {
+    let mut text = error.message.clone().unwrap_or_else(|| error.code.as_str().to_owned());
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The signed way to one host's metald.
+pub struct HostLink {
+    pub vms: wire::VmServiceClient<HttpClient>,
+    host: wire::HostServiceClient<HttpClient>,
+    secret: GatewaySecret,
+    call_timeout: Duration,
+}
+
+impl std::fmt::Debug for HostLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostLink").field("base_uri", self.vms.config().base_uri()).finish_non_exhaustive()
+    }
+}
+
+impl HostLink {
+    fn new(record: &HostRecord, secret: GatewaySecret, call_timeout: Duration) -> Result<Self, HostError> {
+        let uri: http::Uri = record.url.parse().map_err(|_| HostError::BadUrl { name: record.name.clone(), url: record.url.clone() })?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.port().is_none() {
+            return Err(HostError::BadUrl { name: record.name.clone(), url: record.url.clone() });
+        }
+        let config = ClientConfig::new(uri).with_protocol(Protocol::Connect).proto();
+        let transport = HttpClient::plaintext();
+        Ok(Self {
+            vms: wire::VmServiceClient::new(transport.clone(), config.clone()),
+            host: wire::HostServiceClient::new(transport, config),
+            secret,
+            call_timeout,
+        })
+    }
+
+    /// Every tenant's VMs on the host, a page (`HostService.ListVms`).
+    pub async fn list_all_vms(
+        &self,
+        request: wire::ListVmsRequest,
+        options: CallOptions,
+    ) -> Result<connectrpc::client::UnaryResponse<buffa::view::OwnedView<wire::__buffa::view::ListVmsResponseView<'static>>>, ConnectError>
+    {
+        self.host.list_vms_with_options(request, options).await
+    }
+
+    /// A call to `procedure` for `tenant` ("" for the gateway itself),
+    /// signed now, ending by the caller's deadline or the call timeout.
+    pub fn options(&self, tenant: &str, procedure: &str, deadline: Option<Instant>) -> CallOptions {
+        let timeout = deadline.map_or(self.call_timeout, |deadline| deadline.saturating_duration_since(Instant::now()));
+        self.secret
+            .headers(tenant, procedure, SystemTime::now())
+            .into_iter()
+            .fold(CallOptions::default().with_timeout(timeout), |options, (name, value)| options.with_header(name, value))
+    }
+}
+
+/// Checks a host's name: it names the host in errors, lists and metrics.
+pub fn check_name(name: &str) -> Result<(), HostError> {
+    let allowed = |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_');
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(allowed) {
+        return Err(HostError::BadName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Every host the gateway knows, by name.
+#[derive(Debug)]
+pub struct Hosts {
+    secret: GatewaySecret,
+    call_timeout: Duration,
+    hosts: RwLock<BTreeMap<String, Arc<Host>>>,
+}
+
+impl Hosts {
+    pub fn new(secret: GatewaySecret, call_timeout: Duration) -> Self {
+        Self { secret, call_timeout, hosts: RwLock::default() }
+    }
+
+    /// Knows `record` from now on (replacing a host of its name).
+    pub fn insert(&self, record: HostRecord) -> Result<Arc<Host>, HostError> {
+        check_name(&record.name)?;
+        let host = Arc::new(Host::new(record, self.secret.clone(), self.call_timeout)?);
+        self.hosts.write().unwrap_or_else(PoisonError::into_inner).insert(host.name.clone(), Arc::clone(&host));
+        Ok(host)
+    }
+
+    /// Checks a record as [`Hosts::insert`] would, without keeping it.
+    pub fn check(&self, record: &HostRecord) -> Result<(), HostError> {
+        check_name(&record.name)?;
+        HostLink::new(record, self.secret.clone(), self.call_timeout).map(drop)
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.hosts.write().unwrap_or_else(PoisonError::into_inner).remove(name);
+    }
+
+    pub fn set_mode(&self, name: &str, mode: HostMode) {
+        if let Some(host) = self.get(name) {
+            host.set_mode(mode);
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Host>> {
+        self.hosts.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
+    }
+
+    /// Every host, in name order.
+    pub fn all(&self) -> Vec<Arc<Host>> {
+        self.hosts.read().unwrap_or_else(PoisonError::into_inner).values().cloned().collect()
+    }
+
+    /// Probes every host at once.
+    pub async fn probe_all(&self) {
+        futures::future::join_all(self.all().iter().map(|host| host.probe())).await;
+    }
+
+    /// Probes every host every `interval` until `stop` turns true.
+    pub async fn keep_probing(self: Arc<Self>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => self.probe_all().await,
+                _ = stop.changed() => return,
+            }
+            if *stop.borrow() {
+                return;
+            }
+        }
+    }
+}
