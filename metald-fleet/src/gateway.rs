@@ -46,6 +46,7 @@ pub struct Gateway {
     hosts: Arc<Hosts>,
     settings: GatewaySettings,
     metrics: Arc<crate::metrics::GatewayMetrics>,
+    strays: Arc<crate::reconcile::Strays>,
     rng: Mutex<rand::rngs::StdRng>,
 }
 
@@ -78,8 +79,9 @@ impl Gateway {
         hosts: Arc<Hosts>,
         settings: GatewaySettings,
         metrics: Arc<crate::metrics::GatewayMetrics>,
+        strays: Arc<crate::reconcile::Strays>,
     ) -> Self {
-        Self { store, hosts, settings, metrics, rng: Mutex::new(rand::SeedableRng::from_os_rng()) }
+        Self { store, hosts, settings, metrics, strays, rng: Mutex::new(rand::SeedableRng::from_os_rng()) }
     }
 
     fn unreachable(&self, host: &Host, vm_id: Option<&str>, error: &ConnectError) -> ConnectError {
@@ -91,6 +93,22 @@ impl Gateway {
     /// A host's error as this caller should see it.
     fn host_error(&self, host: &Host, vm_id: &str, error: ConnectError) -> ConnectError {
         if is_unreachable(&error) { self.unreachable(host, Some(vm_id), &error) } else { passed_on(error) }
+    }
+
+    /// A placed VM its host answers it does not have is lost: marked so at
+    /// once (reconciliation would find the same), and said so.
+    async fn lost_if_gone(&self, placement: &Placement, host: &Host, error: ConnectError) -> ConnectError {
+        if error.code != ErrorCode::NotFound || is_unreachable(&error) || placement.status != PlacementStatus::Placed {
+            return self.host_error(host, &placement.vm_id, error);
+        }
+        let reason = lost_reason(&host.name);
+        tracing::warn!(vm_id = %placement.vm_id, host = %host.name, "VM lost");
+        if let Err(store_error) =
+            self.store.update_placement(&placement.vm_id, &host.name, PlacementStatus::Lost { reason: reason.clone() }).await
+        {
+            return store_unavailable(&store_error);
+        }
+        lost_refusal(&placement.vm_id, &reason)
     }
 
     /// The caller's VM: where it is placed and its host.
@@ -107,12 +125,12 @@ impl Gateway {
     }
 
     /// The caller's VM on its host, unless it is lost.
-    async fn live(&self, caller: &Caller, vm_id: &str) -> Result<Arc<Host>, ConnectError> {
+    async fn live(&self, caller: &Caller, vm_id: &str) -> Result<(Placement, Arc<Host>), ConnectError> {
         let (placement, host) = self.locate(caller, vm_id).await?;
         if let PlacementStatus::Lost { reason } = &placement.status {
-            return Err(ConnectError::failed_precondition(format!("VM {vm_id} is lost: {reason}; delete it")));
+            return Err(lost_refusal(vm_id, reason));
         }
-        Ok(host)
+        Ok((placement, host))
     }
 
     fn tenant_quota(tenant: Option<crate::store::Tenant>) -> Quota {
@@ -258,6 +276,26 @@ fn after_of(token: &str) -> Result<Option<String>, ConnectError> {
     Ok(Some(text))
 }
 
+pub(crate) fn lost_reason(host: &str) -> String {
+    format!("lost: host {host} answers and no longer has this VM")
+}
+
+fn lost_refusal(vm_id: &str, reason: &str) -> ConnectError {
+    ConnectError::failed_precondition(format!("VM {vm_id} is lost ({reason}); delete it"))
+}
+
+/// A lost VM as `GetVmInfo` shows it: failed, with why.
+fn lost_info(placement: &Placement, reason: &str) -> wire::GetVmInfoResponse {
+    wire::GetVmInfoResponse {
+        vm_id: placement.vm_id.clone(),
+        state: wire::VmState::VM_STATE_FAILED.into(),
+        failure_reason: reason.to_owned(),
+        customer_id: placement.tenant.clone(),
+        created_timestamp: i64::try_from(placement.created_at_ms).unwrap_or(0),
+        ..Default::default()
+    }
+}
+
 /// A lost VM as a list shows it: failed, with why.
 fn lost_in_list(placement: &Placement, reason: &str) -> wire::VmInfo {
     wire::VmInfo {
@@ -303,10 +341,13 @@ impl Gateway {
         for (host, answer) in futures::future::join_all(asks).await {
             match answer {
                 Ok(answer) => {
+                    // VMs the host has and the store does not place there are strays: reported, not listed.
                     let answer = answer.into_owned();
-                    total += i64::from(answer.total_count);
+                    let states: Vec<wire::VmState> = request.state_filter.iter().filter_map(|state| state.as_known()).collect();
+                    let strays = self.strays.count(&host.name, &caller.tenant, &states);
+                    total += i64::from(answer.total_count) - i64::try_from(strays).unwrap_or(0);
                     more |= !answer.next_page_token.is_empty();
-                    vms.extend(answer.vms);
+                    vms.extend(answer.vms.into_iter().filter(|vm| !self.strays.contains(&host.name, &vm.vm_id)));
                 }
                 Err(error) if is_unreachable(&error) => {
                     host.mark_unreachable(&error);
@@ -351,12 +392,11 @@ macro_rules! forward {
     ($self:ident, $ctx:ident, $request:ident, $method:ident, $name:literal) => {{
         let caller = caller(&$ctx)?;
         let request = $request.to_owned_message();
-        let host = $self.live(&caller, &request.vm_id).await?;
-        let vm_id = request.vm_id.clone();
+        let (placement, host) = $self.live(&caller, &request.vm_id).await?;
         let options = host.link().options(&caller.tenant, &procedure($name), $ctx.deadline());
         match host.link().vms.$method(request, options).await {
             Ok(answer) => Response::ok(answer.into_owned()),
-            Err(error) => Err($self.host_error(&host, &vm_id, error)),
+            Err(error) => Err($self.lost_if_gone(&placement, &host, error).await),
         }
     }};
 }
@@ -442,20 +482,18 @@ impl wire::VmService for Gateway {
         let request = request.to_owned_message();
         let (placement, host) = self.locate(&caller, &request.vm_id).await?;
         if let PlacementStatus::Lost { reason } = &placement.status {
-            return Response::ok(wire::GetVmInfoResponse {
-                vm_id: placement.vm_id.clone(),
-                state: wire::VmState::VM_STATE_FAILED.into(),
-                failure_reason: reason.clone(),
-                customer_id: placement.tenant.clone(),
-                created_timestamp: i64::try_from(placement.created_at_ms).unwrap_or(0),
-                ..Default::default()
-            });
+            return Response::ok(lost_info(&placement, reason));
         }
-        let vm_id = request.vm_id.clone();
         let options = host.link().options(&caller.tenant, &procedure("GetVmInfo"), ctx.deadline());
         match host.link().vms.get_vm_info_with_options(request, options).await {
             Ok(answer) => Response::ok(answer.into_owned()),
-            Err(error) => Err(self.host_error(&host, &vm_id, error)),
+            Err(error) => {
+                let error = self.lost_if_gone(&placement, &host, error).await;
+                if error.code == ErrorCode::FailedPrecondition {
+                    return Response::ok(lost_info(&placement, &lost_reason(&host.name)));
+                }
+                Err(error)
+            }
         }
     }
 

@@ -19,11 +19,12 @@ use crate::store::{FleetStore, PlacementStatus, StoreError};
 
 const LIST_PROCEDURE: &str = "/vmprovisioner.v1.HostService/ListVms";
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stray {
     pub host: String,
     pub vm_id: String,
     pub tenant: String,
+    pub state: Option<wire::VmState>,
 }
 
 /// The strays the last reconciliation of each host found.
@@ -31,6 +32,26 @@ pub struct Stray {
 pub struct Strays(Mutex<BTreeMap<String, Vec<Stray>>>);
 
 impl Strays {
+    /// Whether `host` was found to hold `vm_id` without the store placing it there.
+    pub fn contains(&self, host: &str, vm_id: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(host)
+            .is_some_and(|strays| strays.iter().any(|stray| stray.vm_id == vm_id))
+    }
+
+    /// The strays of `tenant` on `host` in one of `states` (any when empty).
+    pub fn count(&self, host: &str, tenant: &str, states: &[wire::VmState]) -> usize {
+        let strays = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        strays.get(host).map_or(0, |strays| {
+            strays
+                .iter()
+                .filter(|stray| stray.tenant == tenant && (states.is_empty() || stray.state.is_some_and(|state| states.contains(&state))))
+                .count()
+        })
+    }
+
     pub fn all(&self) -> Vec<Stray> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).values().flatten().cloned().collect()
     }
@@ -40,14 +61,14 @@ impl Strays {
     }
 }
 
-/// Every VM on `host`, by id, with its tenant; `None` if the host did not answer.
-async fn vms_on(host: &Host) -> Option<BTreeMap<String, String>> {
+/// Every VM on `host`, by id, with its tenant and state; `None` if the host did not answer.
+async fn vms_on(host: &Host) -> Option<BTreeMap<String, (String, Option<wire::VmState>)>> {
     let mut vms = BTreeMap::new();
     let mut page_token = String::new();
     loop {
         let request = wire::ListVmsRequest { page_token, page_size: 1000, ..Default::default() };
         let answer = host.link().list_all_vms(request, host.link().options("", LIST_PROCEDURE, None)).await.ok()?.into_owned();
-        vms.extend(answer.vms.into_iter().map(|vm| (vm.vm_id, vm.customer_id)));
+        vms.extend(answer.vms.into_iter().map(|vm| (vm.vm_id, (vm.customer_id, vm.state.as_known()))));
         if answer.next_page_token.is_empty() {
             return Some(vms);
         }
@@ -71,7 +92,7 @@ pub async fn reconcile(store: &dyn FleetStore, hosts: &Hosts, strays: &Strays, s
             let there = on_host.contains_key(&placement.vm_id);
             match (&placement.status, there) {
                 (PlacementStatus::Placed, false) => {
-                    let reason = format!("lost: host {} answers and no longer has this VM", host.name);
+                    let reason = crate::gateway::lost_reason(&host.name);
                     tracing::warn!(vm_id = %placement.vm_id, host = %host.name, "VM lost");
                     store.update_placement(&placement.vm_id, &host.name, PlacementStatus::Lost { reason }).await?;
                 }
@@ -91,7 +112,7 @@ pub async fn reconcile(store: &dyn FleetStore, hosts: &Hosts, strays: &Strays, s
         let found: Vec<Stray> = on_host
             .into_iter()
             .filter(|(vm_id, _)| !placed_here.contains(vm_id))
-            .map(|(vm_id, tenant)| Stray { host: host.name.clone(), vm_id, tenant })
+            .map(|(vm_id, (tenant, state))| Stray { host: host.name.clone(), vm_id, tenant, state })
             .collect();
         if !found.is_empty() {
             tracing::warn!(host = %host.name, count = found.len(), "the host has VMs the gateway's store does not place there");

@@ -90,7 +90,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let readiness = Arc::new(Readiness::default());
     let application = app(Parts {
-        gateway: Gateway::new(Arc::clone(&store), Arc::clone(&hosts), gateway_settings, Arc::clone(&metrics)),
+        gateway: Gateway::new(Arc::clone(&store), Arc::clone(&hosts), gateway_settings, Arc::clone(&metrics), Arc::clone(&strays)),
         admin: AdminApi::new(Arc::clone(&store), Arc::clone(&hosts), strays),
         auth: Arc::clone(&auth),
         limits,
