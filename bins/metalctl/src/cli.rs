@@ -89,6 +89,105 @@ pub enum Command {
     Watch(WatchArgs),
     /// What each tenant's VMs used on the host (the operator's token).
     Usage(UsageArgs),
+    /// Run a gateway: its hosts, tenants and API keys (the gateway's admin token).
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// The gateway's AdminService.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// The hosts the gateway places VMs on.
+    #[command(subcommand)]
+    Hosts(HostsCommand),
+    /// The tenants the gateway serves, with their fleet quotas.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// API keys: made (shown once), listed masked, revoked.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// VMs hosts have that the gateway's store does not place there.
+    Strays,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    /// Every host, with its mode, health and room.
+    List,
+    /// Add a host; it is probed at once.
+    Add {
+        /// 1 to 64 letters, digits, '-', '.' or '_'.
+        name: String,
+        /// Where its metald listens: http://HOST:PORT.
+        url: String,
+    },
+    /// Place nothing new on a host; its VMs run on.
+    Cordon { name: String },
+    /// Let a cordoned or draining host take new VMs again.
+    Uncordon { name: String },
+    /// Place nothing new on a host on its way out; remove it once it holds no VMs.
+    Drain { name: String },
+    /// Forget a host; one that holds VMs only with --force, which forgets them too.
+    Remove {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// A fleet quota; a limit not given is none.
+#[derive(Debug, Args)]
+pub struct QuotaArgs {
+    /// VMs at most, across every host.
+    #[arg(long, value_name = "N")]
+    pub max_vms: Option<i64>,
+    /// vCPUs at most.
+    #[arg(long, value_name = "N")]
+    pub max_vcpus: Option<i64>,
+    /// Guest memory at most (512MiB, 64GiB).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<i64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// Every tenant and its quota.
+    List,
+    /// Make a tenant.
+    Create {
+        /// 1 to 128 letters, digits and '-'.
+        id: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+    /// Replace a tenant's quota (limits not given become none).
+    SetQuota {
+        id: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Keys, masked, with when each was last used.
+    List {
+        /// Only this tenant's.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Make an API key for a tenant; prints it once.
+    Create {
+        tenant: String,
+        /// What the key is for.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Refuse the key after this long (90d, 12h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires_in: Option<std::time::Duration>,
+    },
+    /// Revoke a key, for good: its id, or its masked form.
+    Revoke { id: String },
 }
 
 #[derive(Debug, Args)]

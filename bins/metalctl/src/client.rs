@@ -9,6 +9,7 @@ use std::time::Duration;
 use connectrpc::Protocol;
 use connectrpc::client::{CallOptions, ClientConfig, HttpClient};
 use http::header::{AUTHORIZATION, HeaderMap, HeaderValue};
+use metald_api::proto::gateway::v1::AdminServiceClient;
 use metald_api::proto::vmprovisioner::v1::{OperatorServiceClient, VmServiceClient};
 
 use crate::cli::{GlobalArgs, WireProtocol};
@@ -23,6 +24,7 @@ const HOST_DEFAULT_GRACE_ALLOWANCE: Duration = Duration::from_secs(60);
 pub struct Api {
     client: VmServiceClient<HttpClient>,
     operator: OperatorServiceClient<HttpClient>,
+    admin: AdminServiceClient<HttpClient>,
     deadline: Option<Duration>,
 }
 
@@ -47,7 +49,8 @@ impl Api {
         }
         let deadline = (global.timeout > 0).then(|| Duration::from_secs(global.timeout));
         let operator = OperatorServiceClient::new(transport.clone(), config.clone());
-        Ok(Self { client: VmServiceClient::new(transport, config), operator, deadline })
+        let admin = AdminServiceClient::new(transport.clone(), config.clone());
+        Ok(Self { client: VmServiceClient::new(transport, config), operator, admin, deadline })
     }
 
     /// The generated client, for making calls.
@@ -58,6 +61,11 @@ impl Api {
     /// The operator's service, which takes only the operator's token.
     pub fn operator(&self) -> &OperatorServiceClient<HttpClient> {
         &self.operator
+    }
+
+    /// A gateway's admin service, which takes only the gateway's admin token.
+    pub fn admin(&self) -> &AdminServiceClient<HttpClient> {
+        &self.admin
     }
 
     /// Options for a call that should answer within the deadline.

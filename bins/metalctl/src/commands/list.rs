@@ -35,6 +35,9 @@ pub async fn list(api: &Api, out: &mut Printer, args: &ListArgs) -> Result<(), C
         return out.json(&response);
     }
     out.line(&list_table(&response, args.all_tenants))?;
+    if !response.unreachable_hosts.is_empty() {
+        eprintln!("the list is short: these hosts did not answer: {}", response.unreachable_hosts.join(", "));
+    }
     if !response.next_page_token.is_empty() {
         eprintln!("more VMs follow: metalctl list --page-token {}", response.next_page_token);
     }
@@ -56,6 +59,11 @@ where
         let page = fetch(request.clone()).await?;
         all.vms.extend(page.vms);
         all.total_count = page.total_count;
+        for host in page.unreachable_hosts {
+            if !all.unreachable_hosts.contains(&host) {
+                all.unreachable_hosts.push(host);
+            }
+        }
         if page.next_page_token.is_empty() {
             return Ok(all);
         }

@@ -3,6 +3,7 @@
 //! the answer to the output module. Nothing here formats text or decides
 //! exit codes.
 
+mod admin;
 mod console;
 mod create;
 mod info;
@@ -37,6 +38,7 @@ async fn dispatch(api: &Api, out: &mut Printer, command: Command) -> Result<(), 
         Command::Console(args) => console::console(api, out, &args).await,
         Command::Watch(args) => watch::watch(api, out, &args).await,
         Command::Usage(args) => usage::usage(api, out, &args).await,
+        Command::Admin(command) => admin::admin(api, out, command).await,
     }
 }
 

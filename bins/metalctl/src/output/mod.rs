@@ -3,6 +3,7 @@
 //! host; [`Printer`] only writes what they produce to stdout. Diagnostics
 //! go to stderr and never mix with what a script reads.
 
+mod admin;
 mod event;
 mod info;
 mod list;
@@ -16,6 +17,7 @@ use serde::Serialize;
 
 use crate::exit::CliError;
 
+pub use admin::{hosts_table, keys_table, strays_table, tenants_table};
 pub use event::event_line;
 pub use info::info_table;
 pub use list::list_table;
