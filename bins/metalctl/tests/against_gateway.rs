@@ -6,44 +6,17 @@
 
 #[path = "../../metald/tests/common/mod.rs"]
 mod common;
+mod ctl;
 #[path = "../../metald-gateway/tests/gateway/mod.rs"]
 mod gateway;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Host, HostOptions};
+use ctl::Ctl;
 use gateway::Gateway;
-
-struct Ctl {
-    endpoint: String,
-    token: String,
-}
-
-impl Ctl {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_metalctl"));
-        command.args(args).env("METALD_ENDPOINT", &self.endpoint).env("METALD_TOKEN", &self.token).env_remove("METALD_JSON");
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(output.status.success(), "metalctl {args:?}: {:?}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> (i32, String) {
-        let output = self.run(args);
-        assert!(!output.status.success(), "metalctl {args:?} should fail: {}", String::from_utf8_lossy(&output.stdout));
-        (output.status.code().unwrap(), String::from_utf8(output.stderr).unwrap())
-    }
-}
 
 #[test]
 fn every_metalctl_command_works_against_the_gateway() {
@@ -54,7 +27,7 @@ fn every_metalctl_command_works_against_the_gateway() {
     };
     let mut gateway = Gateway::start(&[&host], "");
     let endpoint = format!("http://127.0.0.1:{}", gateway.port);
-    let operator = Ctl { endpoint: endpoint.clone(), token: gateway.admin_token.clone() };
+    let operator = Ctl::new(endpoint.clone(), gateway.admin_token.clone());
 
     // The admin commands.
     assert!(operator.ok(&["admin", "tenants", "create", "acme", "--max-vms", "3"]).contains("acme"));
@@ -76,7 +49,7 @@ fn every_metalctl_command_works_against_the_gateway() {
     assert!(added.contains("spare") && added.contains("unreachable"), "{added}");
     assert!(operator.ok(&["admin", "hosts", "remove", "spare"]).contains("removed"));
     assert!(operator.ok(&["admin", "hosts", "cordon", "host-0"]).contains("cordoned"));
-    let tenant = Ctl { endpoint: endpoint.clone(), token: key.clone() };
+    let tenant = Ctl::new(endpoint.clone(), key.clone());
     let (code, message) = tenant.fails(&["create", "--vcpus", "1", "--memory", "32MiB", "--kernel", common::GUEST_KERNEL]);
     assert!(code == 7 && message.contains("cordoned or draining"), "{code} {message}");
     assert!(operator.ok(&["admin", "hosts", "drain", "host-0"]).contains("draining"));

@@ -6,35 +6,20 @@
 
 #[path = "../../metald/tests/common/mod.rs"]
 mod common;
+mod ctl;
 
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Host, HostOptions};
+use ctl::Ctl;
 
-struct Ctl<'a> {
-    host: &'a Host,
-    token: String,
+trait GuestCommands {
+    fn create_booted(&self, metadata: &str) -> String;
+    fn wait_ready(&self, vm_id: &str);
 }
 
-impl Ctl<'_> {
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_metalctl"));
-        command.args(args).env("METALD_ENDPOINT", self.host.url()).env("METALD_TOKEN", &self.token).env_remove("METALD_JSON");
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    /// stdout of a command that must succeed.
-    fn ok(&self, args: &[&str]) -> String {
-        let output = self.run(args);
-        assert!(output.status.success(), "metalctl {args:?}: {:?}\n{}", output.status, String::from_utf8_lossy(&output.stderr));
-        String::from_utf8(output.stdout).unwrap()
-    }
-
+impl GuestCommands for Ctl {
     /// Creates and boots a heartbeat guest with `metadata` (`key=value`)
     /// through metalctl and waits for its ready line there; its id.
     fn create_booted(&self, metadata: &str) -> String {
@@ -68,20 +53,13 @@ impl Ctl<'_> {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-
-    /// The exit code and stderr of a command that must fail.
-    fn fails(&self, args: &[&str]) -> (i32, String) {
-        let output = self.run(args);
-        assert!(!output.status.success(), "metalctl {args:?} should fail: {}", String::from_utf8_lossy(&output.stdout));
-        (output.status.code().unwrap(), String::from_utf8(output.stderr).unwrap())
-    }
 }
 
 #[test]
 fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     let test = "every_command_against_a_daemon_with_meaningful_exit_codes";
     let Some(host) = Host::start(test, HostOptions::default()) else { return };
-    let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
+    let ctl = Ctl::new(host.url(), host.token("acme").to_owned());
 
     let vm_id = ctl.create_booted("team=db");
     assert!(vm_id.starts_with("vm-"), "{vm_id}");
@@ -127,12 +105,12 @@ fn every_command_against_a_daemon_with_meaningful_exit_codes() {
     assert!(code == 5 && message.contains("memory.size_bytes"), "{code} {message}");
     let (code, _) = ctl.fails(&["create", "--memory", "lots", "--kernel", common::GUEST_KERNEL]);
     assert_eq!(code, 2, "a flag metalctl cannot read is a usage error");
-    let stranger = Ctl { host: &host, token: "not-a-token".into() };
+    let stranger = Ctl::new(host.url(), "not-a-token");
     let (code, message) = stranger.fails(&["list"]);
     assert!(code == 6 && message.contains("unauthenticated"), "{code} {message}");
     let (code, message) = ctl.fails(&["--endpoint", "http://127.0.0.1:9", "list"]);
     assert_eq!(code, 8, "an unreachable host: {message}");
-    let operator = Ctl { host: &host, token: host.operator_token.clone() };
+    let operator = Ctl::new(host.url(), host.operator_token.clone());
     let (code, message) = operator.fails(&["usage"]);
     assert!(code == 4 && message.contains("billing is off"), "a host without billing has no usage to sum: {code} {message}");
     assert_eq!(host.leftovers(), Vec::<String>::new());
@@ -161,7 +139,7 @@ fn info_rows(table: &str) -> Vec<String> {
 fn the_info_example_in_the_docs_has_every_row_metalctl_prints_for_a_running_vm() {
     let test = "the_info_example_in_the_docs_has_every_row_metalctl_prints_for_a_running_vm";
     let Some(host) = Host::start(test, HostOptions::default()) else { return };
-    let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
+    let ctl = Ctl::new(host.url(), host.token("acme").to_owned());
     let vm_id = ctl.create_booted("team=infra");
     let printed = info_rows(&ctl.ok(&["info", &vm_id]));
     let page = std::fs::read_to_string(metald_testguest::workspace_root().join("docs/cli/metalctl.md")).unwrap();
@@ -177,7 +155,7 @@ fn the_info_example_in_the_docs_has_every_row_metalctl_prints_for_a_running_vm()
 fn what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends() {
     let test = "what_got_in_a_first_days_way_is_gone_defaults_ranges_json_and_ends";
     let Some(host) = Host::start(test, HostOptions::default()) else { return };
-    let ctl = Ctl { host: &host, token: host.token("acme").to_owned() };
+    let ctl = Ctl::new(host.url(), host.token("acme").to_owned());
     assert_eq!(ctl.ok(&["list"]).trim(), "No VMs.");
     let (code, message) = ctl.fails(&["create"]);
     assert!(code == 2 && message.contains("a kernel is needed"), "{code} {message}");
@@ -236,9 +214,9 @@ fn the_operator_lists_every_tenants_vms_and_sums_their_usage_as_the_usage_file_h
     let test = "the_operator_lists_every_tenants_vms_and_sums_their_usage_as_the_usage_file_holds_it";
     let options = HostOptions { tenants: vec![("acme", "{}"), ("globex", "{}")], billing: true, ..HostOptions::default() };
     let Some(host) = Host::start(test, options) else { return };
-    let acme = Ctl { host: &host, token: host.token("acme").to_owned() };
-    let globex = Ctl { host: &host, token: host.token("globex").to_owned() };
-    let operator = Ctl { host: &host, token: host.operator_token.clone() };
+    let acme = Ctl::new(host.url(), host.token("acme").to_owned());
+    let globex = Ctl::new(host.url(), host.token("globex").to_owned());
+    let operator = Ctl::new(host.url(), host.operator_token.clone());
     let acme_vm = acme.create_booted("team=a");
     let globex_vm = globex.create_booted("team=b");
 
