@@ -315,13 +315,17 @@ impl HostLink {
     }
 
     /// A call to `procedure` for `tenant` ("" for the gateway itself),
-    /// signed now, ending by the caller's deadline or the call timeout.
+    /// signed now, ending by the caller's deadline or the call timeout,
+    /// carrying the current trace.
     pub fn options(&self, tenant: &str, procedure: &str, deadline: Option<Instant>) -> CallOptions {
         let timeout = deadline.map_or(self.call_timeout, |deadline| deadline.saturating_duration_since(Instant::now()));
+        let trace = metald_serve::trace_context::current_headers();
+        let traced =
+            CallOptions::default().with_timeout(timeout).with_headers(trace.iter().map(|(name, value)| (name.clone(), value.clone())));
         self.secret
             .headers(tenant, procedure, SystemTime::now())
             .into_iter()
-            .fold(CallOptions::default().with_timeout(timeout), |options, (name, value)| options.with_header(name, value))
+            .fold(traced, |options, (name, value)| options.with_header(name, value))
     }
 }
 

@@ -41,7 +41,7 @@ pub struct Gate<A>(pub A);
 impl<A: Admit> Gate<A> {
     fn span(&self, path: &str, ctx: &RequestContext) -> tracing::Span {
         let client = ctx.extensions().get::<crate::listener::ClientAddress>().map(|address| address.0.to_string());
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "rpc",
             otel.name = path,
             otel.kind = "server",
@@ -53,7 +53,9 @@ impl<A: Admit> Gate<A> {
             key = tracing::field::Empty,
             vm_id = tracing::field::Empty,
             code = tracing::field::Empty,
-        )
+        );
+        crate::trace_context::continue_from(&span, ctx.headers());
+        span
     }
 
     fn finish<T>(&self, path: &str, span: &tracing::Span, started: Instant, result: &Result<T, ConnectError>) {

@@ -5,6 +5,7 @@
 //! - [`listener`]: the API port, bounded (connections in all and per
 //!   client, header, body and idle timeouts), HTTP/1.1 and h2c on one port;
 //! - [`telemetry`]: logs to stderr and traces over OTLP/HTTP;
+//!   [`trace_context`], a trace continued across a hop;
 //! - [`settings`]: defaults, a TOML file, environment variables and flags,
 //!   layered, with errors that name the key; [`shutdown`], stopping on a
 //!   signal after the calls in flight;
@@ -24,3 +25,4 @@ pub mod listener;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace_context;

@@ -53,9 +53,15 @@ impl Gateway {
             nix::unistd::chown(path, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
         }
         let admin_token = format!("mda_test_{}", metald_core::VmId::generate());
+        // The test's own [telemetry] lines join the log filter's table.
+        let log = "log = \"info,metald_fleet=debug\"\n";
+        let extra = if extra.contains("[telemetry]\n") {
+            extra.replacen("[telemetry]\n", &format!("[telemetry]\n{log}"), 1)
+        } else {
+            format!("{extra}\n[telemetry]\n{log}")
+        };
         let mut toml = format!(
-            "data_dir = {data_dir:?}\nhost_secret_file = {secret_file:?}\nadmin_token_sha256 = [{:?}]\nprobe_interval_ms = 200\n{extra}\n\
-             [telemetry]\nlog = \"info,metald_fleet=debug\"\n",
+            "data_dir = {data_dir:?}\nhost_secret_file = {secret_file:?}\nadmin_token_sha256 = [{:?}]\nprobe_interval_ms = 200\n{extra}\n",
             hex::encode(sha2::Sha256::digest(admin_token.as_bytes())),
         );
         for (index, host) in hosts.iter().enumerate() {

@@ -20,6 +20,7 @@ use sha2::Digest;
 pub use metald_testguest as testguest;
 
 pub mod cgroups;
+pub mod otlp;
 
 pub const GUEST_KERNEL: &str = "testguest.elf";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(20);
