@@ -41,7 +41,7 @@ use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use http_body_util::BodyExt;
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::proto::vmprovisioner::v1::VmState;
-use metald_benches::{BenchHost, GUEST_KERNEL, GUEST_MEMORY_MIB, Recorder, ms, timed_iterations};
+use metald_benches::{BenchHost, GUEST_KERNEL, GUEST_MEMORY_MIB, Latencies, Recorder, ms, ms3, ratio, timed_iterations};
 use metald_testguest::console;
 use sha2::Digest;
 
@@ -319,51 +319,6 @@ impl Probe {
             Self::InfoCreatedGrpc => vm_info(&callers.grpc, Fleet::pick(&fleet.created, turn)?, VmState::VM_STATE_CREATED).await,
         }
     }
-}
-
-/// Sorted durations of one kind of call.
-#[derive(Debug, Clone, Default)]
-struct Latencies(Vec<Duration>);
-
-impl Latencies {
-    fn of(mut samples: Vec<Duration>) -> Self {
-        samples.sort();
-        Self(samples)
-    }
-
-    /// The nearest-rank percentile.
-    fn percentile(&self, percent: usize) -> Duration {
-        let rank = (percent * self.0.len()).div_ceil(100).max(1);
-        self.0.get(rank - 1).copied().unwrap_or_default()
-    }
-
-    fn mean(&self) -> Duration {
-        if self.0.is_empty() {
-            return Duration::ZERO;
-        }
-        Duration::from_secs_f64(self.0.iter().map(Duration::as_secs_f64).sum::<f64>() / self.0.len() as f64)
-    }
-
-    fn summary(&self) -> String {
-        format!(
-            "p50 {:>9}  p99 {:>9}  mean {:>9}  min {:>9}  max {:>9}  (n={})",
-            ms3(self.percentile(50)),
-            ms3(self.percentile(99)),
-            ms3(self.mean()),
-            ms3(self.0.first().copied().unwrap_or_default()),
-            ms3(self.0.last().copied().unwrap_or_default()),
-            self.0.len()
-        )
-    }
-}
-
-/// A duration in milliseconds with three decimals, for sub-millisecond calls.
-fn ms3(duration: Duration) -> String {
-    format!("{:.3} ms", duration.as_secs_f64() * 1000.0)
-}
-
-fn ratio(ours: Duration, baseline: Duration) -> f64 {
-    ours.as_secs_f64() / baseline.as_secs_f64().max(f64::EPSILON)
 }
 
 fn refused(what: &str, error: &ConnectError) -> String {

@@ -267,3 +267,49 @@ pub fn firecracker_on_kvm() -> Option<PathBuf> {
         }
     }
 }
+
+/// Sorted durations of one kind of call.
+#[derive(Debug, Clone, Default)]
+pub struct Latencies(pub Vec<Duration>);
+
+impl Latencies {
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        Self(samples)
+    }
+
+    /// The nearest-rank percentile.
+    pub fn percentile(&self, percent: usize) -> Duration {
+        let rank = (percent * self.0.len()).div_ceil(100).max(1);
+        self.0.get(rank - 1).copied().unwrap_or_default()
+    }
+
+    pub fn mean(&self) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(self.0.iter().map(Duration::as_secs_f64).sum::<f64>() / self.0.len() as f64)
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "p50 {:>9}  p99 {:>9}  mean {:>9}  min {:>9}  max {:>9}  (n={})",
+            ms3(self.percentile(50)),
+            ms3(self.percentile(99)),
+            ms3(self.mean()),
+            ms3(self.0.first().copied().unwrap_or_default()),
+            ms3(self.0.last().copied().unwrap_or_default()),
+            self.0.len()
+        )
+    }
+}
+
+/// A duration in milliseconds with three decimals, for sub-millisecond calls.
+pub fn ms3(duration: Duration) -> String {
+    format!("{:.3} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// How many times `baseline` `ours` took.
+pub fn ratio(ours: Duration, baseline: Duration) -> f64 {
+    ours.as_secs_f64() / baseline.as_secs_f64().max(f64::EPSILON)
+}

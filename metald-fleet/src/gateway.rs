@@ -360,8 +360,8 @@ impl Gateway {
         let wants_failed = request.state_filter.is_empty()
             || request.state_filter.iter().any(|state| state.as_known() == Some(wire::VmState::VM_STATE_FAILED));
         if wants_failed {
-            for placement in self.store.placements(None).await.map_err(|error| store_unavailable(&error))? {
-                if let (true, PlacementStatus::Lost { reason }) = (placement.tenant == caller.tenant, &placement.status) {
+            for placement in self.store.lost_placements(&caller.tenant).await.map_err(|error| store_unavailable(&error))? {
+                if let PlacementStatus::Lost { reason } = &placement.status {
                     total += 1;
                     if after.as_ref().is_none_or(|after| placement.vm_id > *after) {
                         vms.push(lost_in_list(&placement, reason));

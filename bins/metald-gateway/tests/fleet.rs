@@ -173,3 +173,24 @@ fn the_lifecycle_through_the_gateway_spreads_vms_over_hosts_and_keeps_tenants_ap
     }
     let _ = Duration::ZERO;
 }
+
+/// The gateway needs no privilege: started as root it refuses, saying how
+/// to run it, unless its settings allow it.
+#[test]
+fn the_gateway_refuses_to_run_as_root_unless_told_to() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED the_gateway_refuses_to_run_as_root_unless_told_to: the test must start the gateway as root");
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("metald-test-gateway-root-").tempdir().unwrap();
+    let secret = dir.path().join("host.secret");
+    std::fs::write(&secret, common::GATEWAY_SECRET).unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, format!("listen = \"127.0.0.1:0\"\ndata_dir = {:?}\nhost_secret_file = {secret:?}\n", dir.path().join("data")))
+        .unwrap();
+    let output = std::process::Command::new(gateway::gateway_binary()).arg("--config").arg(&config).env("NO_COLOR", "1").output().unwrap();
+    assert!(!output.status.success());
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(log.contains("metald-gateway needs no privilege and refuses to run as root"), "{log}");
+    assert!(!dir.path().join("data").exists(), "it made nothing");
+}

@@ -187,4 +187,6 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     async fn remove_placement(&self, vm_id: &str) -> Result<(), StoreError>;
     /// Placements, of one host or all, in vm_id order.
     async fn placements(&self, host: Option<&str>) -> Result<Vec<Placement>, StoreError>;
+    /// A tenant's lost placements, in vm_id order.
+    async fn lost_placements(&self, tenant: &str) -> Result<Vec<Placement>, StoreError>;
 }

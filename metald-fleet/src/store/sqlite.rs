@@ -527,4 +527,16 @@ impl FleetStore for SqliteStore {
         })
         .await
     }
+
+    async fn lost_placements(&self, tenant: &str) -> Result<Vec<Placement>, StoreError> {
+        let tenant = tenant.to_owned();
+        self.run(move |connection, path| {
+            let mut statement = connection
+                .prepare(&format!("SELECT {PLACEMENT_COLUMNS} FROM placements WHERE tenant = ?1 AND status = 'lost' ORDER BY vm_id"))
+                .map_err(sqlite(path))?;
+            let rows = statement.query_map([tenant], placement_row).map_err(sqlite(path))?;
+            rows.map(|row| row.map_err(sqlite(path)).and_then(|row| with_status(path, row))).collect()
+        })
+        .await
+    }
 }

@@ -152,6 +152,9 @@ pub fn a_placement_counts_against_its_tenants_quota_until_it_is_removed_or_lost<
         assert_eq!((moved.host.as_str(), moved.status), ("h2", PlacementStatus::Placed));
         store.update_placement("vm-1", "h2", PlacementStatus::Lost { reason: "lost: h2 no longer has it".into() }).await.unwrap();
         store.reserve_placement(placement("vm-4", "acme", "h1", 1), quota, None).await.expect("a lost VM holds no quota");
+        let lost: Vec<String> = store.lost_placements("acme").await.unwrap().into_iter().map(|placement| placement.vm_id).collect();
+        assert_eq!(lost, ["vm-1"]);
+        assert!(store.lost_placements("globex").await.unwrap().is_empty());
         store.remove_placement("vm-2").await.unwrap();
         store.reserve_placement(placement("vm-5", "acme", "h1", 1), quota, None).await.expect("a removed VM holds no quota");
         let on_h2: Vec<String> = store.placements(Some("h2")).await.unwrap().into_iter().map(|placement| placement.vm_id).collect();

@@ -569,8 +569,6 @@ pub fn jailer_lock_files(uid_start: u32, uid_count: u32, cgroup_parent: &str) ->
     [run.join(format!("uids-{uid_start}-{}.lock", uid_start + uid_count)), run.join(format!("cgroup-{cgroup_parent}.lock"))]
 }
 
-/// The daemon: this package's binary for metald's own tests; for other
-/// packages' tests (metalctl's), the one the same build put beside them.
 /// A VM's records (as [`Host::usage_by_vm`] gives them) are one chain: no
 /// record missing or repeated, each starting where the one before ended.
 pub fn assert_one_unbroken_chain(vm_id: &str, records: &[(u64, u64, u64, bool)]) {
@@ -587,6 +585,9 @@ pub fn assert_contiguous(vm_id: &str, records: &[(u64, u64, u64, bool)]) {
     }
 }
 
+/// The daemon: this package's binary for metald's own tests; for other
+/// packages' tests (metalctl's, the gateway's, the benches'), the one the
+/// same build put beside them.
 pub fn metald_binary() -> PathBuf {
     match option_env!("CARGO_BIN_EXE_metald") {
         Some(path) => PathBuf::from(path),
