@@ -1,30 +1,53 @@
 //! How a gateway vouches to a host: an HMAC-SHA256 signature, under a
-//! secret only the two know, over the tenant, the time and the procedure,
-//! sent in three headers. The host takes the tenant from the headers only
-//! when the signature holds and is fresh. A call the gateway makes for
-//! itself (a host's capacity) is signed with an empty tenant, which no
-//! tenant call can be.
+//! secret only the two know, over the tenant, the time, the procedure, a
+//! nonce and the SHA-256 of the request body, sent in four headers. The
+//! host takes the tenant from the headers only when the signature holds
+//! for the body it received, is fresh, and its nonce was not seen within
+//! the skew window: a captured header set can be replayed neither with
+//! another body nor as it was. A call the gateway makes for itself (a
+//! host's capacity) is signed with an empty tenant, which no tenant call
+//! can be. A server stream's request is not in hand when its call is
+//! admitted, so its digest is signed as empty; its nonce still holds.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 /// The tenant the gateway vouches for; empty for the gateway's own calls.
 pub const TENANT_HEADER: &str = "x-metald-tenant";
 /// When the gateway signed, in Unix seconds.
 pub const TIMESTAMP_HEADER: &str = "x-metald-gateway-timestamp";
+/// A value the gateway uses once (32 hex digits from the OS's random source).
+pub const NONCE_HEADER: &str = "x-metald-gateway-nonce";
 /// Hex HMAC-SHA256 of [`signed_message`] under the shared secret.
 pub const SIGNATURE_HEADER: &str = "x-metald-gateway-signature";
 
 /// The shortest secret a gateway and a host may share.
 pub const MIN_SECRET_BYTES: usize = 32;
 
-/// What a gateway signs: a version, the tenant, the time and the procedure
-/// path (`/vmprovisioner.v1.VmService/CreateVm`), one per line, so a
-/// signature for one call cannot be reused for another method or tenant.
-pub fn signed_message(tenant: &str, unix_seconds: u64, procedure: &str) -> String {
-    format!("metald-gateway-v1\n{tenant}\n{unix_seconds}\n{procedure}")
+/// What one signature covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedCall<'a> {
+    pub tenant: &'a str,
+    pub unix_seconds: u64,
+    /// The request's path: `/vmprovisioner.v1.VmService/CreateVm`.
+    pub procedure: &'a str,
+    pub nonce: &'a str,
+    /// Hex SHA-256 of the request body as sent ([`body_digest`]); empty for a server stream.
+    pub body_sha256: &'a str,
+}
+
+/// The hex SHA-256 of a unary request's body; empty for a stream's (`None`).
+pub fn body_digest(body: Option<&[u8]>) -> String {
+    body.map(|body| hex::encode(Sha256::digest(body))).unwrap_or_default()
+}
+
+/// What a gateway signs: a version, then each part of the call, one per
+/// line, so a signature for one call holds for no other method, tenant,
+/// time, nonce or body.
+pub fn signed_message(call: &SignedCall<'_>) -> String {
+    format!("metald-gateway-v2\n{}\n{}\n{}\n{}\n{}", call.tenant, call.unix_seconds, call.procedure, call.nonce, call.body_sha256)
 }
 
 /// The secret a gateway and a host share.
@@ -50,28 +73,33 @@ impl GatewaySecret {
         }
     }
 
-    /// The signature for `tenant` calling `procedure` at `unix_seconds`, in hex.
-    pub fn sign(&self, tenant: &str, unix_seconds: u64, procedure: &str) -> String {
+    /// The signature of `call`, in hex.
+    pub fn sign(&self, call: &SignedCall<'_>) -> String {
         let mut mac = self.mac();
-        mac.update(signed_message(tenant, unix_seconds, procedure).as_bytes());
+        mac.update(signed_message(call).as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
 
-    /// Whether `signature_hex` is this secret's signature, compared in constant time.
-    pub fn verify(&self, tenant: &str, unix_seconds: u64, procedure: &str, signature_hex: &str) -> bool {
+    /// Whether `signature_hex` is this secret's signature of `call`, compared in constant time.
+    pub fn verify(&self, call: &SignedCall<'_>, signature_hex: &str) -> bool {
         let Ok(signature) = hex::decode(signature_hex) else { return false };
         let mut mac = self.mac();
-        mac.update(signed_message(tenant, unix_seconds, procedure).as_bytes());
+        mac.update(signed_message(call).as_bytes());
         mac.verify_slice(&signature).is_ok()
     }
 
-    /// The three headers of a call for `tenant` to `procedure`, signed now.
-    pub fn headers(&self, tenant: &str, procedure: &str, now: SystemTime) -> [(&'static str, String); 3] {
+    /// The four headers of a call for `tenant` to `procedure` with `body`
+    /// (`None` for a server stream), signed now with a fresh nonce.
+    pub fn headers(&self, tenant: &str, procedure: &str, body: Option<&[u8]>, now: SystemTime) -> [(&'static str, String); 4] {
         let unix_seconds = now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        let body_sha256 = body_digest(body);
+        let signature = self.sign(&SignedCall { tenant, unix_seconds, procedure, nonce: &nonce, body_sha256: &body_sha256 });
         [
             (TENANT_HEADER, tenant.to_owned()),
             (TIMESTAMP_HEADER, unix_seconds.to_string()),
-            (SIGNATURE_HEADER, self.sign(tenant, unix_seconds, procedure)),
+            (NONCE_HEADER, nonce),
+            (SIGNATURE_HEADER, signature),
         ]
     }
 }
@@ -81,14 +109,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_signature_holds_for_its_tenant_time_and_procedure_only() {
+    fn a_signature_holds_for_its_tenant_time_procedure_nonce_and_body_only() {
         let secret = GatewaySecret::new(b"0123456789abcdef0123456789abcdef".to_vec());
-        let signature = secret.sign("acme", 1000, "/p/A");
-        assert!(secret.verify("acme", 1000, "/p/A", &signature));
-        for (tenant, at, procedure) in [("globex", 1000, "/p/A"), ("acme", 1001, "/p/A"), ("acme", 1000, "/p/B")] {
-            assert!(!secret.verify(tenant, at, procedure, &signature), "{tenant} {at} {procedure}");
+        let body = body_digest(Some(b"{\"vm_id\":\"a\"}"));
+        let call = SignedCall { tenant: "acme", unix_seconds: 1000, procedure: "/p/A", nonce: "n1", body_sha256: &body };
+        let signature = secret.sign(&call);
+        assert!(secret.verify(&call, &signature));
+        let other_body = body_digest(Some(b"{\"vm_id\":\"b\"}"));
+        for changed in [
+            SignedCall { tenant: "globex", ..call },
+            SignedCall { unix_seconds: 1001, ..call },
+            SignedCall { procedure: "/p/B", ..call },
+            SignedCall { nonce: "n2", ..call },
+            SignedCall { body_sha256: &other_body, ..call },
+            SignedCall { body_sha256: "", ..call },
+        ] {
+            assert!(!secret.verify(&changed, &signature), "{changed:?}");
         }
-        assert!(!GatewaySecret::new(b"another secret of enough length!".to_vec()).verify("acme", 1000, "/p/A", &signature));
-        assert!(!secret.verify("acme", 1000, "/p/A", "not hex"));
+        assert!(!GatewaySecret::new(b"another secret of enough length!".to_vec()).verify(&call, &signature));
+        assert!(!secret.verify(&call, "not hex"));
+    }
+
+    #[test]
+    fn each_call_gets_a_nonce_of_its_own() {
+        let secret = GatewaySecret::new(b"0123456789abcdef0123456789abcdef".to_vec());
+        let first = secret.headers("acme", "/p/A", Some(b"x"), SystemTime::now());
+        let second = secret.headers("acme", "/p/A", Some(b"x"), SystemTime::now());
+        assert_ne!(first[2].1, second[2].1);
+        assert_eq!(first[2].1.len(), 32);
     }
 }

@@ -215,7 +215,7 @@ impl Gateway {
                 self.store.update_placement(&vm_id, name, PlacementStatus::Pending).await.map_err(|error| store_unavailable(&error))?;
             }
             let in_flight = host.reserve(ask);
-            let options = host.link().options(&caller.tenant, &procedure("CreateVm"), ctx.deadline());
+            let options = host.link().call_options(&caller.tenant, &procedure("CreateVm"), &request, ctx.deadline());
             match host.link().vms.create_vm_with_options(request.clone(), options).await {
                 Ok(answer) => {
                     in_flight.made();
@@ -242,7 +242,7 @@ impl Gateway {
         let mut answer = wire::CreateVmResponse { vm_id: earlier.vm_id.clone(), ..Default::default() };
         if let Some(host) = self.hosts.get(&earlier.host) {
             let request = wire::GetVmInfoRequest { vm_id: earlier.vm_id.clone(), ..Default::default() };
-            let options = host.link().options(&caller.tenant, &procedure("GetVmInfo"), None);
+            let options = host.link().call_options(&caller.tenant, &procedure("GetVmInfo"), &request, None);
             if let Ok(info) = host.link().vms.get_vm_info_with_options(request, options).await {
                 answer.state = info.into_owned().state;
             }
@@ -333,7 +333,7 @@ impl Gateway {
             let mut page = request.clone();
             page.page_size = i32::try_from(size).unwrap_or(i32::MAX);
             page.page_token = after.as_deref().map(page_token).unwrap_or_default();
-            let options = host.link().options(&caller.tenant, &procedure("ListVms"), ctx.deadline());
+            let options = host.link().call_options(&caller.tenant, &procedure("ListVms"), &page, ctx.deadline());
             async move { (host, host.link().vms.list_vms_with_options(page, options).await) }
         });
         let mut vms = Vec::new();
@@ -393,7 +393,7 @@ macro_rules! forward {
         let caller = caller(&$ctx)?;
         let request = $request.to_owned_message();
         let (placement, host) = $self.live(&caller, &request.vm_id).await?;
-        let options = host.link().options(&caller.tenant, &procedure($name), $ctx.deadline());
+        let options = host.link().call_options(&caller.tenant, &procedure($name), &request, $ctx.deadline());
         match host.link().vms.$method(request, options).await {
             Ok(answer) => Response::ok(answer.into_owned()),
             Err(error) => Err($self.lost_if_gone(&placement, &host, error).await),
@@ -425,7 +425,7 @@ impl wire::VmService for Gateway {
         let (placement, host) = self.locate(&caller, &request.vm_id).await?;
         let vm_id = request.vm_id.clone();
         if !matches!(placement.status, PlacementStatus::Lost { .. }) {
-            let options = host.link().options(&caller.tenant, &procedure("DeleteVm"), ctx.deadline());
+            let options = host.link().call_options(&caller.tenant, &procedure("DeleteVm"), &request, ctx.deadline());
             match host.link().vms.delete_vm_with_options(request, options).await {
                 Ok(_) => {}
                 // The host no longer has it: forgetting it is what the caller asked.
@@ -484,7 +484,7 @@ impl wire::VmService for Gateway {
         if let PlacementStatus::Lost { reason } = &placement.status {
             return Response::ok(lost_info(&placement, reason));
         }
-        let options = host.link().options(&caller.tenant, &procedure("GetVmInfo"), ctx.deadline());
+        let options = host.link().call_options(&caller.tenant, &procedure("GetVmInfo"), &request, ctx.deadline());
         match host.link().vms.get_vm_info_with_options(request, options).await {
             Ok(answer) => Response::ok(answer.into_owned()),
             Err(error) => {

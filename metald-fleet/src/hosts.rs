@@ -216,11 +216,9 @@ impl Host {
     pub async fn probe(&self) -> Health {
         let began = Instant::now();
         let procedure = "/vmprovisioner.v1.HostService/GetHostCapacity";
-        let answer = self
-            .link
-            .host
-            .get_host_capacity_with_options(wire::GetHostCapacityRequest::default(), self.link.options("", procedure, None))
-            .await;
+        let request = wire::GetHostCapacityRequest::default();
+        let options = self.link.call_options("", procedure, &request, None);
+        let answer = self.link.host.get_host_capacity_with_options(request, options).await;
         let mut status = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         let health = match answer {
             Ok(answer) => {
@@ -314,16 +312,25 @@ impl HostLink {
         self.host.list_vms_with_options(request, options).await
     }
 
-    /// A call to `procedure` for `tenant` ("" for the gateway itself),
-    /// signed now, ending by the caller's deadline or the call timeout,
-    /// carrying the current trace.
-    pub fn options(&self, tenant: &str, procedure: &str, deadline: Option<Instant>) -> CallOptions {
+    /// A unary call to `procedure` for `tenant` ("" for the gateway
+    /// itself) with `request`, signed now over its body, ending by the
+    /// caller's deadline or the call timeout, carrying the current trace.
+    pub fn call_options(&self, tenant: &str, procedure: &str, request: &impl buffa::Message, deadline: Option<Instant>) -> CallOptions {
         let timeout = deadline.map_or(self.call_timeout, |deadline| deadline.saturating_duration_since(Instant::now()));
+        self.signed(tenant, procedure, Some(&request.encode_to_vec()), timeout)
+    }
+
+    /// A server stream to `procedure` for `tenant`, open until either side ends it.
+    pub fn stream_options(&self, tenant: &str, procedure: &str) -> CallOptions {
+        self.signed(tenant, procedure, None, Duration::from_secs(365 * 24 * 3600))
+    }
+
+    fn signed(&self, tenant: &str, procedure: &str, body: Option<&[u8]>, timeout: Duration) -> CallOptions {
         let trace = metald_serve::trace_context::current_headers();
         let traced =
             CallOptions::default().with_timeout(timeout).with_headers(trace.iter().map(|(name, value)| (name.clone(), value.clone())));
         self.secret
-            .headers(tenant, procedure, SystemTime::now())
+            .headers(tenant, procedure, body, SystemTime::now())
             .into_iter()
             .fold(traced, |options, (name, value)| options.with_header(name, value))
     }

@@ -67,7 +67,8 @@ async fn vms_on(host: &Host) -> Option<BTreeMap<String, (String, Option<wire::Vm
     let mut page_token = String::new();
     loop {
         let request = wire::ListVmsRequest { page_token, page_size: 1000, ..Default::default() };
-        let answer = host.link().list_all_vms(request, host.link().options("", LIST_PROCEDURE, None)).await.ok()?.into_owned();
+        let options = host.link().call_options("", LIST_PROCEDURE, &request, None);
+        let answer = host.link().list_all_vms(request, options).await.ok()?.into_owned();
         vms.extend(answer.vms.into_iter().map(|vm| (vm.vm_id, (vm.customer_id, vm.state.as_known()))));
         if answer.next_page_token.is_empty() {
             return Some(vms);

@@ -51,7 +51,13 @@ fn method_of(path: &str) -> &str {
 
 #[connectrpc::async_trait]
 impl metald_serve::gate::Admit for Gate {
-    async fn admit(&self, ctx: &mut connectrpc::RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError> {
+    async fn admit(
+        &self,
+        ctx: &mut connectrpc::RequestContext,
+        path: &str,
+        _body: Option<&[u8]>,
+        span: &tracing::Span,
+    ) -> Result<(), ConnectError> {
         if !self.readiness.is_ready() {
             return Err(ConnectError::unavailable("the gateway is starting; try again shortly"));
         }

@@ -63,8 +63,8 @@ async fn states(host: &Host, caller: &Caller, only: &str) -> Option<BTreeMap<Str
     let mut page_token = String::new();
     loop {
         let request = wire::ListVmsRequest { page_token: page_token.clone(), page_size: 1000, ..Default::default() };
-        let answer =
-            host.link().vms.list_vms_with_options(request, host.link().options(&caller.tenant, LIST_PROCEDURE, None)).await.ok()?;
+        let options = host.link().call_options(&caller.tenant, LIST_PROCEDURE, &request, None);
+        let answer = host.link().vms.list_vms_with_options(request, options).await.ok()?;
         let answer = answer.into_owned();
         for vm in answer.vms.into_iter().filter(|vm| only.is_empty() || vm.vm_id == only) {
             states.insert(vm.vm_id, vm.state.as_known().unwrap_or(wire::VmState::VM_STATE_UNSPECIFIED));
@@ -93,7 +93,7 @@ async fn follow(host: Arc<Host>, caller: Caller, request: wire::WatchVmsRequest,
     let mut told: Option<BTreeMap<String, wire::VmState>> = None;
     let mut retry = FIRST_RETRY;
     loop {
-        let options = host.link().options(&caller.tenant, WATCH_PROCEDURE, None).with_timeout(Duration::from_secs(365 * 24 * 3600));
+        let options = host.link().stream_options(&caller.tenant, WATCH_PROCEDURE);
         let opened = tokio::select! {
             opened = host.link().vms.watch_vms_with_options(request.clone(), options) => opened,
             () = events.closed() => return,

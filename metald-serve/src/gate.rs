@@ -14,8 +14,9 @@ use tracing::Instrument;
 #[connectrpc::async_trait]
 pub trait Admit: Send + Sync + 'static {
     /// Lets the call to `path` in (putting who called into its
-    /// extensions, and into `span`), or says why not.
-    async fn admit(&self, ctx: &mut RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError>;
+    /// extensions, and into `span`), or says why not. `body` is a unary
+    /// call's request as received; a stream's is not in hand yet (`None`).
+    async fn admit(&self, ctx: &mut RequestContext, path: &str, body: Option<&[u8]>, span: &tracing::Span) -> Result<(), ConnectError>;
 
     /// Counts a finished call: its method (as [`Admit::method_of`] names it), code and latency.
     fn observe(&self, method: &str, code: &'static str, elapsed: Duration);
@@ -74,7 +75,8 @@ impl<A: Admit> Interceptor for Gate<A> {
         let started = Instant::now();
         let path = request.ctx.path().unwrap_or("unknown").to_owned();
         let span = self.span(&path, &request.ctx);
-        let result = match self.0.admit(&mut request.ctx, &path, &span).await {
+        let body = request.payload.bytes().clone();
+        let result = match self.0.admit(&mut request.ctx, &path, Some(&body), &span).await {
             Ok(()) => next.run(request).instrument(span.clone()).await.map_err(crate::connect::clarify_decode_error),
             Err(error) => Err(error),
         };
@@ -93,7 +95,7 @@ impl<A: Admit> Interceptor for Gate<A> {
         let span = self.span(&path, &request.ctx);
         // For a stream the figure is the time to open it; how long it then
         // stays open is the caller's choice, not a latency.
-        let result = match self.0.admit(&mut request.ctx, &path, &span).await {
+        let result = match self.0.admit(&mut request.ctx, &path, None, &span).await {
             Ok(()) => next.run(request, inbound).instrument(span.clone()).await.map_err(crate::connect::clarify_decode_error),
             Err(error) => Err(error),
         };

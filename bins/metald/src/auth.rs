@@ -1,10 +1,11 @@
 //! Who is calling. Standalone, a caller shows a bearer token, which maps
 //! to a tenant through the SHA-256 hashes in the configuration (tokens are
 //! never stored). Behind a gateway, the gateway vouches for the tenant
-//! with an HMAC-SHA256 signature over the tenant, the time and the
-//! procedure, made with a secret only it and this host know; metald takes
-//! a tenant from a gateway header only when that signature holds and is
-//! fresh.
+//! with an HMAC-SHA256 signature over the tenant, the time, the
+//! procedure, a nonce and the body's digest, made with a secret only it
+//! and this host know; metald takes a tenant from a gateway header only
+//! when that signature holds for the body it received, is fresh, and its
+//! nonce is not one it saw within the skew window.
 //!
 //! The host's operator has tokens of its own, for `OperatorService` only:
 //! an operator's token is no tenant's, and no tenant's token, nor a
@@ -17,9 +18,10 @@ use http::HeaderMap;
 use metald_core::TenantId;
 use sha2::{Digest, Sha256};
 
-use metald_api::gateway_auth::GatewaySecret;
+use metald_api::gateway_auth::{GatewaySecret, SignedCall, body_digest};
 pub use metald_api::gateway_auth::{
-    SIGNATURE_HEADER as GATEWAY_SIGNATURE_HEADER, TENANT_HEADER as GATEWAY_TENANT_HEADER, TIMESTAMP_HEADER as GATEWAY_TIMESTAMP_HEADER,
+    NONCE_HEADER as GATEWAY_NONCE_HEADER, SIGNATURE_HEADER as GATEWAY_SIGNATURE_HEADER, TENANT_HEADER as GATEWAY_TENANT_HEADER,
+    TIMESTAMP_HEADER as GATEWAY_TIMESTAMP_HEADER,
 };
 
 /// The authenticated caller, put into each request's extensions.
@@ -57,6 +59,8 @@ pub enum AuthError {
     BadSignature,
     #[error("the gateway's signature is {age_seconds} s away from this host's clock; at most {max_seconds} s are accepted")]
     Stale { age_seconds: u64, max_seconds: u64 },
+    #[error("the gateway's signed call was already taken: a signed call is taken once")]
+    Replayed,
 }
 
 impl AuthError {
@@ -74,23 +78,54 @@ impl AuthError {
     }
 }
 
-/// The secret a gateway signs with, and how much clock difference is tolerated.
+/// The secret a gateway signs with, how much clock difference is
+/// tolerated, and the nonces seen within that window.
 #[derive(Debug, Clone)]
 pub struct GatewayTrust {
     secret: GatewaySecret,
     max_skew: Duration,
+    seen: std::sync::Arc<std::sync::Mutex<SeenNonces>>,
+}
+
+/// Nonces of signed calls taken, with when each stops mattering (its
+/// signature goes stale), so a call is taken once.
+#[derive(Debug, Default)]
+struct SeenNonces {
+    until: HashMap<String, u64>,
+    /// When the map was last pruned of nonces whose calls are stale anyway.
+    pruned_at: u64,
+}
+
+impl SeenNonces {
+    /// Takes `nonce` (valid until `until`), or says it was taken before.
+    fn take(&mut self, nonce: &str, until: u64, now: u64) -> bool {
+        if now > self.pruned_at {
+            self.until.retain(|_, until| *until >= now);
+            self.pruned_at = now;
+        }
+        if self.until.contains_key(nonce) {
+            return false;
+        }
+        self.until.insert(nonce.to_owned(), until);
+        true
+    }
 }
 
 impl GatewayTrust {
     pub fn new(secret: Vec<u8>, max_skew: Duration) -> Self {
-        Self { secret: GatewaySecret::new(secret), max_skew }
+        Self { secret: GatewaySecret::new(secret), max_skew, seen: std::sync::Arc::default() }
     }
+}
 
-    /// The signature a gateway sends for `tenant` calling `procedure` at `unix_seconds`.
-    #[cfg(test)]
-    pub fn sign(&self, tenant: &str, unix_seconds: u64, procedure: &str) -> String {
-        self.secret.sign(tenant, unix_seconds, procedure)
-    }
+/// What a call presents to be admitted: its headers, path and (for a
+/// unary call) its body as received.
+#[derive(Debug, Clone, Copy)]
+pub struct Presented<'r> {
+    pub headers: &'r HeaderMap,
+    pub procedure: &'r str,
+    /// `None` for a server stream, whose request is not in hand at admission.
+    pub body: Option<&'r [u8]>,
+    pub now: SystemTime,
 }
 
 /// The host's operator, authenticated: put into the extensions of an
@@ -117,12 +152,12 @@ impl Authenticator {
         Self { operator_tokens, ..self }
     }
 
-    /// The tenant calling `procedure`, from the request headers.
-    pub fn authenticate(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
-        if headers.contains_key(GATEWAY_TENANT_HEADER) {
-            return self.vouched_by_gateway(headers, procedure, now);
+    /// The tenant making the call, from its headers (and, through a gateway, its body).
+    pub fn authenticate(&self, call: Presented<'_>) -> Result<Caller, AuthError> {
+        if call.headers.contains_key(GATEWAY_TENANT_HEADER) {
+            return self.vouched_by_gateway(call);
         }
-        let hash = bearer_token_hash(headers)?;
+        let hash = bearer_token_hash(call.headers)?;
         if self.operator_tokens.contains(&hash) {
             return Err(AuthError::OperatorTokenForTenantCall);
         }
@@ -145,8 +180,8 @@ impl Authenticator {
         }
     }
 
-    fn vouched_by_gateway(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<Caller, AuthError> {
-        let tenant = self.signed_by_gateway(headers, procedure, now)?;
+    fn vouched_by_gateway(&self, call: Presented<'_>) -> Result<Caller, AuthError> {
+        let tenant = self.signed_by_gateway(call)?;
         if tenant.is_empty() {
             return Err(AuthError::GatewayTenant(String::new()));
         }
@@ -156,32 +191,42 @@ impl Authenticator {
 
     /// The gateway itself, calling for no tenant (`HostService`): signed
     /// with an empty tenant, and nothing else opens these calls.
-    pub fn authenticate_gateway(&self, headers: &HeaderMap, procedure: &str, now: SystemTime) -> Result<(), AuthError> {
-        if !headers.contains_key(GATEWAY_TENANT_HEADER) {
+    pub fn authenticate_gateway(&self, call: Presented<'_>) -> Result<(), AuthError> {
+        if !call.headers.contains_key(GATEWAY_TENANT_HEADER) {
             return Err(AuthError::GatewayOnly);
         }
-        match self.signed_by_gateway(headers, procedure, now)? {
+        match self.signed_by_gateway(call)? {
             "" => Ok(()),
             tenant => Err(AuthError::TenantForGatewayCall(tenant.to_owned())),
         }
     }
 
-    /// The tenant of a call whose gateway headers verify and are fresh.
-    fn signed_by_gateway<'h>(&self, headers: &'h HeaderMap, procedure: &str, now: SystemTime) -> Result<&'h str, AuthError> {
+    /// The tenant of a call whose gateway headers verify for its body,
+    /// are fresh, and were not taken before.
+    fn signed_by_gateway<'h>(&self, call: Presented<'h>) -> Result<&'h str, AuthError> {
         let trust = self.gateway.as_ref().ok_or(AuthError::GatewayNotAccepted)?;
         let header =
-            |name: &'static str| headers.get(name).and_then(|value| value.to_str().ok()).ok_or(AuthError::GatewayHeaderMissing(name));
+            |name: &'static str| call.headers.get(name).and_then(|value| value.to_str().ok()).ok_or(AuthError::GatewayHeaderMissing(name));
         let tenant = header(GATEWAY_TENANT_HEADER)?;
         let timestamp = header(GATEWAY_TIMESTAMP_HEADER)?;
+        let nonce = header(GATEWAY_NONCE_HEADER)?;
         let signature = header(GATEWAY_SIGNATURE_HEADER)?;
-        let signed_at: u64 = timestamp.parse().map_err(|_| AuthError::BadSignature)?;
-        if !trust.secret.verify(tenant, signed_at, procedure, signature) {
+        let unix_seconds: u64 = timestamp.parse().map_err(|_| AuthError::BadSignature)?;
+        let body_sha256 = body_digest(call.body);
+        let signed = SignedCall { tenant, unix_seconds, procedure: call.procedure, nonce, body_sha256: &body_sha256 };
+        if !trust.secret.verify(&signed, signature) {
             return Err(AuthError::BadSignature);
         }
-        let now = now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
-        let age_seconds = now.abs_diff(signed_at);
-        if age_seconds > trust.max_skew.as_secs() {
-            return Err(AuthError::Stale { age_seconds, max_seconds: trust.max_skew.as_secs() });
+        let now = call.now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
+        let age_seconds = now.abs_diff(unix_seconds);
+        let max_seconds = trust.max_skew.as_secs();
+        if age_seconds > max_seconds {
+            return Err(AuthError::Stale { age_seconds, max_seconds });
+        }
+        // Only a signature that holds reaches the memory of nonces, so only the gateway can fill it.
+        let mut seen = trust.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !seen.take(nonce, unix_seconds.saturating_add(max_seconds), now) {
+            return Err(AuthError::Replayed);
         }
         Ok(tenant)
     }
@@ -246,11 +291,12 @@ mod tests {
     #[test]
     fn a_known_bearer_token_is_its_tenant_and_anything_else_is_refused() {
         let auth = authenticator(None);
-        let caller = auth.authenticate(&headers(&[("authorization", "Bearer secret-token".into())]), PROCEDURE, at(0)).unwrap();
+        let bearer = headers(&[("authorization", "Bearer secret-token".into())]);
+        let caller = auth.authenticate(presented(&bearer, None, at(0))).unwrap();
         assert_eq!(caller, Caller { tenant: acme(), via_gateway: false });
         let refused = |value: Option<&str>| {
             let pairs: Vec<_> = value.map(|value| ("authorization", value.to_owned())).into_iter().collect();
-            auth.authenticate(&headers(&pairs), PROCEDURE, at(0)).unwrap_err()
+            auth.authenticate(presented(&headers(&pairs), None, at(0))).unwrap_err()
         };
         assert_eq!(refused(None), AuthError::Missing);
         assert_eq!(refused(Some("Bearer other")), AuthError::UnknownToken);
@@ -259,36 +305,73 @@ mod tests {
         assert_eq!(refused(None).to_connect().code, connectrpc::ErrorCode::Unauthenticated);
     }
 
+    /// A call with `headers` and `body` to `PROCEDURE` at `now`.
+    fn presented<'r>(headers: &'r HeaderMap, body: Option<&'r [u8]>, now: SystemTime) -> Presented<'r> {
+        Presented { headers, procedure: PROCEDURE, body, now }
+    }
+
     #[test]
-    fn a_gateway_signature_is_checked_for_tenant_procedure_and_age() {
-        let trust = GatewayTrust::new(b"0123456789abcdef0123456789abcdef".to_vec(), Duration::from_secs(60));
-        let auth = authenticator(Some(trust.clone()));
-        let signed = |tenant: &str, at_seconds: u64, procedure: &str| {
+    fn a_gateway_signature_is_checked_for_tenant_procedure_age_body_and_replay() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let auth = authenticator(Some(GatewayTrust::new(secret.to_vec(), Duration::from_secs(60))));
+        let signer = GatewaySecret::new(secret.to_vec());
+        let body: &[u8] = b"{\"vmId\":\"vm-1\"}";
+        let signed = |tenant: &str, at_seconds: u64, procedure: &str, nonce: &str, signed_body: Option<&[u8]>| {
+            let digest = body_digest(signed_body);
+            let call = SignedCall { tenant, unix_seconds: at_seconds, procedure, nonce, body_sha256: &digest };
             headers(&[
                 (GATEWAY_TENANT_HEADER, tenant.to_owned()),
                 (GATEWAY_TIMESTAMP_HEADER, at_seconds.to_string()),
-                (GATEWAY_SIGNATURE_HEADER, trust.sign(tenant, at_seconds, procedure)),
+                (GATEWAY_NONCE_HEADER, nonce.to_owned()),
+                (GATEWAY_SIGNATURE_HEADER, signer.sign(&call)),
             ])
         };
-        let caller = auth.authenticate(&signed("globex", 1000, PROCEDURE), PROCEDURE, at(1030)).unwrap();
+        let first = signed("globex", 1000, PROCEDURE, "n1", Some(body));
+        let caller = auth.authenticate(presented(&first, Some(body), at(1030))).unwrap();
         assert_eq!((caller.tenant.as_str(), caller.via_gateway), ("globex", true));
-        let other_method = auth.authenticate(&signed("globex", 1000, "/vmprovisioner.v1.VmService/DeleteVm"), PROCEDURE, at(1000));
-        assert_eq!(other_method.unwrap_err(), AuthError::BadSignature);
-        let mut swapped = signed("globex", 1000, PROCEDURE);
+        assert_eq!(auth.authenticate(presented(&first, Some(body), at(1031))).unwrap_err(), AuthError::Replayed, "taken once");
+        let other_body = signed("globex", 1000, PROCEDURE, "n2", Some(body));
+        let refused = auth.authenticate(presented(&other_body, Some(b"{\"vmId\":\"vm-2\"}"), at(1000))).unwrap_err();
+        assert_eq!(refused, AuthError::BadSignature, "the headers do not hold for another body");
+        let other_method = signed("globex", 1000, "/vmprovisioner.v1.VmService/DeleteVm", "n3", Some(body));
+        assert_eq!(auth.authenticate(presented(&other_method, Some(body), at(1000))).unwrap_err(), AuthError::BadSignature);
+        let mut swapped = signed("globex", 1000, PROCEDURE, "n4", Some(body));
         swapped.insert(GATEWAY_TENANT_HEADER, HeaderValue::from_static("acme"));
-        assert_eq!(auth.authenticate(&swapped, PROCEDURE, at(1000)).unwrap_err(), AuthError::BadSignature);
-        let stale = auth.authenticate(&signed("globex", 1000, PROCEDURE), PROCEDURE, at(1061)).unwrap_err();
-        assert_eq!(stale, AuthError::Stale { age_seconds: 61, max_seconds: 60 });
-        let forged = GatewayTrust::new(b"another secret of enough length!".to_vec(), Duration::from_secs(60));
-        let mut forged_headers = signed("globex", 1000, PROCEDURE);
-        forged_headers.insert(GATEWAY_SIGNATURE_HEADER, HeaderValue::from_str(&forged.sign("globex", 1000, PROCEDURE)).unwrap());
-        assert_eq!(auth.authenticate(&forged_headers, PROCEDURE, at(1000)).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(auth.authenticate(presented(&swapped, Some(body), at(1000))).unwrap_err(), AuthError::BadSignature);
+        let stale = signed("globex", 1000, PROCEDURE, "n5", Some(body));
+        assert_eq!(
+            auth.authenticate(presented(&stale, Some(body), at(1061))).unwrap_err(),
+            AuthError::Stale { age_seconds: 61, max_seconds: 60 }
+        );
+        let forged = GatewaySecret::new(b"another secret of enough length!".to_vec());
+        let mut forged_headers = signed("globex", 1000, PROCEDURE, "n6", Some(body));
+        let digest = body_digest(Some(body));
+        let call = SignedCall { tenant: "globex", unix_seconds: 1000, procedure: PROCEDURE, nonce: "n6", body_sha256: &digest };
+        forged_headers.insert(GATEWAY_SIGNATURE_HEADER, HeaderValue::from_str(&forged.sign(&call)).unwrap());
+        assert_eq!(auth.authenticate(presented(&forged_headers, Some(body), at(1000))).unwrap_err(), AuthError::BadSignature);
+        let stream = signed("globex", 1000, PROCEDURE, "n7", None);
+        assert!(auth.authenticate(presented(&stream, None, at(1000))).is_ok(), "a stream is signed with no body");
+        let nonce_missing = headers(&[(GATEWAY_TENANT_HEADER, "globex".into()), (GATEWAY_TIMESTAMP_HEADER, "1000".into())]);
+        assert_eq!(
+            auth.authenticate(presented(&nonce_missing, Some(body), at(1000))).unwrap_err(),
+            AuthError::GatewayHeaderMissing(GATEWAY_NONCE_HEADER)
+        );
+    }
+
+    #[test]
+    fn a_nonce_is_forgotten_only_once_its_call_is_stale_anyway() {
+        let mut seen = SeenNonces::default();
+        assert!(seen.take("n1", 1060, 1000));
+        assert!(!seen.take("n1", 1060, 1059));
+        assert!(seen.take("n2", 1120, 1061));
+        assert!(!seen.until.contains_key("n1"), "n1's call is stale by now: forgotten");
     }
 
     #[test]
     fn gateway_headers_to_a_host_without_a_gateway_are_denied() {
         let auth = authenticator(None);
-        let error = auth.authenticate(&headers(&[(GATEWAY_TENANT_HEADER, "acme".into())]), PROCEDURE, at(0)).unwrap_err();
+        let via_gateway = headers(&[(GATEWAY_TENANT_HEADER, "acme".into())]);
+        let error = auth.authenticate(presented(&via_gateway, None, at(0))).unwrap_err();
         assert_eq!(error, AuthError::GatewayNotAccepted);
         assert_eq!(error.to_connect().code, connectrpc::ErrorCode::PermissionDenied);
     }
@@ -298,7 +381,7 @@ mod tests {
         let auth = authenticator(None).with_operator_tokens(HashSet::from([token_hash("operator-token")]));
         let bearer = |token: &str| headers(&[("authorization", format!("Bearer {token}"))]);
         assert_eq!(auth.authenticate_operator(&bearer("operator-token")), Ok(Operator));
-        assert_eq!(auth.authenticate(&bearer("operator-token"), PROCEDURE, at(0)), Err(AuthError::OperatorTokenForTenantCall));
+        assert_eq!(auth.authenticate(presented(&bearer("operator-token"), None, at(0))), Err(AuthError::OperatorTokenForTenantCall));
         assert_eq!(auth.authenticate_operator(&bearer("secret-token")), Err(AuthError::TenantTokenForOperatorCall("acme".into())));
         assert_eq!(auth.authenticate_operator(&bearer("other")), Err(AuthError::UnknownToken));
         let via_gateway = headers(&[(GATEWAY_TENANT_HEADER, "acme".into()), ("authorization", "Bearer operator-token".into())]);

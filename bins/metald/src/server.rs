@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use connectrpc::{ConnectError, ConnectRpcService, Limits, Router};
 use metald_api::proto::vmprovisioner::v1::{HostServiceExt, OperatorServiceExt, VmServiceExt};
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Presented};
 use crate::metrics::Metrics;
 use crate::operator::{OperatorApi, UsageReadBack};
 use crate::service::VmApi;
@@ -84,7 +84,13 @@ fn method_of(path: &str) -> &str {
 
 #[connectrpc::async_trait]
 impl metald_serve::gate::Admit for CallGate {
-    async fn admit(&self, ctx: &mut connectrpc::RequestContext, path: &str, span: &tracing::Span) -> Result<(), ConnectError> {
+    async fn admit(
+        &self,
+        ctx: &mut connectrpc::RequestContext,
+        path: &str,
+        body: Option<&[u8]>,
+        span: &tracing::Span,
+    ) -> Result<(), ConnectError> {
         if let Some(refusal) = self.readiness.refusal() {
             return Err(refusal);
         }
@@ -99,12 +105,14 @@ impl metald_serve::gate::Admit for CallGate {
             return Ok(());
         }
         if path.starts_with(HOST_SERVICE_PATH) {
-            self.auth.authenticate_gateway(ctx.headers(), path, SystemTime::now()).map_err(refused)?;
+            let call = Presented { headers: ctx.headers(), procedure: path, body, now: SystemTime::now() };
+            self.auth.authenticate_gateway(call).map_err(refused)?;
             span.record("role", "gateway");
             ctx.extensions_mut().insert(crate::host_service::GatewayItself);
             return Ok(());
         }
-        let caller = self.auth.authenticate(ctx.headers(), path, SystemTime::now()).map_err(refused)?;
+        let call = Presented { headers: ctx.headers(), procedure: path, body, now: SystemTime::now() };
+        let caller = self.auth.authenticate(call).map_err(refused)?;
         span.record("tenant", tracing::field::display(caller.tenant.as_str()));
         ctx.extensions_mut().insert(caller);
         Ok(())

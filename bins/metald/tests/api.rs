@@ -207,17 +207,24 @@ fn tenants_see_and_touch_only_their_own_vms_within_their_quotas() {
         // Through the gateway: a signed tenant is taken, a forged or stale signature is not.
         let procedure = "/vmprovisioner.v1.VmService/ListVms";
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        let gateway_call = |tenant: &str, at: u64, secret: &str| {
-            let signature = metald_api::gateway_auth::GatewaySecret::new(secret.as_bytes().to_vec()).sign(tenant, at, procedure);
-            let headers = [
+        let signed_headers = |tenant: &str, at: u64, secret: &str, body: &[u8]| {
+            let nonce = metald_core::VmId::generate().to_string();
+            let digest = metald_api::gateway_auth::body_digest(Some(body));
+            let call = metald_api::gateway_auth::SignedCall { tenant, unix_seconds: at, procedure, nonce: &nonce, body_sha256: &digest };
+            let signature = metald_api::gateway_auth::GatewaySecret::new(secret.as_bytes().to_vec()).sign(&call);
+            vec![
                 ("content-type", "application/json".to_owned()),
                 ("x-metald-tenant", tenant.to_owned()),
                 ("x-metald-gateway-timestamp", at.to_string()),
+                ("x-metald-gateway-nonce", nonce),
                 ("x-metald-gateway-signature", signature),
-            ];
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
-            common::http_request(host.port, "POST", procedure, &headers, b"{}").unwrap()
+            ]
         };
+        let send = |headers: &[(&str, String)], body: &[u8]| {
+            let headers: Vec<(&str, &str)> = headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+            common::http_request(host.port, "POST", procedure, &headers, body).unwrap()
+        };
+        let gateway_call = |tenant: &str, at: u64, secret: &str| send(&signed_headers(tenant, at, secret, b"{}"), b"{}");
         let (status, body) = gateway_call("acme", now, common::GATEWAY_SECRET);
         assert_eq!(status, 200, "{body}");
         assert!(body.contains(&acme_vm), "the gateway's tenant sees its VMs: {body}");
@@ -227,6 +234,14 @@ fn tenants_see_and_touch_only_their_own_vms_within_their_quotas() {
         assert!(status == 401 && body.contains("clock"), "{status} {body}");
         let (status, body) = gateway_call("initech", now, common::GATEWAY_SECRET);
         assert!(status == 200 && body.trim() == "{}", "a new gateway tenant sees nothing: {status} {body}");
+        // Captured headers are taken once, and hold for their own body only.
+        let captured = signed_headers("acme", now, common::GATEWAY_SECRET, b"{}");
+        assert_eq!(send(&captured, b"{}").0, 200);
+        let (status, body) = send(&captured, b"{}");
+        assert!(status == 401 && body.contains("already taken"), "the same request again: {status} {body}");
+        let captured = signed_headers("acme", now, common::GATEWAY_SECRET, b"{}");
+        let (status, body) = send(&captured, br#"{"pageSize": 1}"#);
+        assert!(status == 401 && body.contains("does not verify"), "another body: {status} {body}");
     });
 }
 
@@ -359,7 +374,10 @@ fn the_host_tells_a_gateway_its_capacity_and_refuses_a_create_beyond_it() {
         let capacity_service = host.host_service_client(None);
         let read = || async {
             capacity_service
-                .get_host_capacity_with_options(wire::GetHostCapacityRequest::default(), common::gateway_signed("", PROCEDURE))
+                .get_host_capacity_with_options(
+                    wire::GetHostCapacityRequest::default(),
+                    common::gateway_signed("", PROCEDURE, &wire::GetHostCapacityRequest::default()),
+                )
                 .await
                 .unwrap()
                 .into_owned()
@@ -373,7 +391,10 @@ fn the_host_tells_a_gateway_its_capacity_and_refuses_a_create_beyond_it() {
         assert_eq!(empty.vmms, ["firecracker"]);
 
         let refused = capacity_service
-            .get_host_capacity_with_options(wire::GetHostCapacityRequest::default(), common::gateway_signed("acme", PROCEDURE))
+            .get_host_capacity_with_options(
+                wire::GetHostCapacityRequest::default(),
+                common::gateway_signed("acme", PROCEDURE, &wire::GetHostCapacityRequest::default()),
+            )
             .await
             .unwrap_err();
         assert_eq!(refused.code, ErrorCode::PermissionDenied, "a call signed for a tenant is not the gateway's own: {refused:?}");

@@ -603,11 +603,12 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Call options that sign a call to `procedure` as the test gateway does, for `tenant` ("" for the gateway itself).
-pub fn gateway_signed(tenant: &str, procedure: &str) -> connectrpc::client::CallOptions {
+/// Call options that sign a call to `procedure` with `request` as the
+/// test gateway does, for `tenant` ("" for the gateway itself).
+pub fn gateway_signed(tenant: &str, procedure: &str, request: &impl buffa::Message) -> connectrpc::client::CallOptions {
     let secret = metald_api::gateway_auth::GatewaySecret::new(GATEWAY_SECRET.as_bytes().to_vec());
     secret
-        .headers(tenant, procedure, std::time::SystemTime::now())
+        .headers(tenant, procedure, Some(&request.encode_to_vec()), std::time::SystemTime::now())
         .into_iter()
         .fold(connectrpc::client::CallOptions::default(), |options, (name, value)| options.with_header(name, value))
 }
