@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use metald_fleet::limits::RateSettings;
+use metald_serve::settings::ApiSettings;
 use metald_serve::telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
 
@@ -47,50 +48,6 @@ pub struct HostSetting {
     pub name: String,
     /// Where its metald listens: `http://10.0.0.5:7070`.
     pub url: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ApiSettings {
-    pub max_body_bytes: usize,
-    pub default_page_size: usize,
-    pub max_page_size: usize,
-    /// After SIGTERM, how long calls in flight may take to finish, in seconds.
-    pub drain_timeout_seconds: u64,
-    pub max_connections: usize,
-    pub max_connections_per_client: usize,
-    pub header_read_timeout_seconds: u64,
-    pub body_read_timeout_seconds: u64,
-    pub idle_timeout_seconds: u64,
-}
-
-impl Default for ApiSettings {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 1 << 20,
-            default_page_size: 100,
-            max_page_size: 1000,
-            drain_timeout_seconds: 30,
-            max_connections: 4096,
-            max_connections_per_client: 1024,
-            header_read_timeout_seconds: 10,
-            body_read_timeout_seconds: 30,
-            idle_timeout_seconds: 300,
-        }
-    }
-}
-
-impl ApiSettings {
-    pub fn connection_limits(&self) -> metald_serve::listener::ConnectionLimits {
-        let seconds = std::time::Duration::from_secs;
-        metald_serve::listener::ConnectionLimits {
-            max_connections: self.max_connections,
-            max_connections_per_client: self.max_connections_per_client,
-            header_read_timeout: seconds(self.header_read_timeout_seconds),
-            body_read_timeout: seconds(self.body_read_timeout_seconds),
-            idle_timeout: seconds(self.idle_timeout_seconds),
-        }
-    }
 }
 
 impl Default for Settings {
@@ -146,8 +103,8 @@ impl Settings {
         if settings.placement_choices == 0 {
             return value("placement_choices", "must be at least 1");
         }
-        if settings.api.default_page_size == 0 || settings.api.default_page_size > settings.api.max_page_size {
-            return value("api.default_page_size", "must be at least 1 and at most api.max_page_size");
+        if let Err((key, problem)) = settings.api.check() {
+            return value(key, problem);
         }
         Ok(settings)
     }

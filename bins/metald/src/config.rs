@@ -12,6 +12,7 @@ use metald_billing::meter::MeterConfig;
 use metald_core::FirecrackerConfig;
 use metald_core::jailer::JailerConfig;
 use metald_net::NetworkConfig;
+pub use metald_serve::settings::ApiSettings;
 pub use metald_serve::telemetry::TelemetrySettings;
 use serde::{Deserialize, Serialize};
 
@@ -66,60 +67,6 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             capacity: CapacitySettings::default(),
             telemetry: TelemetrySettings::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ApiSettings {
-    /// The largest request body, in bytes; a larger one is refused before it is read.
-    pub max_body_bytes: usize,
-    /// How many VMs a page of `ListVms` holds when the caller does not say.
-    pub default_page_size: usize,
-    /// The most a caller may ask for in one page.
-    pub max_page_size: usize,
-    /// After SIGTERM, how long calls in flight may take to finish before
-    /// metald stops without them (a graceful stop waiting for its guest, say);
-    /// their VMs run on and the next start takes them over.
-    pub drain_timeout_seconds: u64,
-    /// Open connections at most; one more is closed at once.
-    pub max_connections: usize,
-    /// Open connections from one IP address at most.
-    pub max_connections_per_client: usize,
-    /// How long a connection may take to send a request head (HTTP/1.1,
-    /// each one) or its preface (h2c).
-    pub header_read_timeout_seconds: u64,
-    /// How long a request body may stop arriving before the call ends.
-    pub body_read_timeout_seconds: u64,
-    /// How long a connection with no call in flight stays open.
-    pub idle_timeout_seconds: u64,
-}
-
-impl Default for ApiSettings {
-    fn default() -> Self {
-        Self {
-            max_body_bytes: 1 << 20,
-            default_page_size: 100,
-            max_page_size: 1000,
-            drain_timeout_seconds: 10,
-            max_connections: 4096,
-            max_connections_per_client: 256,
-            header_read_timeout_seconds: 10,
-            body_read_timeout_seconds: 30,
-            idle_timeout_seconds: 120,
-        }
-    }
-}
-
-impl ApiSettings {
-    pub fn connection_limits(&self) -> metald_serve::listener::ConnectionLimits {
-        metald_serve::listener::ConnectionLimits {
-            max_connections: self.max_connections,
-            max_connections_per_client: self.max_connections_per_client,
-            header_read_timeout: std::time::Duration::from_secs(self.header_read_timeout_seconds),
-            body_read_timeout: std::time::Duration::from_secs(self.body_read_timeout_seconds),
-            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_seconds),
         }
     }
 }
@@ -376,21 +323,8 @@ impl Settings {
         if !(10..=3_600_000).contains(&self.billing.meter_period_ms) {
             return value("billing.meter_period_ms", "must be between 10 (ten milliseconds) and 3600000 (one hour)");
         }
-        let api_bounds = [
-            ("api.max_connections", self.api.max_connections as u64),
-            ("api.max_connections_per_client", self.api.max_connections_per_client as u64),
-            ("api.header_read_timeout_seconds", self.api.header_read_timeout_seconds),
-            ("api.body_read_timeout_seconds", self.api.body_read_timeout_seconds),
-            ("api.idle_timeout_seconds", self.api.idle_timeout_seconds),
-        ];
-        if let Some((key, _)) = api_bounds.iter().find(|(_, value)| *value == 0) {
-            return value(key, "must be at least 1");
-        }
-        if self.api.max_connections_per_client > self.api.max_connections {
-            return value("api.max_connections_per_client", "must be at most api.max_connections");
-        }
-        if self.api.default_page_size == 0 || self.api.default_page_size > self.api.max_page_size {
-            return value("api.default_page_size", "must be between 1 and api.max_page_size");
+        if let Err((key, problem)) = self.api.check() {
+            return value(key, problem);
         }
         if let Some(index) = self.auth.operator_token_sha256.iter().position(|hash| !is_sha256_hex(hash)) {
             return Err(ConfigError::Value {
