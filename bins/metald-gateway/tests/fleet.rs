@@ -28,9 +28,9 @@ fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
-/// A host that takes calls from the test gateway, for any tenant, without a quota of its own.
+/// A host in fleet mode: it takes tenant calls only from the test gateway, for any tenant, without a quota of its own.
 fn fleet_host(test: &str) -> Option<Host> {
-    Host::start(test, HostOptions { gateway: true, gateway_default_quota: Some("{}"), ..HostOptions::default() })
+    Host::start(test, HostOptions { gateway: true, gateway_default_quota: Some("{}"), gateway_required: true, ..HostOptions::default() })
 }
 
 /// Which host holds each VM, from the hosts' own operator lists.
@@ -151,6 +151,13 @@ fn the_lifecycle_through_the_gateway_spreads_vms_over_hosts_and_keeps_tenants_ap
         assert_eq!((revoked.code, revoked.message.as_deref()), (ErrorCode::Unauthenticated, Some("the API key is not valid")));
         let admin_as_tenant = gateway.client(&gateway.admin_token, Wire::ConnectJson).list_vms(wire::ListVmsRequest::default()).await;
         assert_eq!(admin_as_tenant.unwrap_err().code, ErrorCode::PermissionDenied);
+
+        // In fleet mode a host refuses its tenants' own tokens: the gateway is the way in.
+        let around = hosts[0].client("acme", Wire::ConnectJson).list_vms(wire::ListVmsRequest::default()).await.unwrap_err();
+        assert_eq!(
+            (around.code, around.message.as_deref()),
+            (ErrorCode::PermissionDenied, Some("this host takes tenant calls only through its gateway (auth.gateway.required)"))
+        );
 
         // Deletes through the gateway leave the hosts empty.
         let new_key = admin

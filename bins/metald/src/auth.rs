@@ -47,6 +47,8 @@ pub enum AuthError {
     OperatorCallViaGateway,
     #[error("this host does not take calls through a gateway")]
     GatewayNotAccepted,
+    #[error("this host takes tenant calls only through its gateway (auth.gateway.required)")]
+    GatewayRequired,
     #[error("the gateway headers are incomplete: {0} is missing")]
     GatewayHeaderMissing(&'static str),
     #[error("the gateway's tenant {0:?} is not a tenant id")]
@@ -72,7 +74,8 @@ impl AuthError {
             | AuthError::OperatorTokenForTenantCall
             | AuthError::TenantTokenForOperatorCall(_)
             | AuthError::OperatorCallViaGateway
-            | AuthError::TenantForGatewayCall(_) => connectrpc::ConnectError::permission_denied(self.to_string()),
+            | AuthError::TenantForGatewayCall(_)
+            | AuthError::GatewayRequired => connectrpc::ConnectError::permission_denied(self.to_string()),
             _ => connectrpc::ConnectError::unauthenticated(self.to_string()),
         }
     }
@@ -85,6 +88,8 @@ pub struct GatewayTrust {
     secret: GatewaySecret,
     max_skew: Duration,
     seen: std::sync::Arc<std::sync::Mutex<SeenNonces>>,
+    /// Tenant calls come only through the gateway (fleet mode).
+    required: bool,
 }
 
 /// Nonces of signed calls taken, with when each stops mattering (its
@@ -113,7 +118,12 @@ impl SeenNonces {
 
 impl GatewayTrust {
     pub fn new(secret: Vec<u8>, max_skew: Duration) -> Self {
-        Self { secret: GatewaySecret::new(secret), max_skew, seen: std::sync::Arc::default() }
+        Self { secret: GatewaySecret::new(secret), max_skew, seen: std::sync::Arc::default(), required: false }
+    }
+
+    /// Fleet mode: a tenant's own token is refused; only the gateway's signature opens tenant calls.
+    pub fn required(self, required: bool) -> Self {
+        Self { required, ..self }
     }
 }
 
@@ -156,6 +166,9 @@ impl Authenticator {
     pub fn authenticate(&self, call: Presented<'_>) -> Result<Caller, AuthError> {
         if call.headers.contains_key(GATEWAY_TENANT_HEADER) {
             return self.vouched_by_gateway(call);
+        }
+        if self.gateway.as_ref().is_some_and(|trust| trust.required) {
+            return Err(AuthError::GatewayRequired);
         }
         let hash = bearer_token_hash(call.headers)?;
         if self.operator_tokens.contains(&hash) {
@@ -356,6 +369,25 @@ mod tests {
             auth.authenticate(presented(&nonce_missing, Some(body), at(1000))).unwrap_err(),
             AuthError::GatewayHeaderMissing(GATEWAY_NONCE_HEADER)
         );
+    }
+
+    #[test]
+    fn in_fleet_mode_a_tenants_own_token_is_refused_and_the_gateways_signature_taken() {
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let auth = authenticator(Some(GatewayTrust::new(secret.to_vec(), Duration::from_secs(60)).required(true)))
+            .with_operator_tokens(HashSet::from([token_hash("operator-token")]));
+        let bearer = headers(&[("authorization", "Bearer secret-token".into())]);
+        let refused = auth.authenticate(presented(&bearer, None, at(1000))).unwrap_err();
+        assert_eq!(refused, AuthError::GatewayRequired);
+        assert_eq!(refused.to_connect().code, connectrpc::ErrorCode::PermissionDenied);
+        let signed: HeaderMap = GatewaySecret::new(secret.to_vec())
+            .headers("acme", PROCEDURE, Some(b"{}"), at(1000))
+            .into_iter()
+            .map(|(name, value)| (http::HeaderName::from_static(name), HeaderValue::from_str(&value).unwrap()))
+            .collect();
+        assert_eq!(auth.authenticate(presented(&signed, Some(b"{}"), at(1000))).unwrap().tenant.as_str(), "acme");
+        let operator = headers(&[("authorization", "Bearer operator-token".into())]);
+        assert_eq!(auth.authenticate_operator(&operator), Ok(Operator), "the operator keeps OperatorService");
     }
 
     #[test]

@@ -243,6 +243,11 @@ pub struct GatewaySettings {
     /// Quotas for tenants that only come through the gateway.
     #[serde(default)]
     pub default_quota: Quota,
+    /// Fleet mode: tenant calls are taken only signed by the gateway; a
+    /// tenant's bearer token is refused (the operator's still opens
+    /// `OperatorService`).
+    #[serde(default)]
+    pub required: bool,
 }
 
 /// What the host holds at most, all tenants together: a create beyond it

@@ -380,7 +380,8 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
             if secret.len() < metald_api::gateway_auth::MIN_SECRET_BYTES {
                 bail!("auth.gateway.secret_file: the secret must be at least {} bytes", metald_api::gateway_auth::MIN_SECRET_BYTES);
             }
-            (Some(GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds))), gateway.default_quota)
+            let trust = GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds)).required(gateway.required);
+            (Some(trust), gateway.default_quota)
         }
         None => (None, crate::config::Quota::default()),
     };

@@ -71,6 +71,8 @@ pub struct HostOptions {
     pub capacity: Option<&'static str>,
     /// The quota of a tenant that only a gateway names (`auth.gateway.default_quota`), as TOML.
     pub gateway_default_quota: Option<&'static str>,
+    /// Fleet mode: tenant calls only through the gateway (`auth.gateway.required`).
+    pub gateway_required: bool,
 }
 
 pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
@@ -206,7 +208,10 @@ impl Host {
             let secret_file = dir.path().join("gateway.secret");
             std::fs::write(&secret_file, GATEWAY_SECRET).unwrap();
             let quota = options.gateway_default_quota.unwrap_or("{ max_vms = 1 }");
-            toml.push_str(&format!("[auth.gateway]\nsecret_file = {secret_file:?}\ndefault_quota = {quota}\n"));
+            toml.push_str(&format!(
+                "[auth.gateway]\nsecret_file = {secret_file:?}\ndefault_quota = {quota}\nrequired = {}\n",
+                options.gateway_required
+            ));
         }
         // Test guests are tiny and mostly idle: a host's default vCPU capacity would cap the storms.
         toml.push_str(&format!("[capacity]\n{}\n", options.capacity.unwrap_or("vcpus = 4096")));
