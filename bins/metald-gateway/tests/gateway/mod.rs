@@ -10,13 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use connectrpc::Protocol;
 use connectrpc::client::{ClientConfig, HttpClient};
 use metald_api::proto::gateway::v1 as admin;
 use metald_api::proto::vmprovisioner::v1 as wire;
 use sha2::Digest;
 
-use crate::common::{GATEWAY_SECRET, Host, Wire, http_get};
+use crate::common::{GATEWAY_SECRET, Host, Wire, client_config, wait_until_serving};
 
 /// The user the gateway runs as in the tests.
 pub const NOBODY: u32 = 65534;
@@ -100,17 +99,8 @@ impl Gateway {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("metald-gateway exited with {status} before it was ready; its log:\n{}", self.log());
-            }
-            if http_get(self.port, "/ready").is_some_and(|(status, _)| status == 200) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "metald-gateway not ready after 30 s; its log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log_path = self.log_path(self.starts);
+        wait_until_serving("metald-gateway", self.child.as_mut().unwrap(), self.port, &log_path);
     }
 
     pub fn pid(&self) -> u32 {
@@ -128,19 +118,7 @@ impl Gateway {
     }
 
     fn config(&self, token: Option<&str>, wire_format: Wire) -> (HttpClient, ClientConfig) {
-        let uri: http::Uri = format!("http://127.0.0.1:{}", self.port).parse().unwrap();
-        let mut config = ClientConfig::new(uri).with_default_timeout(Duration::from_secs(60));
-        config = match wire_format {
-            Wire::ConnectJson => config.with_protocol(Protocol::Connect).json(),
-            Wire::ConnectProto => config.with_protocol(Protocol::Connect).proto(),
-            Wire::Grpc => config.with_protocol(Protocol::Grpc).proto(),
-            Wire::GrpcWeb => config.with_protocol(Protocol::GrpcWeb).proto(),
-        };
-        if let Some(token) = token {
-            config = config.with_default_header("authorization", format!("Bearer {token}"));
-        }
-        let transport = if wire_format == Wire::Grpc { HttpClient::plaintext_http2_only() } else { HttpClient::plaintext() };
-        (transport, config)
+        client_config(&format!("http://127.0.0.1:{}", self.port), token, wire_format, Duration::from_secs(60))
     }
 
     /// A tenant's client, with its API key.

@@ -264,17 +264,8 @@ impl Host {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("metald exited with {status} before it was ready; its log:\n{}", self.log());
-            }
-            if http_get(self.port, "/ready").is_some_and(|(status, _)| status == 200) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "metald not ready after 30 s; its log:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log_path = self.log_path(self.starts);
+        wait_until_serving("metald", self.child.as_mut().unwrap(), self.port, &log_path);
     }
 
     /// The log of the current (or last) run.
@@ -336,22 +327,7 @@ impl Host {
     }
 
     fn client_config(&self, token: Option<&str>, wire_format: Wire, deadline: Duration) -> (HttpClient, ClientConfig) {
-        let uri: http::Uri = self.url().parse().unwrap();
-        let mut config = ClientConfig::new(uri).with_default_timeout(deadline);
-        config = match wire_format {
-            Wire::ConnectJson => config.with_protocol(Protocol::Connect).json(),
-            Wire::ConnectProto => config.with_protocol(Protocol::Connect).proto(),
-            Wire::Grpc => config.with_protocol(Protocol::Grpc).proto(),
-            Wire::GrpcWeb => config.with_protocol(Protocol::GrpcWeb).proto(),
-        };
-        if let Some(token) = token {
-            config = config.with_default_header("authorization", format!("Bearer {token}"));
-        }
-        let transport = match wire_format {
-            Wire::Grpc => HttpClient::plaintext_http2_only(),
-            _ => HttpClient::plaintext(),
-        };
-        (transport, config)
+        client_config(&self.url(), token, wire_format, deadline)
     }
 
     /// A client of the gateways' own service on this host; its calls need [`gateway_signed`].
@@ -606,6 +582,43 @@ pub fn metald_binary() -> PathBuf {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until the daemon `what` (the `child` writing its log to
+/// `log_path`) answers `/ready` on `port`; fails at once if it exits first.
+pub fn wait_until_serving(what: &str, child: &mut Child, port: u16, log_path: &Path) {
+    let log = || std::fs::read_to_string(log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited with {status} before it was ready; its log:\n{}", log());
+        }
+        if http_get(port, "/ready").is_some_and(|(status, _)| status == 200) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} not ready after 30 s; its log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client's transport and settings for `url` over `wire_format`, with `token` as its bearer.
+pub fn client_config(url: &str, token: Option<&str>, wire_format: Wire, deadline: Duration) -> (HttpClient, ClientConfig) {
+    let uri: http::Uri = url.parse().unwrap();
+    let mut config = ClientConfig::new(uri).with_default_timeout(deadline);
+    config = match wire_format {
+        Wire::ConnectJson => config.with_protocol(Protocol::Connect).json(),
+        Wire::ConnectProto => config.with_protocol(Protocol::Connect).proto(),
+        Wire::Grpc => config.with_protocol(Protocol::Grpc).proto(),
+        Wire::GrpcWeb => config.with_protocol(Protocol::GrpcWeb).proto(),
+    };
+    if let Some(token) = token {
+        config = config.with_default_header("authorization", format!("Bearer {token}"));
+    }
+    let transport = match wire_format {
+        Wire::Grpc => HttpClient::plaintext_http2_only(),
+        _ => HttpClient::plaintext(),
+    };
+    (transport, config)
 }
 
 /// Call options that sign a call to `procedure` with `request` as the
