@@ -3,7 +3,8 @@
 # gcc and binutils build the test guest; iproute2 (ip) makes the tests' TAP
 # devices and network namespaces; nftables (nft) applies metald's firewall;
 # clickhouse-server is the real ClickHouse the billing tests start on loopback
-# (the package does not start it; each test runs its own).
+# (the package does not start it; each test runs its own); postgresql is
+# the real PostgreSQL 15 the fleet store's tests start the same way.
 set -euo pipefail
 
 needed=()
@@ -12,6 +13,7 @@ command -v ld >/dev/null 2>&1 || needed+=(binutils)
 command -v ip >/dev/null 2>&1 || needed+=(iproute2)
 command -v nft >/dev/null 2>&1 || needed+=(nftables)
 [ -x /usr/sbin/clickhouse-server ] || needed+=(clickhouse-server clickhouse-client)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || needed+=(postgresql)
 
 if [ "${#needed[@]}" -gt 0 ]; then
   echo "Installing ${needed[*]}"

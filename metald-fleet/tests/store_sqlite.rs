@@ -21,11 +21,11 @@ impl store_suite::StoreSubject for Sqlite {
         Some(Self { dir, store })
     }
 
-    fn store(&self) -> Arc<dyn FleetStore> {
+    async fn store(&self) -> Arc<dyn FleetStore> {
         Arc::clone(&self.store) as Arc<dyn FleetStore>
     }
 
-    fn reopen(&self) -> Arc<dyn FleetStore> {
+    async fn reopen(&self) -> Arc<dyn FleetStore> {
         Arc::new(SqliteStore::open(&self.dir.path().join("fleet.db")).unwrap())
     }
 }

@@ -6,7 +6,7 @@
 //! the test panics.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -61,7 +61,7 @@ impl ClickHouseServer {
         // Another process can take the port between our probe and the server's bind; try a few.
         let mut last_error = None;
         for _ in 0..5 {
-            server.port = free_loopback_port()?;
+            server.port = crate::free_loopback_port()?;
             server.write_config()?;
             match server.run() {
                 Ok(()) => return Ok(server),
@@ -170,9 +170,4 @@ impl Drop for ClickHouseServer {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_loopback_port() -> io::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
 }

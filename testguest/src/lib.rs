@@ -8,9 +8,11 @@
 //! printed. It knows nothing about metald itself.
 //!
 //! It also starts the real servers tests write to: [`clickhouse`] runs a
-//! ClickHouse server of the test's own on loopback.
+//! ClickHouse server of the test's own on loopback, [`postgres`] a
+//! PostgreSQL server.
 
 pub mod clickhouse;
+pub mod postgres;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::PermissionsExt;
@@ -211,4 +213,10 @@ pub fn process_alive(pid: u32) -> bool {
 fn is_zombie(pid: u32) -> bool {
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+/// A loopback port free at the moment of asking, for a server a test starts.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?.port())
 }

@@ -4,9 +4,11 @@
 //! where each VM lives and what it was placed with.
 //!
 //! [`FleetStore`] is the port; [`sqlite::SqliteStore`] the embedded
-//! default. A placement and its tenant's quota are checked and written in
-//! one transaction, so racing creates cannot together pass a quota.
+//! default, [`postgres::PostgresStore`] the one several gateways share. A
+//! placement and its tenant's quota are checked and written in one
+//! transaction, so racing creates cannot together pass a quota.
 
+pub mod postgres;
 pub mod sqlite;
 
 use crate::keys::KeyDigest;
@@ -33,6 +35,10 @@ pub enum StoreError {
     IdempotencyKeyReused { key: String },
     #[error("the fleet store at {path}: {source}")]
     Sqlite { path: String, source: rusqlite::Error },
+    #[error("the fleet store on PostgreSQL at {server}: {source}")]
+    Postgres { server: String, source: tokio_postgres::Error },
+    #[error("the fleet store on PostgreSQL at {server}: no connection: {reason}")]
+    PostgresUnreachable { server: String, reason: String },
     #[error("the fleet store at {path} holds a malformed {what}: {value:?}")]
     Malformed { path: String, what: &'static str, value: String },
     #[error("the fleet store's worker ended")]
@@ -46,6 +52,33 @@ pub struct Quota {
     pub max_vms: Option<u64>,
     pub max_vcpus: Option<u64>,
     pub max_memory_bytes: Option<u64>,
+}
+
+/// What a tenant's pending and placed VMs hold together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Held {
+    pub vms: u64,
+    pub vcpus: u64,
+    pub memory_bytes: u64,
+}
+
+impl Quota {
+    /// Whether `placement` fits beside what its tenant holds; the error names the first limit it passes.
+    pub fn admit(&self, held: Held, placement: &Placement) -> Result<(), StoreError> {
+        let checks = [
+            ("VMs", self.max_vms, held.vms, 1),
+            ("vCPUs", self.max_vcpus, held.vcpus, placement.vcpus),
+            ("bytes of memory", self.max_memory_bytes, held.memory_bytes, placement.memory_bytes),
+        ];
+        for (what, limit, held, asked) in checks {
+            if let Some(limit) = limit
+                && held.saturating_add(asked) > limit
+            {
+                return Err(StoreError::QuotaExceeded { tenant: placement.tenant.clone(), what, limit, held, asked });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +167,35 @@ pub struct Placement {
     pub created_at_ms: u64,
 }
 
+impl PlacementStatus {
+    /// The status and reason columns both stores keep it in.
+    pub(crate) fn columns(&self) -> (&'static str, &str) {
+        match self {
+            PlacementStatus::Pending => ("pending", ""),
+            PlacementStatus::Placed => ("placed", ""),
+            PlacementStatus::Lost { reason } => ("lost", reason),
+        }
+    }
+
+    pub(crate) fn from_columns(status: &str, reason: String) -> Option<Self> {
+        match status {
+            "pending" => Some(PlacementStatus::Pending),
+            "placed" => Some(PlacementStatus::Placed),
+            "lost" => Some(PlacementStatus::Lost { reason }),
+            _ => None,
+        }
+    }
+}
+
+/// SQL keeps integers signed; the store's are never negative.
+pub(crate) fn stored(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn read(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
 /// A create's idempotency key and the digest of the request it came with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Idempotency {
@@ -174,6 +236,7 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     /// Checks the tenant's quota against its placements (pending and
     /// placed) and writes `placement`, in one transaction; with an
     /// idempotency key, a create seen before answers its placement instead.
+    /// The tenant must exist.
     async fn reserve_placement(
         &self,
         placement: Placement,

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{FleetStore, HostMode, HostRecord, Idempotency, KeyRecord, Placement, PlacementStatus, Quota, Reservation, StoreError, Tenant};
+use super::{
+    FleetStore, Held, HostMode, HostRecord, Idempotency, KeyRecord, Placement, PlacementStatus, Quota, Reservation, StoreError, Tenant,
+    read, stored,
+};
 
 /// The schema, one migration per entry; `PRAGMA user_version` says how many are applied.
 const MIGRATIONS: &[&str] = &[r"
@@ -60,15 +63,6 @@ const MIGRATIONS: &[&str] = &[r"
 pub struct SqliteStore {
     path: PathBuf,
     connection: Arc<Mutex<Connection>>,
-}
-
-/// SQLite keeps integers signed; the store's are never negative.
-fn stored(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn read(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
 }
 
 impl SqliteStore {
@@ -174,21 +168,12 @@ fn placement_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Placement, String
 }
 
 fn with_status(path: &str, (mut placement, status, reason): (Placement, String, String)) -> Result<Placement, StoreError> {
-    placement.status = match status.as_str() {
-        "pending" => PlacementStatus::Pending,
-        "placed" => PlacementStatus::Placed,
-        "lost" => PlacementStatus::Lost { reason },
-        _ => return Err(StoreError::Malformed { path: path.to_owned(), what: "placement status", value: status }),
-    };
+    placement.status = PlacementStatus::from_columns(&status, reason).ok_or_else(|| StoreError::Malformed {
+        path: path.to_owned(),
+        what: "placement status",
+        value: status,
+    })?;
     Ok(placement)
-}
-
-fn status_columns(status: &PlacementStatus) -> (&'static str, &str) {
-    match status {
-        PlacementStatus::Pending => ("pending", ""),
-        PlacementStatus::Placed => ("placed", ""),
-        PlacementStatus::Lost { reason } => ("lost", reason),
-    }
 }
 
 fn is_constraint(error: &rusqlite::Error) -> bool {
@@ -409,6 +394,12 @@ impl FleetStore for SqliteStore {
     ) -> Result<Reservation, StoreError> {
         self.run(move |connection, path| {
             let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(sqlite(path))?;
+            let known: bool = transaction
+                .query_row("SELECT EXISTS (SELECT 1 FROM tenants WHERE id = ?1)", [&placement.tenant], |row| row.get(0))
+                .map_err(sqlite(path))?;
+            if !known {
+                return Err(StoreError::NoSuchTenant(placement.tenant));
+            }
             if let Some(idempotency) = &idempotency {
                 let earlier: Option<(Vec<u8>, String)> = transaction
                     .query_row(
@@ -436,19 +427,8 @@ impl FleetStore for SqliteStore {
                     |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
                 )
                 .map_err(sqlite(path))?;
-            let checks = [
-                ("VMs", quota.max_vms, read(vms), 1),
-                ("vCPUs", quota.max_vcpus, read(vcpus), placement.vcpus),
-                ("bytes of memory", quota.max_memory_bytes, read(memory), placement.memory_bytes),
-            ];
-            for (what, limit, held, asked) in checks {
-                if let Some(limit) = limit
-                    && held.saturating_add(asked) > limit
-                {
-                    return Err(StoreError::QuotaExceeded { tenant: placement.tenant.clone(), what, limit, held, asked });
-                }
-            }
-            let (status, reason) = status_columns(&placement.status);
+            quota.admit(Held { vms: read(vms), vcpus: read(vcpus), memory_bytes: read(memory) }, &placement)?;
+            let (status, reason) = placement.status.columns();
             let inserted = transaction.execute(
                 &format!("INSERT INTO placements ({PLACEMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
                 params![
@@ -496,7 +476,7 @@ impl FleetStore for SqliteStore {
     async fn update_placement(&self, vm_id: &str, host: &str, status: PlacementStatus) -> Result<(), StoreError> {
         let (vm_id, host) = (vm_id.to_owned(), host.to_owned());
         self.run(move |connection, path| {
-            let (status, reason) = status_columns(&status);
+            let (status, reason) = status.columns();
             connection
                 .execute("UPDATE placements SET host = ?2, status = ?3, reason = ?4 WHERE vm_id = ?1", params![vm_id, host, status, reason])
                 .map_err(sqlite(path))?;

@@ -1,7 +1,7 @@
 //! The fleet store's contract, one function per promise, run against each
-//! store (`store_sqlite.rs` today). A store passes when every one holds.
+//! store (`store_sqlite.rs`, `store_postgres.rs`). A store passes when every one holds.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code, async_fn_in_trait)]
 
 use std::sync::Arc;
 
@@ -13,9 +13,9 @@ use metald_fleet::store::{
 /// A store of its own for one test, and how to open it again.
 pub trait StoreSubject: Sized {
     fn new(test: &str) -> Option<Self>;
-    fn store(&self) -> Arc<dyn FleetStore>;
-    /// The same store opened anew, as a restarted gateway does.
-    fn reopen(&self) -> Arc<dyn FleetStore>;
+    async fn store(&self) -> Arc<dyn FleetStore>;
+    /// The same store opened anew, as a restarted (or another) gateway does.
+    async fn reopen(&self) -> Arc<dyn FleetStore>;
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -58,7 +58,7 @@ fn placement(vm_id: &str, tenant: &str, host: &str, vcpus: u64) -> Placement {
 pub fn tenants_are_made_once_and_keep_their_quota<S: StoreSubject>(test: &str) {
     let Some(subject) = S::new(test) else { return };
     runtime().block_on(async {
-        let store = subject.store();
+        let store = subject.store().await;
         store.create_tenant(tenant("acme", Quota::default())).await.unwrap();
         assert!(matches!(store.create_tenant(tenant("acme", Quota::default())).await, Err(StoreError::TenantExists(id)) if id == "acme"));
         let quota = Quota { max_vms: Some(3), max_vcpus: None, max_memory_bytes: Some(1 << 30) };
@@ -67,7 +67,7 @@ pub fn tenants_are_made_once_and_keep_their_quota<S: StoreSubject>(test: &str) {
         store.create_tenant(tenant("globex", Quota::default())).await.unwrap();
         let ids: Vec<String> = store.tenants().await.unwrap().into_iter().map(|tenant| tenant.id).collect();
         assert_eq!(ids, ["acme", "globex"]);
-        assert_eq!(subject.reopen().tenant("acme").await.unwrap().map(|tenant| tenant.quota), Some(quota), "kept across a reopen");
+        assert_eq!(subject.reopen().await.tenant("acme").await.unwrap().map(|tenant| tenant.quota), Some(quota), "kept across a reopen");
         assert_eq!(store.tenant("nobody").await.unwrap(), None);
     });
 }
@@ -75,7 +75,7 @@ pub fn tenants_are_made_once_and_keep_their_quota<S: StoreSubject>(test: &str) {
 pub fn keys_are_kept_as_digests_and_revoked_for_good<S: StoreSubject>(test: &str) {
     let Some(subject) = S::new(test) else { return };
     runtime().block_on(async {
-        let store = subject.store();
+        let store = subject.store().await;
         let made = NewKey::generate();
         assert!(matches!(store.insert_key(key_of("acme", &made)).await, Err(StoreError::NoSuchTenant(_))), "a key needs its tenant");
         store.create_tenant(tenant("acme", Quota::default())).await.unwrap();
@@ -98,7 +98,7 @@ pub fn keys_are_kept_as_digests_and_revoked_for_good<S: StoreSubject>(test: &str
         assert!(!revoked.valid_at(10_001));
         assert_eq!(store.revoke_key(&made.id, 20_000).await.unwrap().revoked_at_ms, Some(10_000), "the first revocation stands");
         assert!(matches!(store.revoke_key("0000000000000000", 1).await, Err(StoreError::NoSuchKey(_))));
-        assert!(!subject.reopen().key(&made.id).await.unwrap().unwrap().valid_at(30_000), "revoked across a reopen");
+        assert!(!subject.reopen().await.key(&made.id).await.unwrap().unwrap().valid_at(30_000), "revoked across a reopen");
 
         let mut expiring = key_of("acme", &NewKey::generate());
         expiring.expires_at_ms = Some(50_000);
@@ -109,7 +109,7 @@ pub fn keys_are_kept_as_digests_and_revoked_for_good<S: StoreSubject>(test: &str
 pub fn hosts_are_added_moded_and_removed_only_when_empty<S: StoreSubject>(test: &str) {
     let Some(subject) = S::new(test) else { return };
     runtime().block_on(async {
-        let store = subject.store();
+        let store = subject.store().await;
         store.add_host(host("h1")).await.unwrap();
         assert!(matches!(store.add_host(host("h1")).await, Err(StoreError::HostExists(_))));
         store.add_host(host("h2")).await.unwrap();
@@ -128,8 +128,10 @@ pub fn hosts_are_added_moded_and_removed_only_when_empty<S: StoreSubject>(test: 
 pub fn a_placement_counts_against_its_tenants_quota_until_it_is_removed_or_lost<S: StoreSubject>(test: &str) {
     let Some(subject) = S::new(test) else { return };
     runtime().block_on(async {
-        let store = subject.store();
+        let store = subject.store().await;
         let quota = Quota { max_vms: Some(2), max_vcpus: Some(3), max_memory_bytes: None };
+        let unknown = store.reserve_placement(placement("vm-0", "acme", "h1", 1), quota, None).await.unwrap_err();
+        assert!(matches!(unknown, StoreError::NoSuchTenant(_)), "{unknown:?}");
         store.create_tenant(tenant("acme", quota)).await.unwrap();
         store.reserve_placement(placement("vm-1", "acme", "h1", 2), quota, None).await.unwrap();
         let refused = store.reserve_placement(placement("vm-2", "acme", "h1", 2), quota, None).await.unwrap_err();
@@ -159,14 +161,14 @@ pub fn a_placement_counts_against_its_tenants_quota_until_it_is_removed_or_lost<
         store.reserve_placement(placement("vm-5", "acme", "h1", 1), quota, None).await.expect("a removed VM holds no quota");
         let on_h2: Vec<String> = store.placements(Some("h2")).await.unwrap().into_iter().map(|placement| placement.vm_id).collect();
         assert_eq!(on_h2, ["vm-1"]);
-        assert_eq!(subject.reopen().placements(None).await.unwrap().len(), 3, "vm-1 (lost), vm-4, vm-5 across a reopen");
+        assert_eq!(subject.reopen().await.placements(None).await.unwrap().len(), 3, "vm-1 (lost), vm-4, vm-5 across a reopen");
     });
 }
 
 pub fn an_idempotency_key_answers_its_first_create_and_no_other_request<S: StoreSubject>(test: &str) {
     let Some(subject) = S::new(test) else { return };
     runtime().block_on(async {
-        let store = subject.store();
+        let store = subject.store().await;
         store.create_tenant(tenant("acme", Quota::default())).await.unwrap();
         store.create_tenant(tenant("globex", Quota::default())).await.unwrap();
         let once = |digest: u8| Some(Idempotency { key: "create-web-1".into(), request_digest: [digest; 32] });
@@ -186,18 +188,21 @@ pub fn an_idempotency_key_answers_its_first_create_and_no_other_request<S: Store
     });
 }
 
-/// Eight reservations race for a tenant's last slot: exactly one wins.
+/// Eight reservations race for a tenant's last slot, half through the
+/// store and half through the same store opened again (as two gateways
+/// share one): exactly one wins.
 pub fn racing_reservations_for_the_last_slot_let_exactly_one_in<S: StoreSubject>(test: &str) {
     let Some(subject) = S::new(test) else { return };
     runtime().block_on(async {
-        let store = subject.store();
+        let store = subject.store().await;
+        let other = subject.reopen().await;
         let quota = Quota { max_vms: Some(3), ..Quota::default() };
         store.create_tenant(tenant("acme", quota)).await.unwrap();
         for index in 0..2 {
             store.reserve_placement(placement(&format!("vm-held-{index}"), "acme", "h1", 1), quota, None).await.unwrap();
         }
         let racers = (0..8).map(|index| {
-            let store = Arc::clone(&store);
+            let store = Arc::clone(if index % 2 == 0 { &store } else { &other });
             tokio::spawn(async move { store.reserve_placement(placement(&format!("vm-race-{index}"), "acme", "h1", 1), quota, None).await })
         });
         let outcomes: Vec<_> = futures::future::join_all(racers).await.into_iter().map(|joined| joined.unwrap()).collect();
