@@ -19,11 +19,13 @@ pub struct AdminApi {
     store: Arc<dyn FleetStore>,
     hosts: Arc<Hosts>,
     strays: Arc<Strays>,
+    /// Told of revocations, so this gateway refuses a revoked key at once.
+    auth: Arc<crate::auth::Authenticator>,
 }
 
 impl AdminApi {
-    pub fn new(store: Arc<dyn FleetStore>, hosts: Arc<Hosts>, strays: Arc<Strays>) -> Self {
-        Self { store, hosts, strays }
+    pub fn new(store: Arc<dyn FleetStore>, hosts: Arc<Hosts>, strays: Arc<Strays>, auth: Arc<crate::auth::Authenticator>) -> Self {
+        Self { store, hosts, strays, auth }
     }
 
     async fn host_answer(&self, name: &str) -> Result<admin::Host, ConnectError> {
@@ -278,6 +280,7 @@ impl admin::AdminService for AdminApi {
         admitted(&ctx)?;
         let id = request.id.trim_start_matches(crate::keys::KEY_PREFIX).trim_end_matches("_…").to_owned();
         let key = self.store.revoke_key(&id, metald_types::time::unix_millis_now()).await.map_err(|error| store_error(&error))?;
+        self.auth.forget_key(&key.id);
         tracing::info!(key = %masked(&key.id), tenant = %key.tenant, "API key revoked");
         Response::ok(key_to_wire(&key))
     }

@@ -2,7 +2,9 @@
 //! (`authorization: Bearer mdk_…`); the operator shows an admin token,
 //! kept in the settings as its SHA-256. The answer to any key that does
 //! not open calls (malformed, unknown, forged, revoked, expired) is the
-//! same, so it never tells whether a key exists.
+//! same, so it never tells whether a key exists. Key records are read
+//! through [`crate::cache::RecentReads`]: a revocation made through this
+//! gateway holds at once, one made through another within the cache's `fresh_ms`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -10,8 +12,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use http::HeaderMap;
 use sha2::{Digest, Sha256};
 
+use crate::cache::{CacheSettings, RecentReads};
 use crate::keys::PresentedKey;
-use crate::store::{FleetStore, StoreError};
+use crate::store::{FleetStore, KeyRecord, StoreError};
 
 /// A tenant's call, authenticated: put into the call's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,13 +66,24 @@ fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
 pub struct Authenticator {
     store: Arc<dyn FleetStore>,
     admin_tokens: HashSet<[u8; 32]>,
+    keys: RecentReads<KeyRecord>,
     /// When each key was last used, not yet written to the store.
     uses: Mutex<HashMap<String, u64>>,
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<dyn FleetStore>, admin_tokens: HashSet<[u8; 32]>) -> Self {
-        Self { store, admin_tokens, uses: Mutex::default() }
+    pub fn new(store: Arc<dyn FleetStore>, admin_tokens: HashSet<[u8; 32]>, cache: CacheSettings) -> Self {
+        Self { store, admin_tokens, keys: RecentReads::new(cache), uses: Mutex::default() }
+    }
+
+    /// Drops a key's record, so its next use reads the store: it was changed here.
+    pub fn forget_key(&self, id: &str) {
+        self.keys.forget(id);
+    }
+
+    /// Drops key records too old to answer even while the store is away.
+    pub fn forget_old(&self) {
+        self.keys.forget_old();
     }
 
     fn is_admin_token(&self, credential: &str) -> bool {
@@ -84,7 +98,8 @@ impl Authenticator {
             return Err(AuthError::AdminTokenForTenantCall);
         }
         let presented = PresentedKey::parse(credential).map_err(|_| AuthError::NotValid)?;
-        let record = self.store.key(presented.id()).await.map_err(AuthError::Store)?.ok_or(AuthError::NotValid)?;
+        let id = presented.id();
+        let record = self.keys.get(id, self.store.key(id)).await.map_err(AuthError::Store)?.ok_or(AuthError::NotValid)?;
         if !presented.matches(&record.digest) || !record.valid_at(now_ms) {
             return Err(AuthError::NotValid);
         }

@@ -17,6 +17,7 @@ use metald_types::{TenantId, VmId};
 use sha2::{Digest, Sha256};
 
 use crate::auth::Caller;
+use crate::cache::{CacheSettings, RecentReads};
 use crate::hosts::{Ask, Host, Hosts, is_unreachable};
 use crate::placement;
 use crate::store::{FleetStore, Idempotency, Placement, PlacementStatus, Quota, Reservation, StoreError};
@@ -32,11 +33,13 @@ pub struct GatewaySettings {
     pub placement_choices: usize,
     pub default_page_size: usize,
     pub max_page_size: usize,
+    /// How long where a VM is placed is kept before the store is read again.
+    pub cache: CacheSettings,
 }
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        Self { placement_choices: 2, default_page_size: 100, max_page_size: 1000 }
+        Self { placement_choices: 2, default_page_size: 100, max_page_size: 1000, cache: CacheSettings::default() }
     }
 }
 
@@ -47,6 +50,8 @@ pub struct Gateway {
     settings: GatewaySettings,
     metrics: Arc<crate::metrics::GatewayMetrics>,
     strays: Arc<crate::reconcile::Strays>,
+    /// Where VMs are, as recently read: routing goes on while the store is away.
+    placements: RecentReads<Placement>,
     rng: Mutex<rand::rngs::StdRng>,
 }
 
@@ -81,7 +86,13 @@ impl Gateway {
         metrics: Arc<crate::metrics::GatewayMetrics>,
         strays: Arc<crate::reconcile::Strays>,
     ) -> Self {
-        Self { store, hosts, settings, metrics, strays, rng: Mutex::new(rand::SeedableRng::from_os_rng()) }
+        let placements = RecentReads::new(settings.cache);
+        Self { store, hosts, settings, metrics, strays, placements, rng: Mutex::new(rand::SeedableRng::from_os_rng()) }
+    }
+
+    /// Drops placement reads too old to answer even while the store is away.
+    pub fn forget_old(&self) {
+        self.placements.forget_old();
     }
 
     fn unreachable(&self, host: &Host, vm_id: Option<&str>, error: &ConnectError) -> ConnectError {
@@ -101,6 +112,13 @@ impl Gateway {
         if error.code != ErrorCode::NotFound || is_unreachable(&error) || placement.status != PlacementStatus::Placed {
             return self.host_error(host, &placement.vm_id, error);
         }
+        // What was read may be old: another gateway may have deleted or moved it since.
+        self.placements.forget(&placement.vm_id);
+        match self.store.placement(&placement.vm_id).await {
+            Ok(Some(now)) if now.host == placement.host && now.status == PlacementStatus::Placed => {}
+            Ok(_) => return passed_on(error),
+            Err(store_error) => return store_unavailable(&store_error),
+        }
         let reason = lost_reason(&host.name);
         tracing::warn!(vm_id = %placement.vm_id, host = %host.name, "VM lost");
         if let Err(store_error) =
@@ -114,7 +132,8 @@ impl Gateway {
     /// The caller's VM: where it is placed and its host.
     async fn locate(&self, caller: &Caller, vm_id: &str) -> Result<(Placement, Arc<Host>), ConnectError> {
         let id = vm_id_from_wire("vm_id", vm_id).map_err(|error| wire_error_to_connect(&error))?;
-        let placement = self.store.placement(id.as_str()).await.map_err(|error| store_unavailable(&error))?;
+        let placement =
+            self.placements.get(id.as_str(), self.store.placement(id.as_str())).await.map_err(|error| store_unavailable(&error))?;
         let Some(placement) = placement.filter(|placement| placement.tenant == caller.tenant) else {
             return Err(no_such_vm(&id));
         };
@@ -219,6 +238,7 @@ impl Gateway {
             match host.link().vms.create_vm_with_options(request.clone(), options).await {
                 Ok(answer) => {
                     in_flight.made();
+                    self.placements.forget(&vm_id);
                     self.store.update_placement(&vm_id, name, PlacementStatus::Placed).await.map_err(|error| store_unavailable(&error))?;
                     tracing::info!(%vm_id, host = %name, tenant = %caller.tenant, "VM placed");
                     return Ok(answer.into_owned());
@@ -433,6 +453,7 @@ impl wire::VmService for Gateway {
                 Err(error) => return Err(self.host_error(&host, &vm_id, error)),
             }
         }
+        self.placements.forget(&vm_id);
         self.store.remove_placement(&vm_id).await.map_err(|error| store_unavailable(&error))?;
         Response::ok(wire::DeleteVmResponse { success: true, ..Default::default() })
     }

@@ -382,6 +382,26 @@ impl Hosts {
         }
     }
 
+    /// Takes in the store's hosts, as another gateway may have changed
+    /// them: new ones known (a new URL makes a new link), modes followed,
+    /// those gone from the store forgotten.
+    pub fn follow(&self, records: Vec<HostRecord>) {
+        let names: std::collections::BTreeSet<String> = records.iter().map(|record| record.name.clone()).collect();
+        for record in records {
+            let known = self.get(&record.name).map(|host| host.record.lock().unwrap_or_else(PoisonError::into_inner).url.clone());
+            if known.as_deref() == Some(record.url.as_str()) {
+                self.set_mode(&record.name, record.mode);
+                continue;
+            }
+            let name = record.name.clone();
+            match self.insert(record) {
+                Ok(_) => tracing::info!(host = %name, "host taken in from the store"),
+                Err(error) => tracing::warn!(host = %name, %error, "the store's host cannot be used"),
+            }
+        }
+        self.hosts.write().unwrap_or_else(PoisonError::into_inner).retain(|name, _| names.contains(name));
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Host>> {
         self.hosts.read().unwrap_or_else(PoisonError::into_inner).get(name).cloned()
     }

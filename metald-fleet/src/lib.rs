@@ -4,12 +4,13 @@
 //! - [`keys`]: API keys, their shape and how they are checked;
 //! - [`store`]: what a gateway keeps (tenants, quotas, key digests, hosts,
 //!   which host holds each VM, idempotency records) behind the
-//!   [`store::FleetStore`] port, with the embedded SQLite store;
+//!   [`store::FleetStore`] port, with the embedded SQLite store and the
+//!   PostgreSQL store several gateways share;
 //! - [`hosts`]: the signed link to each host's metald, its health and
 //!   capacity as probes find them, creates in flight;
 //! - [`placement`]: which host a new VM goes to, and why none when none;
 //! - [`auth`]: API keys and the admin token, checked; [`limits`], request
-//!   rates per key and method class;
+//!   rates per key and method class; [`cache`], recent reads of the store;
 //! - [`gateway`]: `VmService` across hosts (placement, routing, lists),
 //!   and [`watch`], its merged event stream;
 //! - [`reconcile`]: the store held against what hosts have (lost VMs, strays);
@@ -22,6 +23,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod gateway;
 pub mod hosts;
 pub mod keys;

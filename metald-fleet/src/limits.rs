@@ -5,6 +5,12 @@
 //! `RateLimit-*` headers of the IETF draft, and the caller is let in again
 //! once the wait passes. This is the rate of requests; how many VMs a
 //! tenant may hold is its quota, and each error says which it hit.
+//!
+//! The buckets live in each gateway's memory. With several gateways behind
+//! one load balancer, `gateways = N` makes each enforce 1/N of every rate
+//! and burst, so a key spread over all of them gets at most its allowance
+//! (and one that reaches only some gateways, less): no call waits on the
+//! store for a rate.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -54,11 +60,14 @@ pub struct RateSettings {
     pub reads: Rate,
     pub mutations: Rate,
     pub creates: Rate,
+    /// How many gateways share each key's allowance; each enforces its share.
+    pub gateways: u32,
 }
 
 impl Default for RateSettings {
     fn default() -> Self {
         Self {
+            gateways: 1,
             reads: Rate { per_second: 100, burst: 200 },
             mutations: Rate { per_second: 20, burst: 40 },
             creates: Rate { per_second: 10, burst: 20 },
@@ -67,14 +76,23 @@ impl Default for RateSettings {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("rate_limits.{class}: per_second and burst must each be at least 1")]
-pub struct ZeroRate {
-    pub class: &'static str,
+pub enum ZeroRate {
+    #[error("rate_limits.{class}: per_second and burst must each be at least 1")]
+    Zero { class: &'static str },
+    #[error("rate_limits.gateways must be at least 1")]
+    NoGateways,
+    #[error(
+        "rate_limits.{class}.burst ({burst}) must be at least rate_limits.gateways ({gateways}): each gateway lets at least one call in at once"
+    )]
+    BurstBelowGateways { class: &'static str, burst: u32, gateways: u32 },
 }
 
 #[derive(Debug)]
 struct Bucket {
+    /// The fleet's allowance for a key.
     rate: Rate,
+    /// How many gateways share it.
+    gateways: u32,
     limiter: DefaultKeyedRateLimiter<String>,
 }
 
@@ -85,19 +103,28 @@ pub struct RateLimits {
     creates: Bucket,
 }
 
-fn bucket(class: MethodClass, rate: Rate) -> Result<Bucket, ZeroRate> {
-    let (Some(per_second), Some(burst)) = (NonZeroU32::new(rate.per_second), NonZeroU32::new(rate.burst)) else {
-        return Err(ZeroRate { class: class.name() });
-    };
-    Ok(Bucket { rate, limiter: RateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst)) })
+/// This gateway's share of `rate`: one call every `gateways / per_second` seconds, `burst / gateways` at once.
+fn bucket(class: MethodClass, rate: Rate, gateways: u32) -> Result<Bucket, ZeroRate> {
+    if rate.per_second == 0 || rate.burst == 0 {
+        return Err(ZeroRate::Zero { class: class.name() });
+    }
+    let share =
+        NonZeroU32::new(rate.burst / gateways).ok_or(ZeroRate::BurstBelowGateways { class: class.name(), burst: rate.burst, gateways })?;
+    let period = Duration::from_secs(u64::from(gateways)) / rate.per_second;
+    let quota = Quota::with_period(period).ok_or(ZeroRate::Zero { class: class.name() })?.allow_burst(share);
+    Ok(Bucket { rate, gateways, limiter: RateLimiter::keyed(quota) })
 }
 
 impl RateLimits {
     pub fn new(settings: RateSettings) -> Result<Self, ZeroRate> {
+        let gateways = settings.gateways;
+        if gateways == 0 {
+            return Err(ZeroRate::NoGateways);
+        }
         Ok(Self {
-            reads: bucket(MethodClass::Read, settings.reads)?,
-            mutations: bucket(MethodClass::Mutation, settings.mutations)?,
-            creates: bucket(MethodClass::Create, settings.creates)?,
+            reads: bucket(MethodClass::Read, settings.reads, gateways)?,
+            mutations: bucket(MethodClass::Mutation, settings.mutations, gateways)?,
+            creates: bucket(MethodClass::Create, settings.creates, gateways)?,
         })
     }
 
@@ -115,7 +142,7 @@ impl RateLimits {
         let bucket = self.bucket(class);
         let Err(not_until) = bucket.limiter.check_key(&key_id.to_owned()) else { return Ok(()) };
         let wait = not_until.wait_time_from(DefaultClock::default().now());
-        Err(refusal(class, bucket.rate, wait))
+        Err(refusal(class, bucket, wait))
     }
 
     /// Forgets keys whose buckets are full again, so the map does not grow with every key ever seen.
@@ -126,7 +153,9 @@ impl RateLimits {
     }
 }
 
-fn refusal(class: MethodClass, rate: Rate, wait: Duration) -> ConnectError {
+fn refusal(class: MethodClass, bucket: &Bucket, wait: Duration) -> ConnectError {
+    let (rate, gateways) = (bucket.rate, bucket.gateways);
+    let share = rate.burst / gateways;
     let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     let mut headers = http::HeaderMap::new();
     let mut set = |name: &'static str, value: String| {
@@ -135,12 +164,13 @@ fn refusal(class: MethodClass, rate: Rate, wait: Duration) -> ConnectError {
         }
     };
     set("retry-after", seconds.max(1).to_string());
-    set("ratelimit-limit", rate.burst.to_string());
+    set("ratelimit-limit", share.to_string());
     set("ratelimit-remaining", "0".into());
     set("ratelimit-reset", seconds.max(1).to_string());
-    set("ratelimit-policy", format!("{};w=1;burst={}", rate.per_second, rate.burst));
+    set("ratelimit-policy", format!("{};w={gateways};burst={share}", rate.per_second));
+    let across = if gateways > 1 { format!(" across {gateways} gateways, {share} at once through each") } else { String::new() };
     ConnectError::resource_exhausted(format!(
-        "rate limit: this API key may make {} {} per second ({} at once); retry after {} ms",
+        "rate limit: this API key may make {} {} per second ({} at once){across}; retry after {} ms",
         rate.per_second,
         class.name(),
         rate.burst,
@@ -167,5 +197,18 @@ mod tests {
         assert!(limits.admit("k2", "CreateVm").is_ok(), "another key has a bucket of its own");
         assert!(limits.admit("k1", "GetVmInfo").is_ok(), "reads draw from another bucket");
         assert!(RateLimits::new(RateSettings { reads: Rate { per_second: 0, burst: 1 }, ..RateSettings::default() }).is_err());
+    }
+
+    #[test]
+    fn each_of_several_gateways_lets_in_its_share_of_a_burst() {
+        let rate = Rate { per_second: 1, burst: 4 };
+        let limits = RateLimits::new(RateSettings { creates: rate, gateways: 2, ..RateSettings::default() }).unwrap();
+        let admitted = (0..6).filter(|_| limits.admit("k1", "CreateVm").is_ok()).count();
+        // A refill (one call per 2 s on this gateway) may fall inside the loop on a slow machine.
+        assert!((2..=3).contains(&admitted), "{admitted} of a burst of 4 shared by 2 gateways");
+        let refused = limits.admit("k1", "CreateVm").unwrap_err();
+        assert!(refused.message.as_deref().unwrap().contains("(4 at once) across 2 gateways, 2 at once through each"), "{refused:?}");
+        let too_few = RateLimits::new(RateSettings { creates: Rate { per_second: 1, burst: 1 }, gateways: 2, ..RateSettings::default() });
+        assert!(matches!(too_few, Err(ZeroRate::BurstBelowGateways { .. })), "{too_few:?}");
     }
 }

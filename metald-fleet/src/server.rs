@@ -100,7 +100,7 @@ struct HttpState {
 /// What the application is made of.
 #[derive(Debug)]
 pub struct Parts {
-    pub gateway: Gateway,
+    pub gateway: Arc<Gateway>,
     pub admin: AdminApi,
     pub auth: Arc<Authenticator>,
     pub limits: Arc<RateLimits>,
@@ -111,7 +111,7 @@ pub struct Parts {
 
 /// The whole HTTP application.
 pub fn app(parts: Parts) -> axum::Router {
-    let router = Arc::new(parts.gateway).register(Router::new());
+    let router = parts.gateway.register(Router::new());
     let router = Arc::new(parts.admin).register(router);
     let limits = Limits::default().with_max_request_body_size(parts.max_body_bytes).with_max_message_size(parts.max_body_bytes);
     let connect = ConnectRpcService::new(router).with_limits(limits).with_interceptor(metald_serve::gate::Gate(Gate {

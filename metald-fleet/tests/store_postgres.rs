@@ -22,7 +22,7 @@ impl store_suite::StoreSubject for Postgres {
     }
 
     async fn store(&self) -> Arc<dyn FleetStore> {
-        Arc::new(PostgresStore::open(&self.server.url()).await.unwrap())
+        Arc::new(PostgresStore::open(&self.server.url(), None).await.unwrap())
     }
 
     async fn reopen(&self) -> Arc<dyn FleetStore> {
@@ -39,7 +39,7 @@ fn gateways_starting_at_once_apply_each_migration_once() {
         let url = server.url();
         let opening = (0..4).map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { PostgresStore::open(&url).await })
+            tokio::spawn(async move { PostgresStore::open(&url, None).await })
         });
         for opened in futures::future::join_all(opening).await {
             opened.unwrap().expect("every gateway starts");
@@ -61,7 +61,7 @@ fn gateways_starting_at_once_apply_each_migration_once() {
 fn a_store_that_cannot_reach_its_server_says_where() {
     let Some(mut server) = require_postgres("a_store_that_cannot_reach_its_server_says_where") else { return };
     store_suite::runtime().block_on(async {
-        let store = PostgresStore::open(&server.url()).await.unwrap();
+        let store = PostgresStore::open(&server.url(), None).await.unwrap();
         server.stop();
         let error = store.tenants().await.unwrap_err();
         assert!(error.to_string().contains("the fleet store on PostgreSQL at 127.0.0.1:"), "{error}");

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
+use metald_fleet::cache::CacheSettings;
 use metald_fleet::limits::RateSettings;
 use metald_serve::settings::ApiSettings;
 use metald_serve::telemetry::TelemetrySettings;
@@ -17,8 +18,11 @@ use serde::{Deserialize, Serialize};
 pub struct Settings {
     /// Where the API (and `/health`, `/ready`, `/metrics`) listens.
     pub listen: SocketAddr,
-    /// The gateway's own state: its SQLite fleet store.
+    /// The gateway's own state: its SQLite fleet store, unless `store.postgres_url` is set.
     pub data_dir: PathBuf,
+    pub store: StoreSettings,
+    /// How long key records and placements read from the store are kept.
+    pub cache: CacheSettings,
     /// A file holding the secret the gateway signs host calls with (at
     /// least 32 bytes; each host's `auth.gateway.secret_file` holds the same).
     pub host_secret_file: PathBuf,
@@ -32,6 +36,10 @@ pub struct Settings {
     pub probe_interval_ms: u64,
     /// How long one call to a host may take when its caller set no deadline, in seconds.
     pub host_call_timeout_seconds: u64,
+    /// How old a pending placement (its create's answer never came: its
+    /// gateway died) must be before reconciliation settles it by what its
+    /// host has, in seconds; longer than any create takes.
+    pub pending_settle_seconds: u64,
     /// How many fitting hosts a placement samples before it takes the emptiest.
     pub placement_choices: usize,
     /// The gateway refuses to start as root unless this is true: it needs
@@ -40,6 +48,17 @@ pub struct Settings {
     pub api: ApiSettings,
     pub rate_limits: RateSettings,
     pub telemetry: TelemetrySettings,
+}
+
+/// Where the fleet store is: SQLite in `data_dir` (one gateway), or a
+/// PostgreSQL database several gateways share.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `postgresql://USER@HOST:PORT/DATABASE` (libpq URL or key-value form).
+    pub postgres_url: Option<String>,
+    /// A file holding the database password, so it stays out of the URL and of `print-config`.
+    pub postgres_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,11 +74,14 @@ impl Default for Settings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7080)),
             data_dir: PathBuf::from("/var/lib/metald-gateway"),
+            store: StoreSettings::default(),
+            cache: CacheSettings::default(),
             host_secret_file: PathBuf::from("/etc/metald-gateway/host.secret"),
             admin_token_sha256: Vec::new(),
             hosts: Vec::new(),
             probe_interval_ms: 2000,
             host_call_timeout_seconds: 60,
+            pending_settle_seconds: 120,
             placement_choices: 2,
             allow_root: false,
             api: ApiSettings::default(),
@@ -70,14 +92,17 @@ impl Default for Settings {
 }
 
 /// The top-level keys of [`Settings`]: only `METALD_GATEWAY_*` variables under them are settings.
-const SETTING_KEYS: [&str; 12] = [
+const SETTING_KEYS: [&str; 15] = [
     "listen",
     "data_dir",
+    "store",
+    "cache",
     "host_secret_file",
     "admin_token_sha256",
     "hosts",
     "probe_interval_ms",
     "host_call_timeout_seconds",
+    "pending_settle_seconds",
     "placement_choices",
     "allow_root",
     "api",

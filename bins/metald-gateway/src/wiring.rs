@@ -16,14 +16,12 @@ use metald_fleet::limits::RateLimits;
 use metald_fleet::metrics::GatewayMetrics;
 use metald_fleet::reconcile::{Strays, reconcile};
 use metald_fleet::server::{Parts, Readiness, app};
+use metald_fleet::store::postgres::PostgresStore;
 use metald_fleet::store::sqlite::SqliteStore;
 use metald_fleet::store::{FleetStore, HostMode, HostRecord, StoreError};
 use tokio::sync::watch;
 
 use crate::config::Settings;
-
-/// How long a create's placement may stay pending before reconciliation settles it.
-const SETTLE: Duration = Duration::from_secs(120);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() && !settings.allow_root {
@@ -45,8 +43,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("no admin token (admin_token_sha256): AdminService refuses every call");
     }
     let limits = Arc::new(RateLimits::new(settings.rate_limits)?);
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("data_dir: cannot make {}", settings.data_dir.display()))?;
-    let store: Arc<dyn FleetStore> = Arc::new(SqliteStore::open(&settings.data_dir.join("fleet.db"))?);
+    let store = open_store(&settings).await?;
 
     let hosts = Arc::new(Hosts::new(GatewaySecret::new(secret), Duration::from_secs(settings.host_call_timeout_seconds)));
     for host in &settings.hosts {
@@ -70,28 +67,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let strays = Arc::new(Strays::default());
     let metrics = Arc::new(GatewayMetrics::new(Arc::clone(&hosts), Arc::clone(&strays)));
-    let auth = Arc::new(Authenticator::new(Arc::clone(&store), admin_tokens));
+    let auth = Arc::new(Authenticator::new(Arc::clone(&store), admin_tokens, settings.cache));
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(Arc::clone(&hosts).keep_probing(Duration::from_millis(settings.probe_interval_ms), stopped.clone()));
-    tokio::spawn(housekeeping(
-        Arc::clone(&store),
-        Arc::clone(&hosts),
-        Arc::clone(&strays),
-        Arc::clone(&auth),
-        Arc::clone(&limits),
-        Duration::from_millis(settings.probe_interval_ms),
-        stopped.clone(),
-    ));
 
     let gateway_settings = GatewaySettings {
         placement_choices: settings.placement_choices,
         default_page_size: settings.api.default_page_size,
         max_page_size: settings.api.max_page_size,
+        cache: settings.cache,
     };
+    let gateway =
+        Arc::new(Gateway::new(Arc::clone(&store), Arc::clone(&hosts), gateway_settings, Arc::clone(&metrics), Arc::clone(&strays)));
+    tokio::spawn(housekeeping(
+        Housekept {
+            store: Arc::clone(&store),
+            hosts: Arc::clone(&hosts),
+            strays: Arc::clone(&strays),
+            auth: Arc::clone(&auth),
+            limits: Arc::clone(&limits),
+            gateway: Arc::clone(&gateway),
+        },
+        Duration::from_millis(settings.probe_interval_ms),
+        Duration::from_secs(settings.pending_settle_seconds),
+        stopped.clone(),
+    ));
     let readiness = Arc::new(Readiness::default());
     let application = app(Parts {
-        gateway: Gateway::new(Arc::clone(&store), Arc::clone(&hosts), gateway_settings, Arc::clone(&metrics), Arc::clone(&strays)),
-        admin: AdminApi::new(Arc::clone(&store), Arc::clone(&hosts), strays),
+        gateway: Arc::clone(&gateway),
+        admin: AdminApi::new(Arc::clone(&store), Arc::clone(&hosts), strays, Arc::clone(&auth)),
         auth: Arc::clone(&auth),
         limits,
         metrics,
@@ -117,17 +121,40 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `interval`: the store held against the hosts, the keys' last uses
-/// written, idle rate buckets forgotten.
-async fn housekeeping(
+/// The store of the settings: PostgreSQL when `store.postgres_url` is set, else SQLite in `data_dir`.
+async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn FleetStore>> {
+    if let Some(url) = &settings.store.postgres_url {
+        let password = match &settings.store.postgres_password_file {
+            Some(file) => Some(
+                std::fs::read(file)
+                    .with_context(|| format!("store.postgres_password_file: cannot read {}", file.display()))?
+                    .trim_ascii()
+                    .to_vec(),
+            ),
+            None => None,
+        };
+        let store = PostgresStore::open(url, password.as_deref()).await.context("store.postgres_url: cannot open the fleet store")?;
+        return Ok(Arc::new(store));
+    }
+    std::fs::create_dir_all(&settings.data_dir).with_context(|| format!("data_dir: cannot make {}", settings.data_dir.display()))?;
+    Ok(Arc::new(SqliteStore::open(&settings.data_dir.join("fleet.db"))?))
+}
+
+/// What housekeeping tends.
+struct Housekept {
     store: Arc<dyn FleetStore>,
     hosts: Arc<Hosts>,
     strays: Arc<Strays>,
     auth: Arc<Authenticator>,
     limits: Arc<RateLimits>,
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+    gateway: Arc<Gateway>,
+}
+
+/// Every `interval`: the hosts other gateways added, moded or removed
+/// taken in, the store held against the hosts, the keys' last uses
+/// written, idle rate buckets and old reads forgotten.
+async fn housekeeping(kept: Housekept, interval: Duration, settle: Duration, mut stop: watch::Receiver<bool>) {
+    let Housekept { store, hosts, strays, auth, limits, gateway } = kept;
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -135,12 +162,18 @@ async fn housekeeping(
             _ = ticks.tick() => {}
             _ = stop.changed() => return,
         }
-        if let Err(error) = reconcile(store.as_ref(), &hosts, &strays, SETTLE).await {
+        match store.hosts().await {
+            Ok(records) => hosts.follow(records),
+            Err(error) => tracing::warn!(%error, "cannot read the hosts from the store"),
+        }
+        if let Err(error) = reconcile(store.as_ref(), &hosts, &strays, settle).await {
             tracing::warn!(%error, "cannot hold the store against the hosts");
         }
         if let Err(error) = auth.flush_uses().await {
             tracing::warn!(%error, "cannot record the keys' last uses");
         }
         limits.forget_idle();
+        auth.forget_old();
+        gateway.forget_old();
     }
 }

@@ -85,13 +85,16 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     /// Connects to the database `url` names (a libpq URL or key-value
-    /// string) and applies the migrations it lacks.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let config = tokio_postgres::Config::from_str(url)
+    /// string; `password`, when given, instead of one in it) and applies
+    /// the migrations it lacks.
+    pub async fn open(url: &str, password: Option<&[u8]>) -> Result<Self, StoreError> {
+        let mut config = tokio_postgres::Config::from_str(url)
             .map_err(|source| StoreError::Postgres { server: "(the configured URL)".to_owned(), source })?;
         let server = describe(&config);
-        let mut config = config;
         config.connect_timeout(CONNECTION_WAIT);
+        if let Some(password) = password {
+            config.password(password);
+        }
         let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)

@@ -113,6 +113,13 @@ impl Gateway {
         child.wait().unwrap()
     }
 
+    /// SIGKILL: the gateway dies wherever it is.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("a running gateway");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
     pub fn alive(&mut self) -> bool {
         self.child.as_mut().is_some_and(|child| child.try_wait().unwrap().is_none())
     }
