@@ -13,6 +13,7 @@ mod host_service;
 mod instance_lock;
 mod metrics;
 mod operator;
+mod privilege;
 mod process_metrics;
 mod quota;
 mod server;
@@ -130,12 +131,20 @@ fn main() -> anyhow::Result<()> {
     // Tests pause a launch at a fail point (FAILPOINTS=name=pause) to kill
     // metald there; without the `failpoints` feature this does nothing.
     let _fail_points = fail::FailScenario::setup();
+    // Before the runtime makes its threads, which inherit what this one keeps.
+    let capabilities =
+        privilege::keep_only(&privilege::kept(settings.listen.port())).context("cannot drop the capabilities metald does not use")?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let telemetry = metald_serve::telemetry::init(&settings.telemetry)?;
         let settings_file =
             args.config.as_ref().map_or_else(|| "none (built-in defaults and METALD_*)".to_owned(), |path| path.display().to_string());
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), settings = settings_file, "metald starting");
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            settings = settings_file,
+            capabilities = %privilege::names(&capabilities),
+            "metald starting"
+        );
         let result = wiring::run(settings).await;
         if let Err(error) = &result {
             tracing::error!(error = %format!("{error:#}"), "metald stopped on an error");
