@@ -21,8 +21,8 @@ use crate::store::{HostMode, HostRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("host {name:?}: {url:?} is not an http:// URL with a host and a port")]
-    BadUrl { name: String, url: String },
+    #[error("host {name:?}: {url:?} is not an {scheme}:// URL with a host and a port{why}")]
+    BadUrl { name: String, url: String, scheme: &'static str, why: &'static str },
     #[error("host name {0:?}: 1 to 64 ASCII letters, digits, '-', '.' or '_'")]
     BadName(String),
 }
@@ -173,8 +173,13 @@ impl Drop for InFlightGuard {
 }
 
 impl Host {
-    fn new(record: HostRecord, secret: GatewaySecret, call_timeout: Duration) -> Result<Self, HostError> {
-        let link = HostLink::new(&record, secret, call_timeout)?;
+    fn new(
+        record: HostRecord,
+        secret: GatewaySecret,
+        call_timeout: Duration,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, HostError> {
+        let link = HostLink::new(&record, secret, call_timeout, tls)?;
         let status = HostStatus { health: Health::Unknown, capacity: None, last_seen_ms: None };
         Ok(Self { name: record.name.clone(), link, record: Mutex::new(record), status: Mutex::new(status), in_flight: Arc::default() })
     }
@@ -287,13 +292,27 @@ impl std::fmt::Debug for HostLink {
 }
 
 impl HostLink {
-    fn new(record: &HostRecord, secret: GatewaySecret, call_timeout: Duration) -> Result<Self, HostError> {
-        let uri: http::Uri = record.url.parse().map_err(|_| HostError::BadUrl { name: record.name.clone(), url: record.url.clone() })?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.port().is_none() {
-            return Err(HostError::BadUrl { name: record.name.clone(), url: record.url.clone() });
+    /// A link to the host at `record.url`: `http://` in plain, `https://` with `tls` (mTLS to the hosts).
+    fn new(
+        record: &HostRecord,
+        secret: GatewaySecret,
+        call_timeout: Duration,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, HostError> {
+        let (scheme, why) = match tls {
+            Some(_) => ("https", ": hosts_tls is set, so hosts are called over TLS"),
+            None => ("http", " (https:// needs hosts_tls)"),
+        };
+        let bad = || HostError::BadUrl { name: record.name.clone(), url: record.url.clone(), scheme, why };
+        let uri: http::Uri = record.url.parse().map_err(|_| bad())?;
+        if uri.scheme_str() != Some(scheme) || uri.host().is_none() || uri.port().is_none() {
+            return Err(bad());
         }
         let config = ClientConfig::new(uri).with_protocol(Protocol::Connect).proto();
-        let transport = HttpClient::plaintext();
+        let transport = match tls {
+            Some(tls) => HttpClient::with_tls(Arc::clone(tls)),
+            None => HttpClient::plaintext(),
+        };
         Ok(Self {
             vms: wire::VmServiceClient::new(transport.clone(), config.clone()),
             host: wire::HostServiceClient::new(transport, config),
@@ -350,18 +369,25 @@ pub fn check_name(name: &str) -> Result<(), HostError> {
 pub struct Hosts {
     secret: GatewaySecret,
     call_timeout: Duration,
+    /// How hosts are called over TLS (the gateway's client certificate, the hosts' CA), if they are.
+    tls: Option<Arc<rustls::ClientConfig>>,
     hosts: RwLock<BTreeMap<String, Arc<Host>>>,
 }
 
 impl Hosts {
     pub fn new(secret: GatewaySecret, call_timeout: Duration) -> Self {
-        Self { secret, call_timeout, hosts: RwLock::default() }
+        Self { secret, call_timeout, tls: None, hosts: RwLock::default() }
+    }
+
+    /// Hosts called over mutual TLS ([`crate::host_tls`]).
+    pub fn with_tls(self, tls: Arc<rustls::ClientConfig>) -> Self {
+        Self { tls: Some(tls), ..self }
     }
 
     /// Knows `record` from now on (replacing a host of its name).
     pub fn insert(&self, record: HostRecord) -> Result<Arc<Host>, HostError> {
         check_name(&record.name)?;
-        let host = Arc::new(Host::new(record, self.secret.clone(), self.call_timeout)?);
+        let host = Arc::new(Host::new(record, self.secret.clone(), self.call_timeout, self.tls.as_ref())?);
         self.hosts.write().unwrap_or_else(PoisonError::into_inner).insert(host.name.clone(), Arc::clone(&host));
         Ok(host)
     }
@@ -369,7 +395,7 @@ impl Hosts {
     /// Checks a record as [`Hosts::insert`] would, without keeping it.
     pub fn check(&self, record: &HostRecord) -> Result<(), HostError> {
         check_name(&record.name)?;
-        HostLink::new(record, self.secret.clone(), self.call_timeout).map(drop)
+        HostLink::new(record, self.secret.clone(), self.call_timeout, self.tls.as_ref()).map(drop)
     }
 
     pub fn remove(&self, name: &str) {

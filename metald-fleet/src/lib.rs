@@ -7,7 +7,8 @@
 //!   [`store::FleetStore`] port, with the embedded SQLite store and the
 //!   PostgreSQL store several gateways share;
 //! - [`hosts`]: the signed link to each host's metald, its health and
-//!   capacity as probes find them, creates in flight;
+//!   capacity as probes find them, creates in flight; [`host_tls`], mutual
+//!   TLS on that link;
 //! - [`placement`]: which host a new VM goes to, and why none when none;
 //! - [`auth`]: API keys and the admin token, checked; [`limits`], request
 //!   rates per key and method class; [`cache`], recent reads of the store;
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod auth;
 pub mod cache;
 pub mod gateway;
+pub mod host_tls;
 pub mod hosts;
 pub mod keys;
 pub mod limits;

@@ -4,6 +4,7 @@
 //! It owns:
 //! - [`listener`]: the API port, bounded (connections in all and per
 //!   client, header, body and idle timeouts), HTTP/1.1 and h2c on one port;
+//!   [`tls`], TLS on it, client certificates and reloads;
 //! - [`telemetry`]: logs to stderr and traces over OTLP/HTTP;
 //!   [`trace_context`], a trace continued across a hop;
 //! - [`settings`]: defaults, a TOML file, environment variables and flags,
@@ -25,4 +26,5 @@ pub mod listener;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod trace_context;

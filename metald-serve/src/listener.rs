@@ -1,6 +1,8 @@
 //! The API port: accepts connections with the bounds a port that strangers
 //! reach needs, and serves the HTTP application on each, as HTTP/1.1 or h2c
-//! (told apart by the HTTP/2 preface).
+//! (told apart by the HTTP/2 preface), or, with [`crate::tls`], over TLS
+//! (HTTP/2 or HTTP/1.1 by ALPN; a connection that does not open with a TLS
+//! handshake, plain HTTP say, is closed and logged).
 //!
 //! - At most `max_connections` connections, and `max_connections_per_client`
 //!   from one IP address. A connection over either is closed at once, so
@@ -29,6 +31,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tower::ServiceExt;
+
+use crate::tls::{TlsTerminator, VerifiedClientCertificate};
 
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -157,12 +161,13 @@ where
     }
 }
 
-/// Serves `app` on `listener` within `limits` until `shutdown` resolves,
-/// then lets the open connections finish their calls.
+/// Serves `app` on `listener` within `limits` (over `tls`, when given)
+/// until `shutdown` resolves, then lets the open connections finish their calls.
 pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<TlsTerminator>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let admission = Arc::new(Admission { limits, open: Mutex::default(), total: AtomicUsize::new(0) });
@@ -190,10 +195,10 @@ pub async fn serve(
             tracing::debug!(%client, "connection refused: too many open connections");
             continue;
         };
-        let (app, mut stopped) = (app.clone(), stopped.clone());
+        let (app, mut stopped, tls) = (app.clone(), stopped.clone(), tls.clone());
         connections.spawn(async move {
             let _place = place;
-            serve_connection(stream, client, app, limits, &mut stopped).await;
+            serve_connection(stream, client, app, limits, tls.as_deref(), &mut stopped).await;
         });
     }
     drop(listener);
@@ -211,6 +216,7 @@ async fn serve_connection(
     client: SocketAddr,
     app: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<&TlsTerminator>,
     stopped: &mut tokio::sync::watch::Receiver<bool>,
 ) {
     // Without TCP_NODELAY an h2c answer written in two pieces waits for
@@ -218,10 +224,65 @@ async fn serve_connection(
     if let Err(error) = stream.set_nodelay(true) {
         tracing::warn!(%error, "cannot set TCP_NODELAY on a connection");
     }
-    let Some(http2) = speaks_http2(&stream, limits.header_read_timeout).await else {
-        tracing::debug!(%client, "connection closed: no request head in time");
-        return;
+    let Some(tls) = tls else {
+        let Some(http2) = speaks_http2(&stream, limits.header_read_timeout).await else {
+            tracing::debug!(%client, "connection closed: no request head in time");
+            return;
+        };
+        return serve_http(TokioIo::new(stream), http2, client, None, app, limits, stopped).await;
     };
+    let Some(stream) = handshake(stream, client, tls, limits.header_read_timeout).await else { return };
+    let (_, session) = stream.get_ref();
+    let http2 = session.alpn_protocol() == Some(b"h2");
+    let verified = session.peer_certificates().is_some_and(|chain| !chain.is_empty()).then_some(VerifiedClientCertificate);
+    serve_http(TokioIo::new(stream), http2, client, verified, app, limits, stopped).await;
+}
+
+/// The TLS handshake on a new connection, or `None` (logged) when it is not
+/// TLS, fails, or does not finish within `within`.
+async fn handshake(
+    stream: TcpStream,
+    client: SocketAddr,
+    tls: &TlsTerminator,
+    within: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    // A TLS connection opens with a handshake record (content type 22).
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(within, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == 0x16 => {}
+        Ok(Ok(1)) => {
+            tracing::warn!(%client, "connection closed: it is not TLS (plain HTTP?) on a TLS port (api.tls)");
+            return None;
+        }
+        _ => {
+            tracing::debug!(%client, "connection closed: no TLS handshake in time");
+            return None;
+        }
+    }
+    match tokio::time::timeout(within, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::warn!(%client, %error, "connection closed: the TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%client, "connection closed: the TLS handshake did not finish in time");
+            None
+        }
+    }
+}
+
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    http2: bool,
+    client: SocketAddr,
+    verified: Option<VerifiedClientCertificate>,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    stopped: &mut tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(Activity::default());
     let service = {
         let activity = Arc::clone(&activity);
@@ -229,6 +290,9 @@ async fn serve_connection(
             let in_flight = InFlight::begin(&activity);
             let app = app.clone();
             request.extensions_mut().insert(ClientAddress(client));
+            if let Some(verified) = verified {
+                request.extensions_mut().insert(verified);
+            }
             async move {
                 let response = app.oneshot(request.map(axum::body::Body::new)).await?;
                 // The call is in flight until its whole answer is sent.
@@ -241,7 +305,6 @@ async fn serve_connection(
             }
         })
     };
-    let io = TokioIo::new(stream);
     let result = if http2 {
         let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())

@@ -79,6 +79,8 @@ pub struct ApiSettings {
     pub body_read_timeout_seconds: u64,
     /// How long a connection with no call in flight stays open.
     pub idle_timeout_seconds: u64,
+    /// TLS on the port; unset: plain HTTP/1.1 and h2c.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for ApiSettings {
@@ -93,6 +95,7 @@ impl Default for ApiSettings {
             header_read_timeout_seconds: 10,
             body_read_timeout_seconds: 30,
             idle_timeout_seconds: 120,
+            tls: None,
         }
     }
 }

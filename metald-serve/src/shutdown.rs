@@ -1,6 +1,7 @@
 //! How a daemon of ours stops: on SIGTERM or SIGINT it takes no new calls,
 //! lets the calls in flight finish for up to a drain timeout, and ends
-//! without those still open after it.
+//! without those still open after it. SIGHUP never stops it: it reloads
+//! the port's TLS certificate, when there is one.
 
 use std::time::Duration;
 
@@ -49,4 +50,27 @@ pub async fn drain_then_stop(
             Ok(())
         }
     }
+}
+
+/// Answers SIGHUP from now on: the port's TLS files are read again (open
+/// connections keep theirs), or, without TLS, `without_tls` is logged.
+pub fn answer_hangups(tls: Option<std::sync::Arc<crate::tls::TlsTerminator>>, without_tls: &'static str) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; a SIGHUP would stop the daemon");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match &tls {
+                Some(tls) => match tls.reload() {
+                    Ok(()) => {
+                        tracing::info!(cert_file = %tls.settings().cert_file.display(), "SIGHUP: TLS certificate reloaded; new connections get it")
+                    }
+                    Err(error) => tracing::error!(%error, "SIGHUP: the TLS files do not load; the certificate loaded before still serves"),
+                },
+                None => tracing::info!("SIGHUP: {without_tls}"),
+            }
+        }
+    });
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use metald_fleet::cache::CacheSettings;
+use metald_fleet::host_tls::HostTlsSettings;
 use metald_fleet::limits::RateSettings;
 use metald_serve::settings::ApiSettings;
 use metald_serve::telemetry::TelemetrySettings;
@@ -28,6 +29,9 @@ pub struct Settings {
     pub host_secret_file: PathBuf,
     /// SHA-256 (hex) of each admin token, which alone opens `AdminService`.
     pub admin_token_sha256: Vec<String>,
+    /// Mutual TLS to the hosts: their CA, the gateway's client certificate
+    /// and key. Unset: hosts are called over plain HTTP.
+    pub hosts_tls: Option<HostTlsSettings>,
     /// Hosts to place VMs on, added to the store at start if it lacks them;
     /// `AdminService.AddHost` adds more while the gateway runs.
     pub hosts: Vec<HostSetting>,
@@ -78,6 +82,7 @@ impl Default for Settings {
             cache: CacheSettings::default(),
             host_secret_file: PathBuf::from("/etc/metald-gateway/host.secret"),
             admin_token_sha256: Vec::new(),
+            hosts_tls: None,
             hosts: Vec::new(),
             probe_interval_ms: 2000,
             host_call_timeout_seconds: 60,
@@ -92,13 +97,14 @@ impl Default for Settings {
 }
 
 /// The top-level keys of [`Settings`]: only `METALD_GATEWAY_*` variables under them are settings.
-const SETTING_KEYS: [&str; 15] = [
+const SETTING_KEYS: [&str; 16] = [
     "listen",
     "data_dir",
     "store",
     "cache",
     "host_secret_file",
     "admin_token_sha256",
+    "hosts_tls",
     "hosts",
     "probe_interval_ms",
     "host_call_timeout_seconds",

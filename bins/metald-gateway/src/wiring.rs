@@ -19,6 +19,7 @@ use metald_fleet::server::{Parts, Readiness, app};
 use metald_fleet::store::postgres::PostgresStore;
 use metald_fleet::store::sqlite::SqliteStore;
 use metald_fleet::store::{FleetStore, HostMode, HostRecord, StoreError};
+use metald_serve::tls::TlsTerminator;
 use tokio::sync::watch;
 
 use crate::config::Settings;
@@ -43,9 +44,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("no admin token (admin_token_sha256): AdminService refuses every call");
     }
     let limits = Arc::new(RateLimits::new(settings.rate_limits)?);
+    let tls = settings.api.tls.clone().map(TlsTerminator::load).transpose()?.map(Arc::new);
+    metald_serve::shutdown::answer_hangups(tls.clone(), "nothing to reload: settings change with a restart");
     let store = open_store(&settings).await?;
 
-    let hosts = Arc::new(Hosts::new(GatewaySecret::new(secret), Duration::from_secs(settings.host_call_timeout_seconds)));
+    let hosts = Hosts::new(GatewaySecret::new(secret), Duration::from_secs(settings.host_call_timeout_seconds));
+    let hosts = Arc::new(match &settings.hosts_tls {
+        Some(tls) => hosts.with_tls(metald_fleet::host_tls::client_config(tls)?),
+        None => hosts,
+    });
     for host in &settings.hosts {
         let record = HostRecord {
             name: host.name.clone(),
@@ -110,7 +117,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tracing::info!("stopping: no new calls; calls in flight finish");
         let _ = stop.send(true);
     };
-    let server = tokio::spawn(metald_serve::listener::serve(listener, application, settings.api.connection_limits(), shutdown));
+    let server = tokio::spawn(metald_serve::listener::serve(listener, application, settings.api.connection_limits(), tls, shutdown));
     readiness.mark_ready();
     tracing::info!(%address, hosts = hosts.all().len(), "metald-gateway serving");
     metald_serve::shutdown::drain_then_stop(server, stopped, Duration::from_secs(settings.api.drain_timeout_seconds)).await?;

@@ -63,6 +63,8 @@ pub enum AuthError {
     Stale { age_seconds: u64, max_seconds: u64 },
     #[error("the gateway's signed call was already taken: a signed call is taken once")]
     Replayed,
+    #[error("a gateway's call to this host needs TLS with a client certificate it trusts (api.tls.client_ca_file); this one came without")]
+    GatewayWithoutCertificate,
 }
 
 impl AuthError {
@@ -90,6 +92,8 @@ pub struct GatewayTrust {
     seen: std::sync::Arc<std::sync::Mutex<SeenNonces>>,
     /// Tenant calls come only through the gateway (fleet mode).
     required: bool,
+    /// Signed calls come only over TLS with a verified client certificate.
+    needs_client_certificate: bool,
 }
 
 /// Nonces of signed calls taken, with when each stops mattering (its
@@ -118,12 +122,23 @@ impl SeenNonces {
 
 impl GatewayTrust {
     pub fn new(secret: Vec<u8>, max_skew: Duration) -> Self {
-        Self { secret: GatewaySecret::new(secret), max_skew, seen: std::sync::Arc::default(), required: false }
+        Self {
+            secret: GatewaySecret::new(secret),
+            max_skew,
+            seen: std::sync::Arc::default(),
+            required: false,
+            needs_client_certificate: false,
+        }
     }
 
     /// Fleet mode: a tenant's own token is refused; only the gateway's signature opens tenant calls.
     pub fn required(self, required: bool) -> Self {
         Self { required, ..self }
+    }
+
+    /// mTLS: a signed call is taken only from a connection whose client certificate the port verified.
+    pub fn needs_client_certificate(self, needs_client_certificate: bool) -> Self {
+        Self { needs_client_certificate, ..self }
     }
 }
 
@@ -136,6 +151,8 @@ pub struct Presented<'r> {
     /// `None` for a server stream, whose request is not in hand at admission.
     pub body: Option<&'r [u8]>,
     pub now: SystemTime,
+    /// Whether its connection showed a client certificate the port verified.
+    pub client_certificate: bool,
 }
 
 /// The host's operator, authenticated: put into the extensions of an
@@ -218,6 +235,9 @@ impl Authenticator {
     /// are fresh, and were not taken before.
     fn signed_by_gateway<'h>(&self, call: Presented<'h>) -> Result<&'h str, AuthError> {
         let trust = self.gateway.as_ref().ok_or(AuthError::GatewayNotAccepted)?;
+        if trust.needs_client_certificate && !call.client_certificate {
+            return Err(AuthError::GatewayWithoutCertificate);
+        }
         let header =
             |name: &'static str| call.headers.get(name).and_then(|value| value.to_str().ok()).ok_or(AuthError::GatewayHeaderMissing(name));
         let tenant = header(GATEWAY_TENANT_HEADER)?;
@@ -320,7 +340,7 @@ mod tests {
 
     /// A call with `headers` and `body` to `PROCEDURE` at `now`.
     fn presented<'r>(headers: &'r HeaderMap, body: Option<&'r [u8]>, now: SystemTime) -> Presented<'r> {
-        Presented { headers, procedure: PROCEDURE, body, now }
+        Presented { headers, procedure: PROCEDURE, body, now, client_certificate: false }
     }
 
     #[test]

@@ -95,7 +95,10 @@ impl metald_serve::gate::Admit for CallGate {
             return Err(refusal);
         }
         let refused = |error: crate::auth::AuthError| {
-            tracing::info!(parent: span, %error, "call refused");
+            match error {
+                crate::auth::AuthError::GatewayWithoutCertificate => tracing::warn!(parent: span, %error, "call refused"),
+                _ => tracing::info!(parent: span, %error, "call refused"),
+            }
             error.to_connect()
         };
         if path.starts_with(OPERATOR_SERVICE_PATH) {
@@ -104,14 +107,15 @@ impl metald_serve::gate::Admit for CallGate {
             ctx.extensions_mut().insert(operator);
             return Ok(());
         }
+        let client_certificate = ctx.extensions().get::<metald_serve::tls::VerifiedClientCertificate>().is_some();
         if path.starts_with(HOST_SERVICE_PATH) {
-            let call = Presented { headers: ctx.headers(), procedure: path, body, now: SystemTime::now() };
+            let call = Presented { headers: ctx.headers(), procedure: path, body, now: SystemTime::now(), client_certificate };
             self.auth.authenticate_gateway(call).map_err(refused)?;
             span.record("role", "gateway");
             ctx.extensions_mut().insert(crate::host_service::GatewayItself);
             return Ok(());
         }
-        let call = Presented { headers: ctx.headers(), procedure: path, body, now: SystemTime::now() };
+        let call = Presented { headers: ctx.headers(), procedure: path, body, now: SystemTime::now(), client_certificate };
         let caller = self.auth.authenticate(call).map_err(refused)?;
         span.record("tenant", tracing::field::display(caller.tenant.as_str()));
         ctx.extensions_mut().insert(caller);

@@ -23,6 +23,8 @@ use metald_core::unjailed::Unjailed;
 use metald_core::{CloudHypervisorBackend, CloudHypervisorConfig, FirecrackerBackend, FirecrackerConfig, TenantId, VmManager, VmmBackend};
 use tokio::sync::watch;
 
+use metald_serve::tls::TlsTerminator;
+
 use crate::auth::{Authenticator, GatewayTrust};
 use crate::config::{BillingSettings, JailerSettings, NetworkSettings, Settings, SinkKind};
 use crate::instance_lock::{self, InstanceLocks};
@@ -37,7 +39,11 @@ fn running_as_root() -> bool {
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    answer_hangups();
+    let tls = settings.api.tls.clone().map(TlsTerminator::load).transpose()?.map(Arc::new);
+    metald_serve::shutdown::answer_hangups(
+        tls.clone(),
+        "nothing to reload; the usage file is reopened at its next write if it was rotated",
+    );
     // What can be checked before anything is touched is checked first.
     check_executable("firecracker", &settings.firecracker)?;
     if let Some(cloud_hypervisor) = &settings.cloud_hypervisor {
@@ -120,7 +126,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _ = stop.send(true);
         }
     };
-    let server = tokio::spawn(metald_serve::listener::serve(listener, app, settings.api.connection_limits(), shutdown));
+    let server = tokio::spawn(metald_serve::listener::serve(listener, app, settings.api.connection_limits(), tls, shutdown));
 
     let takeover = manager.take_over().await.context("cannot take over the VMs of the previous run")?;
     tracing::info!(
@@ -248,19 +254,6 @@ fn check_jailer_can_run(jailer: &JailerSettings) -> anyhow::Result<()> {
 /// would end the process by default. There is nothing to reopen: logs go
 /// to stderr, and the file sink follows its file across a rotation.
 /// The handler is in place when this returns.
-fn answer_hangups() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot listen for SIGHUP; a SIGHUP would stop metald");
-        return;
-    };
-    tokio::spawn(async move {
-        while hangups.recv().await.is_some() {
-            tracing::info!("SIGHUP: nothing to reload; the usage file is reopened at its next write if it was rotated");
-        }
-    });
-}
-
 /// The network provider, when networking is on.
 async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow::Result<Option<Arc<dyn NetworkProvider>>> {
     let enabled = match settings.enabled {
@@ -380,7 +373,11 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
             if secret.len() < metald_api::gateway_auth::MIN_SECRET_BYTES {
                 bail!("auth.gateway.secret_file: the secret must be at least {} bytes", metald_api::gateway_auth::MIN_SECRET_BYTES);
             }
-            let trust = GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds)).required(gateway.required);
+            // With client certificates checked on the port, the gateway must show one: mTLS.
+            let mutual_tls = settings.api.tls.as_ref().is_some_and(|tls| tls.client_ca_file.is_some());
+            let trust = GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds))
+                .required(gateway.required)
+                .needs_client_certificate(mutual_tls);
             (Some(trust), gateway.default_quota)
         }
         None => (None, crate::config::Quota::default()),

@@ -15,7 +15,7 @@ use metald_api::proto::gateway::v1 as admin;
 use metald_api::proto::vmprovisioner::v1 as wire;
 use sha2::Digest;
 
-use crate::common::{GATEWAY_SECRET, Host, Wire, client_config, wait_until_serving};
+use crate::common::{GATEWAY_SECRET, Host, Wire, client_config, wait_until_logged, wait_until_serving};
 
 /// The user the gateway runs as in the tests.
 pub const NOBODY: u32 = 65534;
@@ -27,6 +27,10 @@ pub struct Gateway {
     config_path: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// Whether its public port speaks TLS.
+    tls: bool,
+    /// How the test's clients call a TLS port (the CA they trust).
+    pub client_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 pub fn gateway_binary() -> PathBuf {
@@ -43,6 +47,12 @@ fn free_port() -> u16 {
 impl Gateway {
     /// A gateway placing on `hosts`, with `extra` TOML lines appended to its settings.
     pub fn start(hosts: &[&Host], extra: &str) -> Self {
+        let urls: Vec<String> = hosts.iter().map(|host| format!("http://127.0.0.1:{}", host.port)).collect();
+        Self::start_on(&urls, extra)
+    }
+
+    /// A gateway placing on hosts at `urls` (`host-0`, `host-1`, …), with `extra` TOML lines appended.
+    pub fn start_on(urls: &[String], extra: &str) -> Self {
         let dir = tempfile::Builder::new().prefix("metald-test-gateway-").tempdir().unwrap();
         let secret_file = dir.path().join("host.secret");
         std::fs::write(&secret_file, GATEWAY_SECRET).unwrap();
@@ -63,12 +73,13 @@ impl Gateway {
             "data_dir = {data_dir:?}\nhost_secret_file = {secret_file:?}\nadmin_token_sha256 = [{:?}]\nprobe_interval_ms = 200\n{extra}\n",
             hex::encode(sha2::Sha256::digest(admin_token.as_bytes())),
         );
-        for (index, host) in hosts.iter().enumerate() {
-            toml.push_str(&format!("[[hosts]]\nname = \"host-{index}\"\nurl = \"http://127.0.0.1:{}\"\n", host.port));
+        for (index, url) in urls.iter().enumerate() {
+            toml.push_str(&format!("[[hosts]]\nname = \"host-{index}\"\nurl = {url:?}\n"));
         }
         let config_path = dir.path().join("gateway.toml");
         std::fs::write(&config_path, toml).unwrap();
-        let mut gateway = Self { dir, port: free_port(), admin_token, config_path, child: None, starts: 0 };
+        let tls = extra.contains("[api.tls]");
+        let mut gateway = Self { dir, port: free_port(), admin_token, config_path, child: None, starts: 0, tls, client_tls: None };
         gateway.launch();
         gateway
     }
@@ -100,7 +111,11 @@ impl Gateway {
             .unwrap();
         self.child = Some(child);
         let log_path = self.log_path(self.starts);
-        wait_until_serving("metald-gateway", self.child.as_mut().unwrap(), self.port, &log_path);
+        if self.tls {
+            wait_until_logged("metald-gateway", self.child.as_mut().unwrap(), &log_path, "metald-gateway serving");
+        } else {
+            wait_until_serving("metald-gateway", self.child.as_mut().unwrap(), self.port, &log_path);
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -125,7 +140,18 @@ impl Gateway {
     }
 
     fn config(&self, token: Option<&str>, wire_format: Wire) -> (HttpClient, ClientConfig) {
-        client_config(&format!("http://127.0.0.1:{}", self.port), token, wire_format, Duration::from_secs(60))
+        match &self.client_tls {
+            Some(tls) => {
+                let (_, config) = client_config(&format!("https://127.0.0.1:{}", self.port), token, wire_format, Duration::from_secs(60));
+                (HttpClient::with_tls(std::sync::Arc::clone(tls)), config)
+            }
+            None => client_config(&format!("http://127.0.0.1:{}", self.port), token, wire_format, Duration::from_secs(60)),
+        }
+    }
+
+    /// Sends SIGHUP (a TLS port reloads its certificate).
+    pub fn hang_up(&self) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
     }
 
     /// A tenant's client, with its API key.

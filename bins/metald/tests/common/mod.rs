@@ -73,6 +73,16 @@ pub struct HostOptions {
     pub gateway_default_quota: Option<&'static str>,
     /// Fleet mode: tenant calls only through the gateway (`auth.gateway.required`).
     pub gateway_required: bool,
+    /// TLS on the port (`[api.tls]`): certificate, key and, for mTLS, the CA of client certificates.
+    pub tls: Option<HostTls>,
+}
+
+/// Files for `[api.tls]`.
+#[derive(Debug, Clone, Default)]
+pub struct HostTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
 }
 
 pub const GATEWAY_SECRET: &str = "test-gateway-secret-of-more-than-32-bytes";
@@ -94,6 +104,8 @@ pub struct Host {
     pub netns_prefix: Option<String>,
     /// FAILPOINTS for the next start, e.g. `jail-before-sync=pause`.
     pub fail_points: Option<String>,
+    /// Whether the port speaks TLS.
+    pub tls: bool,
     /// This test's hold on its uid window, for as long as the host lives.
     _uid_claim: nix::fcntl::Flock<std::fs::File>,
 }
@@ -175,6 +187,12 @@ impl Host {
         if let Some(lines) = options.api_settings {
             toml.push_str(lines);
         }
+        if let Some(tls) = &options.tls {
+            toml.push_str(&format!("[api.tls]\ncert_file = {:?}\nkey_file = {:?}\n", tls.cert_file, tls.key_file));
+            if let Some(ca) = &tls.client_ca_file {
+                toml.push_str(&format!("client_ca_file = {ca:?}\n"));
+            }
+        }
         toml.push_str(&format!("[billing]\nenabled = {}\nmax_batch_age_ms = 200\n", options.billing));
         if let Some(period) = options.meter_period_ms {
             toml.push_str(&format!("meter_period_ms = {period}\n"));
@@ -231,6 +249,7 @@ impl Host {
             uid_count,
             netns_prefix,
             fail_points: options.fail_points.clone(),
+            tls: options.tls.is_some(),
             _uid_claim: uid_claim,
         };
         host.launch();
@@ -265,7 +284,12 @@ impl Host {
 
     fn wait_ready(&mut self) {
         let log_path = self.log_path(self.starts);
-        wait_until_serving("metald", self.child.as_mut().unwrap(), self.port, &log_path);
+        if self.tls {
+            // Plain HTTP cannot ask a TLS port for /ready; its callers wait for readiness their own way.
+            wait_until_logged("metald", self.child.as_mut().unwrap(), &log_path, "metald listening");
+        } else {
+            wait_until_serving("metald", self.child.as_mut().unwrap(), self.port, &log_path);
+        }
     }
 
     /// The log of the current (or last) run.
@@ -597,6 +621,19 @@ pub fn wait_until_serving(what: &str, child: &mut Child, port: u16, log_path: &P
             return;
         }
         assert!(Instant::now() < deadline, "{what} not ready after 30 s; its log:\n{}", log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until the daemon `what` has written `line` to its log; fails at once if it exits first.
+pub fn wait_until_logged(what: &str, child: &mut Child, log_path: &Path, line: &str) {
+    let log = || std::fs::read_to_string(log_path).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log().contains(line) {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("{what} exited with {status} before it logged {line:?}; its log:\n{}", log());
+        }
+        assert!(Instant::now() < deadline, "{what} did not log {line:?} within 30 s; its log:\n{}", log());
         std::thread::sleep(Duration::from_millis(20));
     }
 }
