@@ -1,11 +1,12 @@
 //! The gateway's hop, measured in one run on real processes: three metald
-//! hosts and one gateway in front of them (the test harnesses of
-//! `bins/metald` and `bins/metald-gateway`), each call through the gateway
-//! against the same call made to a host directly:
+//! hosts and two gateways in front of them (the test harnesses of
+//! `bins/metald` and `bins/metald-gateway`), one on its embedded SQLite
+//! store and one on a PostgreSQL server of the bench's own, each call
+//! through a gateway against the same call made to a host directly:
 //!
-//! 1. `GetVmInfo` of a Created VM, p50 and p99, through the gateway and
-//!    directly (criterion reports both too);
-//! 2. creates per second with 8 clients for a fixed count, through the
+//! 1. `GetVmInfo` of a Created VM, p50 and p99, through each gateway and
+//!    directly (criterion reports them too);
+//! 2. creates per second with 8 clients for a fixed count, through each
 //!    gateway (spread over 3 hosts) and to one host directly;
 //! 3. `ListVms` of every VM in pages of 100 with about 300 VMs on each
 //!    host, through the gateway, against one host's own pages of 100 (its
@@ -112,15 +113,22 @@ fn bench(c: &mut Criterion) {
     let hosts: Vec<Host> =
         std::iter::once(first).chain((1..3).map(|index| Host::start(&format!("{test}-{index}"), options()).unwrap())).collect();
     let mut gateway = Gateway::start(&hosts.iter().collect::<Vec<_>>(), RATES);
+    let postgres = metald_testguest::postgres::require_postgres(test).expect("a PostgreSQL server");
+    let mut gateway_pg =
+        Gateway::start(&hosts.iter().collect::<Vec<_>>(), &format!("{RATES}\n[store]\npostgres_url = {:?}", postgres.url()));
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let key = runtime.block_on(gateway.tenant_with_key("acme", admin::Quota::default()));
+    let key_pg = runtime.block_on(gateway_pg.tenant_with_key("acme", admin::Quota::default()));
     let through = |wire_format| gateway.client(&key, wire_format);
+    let through_pg = |wire_format| gateway_pg.client(&key_pg, wire_format);
     let direct = |host: &Host| host.client("acme", Wire::ConnectProto);
 
     // 1. GetVmInfo of a Created VM.
-    let (via_gateway, on_host, vm_id, holder_client) = runtime.block_on(async {
+    let (via_gateway, via_postgres, on_host, vm_id, holder_client) = runtime.block_on(async {
         let gateway_client = through(Wire::ConnectProto);
         let vm_id = gateway_client.create_vm(create_request(guest_config(&[]))).await.unwrap().into_owned().vm_id;
+        let postgres_client = through_pg(Wire::ConnectProto);
+        let pg_vm_id = postgres_client.create_vm(create_request(guest_config(&[]))).await.unwrap().into_owned().vm_id;
         let mut holder = None;
         for host in &hosts {
             if direct(host).get_vm_info(info_of(&vm_id)).await.is_ok() {
@@ -129,17 +137,22 @@ fn bench(c: &mut Criterion) {
         }
         let host_client = holder.expect("a host holds the VM");
         let via_gateway = latencies(&gateway_client, &vm_id).await;
+        let via_postgres = latencies(&postgres_client, &pg_vm_id).await;
         let on_host = latencies(&host_client, &vm_id).await;
-        (via_gateway, on_host, vm_id, host_client)
+        postgres_client.delete_vm(wire::DeleteVmRequest { vm_id: pg_vm_id, force: true, ..Default::default() }).await.unwrap();
+        (via_gateway, via_postgres, on_host, vm_id, host_client)
     });
     println!("GetVmInfo of a Created VM, {CALLS} calls, one client:");
-    println!("  through the gateway  {}", via_gateway.summary());
-    println!("  the host directly    {}", on_host.summary());
-    println!(
-        "  hop: p50 {:.2}x, p99 {:.2}x of the host's",
-        ratio(via_gateway.percentile(50), on_host.percentile(50)),
-        ratio(via_gateway.percentile(99), on_host.percentile(99))
-    );
+    println!("  through the gateway on SQLite      {}", via_gateway.summary());
+    println!("  through the gateway on PostgreSQL  {}", via_postgres.summary());
+    println!("  the host directly                  {}", on_host.summary());
+    for (store, latencies) in [("SQLite", &via_gateway), ("PostgreSQL", &via_postgres)] {
+        println!(
+            "  hop on {store}: p50 {:.2}x, p99 {:.2}x of the host's",
+            ratio(latencies.percentile(50), on_host.percentile(50)),
+            ratio(latencies.percentile(99), on_host.percentile(99))
+        );
+    }
     let mut group = c.benchmark_group("gateway");
     let gateway_client = through(Wire::ConnectProto);
     group.bench_function("GetVmInfo through the gateway", |b| {
@@ -155,15 +168,21 @@ fn bench(c: &mut Criterion) {
     // 2. Creates per second, 8 clients.
     runtime.block_on(async {
         let gateway_clients: Vec<Client> = (0..CLIENTS).map(|_| through(Wire::ConnectProto)).collect();
+        let postgres_clients: Vec<Client> = (0..CLIENTS).map(|_| through_pg(Wire::ConnectProto)).collect();
         let host_clients: Vec<Client> = (0..CLIENTS).map(|_| direct(&hosts[0])).collect();
         let (gateway_rate, made) = creates(&gateway_clients, CREATES).await;
         delete_all(&gateway_clients, made).await;
+        let (postgres_rate, made) = creates(&postgres_clients, CREATES).await;
+        delete_all(&postgres_clients, made).await;
         let (host_rate, made) = creates(&host_clients, CREATES).await;
         delete_all(&host_clients, made).await;
         println!("CreateVm, {CREATES} from {CLIENTS} clients:");
-        println!("  through the gateway (3 hosts)  {gateway_rate:.1} creates/s");
-        println!("  one host directly              {host_rate:.1} creates/s");
-        println!("  ratio {:.2}", gateway_rate / host_rate);
+        println!("  through the gateway on SQLite (3 hosts)      {gateway_rate:.1} creates/s, {:.2}x the host's", gateway_rate / host_rate);
+        println!(
+            "  through the gateway on PostgreSQL (3 hosts)  {postgres_rate:.1} creates/s, {:.2}x the host's",
+            postgres_rate / host_rate
+        );
+        println!("  one host directly                            {host_rate:.1} creates/s");
     });
 
     // 3. ListVms in pages of 100, 300 VMs on each host.
@@ -195,6 +214,7 @@ fn bench(c: &mut Criterion) {
         delete_all(&gateway_clients, placed).await;
     });
     assert!(gateway.terminate().success());
+    assert!(gateway_pg.terminate().success());
     for mut host in hosts {
         assert!(host.terminate().success());
         assert_eq!(host.leftovers(), Vec::<String>::new());

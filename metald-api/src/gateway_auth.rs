@@ -8,8 +8,13 @@
 //! host's capacity) is signed with an empty tenant, which no tenant call
 //! can be. A server stream's request is not in hand when its call is
 //! admitted, so its digest is signed as empty; its nonce still holds.
+//!
+//! The same headers, signed by a host for the empty tenant, carry its
+//! announcements to a gateway; [`Verifier`] is the receiving side of both.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
@@ -104,6 +109,92 @@ impl GatewaySecret {
     }
 }
 
+/// Why a signed call is not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the gateway headers are incomplete: {0} is missing")]
+    HeaderMissing(&'static str),
+    #[error("the gateway's signature does not verify")]
+    BadSignature,
+    #[error("the gateway's signature is {age_seconds} s away from this host's clock; at most {max_seconds} s are accepted")]
+    Stale { age_seconds: u64, max_seconds: u64 },
+    #[error("the gateway's signed call was already taken: a signed call is taken once")]
+    Replayed,
+}
+
+/// The receiving side: a signature checked for the call's body, its age
+/// within `max_skew` either way, and its nonce not taken before.
+#[derive(Debug)]
+pub struct Verifier {
+    secret: GatewaySecret,
+    max_skew: Duration,
+    seen: Mutex<SeenNonces>,
+}
+
+/// Nonces of signed calls taken, with when each stops mattering (its
+/// signature goes stale), so a call is taken once.
+#[derive(Debug, Default)]
+struct SeenNonces {
+    until: HashMap<String, u64>,
+    /// When the map was last pruned of nonces whose calls are stale anyway.
+    pruned_at: u64,
+}
+
+impl SeenNonces {
+    /// Takes `nonce` (valid until `until`), or says it was taken before.
+    fn take(&mut self, nonce: &str, until: u64, now: u64) -> bool {
+        if now > self.pruned_at {
+            self.until.retain(|_, until| *until >= now);
+            self.pruned_at = now;
+        }
+        if self.until.contains_key(nonce) {
+            return false;
+        }
+        self.until.insert(nonce.to_owned(), until);
+        true
+    }
+}
+
+impl Verifier {
+    pub fn new(secret: GatewaySecret, max_skew: Duration) -> Self {
+        Self { secret, max_skew, seen: Mutex::default() }
+    }
+
+    /// The tenant of a call to `procedure` with `body` (`None`: a stream)
+    /// whose headers verify, are fresh at `now`, and were not taken before.
+    pub fn check<'h>(
+        &self,
+        headers: &'h http::HeaderMap,
+        procedure: &str,
+        body: Option<&[u8]>,
+        now: SystemTime,
+    ) -> Result<&'h str, Refusal> {
+        let header = |name: &'static str| headers.get(name).and_then(|value| value.to_str().ok()).ok_or(Refusal::HeaderMissing(name));
+        let tenant = header(TENANT_HEADER)?;
+        let timestamp = header(TIMESTAMP_HEADER)?;
+        let nonce = header(NONCE_HEADER)?;
+        let signature = header(SIGNATURE_HEADER)?;
+        let unix_seconds: u64 = timestamp.parse().map_err(|_| Refusal::BadSignature)?;
+        let body_sha256 = body_digest(body);
+        let signed = SignedCall { tenant, unix_seconds, procedure, nonce, body_sha256: &body_sha256 };
+        if !self.secret.verify(&signed, signature) {
+            return Err(Refusal::BadSignature);
+        }
+        let now = now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
+        let age_seconds = now.abs_diff(unix_seconds);
+        let max_seconds = self.max_skew.as_secs();
+        if age_seconds > max_seconds {
+            return Err(Refusal::Stale { age_seconds, max_seconds });
+        }
+        // Only a signature that holds reaches the memory of nonces, so only a holder of the secret can fill it.
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if !seen.take(nonce, unix_seconds.saturating_add(max_seconds), now) {
+            return Err(Refusal::Replayed);
+        }
+        Ok(tenant)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,6 +219,15 @@ mod tests {
         }
         assert!(!GatewaySecret::new(b"another secret of enough length!".to_vec()).verify(&call, &signature));
         assert!(!secret.verify(&call, "not hex"));
+    }
+
+    #[test]
+    fn a_nonce_is_forgotten_only_once_its_call_is_stale_anyway() {
+        let mut seen = SeenNonces::default();
+        assert!(seen.take("n1", 1060, 1000));
+        assert!(!seen.take("n1", 1060, 1059));
+        assert!(seen.take("n2", 1120, 1061));
+        assert!(!seen.until.contains_key("n1"), "n1's call is stale by now: forgotten");
     }
 
     #[test]

@@ -81,6 +81,8 @@ fn host_to_wire(view: &crate::hosts::HostView, placed: usize) -> admin::Host {
         vms: buffa::MessageField::some(resource(capacity.vms)),
         vmms: capacity.vmms,
         placed_vms: count(placed as u64),
+        last_announced_timestamp: view.record.announced_at_ms.map_or(0, count),
+        silent: view.silent,
         ..Default::default()
     }
 }
@@ -138,6 +140,7 @@ impl admin::AdminService for AdminApi {
             url: request.url.to_owned(),
             mode: HostMode::Active,
             added_at_ms: metald_types::time::unix_millis_now(),
+            announced_at_ms: None,
         };
         self.hosts.check(&record).map_err(|error| ConnectError::invalid_argument(error.to_string()))?;
         self.store.add_host(record.clone()).await.map_err(|error| store_error(&error))?;

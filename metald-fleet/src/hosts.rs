@@ -124,6 +124,8 @@ pub struct Host {
     record: Mutex<HostRecord>,
     status: Mutex<HostStatus>,
     in_flight: Arc<Mutex<InFlight>>,
+    /// How long an announcing host stays placeable after its last announcement.
+    announce_ttl: Duration,
 }
 
 /// What the last probe found.
@@ -142,6 +144,8 @@ pub struct HostView {
     /// What creates in flight (sent, or answered since the last probe began) hold.
     pub in_flight: Ask,
     pub in_flight_vms: u64,
+    /// It announces itself, and its last announcement is older than the TTL: nothing new goes there.
+    pub silent: bool,
 }
 
 /// A create counted against its host until the host's own figures hold it.
@@ -178,10 +182,18 @@ impl Host {
         secret: GatewaySecret,
         call_timeout: Duration,
         tls: Option<&Arc<rustls::ClientConfig>>,
+        announce_ttl: Duration,
     ) -> Result<Self, HostError> {
         let link = HostLink::new(&record, secret, call_timeout, tls)?;
         let status = HostStatus { health: Health::Unknown, capacity: None, last_seen_ms: None };
-        Ok(Self { name: record.name.clone(), link, record: Mutex::new(record), status: Mutex::new(status), in_flight: Arc::default() })
+        Ok(Self {
+            name: record.name.clone(),
+            link,
+            record: Mutex::new(record),
+            status: Mutex::new(status),
+            in_flight: Arc::default(),
+            announce_ttl,
+        })
     }
 
     pub fn link(&self) -> &HostLink {
@@ -197,7 +209,9 @@ impl Host {
             asked.vcpus += create.ask.vcpus;
             asked.memory_bytes += create.ask.memory_bytes;
         }
-        HostView { record, status, in_flight: asked, in_flight_vms: in_flight.creates.len() as u64 }
+        let ttl_ms = u64::try_from(self.announce_ttl.as_millis()).unwrap_or(u64::MAX);
+        let silent = record.announced_at_ms.is_some_and(|at| metald_types::time::unix_millis_now().saturating_sub(at) > ttl_ms);
+        HostView { record, status, in_flight: asked, in_flight_vms: in_flight.creates.len() as u64, silent }
     }
 
     pub fn health(&self) -> Health {
@@ -206,6 +220,11 @@ impl Host {
 
     fn set_mode(&self, mode: HostMode) {
         self.record.lock().unwrap_or_else(PoisonError::into_inner).mode = mode;
+    }
+
+    /// The store's record of this host, at its URL: its mode and its last announcement.
+    fn take_record(&self, record: HostRecord) {
+        *self.record.lock().unwrap_or_else(PoisonError::into_inner) = record;
     }
 
     /// Counts a create against this host until its own figures hold it.
@@ -364,6 +383,9 @@ pub fn check_name(name: &str) -> Result<(), HostError> {
     Ok(())
 }
 
+/// How long an announcing host stays placeable after its last announcement, unless set.
+pub const DEFAULT_ANNOUNCE_TTL: Duration = Duration::from_secs(15);
+
 /// Every host the gateway knows, by name.
 #[derive(Debug)]
 pub struct Hosts {
@@ -371,12 +393,23 @@ pub struct Hosts {
     call_timeout: Duration,
     /// How hosts are called over TLS (the gateway's client certificate, the hosts' CA), if they are.
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// How long an announcing host stays placeable after its last announcement.
+    announce_ttl: Duration,
     hosts: RwLock<BTreeMap<String, Arc<Host>>>,
 }
 
 impl Hosts {
     pub fn new(secret: GatewaySecret, call_timeout: Duration) -> Self {
-        Self { secret, call_timeout, tls: None, hosts: RwLock::default() }
+        Self { secret, call_timeout, tls: None, announce_ttl: DEFAULT_ANNOUNCE_TTL, hosts: RwLock::default() }
+    }
+
+    /// How long an announcing host stays placeable after its last announcement.
+    pub fn with_announce_ttl(self, announce_ttl: Duration) -> Self {
+        Self { announce_ttl, ..self }
+    }
+
+    pub fn announce_ttl(&self) -> Duration {
+        self.announce_ttl
     }
 
     /// Hosts called over mutual TLS ([`crate::host_tls`]).
@@ -387,7 +420,7 @@ impl Hosts {
     /// Knows `record` from now on (replacing a host of its name).
     pub fn insert(&self, record: HostRecord) -> Result<Arc<Host>, HostError> {
         check_name(&record.name)?;
-        let host = Arc::new(Host::new(record, self.secret.clone(), self.call_timeout, self.tls.as_ref())?);
+        let host = Arc::new(Host::new(record, self.secret.clone(), self.call_timeout, self.tls.as_ref(), self.announce_ttl)?);
         self.hosts.write().unwrap_or_else(PoisonError::into_inner).insert(host.name.clone(), Arc::clone(&host));
         Ok(host)
     }
@@ -414,18 +447,28 @@ impl Hosts {
     pub fn follow(&self, records: Vec<HostRecord>) {
         let names: std::collections::BTreeSet<String> = records.iter().map(|record| record.name.clone()).collect();
         for record in records {
-            let known = self.get(&record.name).map(|host| host.record.lock().unwrap_or_else(PoisonError::into_inner).url.clone());
-            if known.as_deref() == Some(record.url.as_str()) {
-                self.set_mode(&record.name, record.mode);
-                continue;
-            }
             let name = record.name.clone();
-            match self.insert(record) {
-                Ok(_) => tracing::info!(host = %name, "host taken in from the store"),
+            match self.take_in(record) {
+                Ok(true) => tracing::info!(host = %name, "host taken in from the store"),
+                Ok(false) => {}
                 Err(error) => tracing::warn!(host = %name, %error, "the store's host cannot be used"),
             }
         }
         self.hosts.write().unwrap_or_else(PoisonError::into_inner).retain(|name, _| names.contains(name));
+    }
+
+    /// Takes in the store's `record` of a host: a host known at its URL
+    /// takes its mode and last announcement; one unknown, or at another
+    /// URL, gets a new link. Answers whether the link is new.
+    pub fn take_in(&self, record: HostRecord) -> Result<bool, HostError> {
+        if let Some(host) = self.get(&record.name) {
+            let same_url = host.record.lock().unwrap_or_else(PoisonError::into_inner).url == record.url;
+            if same_url {
+                host.take_record(record);
+                return Ok(false);
+            }
+        }
+        self.insert(record).map(|_| true)
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Host>> {

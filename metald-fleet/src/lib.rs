@@ -17,7 +17,8 @@
 //! - [`reconcile`]: the store held against what hosts have (lost VMs, strays);
 //! - [`metrics`]: what the gateway tells Prometheus; [`server`], the HTTP
 //!   application with its gate (readiness, keys, rates, spans);
-//! - [`admin`]: `gateway.v1.AdminService`, the operator's hosts, tenants and keys.
+//! - [`admin`]: `gateway.v1.AdminService`, the operator's hosts, tenants and keys;
+//!   [`registration`], `gateway.v1.RegistrationService`, hosts announcing themselves.
 //!
 //! It speaks the hosts' contract (`metald-api`) and knows nothing of VMMs,
 //! jails or networks: the hosts stay the source of truth for their VMs.
@@ -33,6 +34,7 @@ pub mod limits;
 pub mod metrics;
 pub mod placement;
 pub mod reconcile;
+pub mod registration;
 pub mod server;
 pub mod store;
 pub mod watch;

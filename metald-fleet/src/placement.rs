@@ -1,4 +1,5 @@
-//! Where a new VM goes. Hosts are filtered (ready, active, offering the
+//! Where a new VM goes. Hosts are filtered (ready, active, announcing if
+//! they announce themselves, offering the
 //! VM's VMM, with the vCPUs, memory and a VM slot it needs free, counting
 //! creates in flight), then the best of `choices` hosts sampled at random
 //! is tried first: the one with the most free room, by its scarcest
@@ -16,6 +17,7 @@ use crate::store::HostMode;
 pub struct Dropped {
     pub not_ready: usize,
     pub cordoned_or_draining: usize,
+    pub not_announcing: usize,
     pub vmm_not_offered: usize,
     pub vcpus: usize,
     pub memory: usize,
@@ -36,6 +38,7 @@ fn describe(hosts: &usize, dropped: &Dropped) -> String {
     let reasons = [
         (dropped.not_ready, "not ready"),
         (dropped.cordoned_or_draining, "cordoned or draining"),
+        (dropped.not_announcing, "no longer announcing"),
         (dropped.vmm_not_offered, "without the VM's VMM"),
         (dropped.vcpus, "without enough free vCPUs"),
         (dropped.memory, "without enough free memory"),
@@ -80,6 +83,10 @@ pub fn choose(views: &[HostView], vmm: &str, ask: Ask, choices: usize, rng: &mut
             dropped.cordoned_or_draining += 1;
             continue;
         }
+        if view.silent {
+            dropped.not_announcing += 1;
+            continue;
+        }
         let Some((vcpus, memory, vms)) = room(view) else {
             dropped.not_ready += 1;
             continue;
@@ -119,7 +126,7 @@ mod tests {
 
     fn view(name: &str, health: Health, mode: HostMode, free_vcpus: u64) -> HostView {
         HostView {
-            record: HostRecord { name: name.into(), url: String::new(), mode, added_at_ms: 0 },
+            record: HostRecord { name: name.into(), url: String::new(), mode, added_at_ms: 0, announced_at_ms: None },
             status: HostStatus {
                 health,
                 capacity: Some(CapacityReport {
@@ -132,6 +139,7 @@ mod tests {
             },
             in_flight: Ask::default(),
             in_flight_vms: 0,
+            silent: false,
         }
     }
 
@@ -139,17 +147,19 @@ mod tests {
 
     #[test]
     fn what_does_not_fit_is_left_out_and_counted_by_why() {
+        let silent = HostView { silent: true, ..view("silent", Health::Ready, HostMode::Active, 16) };
         let views = [
             view("down", Health::Unreachable("refused".into()), HostMode::Active, 16),
             view("cordoned", Health::Ready, HostMode::Cordoned, 16),
+            silent,
             view("full", Health::Ready, HostMode::Active, 1),
         ];
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let refused = choose(&views, "", ASK, 2, &mut rng).unwrap_err();
-        assert_eq!(refused.dropped, Dropped { not_ready: 1, cordoned_or_draining: 1, vcpus: 1, ..Dropped::default() });
+        assert_eq!(refused.dropped, Dropped { not_ready: 1, cordoned_or_draining: 1, not_announcing: 1, vcpus: 1, ..Dropped::default() });
         assert_eq!(
             refused.to_string(),
-            "no host can take this VM: of 3 hosts, 1 not ready, 1 cordoned or draining, 1 without enough free vCPUs"
+            "no host can take this VM: of 4 hosts, 1 not ready, 1 cordoned or draining, 1 no longer announcing, 1 without enough free vCPUs"
         );
         let other_vmm = choose(&[view("fc", Health::Ready, HostMode::Active, 16)], "cloud-hypervisor", ASK, 2, &mut rng).unwrap_err();
         assert_eq!(other_vmm.dropped.vmm_not_offered, 1);

@@ -53,7 +53,7 @@ fn gateways_starting_at_once_apply_each_migration_once() {
             .iter()
             .map(|row| row.get(0))
             .collect();
-        assert_eq!(versions, [1], "each migration once");
+        assert_eq!(versions, [1, 2], "each migration once");
     });
 }
 

@@ -35,6 +35,9 @@ pub struct Settings {
     /// Hosts to place VMs on, added to the store at start if it lacks them;
     /// `AdminService.AddHost` adds more while the gateway runs.
     pub hosts: Vec<HostSetting>,
+    /// How long a host that announces itself stays placeable after its last
+    /// announcement, in seconds (a few of the hosts' announce intervals).
+    pub announce_ttl_seconds: u64,
     /// How often each host is probed (its readiness and capacity) and held
     /// against the store, in milliseconds.
     pub probe_interval_ms: u64,
@@ -84,6 +87,7 @@ impl Default for Settings {
             admin_token_sha256: Vec::new(),
             hosts_tls: None,
             hosts: Vec::new(),
+            announce_ttl_seconds: 15,
             probe_interval_ms: 2000,
             host_call_timeout_seconds: 60,
             pending_settle_seconds: 120,
@@ -97,7 +101,7 @@ impl Default for Settings {
 }
 
 /// The top-level keys of [`Settings`]: only `METALD_GATEWAY_*` variables under them are settings.
-const SETTING_KEYS: [&str; 16] = [
+const SETTING_KEYS: [&str; 17] = [
     "listen",
     "data_dir",
     "store",
@@ -106,6 +110,7 @@ const SETTING_KEYS: [&str; 16] = [
     "admin_token_sha256",
     "hosts_tls",
     "hosts",
+    "announce_ttl_seconds",
     "probe_interval_ms",
     "host_call_timeout_seconds",
     "pending_settle_seconds",
@@ -130,6 +135,9 @@ impl Settings {
         let value = |key, problem: &str| Err(ConfigError::Value { key, problem: problem.to_owned() });
         if settings.probe_interval_ms == 0 {
             return value("probe_interval_ms", "must be at least 1");
+        }
+        if settings.announce_ttl_seconds == 0 {
+            return value("announce_ttl_seconds", "must be at least 1");
         }
         if settings.placement_choices == 0 {
             return value("placement_choices", "must be at least 1");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use metald_api::gateway_auth::{GatewaySecret, MIN_SECRET_BYTES};
+use metald_api::gateway_auth::{GatewaySecret, MIN_SECRET_BYTES, Verifier};
 use metald_fleet::admin::AdminApi;
 use metald_fleet::auth::Authenticator;
 use metald_fleet::gateway::{Gateway, GatewaySettings};
@@ -15,6 +15,7 @@ use metald_fleet::hosts::Hosts;
 use metald_fleet::limits::RateLimits;
 use metald_fleet::metrics::GatewayMetrics;
 use metald_fleet::reconcile::{Strays, reconcile};
+use metald_fleet::registration::Registration;
 use metald_fleet::server::{Parts, Readiness, app};
 use metald_fleet::store::postgres::PostgresStore;
 use metald_fleet::store::sqlite::SqliteStore;
@@ -23,6 +24,9 @@ use metald_serve::tls::TlsTerminator;
 use tokio::sync::watch;
 
 use crate::config::Settings;
+
+/// How far a host's announcement may be from the gateway's clock, either way (as a host takes the gateway's calls).
+const ANNOUNCEMENT_SKEW: Duration = Duration::from_secs(60);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() && !settings.allow_root {
@@ -48,7 +52,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     metald_serve::shutdown::answer_hangups(tls.clone(), "nothing to reload: settings change with a restart");
     let store = open_store(&settings).await?;
 
-    let hosts = Hosts::new(GatewaySecret::new(secret), Duration::from_secs(settings.host_call_timeout_seconds));
+    let announcements = Arc::new(Verifier::new(GatewaySecret::new(secret.clone()), ANNOUNCEMENT_SKEW));
+    let hosts = Hosts::new(GatewaySecret::new(secret), Duration::from_secs(settings.host_call_timeout_seconds))
+        .with_announce_ttl(Duration::from_secs(settings.announce_ttl_seconds));
     let hosts = Arc::new(match &settings.hosts_tls {
         Some(tls) => hosts.with_tls(metald_fleet::host_tls::client_config(tls)?),
         None => hosts,
@@ -59,6 +65,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             url: host.url.clone(),
             mode: HostMode::Active,
             added_at_ms: metald_types::time::unix_millis_now(),
+            announced_at_ms: None,
         };
         hosts.check(&record).with_context(|| format!("hosts: {:?}", host.name))?;
         match store.add_host(record).await {
@@ -103,6 +110,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let application = app(Parts {
         gateway: Arc::clone(&gateway),
         admin: AdminApi::new(Arc::clone(&store), Arc::clone(&hosts), strays, Arc::clone(&auth)),
+        registration: Registration::new(Arc::clone(&store), Arc::clone(&hosts)),
+        announcements,
         auth: Arc::clone(&auth),
         limits,
         metrics,

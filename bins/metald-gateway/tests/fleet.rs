@@ -13,7 +13,7 @@ mod gateway;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use common::{Host, HostOptions, Wire, create_request, guest_config, wait_for_console};
+use common::{Host, Wire, create_request, guest_config, wait_for_console};
 use connectrpc::ErrorCode;
 use gateway::Gateway;
 use metald_api::proto::gateway::v1 as admin;
@@ -30,7 +30,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A host in fleet mode: it takes tenant calls only from the test gateway, for any tenant, without a quota of its own.
 fn fleet_host(test: &str) -> Option<Host> {
-    Host::start(test, HostOptions { gateway: true, gateway_default_quota: Some("{}"), gateway_required: true, ..HostOptions::default() })
+    Host::start(test, gateway::fleet_host_options())
 }
 
 /// Which host holds each VM, from the hosts' own operator lists.

@@ -65,13 +65,8 @@ fn hosts_take_gateway_calls_only_over_mutual_tls_and_the_public_port_reloads_its
     let year = time::Duration::days(365);
     let host_cert = ca.issue(dir, "host", year);
     let gateway_cert = ca.issue(dir, "gateway", year);
-    let options = HostOptions {
-        gateway: true,
-        gateway_default_quota: Some("{}"),
-        gateway_required: true,
-        tls: Some(HostTls { cert_file: host_cert.cert_file, key_file: host_cert.key_file, client_ca_file: Some(ca_file.clone()) }),
-        ..HostOptions::default()
-    };
+    let tls = Some(HostTls { cert_file: host_cert.cert_file, key_file: host_cert.key_file, client_ca_file: Some(ca_file.clone()) });
+    let options = HostOptions { tls, ..gateway::fleet_host_options() };
     let Some(mut host) = Host::start(test, options) else { return };
     let https = vec![format!("https://127.0.0.1:{}", host.port)];
     let public = ca.issue(dir, "public", year);

@@ -45,16 +45,7 @@ fn shared_settings(postgres: &PostgresServer) -> String {
 }
 
 fn fleet_host(test: &str, fail_points: Option<&str>) -> Option<Host> {
-    Host::start(
-        test,
-        HostOptions {
-            gateway: true,
-            gateway_default_quota: Some("{}"),
-            gateway_required: true,
-            fail_points: fail_points.map(str::to_owned),
-            ..HostOptions::default()
-        },
-    )
+    Host::start(test, HostOptions { fail_points: fail_points.map(str::to_owned), ..gateway::fleet_host_options() })
 }
 
 async fn store_rows(postgres: &PostgresServer, sql: &str) -> Vec<tokio_postgres::Row> {

@@ -12,17 +12,14 @@
 //! gateway, reaches the operator's calls.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use metald_core::TenantId;
 use sha2::{Digest, Sha256};
 
-use metald_api::gateway_auth::{GatewaySecret, SignedCall, body_digest};
-pub use metald_api::gateway_auth::{
-    NONCE_HEADER as GATEWAY_NONCE_HEADER, SIGNATURE_HEADER as GATEWAY_SIGNATURE_HEADER, TENANT_HEADER as GATEWAY_TENANT_HEADER,
-    TIMESTAMP_HEADER as GATEWAY_TIMESTAMP_HEADER,
-};
+use metald_api::gateway_auth::TENANT_HEADER as GATEWAY_TENANT_HEADER;
+use metald_api::gateway_auth::{GatewaySecret, Refusal, Verifier};
 
 /// The authenticated caller, put into each request's extensions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,20 +46,15 @@ pub enum AuthError {
     GatewayNotAccepted,
     #[error("this host takes tenant calls only through its gateway (auth.gateway.required)")]
     GatewayRequired,
-    #[error("the gateway headers are incomplete: {0} is missing")]
-    GatewayHeaderMissing(&'static str),
     #[error("the gateway's tenant {0:?} is not a tenant id")]
     GatewayTenant(String),
     #[error("HostService takes only a gateway's own signed calls")]
     GatewayOnly,
     #[error("HostService calls are the gateway's own: signed for tenant {0:?}, they are refused")]
     TenantForGatewayCall(String),
-    #[error("the gateway's signature does not verify")]
-    BadSignature,
-    #[error("the gateway's signature is {age_seconds} s away from this host's clock; at most {max_seconds} s are accepted")]
-    Stale { age_seconds: u64, max_seconds: u64 },
-    #[error("the gateway's signed call was already taken: a signed call is taken once")]
-    Replayed,
+    /// The gateway headers do not hold: incomplete, forged, stale or taken before.
+    #[error(transparent)]
+    Signature(#[from] Refusal),
     #[error("a gateway's call to this host needs TLS with a client certificate it trusts (api.tls.client_ca_file); this one came without")]
     GatewayWithoutCertificate,
 }
@@ -87,45 +79,17 @@ impl AuthError {
 /// tolerated, and the nonces seen within that window.
 #[derive(Debug, Clone)]
 pub struct GatewayTrust {
-    secret: GatewaySecret,
-    max_skew: Duration,
-    seen: std::sync::Arc<std::sync::Mutex<SeenNonces>>,
+    verifier: std::sync::Arc<Verifier>,
     /// Tenant calls come only through the gateway (fleet mode).
     required: bool,
     /// Signed calls come only over TLS with a verified client certificate.
     needs_client_certificate: bool,
 }
 
-/// Nonces of signed calls taken, with when each stops mattering (its
-/// signature goes stale), so a call is taken once.
-#[derive(Debug, Default)]
-struct SeenNonces {
-    until: HashMap<String, u64>,
-    /// When the map was last pruned of nonces whose calls are stale anyway.
-    pruned_at: u64,
-}
-
-impl SeenNonces {
-    /// Takes `nonce` (valid until `until`), or says it was taken before.
-    fn take(&mut self, nonce: &str, until: u64, now: u64) -> bool {
-        if now > self.pruned_at {
-            self.until.retain(|_, until| *until >= now);
-            self.pruned_at = now;
-        }
-        if self.until.contains_key(nonce) {
-            return false;
-        }
-        self.until.insert(nonce.to_owned(), until);
-        true
-    }
-}
-
 impl GatewayTrust {
     pub fn new(secret: Vec<u8>, max_skew: Duration) -> Self {
         Self {
-            secret: GatewaySecret::new(secret),
-            max_skew,
-            seen: std::sync::Arc::default(),
+            verifier: std::sync::Arc::new(Verifier::new(GatewaySecret::new(secret), max_skew)),
             required: false,
             needs_client_certificate: false,
         }
@@ -238,29 +202,7 @@ impl Authenticator {
         if trust.needs_client_certificate && !call.client_certificate {
             return Err(AuthError::GatewayWithoutCertificate);
         }
-        let header =
-            |name: &'static str| call.headers.get(name).and_then(|value| value.to_str().ok()).ok_or(AuthError::GatewayHeaderMissing(name));
-        let tenant = header(GATEWAY_TENANT_HEADER)?;
-        let timestamp = header(GATEWAY_TIMESTAMP_HEADER)?;
-        let nonce = header(GATEWAY_NONCE_HEADER)?;
-        let signature = header(GATEWAY_SIGNATURE_HEADER)?;
-        let unix_seconds: u64 = timestamp.parse().map_err(|_| AuthError::BadSignature)?;
-        let body_sha256 = body_digest(call.body);
-        let signed = SignedCall { tenant, unix_seconds, procedure: call.procedure, nonce, body_sha256: &body_sha256 };
-        if !trust.secret.verify(&signed, signature) {
-            return Err(AuthError::BadSignature);
-        }
-        let now = call.now.duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
-        let age_seconds = now.abs_diff(unix_seconds);
-        let max_seconds = trust.max_skew.as_secs();
-        if age_seconds > max_seconds {
-            return Err(AuthError::Stale { age_seconds, max_seconds });
-        }
-        // Only a signature that holds reaches the memory of nonces, so only the gateway can fill it.
-        let mut seen = trust.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !seen.take(nonce, unix_seconds.saturating_add(max_seconds), now) {
-            return Err(AuthError::Replayed);
-        }
+        let tenant = trust.verifier.check(call.headers, call.procedure, call.body, call.now)?;
         Ok(tenant)
     }
 }
@@ -296,8 +238,13 @@ pub fn token_hash(token: &str) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use http::HeaderValue;
+    use metald_api::gateway_auth::{
+        NONCE_HEADER as GATEWAY_NONCE_HEADER, SIGNATURE_HEADER as GATEWAY_SIGNATURE_HEADER, SignedCall,
+        TIMESTAMP_HEADER as GATEWAY_TIMESTAMP_HEADER, body_digest,
+    };
 
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     const PROCEDURE: &str = "/vmprovisioner.v1.VmService/ListVms";
 
@@ -362,32 +309,42 @@ mod tests {
         let first = signed("globex", 1000, PROCEDURE, "n1", Some(body));
         let caller = auth.authenticate(presented(&first, Some(body), at(1030))).unwrap();
         assert_eq!((caller.tenant.as_str(), caller.via_gateway), ("globex", true));
-        assert_eq!(auth.authenticate(presented(&first, Some(body), at(1031))).unwrap_err(), AuthError::Replayed, "taken once");
+        assert_eq!(
+            auth.authenticate(presented(&first, Some(body), at(1031))).unwrap_err(),
+            AuthError::Signature(Refusal::Replayed),
+            "taken once"
+        );
         let other_body = signed("globex", 1000, PROCEDURE, "n2", Some(body));
         let refused = auth.authenticate(presented(&other_body, Some(b"{\"vmId\":\"vm-2\"}"), at(1000))).unwrap_err();
-        assert_eq!(refused, AuthError::BadSignature, "the headers do not hold for another body");
+        assert_eq!(refused, AuthError::Signature(Refusal::BadSignature), "the headers do not hold for another body");
         let other_method = signed("globex", 1000, "/vmprovisioner.v1.VmService/DeleteVm", "n3", Some(body));
-        assert_eq!(auth.authenticate(presented(&other_method, Some(body), at(1000))).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(
+            auth.authenticate(presented(&other_method, Some(body), at(1000))).unwrap_err(),
+            AuthError::Signature(Refusal::BadSignature)
+        );
         let mut swapped = signed("globex", 1000, PROCEDURE, "n4", Some(body));
         swapped.insert(GATEWAY_TENANT_HEADER, HeaderValue::from_static("acme"));
-        assert_eq!(auth.authenticate(presented(&swapped, Some(body), at(1000))).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(auth.authenticate(presented(&swapped, Some(body), at(1000))).unwrap_err(), AuthError::Signature(Refusal::BadSignature));
         let stale = signed("globex", 1000, PROCEDURE, "n5", Some(body));
         assert_eq!(
             auth.authenticate(presented(&stale, Some(body), at(1061))).unwrap_err(),
-            AuthError::Stale { age_seconds: 61, max_seconds: 60 }
+            AuthError::Signature(Refusal::Stale { age_seconds: 61, max_seconds: 60 })
         );
         let forged = GatewaySecret::new(b"another secret of enough length!".to_vec());
         let mut forged_headers = signed("globex", 1000, PROCEDURE, "n6", Some(body));
         let digest = body_digest(Some(body));
         let call = SignedCall { tenant: "globex", unix_seconds: 1000, procedure: PROCEDURE, nonce: "n6", body_sha256: &digest };
         forged_headers.insert(GATEWAY_SIGNATURE_HEADER, HeaderValue::from_str(&forged.sign(&call)).unwrap());
-        assert_eq!(auth.authenticate(presented(&forged_headers, Some(body), at(1000))).unwrap_err(), AuthError::BadSignature);
+        assert_eq!(
+            auth.authenticate(presented(&forged_headers, Some(body), at(1000))).unwrap_err(),
+            AuthError::Signature(Refusal::BadSignature)
+        );
         let stream = signed("globex", 1000, PROCEDURE, "n7", None);
         assert!(auth.authenticate(presented(&stream, None, at(1000))).is_ok(), "a stream is signed with no body");
         let nonce_missing = headers(&[(GATEWAY_TENANT_HEADER, "globex".into()), (GATEWAY_TIMESTAMP_HEADER, "1000".into())]);
         assert_eq!(
             auth.authenticate(presented(&nonce_missing, Some(body), at(1000))).unwrap_err(),
-            AuthError::GatewayHeaderMissing(GATEWAY_NONCE_HEADER)
+            AuthError::Signature(Refusal::HeaderMissing(GATEWAY_NONCE_HEADER))
         );
     }
 
@@ -408,15 +365,6 @@ mod tests {
         assert_eq!(auth.authenticate(presented(&signed, Some(b"{}"), at(1000))).unwrap().tenant.as_str(), "acme");
         let operator = headers(&[("authorization", "Bearer operator-token".into())]);
         assert_eq!(auth.authenticate_operator(&operator), Ok(Operator), "the operator keeps OperatorService");
-    }
-
-    #[test]
-    fn a_nonce_is_forgotten_only_once_its_call_is_stale_anyway() {
-        let mut seen = SeenNonces::default();
-        assert!(seen.take("n1", 1060, 1000));
-        assert!(!seen.take("n1", 1060, 1059));
-        assert!(seen.take("n2", 1120, 1061));
-        assert!(!seen.until.contains_key("n1"), "n1's call is stale by now: forgotten");
     }
 
     #[test]

@@ -46,7 +46,29 @@ pub struct Settings {
     pub billing: BillingSettings,
     pub auth: AuthSettings,
     pub capacity: CapacitySettings,
+    /// Announcing this host to gateways, which then place VMs on it; unset: it is added by hand.
+    pub announce: Option<AnnounceSettings>,
     pub telemetry: TelemetrySettings,
+}
+
+/// `[announce]`: the gateways this host announces itself to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnounceSettings {
+    /// Each gateway's URL (`http://gateway:7080`); every one is told.
+    pub gateways: Vec<String>,
+    /// Where the gateways should call this host: `http://10.0.0.5:7070` (`https://` with `[api.tls]`).
+    pub url: String,
+    /// The host's name at the gateways; unset: the machine's hostname.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// How often it announces itself, in seconds; keep it well below the gateways' `announce_ttl_seconds`.
+    #[serde(default = "default_announce_interval")]
+    pub interval_seconds: u64,
+}
+
+fn default_announce_interval() -> u64 {
+    5
 }
 
 impl Default for Settings {
@@ -66,6 +88,7 @@ impl Default for Settings {
             billing: BillingSettings::default(),
             auth: AuthSettings::default(),
             capacity: CapacitySettings::default(),
+            announce: None,
             telemetry: TelemetrySettings::default(),
         }
     }
@@ -284,7 +307,7 @@ pub enum ConfigError {
 /// The top-level keys of [`Settings`]. Only `METALD_*` variables under
 /// them are settings: others of that prefix (`METALD_CONFIG`, metalctl's
 /// `METALD_ENDPOINT` and `METALD_TOKEN`, …) belong to someone else.
-const SETTING_KEYS: [&str; 15] = [
+const SETTING_KEYS: [&str; 16] = [
     "listen",
     "data_dir",
     "image_root",
@@ -299,6 +322,7 @@ const SETTING_KEYS: [&str; 15] = [
     "billing",
     "auth",
     "capacity",
+    "announce",
     "telemetry",
 ];
 
@@ -324,6 +348,17 @@ impl Settings {
         }
         if self.vmm_api_timeout_seconds == 0 {
             return value("vmm_api_timeout_seconds", "must be at least 1");
+        }
+        if let Some(announce) = &self.announce {
+            if self.auth.gateway.is_none() {
+                return value("announce", "needs [auth.gateway]: announcements are signed with its secret_file");
+            }
+            if announce.gateways.is_empty() {
+                return value("announce.gateways", "names no gateway");
+            }
+            if announce.interval_seconds == 0 {
+                return value("announce.interval_seconds", "must be at least 1");
+            }
         }
         if !(10..=3_600_000).contains(&self.billing.meter_period_ms) {
             return value("billing.meter_period_ms", "must be between 10 (ten milliseconds) and 3600000 (one hour)");

@@ -7,6 +7,7 @@
 //! SIGTERM stops taking calls, lets the ones in flight finish and leaves
 //! every VM running for the next start.
 
+mod announce;
 mod auth;
 mod config;
 mod host_service;

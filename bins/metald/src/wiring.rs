@@ -105,6 +105,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let readiness = Arc::new(Readiness::default());
     let app = crate::server::app(api, usage, Arc::new(auth), Arc::clone(&metrics), Arc::clone(&readiness), settings.api.max_body_bytes);
 
+    let announcer = announcer(&settings, &manager.backend_names())?;
     // Listening starts before the takeover, so probes see /health answer
     // and /ready say 503 (API calls: unavailable) until it is done.
     raise_open_file_limit(settings.api.max_connections);
@@ -141,6 +142,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     if readiness.mark_ready() {
         tracing::info!(%address, "metald serving");
+    }
+    // Announced once it serves: a gateway places on it from its first announcement.
+    if let Some(announcer) = announcer {
+        tokio::spawn(announcer.run(stopped.clone()));
     }
     let drain = Duration::from_secs(settings.api.drain_timeout_seconds);
     metald_serve::shutdown::drain_then_stop(server, stopped, drain).await?;
@@ -254,6 +259,24 @@ fn check_jailer_can_run(jailer: &JailerSettings) -> anyhow::Result<()> {
 /// would end the process by default. There is nothing to reopen: logs go
 /// to stderr, and the file sink follows its file across a rotation.
 /// The handler is in place when this returns.
+/// The secret in `auth.gateway.secret_file`, trimmed and long enough.
+fn gateway_secret(gateway: &crate::config::GatewaySettings) -> anyhow::Result<Vec<u8>> {
+    let secret = std::fs::read(&gateway.secret_file)
+        .with_context(|| format!("auth.gateway.secret_file: cannot read {}", gateway.secret_file.display()))?;
+    let secret = secret.trim_ascii().to_vec();
+    if secret.len() < metald_api::gateway_auth::MIN_SECRET_BYTES {
+        bail!("auth.gateway.secret_file: the secret must be at least {} bytes", metald_api::gateway_auth::MIN_SECRET_BYTES);
+    }
+    Ok(secret)
+}
+
+/// The host's announcements to its gateways, when `[announce]` is set.
+fn announcer(settings: &Settings, vmms: &[&str]) -> anyhow::Result<Option<crate::announce::Announcer>> {
+    let (Some(announce), Some(gateway)) = (&settings.announce, &settings.auth.gateway) else { return Ok(None) };
+    let secret = metald_api::gateway_auth::GatewaySecret::new(gateway_secret(gateway)?);
+    Ok(Some(crate::announce::Announcer::new(announce, secret, host_capacity(settings)?, vmms)?))
+}
+
 /// The network provider, when networking is on.
 async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow::Result<Option<Arc<dyn NetworkProvider>>> {
     let enabled = match settings.enabled {
@@ -367,12 +390,7 @@ fn tenants(settings: &Settings) -> anyhow::Result<(Authenticator, Quotas)> {
     }
     let (gateway, default_quota) = match &settings.auth.gateway {
         Some(gateway) => {
-            let secret = std::fs::read(&gateway.secret_file)
-                .with_context(|| format!("auth.gateway.secret_file: cannot read {}", gateway.secret_file.display()))?;
-            let secret = secret.trim_ascii().to_vec();
-            if secret.len() < metald_api::gateway_auth::MIN_SECRET_BYTES {
-                bail!("auth.gateway.secret_file: the secret must be at least {} bytes", metald_api::gateway_auth::MIN_SECRET_BYTES);
-            }
+            let secret = gateway_secret(gateway)?;
             // With client certificates checked on the port, the gateway must show one: mTLS.
             let mutual_tls = settings.api.tls.as_ref().is_some_and(|tls| tls.client_ca_file.is_some());
             let trust = GatewayTrust::new(secret, Duration::from_secs(gateway.max_skew_seconds))

@@ -141,6 +141,8 @@ pub struct HostRecord {
     pub url: String,
     pub mode: HostMode,
     pub added_at_ms: u64,
+    /// When it last announced itself (`RegistrationService`); `None` for a host added by hand that never did.
+    pub announced_at_ms: Option<u64>,
 }
 
 /// Where a VM is in the gateway's eyes.
@@ -230,6 +232,9 @@ pub trait FleetStore: Send + Sync + std::fmt::Debug {
     async fn add_host(&self, host: HostRecord) -> Result<(), StoreError>;
     async fn hosts(&self) -> Result<Vec<HostRecord>, StoreError>;
     async fn set_host_mode(&self, name: &str, mode: HostMode) -> Result<HostRecord, StoreError>;
+    /// A host's announcement at `at_ms`: a new host is added (active), a
+    /// known one takes the announced URL and time; its mode stays the operator's.
+    async fn announce_host(&self, name: &str, url: &str, at_ms: u64) -> Result<HostRecord, StoreError>;
     /// Removes a host; one that still holds placements only with `force`.
     async fn remove_host(&self, name: &str, force: bool) -> Result<(), StoreError>;
 

@@ -22,7 +22,8 @@ use super::{
 };
 
 /// The schema, one migration per entry; `metald_schema_migrations` says which are applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE tenants (
         id TEXT PRIMARY KEY,
         max_vms BIGINT,
@@ -65,7 +66,11 @@ const MIGRATIONS: &[&str] = &[r"
         vm_id TEXT NOT NULL,
         PRIMARY KEY (tenant, key)
     );
-"];
+",
+    r"
+    ALTER TABLE hosts ADD COLUMN announced_at_ms BIGINT;
+",
+];
 
 /// The advisory lock migrations hold: any constant of our own.
 const MIGRATION_LOCK: i64 = 0x6d65_7461_6c64_0001;
@@ -194,6 +199,7 @@ impl PostgresStore {
                 url: row.try_get(1)?,
                 mode,
                 added_at_ms: read(row.try_get(3)?),
+                announced_at_ms: row.try_get::<_, Option<i64>>(4)?.map(read),
             })
         })();
         record.map_err(self.failed())
@@ -243,7 +249,7 @@ fn is_unique_violation(error: &tokio_postgres::Error) -> bool {
 
 const TENANT_COLUMNS: &str = "id, max_vms, max_vcpus, max_memory_bytes, created_at_ms";
 const KEY_COLUMNS: &str = "id, tenant, digest, label, created_at_ms, expires_at_ms, revoked_at_ms, last_used_ms";
-const HOST_COLUMNS: &str = "name, url, mode, added_at_ms";
+const HOST_COLUMNS: &str = "name, url, mode, added_at_ms, announced_at_ms";
 const PLACEMENT_COLUMNS: &str = "vm_id, tenant, host, status, reason, vcpus, memory_bytes, created_at_ms";
 
 #[async_trait::async_trait]
@@ -372,8 +378,8 @@ impl FleetStore for PostgresStore {
         let client = self.client().await?;
         let inserted = client
             .execute(
-                &format!("INSERT INTO hosts ({HOST_COLUMNS}) VALUES ($1, $2, $3, $4)"),
-                &[&host.name, &host.url, &host.mode.name(), &stored(host.added_at_ms)],
+                &format!("INSERT INTO hosts ({HOST_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+                &[&host.name, &host.url, &host.mode.name(), &stored(host.added_at_ms), &host.announced_at_ms.map(stored)],
             )
             .await;
         match inserted {
@@ -397,6 +403,22 @@ impl FleetStore for PostgresStore {
             .await
             .map_err(self.failed())?;
         let row = row.ok_or_else(|| StoreError::NoSuchHost(name.to_owned()))?;
+        self.host_row(&row)
+    }
+
+    async fn announce_host(&self, name: &str, url: &str, at_ms: u64) -> Result<HostRecord, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                &format!(
+                    "INSERT INTO hosts ({HOST_COLUMNS}) VALUES ($1, $2, 'active', $3, $3) \
+                     ON CONFLICT (name) DO UPDATE SET url = excluded.url, announced_at_ms = excluded.announced_at_ms \
+                     RETURNING {HOST_COLUMNS}"
+                ),
+                &[&name, &url, &stored(at_ms)],
+            )
+            .await
+            .map_err(self.failed())?;
         self.host_row(&row)
     }
 

@@ -14,7 +14,8 @@ use super::{
 };
 
 /// The schema, one migration per entry; `PRAGMA user_version` says how many are applied.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
     CREATE TABLE tenants (
         id TEXT PRIMARY KEY,
         max_vms INTEGER,
@@ -57,7 +58,11 @@ const MIGRATIONS: &[&str] = &[r"
         vm_id TEXT NOT NULL,
         PRIMARY KEY (tenant, key)
     );
-"];
+",
+    r"
+    ALTER TABLE hosts ADD COLUMN announced_at_ms INTEGER;
+",
+];
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -140,11 +145,18 @@ fn with_digest(path: &str, (mut record, digest): (KeyRecord, Vec<u8>)) -> Result
     Ok(record)
 }
 
-const HOST_COLUMNS: &str = "name, url, mode, added_at_ms";
+const HOST_COLUMNS: &str = "name, url, mode, added_at_ms, announced_at_ms";
 
 fn host_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(HostRecord, String)> {
     let mode: String = row.get(2)?;
-    Ok((HostRecord { name: row.get(0)?, url: row.get(1)?, mode: HostMode::Active, added_at_ms: read(row.get(3)?) }, mode))
+    let record = HostRecord {
+        name: row.get(0)?,
+        url: row.get(1)?,
+        mode: HostMode::Active,
+        added_at_ms: read(row.get(3)?),
+        announced_at_ms: row.get::<_, Option<i64>>(4)?.map(read),
+    };
+    Ok((record, mode))
 }
 
 fn with_mode(path: &str, (mut record, mode): (HostRecord, String)) -> Result<HostRecord, StoreError> {
@@ -330,8 +342,8 @@ impl FleetStore for SqliteStore {
     async fn add_host(&self, host: HostRecord) -> Result<(), StoreError> {
         self.run(move |connection, path| {
             let inserted = connection.execute(
-                &format!("INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, ?3, ?4)"),
-                params![host.name, host.url, host.mode.name(), stored(host.added_at_ms)],
+                &format!("INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                params![host.name, host.url, host.mode.name(), stored(host.added_at_ms), host.announced_at_ms.map(stored)],
             );
             match inserted {
                 Ok(_) => Ok(()),
@@ -363,6 +375,25 @@ impl FleetStore for SqliteStore {
                 Some(row) => with_mode(path, row),
                 None => Err(StoreError::NoSuchHost(name)),
             }
+        })
+        .await
+    }
+
+    async fn announce_host(&self, name: &str, url: &str, at_ms: u64) -> Result<HostRecord, StoreError> {
+        let (name, url) = (name.to_owned(), url.to_owned());
+        self.run(move |connection, path| {
+            let row = connection
+                .query_row(
+                    &format!(
+                        "INSERT INTO hosts ({HOST_COLUMNS}) VALUES (?1, ?2, 'active', ?3, ?3) \
+                         ON CONFLICT (name) DO UPDATE SET url = excluded.url, announced_at_ms = excluded.announced_at_ms \
+                         RETURNING {HOST_COLUMNS}"
+                    ),
+                    params![name, url, stored(at_ms)],
+                    host_row,
+                )
+                .map_err(sqlite(path))?;
+            with_mode(path, row)
         })
         .await
     }

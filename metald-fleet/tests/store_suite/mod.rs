@@ -40,7 +40,13 @@ fn key_of(tenant: &str, made: &NewKey) -> KeyRecord {
 }
 
 fn host(name: &str) -> HostRecord {
-    HostRecord { name: name.into(), url: format!("http://127.0.0.1:1/{name}"), mode: HostMode::Active, added_at_ms: 3_000 }
+    HostRecord {
+        name: name.into(),
+        url: format!("http://127.0.0.1:1/{name}"),
+        mode: HostMode::Active,
+        added_at_ms: 3_000,
+        announced_at_ms: None,
+    }
 }
 
 fn placement(vm_id: &str, tenant: &str, host: &str, vcpus: u64) -> Placement {
@@ -122,6 +128,26 @@ pub fn hosts_are_added_moded_and_removed_only_when_empty<S: StoreSubject>(test: 
         store.remove_host("h2", true).await.unwrap();
         assert!(store.hosts().await.unwrap().is_empty());
         assert!(matches!(store.remove_host("h2", true).await, Err(StoreError::NoSuchHost(_))));
+    });
+}
+
+pub fn a_host_announces_itself_and_keeps_the_mode_its_operator_gave_it<S: StoreSubject>(test: &str) {
+    let Some(subject) = S::new(test) else { return };
+    runtime().block_on(async {
+        let store = subject.store().await;
+        let first = store.announce_host("h1", "http://127.0.0.1:7070", 5_000).await.unwrap();
+        assert_eq!((first.mode, first.added_at_ms, first.announced_at_ms), (HostMode::Active, 5_000, Some(5_000)));
+        store.set_host_mode("h1", HostMode::Cordoned).await.unwrap();
+        let again = store.announce_host("h1", "http://127.0.0.1:7071", 6_000).await.unwrap();
+        assert_eq!(
+            (again.url.as_str(), again.mode, again.added_at_ms, again.announced_at_ms),
+            ("http://127.0.0.1:7071", HostMode::Cordoned, 5_000, Some(6_000)),
+            "the URL and time are the host's, the mode the operator's"
+        );
+        store.add_host(host("h2")).await.unwrap();
+        assert_eq!(store.announce_host("h2", "http://127.0.0.1:1/h2", 7_000).await.unwrap().announced_at_ms, Some(7_000));
+        let hosts = subject.reopen().await.hosts().await.unwrap();
+        assert_eq!(hosts.iter().map(|host| host.announced_at_ms).collect::<Vec<_>>(), [Some(6_000), Some(7_000)]);
     });
 }
 
@@ -230,6 +256,12 @@ macro_rules! store_suite {
         #[test]
         fn hosts_are_added_moded_and_removed_only_when_empty() {
             store_suite::hosts_are_added_moded_and_removed_only_when_empty::<$subject>("hosts_are_added_moded_and_removed_only_when_empty");
+        }
+        #[test]
+        fn a_host_announces_itself_and_keeps_the_mode_its_operator_gave_it() {
+            store_suite::a_host_announces_itself_and_keeps_the_mode_its_operator_gave_it::<$subject>(
+                "a_host_announces_itself_and_keeps_the_mode_its_operator_gave_it",
+            );
         }
         #[test]
         fn a_placement_counts_against_its_tenants_quota_until_it_is_removed_or_lost() {

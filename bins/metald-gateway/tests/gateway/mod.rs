@@ -15,7 +15,7 @@ use metald_api::proto::gateway::v1 as admin;
 use metald_api::proto::vmprovisioner::v1 as wire;
 use sha2::Digest;
 
-use crate::common::{GATEWAY_SECRET, Host, Wire, client_config, wait_until_logged, wait_until_serving};
+use crate::common::{GATEWAY_SECRET, Host, HostOptions, Wire, client_config, wait_until_logged, wait_until_serving};
 
 /// The user the gateway runs as in the tests.
 pub const NOBODY: u32 = 65534;
@@ -31,6 +31,11 @@ pub struct Gateway {
     tls: bool,
     /// How the test's clients call a TLS port (the CA they trust).
     pub client_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// A host in fleet mode: it takes tenant calls only from the test gateway, for any tenant, without a quota of its own.
+pub fn fleet_host_options() -> HostOptions {
+    HostOptions { gateway: true, gateway_default_quota: Some("{}"), gateway_required: true, ..HostOptions::default() }
 }
 
 pub fn gateway_binary() -> PathBuf {

@@ -75,6 +75,8 @@ pub struct HostOptions {
     pub gateway_required: bool,
     /// TLS on the port (`[api.tls]`): certificate, key and, for mTLS, the CA of client certificates.
     pub tls: Option<HostTls>,
+    /// Announce the host to the gateway at this URL under this name, every second (`[announce]`).
+    pub announce_to: Option<(String, String)>,
 }
 
 /// Files for `[api.tls]`.
@@ -233,13 +235,24 @@ impl Host {
         }
         // Test guests are tiny and mostly idle: a host's default vCPU capacity would cap the storms.
         toml.push_str(&format!("[capacity]\n{}\n", options.capacity.unwrap_or("vcpus = 4096")));
+        // An announced host says its URL, so its port is chosen now.
+        let port = match &options.announce_to {
+            Some((gateway, name)) => {
+                let port = free_port();
+                toml.push_str(&format!(
+                    "[announce]\ngateways = [{gateway:?}]\nurl = \"http://127.0.0.1:{port}\"\nname = {name:?}\ninterval_seconds = 1\n"
+                ));
+                port
+            }
+            None => 0,
+        };
         let config_path = dir.path().join("metald.toml");
         std::fs::write(&config_path, toml).unwrap();
         let mut host = Host {
             dir,
             name: name.clone(),
             config_path,
-            port: 0,
+            port,
             tenants,
             operator_token,
             child: None,
