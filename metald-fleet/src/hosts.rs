@@ -8,7 +8,7 @@
 //! ready; one that answers `unavailable` is starting (taking over its VMs)
 //! or stopping; one that cannot be reached is unreachable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -396,11 +396,22 @@ pub struct Hosts {
     /// How long an announcing host stays placeable after its last announcement.
     announce_ttl: Duration,
     hosts: RwLock<BTreeMap<String, Arc<Host>>>,
+    /// When this gateway last changed each host itself (added, moded,
+    /// removed, announced), so a read of the store begun before that does
+    /// not undo it.
+    changed_here: Mutex<HashMap<String, Instant>>,
 }
 
 impl Hosts {
     pub fn new(secret: GatewaySecret, call_timeout: Duration) -> Self {
-        Self { secret, call_timeout, tls: None, announce_ttl: DEFAULT_ANNOUNCE_TTL, hosts: RwLock::default() }
+        Self {
+            secret,
+            call_timeout,
+            tls: None,
+            announce_ttl: DEFAULT_ANNOUNCE_TTL,
+            hosts: RwLock::default(),
+            changed_here: Mutex::default(),
+        }
     }
 
     /// How long an announcing host stays placeable after its last announcement.
@@ -421,8 +432,18 @@ impl Hosts {
     pub fn insert(&self, record: HostRecord) -> Result<Arc<Host>, HostError> {
         check_name(&record.name)?;
         let host = Arc::new(Host::new(record, self.secret.clone(), self.call_timeout, self.tls.as_ref(), self.announce_ttl)?);
+        self.changed(&host.name);
         self.hosts.write().unwrap_or_else(PoisonError::into_inner).insert(host.name.clone(), Arc::clone(&host));
         Ok(host)
+    }
+
+    fn changed(&self, name: &str) {
+        self.changed_here.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned(), Instant::now());
+    }
+
+    /// Whether this gateway changed `name` itself after `read_at`.
+    fn changed_since(&self, name: &str, read_at: Instant) -> bool {
+        self.changed_here.lock().unwrap_or_else(PoisonError::into_inner).get(name).is_some_and(|changed| *changed > read_at)
     }
 
     /// Checks a record as [`Hosts::insert`] would, without keeping it.
@@ -432,21 +453,24 @@ impl Hosts {
     }
 
     pub fn remove(&self, name: &str) {
+        self.changed(name);
         self.hosts.write().unwrap_or_else(PoisonError::into_inner).remove(name);
     }
 
     pub fn set_mode(&self, name: &str, mode: HostMode) {
         if let Some(host) = self.get(name) {
+            self.changed(name);
             host.set_mode(mode);
         }
     }
 
-    /// Takes in the store's hosts, as another gateway may have changed
-    /// them: new ones known (a new URL makes a new link), modes followed,
-    /// those gone from the store forgotten.
-    pub fn follow(&self, records: Vec<HostRecord>) {
+    /// Takes in the store's hosts as read at `read_at`, as another gateway
+    /// may have changed them: new ones known (a new URL makes a new link),
+    /// modes and announcements followed, those gone from the store
+    /// forgotten; a host this gateway changed after `read_at` keeps what it has.
+    pub fn follow(&self, records: Vec<HostRecord>, read_at: Instant) {
         let names: std::collections::BTreeSet<String> = records.iter().map(|record| record.name.clone()).collect();
-        for record in records {
+        for record in records.into_iter().filter(|record| !self.changed_since(&record.name, read_at)) {
             let name = record.name.clone();
             match self.take_in(record) {
                 Ok(true) => tracing::info!(host = %name, "host taken in from the store"),
@@ -454,7 +478,18 @@ impl Hosts {
                 Err(error) => tracing::warn!(host = %name, %error, "the store's host cannot be used"),
             }
         }
-        self.hosts.write().unwrap_or_else(PoisonError::into_inner).retain(|name, _| names.contains(name));
+        let gone: Vec<String> = self
+            .hosts
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .filter(|name| !names.contains(*name) && !self.changed_since(name, read_at))
+            .cloned()
+            .collect();
+        let mut hosts = self.hosts.write().unwrap_or_else(PoisonError::into_inner);
+        for name in gone {
+            hosts.remove(&name);
+        }
     }
 
     /// Takes in the store's `record` of a host: a host known at its URL
@@ -464,6 +499,7 @@ impl Hosts {
         if let Some(host) = self.get(&record.name) {
             let same_url = host.record.lock().unwrap_or_else(PoisonError::into_inner).url == record.url;
             if same_url {
+                self.changed(&record.name);
                 host.take_record(record);
                 return Ok(false);
             }
@@ -498,5 +534,34 @@ impl Hosts {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(mode: HostMode) -> HostRecord {
+        HostRecord { name: "h1".into(), url: "http://127.0.0.1:1".into(), mode, added_at_ms: 0, announced_at_ms: None }
+    }
+
+    fn mode_of(hosts: &Hosts) -> Option<HostMode> {
+        hosts.get("h1").map(|host| host.view().record.mode)
+    }
+
+    #[test]
+    fn a_read_of_the_store_begun_before_a_change_here_does_not_undo_it() {
+        let hosts = Hosts::new(GatewaySecret::new(vec![0; 32]), Duration::from_secs(1));
+        hosts.insert(record(HostMode::Active)).unwrap();
+        let read_at = Instant::now();
+        hosts.set_mode("h1", HostMode::Cordoned);
+        hosts.follow(vec![record(HostMode::Active)], read_at);
+        assert_eq!(mode_of(&hosts), Some(HostMode::Cordoned), "the older read does not uncordon");
+        hosts.follow(Vec::new(), read_at);
+        assert_eq!(mode_of(&hosts), Some(HostMode::Cordoned), "nor forget the host");
+        hosts.follow(vec![record(HostMode::Draining)], Instant::now());
+        assert_eq!(mode_of(&hosts), Some(HostMode::Draining), "a newer read is followed");
+        hosts.follow(Vec::new(), Instant::now());
+        assert_eq!(mode_of(&hosts), None, "a host gone from the store is forgotten");
     }
 }

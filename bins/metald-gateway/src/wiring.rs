@@ -178,8 +178,9 @@ async fn housekeeping(kept: Housekept, interval: Duration, settle: Duration, mut
             _ = ticks.tick() => {}
             _ = stop.changed() => return,
         }
+        let read_at = std::time::Instant::now();
         match store.hosts().await {
-            Ok(records) => hosts.follow(records),
+            Ok(records) => hosts.follow(records, read_at),
             Err(error) => tracing::warn!(%error, "cannot read the hosts from the store"),
         }
         if let Err(error) = reconcile(store.as_ref(), &hosts, &strays, settle).await {

@@ -51,6 +51,13 @@ fn the_lifecycle_through_the_gateway_spreads_vms_over_hosts_and_keeps_tenants_ap
     let Some(first) = fleet_host(test) else { return };
     let hosts: Vec<Host> = std::iter::once(first).chain((1..3).map(|index| fleet_host(&format!("{test}-{index}")).unwrap())).collect();
     let mut gateway = Gateway::start(&hosts.iter().collect::<Vec<_>>(), GENEROUS_RATES);
+    // The gateway holds no privilege: nobody's uid, and no capability in any set.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", gateway.pid())).unwrap();
+    let field = |name: &str| status.lines().find_map(|line| line.strip_prefix(name)).unwrap().trim().to_owned();
+    assert!(field("Uid:").split_whitespace().all(|uid| uid == gateway::NOBODY.to_string()), "{status}");
+    for set in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(u64::from_str_radix(&field(set), 16).unwrap(), 0, "the gateway's {set}");
+    }
     runtime().block_on(async {
         let acme_key = gateway.tenant_with_key("acme", admin::Quota::default()).await;
         let globex_key = gateway.tenant_with_key("globex", admin::Quota::default()).await;

@@ -102,10 +102,12 @@ fn two_gateways_on_one_postgres_share_tenants_quotas_keys_rates_and_outages() {
             let client = one.client(&crash_key, Wire::ConnectProto);
             tokio::spawn(async move { client.create_vm(create_request(guest_config(&[]))).await.map(|answer| answer.into_owned()) })
         };
-        wait_until("the create's placement is pending", || async {
-            !store_rows(&postgres, "SELECT vm_id FROM placements WHERE tenant = 'crash' AND status = 'pending'").await.is_empty()
-        })
-        .await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while store_rows(&postgres, "SELECT vm_id FROM placements WHERE tenant = 'crash' AND status = 'pending'").await.is_empty() {
+            assert!(!creating.is_finished(), "the create ended before it was seen pending: {:?}", creating.await);
+            assert!(Instant::now() < deadline, "the create's placement is not pending within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         one.kill();
         assert!(creating.await.unwrap().is_err(), "the caller of a killed gateway gets no answer");
         wait_until("the other gateway settles the pending placement", || async {
@@ -169,6 +171,15 @@ fn two_gateways_on_one_postgres_share_tenants_quotas_keys_rates_and_outages() {
             };
             assert_eq!(info(&one).await, info(&two).await);
         }
+        // A VM made through one gateway boots, shows its console and pauses through the other.
+        let booted = &racer_vms[0];
+        let (via_one, via_two) = (one.client(&racer_key, Wire::Grpc), two.client(&racer_key, Wire::GrpcWeb));
+        via_two.boot_vm(wire::BootVmRequest { vm_id: booted.clone(), ..Default::default() }).await.unwrap();
+        common::wait_for_console(&via_one, booted, metald_testguest::console::READY).await;
+        via_one.pause_vm(wire::PauseVmRequest { vm_id: booted.clone(), ..Default::default() }).await.unwrap();
+        let paused = via_two.get_vm_info(wire::GetVmInfoRequest { vm_id: booted.clone(), ..Default::default() }).await.unwrap();
+        assert_eq!(paused.into_owned().state.as_known(), Some(wire::VmState::VM_STATE_PAUSED));
+        via_two.resume_vm(wire::ResumeVmRequest { vm_id: booted.clone(), ..Default::default() }).await.unwrap();
         let other_key = two.tenant_with_key("other", admin::Quota::default()).await;
         let foreign = one
             .client(&other_key, Wire::ConnectJson)
