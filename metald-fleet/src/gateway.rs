@@ -126,6 +126,7 @@ impl Gateway {
         {
             return store_unavailable(&store_error);
         }
+        self.placements.forget(&placement.vm_id);
         lost_refusal(&placement.vm_id, &reason)
     }
 
@@ -211,6 +212,7 @@ impl Gateway {
                 if let Err(store_error) = self.store.remove_placement(&vm_id).await {
                     tracing::error!(%vm_id, error = %store_error, "cannot forget a VM whose create failed");
                 }
+                self.placements.forget(&vm_id);
                 Err(error)
             }
         }
@@ -238,8 +240,9 @@ impl Gateway {
             match host.link().vms.create_vm_with_options(request.clone(), options).await {
                 Ok(answer) => {
                     in_flight.made();
-                    self.placements.forget(&vm_id);
+                    // Forgotten after the write: a read between the two would keep the old row.
                     self.store.update_placement(&vm_id, name, PlacementStatus::Placed).await.map_err(|error| store_unavailable(&error))?;
+                    self.placements.forget(&vm_id);
                     tracing::info!(%vm_id, host = %name, tenant = %caller.tenant, "VM placed");
                     return Ok(answer.into_owned());
                 }
@@ -453,8 +456,8 @@ impl wire::VmService for Gateway {
                 Err(error) => return Err(self.host_error(&host, &vm_id, error)),
             }
         }
-        self.placements.forget(&vm_id);
         self.store.remove_placement(&vm_id).await.map_err(|error| store_unavailable(&error))?;
+        self.placements.forget(&vm_id);
         Response::ok(wire::DeleteVmResponse { success: true, ..Default::default() })
     }
 
