@@ -40,14 +40,7 @@ pub fn clickhouse_binary() -> Result<PathBuf, String> {
 /// A started server for `test`, or `None` (after [`crate::unmet`]) when this
 /// machine has no ClickHouse server.
 pub fn require_clickhouse(test: &str) -> Option<ClickHouseServer> {
-    let binary = match clickhouse_binary() {
-        Ok(binary) => binary,
-        Err(reason) => return crate::unmet(test, &reason),
-    };
-    match ClickHouseServer::start(binary) {
-        Ok(server) => Some(server),
-        Err(error) => crate::unmet(test, &format!("the ClickHouse server does not start: {error}")),
-    }
+    crate::require_server(test, "ClickHouse", clickhouse_binary(), ClickHouseServer::start)
 }
 
 impl ClickHouseServer {

@@ -220,3 +220,21 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?.port())
 }
+
+/// A server a test starts, or `None` (after [`unmet`]) when `found` says
+/// its program is not here or `start` fails; `what` names it in the reason.
+pub fn require_server<S>(
+    test: &str,
+    what: &str,
+    found: Result<PathBuf, String>,
+    start: impl FnOnce(PathBuf) -> std::io::Result<S>,
+) -> Option<S> {
+    let program = match found {
+        Ok(program) => program,
+        Err(reason) => return unmet(test, &reason),
+    };
+    match start(program) {
+        Ok(server) => Some(server),
+        Err(error) => unmet(test, &format!("the {what} server does not start: {error}")),
+    }
+}

@@ -45,14 +45,7 @@ pub fn postgres_bin_dir() -> Result<PathBuf, String> {
 /// A started server for `test`, or `None` (after [`crate::unmet`]) when this
 /// machine has no PostgreSQL.
 pub fn require_postgres(test: &str) -> Option<PostgresServer> {
-    let bin_dir = match postgres_bin_dir() {
-        Ok(dir) => dir,
-        Err(reason) => return crate::unmet(test, &reason),
-    };
-    match PostgresServer::start(bin_dir) {
-        Ok(server) => Some(server),
-        Err(error) => crate::unmet(test, &format!("the PostgreSQL server does not start: {error}")),
-    }
+    crate::require_server(test, "PostgreSQL", postgres_bin_dir(), PostgresServer::start)
 }
 
 fn is_root() -> bool {
