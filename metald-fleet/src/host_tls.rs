@@ -32,8 +32,7 @@ pub enum HostTlsError {
 }
 
 fn certificates(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, HostTlsError> {
-    let unreadable = |source| HostTlsError::Unreadable { setting, path: path.to_path_buf(), source };
-    CertificateDer::pem_file_iter(path).map_err(unreadable)?.collect::<Result<Vec<_>, _>>().map_err(unreadable)
+    metald_serve::tls::pem_certificates(path).map_err(|source| HostTlsError::Unreadable { setting, path: path.to_path_buf(), source })
 }
 
 /// The client configuration every host link uses.

@@ -55,9 +55,13 @@ pub struct TlsTerminator {
     current: RwLock<Arc<rustls::ServerConfig>>,
 }
 
+/// Every PEM certificate in `path`, in order; a TLS client of ours reads its files with this too.
+pub fn pem_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, rustls::pki_types::pem::Error> {
+    CertificateDer::pem_file_iter(path)?.collect()
+}
+
 fn certificates(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let unreadable = |source| TlsError::Unreadable { setting, path: path.to_path_buf(), source };
-    let certificates = CertificateDer::pem_file_iter(path).map_err(unreadable)?.collect::<Result<Vec<_>, _>>().map_err(unreadable)?;
+    let certificates = pem_certificates(path).map_err(|source| TlsError::Unreadable { setting, path: path.to_path_buf(), source })?;
     if certificates.is_empty() {
         return Err(TlsError::Empty { setting, path: path.to_path_buf(), what: "PEM certificate" });
     }

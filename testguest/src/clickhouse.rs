@@ -9,7 +9,6 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The environment variable that names a `clickhouse-server` binary to use
@@ -46,22 +45,13 @@ pub fn require_clickhouse(test: &str) -> Option<ClickHouseServer> {
 impl ClickHouseServer {
     /// Starts a server in a fresh folder on a free loopback port.
     pub fn start(binary: PathBuf) -> io::Result<Self> {
-        static STARTED: AtomicU32 = AtomicU32::new(0);
-        let dir =
-            std::env::temp_dir().join(format!("metald-test-clickhouse-{}-{}", std::process::id(), STARTED.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&dir)?;
-        let mut server = Self { binary, dir, port: 0, child: None };
-        // Another process can take the port between our probe and the server's bind; try a few.
-        let mut last_error = None;
-        for _ in 0..5 {
-            server.port = crate::free_loopback_port()?;
+        let mut server = Self { binary, dir: crate::fresh_server_dir("clickhouse")?, port: 0, child: None };
+        crate::serve_on_a_free_port(|port| {
+            server.port = port;
             server.write_config()?;
-            match server.run() {
-                Ok(()) => return Ok(server),
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| io::Error::other("no attempt was made")))
+            server.run()
+        })?;
+        Ok(server)
     }
 
     /// `http://127.0.0.1:<port>`, for the `clickhouse` crate.

@@ -215,6 +215,29 @@ fn is_zombie(pid: u32) -> bool {
     state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
 }
 
+/// A fresh folder for one server a test starts: `metald-test-<kind>-<pid>-<n>` under the temporary directory.
+pub(crate) fn fresh_server_dir(kind: &str) -> std::io::Result<PathBuf> {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("metald-test-{kind}-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Runs `serve_on` with free loopback ports until one serves (another
+/// process can take a port between our probe and the server's bind), a few
+/// times at most; answers the last error when none did.
+pub(crate) fn serve_on_a_free_port(mut serve_on: impl FnMut(u16) -> std::io::Result<()>) -> std::io::Result<()> {
+    let mut last_error = None;
+    for _ in 0..5 {
+        match serve_on(free_loopback_port()?) {
+            Ok(()) => return Ok(()),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("no attempt was made")))
+}
+
 /// A loopback port free at the moment of asking, for a server a test starts.
 pub fn free_loopback_port() -> std::io::Result<u16> {
     let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;

@@ -11,7 +11,6 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The environment variable that names the folder of PostgreSQL's programs
@@ -56,11 +55,7 @@ fn is_root() -> bool {
 impl PostgresServer {
     /// Makes a cluster in a fresh folder and starts it on a free loopback port.
     pub fn start(bin_dir: PathBuf) -> io::Result<Self> {
-        static STARTED: AtomicU32 = AtomicU32::new(0);
-        let dir =
-            std::env::temp_dir().join(format!("metald-test-postgres-{}-{}", std::process::id(), STARTED.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&dir)?;
-        let mut server = Self { bin_dir, dir, port: 0, child: None };
+        let mut server = Self { bin_dir, dir: crate::fresh_server_dir("postgres")?, port: 0, child: None };
         if is_root() {
             std::os::unix::fs::chown(&server.dir, Some(NOBODY), Some(NOBODY))?;
         }
@@ -73,16 +68,11 @@ impl PostgresServer {
         if !output.status.success() {
             return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&output.stderr).trim())));
         }
-        // Another process can take the port between our probe and the server's bind; try a few.
-        let mut last_error = None;
-        for _ in 0..5 {
-            server.port = crate::free_loopback_port()?;
-            match server.run() {
-                Ok(()) => return Ok(server),
-                Err(error) => last_error = Some(error),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| io::Error::other("no attempt was made")))
+        crate::serve_on_a_free_port(|port| {
+            server.port = port;
+            server.run()
+        })?;
+        Ok(server)
     }
 
     /// A libpq connection string for the `postgres` database as its superuser.
