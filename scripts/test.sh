@@ -59,6 +59,8 @@ main() {
   statuses=("${PIPESTATUS[@]}")
   set -e
   cargo_status=${statuses[0]}
+  # A linker that ran out of disk says so in a line CI logs may cut.
+  df -h . | sed 's/^/disk after the tests: /'
   if [ "${statuses[1]}" -ne 0 ]; then
     echo "scripts/test.sh: could not write $log; the counts below may be short" >&2
   fi
