@@ -286,6 +286,33 @@ impl Cgroup {
         fs::read_to_string(&path).map_err(io_error("read", &path))
     }
 
+    /// The cgroup under another name in the same parent (every
+    /// controller's folder on v1), its processes staying in it. cgroup v2
+    /// refuses renames; on any failure the folders keep their names.
+    pub fn renamed(&self, name: &str) -> Result<Cgroup, CgroupError> {
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(CgroupError::BadName(name.to_owned()));
+        }
+        let mut done: Vec<(PathBuf, PathBuf)> = Vec::new();
+        for dir in &self.dirs {
+            let to = dir.with_file_name(name);
+            if let Err(source) = fs::rename(dir, &to) {
+                for (from, to) in done.iter().rev() {
+                    let _ = fs::rename(to, from);
+                }
+                return Err(CgroupError::Io { action: "rename", path: dir.clone(), source });
+            }
+            done.push((dir.clone(), to));
+        }
+        Ok(Cgroup { version: self.version, dirs: done.into_iter().map(|(_, to)| to).collect() })
+    }
+
+    /// Sets the cgroup's limits, replacing the ones it had. Limits only
+    /// rise this way on v1, where a memory limit below use is refused.
+    pub fn set_limits(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
+        self.apply(limits)
+    }
+
     fn apply(&self, limits: &CgroupLimits) -> Result<(), CgroupError> {
         match (self.version, limits.cpu) {
             (CgroupVersion::V1, CpuLimit::Quota { quota_us, period_us }) => {

@@ -30,32 +30,28 @@
 //! makes system calls on data prepared beforehand: no allocation, no locks.
 
 use std::collections::BTreeSet;
-use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::mount::{MntFlags, MsFlags};
-use nix::sched::CloneFlags;
-use nix::sys::resource::Resource;
 use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{Gid, Uid};
-use tokio::io::AsyncReadExt;
 
 use crate::cgroups::{Cgroup, CgroupError, CgroupHierarchy, CgroupLimits, CgroupVersion, CpuLimit, DEFAULT_CGROUP_ROOT};
+use crate::jail_child::{ChildLimits, OrderSheet, Orders};
+pub use crate::jail_child::JailStep;
+use crate::jail_pool::{JailPool, ReadyChild};
+pub use crate::jail_pool::PoolFill;
 use crate::launch::{Exposure, LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket, Teardown};
 use crate::process::Supervised;
 pub use crate::uid_lease::{IdentityCapacity, IdentityLease};
 use crate::uid_lease::{UidLeaseError, UidPool};
 
-/// The jail folder inside a VM's folder.
-const CHILD_STACK_BYTES: usize = 256 * 1024;
 
 /// How VMMs are jailed on this host.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -86,6 +82,10 @@ pub struct JailerConfig {
     /// Off by default: a production host runs static VMM builds, and a
     /// dynamic one is refused at launch naming its interpreter.
     pub expose_program_libraries: bool,
+    /// Jail children kept ready ahead of creates (see [`crate::jail_pool`]):
+    /// each is a cloned, namespaced child waiting in a cgroup of its own.
+    /// 0 makes each one on the create's path.
+    pub pool_size: usize,
 }
 
 impl Default for JailerConfig {
@@ -103,61 +103,8 @@ impl Default for JailerConfig {
             max_open_files: 4096,
             min_file_size_bytes: 1 << 30,
             expose_program_libraries: false,
+            pool_size: 0,
         }
-    }
-}
-
-/// One step of the jail, named in errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum JailStep {
-    WaitForParent = 1,
-    PrivateMounts,
-    BindJailRoot,
-    BindFile,
-    JoinNetworkNamespace,
-    SetHostname,
-    PivotRoot,
-    DetachOldRoot,
-    SetRlimits,
-    SetStdio,
-    ResetSignals,
-    DropGroups,
-    SetGid,
-    SetUid,
-    NoNewPrivs,
-    CloseFds,
-    Exec,
-    DieWithParent,
-    CloseInherited,
-}
-
-impl JailStep {
-    fn from_code(code: u32) -> Option<Self> {
-        use JailStep::*;
-        [
-            WaitForParent,
-            PrivateMounts,
-            BindJailRoot,
-            BindFile,
-            JoinNetworkNamespace,
-            SetHostname,
-            PivotRoot,
-            DetachOldRoot,
-            SetRlimits,
-            SetStdio,
-            ResetSignals,
-            DropGroups,
-            SetGid,
-            SetUid,
-            NoNewPrivs,
-            CloseFds,
-            Exec,
-            DieWithParent,
-            CloseInherited,
-        ]
-        .into_iter()
-        .find(|step| *step as u32 == code)
     }
 }
 
@@ -219,6 +166,10 @@ pub struct Jailer {
     config: JailerConfig,
     cgroups: CgroupHierarchy,
     uids: UidPool,
+    /// Children made ahead of time, when `pool_size` is above 0.
+    pool: Option<JailPool>,
+    /// Every VMM's stdin.
+    dev_null: OwnedFd,
 }
 
 impl Jailer {
@@ -228,7 +179,23 @@ impl Jailer {
             None => CgroupHierarchy::detect(&config.cgroup_root, &config.cgroup_parent)?,
         };
         let uids = UidPool::new(config.uid_range.clone(), config.fixed_identity);
-        Ok(Self { config, cgroups, uids })
+        let dev_null = fs::File::open("/dev/null").map_err(prepare(Path::new("/dev/null")))?.into();
+        let mut jailer = Self { config, cgroups, uids, pool: None, dev_null };
+        if jailer.config.pool_size > 0 {
+            jailer.pool = Some(JailPool::start(jailer.config.pool_size, jailer.cgroups.clone(), jailer.waiting_limits())?);
+        }
+        Ok(jailer)
+    }
+
+    /// How many jail children wait ready, of how many the pool keeps; `None` without a pool.
+    pub fn pool_fill(&self) -> Option<PoolFill> {
+        self.pool.as_ref().map(JailPool::fill)
+    }
+
+    /// Ends the pool's waiting children and removes their cgroups; the
+    /// pool makes no more. What could not be removed.
+    pub fn release_spares(&self) -> Vec<String> {
+        self.pool.as_ref().map(JailPool::stop).unwrap_or_default()
     }
 
     pub fn config(&self) -> &JailerConfig {
@@ -263,7 +230,7 @@ impl Jailer {
         let mut problems = Vec::new();
         for cgroup in self.cgroups.existing() {
             let name = cgroup.name();
-            if in_use.contains(&name) {
+            if in_use.contains(&name) || self.pool.as_ref().is_some_and(|pool| pool.owns(&name)) {
                 continue;
             }
             match cgroup.processes() {
@@ -279,9 +246,12 @@ impl Jailer {
         problems
     }
 
-    /// Removes the cgroup parent folders, for a host with no VM left.
+    /// Removes the cgroup parent folders, for a host with no VM left
+    /// (the pool's waiting children first).
     pub fn release_host(&self) -> Vec<String> {
-        self.cgroups.remove_parent()
+        let mut problems = self.release_spares();
+        problems.extend(self.cgroups.remove_parent());
+        problems
     }
 
     /// Launches `plan` in a fresh jail under `plan.vm_dir`.
@@ -331,52 +301,53 @@ impl Jailer {
             timings.push((name, clock.elapsed()));
             clock = Instant::now();
         };
-        let work_files = open_work_files(plan, identity)?;
-        build_jail_folder(plan, &work_files, root, identity, teardown)?;
-        lap("jail.folder");
-        let limits = self.limits_for(&plan.resources);
-        let cgroup = self.cgroups.create(&cgroup_name(&plan.name), &limits)?;
+        let ready = match self.pool.as_ref().and_then(JailPool::take) {
+            Some(ready) => {
+                lap("jail.child_from_pool");
+                ready
+            }
+            None => {
+                let ready = ReadyChild::make(&self.cgroups, &cgroup_name(&plan.name), &self.waiting_limits())?;
+                lap("jail.child_made");
+                ready
+            }
+        };
+        let ReadyChild { child, cgroup } = ready;
         teardown.cgroup = Some(cgroup.clone());
-        lap("jail.cgroup_create");
-
-        // Bind mounts of our descriptors must be made here, as detached
-        // mounts: the child's new mount namespace refuses binds from ours.
-        let exposures: Vec<&Exposure> = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter()).collect();
-        let trees = exposures.iter().map(|exposure| detached_mount(exposure)).collect::<Result<Vec<_>, _>>()?;
-        let child =
-            ChildPlan::new(plan, &exposures, &trees, root, identity, self.file_size_limit(plan), self.config.max_open_files, limits.pids)?;
-        let (sync_read, sync_write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
-        let (error_read, error_write) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
-        let mut stack = vec![0u8; CHILD_STACK_BYTES];
-        let child_fds = ChildFds { sync: sync_read.as_raw_fd(), error: error_write.as_raw_fd() };
-        let kept = child.kept_fds(child_fds);
-        let flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
-        // SAFETY: the child gets a copy of our memory (no CLONE_VM) and runs
-        // `run_child`, which only reads data prepared above and makes system
-        // calls, then execs or exits; it never returns into our code.
-        let pid = unsafe { nix::sched::clone(Box::new(|| run_child(&child, child_fds, &kept)), &mut stack, flags, Some(libc::SIGCHLD)) }
-            .map_err(JailError::Clone)?;
-        let pid = pid.as_raw().unsigned_abs();
-        drop((sync_read, error_write));
-        let process = Supervised::watch_child(pid).map_err(JailError::Watch)?;
-        lap("jail.mounts_and_clone");
+        let process = match Supervised::watch_child(child.pid()) {
+            Ok(process) => process,
+            Err(error) => {
+                child.discard();
+                return Err(JailError::Watch(error));
+            }
+        };
+        // From here on, killing the process ends the child; dropping `child` closes its channel.
+        let prepared = self.bind(plan, root, identity, &cgroup, teardown, &mut lap);
+        let (cgroup, work_files, trees) = match prepared {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                let _ = process.kill().await;
+                return Err(error);
+            }
+        };
+        let orders = match self.orders(plan, root, identity, &work_files, &trees) {
+            Ok(orders) => orders,
+            Err(error) => {
+                let _ = process.kill().await;
+                return Err(error);
+            }
+        };
+        lap("jail.mounts");
         fail::fail_point!("jail-before-sync");
-
-        // The child waits for this byte, so it is inside its cgroup before it allocates anything.
-        if let Err(error) = cgroup.add_process(pid) {
-            let _ = process.kill().await;
-            return Err(error.into());
-        }
-        lap("jail.cgroup_join");
-        if let Err(errno) = nix::unistd::write(&sync_write, &[1]) {
-            let _ = process.kill().await;
-            return Err(JailError::Handshake(errno.into()));
-        }
-        drop(sync_write);
+        let ordered = match child.send(&orders) {
+            Ok(ordered) => ordered,
+            Err(error) => {
+                let _ = process.kill().await;
+                return Err(error);
+            }
+        };
         fail::fail_point!("jail-after-sync");
-        if let Err(error) = child_outcome(error_read, &child).await {
+        if let Err(error) = ordered.outcome(&orders).await {
             let _ = process.kill().await;
             return Err(error);
         }
@@ -386,6 +357,81 @@ impl Jailer {
 
     fn file_size_limit(&self, plan: &LaunchPlan) -> u64 {
         self.config.min_file_size_bytes.max(plan.resources.largest_writable_bytes)
+    }
+
+    /// The limits a child waits under, before it is a VM's: those of the
+    /// smallest VM, so binding a VM's only raises them.
+    fn waiting_limits(&self) -> CgroupLimits {
+        self.limits_for(&crate::launch::Resources { vcpus: 1, memory_bytes: 0, largest_writable_bytes: 0 })
+    }
+
+    /// Makes a waiting child's part the VM's: its work files, its jail
+    /// folder, its cgroup's limits and name, a detached mount of each file
+    /// it is given. Returns the cgroup under its new name, the work files
+    /// and the mounts.
+    fn bind(
+        &self,
+        plan: &LaunchPlan,
+        root: &Path,
+        identity: &Identity,
+        cgroup: &Cgroup,
+        teardown: &mut JailTeardown,
+        lap: &mut impl FnMut(&'static str),
+    ) -> Result<(Cgroup, Vec<Exposure>, Vec<OwnedFd>), JailError> {
+        let work_files = open_work_files(plan, identity)?;
+        build_jail_folder(plan, &work_files, root, identity, teardown)?;
+        lap("jail.folder");
+        cgroup.set_limits(&self.limits_for(&plan.resources))?;
+        let cgroup = if cgroup.name().starts_with(crate::jail_pool::POOL_PREFIX) {
+            match cgroup.renamed(&cgroup_name(&plan.name)) {
+                Ok(renamed) => renamed,
+                // cgroup v2 renames nothing: the VMM's cgroup keeps its pool name.
+                Err(_) if cgroup.version() == CgroupVersion::V2 => cgroup.clone(),
+                Err(error) => return Err(error.into()),
+            }
+        } else {
+            cgroup.clone()
+        };
+        teardown.cgroup = Some(cgroup.clone());
+        lap("jail.cgroup_bind");
+        // Bind mounts of our descriptors must be made here, as detached
+        // mounts: the child's mount namespace refuses binds from ours.
+        let exposures = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter());
+        let trees = exposures.map(detached_mount).collect::<Result<Vec<_>, _>>()?;
+        Ok((cgroup, work_files, trees))
+    }
+
+    /// The child's orders for `plan`.
+    fn orders<'a>(
+        &'a self,
+        plan: &'a LaunchPlan,
+        root: &'a Path,
+        identity: &Identity,
+        work_files: &'a [Exposure],
+        trees: &'a [OwnedFd],
+    ) -> Result<Orders<'a>, JailError> {
+        let layout = Layout::jailed(root.to_path_buf(), &plan.vm_dir, &plan.files());
+        let exposures: Vec<&Exposure> = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter()).collect();
+        let binds = exposures.iter().zip(trees).map(|(exposure, tree)| (tree.as_fd(), root.join(&exposure.name))).collect();
+        let bind_names = exposures.iter().map(|exposure| (exposure.name.clone(), exposure.host_path.clone())).collect();
+        let program = layout.inside(&plan.program.name);
+        let stdin = self.dev_null.as_fd();
+        let limits = self.limits_for(&plan.resources);
+        Orders::encode(OrderSheet {
+            root,
+            hostname: &plan.name,
+            program,
+            args: plan.args.iter().map(|arg| arg.render(&layout)).collect(),
+            binds,
+            bind_names,
+            netns: plan.netns.as_ref().map(|netns| netns.as_fd()),
+            stdin,
+            stdout: plan.stdout.as_fd(),
+            stderr: plan.stderr.as_fd(),
+            uid: identity.uid(),
+            gid: identity.gid(),
+            limits: ChildLimits { open_files: self.config.max_open_files, file_size: self.file_size_limit(plan), processes: limits.pids },
+        })
     }
 }
 
@@ -480,6 +526,10 @@ impl Launcher for Jailer {
     fn release_host(&self) -> Vec<String> {
         Jailer::release_host(self)
     }
+
+    fn release_spares(&self) -> Vec<String> {
+        Jailer::release_spares(self)
+    }
 }
 
 /// The interpreter and libraries of a dynamically linked program, to
@@ -542,7 +592,6 @@ fn elf_interpreter(file: &OwnedFd, header: &[u8]) -> Option<String> {
 }
 
 const OPEN_TREE_CLONE: libc::c_uint = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 const MOUNT_ATTR_RDONLY: u64 = 1;
 const MOUNT_ATTR_NOSUID: u64 = 2;
 const MOUNT_ATTR_NODEV: u64 = 4;
@@ -660,271 +709,6 @@ fn make_parents(root: &Path, path: &Path) -> Result<(), JailError> {
         fs::DirBuilder::new().recursive(true).mode(0o755).create(parent).map_err(prepare(parent))?;
     }
     Ok(())
-}
-
-/// Descriptors the child uses to talk to us.
-#[derive(Debug, Clone, Copy)]
-struct ChildFds {
-    sync: RawFd,
-    error: RawFd,
-}
-
-/// Everything the child needs, prepared before `clone` so it never allocates.
-struct ChildPlan {
-    root: CString,
-    /// A detached mount of each exposed file and where it goes.
-    binds: Vec<(RawFd, CString)>,
-    /// Each bind's name in the jail and path on the host, for errors.
-    bind_names: Vec<(String, PathBuf)>,
-    netns: Option<Arc<OwnedFd>>,
-    hostname: Vec<u8>,
-    rlimits: [(Resource, u64); 3],
-    stdin: OwnedFd,
-    stdout: RawFd,
-    stderr: RawFd,
-    uid: u32,
-    gid: u32,
-    program: CString,
-    _args: Vec<CString>,
-    argv: Vec<*const libc::c_char>,
-    envp: [*const libc::c_char; 1],
-}
-
-// SAFETY: the raw pointers in `argv` point into `_args`, owned by the same
-// value and never moved or changed after construction.
-unsafe impl Send for ChildPlan {}
-// SAFETY: as above; the plan is only read.
-unsafe impl Sync for ChildPlan {}
-
-fn c_string(bytes: &[u8], path: &Path) -> Result<CString, JailError> {
-    CString::new(bytes).map_err(|_| JailError::Prepare {
-        path: path.to_path_buf(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path holds a NUL byte"),
-    })
-}
-
-impl ChildPlan {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        plan: &LaunchPlan,
-        exposures: &[&Exposure],
-        trees: &[OwnedFd],
-        root: &Path,
-        identity: &Identity,
-        file_size: u64,
-        open_files: u64,
-        processes: u64,
-    ) -> Result<Self, JailError> {
-        let layout = Layout::jailed(root.to_path_buf(), &plan.vm_dir, &plan.files());
-        let mut binds = Vec::new();
-        for (exposure, tree) in exposures.iter().zip(trees) {
-            let target = root.join(&exposure.name);
-            binds.push((tree.as_raw_fd(), c_string(target.as_os_str().as_bytes(), &target)?));
-        }
-        let bind_names = exposures.iter().map(|exposure| (exposure.name.clone(), exposure.host_path.clone())).collect();
-        let program_inside = layout.inside(&plan.program.name);
-        let program = c_string(program_inside.as_os_str().as_bytes(), &program_inside)?;
-        let mut args = vec![program.clone()];
-        for arg in &plan.args {
-            args.push(c_string(&arg.render(&layout).into_vec(), root)?);
-        }
-        let mut argv: Vec<*const libc::c_char> = args.iter().map(|arg| arg.as_ptr()).collect();
-        argv.push(std::ptr::null());
-        let stdin = fs::File::open("/dev/null").map_err(prepare(Path::new("/dev/null")))?.into();
-        Ok(Self {
-            root: c_string(root.as_os_str().as_bytes(), root)?,
-            binds,
-            bind_names,
-            netns: plan.netns.clone(),
-            hostname: plan.name.as_bytes().to_vec(),
-            rlimits: [(Resource::RLIMIT_NOFILE, open_files), (Resource::RLIMIT_FSIZE, file_size), (Resource::RLIMIT_NPROC, processes)],
-            stdin,
-            stdout: plan.stdout.as_raw_fd(),
-            stderr: plan.stderr.as_raw_fd(),
-            uid: identity.uid(),
-            gid: identity.gid(),
-            program,
-            _args: args,
-            argv,
-            envp: [std::ptr::null()],
-        })
-    }
-
-    /// The descriptors above 2 the child keeps (sorted): the pipes to us and
-    /// what the plan names. It closes every other one it inherited (our
-    /// listening socket, databases, other VMs' consoles) before anything else.
-    fn kept_fds(&self, fds: ChildFds) -> Vec<RawFd> {
-        let mut kept: Vec<RawFd> = [fds.sync, fds.error, self.stdin.as_raw_fd(), self.stdout, self.stderr]
-            .into_iter()
-            .chain(self.binds.iter().map(|(tree, _)| *tree))
-            .chain(self.netns.as_ref().map(|netns| netns.as_raw_fd()))
-            .filter(|fd| *fd > 2)
-            .collect();
-        kept.sort_unstable();
-        kept.dedup();
-        kept
-    }
-}
-
-/// Closes every descriptor above 2 but `kept` (sorted). System calls only.
-fn close_inherited(kept: &[RawFd]) -> Result<(), nix::errno::Errno> {
-    let mut next: libc::c_uint = 3;
-    for fd in kept.iter().filter_map(|fd| libc::c_uint::try_from(*fd).ok()) {
-        if fd > next {
-            // SAFETY: closes descriptors of this process only; integer arguments.
-            if unsafe { libc::syscall(libc::SYS_close_range, next, fd - 1, 0 as libc::c_uint) } != 0 {
-                return Err(nix::errno::Errno::last());
-            }
-        }
-        next = fd.saturating_add(1);
-    }
-    // SAFETY: as above.
-    if unsafe { libc::syscall(libc::SYS_close_range, next, libc::c_uint::MAX, 0 as libc::c_uint) } != 0 {
-        return Err(nix::errno::Errno::last());
-    }
-    Ok(())
-}
-
-/// Reports a failed step to the parent and ends the child.
-fn child_failed(fds: ChildFds, step: JailStep, errno: i32, index: u32) -> isize {
-    let mut report = [0u8; 12];
-    report[..4].copy_from_slice(&(step as u32).to_le_bytes());
-    report[4..8].copy_from_slice(&errno.to_le_bytes());
-    report[8..].copy_from_slice(&index.to_le_bytes());
-    // SAFETY: writes 12 bytes from a live stack buffer to our own pipe.
-    unsafe { libc::write(fds.error, report.as_ptr().cast(), report.len()) };
-    127
-}
-
-/// The child between `clone` and `exec`. System calls only.
-fn run_child(plan: &ChildPlan, fds: ChildFds, kept: &[RawFd]) -> isize {
-    let fail = |step: JailStep, errno: nix::errno::Errno| child_failed(fds, step, errno as i32, 0);
-
-    // Until it drops root (a change of credentials clears this), the child
-    // dies with the thread that cloned it; after that the VMM must outlive
-    // metald, which takes it over when it starts again.
-    if let Err(errno) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
-        return fail(JailStep::DieWithParent, errno);
-    }
-    // Among them our copy of the parent's end of the sync pipe: closed
-    // before the read, a parent that died before the prctl above shows as
-    // the end of the pipe.
-    if let Err(errno) = close_inherited(kept) {
-        return fail(JailStep::CloseInherited, errno);
-    }
-    let mut go = [0u8; 1];
-    // SAFETY: reads one byte into a live stack buffer from our own pipe.
-    if unsafe { libc::read(fds.sync, go.as_mut_ptr().cast(), 1) } != 1 {
-        return fail(JailStep::WaitForParent, nix::errno::Errno::last());
-    }
-    let none: Option<&std::ffi::CStr> = None;
-    if let Err(errno) = nix::mount::mount(none, c"/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none) {
-        return fail(JailStep::PrivateMounts, errno);
-    }
-    if let Err(errno) = nix::mount::mount(Some(plan.root.as_c_str()), plan.root.as_c_str(), none, MsFlags::MS_BIND, none) {
-        return fail(JailStep::BindJailRoot, errno);
-    }
-    for (index, (tree, target)) in plan.binds.iter().enumerate() {
-        // SAFETY: attaches a detached mount we own at a path held by `plan`;
-        // the empty path is a static C string.
-        let moved =
-            unsafe { libc::syscall(libc::SYS_move_mount, *tree, c"".as_ptr(), libc::AT_FDCWD, target.as_ptr(), MOVE_MOUNT_F_EMPTY_PATH) };
-        if moved != 0 {
-            return child_failed(fds, JailStep::BindFile, nix::errno::Errno::last() as i32, u32::try_from(index).unwrap_or(u32::MAX));
-        }
-    }
-    if let Some(netns) = &plan.netns
-        && let Err(errno) = nix::sched::setns(&**netns, CloneFlags::CLONE_NEWNET)
-    {
-        return fail(JailStep::JoinNetworkNamespace, errno);
-    }
-    if let Err(errno) = nix::unistd::sethostname(OsStr::from_bytes(&plan.hostname)) {
-        return fail(JailStep::SetHostname, errno);
-    }
-    if let Err(errno) = nix::unistd::chdir(plan.root.as_c_str()).and_then(|()| nix::unistd::pivot_root(c".", c".")) {
-        return fail(JailStep::PivotRoot, errno);
-    }
-    if let Err(errno) = nix::mount::umount2(c".", MntFlags::MNT_DETACH).and_then(|()| nix::unistd::chdir(c"/")) {
-        return fail(JailStep::DetachOldRoot, errno);
-    }
-    for (resource, limit) in plan.rlimits {
-        if let Err(errno) = nix::sys::resource::setrlimit(resource, limit, limit) {
-            return fail(JailStep::SetRlimits, errno);
-        }
-    }
-    for (from, to) in [(plan.stdin.as_raw_fd(), 0), (plan.stdout, 1), (plan.stderr, 2)] {
-        // SAFETY: dup2 on descriptors we own; no memory is involved.
-        if unsafe { libc::dup2(from, to) } < 0 {
-            return fail(JailStep::SetStdio, nix::errno::Errno::last());
-        }
-    }
-    // Rust ignores SIGPIPE and an ignored signal would stay ignored across exec.
-    // SAFETY: resets one disposition to its default and clears the mask; no handler code runs.
-    let reset = unsafe {
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL) == libc::SIG_ERR
-            || libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0
-    };
-    if reset {
-        return fail(JailStep::ResetSignals, nix::errno::Errno::last());
-    }
-    // Credentials change through raw system calls: glibc's wrappers would try
-    // to reach the parent's other threads, which do not exist in this copy.
-    // SAFETY: setgroups with an empty list reads no memory.
-    if unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) } != 0 {
-        return fail(JailStep::DropGroups, nix::errno::Errno::last());
-    }
-    // SAFETY: integer arguments only.
-    if unsafe { libc::syscall(libc::SYS_setresgid, plan.gid, plan.gid, plan.gid) } != 0 {
-        return fail(JailStep::SetGid, nix::errno::Errno::last());
-    }
-    // SAFETY: integer arguments only.
-    if unsafe { libc::syscall(libc::SYS_setresuid, plan.uid, plan.uid, plan.uid) } != 0 {
-        return fail(JailStep::SetUid, nix::errno::Errno::last());
-    }
-    if let Err(errno) = nix::sys::prctl::set_no_new_privs() {
-        return fail(JailStep::NoNewPrivs, errno);
-    }
-    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
-    // SAFETY: marks descriptors close-on-exec; integer arguments only.
-    if unsafe { libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, libc::c_uint::MAX, CLOSE_RANGE_CLOEXEC) } != 0 {
-        return fail(JailStep::CloseFds, nix::errno::Errno::last());
-    }
-    // SAFETY: argv and envp are NULL-terminated arrays of pointers into
-    // C strings owned by `plan`, which outlives this call.
-    unsafe { libc::execve(plan.program.as_ptr(), plan.argv.as_ptr(), plan.envp.as_ptr()) };
-    fail(JailStep::Exec, nix::errno::Errno::last())
-}
-
-/// Waits for the child to exec (its error pipe closes without a word) or
-/// to report the step that failed.
-async fn child_outcome(error_read: OwnedFd, plan: &ChildPlan) -> Result<(), JailError> {
-    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(error_read).map_err(JailError::Handshake)?;
-    let mut report = Vec::with_capacity(12);
-    pipe.read_to_end(&mut report).await.map_err(JailError::Handshake)?;
-    if report.is_empty() {
-        return Ok(());
-    }
-    let word = |at: usize| report.get(at..at + 4).and_then(|bytes| bytes.try_into().ok()).map(u32::from_le_bytes);
-    let step = word(0)
-        .and_then(JailStep::from_code)
-        .ok_or_else(|| JailError::Handshake(io::Error::new(io::ErrorKind::InvalidData, "garbled report")))?;
-    let errno = word(4).map(|value| value as i32).unwrap_or(0);
-    let index = word(8).and_then(|value| usize::try_from(value).ok()).unwrap_or(0);
-    if step == JailStep::BindFile
-        && errno == libc::ENOENT
-        && let Some((name, path)) = plan.bind_names.get(index)
-    {
-        // An unlinked file cannot be mounted: it was replaced after we opened it.
-        return Err(JailError::ExposureGone { name: name.clone(), path: path.clone() });
-    }
-    let detail = match step {
-        JailStep::BindFile => plan.binds.get(index).map(|(_, target)| target.to_string_lossy().into_owned()),
-        JailStep::Exec => Some(plan.program.to_string_lossy().into_owned()),
-        _ => None,
-    };
-    Err(JailError::Child { step, detail, source: io::Error::from_raw_os_error(errno) })
 }
 
 #[cfg(test)]

@@ -341,6 +341,12 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     /// Removes what launching set up on the host for every VM, once no VM
     /// is left; what could not be removed.
     fn release_host(&self) -> Vec<String>;
+
+    /// Ends what the launcher made ahead of launches (the jail pool's
+    /// waiting children), for a process that is ending; what could not be removed.
+    fn release_spares(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Says so when the kernel's out-of-memory killer struck in the cgroup.

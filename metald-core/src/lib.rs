@@ -44,6 +44,8 @@ pub mod console;
 pub mod error_kind;
 pub mod events;
 pub mod images;
+pub mod jail_child;
+pub mod jail_pool;
 pub mod jailer;
 pub mod launch;
 pub mod manager;

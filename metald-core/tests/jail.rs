@@ -405,7 +405,7 @@ async fn a_jailed_vmm_joins_the_network_namespace_it_is_given() {
     let inside = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
     let given = std::fs::metadata(netns.path()).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::ino(&inside), std::os::unix::fs::MetadataExt::ino(&given));
-    assert!(launched.timings.iter().any(|(step, _)| *step == "jail.cgroup_join"));
+    assert!(launched.timings.iter().any(|(step, _)| *step == "jail.child_made"), "{:?}", launched.timings);
     launched.process.kill().await.unwrap();
     assert!(launched.release().await.is_empty());
     std::fs::remove_dir_all(&vm_dir).unwrap();

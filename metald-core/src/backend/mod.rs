@@ -380,6 +380,12 @@ pub trait VmmBackend: Send + Sync + fmt::Debug {
     fn release_host(&self) -> Vec<String> {
         self.launcher().map(|launcher| launcher.release_host()).unwrap_or_default()
     }
+
+    /// Ends what the backend's launcher made ahead of launches (see
+    /// [`crate::launch::Launcher::release_spares`]).
+    fn release_spares(&self) -> Vec<String> {
+        self.launcher().map(|launcher| launcher.release_spares()).unwrap_or_default()
+    }
 }
 
 /// One VM's VMM, driven over its API.

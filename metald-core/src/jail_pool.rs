@@ -1,0 +1,201 @@
+//! The jail pool: jail children made ahead of time, each already cloned
+//! into its namespaces and moved into a cgroup of its own, waiting for
+//! the orders of the VM that takes it. A create takes one and only binds
+//! what is the VM's (limits, name, files, network namespace, user), so the
+//! clone and the move into the cgroup (an RCU grace period on cgroup v1)
+//! are off its path. A thread of its own refills the pool to its size.
+//!
+//! A part is never given twice: taking one removes it from the pool, and
+//! a child obeys one message of orders only. Nothing outlives the pool:
+//! its children die with its thread (they still hold root, so their
+//! parent-death signal stands), and stopping it ends and reaps each one
+//! and removes its cgroup. After a restart of metald, the cgroups of an
+//! earlier run's pool hold no process and are swept like any stray
+//! (their names start with [`POOL_PREFIX`], and this run's are skipped).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use crate::cgroups::{Cgroup, CgroupHierarchy, CgroupLimits};
+use crate::jail_child::WaitingChild;
+use crate::jailer::JailError;
+
+/// Every pool cgroup's name starts with this.
+pub const POOL_PREFIX: &str = "pool-";
+/// How long the refill waits after it failed to make a part.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// A child waiting in its cgroup.
+#[derive(Debug)]
+pub(crate) struct ReadyChild {
+    pub child: WaitingChild,
+    pub cgroup: Cgroup,
+}
+
+impl ReadyChild {
+    /// Makes one: a cgroup with `limits`, a child cloned and moved into it.
+    /// Nothing is left when a step fails.
+    pub(crate) fn make(cgroups: &CgroupHierarchy, name: &str, limits: &CgroupLimits) -> Result<Self, JailError> {
+        let cgroup = cgroups.create(name, limits)?;
+        let child = match WaitingChild::clone_waiting() {
+            Ok(child) => child,
+            Err(error) => {
+                let _ = cgroup.remove();
+                return Err(error);
+            }
+        };
+        // The child waits for its orders, so it is inside its cgroup before it allocates anything.
+        if let Err(error) = cgroup.add_process(child.pid()) {
+            child.discard();
+            let _ = cgroup.remove();
+            return Err(error.into());
+        }
+        Ok(Self { child, cgroup })
+    }
+
+    /// Ends the child, reaps it, and removes its cgroup; what could not be removed.
+    pub(crate) fn discard(self) -> Option<String> {
+        self.child.discard();
+        self.cgroup.remove().err().map(|error| crate::error_chain(&error))
+    }
+}
+
+#[derive(Debug, Default)]
+struct PoolState {
+    ready: VecDeque<ReadyChild>,
+    stopping: bool,
+    made: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<PoolState>,
+    changed: Condvar,
+    size: usize,
+    cgroups: CgroupHierarchy,
+    /// Limits a part waits under; a VM's are at least these, so binding only raises them.
+    waiting_limits: CgroupLimits,
+    /// This run's pool cgroups are named `<prefix><n>`.
+    prefix: String,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What the pool holds now, for operators and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolFill {
+    pub ready: usize,
+    pub size: usize,
+}
+
+/// Jail children made ahead of time, refilled in the background.
+#[derive(Debug)]
+pub(crate) struct JailPool {
+    shared: Arc<Shared>,
+    refill: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl JailPool {
+    /// Starts the refill thread, which makes `size` parts right away.
+    pub(crate) fn start(size: usize, cgroups: CgroupHierarchy, waiting_limits: CgroupLimits) -> Result<Self, JailError> {
+        let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|since| since.as_nanos()).unwrap_or(0);
+        let prefix = format!("{POOL_PREFIX}{:x}-{started:x}-", std::process::id());
+        let shared = Arc::new(Shared {
+            state: Mutex::new(PoolState::default()),
+            changed: Condvar::new(),
+            size,
+            cgroups,
+            waiting_limits,
+            prefix,
+        });
+        let refilled = Arc::clone(&shared);
+        // Its children die with this thread until they drop root, so it lives as long as the pool.
+        let thread = std::thread::Builder::new()
+            .name("metald-jail-pool".into())
+            .spawn(move || refill(&refilled))
+            .map_err(|source| JailError::Prepare { path: "jail pool thread".into(), source })?;
+        Ok(Self { shared, refill: Mutex::new(Some(thread)) })
+    }
+
+    /// A waiting child no one else has or will get, if one is ready.
+    pub(crate) fn take(&self) -> Option<ReadyChild> {
+        let mut state = self.shared.state();
+        while let Some(part) = state.ready.pop_front() {
+            self.shared.changed.notify_all();
+            if part.child.is_waiting() {
+                return Some(part);
+            }
+            // Killed from outside while it waited: no use to anyone.
+            if let Some(problem) = part.discard() {
+                tracing::warn!(problem, "cannot remove a jail pool part that died while it waited");
+            }
+        }
+        None
+    }
+
+    /// Whether `cgroup` names one of this run's pool parts, waiting or taken.
+    pub(crate) fn owns(&self, cgroup: &str) -> bool {
+        cgroup.starts_with(&self.shared.prefix)
+    }
+
+    pub(crate) fn fill(&self) -> PoolFill {
+        PoolFill { ready: self.shared.state().ready.len(), size: self.shared.size }
+    }
+
+    /// Stops the refill and ends every waiting part; what could not be removed.
+    pub(crate) fn stop(&self) -> Vec<String> {
+        self.shared.state().stopping = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.refill.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            let _ = thread.join();
+        }
+        let parts: Vec<ReadyChild> = self.shared.state().ready.drain(..).collect();
+        parts.into_iter().filter_map(ReadyChild::discard).collect()
+    }
+}
+
+impl Drop for JailPool {
+    fn drop(&mut self) {
+        for problem in self.stop() {
+            tracing::warn!(problem, "cannot remove a jail pool part");
+        }
+    }
+}
+
+/// The refill thread: makes parts while the pool holds fewer than its size.
+fn refill(shared: &Shared) {
+    loop {
+        let name = {
+            let mut state = shared.state();
+            while !state.stopping && state.ready.len() >= shared.size {
+                state = shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+            }
+            if state.stopping {
+                return;
+            }
+            state.made += 1;
+            format!("{}{}", shared.prefix, state.made)
+        };
+        match ReadyChild::make(&shared.cgroups, &name, &shared.waiting_limits) {
+            Ok(part) => {
+                let mut state = shared.state();
+                if state.stopping {
+                    drop(state);
+                    let _ = part.discard();
+                    return;
+                }
+                state.ready.push_back(part);
+            }
+            Err(error) => {
+                tracing::warn!(error = %crate::error_chain(&error), "cannot make a jail pool part; trying again in a second");
+                let state = shared.state();
+                let _ = shared.changed.wait_timeout_while(state, RETRY_AFTER_FAILURE, |state| !state.stopping);
+            }
+        }
+    }
+}
