@@ -26,7 +26,14 @@ fn jail(c: &mut Criterion) {
         group.bench_function(name, |bencher| {
             bencher.iter_custom(|iterations| {
                 timed_iterations(&runtime, iterations, |_| async move {
-                    let (took, vm_id) = host.library_boot().await.unwrap_or_else(|error| panic!("{name} boot: {error}"));
+                    let (phases, vm_id) = host.library_boot_phases().await.unwrap_or_else(|error| panic!("{name} boot: {error}"));
+                    let took = phases.total();
+                    if let Ok(mut steps) = steps.lock() {
+                        for (phase, duration) in [("create", phases.create), ("boot", phases.boot), ("boot_to_ready_line", phases.to_ready)]
+                        {
+                            steps.entry(if name == "jailed" { phase } else { unjailed_phase(phase) }).or_default().push(duration);
+                        }
+                    }
                     if name == "jailed" {
                         let timings = host.launch_timings(&vm_id).await;
                         if let Ok(mut steps) = steps.lock() {
@@ -53,11 +60,20 @@ fn jail(c: &mut Criterion) {
         jailed_median.as_secs_f64() / unjailed_median.as_secs_f64().max(f64::EPSILON),
         ms(jailed_median.saturating_sub(unjailed_median))
     );
-    println!("where a jailed launch spends its time (median per step):");
+    println!("where a create+boot spends its time (median per phase, and per step of a jailed launch):");
     if let Ok(steps) = steps.lock() {
         for (step, durations) in steps.iter() {
             println!("  {step:<26} {}", ms(metald_benches::median(durations)));
         }
+    }
+}
+
+/// The unjailed host's name for a phase, listed beside the jailed one's.
+fn unjailed_phase(phase: &'static str) -> &'static str {
+    match phase {
+        "create" => "create (unjailed)",
+        "boot" => "boot (unjailed)",
+        _ => "boot_to_ready_line (unjailed)",
     }
 }
 

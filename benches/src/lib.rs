@@ -39,18 +39,36 @@ impl BenchHost {
         Self::on(false)
     }
 
+    /// A jailed host whose jailer keeps `pool_size` children ready.
+    pub fn pooled(pool_size: usize) -> Option<Self> {
+        Self::with_jail(Some(JailerConfig { pool_size, ..JailerConfig::default() }))
+    }
+
+    /// Waits, untimed, until the jail pool holds as many ready children as its size.
+    pub async fn pool_refilled(&self) {
+        let full = || self.manager.jail_pool_fill().is_none_or(|fill| fill.ready >= fill.size);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !full() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn on(jailed: bool) -> Option<Self> {
+        Self::with_jail(jailed.then(JailerConfig::default))
+    }
+
+    fn with_jail(jail: Option<JailerConfig>) -> Option<Self> {
         let firecracker = firecracker_on_kvm()?;
         let vmm = FirecrackerConfig::new(&firecracker);
-        let backend: Arc<dyn metald_core::VmmBackend> = match jailed {
-            true => match FirecrackerBackend::jailed(vmm, JailerConfig::default()) {
+        let backend: Arc<dyn metald_core::VmmBackend> = match jail {
+            Some(jail) => match FirecrackerBackend::jailed(vmm, jail) {
                 Ok(backend) => Arc::new(backend),
                 Err(error) => {
                     eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
                     return None;
                 }
             },
-            false => Arc::new(FirecrackerBackend::unjailed(vmm)),
+            None => Arc::new(FirecrackerBackend::unjailed(vmm)),
         };
         Self::with_backend(firecracker, backend)
     }
@@ -100,9 +118,24 @@ impl BenchHost {
         config
     }
 
+    /// Create through the library, not booted.
+    pub async fn library_create(&self) -> Result<VmId, String> {
+        let tenant = TenantId::new("bench").map_err(|error| error.to_string())?;
+        self.manager
+            .create(CreateVm { vm_id: None, tenant, config: self.guest_config() })
+            .await
+            .map_err(|error| metald_core::error_chain(&error))
+    }
+
     /// Create and boot through the library, until the guest's ready line.
     /// Returns the time that took and the VM, still running.
     pub async fn library_boot(&self) -> Result<(Duration, VmId), String> {
+        let (phases, vm_id) = self.library_boot_phases().await?;
+        Ok((phases.total(), vm_id))
+    }
+
+    /// [`BenchHost::library_boot`], timing each of its phases.
+    pub async fn library_boot_phases(&self) -> Result<(BootPhases, VmId), String> {
         let started = Instant::now();
         let tenant = TenantId::new("bench").map_err(|error| error.to_string())?;
         let vm_id = self
@@ -110,10 +143,13 @@ impl BenchHost {
             .create(CreateVm { vm_id: None, tenant, config: self.guest_config() })
             .await
             .map_err(|error| metald_core::error_chain(&error))?;
+        let created = Instant::now();
         self.manager.run(&vm_id, Boot).await.map_err(|error| metald_core::error_chain(&error))?;
+        let booted = Instant::now();
         let console_log = self.manager.console(&vm_id).map_err(|error| error.to_string())?;
         console_log.wait_for_line(|line| line.starts_with(console::READY), READY_TIMEOUT).await.map_err(|error| error.to_string())?;
-        Ok((started.elapsed(), vm_id))
+        let phases = BootPhases { create: created - started, boot: booted - created, to_ready: booted.elapsed() };
+        Ok((phases, vm_id))
     }
 
     /// How long each step of a VM's VMM launch took.
@@ -172,6 +208,23 @@ impl BenchHost {
 
     pub fn scratch(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// How long each phase of a create+boot to the ready line took.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootPhases {
+    /// `create` until it returned (the VMM launched and configured).
+    pub create: Duration,
+    /// `Boot` until it returned (the VMM told to start).
+    pub boot: Duration,
+    /// From then until the guest's ready line was read.
+    pub to_ready: Duration,
+}
+
+impl BootPhases {
+    pub fn total(&self) -> Duration {
+        self.create + self.boot + self.to_ready
     }
 }
 

@@ -157,7 +157,8 @@ impl<'a> Orders<'a> {
         if sheet.binds.len() > MAX_BINDS {
             return Err(refused(sheet.root, "too many files to expose in one jail"));
         }
-        let mut strings: Vec<&[u8]> = vec![sheet.root.as_os_str().as_bytes(), sheet.hostname.as_bytes(), sheet.program.as_os_str().as_bytes()];
+        let mut strings: Vec<&[u8]> =
+            vec![sheet.root.as_os_str().as_bytes(), sheet.hostname.as_bytes(), sheet.program.as_os_str().as_bytes()];
         strings.push(sheet.program.as_os_str().as_bytes());
         strings.extend(sheet.args.iter().map(|arg| arg.as_bytes()));
         strings.extend(sheet.binds.iter().map(|(_, target)| target.as_os_str().as_bytes()));
@@ -236,8 +237,9 @@ struct ChildMemory {
 
 impl ChildMemory {
     fn new() -> Self {
+        let fd_bytes = libc::c_uint::try_from(MAX_FDS * size_of::<RawFd>()).unwrap_or(libc::c_uint::MAX);
         // SAFETY: CMSG_SPACE computes a size from an integer; it reads no memory.
-        let control = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as libc::c_uint) } as usize;
+        let control = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
         Self {
             message: vec![0; MAX_ORDER_BYTES],
             control: vec![0; control],
@@ -253,9 +255,8 @@ impl WaitingChild {
     /// with the thread that cloned it until it drops root, closes every
     /// descriptor it inherited but its two to us, and waits for orders.
     pub(crate) fn clone_waiting() -> Result<Self, JailError> {
-        let (channel, theirs) =
-            nix::sys::socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
-                .map_err(|errno| JailError::Handshake(errno.into()))?;
+        let (channel, theirs) = nix::sys::socket::socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+            .map_err(|errno| JailError::Handshake(errno.into()))?;
         let (reports, report_write) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|errno| JailError::Handshake(errno.into()))?;
         let fds = ChildFds { channel: theirs.as_raw_fd(), reports: report_write.as_raw_fd() };

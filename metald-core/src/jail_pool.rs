@@ -3,7 +3,12 @@
 //! the orders of the VM that takes it. A create takes one and only binds
 //! what is the VM's (limits, name, files, network namespace, user), so the
 //! clone and the move into the cgroup (an RCU grace period on cgroup v1)
-//! are off its path. A thread of its own refills the pool to its size.
+//! are off its path. A thread of its own refills the pool to its size,
+//! once no create has taken a part for a quiet interval: a part made
+//! while a VMM starts (on cgroup v1, the move into its cgroup above all)
+//! slows that start by more than a part saves. Under sustained creates
+//! the pool drains and each create makes its child itself, as without a
+//! pool; between bursts it fills again.
 //!
 //! A part is never given twice: taking one removes it from the pool, and
 //! a child obeys one message of orders only. Nothing outlives the pool:
@@ -15,7 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cgroups::{Cgroup, CgroupHierarchy, CgroupLimits};
 use crate::jail_child::WaitingChild;
@@ -66,6 +71,8 @@ struct PoolState {
     ready: VecDeque<ReadyChild>,
     stopping: bool,
     made: u64,
+    /// When a create last took a part (or found none).
+    last_take: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -73,6 +80,8 @@ struct Shared {
     state: Mutex<PoolState>,
     changed: Condvar,
     size: usize,
+    /// How long no create may have taken a part before the refill makes one.
+    quiet: Duration,
     cgroups: CgroupHierarchy,
     /// Limits a part waits under; a VM's are at least these, so binding only raises them.
     waiting_limits: CgroupLimits,
@@ -102,13 +111,14 @@ pub(crate) struct JailPool {
 
 impl JailPool {
     /// Starts the refill thread, which makes `size` parts right away.
-    pub(crate) fn start(size: usize, cgroups: CgroupHierarchy, waiting_limits: CgroupLimits) -> Result<Self, JailError> {
+    pub(crate) fn start(size: usize, quiet: Duration, cgroups: CgroupHierarchy, waiting_limits: CgroupLimits) -> Result<Self, JailError> {
         let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|since| since.as_nanos()).unwrap_or(0);
         let prefix = format!("{POOL_PREFIX}{:x}-{started:x}-", std::process::id());
         let shared = Arc::new(Shared {
             state: Mutex::new(PoolState::default()),
             changed: Condvar::new(),
             size,
+            quiet,
             cgroups,
             waiting_limits,
             prefix,
@@ -125,6 +135,8 @@ impl JailPool {
     /// A waiting child no one else has or will get, if one is ready.
     pub(crate) fn take(&self) -> Option<ReadyChild> {
         let mut state = self.shared.state();
+        state.last_take = Some(Instant::now());
+        self.shared.changed.notify_all();
         while let Some(part) = state.ready.pop_front() {
             self.shared.changed.notify_all();
             if part.child.is_waiting() {
@@ -172,15 +184,27 @@ fn refill(shared: &Shared) {
     loop {
         let name = {
             let mut state = shared.state();
-            while !state.stopping && state.ready.len() >= shared.size {
-                state = shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
-            }
-            if state.stopping {
-                return;
+            loop {
+                if state.stopping {
+                    return;
+                }
+                if state.ready.len() >= shared.size {
+                    state = shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
+                    continue;
+                }
+                // Made while a VMM starts, a part slows that start more than it saves.
+                let quiet_since = state.last_take.map(|taken| taken.elapsed());
+                match quiet_since {
+                    Some(quiet) if quiet < shared.quiet => {
+                        state = shared.changed.wait_timeout(state, shared.quiet - quiet).unwrap_or_else(PoisonError::into_inner).0;
+                    }
+                    _ => break,
+                }
             }
             state.made += 1;
             format!("{}{}", shared.prefix, state.made)
         };
+
         match ReadyChild::make(&shared.cgroups, &name, &shared.waiting_limits) {
             Ok(part) => {
                 let mut state = shared.state();

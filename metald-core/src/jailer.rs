@@ -43,15 +43,14 @@ use nix::sys::stat::{Mode, SFlag};
 use nix::unistd::{Gid, Uid};
 
 use crate::cgroups::{Cgroup, CgroupError, CgroupHierarchy, CgroupLimits, CgroupVersion, CpuLimit, DEFAULT_CGROUP_ROOT};
-use crate::jail_child::{ChildLimits, OrderSheet, Orders};
 pub use crate::jail_child::JailStep;
-use crate::jail_pool::{JailPool, ReadyChild};
+use crate::jail_child::{ChildLimits, OrderSheet, Orders};
 pub use crate::jail_pool::PoolFill;
+use crate::jail_pool::{JailPool, ReadyChild};
 use crate::launch::{Exposure, LaunchError, LaunchPlan, Launched, Launcher, Layout, TakeoverTicket, Teardown};
 use crate::process::Supervised;
 pub use crate::uid_lease::{IdentityCapacity, IdentityLease};
 use crate::uid_lease::{UidLeaseError, UidPool};
-
 
 /// How VMMs are jailed on this host.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -86,6 +85,8 @@ pub struct JailerConfig {
     /// each is a cloned, namespaced child waiting in a cgroup of its own.
     /// 0 makes each one on the create's path.
     pub pool_size: usize,
+    /// The pool is refilled once no create has taken a part for this long.
+    pub pool_refill_quiet_ms: u64,
 }
 
 impl Default for JailerConfig {
@@ -104,6 +105,7 @@ impl Default for JailerConfig {
             min_file_size_bytes: 1 << 30,
             expose_program_libraries: false,
             pool_size: 0,
+            pool_refill_quiet_ms: 250,
         }
     }
 }
@@ -182,7 +184,8 @@ impl Jailer {
         let dev_null = fs::File::open("/dev/null").map_err(prepare(Path::new("/dev/null")))?.into();
         let mut jailer = Self { config, cgroups, uids, pool: None, dev_null };
         if jailer.config.pool_size > 0 {
-            jailer.pool = Some(JailPool::start(jailer.config.pool_size, jailer.cgroups.clone(), jailer.waiting_limits())?);
+            let quiet = Duration::from_millis(jailer.config.pool_refill_quiet_ms);
+            jailer.pool = Some(JailPool::start(jailer.config.pool_size, quiet, jailer.cgroups.clone(), jailer.waiting_limits())?);
         }
         Ok(jailer)
     }
@@ -530,6 +533,10 @@ impl Launcher for Jailer {
     fn release_spares(&self) -> Vec<String> {
         Jailer::release_spares(self)
     }
+
+    fn pool_fill(&self) -> Option<PoolFill> {
+        Jailer::pool_fill(self)
+    }
 }
 
 /// The interpreter and libraries of a dynamically linked program, to
@@ -721,6 +728,8 @@ mod tests {
             config: JailerConfig::default(),
             cgroups: CgroupHierarchy::assume("/nonexistent", "metald", CgroupVersion::V2),
             uids: UidPool::new(0..0, None),
+            pool: None,
+            dev_null: fs::File::open("/dev/null").unwrap().into(),
         };
         let resources = crate::launch::Resources { vcpus: 2, memory_bytes: 512 << 20, largest_writable_bytes: 0 };
         let limits = jailer.limits_for(&resources);

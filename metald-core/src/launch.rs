@@ -347,6 +347,11 @@ pub trait Launcher: Send + Sync + std::fmt::Debug {
     fn release_spares(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// How full the launcher's jail pool is; `None` when it keeps none.
+    fn pool_fill(&self) -> Option<crate::jail_pool::PoolFill> {
+        None
+    }
 }
 
 /// Says so when the kernel's out-of-memory killer struck in the cgroup.

@@ -455,3 +455,59 @@ async fn a_jail_that_fails_halfway_undoes_every_step_before() {
     std::fs::remove_dir_all(&vm_dir).unwrap();
     assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_pool_part_goes_to_one_vmm_and_none_outlives_the_pool() {
+    let test = "each_pool_part_goes_to_one_vmm_and_none_outlives_the_pool";
+    let Some(sandbox) = Sandbox::new(test) else { return };
+    let parent = Path::new(&sandbox.jail.cgroup_parent).to_path_buf();
+    let jailer = Jailer::new(JailerConfig { pool_size: 2, pool_refill_quiet_ms: 0, ..sandbox.jail.clone() }).unwrap();
+    let full = || jailer.pool_fill().is_some_and(|fill| fill.ready == 2) && metald_testguest::jail_pool_processes(&parent).len() == 2;
+    metald_testguest::wait_until("the pool to hold two waiting children", Duration::from_secs(60), || std::future::ready(full())).await;
+    let waiting: BTreeSet<u32> = metald_testguest::jail_pool_processes(&parent).into_iter().collect();
+    assert!(
+        sandbox.leftovers().iter().all(|left| !left.starts_with("process")),
+        "waiting children are not VMMs: {:?}",
+        sandbox.leftovers()
+    );
+
+    // Four at once: the first two take the waiting children, the others make theirs (or take fresh ones).
+    let names: Vec<String> = (0..4).map(|index| format!("pooled-{index}")).collect();
+    let plan = |index: usize| firecracker_plan(&sandbox, &sandbox.vms.join(&names[index]), None);
+    let (first, second, third, fourth) =
+        tokio::join!(jailer.launch(plan(0)), jailer.launch(plan(1)), jailer.launch(plan(2)), jailer.launch(plan(3)));
+    let mut launched = vec![first.unwrap(), second.unwrap(), third.unwrap(), fourth.unwrap()];
+    let pids: BTreeSet<u32> = launched.iter().map(|one| one.process.pid()).collect();
+    assert_eq!(pids.len(), 4, "one process per VMM");
+    assert!(waiting.is_subset(&pids), "the waiting children {waiting:?} became VMMs {pids:?}");
+    let uids: BTreeSet<u32> = launched.iter().filter_map(|one| one.identity.map(|(uid, _)| uid)).collect();
+    assert_eq!(uids.len(), 4, "one user per VMM");
+    let mut cgroups = BTreeSet::new();
+    for (name, one) in names.iter().zip(&launched) {
+        let cgroup = one.cgroup.clone().unwrap();
+        assert!(cgroup.name().starts_with(&format!("{name}.")), "a pooled cgroup is renamed for its VM: {}", cgroup.name());
+        assert_eq!(cgroup.processes().unwrap(), vec![one.process.pid()], "the VMM is alone in its cgroup");
+        assert!(cgroups.insert(cgroup.name()));
+        let status = status(one.process.pid());
+        assert_eq!(field(&status, "Uid:").split_whitespace().next(), Some(one.identity.unwrap().0.to_string().as_str()));
+    }
+
+    // Refilled with new children, none of them a VMM's.
+    metald_testguest::wait_until("the pool to be refilled", Duration::from_secs(60), || std::future::ready(full())).await;
+    let refilled: BTreeSet<u32> = metald_testguest::jail_pool_processes(&parent).into_iter().collect();
+    assert!(refilled.is_disjoint(&pids), "{refilled:?} against {pids:?}");
+    for one in &mut launched {
+        one.process.kill().await.unwrap();
+        assert!(one.release().await.is_empty());
+    }
+    assert!(jailer.release_spares().is_empty());
+    assert_eq!(jailer.pool_fill().map(|fill| fill.ready), Some(0));
+    assert!(metald_testguest::jail_pool_processes(&parent).is_empty(), "no waiting child outlives the pool");
+    for name in &names {
+        std::fs::remove_dir_all(sandbox.vms.join(name)).unwrap();
+    }
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+    for pid in refilled {
+        assert!(!metald_testguest::process_alive(pid), "waiting child {pid} is gone");
+    }
+}

@@ -170,11 +170,17 @@ pub fn require_cloud_hypervisor(test: &str) -> Option<PathBuf> {
 pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
     let needle = root.to_string_lossy().into_owned();
     let cgroup_needle = format!("/{}/", cgroup_parent.display());
+    // The jail pool's children wait in cgroups of that name; a VMM's cgroup is its VM's (cgroup v1 renames it).
+    let pool_needle = format!("/{}/{JAIL_POOL_PREFIX}", cgroup_parent.display());
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let jailed_here = std::fs::read_to_string(entry.path().join("cgroup")).is_ok_and(|cgroups| cgroups.contains(&cgroup_needle));
+        let cgroups = std::fs::read_to_string(entry.path().join("cgroup")).unwrap_or_default();
+        if cgroups.contains(&pool_needle) {
+            continue;
+        }
+        let jailed_here = cgroups.contains(&cgroup_needle);
         if cmdline.is_empty() || !(jailed_here || String::from_utf8_lossy(&cmdline).contains(&needle)) {
             continue;
         }
@@ -183,6 +189,25 @@ pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// How the jail pool's cgroups are named (`metald_core::jail_pool::POOL_PREFIX`).
+pub const JAIL_POOL_PREFIX: &str = "pool-";
+
+/// The jail pool's waiting children under `cgroup_parent`: not VMMs, but
+/// nothing may be left of them once their daemon has stopped.
+pub fn jail_pool_processes(cgroup_parent: &Path) -> Vec<u32> {
+    let pool_needle = format!("/{}/{JAIL_POOL_PREFIX}", cgroup_parent.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cgroups = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
+            (cgroups.contains(&pool_needle) && !is_zombie(pid)).then_some(pid)
+        })
+        .collect()
 }
 
 /// Polls `check` every 50 ms until it holds; a test that waits longer than

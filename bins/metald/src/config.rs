@@ -94,6 +94,9 @@ impl Default for Settings {
     }
 }
 
+/// The daemon keeps a few jail children ready; the library, none unless asked.
+const DEFAULT_JAIL_POOL_SIZE: usize = 2;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JailerSettings {
@@ -109,6 +112,12 @@ pub struct JailerSettings {
     /// read-only in its jail instead of refusing it (development builds;
     /// production hosts run static ones).
     pub expose_program_libraries: bool,
+    /// Jail children kept ready ahead of creates, each cloned into its
+    /// namespaces and waiting in a cgroup of its own; 0 makes each on the
+    /// create's path.
+    pub pool_size: usize,
+    /// The pool is refilled once no create has taken a part for this long.
+    pub pool_refill_quiet_ms: u64,
 }
 
 impl Default for JailerSettings {
@@ -120,6 +129,8 @@ impl Default for JailerSettings {
             uid_count: library.uid_range.end.saturating_sub(library.uid_range.start),
             cgroup_parent: library.cgroup_parent,
             expose_program_libraries: library.expose_program_libraries,
+            pool_size: DEFAULT_JAIL_POOL_SIZE,
+            pool_refill_quiet_ms: library.pool_refill_quiet_ms,
         }
     }
 }

@@ -152,6 +152,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(billing) = billing {
         billing.stop().await;
     }
+    for problem in manager.release_spares().await {
+        tracing::warn!(problem, "metald stopped, but cannot remove a jail child it kept ready");
+    }
     match manager.release_host_when_empty().await {
         None => tracing::info!("metald stopped; its VMs run on and the next start takes them over"),
         Some(problems) if problems.is_empty() => {
@@ -208,6 +211,8 @@ fn backends(settings: &Settings) -> anyhow::Result<Vec<Arc<dyn VmmBackend>>> {
             uid_range: jailer.uid_start..end,
             cgroup_parent: jailer.cgroup_parent.clone(),
             expose_program_libraries: jailer.expose_program_libraries,
+            pool_size: jailer.pool_size,
+            pool_refill_quiet_ms: jailer.pool_refill_quiet_ms,
             ..JailerConfig::default()
         };
         Arc::new(Jailer::new(jail).context("cannot set up the jailer")?)

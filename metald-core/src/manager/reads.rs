@@ -31,6 +31,11 @@ impl VmManager {
         self.inner.default_backend.identity_capacity()
     }
 
+    /// How full the default backend's jail pool is; `None` when it keeps none.
+    pub fn jail_pool_fill(&self) -> Option<crate::jail_pool::PoolFill> {
+        self.inner.default_backend.launcher().and_then(|launcher| launcher.pool_fill())
+    }
+
     /// How many events of each kind this manager published (`failed`,
     /// `booted`, …), every kind listed.
     pub fn event_counts(&self) -> Vec<(&'static str, u64)> {

@@ -167,6 +167,8 @@ impl Sandbox {
     /// mounts under the sandbox, and cgroups.
     pub fn leftovers(&self) -> Vec<String> {
         let mut left: Vec<String> = self.live_vmms().into_iter().map(|pid| format!("process {pid}")).collect();
+        let pool = testguest::jail_pool_processes(&self.jail.cgroup_parent);
+        left.extend(pool.into_iter().map(|pid| format!("pool process {pid}")));
         if let Ok(entries) = std::fs::read_dir(&self.vms) {
             left.extend(entries.flatten().map(|entry| format!("file {}", entry.path().display())));
         }

@@ -469,9 +469,20 @@ impl Host {
         }
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         left.extend(mounts.lines().filter(|line| line.contains(&self.name)).map(|line| format!("mount {line}")));
+        // A running daemon keeps its jail pool's children ready; a stopped one leaves none.
+        let running = self.child.is_some();
+        if !running {
+            left.extend(
+                testguest::jail_pool_processes(Path::new(&self.cgroup_parent)).into_iter().map(|pid| format!("pool process {pid}")),
+            );
+        }
         for parent in self.cgroup_parents() {
             if let Ok(entries) = std::fs::read_dir(&parent) {
-                left.extend(entries.flatten().filter(|e| e.path().is_dir()).map(|e| format!("cgroup {}", e.path().display())));
+                let pooled =
+                    |entry: &std::fs::DirEntry| running && entry.file_name().to_string_lossy().starts_with(testguest::JAIL_POOL_PREFIX);
+                left.extend(
+                    entries.flatten().filter(|e| e.path().is_dir() && !pooled(e)).map(|e| format!("cgroup {}", e.path().display())),
+                );
             }
         }
         let host_netns = self.netns_prefix.as_ref().map(|prefix| format!("{prefix}host"));
