@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use super::api::FirecrackerApi;
 use super::log::WithoutRoutineCalls;
 use super::metrics::MetricsReader;
-use super::models::{ActionType, BootSource, Drive, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
+use super::models::{ActionType, BootSource, Drive, InstanceInfo, MachineConfiguration, NetworkInterface, RateLimiter, VmStateName};
 use super::{FirecrackerConfig, VMM};
 use crate::backend::vmm_io::{
     self, CAPTURE_DRAIN_TIMEOUT, check_socket_path, exposure, fifo, give_room, prepare, reading_end, remove_if_present, utf8,
@@ -64,6 +64,8 @@ pub struct FirecrackerVm {
     captures: Vec<JoinHandle<()>>,
     /// Whether `InstanceStart` succeeded for the current process.
     started: bool,
+    /// Whether the current process was last told to pause (and not to resume).
+    paused: bool,
     metrics: MetricsReader,
     usage: VmmUsage,
 }
@@ -72,6 +74,11 @@ pub struct FirecrackerVm {
 struct Current {
     launched: Launched,
     api: FirecrackerApi,
+    /// What the process said of itself when its API first answered: its id,
+    /// version and name stay its own for its life, and its state word
+    /// follows from what we told it (see [`FirecrackerVm::vmm_state`]), so
+    /// reading a VM's info costs no round trip to it.
+    instance: InstanceInfo,
     /// For a process taken over, its exits as its log tells them (see [`exit_from_log`]).
     exits: Option<watch::Receiver<Option<VmmExit>>>,
 }
@@ -170,6 +177,7 @@ impl FirecrackerVm {
             vmm_log,
             captures: Vec::new(),
             started: false,
+            paused: false,
             metrics: MetricsReader::default(),
             usage: VmmUsage::default(),
         }
@@ -212,7 +220,8 @@ impl FirecrackerVm {
         let metrics_pipe = reading_end(&metrics_path).map_err(prepare("Firecracker's metrics pipe", &metrics_path))?;
         vm.metrics.follow_from_now(metrics_pipe).map_err(prepare("Firecracker's metrics pipe", &metrics_path))?;
         let exits = explained_exits(launched.exits(), vm.vmm_log.clone());
-        vm.current = Some(Current { launched, api, exits: Some(exits) });
+        vm.paused = instance.state == "Paused";
+        vm.current = Some(Current { launched, api, exits: Some(exits), instance });
         Ok(vm)
     }
 
@@ -315,20 +324,21 @@ impl FirecrackerVm {
             self.capture_outputs(console_read, stderr_read, log_read, CaptureStart::NewStream)?;
             self.metrics.follow(metrics_read);
             let clock = std::time::Instant::now();
-            self.wait_until_ready(&launched, &api).await?;
+            let instance = self.wait_until_ready(&launched, &api).await?;
             timings.push(("vmm.api_ready", clock.elapsed()));
             let clock = std::time::Instant::now();
             self.configure(&launched.layout, &api).await?;
             timings.push(("vmm.configure", clock.elapsed()));
-            Ok(())
+            Ok(instance)
         }
         .await;
         launched.timings.extend(timings);
         match result {
-            Ok(()) => {
+            Ok(instance) => {
                 let exits = explained_exits(launched.exits(), self.vmm_log.clone());
-                self.current = Some(Current { launched, api, exits: Some(exits) });
+                self.current = Some(Current { launched, api, exits: Some(exits), instance });
                 self.started = false;
+                self.paused = false;
                 Ok(())
             }
             Err(error) => {
@@ -338,12 +348,32 @@ impl FirecrackerVm {
         }
     }
 
-    /// Waits, without fixed sleeps, until the API socket exists and answers.
-    async fn wait_until_ready(&self, launched: &Launched, api: &FirecrackerApi) -> Result<(), BackendError> {
+    /// Waits, without fixed sleeps, until the API socket exists and
+    /// answers; what it first answered.
+    async fn wait_until_ready(&self, launched: &Launched, api: &FirecrackerApi) -> Result<InstanceInfo, BackendError> {
         let socket = launched.layout.host(SOCKET_FILE);
-        match vmm_io::wait_until_ready(VMM, launched, &socket, self.settings.ready_timeout, || api.instance_info()).await? {
-            Ok(()) => Ok(()),
+        let answered = std::sync::Mutex::new(None);
+        let probe = || async {
+            let instance = api.instance_info().await?;
+            *answered.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(instance);
+            Ok(())
+        };
+        match vmm_io::wait_until_ready(VMM, launched, &socket, self.settings.ready_timeout, probe).await? {
+            Ok(()) => answered
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .ok_or(BackendError::NotReady { vmm: VMM, timeout: self.settings.ready_timeout }),
             Err(exit) => Err(self.died_before_ready(exit).await),
+        }
+    }
+
+    /// Firecracker's word for its state, from what it was told: booted,
+    /// paused, resumed. Its process's exit is supervised on its own.
+    fn vmm_state(&self) -> &'static str {
+        match (self.started, self.paused) {
+            (false, _) => "Not started",
+            (true, false) => "Running",
+            (true, true) => "Paused",
         }
     }
 
@@ -510,15 +540,20 @@ impl VmmInstance for FirecrackerVm {
         }
         self.running()?.api.action(ActionType::InstanceStart).await?;
         self.started = true;
+        self.paused = false;
         Ok(())
     }
 
     async fn pause(&mut self) -> Result<(), BackendError> {
-        self.running()?.api.set_vm_state(VmStateName::Paused).await
+        self.running()?.api.set_vm_state(VmStateName::Paused).await?;
+        self.paused = true;
+        Ok(())
     }
 
     async fn resume(&mut self) -> Result<(), BackendError> {
-        self.running()?.api.set_vm_state(VmStateName::Resumed).await
+        self.running()?.api.set_vm_state(VmStateName::Resumed).await?;
+        self.paused = false;
+        Ok(())
     }
 
     async fn stop(&mut self, mode: StopMode) -> Result<StopOutcome, BackendError> {
@@ -544,14 +579,13 @@ impl VmmInstance for FirecrackerVm {
             info.vmm_state = "Exited".into();
             return Ok(info);
         };
-        let instance = current.api.instance_info().await?;
-        let launched = &current.launched;
+        let (instance, launched) = (&current.instance, &current.launched);
         info.pid = Some(launched.process.pid());
         info.api_socket = Some(launched.layout.host(SOCKET_FILE));
-        info.vmm_version = instance.vmm_version;
-        info.vmm_state = instance.state;
-        info.extra.insert("app_name".into(), instance.app_name);
-        info.extra.insert("instance_id".into(), instance.id);
+        info.vmm_version = instance.vmm_version.clone();
+        info.vmm_state = self.vmm_state().into();
+        info.extra.insert("app_name".into(), instance.app_name.clone());
+        info.extra.insert("instance_id".into(), instance.id.clone());
         info.extra.insert("jailed".into(), launched.layout.is_jailed().to_string());
         info.launch_timings = launched.timings.clone();
         info.identity = launched.identity;
