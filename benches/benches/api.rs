@@ -97,9 +97,12 @@ impl Daemon {
             "data_dir = {data:?}\nimage_root = {images:?}\nfirecracker = {firecracker:?}\nstop_timeout_seconds = 10\n\
              [jailer]\nuid_start = {uid_start}\nuid_count = {UID_COUNT}\ncgroup_parent = {name:?}\n\
              [network]\nenabled = false\n[billing]\nenabled = false\n\
+             [capacity]\nvcpus = {HELD_VMS}\nmemory_bytes = {held_memory}\n\
              [[auth.tenants]]\nid = {TENANT:?}\ntoken_sha256 = {hash:?}\nquota = {{}}\n",
             data = dir.path().join("data"),
             hash = hex::encode(sha2::Sha256::digest(token.as_bytes())),
+            // The bench holds more than a host of this size admits by default.
+            held_memory = HELD_VMS as u64 * GUEST_MEMORY_MIB * 1024 * 1024,
         );
         let config = dir.path().join("metald.toml");
         std::fs::write(&config, settings).map_err(|error| format!("{}: {error}", config.display()))?;
@@ -197,8 +200,11 @@ impl Daemon {
         if let Ok(entries) = std::fs::read_dir(self.dir.path().join("data").join("vms")) {
             left.extend(entries.flatten().map(|entry| format!("folder {}", entry.path().display())));
         }
+        // The running daemon's jail pool keeps its waiting children and their cgroups.
+        let pooled =
+            |path: &PathBuf| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(metald_testguest::JAIL_POOL_PREFIX));
         for parent in self.cgroup_parents() {
-            left.extend(child_dirs(&parent).into_iter().map(|path| format!("cgroup {}", path.display())));
+            left.extend(child_dirs(&parent).into_iter().filter(|path| !pooled(path)).map(|path| format!("cgroup {}", path.display())));
         }
         left
     }
@@ -508,8 +514,10 @@ fn mib(kib: u64) -> String {
 }
 
 /// Live (not zombie) processes whose cgroup path names `parent`.
+/// The VMMs in cgroups under `parent`; the jail pool's waiting children are not VMMs.
 fn processes_in_cgroup(parent: &str) -> Vec<u32> {
     let needle = format!("/{parent}/");
+    let pool = format!("/{parent}/{}", metald_testguest::JAIL_POOL_PREFIX);
     let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
     entries
         .flatten()
@@ -518,7 +526,7 @@ fn processes_in_cgroup(parent: &str) -> Vec<u32> {
             let cgroups = std::fs::read_to_string(entry.path().join("cgroup")).ok()?;
             let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
             let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-            (cgroups.contains(&needle) && !zombie).then_some(pid)
+            (cgroups.contains(&needle) && !cgroups.contains(&pool) && !zombie).then_some(pid)
         })
         .collect()
 }
