@@ -45,11 +45,26 @@ const MAGIC: u32 = 0x6d6a_6c31;
 const HAS_NETNS: u32 = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
 
-/// One step of the jail's child, named in errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum JailStep {
-    WaitForParent = 1,
+/// Declares the steps once: the enum, and its decoding from the code the
+/// child reports.
+macro_rules! jail_steps {
+    ($($(#[$doc:meta])* $step:ident),+ $(,)?) => {
+        /// One step of the jail's child, named in errors.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[repr(u32)]
+        pub enum JailStep {
+            $($(#[$doc])* $step),+
+        }
+
+        impl JailStep {
+            fn from_code(code: u32) -> Option<Self> {
+                [$(JailStep::$step),+].into_iter().find(|step| *step as u32 == code)
+            }
+        }
+    };
+}
+
+jail_steps! {
     PrivateMounts,
     BindJailRoot,
     BindFile,
@@ -70,36 +85,6 @@ pub enum JailStep {
     CloseInherited,
     /// The orders did not arrive whole (too large, cut, or garbled).
     ReceiveOrders,
-}
-
-impl JailStep {
-    fn from_code(code: u32) -> Option<Self> {
-        use JailStep::*;
-        [
-            WaitForParent,
-            PrivateMounts,
-            BindJailRoot,
-            BindFile,
-            JoinNetworkNamespace,
-            SetHostname,
-            PivotRoot,
-            DetachOldRoot,
-            SetRlimits,
-            SetStdio,
-            ResetSignals,
-            DropGroups,
-            SetGid,
-            SetUid,
-            NoNewPrivs,
-            CloseFds,
-            Exec,
-            DieWithParent,
-            CloseInherited,
-            ReceiveOrders,
-        ]
-        .into_iter()
-        .find(|step| *step as u32 == code)
-    }
 }
 
 /// The limits the child sets on itself before it drops root.

@@ -8,26 +8,20 @@
 //!
 //! The steps, in order (each is undone if a later one fails):
 //! 1. pick the VM's user (one uid and gid per VM from a range, or a fixed one);
-//! 2. make the jail folder (owned by that user, mode 0700), the mount points
+//! 2. take a child waiting in a cgroup of its own from the jail pool
+//!    ([`crate::jail_pool`]), or make one: the cgroup, then a child cloned
+//!    into new mount, PID, IPC and UTS namespaces and moved into it
+//!    ([`crate::jail_child`]);
+//! 3. make the jail folder (owned by that user, mode 0700), the mount points
 //!    for every exposed file, the device nodes and the work files;
-//! 3. make the cgroup with its limits;
-//! 4. `clone` a child into new mount, PID, IPC and UTS namespaces; it
-//!    dies with metald until it drops root, closes every descriptor it
-//!    inherited but the few it needs, and waits until the parent has put
-//!    it into the cgroup (or is gone: then it ends);
-//! 5. the parent makes a detached bind mount of every exposed file from our
-//!    open descriptor (read-only unless writable, nosuid, nodev); the child
-//!    makes every mount private, bind-mounts the jail folder onto itself,
-//!    attaches each detached mount in it, joins the network namespace, sets its
-//!    hostname, `pivot_root`s into the jail and detaches the old root, sets
-//!    rlimits, drops supplementary groups, gid and uid, sets
-//!    `no_new_privs`, marks every descriptor above 2 close-on-exec, and
-//!    execs the VMM, which becomes PID 1 of its namespace.
+//! 4. set the cgroup's limits for the VM (and, for a pooled child, its name);
+//! 5. make a detached bind mount of every exposed file from our open
+//!    descriptor (read-only unless writable, nosuid, nodev), and send the
+//!    child its orders; it confines itself and execs the VMM, which
+//!    becomes PID 1 of its namespace.
 //!
 //! The mounts live only in the VMM's mount namespace: when it exits they
-//! vanish with it, and the host never sees them. The child runs between
-//! `clone` and `exec` in a copy of a multi-threaded process, so it only
-//! makes system calls on data prepared beforehand: no allocation, no locks.
+//! vanish with it, and the host never sees them.
 
 use std::collections::BTreeSet;
 use std::fs;
