@@ -159,6 +159,7 @@ impl JailError {
             | JailError::ExposureGone { .. }
             | JailError::Cgroup(_)
             | JailError::Clone(_)
+            | JailError::Thread(_)
             | JailError::Child { .. }
             | JailError::Handshake(_)
             | JailError::Watch(_) => ErrorKind::Internal,

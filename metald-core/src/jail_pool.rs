@@ -12,8 +12,8 @@
 //!
 //! A part is never given twice: taking one removes it from the pool, and
 //! a child obeys one message of orders only. Nothing outlives the pool:
-//! its children die with its thread (they still hold root, so their
-//! parent-death signal stands), and stopping it ends and reaps each one
+//! its children die with metald (their parent-death signal stands until
+//! their exec), and stopping it ends and reaps each one
 //! and removes its cgroup. After a restart of metald, the cgroups of an
 //! earlier run's pool hold no process and are swept like any stray
 //! (their names start with [`POOL_PREFIX`], and this run's are skipped).
@@ -124,7 +124,6 @@ impl JailPool {
             prefix,
         });
         let refilled = Arc::clone(&shared);
-        // Its children die with this thread until they drop root, so it lives as long as the pool.
         let thread = std::thread::Builder::new()
             .name("metald-jail-pool".into())
             .spawn(move || refill(&refilled))

@@ -129,6 +129,8 @@ pub enum JailError {
     Cgroup(#[from] CgroupError),
     #[error("cannot clone the jailed process")]
     Clone(#[source] nix::errno::Errno),
+    #[error("cannot start the thread the jailed process is cloned from")]
+    Thread(#[source] io::Error),
     #[error("the jailed process failed at {step:?}{}", .detail.as_ref().map(|detail| format!(" ({detail})")).unwrap_or_default())]
     Child {
         step: JailStep,
