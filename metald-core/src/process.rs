@@ -278,27 +278,31 @@ pub struct ProcessUsage {
 }
 
 impl ProcessUsage {
+    /// One read of `/proc/<pid>/stat`, which holds both figures: the
+    /// resident set there is the same count as `VmRSS` in `status`, a file
+    /// the kernel takes several times as long to write.
     pub fn read(pid: u32) -> io::Result<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // The command name may hold spaces and parentheses: fields start after the last ')'.
         let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).ok_or_else(|| malformed("stat"))?;
         let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of stat(5); `fields` starts at field 3.
-        let ticks = |index: usize| fields.get(index).and_then(|value| value.parse::<u64>().ok()).ok_or_else(|| malformed("stat"));
-        let cpu_ticks = ticks(11)? + ticks(12)?;
-        let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .ok()
-            .flatten()
-            .and_then(|value| u64::try_from(value).ok())
-            .unwrap_or(100);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let resident_kib = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        Ok(Self { cpu_time_ns: cpu_ticks * (1_000_000_000 / ticks_per_second.max(1)), resident_bytes: resident_kib * 1024 })
+        // utime, stime and rss are fields 14, 15 and 24 of proc_pid_stat(5); `fields` starts at field 3.
+        let field = |index: usize| fields.get(index).and_then(|value| value.parse::<u64>().ok()).ok_or_else(|| malformed("stat"));
+        let cpu_ticks = field(11)? + field(12)?;
+        let resident_pages = field(21)?;
+        let (ticks_per_second, page_bytes) = *KERNEL_UNITS.get_or_init(kernel_units);
+        Ok(Self { cpu_time_ns: cpu_ticks * (1_000_000_000 / ticks_per_second.max(1)), resident_bytes: resident_pages * page_bytes })
     }
+}
+
+/// Clock ticks per second and bytes per page: fixed for the life of the host.
+static KERNEL_UNITS: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+fn kernel_units() -> (u64, u64) {
+    let value = |name, default| {
+        nix::unistd::sysconf(name).ok().flatten().and_then(|value| u64::try_from(value).ok()).filter(|value| *value > 0).unwrap_or(default)
+    };
+    (value(nix::unistd::SysconfVar::CLK_TCK, 100), value(nix::unistd::SysconfVar::PAGE_SIZE, 4096))
 }
 
 /// When process `pid` started, in clock ticks since boot (field 22 of
@@ -357,8 +361,20 @@ mod tests {
     }
 
     #[test]
-    fn our_own_usage_can_be_read() {
-        let usage = ProcessUsage::read(std::process::id()).unwrap();
+    fn our_own_usage_can_be_read_and_its_resident_set_is_the_one_status_reports() {
+        let vm_rss = || {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let kib = status.lines().find_map(|line| line.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim();
+            kib.parse::<u64>().unwrap() * 1024
+        };
+        // Our resident set may move a little between the reads; it is bracketed.
+        let (before, usage, after) = (vm_rss(), ProcessUsage::read(std::process::id()).unwrap(), vm_rss());
+        let slack = 64 * 4096;
         assert!(usage.resident_bytes > 0);
+        assert!(
+            usage.resident_bytes + slack >= before.min(after) && usage.resident_bytes <= before.max(after) + slack,
+            "stat says {} bytes, status {before} then {after}",
+            usage.resident_bytes
+        );
     }
 }
