@@ -33,7 +33,25 @@ const MAX_LINE_BYTES: usize = 4096;
 const CONSOLE_LINE_CAPACITY: usize = 1024;
 const LOG_LINE_CAPACITY: usize = 16;
 /// The most one read or splice moves at a time.
+/// The most one splice moves.
 const CHUNK_BYTES: usize = 16 * 1024;
+/// What one read of a non-pipe source takes (a VMM's filtered log).
+const READ_CHUNK_BYTES: usize = 4096;
+
+thread_local! {
+    /// Where a splice's bytes are read back to be published as lines. A
+    /// capture uses it only between two awaits, so every capture on a
+    /// thread shares one, instead of each VM holding buffers of its own.
+    static SPLICED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `use_chunk` on this thread's scratch buffer, `CHUNK_BYTES` long.
+fn with_scratch<T>(use_chunk: impl FnOnce(&mut [u8]) -> T) -> T {
+    SPLICED.with_borrow_mut(|scratch| {
+        scratch.resize(CHUNK_BYTES, 0);
+        use_chunk(scratch)
+    })
+}
 pub const CONSOLE_FILE: &str = "console.log";
 pub const ROTATED_CONSOLE_FILE: &str = "console.log.1";
 
@@ -68,7 +86,10 @@ struct Shared {
     path: PathBuf,
     rotated_path: PathBuf,
     limit_bytes: u64,
-    lines: broadcast::Sender<Arc<str>>,
+    /// Made by the first subscriber: most consoles never have one, and a
+    /// channel holds all its slots from the start.
+    lines: std::sync::OnceLock<broadcast::Sender<Arc<str>>>,
+    line_capacity: usize,
     /// How many captures run; none before the first VMM and after the last.
     captures: watch::Sender<usize>,
 }
@@ -97,14 +118,14 @@ impl ConsoleLog {
     }
 
     fn with_capacity(dir: &Path, file_name: &str, limit_bytes: u64, line_capacity: usize) -> Self {
-        let (lines, _) = broadcast::channel(line_capacity);
         let (captures, _) = watch::channel(0);
         Self {
             shared: Arc::new(Shared {
                 path: dir.join(file_name),
                 rotated_path: dir.join(format!("{file_name}.1")),
                 limit_bytes: limit_bytes.max(1),
-                lines,
+                lines: std::sync::OnceLock::new(),
+                line_capacity,
                 captures,
             }),
         }
@@ -138,7 +159,7 @@ impl ConsoleLog {
     /// the channel holds (1024 for a console) loses the oldest and is told
     /// so (`RecvError::Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<str>> {
-        self.shared.lines.subscribe()
+        self.shared.lines.get_or_init(|| broadcast::channel(self.shared.line_capacity).0).subscribe()
     }
 
     /// The last `max_bytes` of output, across the rotated file and the current one.
@@ -233,14 +254,13 @@ struct Writer {
     file: File,
     written: u64,
     partial_line: Vec<u8>,
-    buffer: Vec<u8>,
 }
 
 impl Writer {
     fn open(shared: Arc<Shared>, start: CaptureStart) -> Result<Self, ConsoleError> {
         let file = crate::private_files::open_write(&shared.path).map_err(file_error("open", &shared.path))?;
         let written = file.metadata().map_err(file_error("inspect", &shared.path))?.len();
-        let mut writer = Self { shared, file, written, partial_line: Vec::new(), buffer: vec![0; CHUNK_BYTES] };
+        let mut writer = Self { shared, file, written, partial_line: Vec::new() };
         // An earlier stream cut off mid-line (its VMM ended, or output was
         // lost): what a new one says starts a line of its own.
         if start == CaptureStart::NewStream && ends_mid_line(&writer.file, written).map_err(file_error("read", &writer.shared.path))? {
@@ -250,8 +270,9 @@ impl Writer {
     }
 
     async fn run<R: AsyncRead + Unpin>(mut self, mut source: R) {
+        let mut buffer = vec![0; READ_CHUNK_BYTES];
         loop {
-            let count = match source.read(&mut self.buffer).await {
+            let count = match source.read(&mut buffer).await {
                 Ok(0) => break,
                 Ok(count) => count,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -260,12 +281,10 @@ impl Writer {
                     break;
                 }
             };
-            let chunk = std::mem::take(&mut self.buffer);
-            if let Err(error) = self.append(&chunk[..count]) {
+            if let Err(error) = self.append(&buffer[..count]) {
                 tracing::warn!(path = %self.shared.path.display(), error = %crate::error_chain(&error), "console output dropped");
             }
-            self.publish_lines(&chunk[..count]);
-            self.buffer = chunk;
+            self.publish_lines(&buffer[..count]);
         }
         self.finish();
     }
@@ -288,7 +307,7 @@ impl Writer {
                     tracing::warn!(path = %self.shared.path.display(), error = %crate::error_chain(&error), "console output dropped");
                     // The VMM must not stall on a full pipe: what the log
                     // cannot take is read and dropped.
-                    match pipe.try_read(&mut self.buffer) {
+                    match with_scratch(|scratch| pipe.try_read(scratch)) {
                         Ok(0) => break,
                         Ok(_) => {}
                         Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
@@ -319,12 +338,12 @@ impl Writer {
             })
             .map_err(|error| self.classify_splice_error(error))?;
         self.written += moved as u64;
-        let chunk = &mut self.buffer[..moved];
-        self.file.read_exact_at(chunk, start).map_err(|source| SpliceError::Log(file_error("read", &self.shared.path)(source)))?;
-        let chunk = std::mem::take(&mut self.buffer);
-        self.publish_lines(&chunk[..moved]);
-        self.buffer = chunk;
-        Ok(moved)
+        with_scratch(|scratch| {
+            let chunk = &mut scratch[..moved];
+            self.file.read_exact_at(chunk, start).map_err(|source| SpliceError::Log(file_error("read", &self.shared.path)(source)))?;
+            self.publish_lines(chunk);
+            Ok(moved)
+        })
     }
 
     /// `splice(2)` answers for both ends at once: an error the pipe can
@@ -373,10 +392,11 @@ impl Writer {
     }
 
     fn publish(&self, line: &[u8]) {
+        // Nobody listening is fine: the file keeps everything.
+        let Some(lines) = self.shared.lines.get().filter(|lines| lines.receiver_count() > 0) else { return };
         let text = String::from_utf8_lossy(line);
         let text = text.strip_suffix('\r').unwrap_or(&text);
-        // Nobody listening is fine: the file keeps everything.
-        let _ = self.shared.lines.send(Arc::from(text));
+        let _ = lines.send(Arc::from(text));
     }
 
     /// The stream ended: its last words are a line, and one capture fewer runs.
