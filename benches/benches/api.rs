@@ -13,8 +13,11 @@
 //!    `BootVm`, then `GetConsole` every 2 ms) against
 //!    `firecracker --no-api --config-file` with the same guest: medians and
 //!    their ratio, with criterion's report;
-//! 3. the daemon's resident memory per managed VM with 200 VMs running
-//!    (and, for context only, the VMMs' own).
+//! 3. the daemon's resident memory per Created VM (800, made from 8
+//!    clients on a host that runs no guest, which also gives `CreateVm`'s
+//!    latencies and creates per second), per running VM (200 more) and per
+//!    VM of all 1000 held (and, for context only, the VMMs' own); measured
+//!    first, they set up the 1000 VMs phase 1 calls.
 //!
 //! A bench cannot depend on another package's binary, so build it first:
 //!
@@ -683,12 +686,11 @@ fn print_conditions(binary: &Path, firecracker: &Path) {
     println!("  kernel: {}", std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim());
 }
 
-/// Phase 3 first, on a daemon that never held a VM: its resident memory
-/// before any VM and with 200 running. Returns the running VMs.
-fn memory_per_vm(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &[Callers], clients: &[Client]) -> Vec<String> {
+/// The daemon's resident memory before any VM, once every client's
+/// connection is open and each path was served once, so that it holds
+/// what any serving daemon holds.
+fn serving_baseline(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &[Callers]) -> u64 {
     let rss_at_ready = daemon_rss_kib(daemon);
-    // Every client's connection open and each path served once, so the
-    // baseline holds what any serving daemon holds.
     runtime.block_on(async {
         for caller in callers {
             for _ in 0..20 {
@@ -697,6 +699,19 @@ fn memory_per_vm(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &[
             }
         }
     });
+    let (rss, threads) = (daemon_rss_kib(daemon), daemon_threads(daemon));
+    println!(
+        "
+metald VmRSS at /ready: {rss_at_ready} KiB ({}); serving, before any VM (rss_0): {rss} KiB ({}), {threads} threads",
+        mib(rss_at_ready),
+        mib(rss)
+    );
+    rss
+}
+
+/// Phase 3, on the daemon that holds the Created VMs of phase 1's set-up:
+/// its resident memory before and with 200 more VMs running. Returns them.
+fn memory_per_vm(runtime: &tokio::runtime::Runtime, daemon: &Daemon, clients: &[Client]) -> Vec<String> {
     let (rss_before, threads_before) = (daemon_rss_kib(daemon), daemon_threads(daemon));
     let started = Instant::now();
     let (running, _) =
@@ -718,14 +733,13 @@ fn memory_per_vm(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &[
         took.as_secs_f64()
     );
     println!("  VMs Running per ListVms: {}", all_running.map_or_else(|error| error, |count| count.to_string()));
-    println!("  metald VmRSS at /ready:                 {:>8} KiB ({})", rss_at_ready, mib(rss_at_ready));
-    println!("  metald VmRSS before any VM (rss_0):     {:>8} KiB ({}), {threads_before} threads", rss_before, mib(rss_before));
+    println!("  metald VmRSS before they ran (rss_c):   {:>8} KiB ({}), {threads_before} threads", rss_before, mib(rss_before));
     println!(
-        "  metald VmRSS with {RUNNING_VMS} running (rss_200):  {:>8} KiB ({}), {threads_with_vms} threads",
+        "  metald VmRSS with {RUNNING_VMS} running (rss_r):    {:>8} KiB ({}), {threads_with_vms} threads",
         rss_with_vms,
         mib(rss_with_vms)
     );
-    println!("  metald per VM: (rss_200 - rss_0) / {RUNNING_VMS} = {per_vm:.1} KiB");
+    println!("  metald per running VM: (rss_r - rss_c) / {RUNNING_VMS} = {per_vm:.1} KiB");
     println!(
         "  for context, NOT the daemon's: {} VMM processes hold {} in all, {:.1} KiB per VMM (guest memory touched so far included)",
         vmms.len(),
@@ -736,33 +750,57 @@ fn memory_per_vm(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &[
     running
 }
 
-/// Creates (without booting) VMs until the daemon holds `HELD_VMS`, then
-/// pauses all but a few of the running ones.
-fn hold_vms(runtime: &tokio::runtime::Runtime, daemon: &Daemon, clients: &[Client], mut running: Vec<String>) -> Fleet {
-    let rss_before = daemon_rss_kib(daemon);
-    let count = HELD_VMS - running.len();
+/// Creates (without booting) `HELD_VMS - RUNNING_VMS` VMs from all clients
+/// on a host that runs no guest: the `CreateVm` latencies and creates per
+/// second, and the daemon's memory per Created VM against `rss_0`.
+fn create_held(runtime: &tokio::runtime::Runtime, daemon: &Daemon, clients: &[Client], rss_0: u64) -> Vec<String> {
+    let count = HELD_VMS - RUNNING_VMS;
     let started = Instant::now();
     let (created, create_times) =
         runtime.block_on(create_vms(clients, count, false)).unwrap_or_else(|error| panic!("creating {count} VMs: {error}"));
     let took = started.elapsed();
     let rss_after = daemon_rss_kib(daemon);
     println!(
-        "\n{count} more VMs created (not booted) from {CLIENTS} clients in {:.1} s ({:.0} creates/s); the daemon holds {HELD_VMS}",
+        "\n{count} VMs created (not booted, no guest running) from {CLIENTS} clients in {:.1} s ({:.0} creates/s)",
         took.as_secs_f64(),
         count as f64 / took.as_secs_f64()
     );
     let tenth = (create_times.len() / 10).max(1);
     let (first, last) = (&create_times[..tenth], &create_times[create_times.len().saturating_sub(tenth)..]);
-    println!("  CreateVm, all {count}:          {}", Latencies::of(create_times.clone()).summary());
+    let all = Latencies::of(create_times.clone());
+    println!("  CreateVm, all {count}:          {}", all.summary());
     println!("  CreateVm, first {tenth} to end:  {}", Latencies::of(first.to_vec()).summary());
     println!("  CreateVm, last {tenth} to end:   {}", Latencies::of(last.to_vec()).summary());
+    println!("  CreateVm p99 / p50: {:.2}", ratio(all.percentile(99), all.percentile(50)));
     println!(
-        "  metald VmRSS with {HELD_VMS} VMs: {} KiB ({}), {} threads; {:.1} KiB per Created VM; {} VMM processes",
+        "  metald VmRSS with {count} VMs: {} KiB ({}), {} threads; (rss - rss_0) / {count} = {:.1} KiB per Created VM; {} VMM processes",
         rss_after,
         mib(rss_after),
         daemon_threads(daemon),
-        rss_after.saturating_sub(rss_before) as f64 / count as f64,
+        rss_after.saturating_sub(rss_0) as f64 / count as f64,
         daemon.vmms().len()
+    );
+    created
+}
+
+/// The daemon now holds `HELD_VMS`: its memory per VM against `rss_0`;
+/// then all but a few of the running ones are paused.
+fn hold_vms(
+    runtime: &tokio::runtime::Runtime,
+    daemon: &Daemon,
+    clients: &[Client],
+    created: Vec<String>,
+    mut running: Vec<String>,
+    rss_0: u64,
+) -> Fleet {
+    let rss = daemon_rss_kib(daemon);
+    let held = created.len() + running.len();
+    println!(
+        "\nthe daemon holds {held} VMs ({} Created, {} Running): VmRSS {rss} KiB ({}); (rss - rss_0) / {held} = {:.1} KiB per VM",
+        created.len(),
+        running.len(),
+        mib(rss),
+        rss.saturating_sub(rss_0) as f64 / held.max(1) as f64
     );
     let paused = running.split_off(RUNNING_DURING_LATENCY.min(running.len()));
     runtime.block_on(pause_vms(clients, &paused)).unwrap_or_else(|error| panic!("pausing: {error}"));
@@ -1000,8 +1038,10 @@ fn api(c: &mut Criterion) {
     let callers: Vec<Callers> = (0..CLIENTS).map(|_| daemon.callers().unwrap_or_else(|error| panic!("{error}"))).collect();
     let clients: Vec<Client> = callers.iter().map(|caller| caller.connect.clone()).collect();
 
-    let running = memory_per_vm(&runtime, &daemon, &callers, &clients);
-    let fleet = hold_vms(&runtime, &daemon, &clients, running);
+    let rss_0 = serving_baseline(&runtime, &daemon, &callers);
+    let created = create_held(&runtime, &daemon, &clients, rss_0);
+    let running = memory_per_vm(&runtime, &daemon, &clients);
+    let fleet = hold_vms(&runtime, &daemon, &clients, created, running, rss_0);
     latencies(&runtime, &daemon, &callers[0], &fleet);
     throughput(&runtime, &daemon, &fleet);
     delete_fleet(&runtime, &daemon, &clients, fleet);
