@@ -12,7 +12,10 @@
 //! 2. create+boot to the guest's ready line through the API (`CreateVm`,
 //!    `BootVm`, then `GetConsole` every 2 ms) against
 //!    `firecracker --no-api --config-file` with the same guest: medians and
-//!    their ratio, with criterion's report;
+//!    their ratio, with criterion's report; then the same on a second
+//!    daemon with networking on, each VM with one interface (its network
+//!    namespace, TAP, bridge port and firewall elements), against the same
+//!    raw baseline (which has no interface);
 //! 3. the daemon's resident memory per Created VM (800, made from 8
 //!    clients on a host that runs no guest, which also gives `CreateVm`'s
 //!    latencies and creates per second), per running VM (200 more) and per
@@ -27,7 +30,9 @@
 //!
 //! The daemon is `$METALD_BIN`, else `target/release/metald`, else
 //! `target/debug/metald`. It runs with its jailer (so as root), on KVM,
-//! with the Firecracker the other benches use, networking and billing off.
+//! with the Firecracker the other benches use, billing off, networking off
+//! but for phase 2's second daemon, which lives in a network namespace the
+//! bench makes (`metald-test-…-host`) and removes.
 //! Everything it makes lives under a `metald-test-` folder, a uid window
 //! and a cgroup parent of this run's own, and is removed at the end, also
 //! when the bench panics. This file measures and prints; it does not judge.
@@ -84,10 +89,16 @@ struct Daemon {
     token: String,
     /// The folder's name, also the cgroup parent: unique to this run.
     name: String,
+    /// With networking on: the prefix of every network namespace it has
+    /// (the host namespace made for it, `<prefix>host`, among them).
+    netns_prefix: Option<String>,
 }
 
 impl Daemon {
-    fn start(binary: &Path, firecracker: &Path) -> Result<Self, String> {
+    /// A daemon with networking off, or on (`networked`): then in a host
+    /// network namespace made for it, each VM in one of its own with its
+    /// TAP, bridge port and firewall elements.
+    fn start(binary: &Path, firecracker: &Path, networked: bool) -> Result<Self, String> {
         let dir = tempfile::Builder::new().prefix("metald-test-").tempdir().map_err(|error| format!("scratch folder: {error}"))?;
         let name = dir.path().file_name().map(|name| name.to_string_lossy().into_owned()).ok_or("scratch folder without a name")?;
         let images = dir.path().join("images");
@@ -96,16 +107,32 @@ impl Daemon {
         let token =
             format!("bench-token-{name}-{}", SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
         let uid_start = 1_500_000 + (fxhash(&name) % 1_000) * UID_COUNT;
+        let netns_prefix = networked.then(|| format!("{name}-"));
+        if let Some(prefix) = &netns_prefix {
+            let made = Command::new("ip").args(["netns", "add", &format!("{prefix}host")]).status();
+            if !made.is_ok_and(|status| status.success()) {
+                return Err(format!("ip netns add {prefix}host failed"));
+            }
+        }
         let settings = format!(
             "data_dir = {data:?}\nimage_root = {images:?}\nfirecracker = {firecracker:?}\nstop_timeout_seconds = 10\n\
              [jailer]\nuid_start = {uid_start}\nuid_count = {UID_COUNT}\ncgroup_parent = {name:?}\n\
-             [network]\nenabled = false\n[billing]\nenabled = false\n\
+             {network}[billing]\nenabled = false\n\
              [capacity]\nvcpus = {HELD_VMS}\nmemory_bytes = {held_memory}\n\
              [[auth.tenants]]\nid = {TENANT:?}\ntoken_sha256 = {hash:?}\nquota = {{}}\n",
             data = dir.path().join("data"),
             hash = hex::encode(sha2::Sha256::digest(token.as_bytes())),
             // The bench holds more than a host of this size admits by default.
             held_memory = HELD_VMS as u64 * GUEST_MEMORY_MIB * 1024 * 1024,
+            network = match &netns_prefix {
+                Some(prefix) => format!(
+                    "[network]\nenabled = true\nipv6_prefix = \"fd6d:6265:6e63::/48\"\nhost_netns = \"/run/netns/{prefix}host\"\n\
+                     netns_prefix = {prefix:?}\nlink_prefix = \"b{:04x}\"\nnft_table = \"mdb{:08x}\"\n",
+                    fxhash(&name) % 0xffff,
+                    fxhash(&name)
+                ),
+                None => "[network]\nenabled = false\n".to_owned(),
+            },
         );
         let config = dir.path().join("metald.toml");
         std::fs::write(&config, settings).map_err(|error| format!("{}: {error}", config.display()))?;
@@ -123,10 +150,16 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()
-            .map_err(|error| format!("starting {}: {error}", binary.display()))?;
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(error) => {
+                remove_namespaces(netns_prefix.as_deref());
+                return Err(format!("starting {}: {error}", binary.display()));
+            }
+        };
         // From here on, Drop cleans up whatever happens next.
-        let mut daemon = Self { dir, child: Some(child), port, token, name };
+        let mut daemon = Self { dir, child: Some(child), port, token, name, netns_prefix };
         daemon.wait_ready()?;
         Ok(daemon)
     }
@@ -209,6 +242,10 @@ impl Daemon {
         for parent in self.cgroup_parents() {
             left.extend(child_dirs(&parent).into_iter().filter(|path| !pooled(path)).map(|path| format!("cgroup {}", path.display())));
         }
+        if let Some(prefix) = &self.netns_prefix {
+            let host = format!("{prefix}host");
+            left.extend(namespaces(prefix).into_iter().filter(|name| *name != host).map(|name| format!("netns {name}")));
+        }
         left
     }
 }
@@ -242,6 +279,7 @@ impl Drop for Daemon {
             }
             let _ = std::fs::remove_dir(&parent);
         }
+        remove_namespaces(self.netns_prefix.as_deref());
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
@@ -375,8 +413,10 @@ async fn list_vms(client: &Client, page_size: i32, held: usize) -> Result<(), St
     Ok(())
 }
 
-fn guest_config() -> wire::VmConfig {
+fn guest_config(networked: bool) -> wire::VmConfig {
+    let network = if networked { vec![wire::NetworkInterface { id: "eth0".into(), ..Default::default() }] } else { Vec::new() };
     wire::VmConfig {
+        network,
         cpu: buffa::MessageField::some(wire::CpuConfig { vcpu_count: 1, ..Default::default() }),
         memory: buffa::MessageField::some(wire::MemoryConfig {
             size_bytes: i64::try_from(GUEST_MEMORY_MIB << 20).unwrap_or(i64::MAX),
@@ -388,7 +428,11 @@ fn guest_config() -> wire::VmConfig {
 }
 
 async fn create_vm(client: &Client) -> Result<String, String> {
-    let request = wire::CreateVmRequest { config: buffa::MessageField::some(guest_config()), ..Default::default() };
+    create_vm_with(client, false).await
+}
+
+async fn create_vm_with(client: &Client, networked: bool) -> Result<String, String> {
+    let request = wire::CreateVmRequest { config: buffa::MessageField::some(guest_config(networked)), ..Default::default() };
     let response = client.create_vm(request).await.map_err(|error| refused("CreateVm", &error))?;
     Ok(response.view().vm_id.to_owned())
 }
@@ -429,9 +473,9 @@ async fn wait_for_ready_line(client: &Client, vm_id: &str, poll: Duration) -> Re
 }
 
 /// Create, boot, ready line, through the API: the time that took and the VM.
-async fn api_boot_to_ready(client: &Client) -> Result<(Duration, String), String> {
+async fn api_boot_to_ready(client: &Client, networked: bool) -> Result<(Duration, String), String> {
     let started = Instant::now();
-    let vm_id = create_vm(client).await?;
+    let vm_id = create_vm_with(client, networked).await?;
     boot_vm(client, &vm_id).await?;
     wait_for_ready_line(client, &vm_id, READY_POLL).await?;
     Ok((started.elapsed(), vm_id))
@@ -532,6 +576,27 @@ fn processes_in_cgroup(parent: &str) -> Vec<u32> {
             (cgroups.contains(&needle) && !cgroups.contains(&pool) && !zombie).then_some(pid)
         })
         .collect()
+}
+
+/// The network namespaces whose names start with `prefix`.
+fn namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Deletes every network namespace of `prefix` (with the firewall table
+/// and links inside them).
+fn remove_namespaces(prefix: Option<&str>) {
+    for name in prefix.map(namespaces).unwrap_or_default() {
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    }
 }
 
 fn child_dirs(parent: &Path) -> Vec<PathBuf> {
@@ -952,9 +1017,12 @@ fn delete_fleet(runtime: &tokio::runtime::Runtime, daemon: &Daemon, clients: &[C
 }
 
 /// Phase 2: create+boot to the ready line through the API against raw
-/// Firecracker with the same guest, on the now empty daemon.
-fn create_boot(c: &mut Criterion, runtime: &tokio::runtime::Runtime, client: &Client, raw_host: &BenchHost) {
-    let (api, raw) = (&Recorder::default(), &Recorder::default());
+/// Firecracker with the same guest, on the now empty daemon, and on a
+/// second daemon with networking on, whose VMs each get an interface (a
+/// network namespace, TAP, bridge port and firewall elements); the raw
+/// baseline has none.
+fn create_boot(c: &mut Criterion, runtime: &tokio::runtime::Runtime, client: &Client, networked: &Client, raw_host: &BenchHost) {
+    let (api, api_networked, raw) = (&Recorder::default(), &Recorder::default(), &Recorder::default());
     let mut group = c.benchmark_group("api_create_boot_to_ready");
     group
         .sampling_mode(SamplingMode::Flat)
@@ -973,9 +1041,20 @@ fn create_boot(c: &mut Criterion, runtime: &tokio::runtime::Runtime, client: &Cl
     group.bench_function("metald_api_connect_proto", |bencher| {
         bencher.iter_custom(|iterations| {
             timed_iterations(runtime, iterations, |_| async move {
-                let (took, vm_id) = api_boot_to_ready(client).await.unwrap_or_else(|error| panic!("API boot: {error}"));
+                let (took, vm_id) = api_boot_to_ready(client, false).await.unwrap_or_else(|error| panic!("API boot: {error}"));
                 delete_vm(client, &vm_id).await.unwrap_or_else(|error| panic!("{error}"));
                 api.record(took);
+                took
+            })
+        })
+    });
+    group.bench_function("metald_api_connect_proto_networked", |bencher| {
+        bencher.iter_custom(|iterations| {
+            timed_iterations(runtime, iterations, |_| async move {
+                let (took, vm_id) =
+                    api_boot_to_ready(networked, true).await.unwrap_or_else(|error| panic!("API boot with a network interface: {error}"));
+                delete_vm(networked, &vm_id).await.unwrap_or_else(|error| panic!("{error}"));
+                api_networked.record(took);
                 took
             })
         })
@@ -992,15 +1071,22 @@ fn create_boot(c: &mut Criterion, runtime: &tokio::runtime::Runtime, client: &Cl
         api.samples().len()
     );
     println!("  ratio metald API / raw: {:.2}", ratio(api_median, raw_median));
+    let networked_median = api_networked.median();
+    println!(
+        "  metald API, each VM with a network interface (netns, TAP, bridge port, firewall elements): median {} over {} boots",
+        ms(networked_median),
+        api_networked.samples().len()
+    );
+    println!("  ratio metald API with a network interface / raw (which has none): {:.2}", ratio(networked_median, raw_median));
 }
 
 /// Nothing held, nothing left, and what the daemon itself counted as failed.
-fn final_checks(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &Callers) {
+fn final_checks(runtime: &tokio::runtime::Runtime, daemon: &Daemon, callers: &Callers, label: &str) {
     let (held, metrics) = runtime.block_on(async {
         let held = callers.connect.list_vms(wire::ListVmsRequest::default()).await.map(|response| response.view().total_count);
         (held, http_get(&callers.transport, &callers.metrics).await)
     });
-    println!("\nafter the run:");
+    println!("\nafter the run, {label}:");
     let rss = daemon_rss_kib(daemon);
     println!("  metald VmRSS: {rss} KiB ({}), {} threads", mib(rss), daemon_threads(daemon));
     println!("  VMs the daemon still holds: {}", held.map_or_else(|error| refused("ListVms", &error), |count| count.to_string()));
@@ -1034,7 +1120,7 @@ fn api(c: &mut Criterion) {
     let Some(raw_host) = BenchHost::unjailed() else { return };
     let runtime = tokio::runtime::Runtime::new().unwrap_or_else(|error| panic!("tokio runtime: {error}"));
     print_conditions(&binary, &firecracker);
-    let daemon = Daemon::start(&binary, &firecracker).unwrap_or_else(|error| panic!("{error}"));
+    let daemon = Daemon::start(&binary, &firecracker, false).unwrap_or_else(|error| panic!("{error}"));
     let callers: Vec<Callers> = (0..CLIENTS).map(|_| daemon.callers().unwrap_or_else(|error| panic!("{error}"))).collect();
     let clients: Vec<Client> = callers.iter().map(|caller| caller.connect.clone()).collect();
 
@@ -1045,8 +1131,11 @@ fn api(c: &mut Criterion) {
     latencies(&runtime, &daemon, &callers[0], &fleet);
     throughput(&runtime, &daemon, &fleet);
     delete_fleet(&runtime, &daemon, &clients, fleet);
-    create_boot(c, &runtime, &clients[0], &raw_host);
-    final_checks(&runtime, &daemon, &callers[0]);
+    let networked = Daemon::start(&binary, &firecracker, true).unwrap_or_else(|error| panic!("networked daemon: {error}"));
+    let networked_caller = networked.callers().unwrap_or_else(|error| panic!("{error}"));
+    create_boot(c, &runtime, &clients[0], &networked_caller.connect, &raw_host);
+    final_checks(&runtime, &daemon, &callers[0], "the daemon without networking");
+    final_checks(&runtime, &networked, &networked_caller, "the daemon with networking");
 }
 
 criterion_group!(benches, api);
