@@ -244,7 +244,9 @@ impl Daemon {
         }
         if let Some(prefix) = &self.netns_prefix {
             let host = format!("{prefix}host");
-            left.extend(namespaces(prefix).into_iter().filter(|name| *name != host).map(|name| format!("netns {name}")));
+            left.extend(
+                metald_testguest::network_namespaces(prefix).into_iter().filter(|name| *name != host).map(|name| format!("netns {name}")),
+            );
         }
         left
     }
@@ -578,23 +580,10 @@ fn processes_in_cgroup(parent: &str) -> Vec<u32> {
         .collect()
 }
 
-/// The network namespaces whose names start with `prefix`.
-fn namespaces(prefix: &str) -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with(prefix))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Deletes every network namespace of `prefix` (with the firewall table
 /// and links inside them).
 fn remove_namespaces(prefix: Option<&str>) {
-    for name in prefix.map(namespaces).unwrap_or_default() {
+    for name in prefix.map(metald_testguest::network_namespaces).unwrap_or_default() {
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
     }
 }

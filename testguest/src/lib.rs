@@ -194,6 +194,19 @@ pub fn vmm_processes(root: &Path, cgroup_parent: &Path) -> Vec<u32> {
 /// How the jail pool's cgroups are named (`metald_core::jail_pool::POOL_PREFIX`).
 pub const JAIL_POOL_PREFIX: &str = "pool-";
 
+/// The named network namespaces (in `/run/netns`) whose names start with `prefix`.
+pub fn network_namespaces(prefix: &str) -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(prefix))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The jail pool's waiting children under `cgroup_parent`: not VMMs, but
 /// nothing may be left of them once their daemon has stopped.
 pub fn jail_pool_processes(cgroup_parent: &Path) -> Vec<u32> {

@@ -448,16 +448,7 @@ impl Host {
     }
 
     fn namespaces(&self) -> Vec<String> {
-        let Some(prefix) = &self.netns_prefix else { return Vec::new() };
-        std::fs::read_dir("/run/netns")
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                    .filter(|name| name.starts_with(prefix))
-                    .collect()
-            })
-            .unwrap_or_default()
+        self.netns_prefix.as_deref().map(metald_testguest::network_namespaces).unwrap_or_default()
     }
 
     /// Everything the test's VMs left on the host: VMMs, VM folders,
