@@ -341,7 +341,9 @@ impl WaitingChild {
             let pid = pid.load(Ordering::Acquire).unsigned_abs();
             return Ok(Self { pid, channel, reports, parent: Some(parent) });
         }
-        // The child was never cloned, or ended before it waited.
+        // The child was never cloned, or ended before it waited; with our
+        // end closed, a child that still runs ends too, so the join returns.
+        drop(channel);
         match parent.join() {
             Ok(Err(errno)) => Err(JailError::Clone(errno)),
             Ok(Ok(pid)) => {
