@@ -279,8 +279,11 @@ pub struct ProcessUsage {
 
 impl ProcessUsage {
     /// One read of `/proc/<pid>/stat`, which holds both figures: the
-    /// resident set there is the same count as `VmRSS` in `status`, a file
-    /// the kernel takes several times as long to write.
+    /// resident set there is the count `VmRSS` in `status` gives (a file
+    /// the kernel takes several times as long to write), read without
+    /// summing the per-CPU caches of its counters, so it may lag by up to
+    /// `3 × max(32, 2 × CPUs)` pages per CPU: a few hundred KiB, against a
+    /// VMM's tens of MiB. Billing reads the cgroup's counters, not this.
     pub fn read(pid: u32) -> io::Result<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         // The command name may hold spaces and parentheses: fields start after the last ')'.
@@ -367,9 +370,12 @@ mod tests {
             let kib = status.lines().find_map(|line| line.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches("kB").trim();
             kib.parse::<u64>().unwrap() * 1024
         };
-        // Our resident set may move a little between the reads; it is bracketed.
+        // Our resident set may move a little between the reads; it is
+        // bracketed, give or take what the per-CPU caches of the kernel's
+        // three resident counters (file, anon, shmem) may hold unsummed.
         let (before, usage, after) = (vm_rss(), ProcessUsage::read(std::process::id()).unwrap(), vm_rss());
-        let slack = 64 * 4096;
+        let cpus = std::thread::available_parallelism().map_or(64, usize::from) as u64;
+        let slack = 3 * 32.max(2 * cpus) * cpus * 4096 + 64 * 4096;
         assert!(usage.resident_bytes > 0);
         assert!(
             usage.resident_bytes + slack >= before.min(after) && usage.resident_bytes <= before.max(after) + slack,
