@@ -159,7 +159,7 @@ impl JailError {
             | JailError::ExposureGone { .. }
             | JailError::Cgroup(_)
             | JailError::Clone(_)
-            | JailError::Thread(_)
+            | JailError::Thread { .. }
             | JailError::Child { .. }
             | JailError::Handshake(_)
             | JailError::Watch(_) => ErrorKind::Internal,

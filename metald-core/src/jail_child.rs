@@ -328,7 +328,7 @@ impl WaitingChild {
                 drop((theirs, report_write));
                 cloned
             })
-            .map_err(JailError::Thread)?;
+            .map_err(|source| JailError::Thread { name: "jail child", source })?;
         let mut hello = [0u8; 1];
         let heard = loop {
             match nix::sys::socket::recv(channel.as_raw_fd(), &mut hello, MsgFlags::empty()) {

@@ -127,7 +127,7 @@ impl JailPool {
         let thread = std::thread::Builder::new()
             .name("metald-jail-pool".into())
             .spawn(move || refill(&refilled))
-            .map_err(|source| JailError::Prepare { path: "jail pool thread".into(), source })?;
+            .map_err(|source| JailError::Thread { name: "jail pool", source })?;
         Ok(Self { shared, refill: Mutex::new(Some(thread)) })
     }
 

@@ -129,8 +129,12 @@ pub enum JailError {
     Cgroup(#[from] CgroupError),
     #[error("cannot clone the jailed process")]
     Clone(#[source] nix::errno::Errno),
-    #[error("cannot start the thread the jailed process is cloned from")]
-    Thread(#[source] io::Error),
+    #[error("cannot start the jailer's {name} thread")]
+    Thread {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("the jailed process failed at {step:?}{}", .detail.as_ref().map(|detail| format!(" ({detail})")).unwrap_or_default())]
     Child {
         step: JailStep,
@@ -395,8 +399,7 @@ impl Jailer {
         lap("jail.cgroup_bind");
         // Bind mounts of our descriptors must be made here, as detached
         // mounts: the child's mount namespace refuses binds from ours.
-        let exposures = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter());
-        let trees = exposures.map(detached_mount).collect::<Result<Vec<_>, _>>()?;
+        let trees = exposed(plan, &work_files).map(detached_mount).collect::<Result<Vec<_>, _>>()?;
         Ok((cgroup, work_files, trees))
     }
 
@@ -410,7 +413,7 @@ impl Jailer {
         trees: &'a [OwnedFd],
     ) -> Result<Orders<'a>, JailError> {
         let layout = Layout::jailed(root.to_path_buf(), &plan.vm_dir, &plan.files());
-        let exposures: Vec<&Exposure> = std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter()).collect();
+        let exposures: Vec<&Exposure> = exposed(plan, work_files).collect();
         let binds = exposures.iter().zip(trees).map(|(exposure, tree)| (tree.as_fd(), root.join(&exposure.name))).collect();
         let bind_names = exposures.iter().map(|exposure| (exposure.name.clone(), exposure.host_path.clone())).collect();
         let program = layout.inside(&plan.program.name);
@@ -435,6 +438,12 @@ impl Jailer {
 }
 
 type Identity = IdentityLease;
+
+/// Every file a jail exposes, in the one order its detached mounts and
+/// the orders' binds both follow.
+fn exposed<'a>(plan: &'a LaunchPlan, work_files: &'a [Exposure]) -> impl Iterator<Item = &'a Exposure> {
+    std::iter::once(&plan.program).chain(plan.exposures.iter()).chain(work_files.iter())
+}
 
 /// What a jail made on the host, to remove once its VMM has gone.
 #[derive(Debug)]
