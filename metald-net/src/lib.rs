@@ -12,6 +12,7 @@ pub mod addresses;
 pub mod firewall;
 pub mod netlink;
 pub mod netns;
+pub mod netns_pool;
 pub mod provider;
 pub mod tap;
 

@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::mount::{MntFlags, MsFlags};
@@ -25,6 +25,8 @@ pub enum NetnsError {
     },
     #[error("the thread working in a network namespace panicked")]
     ThreadPanicked,
+    #[error("cannot make a network namespace")]
+    Unshare(#[source] io::Error),
 }
 
 fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> NetnsError + 'a {
@@ -81,28 +83,25 @@ impl NetnsDir {
     /// Creates namespace `name` and returns it open. A leftover of the same
     /// name (from a crash) is removed first.
     pub fn create(&self, name: &str) -> Result<OwnedFd, NetnsError> {
+        let namespace = unnamed()?;
+        self.name(name, &namespace)?;
+        Ok(namespace)
+    }
+
+    /// Gives `namespace` (made by [`unnamed`]) the name `name`. A leftover
+    /// of the same name (from a crash) is removed first.
+    pub fn name(&self, name: &str, namespace: &OwnedFd) -> Result<(), NetnsError> {
         self.prepare()?;
         let path = self.path_of(name);
         self.delete(name)?;
         OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_error("create", &path))?;
-        let bound = std::thread::scope(|scope| {
-            scope
-                .spawn(|| -> Result<(), nix::errno::Errno> {
-                    nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
-                    let none: Option<&str> = None;
-                    nix::mount::mount(Some("/proc/thread-self/ns/net"), &path, none, MsFlags::MS_BIND, none)
-                })
-                .join()
-        });
-        let outcome = match bound {
-            Ok(Ok(())) => self.open(name),
-            Ok(Err(error)) => Err(NetnsError::Io { action: "create", path: path.clone(), source: error.into() }),
-            Err(_) => Err(NetnsError::ThreadPanicked),
-        };
-        if outcome.is_err() {
+        let source = PathBuf::from(format!("/proc/self/fd/{}", namespace.as_raw_fd()));
+        let none: Option<&str> = None;
+        if let Err(error) = nix::mount::mount(Some(&source), &path, none, MsFlags::MS_BIND, none) {
             let _ = self.delete(name);
+            return Err(NetnsError::Io { action: "create", path, source: error.into() });
         }
-        outcome
+        Ok(())
     }
 
     pub fn open(&self, name: &str) -> Result<OwnedFd, NetnsError> {
@@ -126,6 +125,24 @@ impl NetnsDir {
             Err(error) if error.kind() != io::ErrorKind::NotFound => Err(NetnsError::Io { action: "remove", path, source: error }),
             _ => Ok(()),
         }
+    }
+}
+
+/// A new network namespace, held only by the descriptor returned: it is
+/// gone when that closes, unless [`NetnsDir::name`] gave it a name.
+pub fn unnamed() -> Result<OwnedFd, NetnsError> {
+    let made = std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> io::Result<OwnedFd> {
+                nix::sched::unshare(CloneFlags::CLONE_NEWNET)?;
+                File::open("/proc/thread-self/ns/net").map(OwnedFd::from)
+            })
+            .join()
+    });
+    match made {
+        Ok(Ok(namespace)) => Ok(namespace),
+        Ok(Err(error)) => Err(NetnsError::Unshare(error)),
+        Err(_) => Err(NetnsError::ThreadPanicked),
     }
 }
 

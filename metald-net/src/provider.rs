@@ -28,6 +28,7 @@ use crate::addresses::{AddressBook, AddressError, AddressPlan, Allocation, GENER
 use crate::firewall::{Firewall, FirewallError, PortRules, TenantRules};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::netns::{DEFAULT_NETNS_DIR, NetnsDir, NetnsError, write_sysctl};
+use crate::netns_pool::NamespacePool;
 use crate::tap::{self, TapError};
 
 /// Every tenant's gateway also answers here, as routers on a link usually do.
@@ -58,6 +59,9 @@ pub struct NetworkConfig {
     pub dns_servers: Vec<IpAddr>,
     /// The `nft` program.
     pub nft: PathBuf,
+    /// Network namespaces made ahead of the VMs that get them; `0` makes
+    /// each with its VM's attach.
+    pub namespace_pool: usize,
     /// The nftables table metald owns (family bridge).
     pub table: String,
 }
@@ -76,6 +80,7 @@ impl Default for NetworkConfig {
             mtu: 1500,
             dns_servers: Vec::new(),
             nft: PathBuf::from("nft"),
+            namespace_pool: 2,
             table: "metald".into(),
         }
     }
@@ -111,6 +116,7 @@ pub struct Ipv6Network {
     host_namespace: Option<Arc<OwnedFd>>,
     host: Netlink,
     namespaces: NetnsDir,
+    namespace_pool: Arc<NamespacePool>,
     firewall: Firewall,
     /// Tenant bridges are made and removed one at a time.
     tenants: Mutex<()>,
@@ -150,6 +156,7 @@ impl Ipv6Network {
         let firewall = Firewall::new(&config.nft, &config.table, host_namespace.clone(), host_prefix, config.ipv4_pool);
         let provider = Self {
             namespaces: NetnsDir::new(&config.netns_dir),
+            namespace_pool: NamespacePool::new(config.namespace_pool),
             config,
             book: Arc::new(book),
             host_namespace,
@@ -163,6 +170,7 @@ impl Ipv6Network {
             provider.host_sysctl("net.ipv4.ip_forward", "1")?;
         }
         provider.firewall_change(|firewall| firewall.ensure()).await?;
+        provider.namespace_pool.refill();
         Ok(provider)
     }
 
@@ -172,6 +180,10 @@ impl Ipv6Network {
 
     pub fn firewall(&self) -> &Firewall {
         &self.firewall
+    }
+
+    pub fn namespace_pool(&self) -> &NamespacePool {
+        &self.namespace_pool
     }
 
     /// The name of a VM's namespace.
@@ -298,6 +310,27 @@ impl Ipv6Network {
             let _tenants = self.tenants.lock().await;
             self.ensure_tenant_bridge(allocation).await?
         };
+        let (port, tenant) = (self.port_rules(allocation), self.tenant_rules(allocation, open));
+        // The rules match ports by name, so the `nft` process can load them
+        // while the links are made; both are awaited, so a failed attach is
+        // undone only once neither runs any more.
+        let (linked, firewalled) = tokio::join!(
+            self.link_interface(namespace, inside, &links, &bridge, owner),
+            self.firewall_change(move |firewall| firewall.add_port(&port, &tenant, new_tenant))
+        );
+        linked?;
+        Ok(firewalled?)
+    }
+
+    /// The veth pair, the VM side's bridge and TAP, and the port on the tenant's bridge.
+    async fn link_interface(
+        &self,
+        namespace: &OwnedFd,
+        inside: &Netlink,
+        links: &Links,
+        bridge: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(), ProviderError> {
         // A leftover of a crashed attempt would make the creation fail.
         self.host.delete(&links.host).await?;
         self.host.add_veth(&links.host, &links.inner, namespace).await?;
@@ -311,21 +344,15 @@ impl Ipv6Network {
         }
         // A bridge port needs no address of its own.
         self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
-        self.host.set_master(&links.host, &bridge).await?;
+        self.host.set_master(&links.host, bridge).await?;
         self.host.up(&links.host, self.config.mtu).await?;
-        let (port, tenant) = (self.port_rules(allocation), self.tenant_rules(allocation, open));
-        self.firewall_change(move |firewall| firewall.add_port(&port, &tenant, new_tenant)).await?;
         Ok(())
     }
 
-    async fn attach_all(&self, request: &AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
-        let failed = |source: ProviderError| NetworkError::Attach { vm_id: request.vm_id.clone(), source: Box::new(source) };
-        if self.released.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            self.firewall_change(|firewall| firewall.ensure()).await.map_err(|error| failed(error.into()))?;
-        }
+    /// Each interface's addresses and link number, from the address book.
+    async fn allocate(&self, request: &AttachRequest<'_>) -> Result<Vec<Allocation>, NetworkError> {
         let mut allocations = Vec::with_capacity(request.interfaces.len());
         for (index, interface) in request.interfaces.iter().enumerate() {
-            check_interface(index, interface, self.config.ipv4_pool.is_some())?;
             let mac = if interface.mac_address.is_empty() { None } else { parse_mac(&interface.mac_address) };
             let (vm_id, interface_id, tenant) = (request.vm_id.clone(), interface.id.clone(), request.tenant.clone());
             let allocated = self.in_book(move |book| book.allocate(&vm_id, &interface_id, &tenant, mac)).await;
@@ -334,17 +361,37 @@ impl Ipv6Network {
                 AddressError::MacInUse { .. } => {
                     NetworkError::Refused { field: format!("network[{index}].mac_address"), reason: error.to_string() }
                 }
-                error => failed(error.into()),
+                error => NetworkError::Attach { vm_id: request.vm_id.clone(), source: Box::new(ProviderError::from(error)) },
             })?;
             allocations.push(allocation);
         }
-        let open = self.book.intra_tenant(request.tenant).map_err(|error| failed(error.into()))?;
-        let name = self.namespace_name(request.vm_id);
-        let namespace = self.namespaces.create(&name).map_err(|error| failed(error.into()))?;
-        // The VM's namespace needs no IPv6 of its own: its links only bridge frames.
-        for key in ["net.ipv6.conf.all.disable_ipv6", "net.ipv6.conf.default.disable_ipv6"] {
-            write_sysctl(&namespace, key, "1").map_err(|error| failed(error.into()))?;
+        Ok(allocations)
+    }
+
+    /// The VM's namespace: a pooled one (made on a blocking thread when
+    /// none is ready), given the VM's name.
+    async fn make_namespace(&self, name: &str) -> Result<OwnedFd, NetnsError> {
+        let namespace = self.namespace_pool.take().await?;
+        self.namespaces.name(name, &namespace)?;
+        Ok(namespace)
+    }
+
+    async fn attach_all(&self, request: &AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
+        let failed = |source: ProviderError| NetworkError::Attach { vm_id: request.vm_id.clone(), source: Box::new(source) };
+        if self.released.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.firewall_change(|firewall| firewall.ensure()).await.map_err(|error| failed(error.into()))?;
         }
+        for (index, interface) in request.interfaces.iter().enumerate() {
+            check_interface(index, interface, self.config.ipv4_pool.is_some())?;
+        }
+        // The namespace does not depend on the addresses: it is made while
+        // the address book writes them. Both are awaited before a failure
+        // is undone.
+        let name = self.namespace_name(request.vm_id);
+        let (allocations, namespace) = tokio::join!(self.allocate(request), self.make_namespace(&name));
+        let allocations = allocations?;
+        let namespace = namespace.map_err(|error| failed(error.into()))?;
+        let open = self.book.intra_tenant(request.tenant).map_err(|error| failed(error.into()))?;
         let inside = Netlink::connect(Some(namespace.as_fd())).map_err(|error| failed(error.into()))?;
         let mut interfaces = Vec::with_capacity(allocations.len());
         for (position, allocation) in allocations.iter().enumerate() {

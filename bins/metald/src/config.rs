@@ -158,6 +158,9 @@ pub struct NetworkSettings {
     /// The nftables table the daemon owns.
     pub nft_table: String,
     pub mtu: u32,
+    /// Network namespaces made ahead of the VMs that get them; 0 makes
+    /// each with its VM's create.
+    pub namespace_pool: usize,
 }
 
 impl Default for NetworkSettings {
@@ -173,6 +176,7 @@ impl Default for NetworkSettings {
             link_prefix: library.link_prefix,
             nft_table: library.table,
             mtu: library.mtu,
+            namespace_pool: library.namespace_pool,
         }
     }
 }

@@ -312,6 +312,7 @@ async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow
         "mtu": settings.mtu,
         "dns_servers": settings.dns_servers,
         "table": settings.nft_table,
+        "namespace_pool": settings.namespace_pool,
     });
     let config: metald_net::provider::NetworkConfig =
         serde_json::from_value(config).context("network: the settings are not a valid network layout")?;
