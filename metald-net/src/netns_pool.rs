@@ -6,8 +6,7 @@
 //! dies: the kernel frees it with the descriptor. Each is handed out once,
 //! and only the VM's attach names it.
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -77,12 +76,7 @@ impl NamespacePool {
     /// links show as `net:[<inode>]`), to see where each one goes.
     pub fn ready_inodes(&self) -> Vec<u64> {
         let ready = self.ready.lock().unwrap_or_else(PoisonError::into_inner);
-        ready
-            .iter()
-            .filter_map(|namespace| namespace.as_fd().try_clone_to_owned().ok())
-            .filter_map(|namespace| std::fs::File::from(namespace).metadata().ok())
-            .map(|metadata| metadata.ino())
-            .collect()
+        ready.iter().filter_map(|namespace| nix::sys::stat::fstat(namespace).ok()).map(|stat| stat.st_ino).collect()
     }
 }
 
