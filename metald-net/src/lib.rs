@@ -13,6 +13,7 @@ pub mod firewall;
 pub mod netlink;
 pub mod netns;
 pub mod netns_pool;
+pub mod netns_release;
 pub mod provider;
 pub mod tap;
 

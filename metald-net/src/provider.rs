@@ -29,6 +29,7 @@ use crate::firewall::{Firewall, FirewallError, PortRules, TenantRules};
 use crate::netlink::{Netlink, NetlinkError};
 use crate::netns::{DEFAULT_NETNS_DIR, NetnsDir, NetnsError, write_sysctl};
 use crate::netns_pool::NamespacePool;
+use crate::netns_release::RetiredNamespaces;
 use crate::tap::{self, TapError};
 
 /// Every tenant's gateway also answers here, as routers on a link usually do.
@@ -62,6 +63,9 @@ pub struct NetworkConfig {
     /// Network namespaces made ahead of the VMs that get them; `0` makes
     /// each with its VM's attach.
     pub namespace_pool: usize,
+    /// Deleted VMs' namespaces are let go this many at a time, so the
+    /// kernel tears them down in one pass; `1` lets each go with its VM.
+    pub namespace_release_batch: usize,
     /// The nftables table metald owns (family bridge).
     pub table: String,
 }
@@ -81,6 +85,7 @@ impl Default for NetworkConfig {
             dns_servers: Vec::new(),
             nft: PathBuf::from("nft"),
             namespace_pool: 2,
+            namespace_release_batch: 8,
             table: "metald".into(),
         }
     }
@@ -117,6 +122,7 @@ pub struct Ipv6Network {
     host: Netlink,
     namespaces: NetnsDir,
     namespace_pool: Arc<NamespacePool>,
+    retired_namespaces: RetiredNamespaces,
     firewall: Firewall,
     /// Tenant bridges are made and removed one at a time.
     tenants: Mutex<()>,
@@ -157,6 +163,7 @@ impl Ipv6Network {
         let provider = Self {
             namespaces: NetnsDir::new(&config.netns_dir),
             namespace_pool: NamespacePool::new(config.namespace_pool),
+            retired_namespaces: RetiredNamespaces::new(config.namespace_release_batch),
             config,
             book: Arc::new(book),
             host_namespace,
@@ -184,6 +191,10 @@ impl Ipv6Network {
 
     pub fn namespace_pool(&self) -> &NamespacePool {
         &self.namespace_pool
+    }
+
+    pub fn retired_namespaces(&self) -> &RetiredNamespaces {
+        &self.retired_namespaces
     }
 
     /// The name of a VM's namespace.
@@ -564,9 +575,13 @@ impl NetworkProvider for Ipv6Network {
                 problems.push(metald_core::error_chain(&error));
             }
         }
-        // Deleting the namespace takes its TAP devices and bridges with it.
-        if let Err(error) = self.namespaces.delete(&self.namespace_name(vm_id)) {
-            problems.push(metald_core::error_chain(&error));
+        // Deleting the namespace takes its TAP devices and bridges with it,
+        // once its batch is released.
+        let name = self.namespace_name(vm_id);
+        let held = self.namespaces.open(&name).ok();
+        match self.namespaces.delete(&name) {
+            Ok(()) => held.into_iter().for_each(|namespace| self.retired_namespaces.retire(namespace)),
+            Err(error) => problems.push(metald_core::error_chain(&error)),
         }
         let released = vm_id.clone();
         if let Err(error) = self.in_book(move |book| book.release(&released)).await {

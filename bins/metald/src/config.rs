@@ -161,6 +161,9 @@ pub struct NetworkSettings {
     /// Network namespaces made ahead of the VMs that get them; 0 makes
     /// each with its VM's create.
     pub namespace_pool: usize,
+    /// Deleted VMs' namespaces are let go this many at a time, so the
+    /// kernel tears them down in one pass; 1 lets each go with its VM.
+    pub namespace_release_batch: usize,
 }
 
 impl Default for NetworkSettings {
@@ -177,6 +180,7 @@ impl Default for NetworkSettings {
             nft_table: library.table,
             mtu: library.mtu,
             namespace_pool: library.namespace_pool,
+            namespace_release_batch: library.namespace_release_batch,
         }
     }
 }

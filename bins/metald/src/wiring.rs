@@ -313,6 +313,7 @@ async fn network_provider(settings: &NetworkSettings, data_dir: &Path) -> anyhow
         "dns_servers": settings.dns_servers,
         "table": settings.nft_table,
         "namespace_pool": settings.namespace_pool,
+        "namespace_release_batch": settings.namespace_release_batch,
     });
     let config: metald_net::provider::NetworkConfig =
         serde_json::from_value(config).context("network: the settings are not a valid network layout")?;
