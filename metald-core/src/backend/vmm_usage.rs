@@ -7,7 +7,7 @@ use crate::backend::BackendError;
 use crate::cgroups::CgroupUsage;
 use crate::ids::VmId;
 use crate::launch::Launched;
-use crate::process::ProcessUsage;
+use crate::process::{ProcessUsage, UsageReader};
 
 #[derive(Debug, Default)]
 pub struct VmmUsage {
@@ -17,6 +17,8 @@ pub struct VmmUsage {
     last: ProcessUsage,
     /// The last ended process's cgroup counters, not yet handed out.
     ended: Option<CgroupUsage>,
+    /// The current process's reader, open since its first read.
+    reader: Option<UsageReader>,
 }
 
 impl VmmUsage {
@@ -24,7 +26,16 @@ impl VmmUsage {
     /// that ended between the caller's check and the read keeps its last reading.
     pub fn read(&mut self, launched: &Launched) -> Result<(), BackendError> {
         let pid = launched.process.pid();
-        match ProcessUsage::read(pid) {
+        let read = match self.reader.take().filter(|reader| reader.pid() == pid) {
+            Some(reader) => Ok(reader),
+            None => UsageReader::open(pid),
+        }
+        .and_then(|reader| {
+            let usage = reader.usage();
+            self.reader = Some(reader);
+            usage
+        });
+        match read {
             Ok(usage) => self.last = usage,
             Err(source) if launched.process.exit_status().is_none() => {
                 return Err(BackendError::ProcessStats { what: "CPU and memory use", pid, source });
@@ -39,6 +50,7 @@ impl VmmUsage {
     pub async fn retire(&mut self, launched: &mut Launched, vm_id: &VmId) {
         self.finished.cpu_time_ns += self.last.cpu_time_ns;
         self.last = ProcessUsage::default();
+        self.reader = None;
         for problem in launched.release().await {
             tracing::error!(%vm_id, problem, "cannot undo the jail of an ended VMM");
         }
