@@ -23,7 +23,7 @@ use metald_api::convert::state::{state_filter_from_wire, state_to_wire};
 use metald_api::proto::vmprovisioner::v1 as wire;
 use metald_api::{manager_error_to_connect, wire_error_to_connect};
 use metald_core::manager::ManagerError;
-use metald_core::operations::{Boot, Delete, Info, Pause, Reboot, Resume, Shutdown};
+use metald_core::operations::{Boot, Delete, InfoWithMetrics, Pause, Reboot, Resume, Shutdown};
 use metald_core::{TenantId, VmId, VmManager, VmTarget};
 use tokio::sync::{broadcast, watch};
 
@@ -164,7 +164,7 @@ impl VmApi {
         let vm_id = vm_id_from_wire(field, value).map_err(|error| wire_error_to_connect(&error))?;
         tracing::Span::current().record("vm_id", tracing::field::display(vm_id.as_str()));
         let target = VmTarget::of_tenant(&caller.tenant, &vm_id);
-        self.manager.summary(&target).map_err(|error| self.fail(&error))?;
+        self.manager.find(&target).map_err(|error| self.fail(&error))?;
         Ok(target)
     }
 
@@ -317,24 +317,20 @@ impl wire::VmService for VmApi {
         let caller = caller(&ctx)?;
         let vm = self.own_vm(&caller, "vm_id", request.vm_id)?;
         let vm_id = vm.vm_id().clone();
-        let info = self.manager.run(&vm, Info).await.map_err(|error| self.fail(&error))?;
-        let metrics = if info.state.has_live_vmm() {
-            match self.manager.run(&vm, metald_core::operations::Metrics).await {
-                Ok(metrics) => {
-                    let since_boot = uptime(info.booted_at, SystemTime::now());
-                    let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns);
-                    Some(metrics_to_wire(&metrics, since_boot, percent))
-                }
-                // The VM changed state in between, or its VMM did not
-                // answer: the info is still worth answering without figures.
-                Err(error) => {
-                    self.count_backend_error(&error);
-                    tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "metrics unavailable");
-                    None
-                }
+        let (info, metrics) = self.manager.run(&vm, InfoWithMetrics).await.map_err(|error| self.fail(&error))?;
+        let metrics = match metrics {
+            Some(Ok(metrics)) => {
+                let since_boot = uptime(info.booted_at, SystemTime::now());
+                let percent = self.cpu_percent(&vm_id, metrics.cpu_time_ns);
+                Some(metrics_to_wire(&metrics, since_boot, percent))
             }
-        } else {
-            None
+            // The VMM did not answer: the info is still worth answering without figures.
+            Some(Err(error)) => {
+                self.count_backend_error(&error);
+                tracing::warn!(%vm_id, error = %metald_core::error_chain(&error), "metrics unavailable");
+                None
+            }
+            None => None,
         };
         let mut answer = vm_info_to_wire(&info, metrics);
         answer.failure_reason = self.redactor.redact(&answer.failure_reason);

@@ -20,9 +20,18 @@ impl VmManager {
     /// One VM's summary (its tenant, state, size), without waiting for an
     /// operation in progress.
     pub fn summary(&self, vm: impl Into<VmTarget>) -> Result<VmSummary, ManagerError> {
-        let target = vm.into();
-        let summary = self.owned_slot(&target).map(|slot| slot.summary().clone())?;
-        if summary.state == VmState::Deleted { Err(ManagerError::NotFound(target.vm_id().clone())) } else { Ok(summary) }
+        self.live_slot(&vm.into()).map(|slot| slot.summary().clone())
+    }
+
+    /// Whether the target's VM exists (and is the caller's), without
+    /// copying anything of it: a `NotFound` otherwise.
+    pub fn find(&self, vm: impl Into<VmTarget>) -> Result<(), ManagerError> {
+        self.live_slot(&vm.into()).map(drop)
+    }
+
+    fn live_slot(&self, target: &VmTarget) -> Result<Arc<VmSlot>, ManagerError> {
+        let slot = self.owned_slot(target)?;
+        if slot.summary().state == VmState::Deleted { Err(ManagerError::NotFound(target.vm_id().clone())) } else { Ok(slot) }
     }
 
     /// The uid pool's size and use, when VMs get uids of their own.

@@ -1,5 +1,6 @@
-//! Info and Metrics: what is known about a VM and what its VMM counts.
-//! They change nothing, so they run in the caller's task.
+//! Info and Metrics: what is known about a VM and what its VMM counts,
+//! apart or under one lock. They change nothing, so they run in the
+//! caller's task.
 
 use crate::backend::VmmMetrics;
 use crate::manager::operation::{LockedVm, Sealed, VmOperation};
@@ -66,5 +67,25 @@ impl VmOperation for Metrics {
             "Created, Running or Paused",
         )?;
         vm.entry.instance.metrics().await.map_err(|source| vm.backend_failed(BackendOperation::READ_METRICS, source))
+    }
+}
+
+/// [`Info`] and, when its VMM runs, [`Metrics`], under one lock: the
+/// figures are of the very state the info reports. A VMM that cannot give
+/// its figures leaves the info still worth answering.
+#[derive(Debug, Clone, Copy)]
+pub struct InfoWithMetrics;
+
+impl Sealed for InfoWithMetrics {}
+
+impl VmOperation for InfoWithMetrics {
+    type Output = (VmInfo, Option<Result<VmmMetrics, ManagerError>>);
+    const NAME: &'static str = "info";
+    const CHANGES: bool = false;
+
+    async fn act(self, vm: &mut LockedVm) -> Result<Self::Output, ManagerError> {
+        let info = Info.act(vm).await?;
+        let metrics = if info.state.has_live_vmm() { Some(Metrics.act(vm).await) } else { None };
+        Ok((info, metrics))
     }
 }

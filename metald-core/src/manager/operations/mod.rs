@@ -21,7 +21,7 @@ mod shutdown;
 
 pub use boot::Boot;
 pub use delete::Delete;
-pub use inspect::{Info, Metrics};
+pub use inspect::{Info, InfoWithMetrics, Metrics};
 pub use pause::{Pause, Resume};
 pub use reboot::Reboot;
 pub use shutdown::Shutdown;
