@@ -59,6 +59,8 @@ async fn setup(bench: &Bench, vm: &str, tenant: &str) -> Duration {
         .attach(AttachRequest { vm_id: &vm_id, tenant: &tenant, interfaces: &interfaces(), owner: Some((1_300_000, 1_300_000)) })
         .await
         .unwrap_or_else(|error| panic!("attach: {}", metald_core::error_chain(&error)));
+    // The firewall loads while the manager starts the VMM; alone, the setup waits for it.
+    bench.provider.settle(&vm_id).await.unwrap_or_else(|error| panic!("settle: {}", metald_core::error_chain(&error)));
     started.elapsed()
 }
 

@@ -83,8 +83,19 @@ pub enum NetworkError {
 /// Attaches VMs to the network.
 #[async_trait]
 pub trait NetworkProvider: Send + Sync + fmt::Debug {
-    /// Prepares the VM's networking. On error nothing of it is left.
+    /// Prepares the VM's networking. On error nothing of it is left. The
+    /// VM's links exist when it returns; what only matters once the guest
+    /// runs (its firewall rules) may still be loading: see [`NetworkProvider::settle`].
     async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError>;
+
+    /// Waits for what `attach` left loading for the VM, so that its
+    /// network is whole; a VM may run only after it returned `Ok`. The
+    /// manager waits for it while the VMM starts. Settling a VM with
+    /// nothing loading is not an error. On error the caller detaches.
+    async fn settle(&self, vm_id: &VmId) -> Result<(), NetworkError> {
+        let _ = vm_id;
+        Ok(())
+    }
 
     /// Removes everything `attach` made for the VM and frees its addresses.
     /// Keeps going when a step fails and reports every failure. Detaching a

@@ -12,10 +12,11 @@
 //! Attach undoes itself on failure; detach keeps going when a step fails
 //! and reports every failure.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use async_trait::async_trait;
 use ipnet::{Ipv4Net, Ipv6Net};
@@ -124,6 +125,9 @@ pub struct Ipv6Network {
     namespace_pool: Arc<NamespacePool>,
     retired_namespaces: RetiredNamespaces,
     firewall: Firewall,
+    /// Firewall changes an attach left loading, by VM: awaited by `settle`,
+    /// and by `detach` before it removes anything.
+    firewall_loads: std::sync::Mutex<HashMap<VmId, tokio::task::JoinHandle<Result<(), FirewallError>>>>,
     /// Tenant bridges are made and removed one at a time.
     tenants: Mutex<()>,
     /// The firewall table was removed with the last VM ([`NetworkProvider::release_host`]).
@@ -169,6 +173,7 @@ impl Ipv6Network {
             host_namespace,
             host,
             firewall,
+            firewall_loads: std::sync::Mutex::new(HashMap::new()),
             tenants: Mutex::new(()),
             released: std::sync::atomic::AtomicBool::new(false),
         };
@@ -307,30 +312,24 @@ impl Ipv6Network {
         Ok((bridge, true))
     }
 
-    async fn attach_interface(
-        &self,
-        namespace: &OwnedFd,
-        inside: &Netlink,
-        allocation: &Allocation,
-        position: usize,
-        owner: Option<(u32, u32)>,
-        open: bool,
-    ) -> Result<(), ProviderError> {
-        let links = self.links(allocation, position);
-        let (bridge, new_tenant) = {
-            let _tenants = self.tenants.lock().await;
-            self.ensure_tenant_bridge(allocation).await?
-        };
-        let (port, tenant) = (self.port_rules(allocation), self.tenant_rules(allocation, open));
-        // The rules match ports by name, so the `nft` process can load them
-        // while the links are made; both are awaited, so a failed attach is
-        // undone only once neither runs any more.
-        let (linked, firewalled) = tokio::join!(
-            self.link_interface(namespace, inside, &links, &bridge, owner),
-            self.firewall_change(move |firewall| firewall.add_port(&port, &tenant, new_tenant))
-        );
-        linked?;
-        Ok(firewalled?)
+    /// Starts loading the VM's firewall elements (and a new tenant's chain)
+    /// on a blocking thread, in interface order; [`NetworkProvider::settle`]
+    /// waits for them. The rules match ports by name, so they need no link.
+    fn load_firewall(&self, vm_id: &VmId, ports: Vec<(PortRules, TenantRules, bool)>) {
+        let firewall = self.firewall.clone();
+        let load = tokio::task::spawn_blocking(move || {
+            ports.iter().try_for_each(|(port, tenant, first_of_tenant)| firewall.add_port(port, tenant, *first_of_tenant))
+        });
+        self.firewall_loads.lock().unwrap_or_else(PoisonError::into_inner).insert(vm_id.clone(), load);
+    }
+
+    /// Waits for the VM's firewall load, if one runs.
+    async fn firewall_loaded(&self, vm_id: &VmId) -> Result<(), FirewallError> {
+        let load = self.firewall_loads.lock().unwrap_or_else(PoisonError::into_inner).remove(vm_id);
+        match load {
+            Some(load) => load.await.map_err(FirewallError::Interrupted)?,
+            None => Ok(()),
+        }
     }
 
     /// The veth pair, the VM side's bridge and TAP, and the port on the tenant's bridge.
@@ -404,17 +403,30 @@ impl Ipv6Network {
         let namespace = namespace.map_err(|error| failed(error.into()))?;
         let open = self.book.intra_tenant(request.tenant).map_err(|error| failed(error.into()))?;
         let inside = Netlink::connect(Some(namespace.as_fd())).map_err(|error| failed(error.into()))?;
+        // Each tenant's bridge first: the firewall then loads while the links are made.
+        let mut bridges = Vec::with_capacity(allocations.len());
+        let mut ports = Vec::with_capacity(allocations.len());
+        for allocation in &allocations {
+            let (bridge, new_tenant) = {
+                let _tenants = self.tenants.lock().await;
+                self.ensure_tenant_bridge(allocation).await.map_err(failed)?
+            };
+            bridges.push(bridge);
+            ports.push((self.port_rules(allocation), self.tenant_rules(allocation, open), new_tenant));
+        }
+        self.load_firewall(request.vm_id, ports);
         let mut interfaces = Vec::with_capacity(allocations.len());
-        for (position, allocation) in allocations.iter().enumerate() {
-            self.attach_interface(&namespace, &inside, allocation, position, request.owner, open).await.map_err(failed)?;
+        for (position, (allocation, bridge)) in allocations.iter().zip(&bridges).enumerate() {
+            let links = self.links(allocation, position);
+            self.link_interface(&namespace, &inside, &links, bridge, request.owner).await.map_err(failed)?;
             interfaces.push(AttachedInterface {
                 id: allocation.interface.clone(),
-                tap_device: self.links(allocation, position).tap,
+                tap_device: links.tap,
                 mac_address: allocation.mac_string(),
                 ipv6: Some(Assignment { address: allocation.ipv6, prefix_len: 64, gateway: allocation.gateway6 }),
                 ipv4: allocation.ipv4.map(|(address, subnet, gateway)| Assignment { address, prefix_len: subnet.prefix_len(), gateway }),
                 dns_servers: self.config.dns_servers.clone(),
-                host_link: self.links(allocation, position).host,
+                host_link: links.host,
             });
         }
         let kernel_args = guest_kernel_args(&interfaces, &self.config.dns_servers, self.config.mtu);
@@ -522,6 +534,12 @@ impl NetworkProvider for Ipv6Network {
         guest_kernel_args(&widest, &self.config.dns_servers, self.config.mtu).iter().map(|token| token.len() + 1).sum()
     }
 
+    async fn settle(&self, vm_id: &VmId) -> Result<(), NetworkError> {
+        self.firewall_loaded(vm_id)
+            .await
+            .map_err(|error| NetworkError::Attach { vm_id: vm_id.clone(), source: Box::new(ProviderError::from(error)) })
+    }
+
     async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
         match self.attach_all(&request).await {
             Ok(attachment) => Ok(attachment),
@@ -544,6 +562,8 @@ impl NetworkProvider for Ipv6Network {
 
     async fn detach(&self, vm_id: &VmId) -> Result<(), NetworkError> {
         let mut problems = Vec::new();
+        // What is still loading is removed below with the rest, so its own failure does not matter.
+        let _ = self.firewall_loaded(vm_id).await;
         let allocations = match self.book.allocations_of(vm_id) {
             Ok(allocations) => allocations,
             Err(error) => {

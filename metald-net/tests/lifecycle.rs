@@ -74,10 +74,8 @@ async fn teardown_leaves_no_namespace_link_route_address_or_rule() {
 async fn a_teardown_step_that_fails_does_not_stop_the_others_and_is_reported() {
     let test = "a_teardown_step_that_fails_does_not_stop_the_others_and_is_reported";
     let script = tempfile::Builder::new().prefix("metald-test-nft-").tempdir().unwrap();
-    let nft = script.path().join("nft");
     // An nft that refuses every deletion, so the firewall part of teardown fails.
-    std::fs::write(&nft, "#!/bin/sh\ninput=$(cat)\ncase \"$input\" in *'\"delete\"'*) echo 'injected failure' >&2; exit 1;; esac\nprintf '%s' \"$input\" | exec nft \"$@\"\n").unwrap();
-    std::fs::set_permissions(&nft, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let nft = metald_testguest::nft::write_refusing_nft(script.path(), r#"*'"delete"'*"#).unwrap();
     let Some(sandbox) = NetSandbox::with(test, |config| config.nft = nft.clone()).await else { return };
     sandbox.attach("vm-a", "acme").await;
 
@@ -87,6 +85,51 @@ async fn a_teardown_step_that_fails_does_not_stop_the_others_and_is_reported() {
     // Everything else went: namespace, links, addresses.
     assert_eq!(sandbox.namespaces_left(), std::slice::from_ref(&sandbox.host_name));
     assert_eq!(host_state(&sandbox).0, ["lo"]);
+    assert!(sandbox.provider.addresses().allocations_of(&VmId::new("vm-a").unwrap()).unwrap().is_empty());
+}
+
+/// The firewall's elements as `nft` lists them in the test's host namespace.
+fn firewall_listing(sandbox: &NetSandbox) -> String {
+    let listing = std::process::Command::new("ip")
+        .args(["netns", "exec", &sandbox.host_name, "nft", "list", "table", "bridge", "metald"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&listing.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_attach_has_its_elements_and_a_detach_while_they_load_leaves_none() {
+    let test = "a_settled_attach_has_its_elements_and_a_detach_while_they_load_leaves_none";
+    let Some(sandbox) = NetSandbox::new(test).await else { return };
+    let settled = sandbox.attach("vm-a", "acme").await;
+    let listing = firewall_listing(&sandbox);
+    assert!(listing.contains(&settled.interfaces[0].host_link) && listing.contains("jump tenant_1"), "{listing}");
+    sandbox.detach("vm-a").await;
+
+    // Detached right after the attach, while its `nft` may still run: the
+    // detach waits for it, so nothing is added after the removal.
+    for (vm, tenant) in [("vm-b", "acme"), ("vm-c", "globex"), ("vm-d", "acme")] {
+        sandbox.attach_unsettled(vm, tenant).await;
+        sandbox.detach(vm).await;
+    }
+    let listing = firewall_listing(&sandbox);
+    assert!(!listing.contains("mdv") && !listing.contains("jump tenant") && !listing.contains("02:6d"), "an element is left:\n{listing}");
+    assert_eq!(host_state(&sandbox).3, base_chains());
+    assert_eq!(host_state(&sandbox).0, ["lo"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_firewall_that_cannot_load_fails_the_settle_and_leaves_nothing() {
+    let test = "a_firewall_that_cannot_load_fails_the_settle_and_leaves_nothing";
+    let script = tempfile::Builder::new().prefix("metald-test-nft-").tempdir().unwrap();
+    // An nft that refuses to add elements, so a VM's rules cannot load.
+    let nft = metald_testguest::nft::write_refusing_nft(script.path(), r#"*'"add"'*'"element"'*"#).unwrap();
+    let Some(sandbox) = NetSandbox::with(test, |config| config.nft = nft.clone()).await else { return };
+    let error = sandbox.try_attach("vm-a", "acme", &[eth0()]).await.unwrap_err();
+    assert!(metald_core::error_chain(&error).contains("injected failure"), "{}", metald_core::error_chain(&error));
+    assert_eq!(sandbox.namespaces_left(), std::slice::from_ref(&sandbox.host_name));
+    assert_eq!(host_state(&sandbox).0, ["lo"]);
+    assert_eq!(host_state(&sandbox).3, base_chains());
     assert!(sandbox.provider.addresses().allocations_of(&VmId::new("vm-a").unwrap()).unwrap().is_empty());
 }
 

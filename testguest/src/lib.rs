@@ -12,6 +12,7 @@
 //! PostgreSQL server.
 
 pub mod clickhouse;
+pub mod nft;
 pub mod postgres;
 
 use std::fs::OpenOptions;

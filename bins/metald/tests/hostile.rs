@@ -588,3 +588,24 @@ fn a_vmm_launched_by_a_create_cut_off_before_its_record_is_stopped_once_metald_i
     });
     assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
 }
+
+#[test]
+fn a_networked_create_whose_firewall_cannot_load_fails_and_leaves_nothing() {
+    let test = "a_networked_create_whose_firewall_cannot_load_fails_and_leaves_nothing";
+    // An nft that refuses to add elements: the VM's rules cannot load while its VMM starts.
+    let stand_in = tempfile::Builder::new().prefix("metald-test-nft-").tempdir().unwrap();
+    metald_testguest::nft::write_refusing_nft(stand_in.path(), r#"*'"add"'*'"element"'*"#).unwrap();
+    let options = HostOptions { network: true, path_first: Some(stand_in.path().to_path_buf()), ..HostOptions::default() };
+    let Some(host) = Host::start(test, options) else { return };
+    let runtime = runtime();
+    let mut config = guest_config(&[]);
+    config.network.push(wire::NetworkInterface { id: "eth0".into(), ..Default::default() });
+    runtime.block_on(async {
+        let client = host.client("acme", Wire::ConnectProto);
+        let error = client.create_vm(create_request(config)).await.unwrap_err();
+        assert_eq!(error.code, ErrorCode::Internal, "{error}");
+        assert!(client.list_vms(wire::ListVmsRequest::default()).await.unwrap().into_owned().vms.is_empty());
+    });
+    assert!(host.log().contains("injected failure"), "the log names why: {}", host.log());
+    assert!(host.leftovers().is_empty(), "{:?}", host.leftovers());
+}

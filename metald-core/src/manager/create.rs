@@ -106,8 +106,9 @@ impl VmManager {
         Ok(vm_id)
     }
 
-    /// Leases the VM's user, attaches its network, then launches its VMM.
-    /// Whatever was done is undone when a later step fails.
+    /// Leases the VM's user, attaches its network, then launches its VMM
+    /// while the network settles. Whatever was done is undone when a later
+    /// step fails.
     async fn prepare(
         &self,
         vm_id: &VmId,
@@ -129,18 +130,31 @@ impl VmManager {
             _ => None,
         };
         let vm = SpecOf { vm_id, tenant, config, vm_dir, identity: identity.clone(), network: network.as_ref() };
-        match self.launch(vm, images, console).await {
-            Ok(instance) => Ok((instance, identity, network)),
-            Err(error) => {
-                if network.is_some()
-                    && let Some(provider) = &self.inner.network
-                    && let Err(detach_error) = provider.detach(vm_id).await
-                {
-                    tracing::error!(%vm_id, error = %crate::error_chain(&detach_error), "cannot undo the network of a VM that failed to start");
-                }
-                Err(error)
+        // The network's rules load while the VMM starts; the VM is Created
+        // only once both are done.
+        let settled = async {
+            match (&self.inner.network, &network) {
+                (Some(provider), Some(_)) => provider.settle(vm_id).await.map_err(ManagerError::Network),
+                _ => Ok(()),
             }
+        };
+        let failure = match tokio::join!(self.launch(vm, images, console), settled) {
+            (Ok(instance), Ok(())) => return Ok((instance, identity, network)),
+            (Ok(mut instance), Err(error)) => {
+                if let Err(destroy_error) = instance.destroy().await {
+                    tracing::error!(%vm_id, error = %crate::error_chain(&destroy_error), "cannot remove the VMM of a VM whose network failed");
+                }
+                error
+            }
+            (Err(error), _) => error,
+        };
+        if network.is_some()
+            && let Some(provider) = &self.inner.network
+            && let Err(detach_error) = provider.detach(vm_id).await
+        {
+            tracing::error!(%vm_id, error = %crate::error_chain(&detach_error), "cannot undo the network of a VM that failed to start");
         }
+        Err(failure)
     }
 
     /// Makes the VM's folder and drive copies, then asks the backend for a VMM.

@@ -73,7 +73,21 @@ impl NetSandbox {
         interfaces: &[NetworkInterface],
     ) -> Result<NetworkAttachment, metald_core::network::NetworkError> {
         let (vm_id, tenant) = (VmId::new(vm).unwrap(), TenantId::new(tenant).unwrap());
-        self.provider.attach(AttachRequest { vm_id: &vm_id, tenant: &tenant, interfaces, owner: Some((1_234_567, 1_234_567)) }).await
+        let attachment =
+            self.provider.attach(AttachRequest { vm_id: &vm_id, tenant: &tenant, interfaces, owner: Some((1_234_567, 1_234_567)) }).await?;
+        // As the manager does: the VM may run once its network settled, and is detached if it cannot.
+        if let Err(error) = self.provider.settle(&vm_id).await {
+            self.provider.detach(&vm_id).await.unwrap();
+            return Err(error);
+        }
+        Ok(attachment)
+    }
+
+    /// Attaches without waiting for the network to settle.
+    pub async fn attach_unsettled(&self, vm: &str, tenant: &str) {
+        let (vm_id, tenant) = (VmId::new(vm).unwrap(), TenantId::new(tenant).unwrap());
+        let request = AttachRequest { vm_id: &vm_id, tenant: &tenant, interfaces: &[eth0()], owner: Some((1_234_567, 1_234_567)) };
+        self.provider.attach(request).await.unwrap();
     }
 
     pub async fn detach(&self, vm: &str) {

@@ -61,6 +61,8 @@ pub struct HostOptions {
     pub meter_period_ms: Option<u64>,
     /// FAILPOINTS for the first start (the daemon the tests build has them).
     pub fail_points: Option<String>,
+    /// A folder put first on the daemon's PATH (a stand-in `nft`, for one).
+    pub path_first: Option<PathBuf>,
     /// `api.drain_timeout_seconds` instead of its default.
     pub drain_timeout_seconds: Option<u64>,
     /// More `[api]` settings, as TOML lines.
@@ -106,6 +108,7 @@ pub struct Host {
     pub netns_prefix: Option<String>,
     /// FAILPOINTS for the next start, e.g. `jail-before-sync=pause`.
     pub fail_points: Option<String>,
+    path_first: Option<PathBuf>,
     /// Whether the port speaks TLS.
     pub tls: bool,
     /// This test's hold on its uid window, for as long as the host lives.
@@ -262,6 +265,7 @@ impl Host {
             uid_count,
             netns_prefix,
             fail_points: options.fail_points.clone(),
+            path_first: options.path_first.clone(),
             tls: options.tls.is_some(),
             _uid_claim: uid_claim,
         };
@@ -288,6 +292,9 @@ impl Host {
         command.arg("--config").arg(&self.config_path).arg("--listen").arg(format!("127.0.0.1:{port}")).env("NO_COLOR", "1");
         if let Some(fail_points) = &self.fail_points {
             command.env("FAILPOINTS", fail_points);
+        }
+        if let Some(first) = &self.path_first {
+            command.env("PATH", format!("{}:{}", first.display(), std::env::var("PATH").unwrap_or_default()));
         }
         let child = command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.port = port;

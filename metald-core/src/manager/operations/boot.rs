@@ -47,7 +47,14 @@ async fn prepare_fresh_vmm(vm: &mut LockedVm) -> Result<(), ManagerError> {
     if namespace_gone && let Some(provider) = &vm.manager.inner.network {
         let owner = vm.entry.identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
         let request = AttachRequest { vm_id: &vm_id, tenant: &tenant, interfaces: &vm.entry.config.network, owner };
-        vm.entry.network = Some(provider.attach(request).await.map_err(ManagerError::Network)?);
+        let attachment = provider.attach(request).await.map_err(ManagerError::Network)?;
+        if let Err(error) = provider.settle(&vm_id).await {
+            if let Err(detach_error) = provider.detach(&vm_id).await {
+                tracing::error!(%vm_id, error = %crate::error_chain(&detach_error), "cannot undo a network whose rules failed");
+            }
+            return Err(ManagerError::Network(error));
+        }
+        vm.entry.network = Some(attachment);
         tracing::info!(%vm_id, "the VM's network was set up again: its namespace was gone");
     }
     let backend = vm.backend()?;
