@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
-use metald_benches::{Recorder, median, ms};
+use metald_benches::{Recorder, median, ms, run_prefix};
 use metald_core::config::NetworkInterface;
 use metald_core::network::{AttachRequest, NetworkProvider};
 use metald_core::{TenantId, VmId};
@@ -102,7 +102,7 @@ fn network(c: &mut Criterion) {
     }
     let Ok(runtime) = tokio::runtime::Runtime::new() else { return };
     let Ok(state) = tempfile::Builder::new().prefix("metald-bench-").tempdir() else { return };
-    let prefix = format!("metald-bench-{}-", &VmId::generate().as_str()[3..11]);
+    let prefix = run_prefix();
     let namespaces = NetnsDir::new(DEFAULT_NETNS_DIR);
     let host_name = format!("{prefix}host");
     let bench = runtime.block_on(async {

@@ -366,3 +366,20 @@ pub fn ms3(duration: Duration) -> String {
 pub fn ratio(ours: Duration, baseline: Duration) -> f64 {
     ours.as_secs_f64() / baseline.as_secs_f64().max(f64::EPSILON)
 }
+
+/// The prefix of what one bench run names on the host (network
+/// namespaces): `metald-bench-<pid>-<random>-`. It first removes what runs
+/// that no longer live left under such names: a run that aborts (a panic
+/// that cannot unwind, such as a write to a closed stdout) cannot clean up
+/// after itself, and its pid in the name tells it is gone.
+pub fn run_prefix() -> String {
+    for name in metald_testguest::network_namespaces(RUN_PREFIX) {
+        let owner = name.strip_prefix(RUN_PREFIX).and_then(|rest| rest.split('-').next()).and_then(|pid| pid.parse::<u32>().ok());
+        if owner.is_some_and(|pid| !metald_testguest::process_alive(pid)) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+    format!("{RUN_PREFIX}{}-{}-", std::process::id(), &VmId::generate().as_str()[3..11])
+}
+
+const RUN_PREFIX: &str = "metald-bench-";
