@@ -104,6 +104,8 @@ impl NetSandbox {
         // before then are dropped. A VMM opens its TAP long before the guest talks.
         let namespace_name = self.provider.namespace_name(&VmId::new(vm).unwrap());
         wait_until_forwarding(&namespace_name, &interface.tap_device);
+        // So does the host's end of the veth pair, the attach's last link.
+        wait_until_forwarding(&self.host_name, &interface.host_link);
         let ipv6 = interface.ipv6.unwrap();
         Guest { fd, mac: metald_core::config::parse_mac(&interface.mac_address).unwrap(), address: ipv6.address, gateway: ipv6.gateway }
     }
