@@ -6,9 +6,10 @@
 //! are off its path. A thread of its own refills the pool to its size,
 //! once no create has taken a part for a quiet interval: a part made
 //! while a VMM starts (on cgroup v1, the move into its cgroup above all)
-//! slows that start by more than a part saves. Under sustained creates
-//! the pool drains and each create makes its child itself, as without a
-//! pool; between bursts it fills again.
+//! slows that start by more than a part left in the pool saves. A pool
+//! that a create emptied is refilled at once: under sustained creates
+//! each then finds the part made during the one before, instead of
+//! making its own on its path.
 //!
 //! A part is never given twice: taking one removes it from the pool, and
 //! a child obeys one message of orders only. Nothing outlives the pool:
@@ -191,10 +192,13 @@ fn refill(shared: &Shared) {
                     state = shared.changed.wait(state).unwrap_or_else(PoisonError::into_inner);
                     continue;
                 }
-                // Made while a VMM starts, a part slows that start more than it saves.
+                // Made while a VMM starts, a part slows that start, which a
+                // part left in the pool does not repay. An empty pool is
+                // refilled at once: creates then come faster than the quiet
+                // interval, and the next would make its child on its own path.
                 let quiet_since = state.last_take.map(|taken| taken.elapsed());
                 match quiet_since {
-                    Some(quiet) if quiet < shared.quiet => {
+                    Some(quiet) if quiet < shared.quiet && !state.ready.is_empty() => {
                         state = shared.changed.wait_timeout(state, shared.quiet - quiet).unwrap_or_else(PoisonError::into_inner).0;
                     }
                     _ => break,

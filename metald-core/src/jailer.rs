@@ -79,7 +79,8 @@ pub struct JailerConfig {
     /// each is a cloned, namespaced child waiting in a cgroup of its own.
     /// 0 makes each one on the create's path.
     pub pool_size: usize,
-    /// The pool is refilled once no create has taken a part for this long.
+    /// The pool is topped up once no create has taken a part for this long;
+    /// one a create emptied is refilled at once.
     pub pool_refill_quiet_ms: u64,
 }
 

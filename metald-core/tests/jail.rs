@@ -511,3 +511,28 @@ async fn each_pool_part_goes_to_one_vmm_and_none_outlives_the_pool() {
         assert!(!metald_testguest::process_alive(pid), "waiting child {pid} is gone");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_a_create_emptied_is_refilled_without_waiting_for_quiet() {
+    let test = "a_pool_a_create_emptied_is_refilled_without_waiting_for_quiet";
+    let Some(sandbox) = Sandbox::new(test) else { return };
+    let parent = Path::new(&sandbox.jail.cgroup_parent).to_path_buf();
+    // A quiet interval no test outlasts: only an empty pool is refilled within it.
+    let jailer = Jailer::new(JailerConfig { pool_size: 1, pool_refill_quiet_ms: 3_600_000, ..sandbox.jail.clone() }).unwrap();
+    let ready = || jailer.pool_fill().is_some_and(|fill| fill.ready == 1) && metald_testguest::jail_pool_processes(&parent).len() == 1;
+    metald_testguest::wait_until("the pool to hold its child", Duration::from_secs(60), || std::future::ready(ready())).await;
+    let waiting = metald_testguest::jail_pool_processes(&parent);
+
+    let vm_dir = sandbox.vms.join("emptied-the-pool");
+    let mut launched = jailer.launch(firecracker_plan(&sandbox, &vm_dir, None)).await.unwrap();
+    assert!(launched.timings.iter().any(|(step, _)| *step == "jail.child_from_pool"), "{:?}", launched.timings);
+    assert_eq!(waiting, vec![launched.process.pid()], "the waiting child became the VMM");
+    metald_testguest::wait_until("the emptied pool to be refilled", Duration::from_secs(60), || std::future::ready(ready())).await;
+    assert_ne!(metald_testguest::jail_pool_processes(&parent), waiting, "a new child waits");
+
+    launched.process.kill().await.unwrap();
+    assert!(launched.release().await.is_empty());
+    assert!(jailer.release_spares().is_empty());
+    std::fs::remove_dir_all(&vm_dir).unwrap();
+    assert!(sandbox.leftovers().is_empty(), "left behind: {:?}", sandbox.leftovers());
+}
