@@ -164,6 +164,15 @@ impl Collector for HostCollector {
                 uids.total.saturating_sub(uids.leased),
             )?;
         }
+        if let Some(fill) = self.manager.jail_pool_fill() {
+            gauge(&mut encoder, "metald_jail_pool_size", "Jail children the jailer keeps ready ahead of creates", fill.size as u64)?;
+            gauge(
+                &mut encoder,
+                "metald_jail_pool_ready",
+                "Jail children ready now: a create that finds none makes its own (an RCU grace period on cgroup v1)",
+                fill.ready as u64,
+            )?;
+        }
         if self.takeover.done.load(Ordering::Acquire) {
             let outcomes = Family::<[(&str, &str); 1], prometheus_client::metrics::gauge::Gauge>::default();
             for (outcome, count) in

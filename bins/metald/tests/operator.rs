@@ -248,6 +248,8 @@ async fn the_metrics_an_operator_alerts_on_are_exported_and_every_one_is_documen
     assert!(started <= now && started > now - 3600.0, "started {started}, now {now}");
     assert_eq!((sample(&metrics, "metald_uids"), sample(&metrics, "metald_uids_free")), (Some(64.0), Some(64.0)));
     assert_eq!(sample(&metrics, "metald_takeover_vms{outcome=\"taken_over\"}"), Some(0.0), "{metrics}");
+    let pool = (sample(&metrics, "metald_jail_pool_ready"), sample(&metrics, "metald_jail_pool_size"));
+    assert!(matches!(pool, (Some(ready), Some(size)) if ready <= size && size > 0.0), "{pool:?}:\n{metrics}");
 
     let heartbeat = common::testguest::cmdline::heartbeat_ms(100);
     let mut vms = Vec::new();
