@@ -15,7 +15,9 @@
 //!    their ratio, with criterion's report; then the same on a second
 //!    daemon with networking on, each VM with one interface (its network
 //!    namespace, TAP, bridge port and firewall elements), against the same
-//!    raw baseline (which has no interface);
+//!    raw baseline (which has no interface): a tenant's first VM, then
+//!    back-to-back creates, then creates that each wait (untimed) for a
+//!    full jail pool;
 //! 3. the daemon's resident memory per Created VM (800, made from 8
 //!    clients on a host that runs no guest, which also gives `CreateVm`'s
 //!    latencies and creates per second), per running VM (200 more) and per
