@@ -1,6 +1,7 @@
 //! Lifecycle throughput: VMs per second through create, boot, ready line and
 //! delete with four at a time, against raw Firecracker (spawn, ready line,
-//! kill) at the same concurrency, in the same run.
+//! kill) at the same concurrency, in the same run: through the library's
+//! default jailer (no pool) and through one with metald's jail pool of 2.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,8 @@ use tokio::sync::Semaphore;
 
 const CONCURRENCY: usize = 4;
 const VMS_PER_ROUND: usize = 20;
+/// metald's `jailer.pool_size` default.
+const DAEMON_JAIL_POOL: usize = 2;
 
 async fn round<F, Fut>(work: F) -> Duration
 where
@@ -40,10 +43,11 @@ where
 }
 
 fn lifecycle(c: &mut Criterion) {
-    let Some(host) = BenchHost::new() else { return };
-    let host = Arc::new(host);
+    let (Some(host), Some(pooled_host)) = (BenchHost::new(), BenchHost::pooled(DAEMON_JAIL_POOL)) else { return };
+    let (host, pooled_host) = (Arc::new(host), Arc::new(pooled_host));
     let Ok(runtime) = tokio::runtime::Runtime::new() else { return };
     let (host, library, raw) = (&host, &Recorder::default(), &Recorder::default());
+    let (pooled_host, pooled) = (&pooled_host, &Recorder::default());
 
     let mut group = c.benchmark_group("lifecycle_concurrency_4");
     group
@@ -78,14 +82,29 @@ fn lifecycle(c: &mut Criterion) {
             })
         })
     });
+    group.bench_function("metald_library_jail_pool_2", |bencher| {
+        bencher.iter_custom(|iterations| {
+            timed_iterations(&runtime, iterations, |_| async move {
+                let took = round(|_| {
+                    let host = Arc::clone(pooled_host);
+                    async move { host.library_lifecycle().await }
+                })
+                .await;
+                pooled.record(took);
+                took
+            })
+        })
+    });
     group.finish();
 
     let rate = |recorder: &Recorder| VMS_PER_ROUND as f64 / recorder.median().as_secs_f64().max(f64::EPSILON);
-    let (raw, library) = (rate(raw), rate(library));
+    let (raw, library, pooled) = (rate(raw), rate(library), rate(pooled));
     println!("\nlifecycle throughput at concurrency {CONCURRENCY}, same run (median of rounds of {VMS_PER_ROUND} VMs):");
     println!("  firecracker --no-api (spawn, ready line, kill): {raw:.1} VMs/s");
     println!("  metald library (create, boot, ready line, delete): {library:.1} VMs/s");
     println!("  ratio metald / raw: {:.2}", library / raw.max(f64::EPSILON));
+    println!("  metald library, jail pool of {DAEMON_JAIL_POOL} as metald keeps: {pooled:.1} VMs/s");
+    println!("  ratio metald with the pool / raw: {:.2}", pooled / raw.max(f64::EPSILON));
 }
 
 criterion_group!(benches, lifecycle);
