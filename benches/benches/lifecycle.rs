@@ -69,32 +69,23 @@ fn lifecycle(c: &mut Criterion) {
             })
         })
     });
-    group.bench_function("metald_library", |bencher| {
-        bencher.iter_custom(|iterations| {
-            timed_iterations(&runtime, iterations, |_| async move {
-                let took = round(|_| {
-                    let host = Arc::clone(host);
-                    async move { host.library_lifecycle().await }
+    let mut library_group = |name: &str, host: &Arc<BenchHost>, recorder: &Recorder| {
+        group.bench_function(name, |bencher| {
+            bencher.iter_custom(|iterations| {
+                timed_iterations(&runtime, iterations, |_| async move {
+                    let took = round(|_| {
+                        let host = Arc::clone(host);
+                        async move { host.library_lifecycle().await }
+                    })
+                    .await;
+                    recorder.record(took);
+                    took
                 })
-                .await;
-                library.record(took);
-                took
             })
-        })
-    });
-    group.bench_function("metald_library_jail_pool_2", |bencher| {
-        bencher.iter_custom(|iterations| {
-            timed_iterations(&runtime, iterations, |_| async move {
-                let took = round(|_| {
-                    let host = Arc::clone(pooled_host);
-                    async move { host.library_lifecycle().await }
-                })
-                .await;
-                pooled.record(took);
-                took
-            })
-        })
-    });
+        });
+    };
+    library_group("metald_library", host, library);
+    library_group("metald_library_jail_pool_2", pooled_host, pooled);
     group.finish();
 
     let rate = |recorder: &Recorder| VMS_PER_ROUND as f64 / recorder.median().as_secs_f64().max(f64::EPSILON);
