@@ -2,12 +2,14 @@
 //! delete with four at a time, against raw Firecracker (spawn, ready line,
 //! kill) at the same concurrency, in the same run: through the library's
 //! default jailer (no pool) and through one with metald's jail pool of 2.
+//! Beside each rate it reports the host CPU time one VM cost: with every
+//! core busy, that cost, not latency, bounds the rate.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use metald_benches::{BenchHost, Recorder, timed_iterations};
+use metald_benches::{BenchHost, HostCpu, Recorder, ms, timed_iterations};
 use tokio::sync::Semaphore;
 
 const CONCURRENCY: usize = 4;
@@ -15,12 +17,34 @@ const VMS_PER_ROUND: usize = 20;
 /// metald's `jailer.pool_size` default.
 const DAEMON_JAIL_POOL: usize = 2;
 
-async fn round<F, Fut>(work: F) -> Duration
+/// The rounds of one side of the comparison: how long each took and the
+/// host CPU time each cost.
+#[derive(Default)]
+struct Rounds {
+    took: Recorder,
+    cpu: Recorder,
+}
+
+impl Rounds {
+    fn rate(&self) -> f64 {
+        VMS_PER_ROUND as f64 / self.took.median().as_secs_f64().max(f64::EPSILON)
+    }
+
+    fn cpu_per_vm(&self) -> Duration {
+        let rounds = self.cpu.samples();
+        rounds.iter().sum::<Duration>().div_f64((rounds.len() * VMS_PER_ROUND).max(1) as f64)
+    }
+}
+
+/// Runs `VMS_PER_ROUND` of `work`, `CONCURRENCY` at a time, records the
+/// round in `rounds` and returns how long it took.
+async fn round<F, Fut>(rounds: &Rounds, work: F) -> Duration
 where
     F: Fn(usize) -> Fut,
     Fut: Future<Output = Result<(), String>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let cpu = HostCpu::now();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(VMS_PER_ROUND);
     for index in 0..VMS_PER_ROUND {
@@ -39,15 +63,18 @@ where
             Err(error) => panic!("lifecycle task failed: {error}"),
         }
     }
-    started.elapsed()
+    let took = started.elapsed();
+    rounds.took.record(took);
+    rounds.cpu.record(cpu.map(|cpu| cpu.spent()).unwrap_or_default());
+    took
 }
 
 fn lifecycle(c: &mut Criterion) {
     let (Some(host), Some(pooled_host)) = (BenchHost::new(), BenchHost::pooled(DAEMON_JAIL_POOL)) else { return };
     let (host, pooled_host) = (Arc::new(host), Arc::new(pooled_host));
     let Ok(runtime) = tokio::runtime::Runtime::new() else { return };
-    let (host, library, raw) = (&host, &Recorder::default(), &Recorder::default());
-    let (pooled_host, pooled) = (&pooled_host, &Recorder::default());
+    let (host, library, raw) = (&host, &Rounds::default(), &Rounds::default());
+    let (pooled_host, pooled) = (&pooled_host, &Rounds::default());
 
     let mut group = c.benchmark_group("lifecycle_concurrency_4");
     group
@@ -59,27 +86,23 @@ fn lifecycle(c: &mut Criterion) {
     group.bench_function("raw_firecracker_no_api", |bencher| {
         bencher.iter_custom(|iterations| {
             timed_iterations(&runtime, iterations, |_| async move {
-                let took = round(|index| {
+                round(raw, |index| {
                     let host = Arc::clone(host);
                     async move { host.raw_boot(index as u64).await.map(drop) }
                 })
-                .await;
-                raw.record(took);
-                took
+                .await
             })
         })
     });
-    let mut library_group = |name: &str, host: &Arc<BenchHost>, recorder: &Recorder| {
+    let mut library_group = |name: &str, host: &Arc<BenchHost>, rounds: &Rounds| {
         group.bench_function(name, |bencher| {
             bencher.iter_custom(|iterations| {
                 timed_iterations(&runtime, iterations, |_| async move {
-                    let took = round(|_| {
+                    round(rounds, |_| {
                         let host = Arc::clone(host);
                         async move { host.library_lifecycle().await }
                     })
-                    .await;
-                    recorder.record(took);
-                    took
+                    .await
                 })
             })
         });
@@ -88,14 +111,27 @@ fn lifecycle(c: &mut Criterion) {
     library_group("metald_library_jail_pool_2", pooled_host, pooled);
     group.finish();
 
-    let rate = |recorder: &Recorder| VMS_PER_ROUND as f64 / recorder.median().as_secs_f64().max(f64::EPSILON);
-    let (raw, library, pooled) = (rate(raw), rate(library), rate(pooled));
-    println!("\nlifecycle throughput at concurrency {CONCURRENCY}, same run (median of rounds of {VMS_PER_ROUND} VMs):");
-    println!("  firecracker --no-api (spawn, ready line, kill): {raw:.1} VMs/s");
-    println!("  metald library (create, boot, ready line, delete): {library:.1} VMs/s");
-    println!("  ratio metald / raw: {:.2}", library / raw.max(f64::EPSILON));
-    println!("  metald library, jail pool of {DAEMON_JAIL_POOL} as metald keeps: {pooled:.1} VMs/s");
-    println!("  ratio metald with the pool / raw: {:.2}", pooled / raw.max(f64::EPSILON));
+    let cores = HostCpu::cores();
+    println!(
+        "\nlifecycle throughput at concurrency {CONCURRENCY}, same run (median of rounds of {VMS_PER_ROUND} VMs; host CPU per VM over all rounds, {cores} cores):"
+    );
+    let report = |what: &str, rounds: &Rounds| {
+        let cpu = rounds.cpu_per_vm();
+        let ceiling = cores as f64 / cpu.as_secs_f64().max(f64::EPSILON);
+        println!("  {what}: {:.1} VMs/s, host CPU {} per VM (all cores busy: at most {ceiling:.1} VMs/s)", rounds.rate(), ms(cpu));
+    };
+    let against_raw = |what: &str, rounds: &Rounds| {
+        println!(
+            "  ratio {what} / raw: {:.2} VMs/s, {:.2} host CPU per VM",
+            rounds.rate() / raw.rate().max(f64::EPSILON),
+            rounds.cpu_per_vm().as_secs_f64() / raw.cpu_per_vm().as_secs_f64().max(f64::EPSILON)
+        );
+    };
+    report("firecracker --no-api (spawn, ready line, kill)", raw);
+    report("metald library (create, boot, ready line, delete)", library);
+    against_raw("metald", library);
+    report(&format!("metald library, jail pool of {DAEMON_JAIL_POOL} as metald keeps"), pooled);
+    against_raw("metald with the pool", pooled);
 }
 
 criterion_group!(benches, lifecycle);

@@ -300,6 +300,38 @@ pub fn median(samples: &[Duration]) -> Duration {
     }
 }
 
+/// The host's CPU time (every core, user and system, interrupts included;
+/// idle, I/O wait and steal not) since it was taken: what some work cost
+/// the machine, not how long it took. On a host whose cores are all busy,
+/// throughput is bound by this cost, whatever the latency.
+#[derive(Debug, Clone, Copy)]
+pub struct HostCpu {
+    busy_ticks: u64,
+}
+
+impl HostCpu {
+    pub fn now() -> Option<Self> {
+        Some(Self { busy_ticks: busy_ticks()? })
+    }
+
+    /// The CPU time the host spent since `self`, or zero when `/proc/stat`
+    /// could not be read.
+    pub fn spent(&self) -> Duration {
+        let ticks = busy_ticks().unwrap_or(self.busy_ticks).saturating_sub(self.busy_ticks);
+        Duration::from_secs_f64(ticks as f64 / procfs::ticks_per_second().max(1) as f64)
+    }
+
+    /// How many cores the host's CPU time is shared out over.
+    pub fn cores() -> usize {
+        std::thread::available_parallelism().map(usize::from).unwrap_or(1)
+    }
+}
+
+fn busy_ticks() -> Option<u64> {
+    let total = <procfs::KernelStats as procfs::CurrentSI>::current().ok()?.total;
+    Some(total.user + total.nice + total.system + total.irq.unwrap_or(0) + total.softirq.unwrap_or(0))
+}
+
 /// A duration in milliseconds with two decimals.
 pub fn ms(duration: Duration) -> String {
     format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
