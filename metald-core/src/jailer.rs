@@ -80,7 +80,7 @@ pub struct JailerConfig {
     /// 0 makes each one on the create's path.
     pub pool_size: usize,
     /// The pool is topped up once no create has taken a part for this long;
-    /// one a create emptied is refilled at once.
+    /// one a create emptied is refilled as soon as no launch is binding a part.
     pub pool_refill_quiet_ms: u64,
 }
 
@@ -305,6 +305,7 @@ impl Jailer {
             timings.push((name, clock.elapsed()));
             clock = Instant::now();
         };
+        let _launching = self.pool.as_ref().map(JailPool::launching);
         let ready = match self.pool.as_ref().and_then(JailPool::take) {
             Some(ready) => {
                 lap("jail.child_from_pool");

@@ -117,7 +117,7 @@ pub struct JailerSettings {
     /// create's path.
     pub pool_size: usize,
     /// The pool is topped up once no create has taken a part for this long;
-    /// one a create emptied is refilled at once.
+    /// one a create emptied is refilled as soon as no launch is binding a part.
     pub pool_refill_quiet_ms: u64,
 }
 
