@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
-use metald_benches::{BenchHost, HostCpu, Recorder, ms, timed_iterations};
+use metald_benches::{BenchHost, HostCpu, Recorder, ms, ratio, timed_iterations};
 use tokio::sync::Semaphore;
 
 const CONCURRENCY: usize = 4;
@@ -124,7 +124,7 @@ fn lifecycle(c: &mut Criterion) {
         println!(
             "  ratio {what} / raw: {:.2} VMs/s, {:.2} host CPU per VM",
             rounds.rate() / raw.rate().max(f64::EPSILON),
-            rounds.cpu_per_vm().as_secs_f64() / raw.cpu_per_vm().as_secs_f64().max(f64::EPSILON)
+            ratio(rounds.cpu_per_vm(), raw.cpu_per_vm())
         );
     };
     report("firecracker --no-api (spawn, ready line, kill)", raw);
