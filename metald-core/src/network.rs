@@ -83,12 +83,13 @@ pub enum NetworkError {
 /// Attaches VMs to the network.
 #[async_trait]
 pub trait NetworkProvider: Send + Sync + fmt::Debug {
-    /// Prepares the VM's networking. On error nothing of it is left. The
-    /// VM's links exist when it returns; what only matters once the guest
-    /// runs (its firewall rules) may still be loading: see [`NetworkProvider::settle`].
+    /// Prepares the VM's networking. On error nothing of it is left. What
+    /// the VMM opens (its TAP devices) exists when it returns; what only
+    /// matters once the guest runs (the links beyond the TAP devices, the
+    /// firewall rules) may still be in the making: see [`NetworkProvider::settle`].
     async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError>;
 
-    /// Waits for what `attach` left loading for the VM, so that its
+    /// Waits for what `attach` left in the making for the VM, so that its
     /// network is whole; a VM may run only after it returned `Ok`. The
     /// manager waits for it while the VMM starts. Settling a VM with
     /// nothing loading is not an error. On error the caller detaches.

@@ -112,6 +112,8 @@ pub enum ProviderError {
     Tap(#[from] TapError),
     #[error(transparent)]
     Firewall(#[from] FirewallError),
+    #[error("the task making a VM's links and firewall elements did not finish")]
+    Settling(#[source] tokio::task::JoinError),
 }
 
 /// IPv6-first networking for VMs; see the module docs for the layout.
@@ -125,9 +127,10 @@ pub struct Ipv6Network {
     namespace_pool: Arc<NamespacePool>,
     retired_namespaces: RetiredNamespaces,
     firewall: Firewall,
-    /// Firewall changes an attach left loading, by VM: awaited by `settle`,
-    /// and by `detach` before it removes anything.
-    firewall_loads: std::sync::Mutex<HashMap<VmId, tokio::task::JoinHandle<Result<(), FirewallError>>>>,
+    /// What an attach left in the making, by VM (the links beyond the TAP
+    /// devices, the firewall elements): awaited by `settle`, and by
+    /// `detach` before it removes anything.
+    settling: std::sync::Mutex<HashMap<VmId, tokio::task::JoinHandle<Result<(), ProviderError>>>>,
     /// Tenant bridges are made and removed one at a time.
     tenants: Mutex<()>,
     /// The firewall table was removed with the last VM ([`NetworkProvider::release_host`]).
@@ -173,7 +176,7 @@ impl Ipv6Network {
             host_namespace,
             host,
             firewall,
-            firewall_loads: std::sync::Mutex::new(HashMap::new()),
+            settling: std::sync::Mutex::new(HashMap::new()),
             tenants: Mutex::new(()),
             released: std::sync::atomic::AtomicBool::new(false),
         };
@@ -251,13 +254,7 @@ impl Ipv6Network {
     }
 
     fn host_sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
-        match &self.host_namespace {
-            Some(namespace) => write_sysctl(namespace.as_fd(), key, value),
-            None => {
-                let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
-                std::fs::write(&path, value).map_err(|source| NetnsError::Io { action: "write sysctl in", path, source })
-            }
-        }
+        host_sysctl(self.host_namespace.as_deref(), key, value)
     }
 
     fn port_rules(&self, allocation: &Allocation) -> PortRules {
@@ -312,51 +309,31 @@ impl Ipv6Network {
         Ok((bridge, true))
     }
 
-    /// Starts loading the VM's firewall elements (and a new tenant's chain)
-    /// on a blocking thread, in interface order; [`NetworkProvider::settle`]
-    /// waits for them. The rules match ports by name, so they need no link.
-    fn load_firewall(&self, vm_id: &VmId, ports: Vec<(PortRules, TenantRules, bool)>) {
+    /// Starts what the VM's guest needs only once it runs, beside the
+    /// VMM's start: the links around each TAP device (see [`PortLinks`])
+    /// and, on a blocking thread, the firewall elements (and a new tenant's
+    /// chain) in interface order, which match ports by name and so need no
+    /// link. [`NetworkProvider::settle`] waits for both.
+    fn start_settling(&self, vm_id: &VmId, links: PortLinks, ports: Vec<(PortRules, TenantRules, bool)>) {
         let firewall = self.firewall.clone();
         let load = tokio::task::spawn_blocking(move || {
             ports.iter().try_for_each(|(port, tenant, first_of_tenant)| firewall.add_port(port, tenant, *first_of_tenant))
         });
-        self.firewall_loads.lock().unwrap_or_else(PoisonError::into_inner).insert(vm_id.clone(), load);
+        let settling = tokio::spawn(async move {
+            let (linked, loaded) = tokio::join!(links.make(), load);
+            linked?;
+            Ok(loaded.map_err(FirewallError::Interrupted)??)
+        });
+        self.settling.lock().unwrap_or_else(PoisonError::into_inner).insert(vm_id.clone(), settling);
     }
 
-    /// Waits for the VM's firewall load, if one runs.
-    async fn firewall_loaded(&self, vm_id: &VmId) -> Result<(), FirewallError> {
-        let load = self.firewall_loads.lock().unwrap_or_else(PoisonError::into_inner).remove(vm_id);
-        match load {
-            Some(load) => load.await.map_err(FirewallError::Interrupted)?,
+    /// Waits for what the VM's attach left in the making, if anything.
+    async fn settled(&self, vm_id: &VmId) -> Result<(), ProviderError> {
+        let settling = self.settling.lock().unwrap_or_else(PoisonError::into_inner).remove(vm_id);
+        match settling {
+            Some(settling) => settling.await.map_err(ProviderError::Settling)?,
             None => Ok(()),
         }
-    }
-
-    /// The veth pair, the VM side's bridge and TAP, and the port on the tenant's bridge.
-    async fn link_interface(
-        &self,
-        namespace: &OwnedFd,
-        inside: &Netlink,
-        links: &Links,
-        bridge: &str,
-        owner: Option<(u32, u32)>,
-    ) -> Result<(), ProviderError> {
-        // A leftover of a crashed attempt would make the creation fail.
-        self.host.delete(&links.host).await?;
-        self.host.add_veth(&links.host, &links.inner, namespace).await?;
-        inside.add_bridge(&links.bridge, self.config.mtu).await?;
-        tap::create(namespace, &links.tap, owner)?;
-        for link in [&links.inner, &links.tap] {
-            inside.set_master(link, &links.bridge).await?;
-        }
-        for link in [&links.bridge, &links.inner, &links.tap] {
-            inside.up(link, self.config.mtu).await?;
-        }
-        // A bridge port needs no address of its own.
-        self.host_sysctl(&format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
-        self.host.set_master(&links.host, bridge).await?;
-        self.host.up(&links.host, self.config.mtu).await?;
-        Ok(())
     }
 
     /// Each interface's addresses and link number, from the address book.
@@ -402,8 +379,9 @@ impl Ipv6Network {
         let allocations = allocations?;
         let namespace = namespace.map_err(|error| failed(error.into()))?;
         let open = self.book.intra_tenant(request.tenant).map_err(|error| failed(error.into()))?;
-        let inside = Netlink::connect(Some(namespace.as_fd())).map_err(|error| failed(error.into()))?;
-        // Each tenant's bridge first: the firewall then loads while the links are made.
+        let namespace = Arc::new(namespace);
+        // Each tenant's bridge first, then the TAP devices the VMM opens; the
+        // other links and the firewall elements are made while it starts.
         let mut bridges = Vec::with_capacity(allocations.len());
         let mut ports = Vec::with_capacity(allocations.len());
         for allocation in &allocations {
@@ -414,23 +392,82 @@ impl Ipv6Network {
             bridges.push(bridge);
             ports.push((self.port_rules(allocation), self.tenant_rules(allocation, open), new_tenant));
         }
-        self.load_firewall(request.vm_id, ports);
         let mut interfaces = Vec::with_capacity(allocations.len());
-        for (position, (allocation, bridge)) in allocations.iter().zip(&bridges).enumerate() {
+        let mut port_links = PortLinks {
+            host: self.host.clone(),
+            host_namespace: self.host_namespace.clone(),
+            namespace: Arc::clone(&namespace),
+            mtu: self.config.mtu,
+            ports: Vec::with_capacity(allocations.len()),
+        };
+        for (position, (allocation, bridge)) in allocations.iter().zip(bridges).enumerate() {
             let links = self.links(allocation, position);
-            self.link_interface(&namespace, &inside, &links, bridge, request.owner).await.map_err(failed)?;
+            // The VMM opens its TAP devices, so they exist before the attach returns.
+            tap::create(&*namespace, &links.tap, request.owner).map_err(|error| failed(error.into()))?;
+            let tap_device = links.tap.clone();
+            let host_link = links.host.clone();
+            port_links.ports.push((links, bridge));
             interfaces.push(AttachedInterface {
                 id: allocation.interface.clone(),
-                tap_device: links.tap,
+                tap_device,
                 mac_address: allocation.mac_string(),
                 ipv6: Some(Assignment { address: allocation.ipv6, prefix_len: 64, gateway: allocation.gateway6 }),
                 ipv4: allocation.ipv4.map(|(address, subnet, gateway)| Assignment { address, prefix_len: subnet.prefix_len(), gateway }),
                 dns_servers: self.config.dns_servers.clone(),
-                host_link: links.host,
+                host_link,
             });
         }
+        self.start_settling(request.vm_id, port_links, ports);
         let kernel_args = guest_kernel_args(&interfaces, &self.config.dns_servers, self.config.mtu);
-        Ok(NetworkAttachment { netns: Some(Arc::new(namespace)), netns_name: Some(name), interfaces, kernel_args })
+        Ok(NetworkAttachment { netns: Some(namespace), netns_name: Some(name), interfaces, kernel_args })
+    }
+}
+
+/// The links an attach makes around each TAP device once the TAP exists:
+/// the veth pair, the namespace's bridge holding the TAP and the veth's
+/// inner end, and the outer end as a port of the tenant's bridge. Nothing
+/// but the guest's traffic needs them, so they are made while the VMM starts.
+struct PortLinks {
+    host: Netlink,
+    host_namespace: Option<Arc<OwnedFd>>,
+    namespace: Arc<OwnedFd>,
+    mtu: u32,
+    /// Each interface's link names, and its tenant's bridge.
+    ports: Vec<(Links, String)>,
+}
+
+impl PortLinks {
+    async fn make(self) -> Result<(), ProviderError> {
+        fail::fail_point!("network-port-links", |_| Err(ProviderError::Netlink(NetlinkError::NoSuchLink("injected failure".into()))));
+        let inside = Netlink::connect(Some(self.namespace.as_fd()))?;
+        for (links, bridge) in &self.ports {
+            // A leftover of a crashed attempt would make the creation fail.
+            self.host.delete(&links.host).await?;
+            self.host.add_veth(&links.host, &links.inner, &self.namespace).await?;
+            inside.add_bridge(&links.bridge, self.mtu).await?;
+            for link in [&links.inner, &links.tap] {
+                inside.set_master(link, &links.bridge).await?;
+            }
+            for link in [&links.bridge, &links.inner, &links.tap] {
+                inside.up(link, self.mtu).await?;
+            }
+            // A bridge port needs no address of its own.
+            host_sysctl(self.host_namespace.as_deref(), &format!("net.ipv6.conf.{}.disable_ipv6", links.host), "1")?;
+            self.host.set_master(&links.host, bridge).await?;
+            self.host.up(&links.host, self.mtu).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes a sysctl of the host side: in its namespace when it has one, ours otherwise.
+fn host_sysctl(host_namespace: Option<&OwnedFd>, key: &str, value: &str) -> Result<(), NetnsError> {
+    match host_namespace {
+        Some(namespace) => write_sysctl(namespace.as_fd(), key, value),
+        None => {
+            let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+            std::fs::write(&path, value).map_err(|source| NetnsError::Io { action: "write sysctl in", path, source })
+        }
     }
 }
 
@@ -535,9 +572,7 @@ impl NetworkProvider for Ipv6Network {
     }
 
     async fn settle(&self, vm_id: &VmId) -> Result<(), NetworkError> {
-        self.firewall_loaded(vm_id)
-            .await
-            .map_err(|error| NetworkError::Attach { vm_id: vm_id.clone(), source: Box::new(ProviderError::from(error)) })
+        self.settled(vm_id).await.map_err(|error| NetworkError::Attach { vm_id: vm_id.clone(), source: Box::new(error) })
     }
 
     async fn attach(&self, request: AttachRequest<'_>) -> Result<NetworkAttachment, NetworkError> {
@@ -562,8 +597,8 @@ impl NetworkProvider for Ipv6Network {
 
     async fn detach(&self, vm_id: &VmId) -> Result<(), NetworkError> {
         let mut problems = Vec::new();
-        // What is still loading is removed below with the rest, so its own failure does not matter.
-        let _ = self.firewall_loaded(vm_id).await;
+        // What is still in the making is removed below with the rest, so its own failure does not matter.
+        let _ = self.settled(vm_id).await;
         let allocations = match self.book.allocations_of(vm_id) {
             Ok(allocations) => allocations,
             Err(error) => {
