@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use tracing::Instrument;
+
 use super::error::backend_failed;
 use super::operation::detached;
 use super::slot::{VmEntry, VmSlot, write_lock};
@@ -125,7 +127,8 @@ impl VmManager {
             Some(provider) if !config.network.is_empty() => {
                 let owner = identity.as_ref().map(|lease| (lease.uid(), lease.gid()));
                 let request = AttachRequest { vm_id, tenant, interfaces: &config.network, owner };
-                Some(provider.attach(request).await.map_err(ManagerError::Network)?)
+                let attach = provider.attach(request).instrument(tracing::info_span!("vm.network.attach"));
+                Some(attach.await.map_err(ManagerError::Network)?)
             }
             _ => None,
         };
@@ -134,11 +137,14 @@ impl VmManager {
         // only once both are done.
         let settled = async {
             match (&self.inner.network, &network) {
-                (Some(provider), Some(_)) => provider.settle(vm_id).await.map_err(ManagerError::Network),
+                (Some(provider), Some(_)) => {
+                    provider.settle(vm_id).instrument(tracing::info_span!("vm.network.settle")).await.map_err(ManagerError::Network)
+                }
                 _ => Ok(()),
             }
         };
-        let failure = match tokio::join!(self.launch(vm, images, console), settled) {
+        let launched = self.launch(vm, images, console).instrument(tracing::info_span!("vm.launch"));
+        let failure = match tokio::join!(launched, settled) {
             (Ok(instance), Ok(())) => return Ok((instance, identity, network)),
             (Ok(mut instance), Err(error)) => {
                 if let Err(destroy_error) = instance.destroy().await {
