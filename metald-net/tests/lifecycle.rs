@@ -15,11 +15,7 @@ use metald_net::{Ipv6Network, NetworkConfig};
 
 /// Everything of the test's host namespace that could be a leftover.
 fn host_state(sandbox: &NetSandbox) -> (Vec<String>, String, String, Vec<String>) {
-    let links = sandbox
-        .host_ip(&["-o", "link"])
-        .lines()
-        .map(|line| line.split(": ").nth(1).unwrap_or_default().split('@').next().unwrap_or_default().to_owned())
-        .collect();
+    let links = sandbox.host_links();
     let addresses = sandbox.host_ip(&["-o", "addr"]);
     let routes = format!("{}{}", sandbox.host_ip(&["-6", "route"]), sandbox.host_ip(&["-4", "route"]));
     let chains = sandbox.provider.firewall().chains().unwrap();

@@ -9,14 +9,6 @@ mod common;
 use common::{NetSandbox, eth0};
 use metald_core::VmId;
 
-fn host_links(sandbox: &NetSandbox) -> Vec<String> {
-    sandbox
-        .host_ip(&["-o", "link"])
-        .lines()
-        .map(|line| line.split(": ").nth(1).unwrap_or_default().split('@').next().unwrap_or_default().to_owned())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn links_that_cannot_be_made_fail_the_settle_and_leave_nothing() {
     let test = "links_that_cannot_be_made_fail_the_settle_and_leave_nothing";
@@ -27,14 +19,14 @@ async fn links_that_cannot_be_made_fail_the_settle_and_leave_nothing() {
     fail::remove("network-port-links");
     assert!(metald_core::error_chain(&error).contains("injected failure"), "{}", metald_core::error_chain(&error));
     assert_eq!(sandbox.namespaces_left(), std::slice::from_ref(&sandbox.host_name), "the VM's namespace is gone");
-    assert_eq!(host_links(&sandbox), ["lo"], "no tenant bridge or VM link is left");
+    assert_eq!(sandbox.host_links(), ["lo"], "no tenant bridge or VM link is left");
     assert_eq!(sandbox.provider.firewall().chains().unwrap(), ["prerouting", "forward", "output"], "no tenant chain is left");
     assert!(sandbox.provider.addresses().allocations_of(&VmId::new("vm-a").unwrap()).unwrap().is_empty());
 
     // The same VM then attaches whole: the failure left nothing in its way.
     let attachment = sandbox.try_attach("vm-a", "acme", &[eth0()]).await.unwrap();
-    assert!(host_links(&sandbox).contains(&attachment.interfaces[0].host_link), "{:?}", host_links(&sandbox));
+    assert!(sandbox.host_links().contains(&attachment.interfaces[0].host_link), "{:?}", sandbox.host_links());
     sandbox.detach("vm-a").await;
-    assert_eq!(host_links(&sandbox), ["lo"]);
+    assert_eq!(sandbox.host_links(), ["lo"]);
     scenario.teardown();
 }

@@ -128,6 +128,14 @@ impl NetSandbox {
         let output = std::process::Command::new("ip").arg("-n").arg(&self.host_name).args(args).output().unwrap();
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
+
+    /// The names of the links in this test's host namespace.
+    pub fn host_links(&self) -> Vec<String> {
+        self.host_ip(&["-o", "link"])
+            .lines()
+            .map(|line| line.split(": ").nth(1).unwrap_or_default().split('@').next().unwrap_or_default().to_owned())
+            .collect()
+    }
 }
 
 impl Drop for NetSandbox {
