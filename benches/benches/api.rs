@@ -83,7 +83,6 @@ const RUNNING_DURING_LATENCY: usize = 5;
 /// gRPC calls are made in every this many rounds only: some of them stall
 /// for about 40 ms (see the report), which would stretch the run.
 const GRPC_EVERY: usize = 5;
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// A metald of this run's own; dropping it kills it and every VMM it
 /// started and removes their cgroups. The folder goes with the `TempDir`.
@@ -226,16 +225,6 @@ impl Daemon {
         processes_in_cgroup(&self.name)
     }
 
-    /// The folders holding this run's cgroups, one per controller hierarchy.
-    fn cgroup_parents(&self) -> Vec<PathBuf> {
-        let mut parents = vec![Path::new(CGROUP_ROOT).join(&self.name)];
-        if let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) {
-            parents.extend(hierarchies.flatten().map(|hierarchy| hierarchy.path().join(&self.name)));
-        }
-        parents.retain(|parent| parent.is_dir());
-        parents
-    }
-
     /// What the VMs left on the host: VMMs, VM folders, cgroups.
     fn leftovers(&self) -> Vec<String> {
         let mut left: Vec<String> = self.vmms().into_iter().map(|pid| format!("process {pid}")).collect();
@@ -245,8 +234,13 @@ impl Daemon {
         // The running daemon's jail pool keeps its waiting children and their cgroups.
         let pooled =
             |path: &PathBuf| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(metald_testguest::JAIL_POOL_PREFIX));
-        for parent in self.cgroup_parents() {
-            left.extend(child_dirs(&parent).into_iter().filter(|path| !pooled(path)).map(|path| format!("cgroup {}", path.display())));
+        for parent in metald_testguest::cgroup_parent_dirs(&self.name) {
+            left.extend(
+                metald_testguest::child_cgroups(&parent)
+                    .into_iter()
+                    .filter(|path| !pooled(path))
+                    .map(|path| format!("cgroup {}", path.display())),
+            );
         }
         if let Some(prefix) = &self.netns_prefix {
             let host = format!("{prefix}host");
@@ -276,17 +270,7 @@ impl Drop for Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for parent in self.cgroup_parents() {
-            for cgroup in child_dirs(&parent) {
-                for _ in 0..200 {
-                    if std::fs::remove_dir(&cgroup).is_ok() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            }
-            let _ = std::fs::remove_dir(&parent);
-        }
+        metald_testguest::remove_cgroup_parent(&self.name);
         remove_namespaces(self.netns_prefix.as_deref());
         if std::thread::panicking() {
             let log = self.log();
@@ -631,12 +615,6 @@ fn remove_namespaces(prefix: Option<&str>) {
     for name in prefix.map(metald_testguest::network_namespaces).unwrap_or_default() {
         let _ = Command::new("ip").args(["netns", "del", &name]).status();
     }
-}
-
-fn child_dirs(parent: &Path) -> Vec<PathBuf> {
-    std::fs::read_dir(parent)
-        .map(|entries| entries.flatten().map(|entry| entry.path()).filter(|path| path.is_dir()).collect())
-        .unwrap_or_default()
 }
 
 fn fxhash(text: &str) -> u32 {

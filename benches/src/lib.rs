@@ -20,11 +20,32 @@ pub const GUEST_MEMORY_MIB: u64 = 32;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A scratch folder with an image root and a VM root, and a manager on them.
+/// A jailed host's VMs get cgroups under a parent of its own, removed with it.
 #[derive(Debug)]
 pub struct BenchHost {
     pub dir: tempfile::TempDir,
     pub firecracker: PathBuf,
     pub manager: VmManager,
+    /// Declared after the manager, so it goes after the manager's jail pool.
+    _cgroup_parent: Option<CgroupParent>,
+}
+
+/// The cgroup parent of one bench host; dropping it removes it.
+#[derive(Debug)]
+struct CgroupParent(String);
+
+impl CgroupParent {
+    fn new() -> Self {
+        static HOSTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let host = HOSTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(format!("metald-test-bench-{}-{host}", std::process::id()))
+    }
+}
+
+impl Drop for CgroupParent {
+    fn drop(&mut self) {
+        metald_testguest::remove_cgroup_parent(&self.0);
+    }
 }
 
 impl BenchHost {
@@ -60,8 +81,9 @@ impl BenchHost {
     fn with_jail(jail: Option<JailerConfig>) -> Option<Self> {
         let firecracker = firecracker_on_kvm()?;
         let vmm = FirecrackerConfig::new(&firecracker);
+        let cgroup_parent = jail.is_some().then(CgroupParent::new);
         let backend: Arc<dyn metald_core::VmmBackend> = match jail {
-            Some(jail) => match FirecrackerBackend::jailed(vmm, jail) {
+            Some(jail) => match FirecrackerBackend::jailed(vmm, own_cgroups(jail, cgroup_parent.as_ref())) {
                 Ok(backend) => Arc::new(backend),
                 Err(error) => {
                     eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
@@ -70,7 +92,7 @@ impl BenchHost {
             },
             None => Arc::new(FirecrackerBackend::unjailed(vmm)),
         };
-        Self::with_backend(firecracker, backend)
+        Self::with_backend(firecracker, backend, cgroup_parent)
     }
 
     /// A host whose VMs run on a jailed Cloud Hypervisor, the binary
@@ -83,7 +105,8 @@ impl BenchHost {
             eprintln!("benchmark skipped: {} names no Cloud Hypervisor binary", metald_testguest::CLOUD_HYPERVISOR_ENV);
             return None;
         };
-        let jail = JailerConfig { expose_program_libraries: true, ..JailerConfig::default() };
+        let cgroup_parent = CgroupParent::new();
+        let jail = own_cgroups(JailerConfig { expose_program_libraries: true, ..JailerConfig::default() }, Some(&cgroup_parent));
         let backend = match metald_core::CloudHypervisorBackend::jailed(metald_core::CloudHypervisorConfig::new(&binary), jail) {
             Ok(backend) => Arc::new(backend),
             Err(error) => {
@@ -91,10 +114,10 @@ impl BenchHost {
                 return None;
             }
         };
-        Some((Self::with_backend(firecracker, backend)?, binary))
+        Some((Self::with_backend(firecracker, backend, Some(cgroup_parent))?, binary))
     }
 
-    fn with_backend(firecracker: PathBuf, backend: Arc<dyn metald_core::VmmBackend>) -> Option<Self> {
+    fn with_backend(firecracker: PathBuf, backend: Arc<dyn metald_core::VmmBackend>, cgroup_parent: Option<CgroupParent>) -> Option<Self> {
         let dir = tempfile::Builder::new().prefix("metald-bench-").tempdir().ok()?;
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images).ok()?;
@@ -107,7 +130,7 @@ impl BenchHost {
                 return None;
             }
         };
-        Some(Self { dir, firecracker, manager })
+        Some(Self { dir, firecracker, manager, _cgroup_parent: cgroup_parent })
     }
 
     pub fn guest_config(&self) -> VmConfig {
@@ -208,6 +231,14 @@ impl BenchHost {
 
     pub fn scratch(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// `jail` with its VMs' cgroups under `parent`.
+fn own_cgroups(jail: JailerConfig, parent: Option<&CgroupParent>) -> JailerConfig {
+    match parent {
+        Some(parent) => JailerConfig { cgroup_parent: PathBuf::from(&parent.0), ..jail },
+        None => jail,
     }
 }
 

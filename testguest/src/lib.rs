@@ -165,6 +165,44 @@ pub fn require_cloud_hypervisor(test: &str) -> Option<PathBuf> {
     }
 }
 
+/// Where the host's cgroup file systems are mounted.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The folders of the cgroup parent `name` that exist: one per v1
+/// controller hierarchy, or the one of cgroup v2.
+pub fn cgroup_parent_dirs(name: &str) -> Vec<PathBuf> {
+    let mut parents = vec![Path::new(CGROUP_ROOT).join(name)];
+    if let Ok(hierarchies) = std::fs::read_dir(CGROUP_ROOT) {
+        parents.extend(hierarchies.flatten().map(|hierarchy| hierarchy.path().join(name)));
+    }
+    parents.retain(|parent| parent.is_dir());
+    parents
+}
+
+/// The cgroups directly under `parent`.
+pub fn child_cgroups(parent: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(parent)
+        .map(|entries| entries.flatten().map(|entry| entry.path()).filter(|path| path.is_dir()).collect())
+        .unwrap_or_default()
+}
+
+/// Removes the cgroup parent `name` and the cgroups in it, in every
+/// hierarchy. A cgroup whose last process was just killed is refused until
+/// the kernel has reaped it, so each removal is tried for a while.
+pub fn remove_cgroup_parent(name: &str) {
+    for parent in cgroup_parent_dirs(name) {
+        for cgroup in child_cgroups(&parent) {
+            for _ in 0..200 {
+                if std::fs::remove_dir(&cgroup).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        let _ = std::fs::remove_dir(&parent);
+    }
+}
+
 /// Live (not zombie) processes whose command line mentions `root` (an
 /// unjailed VMM started there) or whose cgroup path names `cgroup_parent`
 /// (a jailed one): what a test's VMs may have left running.
