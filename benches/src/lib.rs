@@ -40,6 +40,11 @@ impl CgroupParent {
         let host = HOSTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self(format!("metald-test-bench-{}-{host}", std::process::id()))
     }
+
+    /// `jail` with its VMs' cgroups under this parent.
+    fn holding(&self, jail: JailerConfig) -> JailerConfig {
+        JailerConfig { cgroup_parent: PathBuf::from(&self.0), ..jail }
+    }
 }
 
 impl Drop for CgroupParent {
@@ -81,16 +86,18 @@ impl BenchHost {
     fn with_jail(jail: Option<JailerConfig>) -> Option<Self> {
         let firecracker = firecracker_on_kvm()?;
         let vmm = FirecrackerConfig::new(&firecracker);
-        let cgroup_parent = jail.is_some().then(CgroupParent::new);
-        let backend: Arc<dyn metald_core::VmmBackend> = match jail {
-            Some(jail) => match FirecrackerBackend::jailed(vmm, own_cgroups(jail, cgroup_parent.as_ref())) {
-                Ok(backend) => Arc::new(backend),
-                Err(error) => {
-                    eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
-                    return None;
+        let (backend, cgroup_parent): (Arc<dyn metald_core::VmmBackend>, _) = match jail {
+            Some(jail) => {
+                let parent = CgroupParent::new();
+                match FirecrackerBackend::jailed(vmm, parent.holding(jail)) {
+                    Ok(backend) => (Arc::new(backend), Some(parent)),
+                    Err(error) => {
+                        eprintln!("benchmark skipped: {}", metald_core::error_chain(&error));
+                        return None;
+                    }
                 }
-            },
-            None => Arc::new(FirecrackerBackend::unjailed(vmm)),
+            }
+            None => (Arc::new(FirecrackerBackend::unjailed(vmm)), None),
         };
         Self::with_backend(firecracker, backend, cgroup_parent)
     }
@@ -106,7 +113,7 @@ impl BenchHost {
             return None;
         };
         let cgroup_parent = CgroupParent::new();
-        let jail = own_cgroups(JailerConfig { expose_program_libraries: true, ..JailerConfig::default() }, Some(&cgroup_parent));
+        let jail = cgroup_parent.holding(JailerConfig { expose_program_libraries: true, ..JailerConfig::default() });
         let backend = match metald_core::CloudHypervisorBackend::jailed(metald_core::CloudHypervisorConfig::new(&binary), jail) {
             Ok(backend) => Arc::new(backend),
             Err(error) => {
@@ -231,14 +238,6 @@ impl BenchHost {
 
     pub fn scratch(&self) -> &Path {
         self.dir.path()
-    }
-}
-
-/// `jail` with its VMs' cgroups under `parent`.
-fn own_cgroups(jail: JailerConfig, parent: Option<&CgroupParent>) -> JailerConfig {
-    match parent {
-        Some(parent) => JailerConfig { cgroup_parent: PathBuf::from(&parent.0), ..jail },
-        None => jail,
     }
 }
 
